@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+import yaml
+
 TELEMETRY_OFF = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DVC_NO_ANALYTICS": "1",
@@ -25,12 +27,26 @@ def find_project(start: Path) -> Path:
     raise SystemExit(f"error: no regraft project (dvc.yaml + params.yaml) at or above {start}")
 
 
+def state_dir(project: Path) -> Path:
+    """paths.state from params.yaml, read leniently: a broken params.yaml is reported later, by the command."""
+    try:
+        state = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))["paths"]["state"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        state = ".regraft"
+    return project / state
+
+
 def prepare_environment(project: Path) -> None:
     """Telemetry off, and Prefect's local state kept in the project unless a Prefect API is configured."""
     for key, value in TELEMETRY_OFF.items():
         os.environ.setdefault(key, value)
     if "PREFECT_API_URL" not in os.environ:
-        os.environ.setdefault("PREFECT_HOME", str(project / ".regraft" / "prefect"))
+        home = Path(os.environ.setdefault("PREFECT_HOME", str(state_dir(project) / "prefect")))
+        # Prefect creates only the last folder of its home itself.
+        home.mkdir(parents=True, exist_ok=True)
+        # The first start migrates a new SQLite database; on a busy 2-core machine that can take
+        # longer than Prefect's default 20 s.
+        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
 def command_run(args: argparse.Namespace, project: Path) -> int:
@@ -65,6 +81,12 @@ def print_summary(result: dict) -> None:
         state = "passed" if validate["success"] else "FAILED"
         print(f"\nvalidation {state}: {total} expectations on {len(validate['splits'])} splits")
         print(f"Data Docs: {validate['data_docs']}")
+    finetune = result["reports"].get("finetune")
+    if finetune:
+        validation = ", ".join(f"{k} {v:.3f}" for k, v in finetune["validation"].items())
+        print(f"\nfinetune: {finetune['strategy']} on {finetune['hardware']} ({finetune['precision']}), "
+              f"{finetune['train_seconds']} s; validation {validation}")
+        print(f"model: {finetune['model_dir']} (model card: {finetune['model_dir']}/README.md)")
     print(f"reports: {result['reports_dir']}")
     if result.get("pushed_to"):
         print(f"data pushed to DVC remote {result['pushed_to']!r}")

@@ -11,13 +11,14 @@ def stage_order(project_dir: Path) -> list[str]:
     from dvc.repo import Repo
 
     with Repo(str(project_dir)) as repo:
-        stages = [s for s in repo.index.stages if s.addressing and s.cmd]
-        position = {stage.addressing: i for i, stage in enumerate(stages)}
+        # Pipeline stages have a name; `.dvc` files (plain tracked data) do not.
+        stages = [s for s in repo.index.stages if getattr(s, "name", None) and s.cmd]
+        position = {stage: i for i, stage in enumerate(stages)}
         # DVC's edges point from a stage to the stages it depends on; run dependencies first.
         graph = repo.index.graph.reverse(copy=True)
-        graph = graph.subgraph(s for s in graph.nodes if s.addressing in position)
-        ordered = nx.lexicographical_topological_sort(graph, key=lambda s: position[s.addressing])
-        return [stage.addressing for stage in ordered]
+        graph = graph.subgraph(s for s in graph.nodes if s in position)
+        ordered = nx.lexicographical_topological_sort(graph, key=lambda s: position[s])
+        return [stage.name for stage in ordered]
 
 
 def stage_outputs(project_dir: Path) -> list[Path]:

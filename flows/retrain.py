@@ -24,12 +24,17 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flows.dag import stage_order, stage_outputs
 from flows.workspace import discard, restore, take_snapshot
+from tasks import finetune as finetune_task
 from tasks import ingest as ingest_task
 from tasks import validate as validate_task
 from tasks.config import load_params, parse_override, write_overrides
 from tasks.errors import RegraftError
 
-RENDERERS = {"ingest": ingest_task.render_markdown, "validate": validate_task.render_markdown}
+RENDERERS = {
+    "ingest": ingest_task.render_markdown,
+    "validate": validate_task.render_markdown,
+    "finetune": finetune_task.render_markdown,
+}
 
 
 class RetrainParameters(BaseModel):
@@ -66,6 +71,10 @@ class RetrainParameters(BaseModel):
         return result
 
 
+# DVC's advice on staging files in git: noise inside a flow run.
+DVC_GIT_HINTS = ("To track the changes with git", "git add ", "To enable auto staging", "dvc config core.autostage")
+
+
 class StageFailed(RegraftError):
     """A DVC stage exited non-zero; the message carries what it printed last."""
 
@@ -93,7 +102,7 @@ def run_stage(stage: str, project_dir: Path, reports_dir: Path) -> dict:
     assert process.stdout is not None
     for line in process.stdout:
         line = line.rstrip()
-        if line:
+        if line and not line.lstrip().startswith(DVC_GIT_HINTS):
             logger.info(line)
             tail.append(line)
     if process.wait() != 0:

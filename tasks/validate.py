@@ -51,8 +51,13 @@ def build_expectations(frame: pd.DataFrame, rules: SplitRules, cfg: ValidateConf
     exist; a missing column is reported once, by its existence expectation."""
     import great_expectations.expectations as gxe
 
-    required = ["id", "text", "label", *columns.groups, "timestamp"]
-    expectations: list[Any] = [gxe.ExpectColumnToExist(column=c) for c in required]
+    inputs = {"id": columns.id, "text": columns.text, "label": columns.label, "timestamp": columns.time,
+              **{g: g for g in columns.groups}}
+    # `meta` carries the user's own column name into error messages.
+    expectations: list[Any] = [
+        gxe.ExpectColumnToExist(column=c, meta={"input_column": source} if source else None)
+        for c, source in inputs.items()
+    ]
     expectations.append(gxe.ExpectTableRowCountToBeBetween(min_value=rules.min_rows, max_value=cfg.rows.max))
     present = set(frame.columns)
     for column, type_ in SCHEMA_TYPES.items():
@@ -161,13 +166,17 @@ def describe_result(split: str, item: dict, frame: pd.DataFrame, examples: int) 
               if k != "batch_id" and not (k == "value_set" and len(v) > 50)}
     result = item.get("result") or {}
     column = kwargs.get("column") or kwargs.get("column_list")
+    observed = result.get("observed_value")
+    if config["type"] == "expect_column_distinct_values_to_contain_set" and column in frame:
+        # GX leaves observed_value empty here; the distinct labels are what a person needs to see.
+        observed = sorted(str(v) for v in frame[column].dropna().unique())
     entry = {
         "split": split,
         "expectation": config["type"],
         "column": column,
         "kwargs": kwargs,
         "success": bool(item["success"]),
-        "observed": result.get("observed_value"),
+        "observed": observed,
         "unexpected_count": result.get("unexpected_count"),
         "unexpected_percent": result.get("unexpected_percent"),
         "examples": offending_examples(config["type"], result, frame, examples),
@@ -176,6 +185,7 @@ def describe_result(split: str, item: dict, frame: pd.DataFrame, examples: int) 
     if exception.get("raised_exception"):
         entry["success"] = False
         entry["error"] = exception.get("exception_message")
+    entry["input_column"] = (config.get("meta") or {}).get("input_column")
     entry["message"] = explain(entry)
     return entry
 
@@ -204,7 +214,7 @@ def offending_examples(kind: str, result: dict, frame: pd.DataFrame, limit: int)
 
 
 PLAIN = {
-    "expect_column_to_exist": "column {column!r} is missing",
+    "expect_column_to_exist": "column {column!r} is missing (input column {input_column!r})",
     "expect_table_row_count_to_be_between": "has {observed} rows; expected {min_value} to {max_value}",
     "expect_column_values_to_be_of_type": "column {column!r} has type {observed}; expected {type_}",
     "expect_column_values_to_be_unique": "column {column!r} has {unexpected_count} repeated values",
@@ -235,7 +245,10 @@ def explain(entry: dict) -> str:
               "unexpected_count": entry["unexpected_count"] or 0,
               "unexpected_percent": entry["unexpected_percent"] or 0.0,
               "allowed": 100.0 * (1.0 - (entry["kwargs"].get("mostly") or 1.0)),
-              "column": entry["column"]}
+              "column": entry["column"], "input_column": entry.get("input_column")}
+    for bound in ("min_value", "max_value"):
+        if isinstance(fields.get(bound), float) and fields[bound].is_integer():
+            fields[bound] = int(fields[bound])
     if entry["expectation"] == "expect_column_distinct_values_to_contain_set":
         observed = set(entry["observed"] or [])
         wanted = entry["kwargs"].get("value_set") or []

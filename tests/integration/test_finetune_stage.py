@@ -1,0 +1,108 @@
+"""The finetune stage as DVC runs it: killed and resumed, and data-parallel over two gloo processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tasks.config import write_overrides
+from tests.conftest import make_project, run
+
+pytestmark = pytest.mark.integration
+STAGE = [sys.executable, "-m", "pipelines.finetune"]
+
+
+def stage_env() -> dict:
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def training_project(base: Path, tiny_bert: Path, **train) -> Path:
+    project = make_project(base / "project", base / "remote")
+    run([sys.executable, "-m", "pipelines.ingest"], project)
+    settings = {"model.base": str(tiny_bert), "model.max_length": 64, "train.strategy": "full", "train.epochs": 2,
+                "train.batch_size": 4, "train.data": "target", "train.precision": "fp32",
+                "train.early_stopping_patience": 0, "train.checkpoint_every": 5, "train.log_every": 1,
+                "train.learning_rate": 1e-3}
+    write_overrides(project / "params.yaml", {**settings, **{f"train.{k}": v for k, v in train.items()}})
+    return project
+
+
+def model_weights(project: Path) -> dict:
+    return load_file(project / "models" / "candidate" / "model.safetensors")
+
+
+def test_killed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(tmp_path, tiny_bert):
+    killed = training_project(tmp_path / "killed", tiny_bert)
+    process = subprocess.Popen(STAGE, cwd=killed, env=stage_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    checkpoint = killed / ".regraft" / "checkpoints" / "finetune" / "checkpoint.pt"
+    for line in process.stdout:
+        if line.startswith("finetune: step ") and int(line.split()[2].split("/")[0]) >= 23 and checkpoint.exists():
+            process.send_signal(signal.SIGKILL)
+            break
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not (killed / "models" / "candidate").exists()
+
+    import torch
+
+    saved_step = torch.load(checkpoint, weights_only=False)["step"]
+    assert saved_step >= 20 and saved_step % 5 == 0
+    resumed = run(STAGE, killed)
+    assert f"finetune: resuming from the checkpoint at step {saved_step}" in resumed.stdout
+    report = json.loads((killed / "reports" / "finetune.json").read_text())
+    assert report["resumed_from_step"] == saved_step
+    assert not checkpoint.exists()  # a finished run leaves nothing to resume
+
+    straight = training_project(tmp_path / "straight", tiny_bert)
+    run(STAGE, straight)
+    a, b = model_weights(killed), model_weights(straight)
+    assert a.keys() == b.keys()
+    assert all((a[k] == b[k]).all() for k in a), "a resumed run must end with the same weights"
+
+
+def test_two_gloo_processes_end_with_identical_weights(tmp_path, tiny_bert):
+    project = training_project(tmp_path, tiny_bert, nproc=2, epochs=1, threads=1)
+    out = run(STAGE, project)
+    assert "starting 2 processes" in out.stdout
+    report = json.loads((project / "reports" / "finetune.json").read_text())
+    assert report["processes"] == 2
+    digests = report["rank_weight_sha256"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    card = (project / "models" / "candidate" / "README.md").read_text()
+    assert card.startswith("---\nbase_model: ")
+    assert "2 process(es)" in card
+
+
+def test_stage_outputs_model_dir_card_and_log(tmp_path, tiny_bert):
+    import csv
+
+    from transformers import AutoConfig
+
+    project = training_project(tmp_path, tiny_bert, strategy="gradual_unfreeze", grad_checkpointing=True)
+    run(STAGE, project)
+    model_dir = project / "models" / "candidate"
+    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md"} <= {p.name for p in model_dir.iterdir()}
+    assert not list(model_dir.glob("*.bin"))
+    assert AutoConfig.from_pretrained(model_dir).id2label == {0: "negative", 1: "neutral", 2: "positive"}
+    rows = list(csv.DictReader((project / "reports" / "train_log.csv").open()))
+    assert rows and set(rows[0]) == {"step", "epoch", "loss", "learning_rate", "samples_per_second"}
+    assert int(rows[-1]["step"]) == len(rows)
+    card = (model_dir / "README.md").read_text()
+    assert "gradual_unfreeze" in card and "target_train" in card
+
+
+def test_champion_init_without_a_champion_is_explained(tmp_path, tiny_bert):
+    project = training_project(tmp_path, tiny_bert, init="champion")
+    failed = run(STAGE, project, check=False)
+    assert failed.returncode == 1
+    assert "train.init=champion, but there is no production model at models/production" in failed.stderr

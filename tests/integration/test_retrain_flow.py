@@ -1,0 +1,194 @@
+"""The retrain flow for real: a git + DVC repo with a local remote, a real Prefect API, the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import make_project, run
+
+pytestmark = pytest.mark.integration
+REGRAFT = str(Path(sys.executable).parent / "regraft")
+DVC = [sys.executable, "-m", "dvc"]
+
+
+def data_hashes(project: Path) -> dict[str, str]:
+    """md5 of every data output recorded in dvc.lock (reports such as Data Docs carry run times)."""
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])
+            if out["path"].startswith("data/")}
+
+
+def tree_digest(project: Path) -> dict[str, str]:
+    """Content hash of everything a run may change: data, reports, dvc.lock, params.yaml."""
+    digest = {}
+    for rel in ["data", "reports", "dvc.lock", "params.yaml"]:
+        path = project / rel
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        for file in files:
+            digest[str(file.relative_to(project))] = hashlib.sha256(file.read_bytes()).hexdigest()
+    return digest
+
+
+def test_flow_order_is_dvcs_order(project):
+    from flows.dag import stage_order
+
+    dry = run(DVC + ["repro", "--dry", "--force"], project).stdout
+    dvc_order = re.findall(r"Running stage '([^']+)'", dry)
+    assert stage_order(project) == dvc_order == ["ingest", "validate", "finetune"]
+    # A stage added to dvc.yaml is picked up by the flow without touching flows/.
+    dag = yaml.safe_load((project / "dvc.yaml").read_text())
+    dag["stages"]["report"] = {"cmd": "echo", "deps": ["${paths.reports}/validate.json"]}
+    dag["stages"] = {"report": dag["stages"].pop("report"), **dag["stages"]}
+    (project / "dvc.yaml").write_text(yaml.safe_dump(dag, sort_keys=False))
+    dry = run(DVC + ["repro", "--dry", "--force"], project).stdout
+    assert stage_order(project) == re.findall(r"Running stage '([^']+)'", dry) == [
+        "ingest", "validate", "finetune", "report"]
+
+
+def test_flow_runs_each_stage_as_a_task_with_artifacts(project, prefect_api):
+    from prefect import get_client
+
+    from flows.retrain import RetrainParameters, retrain
+
+    state = retrain(parameters=RetrainParameters(split_seed=7), project_dir=str(project), return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["stages"] == ["ingest", "validate", "finetune"]
+    assert result["reports"]["validate"]["success"]
+    assert result["pushed_to"] == "local"
+    assert yaml.safe_load((project / "params.yaml").read_text())["ingest"]["split"]["seed"] == 7
+    assert (project.parent / "remote" / "files" / "md5").is_dir()
+    assert "Cache and remote 'local' are in sync" in run(DVC + ["status", "--cloud"], project).stdout
+
+    import anyio
+
+    async def query():
+        async with get_client() as client:
+            from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+            artifacts = {a.key for a in await client.read_artifacts()}
+            return sorted(r.name for r in runs), artifacts
+
+    task_names, artifact_keys = anyio.run(query)
+    assert {"ingest", "validate", "finetune"} <= set(task_names)
+    assert {"ingest-report", "validate-report", "finetune-report"} <= artifact_keys
+
+
+def test_cli_run_and_dvc_repro_agree(tmp_path):
+    by_flow = make_project(tmp_path / "a", tmp_path / "remote-a")
+    by_dvc = make_project(tmp_path / "b", tmp_path / "remote-b")
+    done = run([REGRAFT, "run"], by_flow)
+    assert "regraft run finished: ingest -> validate -> finetune" in done.stdout
+    assert "finetune: feature_extraction on CPU" in done.stdout
+    assert re.search(r"target_holdout\s+108\s+negative 38, neutral 10, positive 60", done.stdout)
+    assert "validation passed: 78 expectations on 4 splits" in done.stdout
+    run(DVC + ["repro"], by_dvc)
+    assert data_hashes(by_flow) == data_hashes(by_dvc)
+    assert len(data_hashes(by_flow)) == 4
+    assert (by_flow / "models" / "candidate" / "model.safetensors").is_file()
+    # Nothing changed, so a second repro has nothing to do.
+    assert "didn't change, skipping" in run(DVC + ["repro"], by_flow).stdout
+
+
+@pytest.fixture(scope="module")
+def files_project(tmp_path_factory):
+    """A project on the user's own files (source.csv, target.csv), after one good run."""
+    from tasks.config import write_overrides
+    from tasks.ingest import demo_archive_path, read_demo
+
+    base = tmp_path_factory.mktemp("files")
+    project = make_project(base / "project", base / "remote")
+    raw = read_demo(demo_archive_path())
+    is_target = raw["date"].str[-4:].astype(int) >= 2015
+    (project / "inputs").mkdir()
+    raw[~is_target].to_csv(project / "inputs" / "source.csv", index=False)
+    raw[is_target].to_csv(project / "inputs" / "target.csv", index=False)
+    write_overrides(project / "params.yaml", {
+        "ingest.source": "files", "ingest.split.by": "files",
+        "ingest.source_files": ["inputs/source.csv"], "ingest.target_files": ["inputs/target.csv"],
+    })
+    run([REGRAFT, "run", "--no-push"], project)
+    return project
+
+
+def corrupt_target(case: str, path: Path, source: Path) -> None:
+    import pandas as pd
+
+    frame = pd.read_csv(path)
+    if case == "missing column":
+        frame = frame.drop(columns=["review"])
+    elif case == "wrong type":
+        frame["review"] = range(len(frame))
+    elif case == "empty file":
+        path.write_bytes(b"")
+        return
+    elif case == "all-null labels":
+        frame["rating"] = None
+    elif case == "unknown label":
+        frame.loc[frame.index[3], "rating"] = "excellent"
+    elif case == "not UTF-8":
+        frame.loc[frame.index[0], "review"] = "@@BYTES@@ " + frame.loc[frame.index[0], "review"]
+        path.write_bytes(frame.to_csv(index=False).encode().replace(b"@@BYTES@@", b"caf\xe9 \xff"))
+        return
+    elif case == "duplicate rows":
+        frame = pd.concat([frame, frame.head(5)])
+    elif case == "holdout/train overlap":
+        frame = pd.concat([frame, pd.read_csv(source)])
+    frame.to_csv(path, index=False)
+
+
+BAD_TARGETS = {
+    "missing column": "column 'text' is missing (input column 'review')",
+    "wrong type": "column 'text' has type int64; expected str",
+    "empty file": "target_train: has 0 rows",
+    "all-null labels": "column 'label' has 430 missing values",
+    "unknown label": "values outside the configured labels; e.g. [{'id':",
+    "not UTF-8": "1 texts contain bytes that are not valid UTF-8",
+    "duplicate rows": "5 rows are duplicates (same text and label)",
+    "holdout/train overlap": "also appear in a train split (train/holdout leakage)",
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TARGETS))
+def test_bad_target_file_stops_at_validate_and_keeps_results(files_project, case):
+    target = files_project / "inputs" / "target.csv"
+    original = target.read_bytes()
+    before = tree_digest(files_project)
+    corrupt_target(case, target, files_project / "inputs" / "source.csv")
+    # Repeats are dropped by ingest unless deduplication is off; with it off, validate must catch them.
+    extra = ["--set", "ingest.deduplicate=false"] if case == "duplicate rows" else []
+    try:
+        failed = run([REGRAFT, "run", "--no-push", *extra], files_project, check=False)
+    finally:
+        target.write_bytes(original)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "error: stage 'validate' failed" in failed.stderr
+    assert BAD_TARGETS[case] in failed.stderr
+    assert "back to what they were before the run" in failed.stderr
+    assert tree_digest(files_project) == before
+
+
+def test_validate_command_on_one_file(files_project):
+    good = run([REGRAFT, "validate", "inputs/target.csv"], files_project)
+    assert "Validation passed" in good.stdout
+    bad = files_project / "bad.csv"
+    corrupt_target("unknown label", bad, bad) if bad.exists() else None
+    bad.write_bytes((files_project / "inputs" / "target.csv").read_bytes().replace(b",positive,", b",great,", 1))
+    failed = run([REGRAFT, "validate", str(bad)], files_project, check=False)
+    assert failed.returncode == 1
+    assert "bad: column 'label' has 1 values outside the configured labels" in failed.stderr
+
+
+def test_bad_override_fails_before_anything_runs(files_project):
+    before = tree_digest(files_project)
+    failed = run([REGRAFT, "run", "--set", "ingest.split.holdout_fraction=2"], files_project, check=False)
+    assert failed.returncode == 1
+    assert "ingest.split.holdout_fraction: Input should be less than 1 (got 2)" in failed.stderr
+    assert tree_digest(files_project) == before

