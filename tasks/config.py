@@ -175,6 +175,10 @@ class TrainConfig(StrictModel):
         description="auto: bf16 on CUDA or on a CPU with native bf16 instructions, else fp32."
     )
     grad_checkpointing: bool = Field(description="Recompute activations in backward to save memory.")
+    attention_dropout: float | None = Field(
+        ge=0, lt=1, description="Dropout on attention probabilities while training; null keeps the model's own. "
+        "On CPU it costs about as much as the rest of the forward pass."
+    )
     threads: int = Field(ge=0, description="CPU threads per process; 0: all cores divided among processes.")
     class_weights: Literal["balanced", "none"] = Field(description="Weigh the loss against class imbalance.")
     validation_fraction: float = Field(gt=0, lt=1, description="Share of the train rows held out for early stopping.")

@@ -68,15 +68,28 @@ def load_tokenizer(spec: str | Path):
     return AutoTokenizer.from_pretrained(str(resolve_model(spec)))
 
 
-def load_classifier(spec: str | Path, labels: list[str]):
-    """A sequence classifier over `labels`; the head is new unless the model already has these labels."""
+def load_classifier(spec: str | Path, labels: list[str], attention_dropout: float | None = None,
+                    attn_implementation: str | None = None):
+    """A sequence classifier over `labels`; the head is new unless the model already has these labels.
+    `attention_dropout` replaces the model's dropout on attention probabilities when given."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # "newly initialized head" is expected here, not a warning
     hf_logging.disable_progress_bar()
+    extra = {}
+    if attention_dropout is not None:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(resolve_model(spec)))
+        # BERT-family configs name it attention_probs_dropout_prob; others attention_dropout.
+        key = "attention_probs_dropout_prob" if hasattr(config, "attention_probs_dropout_prob") else "attention_dropout"
+        extra[key] = attention_dropout
+    if attn_implementation:
+        extra["attn_implementation"] = attn_implementation
     return AutoModelForSequenceClassification.from_pretrained(
         str(resolve_model(spec)),
+        **extra,
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id={label: i for i, label in enumerate(labels)},
