@@ -81,6 +81,11 @@ def print_summary(result: dict) -> None:
         state = "passed" if validate["success"] else "FAILED"
         print(f"\nvalidation {state}: {total} expectations on {len(validate['splits'])} splits")
         print(f"Data Docs: {validate['data_docs']}")
+    shift = result["reports"].get("shift")
+    if shift:
+        print(f"\ndomain shift: {shift['verdict']}")
+        for reason in shift["reasons"]:
+            print(f"  - {reason}")
     finetune = result["reports"].get("finetune")
     if finetune:
         validation = ", ".join(f"{k} {v:.3f}" for k, v in finetune["validation"].items())
@@ -105,6 +110,34 @@ def command_validate(args: argparse.Namespace, project: Path) -> int:
     return print_outcome(report)
 
 
+def command_shift(args: argparse.Namespace, project: Path) -> int:
+    import json
+
+    from pipelines.shift import analyse
+    from tasks.config import load_params
+    from tasks.errors import RegraftError
+    from tasks.ingest import normalise, read_table
+    from tasks.shift import render_markdown
+
+    try:
+        params = load_params(project / "params.yaml")
+        frames = []
+        for raw in (args.source, args.target):
+            path = Path(raw).resolve()
+            frame = normalise(read_table(path), params.ingest.columns, path.name, params.ingest.time_format)
+            if "text" not in frame or frame.empty:
+                raise RegraftError(f"{path}: no rows with a {params.ingest.columns.text!r} column to compare")
+            frames.append(frame)
+        report = analyse(frames[0], frames[1], params)
+    except RegraftError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for bulky in ("embeddings_2d", "domain_scores", "source_importance_weights", "source_ids"):
+        report.pop(bulky, None)
+    print(json.dumps(report, indent=2) if args.json else render_markdown(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="regraft", description="Retrain a transformer safely on new data.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -114,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-push", action="store_true", help="do not push outputs to the DVC remote")
     check = commands.add_parser("validate", help="run the validation suite on one data file")
     check.add_argument("path", help="a CSV, TSV, Parquet or JSONL file, read with params.yaml's column mapping")
+    shift = commands.add_parser("shift", help="measure the domain shift between two data files")
+    shift.add_argument("source", help="the data the current model learned from (CSV, TSV, Parquet or JSONL)")
+    shift.add_argument("target", help="the new data; labels are optional")
+    shift.add_argument("--json", action="store_true", help="print the report as JSON (top-level key: verdict)")
     return parser
 
 
@@ -123,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     prepare_environment(project)
     # Stage code resolves params.yaml paths against the project folder.
     os.chdir(project)
-    handlers = {"run": command_run, "validate": command_validate}
+    handlers = {"run": command_run, "validate": command_validate, "shift": command_shift}
     return handlers[args.command](args, project)
 
 

@@ -26,6 +26,7 @@ from flows.dag import stage_order, stage_outputs
 from flows.workspace import discard, restore, take_snapshot
 from tasks import finetune as finetune_task
 from tasks import ingest as ingest_task
+from tasks import shift as shift_task
 from tasks import validate as validate_task
 from tasks.config import load_params, parse_override, write_overrides
 from tasks.errors import RegraftError
@@ -33,6 +34,7 @@ from tasks.errors import RegraftError
 RENDERERS = {
     "ingest": ingest_task.render_markdown,
     "validate": validate_task.render_markdown,
+    "shift": shift_task.render_markdown,
     "finetune": finetune_task.render_markdown,
 }
 

@@ -134,7 +134,7 @@ def main(params: Params) -> int:
     print(f"finetune: {strategy} ({reason}); {len(train.texts)} train rows, {len(valid.texts)} validation rows",
           flush=True)
     result = finetune(base, params.ingest.labels, train, valid, params.train, params.model, strategy, reason,
-                      checkpoint_dir=state / "checkpoints" / "finetune", cache_dir=state / "cache" / "features")
+                      checkpoint_dir=state / "checkpoints" / "finetune", cache_dir=params.paths.cache / "features")
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     data_hashes = {name: file_md5(Path(path)) for name, path in params.paths.splits.model_dump().items()}

@@ -36,6 +36,9 @@ class Paths(StrictModel):
     model: Path = Field(description="Where finetune writes the candidate model (an HF model directory).")
     champion: Path = Field(description="The model in production, an HF model directory (absent until a first promotion).")
     train_log: Path = Field(description="Per-step training log (CSV), declared as DVC plots.")
+    shift_weights: Path = Field(description="Importance weights of source rows (target/source density ratio), for evaluate.")
+    shift_plots: Path = Field(description="Folder of the shift stage's PNG plots.")
+    cache: Path = Field(description="Cache of embeddings and features, keyed by model and data hashes.")
     reports: Path = Field(description="Folder of the per-stage JSON reports.")
     data_docs: Path = Field(description="Folder of the Great Expectations Data Docs HTML site.")
     state: Path = Field(description="Working state that is neither data nor report (GX project, run snapshots).")
@@ -190,6 +193,24 @@ class TrainConfig(StrictModel):
     auto_full_min_examples: int = Field(ge=1, description="auto: from this many target train rows on, train all layers.")
 
 
+class ShiftConfig(StrictModel):
+    alpha: float = Field(gt=0, lt=1, description="Significance level of every shift test.")
+    null_splits: int = Field(ge=5, description="Source-vs-source random splits that calibrate each test's effect cut-off.")
+    null_quantile: float = Field(gt=0.5, lt=1, description="Quantile of the null effects used as the cut-off.")
+    severe_ratio: float = Field(gt=1, description="A flagged effect this many times its cut-off makes the verdict severe.")
+    on_severe: Literal["warn", "block"] = Field(description="block: a severe shift stops the run before training.")
+    permutations: int = Field(ge=19, description="Permutations of the quadratic MMD test.")
+    mmd_quadratic_max: int = Field(ge=100, description="Above this many rows in total, MMD uses the linear-time block estimator.")
+    mmd_block_size: int = Field(ge=10, description="Rows per side in one block of the block MMD estimator.")
+    classifier_folds: int = Field(ge=2, le=20, description="Cross-validation folds of the domain classifier.")
+    bootstrap: int = Field(ge=50, description="Bootstrap resamples of the label-shift intervals.")
+    top_examples: int = Field(ge=0, description="How many of the most target-specific examples the report lists.")
+    max_rows: int = Field(ge=100, description="Rows per side beyond which a seeded sample is tested.")
+    calibration_rows: int = Field(ge=100, description="Source rows the null calibration splits in halves (fewer rows: "
+                                  "wider null, so a conservative cut-off).")
+    seed: int = Field(ge=0, description="Seed of permutations, folds and samples.")
+
+
 class Params(StrictModel):
     """The whole of `params.yaml`."""
 
@@ -197,6 +218,7 @@ class Params(StrictModel):
     ingest: IngestConfig
     validate_: ValidateConfig = Field(alias="validate")
     model: ModelConfig
+    shift: ShiftConfig
     train: TrainConfig
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

@@ -131,3 +131,44 @@ def predict_proba(model, tokenizer, texts: list[str], max_length: int, batch_siz
             logits = model(**batch).logits
         out[idx] = torch.softmax(logits.float(), dim=-1).cpu()
     return out
+
+
+def load_encoder(spec: str | Path):
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    return AutoModel.from_pretrained(str(resolve_model(spec)))
+
+
+@torch.no_grad()
+def mean_pooled_embeddings(spec: str | Path, texts: list[str], max_length: int, cache_dir: Path | None = None,
+                           batch_size: int = 64) -> torch.Tensor:
+    """Mean-pooled last hidden states (the sentence embedding all-MiniLM-L6-v2 was trained for),
+    cached by model fingerprint and text hash."""
+    from tasks.devices import autocast, choose_runtime
+
+    digest = hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:20]
+    path = cache_dir / f"mean-{model_fingerprint(spec)}-{max_length}-{digest}.pt" if cache_dir else None
+    if path is not None and path.is_file():
+        return torch.load(path, map_location="cpu")
+    runtime = choose_runtime()
+    encoder = load_encoder(spec).eval().to(runtime.device)
+    tokenizer = load_tokenizer(spec)
+    sequences = tokenize(tokenizer, texts, max_length)
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    out = torch.empty((len(texts), encoder.config.hidden_size))
+    for start in range(0, len(order), batch_size):
+        idx = order[start: start + batch_size]
+        batch = {k: v.to(runtime.device) for k, v in pad_batch([sequences[i] for i in idx], tokenizer.pad_token_id).items()}
+        with autocast(runtime):
+            hidden = encoder(**batch).last_hidden_state.float()
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        out[idx] = ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(out, tmp)
+        tmp.replace(path)
+    return out

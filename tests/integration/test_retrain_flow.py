@@ -40,7 +40,7 @@ def test_flow_order_is_dvcs_order(project):
 
     dry = run(DVC + ["repro", "--dry", "--force"], project).stdout
     dvc_order = re.findall(r"Running stage '([^']+)'", dry)
-    assert stage_order(project) == dvc_order == ["ingest", "validate", "finetune"]
+    assert stage_order(project) == dvc_order == ["ingest", "validate", "shift", "finetune"]
     # A stage added to dvc.yaml is picked up by the flow without touching flows/.
     dag = yaml.safe_load((project / "dvc.yaml").read_text())
     dag["stages"]["report"] = {"cmd": "echo", "deps": ["${paths.model}"]}
@@ -48,7 +48,7 @@ def test_flow_order_is_dvcs_order(project):
     (project / "dvc.yaml").write_text(yaml.safe_dump(dag, sort_keys=False))
     dry = run(DVC + ["repro", "--dry", "--force"], project).stdout
     assert stage_order(project) == re.findall(r"Running stage '([^']+)'", dry) == [
-        "ingest", "validate", "finetune", "report"]
+        "ingest", "validate", "shift", "finetune", "report"]
 
 
 def test_flow_runs_each_stage_as_a_task_with_artifacts(project, prefect_api):
@@ -59,7 +59,7 @@ def test_flow_runs_each_stage_as_a_task_with_artifacts(project, prefect_api):
     state = retrain(parameters=RetrainParameters(split_seed=7), project_dir=str(project), return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
-    assert result["stages"] == ["ingest", "validate", "finetune"]
+    assert result["stages"] == ["ingest", "validate", "shift", "finetune"]
     assert result["reports"]["validate"]["success"]
     assert result["pushed_to"] == "local"
     assert yaml.safe_load((project / "params.yaml").read_text())["ingest"]["split"]["seed"] == 7
@@ -77,15 +77,16 @@ def test_flow_runs_each_stage_as_a_task_with_artifacts(project, prefect_api):
             return sorted(r.name for r in runs), artifacts
 
     task_names, artifact_keys = anyio.run(query)
-    assert {"ingest", "validate", "finetune"} <= set(task_names)
-    assert {"ingest-report", "validate-report", "finetune-report"} <= artifact_keys
+    assert {"ingest", "validate", "shift", "finetune"} <= set(task_names)
+    assert {"ingest-report", "validate-report", "shift-report", "finetune-report"} <= artifact_keys
 
 
 def test_cli_run_and_dvc_repro_agree(tmp_path):
     by_flow = make_project(tmp_path / "a", tmp_path / "remote-a")
     by_dvc = make_project(tmp_path / "b", tmp_path / "remote-b")
     done = run([REGRAFT, "run"], by_flow)
-    assert "regraft run finished: ingest -> validate -> finetune" in done.stdout
+    assert "regraft run finished: ingest -> validate -> shift -> finetune" in done.stdout
+    assert re.search(r"domain shift: (moderate|severe)", done.stdout)
     assert "finetune: feature_extraction on CPU" in done.stdout
     assert re.search(r"target_holdout\s+108\s+negative 38, neutral 10, positive 60", done.stdout)
     assert "validation passed: 78 expectations on 4 splits" in done.stdout
@@ -191,4 +192,30 @@ def test_bad_override_fails_before_anything_runs(files_project):
     failed = run([REGRAFT, "run", "--set", "ingest.split.holdout_fraction=2"], files_project, check=False)
     assert failed.returncode == 1
     assert "ingest.split.holdout_fraction: Input should be less than 1 (got 2)" in failed.stderr
+    assert tree_digest(files_project) == before
+
+
+def test_shift_command_prints_json_with_a_verdict(files_project):
+    import json
+
+    out = run([REGRAFT, "shift", "inputs/source.csv", "inputs/target.csv", "--json"], files_project)
+    report = json.loads(out.stdout)
+    assert report["verdict"] in {"none", "moderate", "severe"}
+    label = next(t for t in report["tests"] if t["name"] == "label_shift")
+    # The demo's label mix really changes after 2015.
+    assert label["flagged"] and label["p_value"] < 1e-3
+    readable = run([REGRAFT, "shift", "inputs/source.csv", "inputs/target.csv"], files_project)
+    assert readable.stdout.startswith("# Domain shift: ")
+    missing = run([REGRAFT, "shift", "inputs/source.csv", "inputs/nope.csv"], files_project, check=False)
+    assert missing.returncode == 1 and "nope.csv: file not found" in missing.stderr
+
+
+def test_severe_shift_blocks_training_when_configured(files_project):
+    before = tree_digest(files_project)
+    failed = run([REGRAFT, "run", "--no-push", "--set", "shift.on_severe=block", "--set", "shift.severe_ratio=1.001"],
+                 files_project, check=False)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "error: stage 'shift' failed" in failed.stderr
+    assert "severe domain shift and shift.on_severe=block, so training does not start" in failed.stderr
+    assert "label_shift: total variation of class priors" in failed.stderr
     assert tree_digest(files_project) == before

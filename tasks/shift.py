@@ -1,0 +1,477 @@
+"""Stage shift: has the target distribution moved away from the source, by how much, and how?
+
+Every test returns a statistic, a p-value and an effect size. A test *flags* a shift only when
+p < alpha AND its effect exceeds a cut-off calibrated on source-vs-source random splits, so that
+large samples do not flag trivial drift. Verdict: none | moderate | severe.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats
+
+from tasks.config import ShiftConfig
+
+DISTRIBUTION_TESTS = ("mmd", "classifier", "label_shift", "bbsd")
+
+
+@dataclass
+class TestResult:
+    __test__ = False  # not a pytest test class
+
+    name: str
+    statistic: float
+    p_value: float
+    effect: float
+    effect_name: str
+    detail: dict = field(default_factory=dict)
+    cutoff: float | None = None
+    flagged: bool = False
+    severe: bool = False
+
+    def as_dict(self) -> dict:
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
+
+
+# ----------------------------------------------------------------------------- MMD
+
+
+def median_bandwidth(pooled: torch.Tensor, rng: np.random.Generator, max_points: int = 1000) -> float:
+    """Median pairwise Euclidean distance on a subsample (the median heuristic)."""
+    idx = rng.choice(len(pooled), size=min(max_points, len(pooled)), replace=False)
+    sample = pooled[torch.as_tensor(idx)]
+    distances = torch.cdist(sample, sample)
+    upper = distances[torch.triu(torch.ones_like(distances, dtype=torch.bool), diagonal=1)]
+    return float(upper.median().clamp(min=1e-6))
+
+
+def rbf(a: torch.Tensor, b: torch.Tensor, sigma: float) -> torch.Tensor:
+    return torch.exp(-torch.cdist(a, b).pow(2) / (2 * sigma**2))
+
+
+def mmd2_unbiased_from_kernel(kernel: torch.Tensor, is_x: torch.Tensor) -> torch.Tensor:
+    """Unbiased MMD^2 for one or many labelings (rows of `is_x`, boolean, n_x True each)."""
+    k = kernel.clone()
+    k.fill_diagonal_(0.0)
+    mask_x = is_x.to(k.dtype)
+    mask_y = 1.0 - mask_x
+    n_x = mask_x.sum(-1)
+    n_y = mask_y.sum(-1)
+    kx = mask_x @ k
+    ky = mask_y @ k
+    xx = (kx * mask_x).sum(-1) / (n_x * (n_x - 1))
+    yy = (ky * mask_y).sum(-1) / (n_y * (n_y - 1))
+    xy = (kx * mask_y).sum(-1) / (n_x * n_y)
+    return xx + yy - 2 * xy
+
+
+def mmd_permutation(x: torch.Tensor, y: torch.Tensor, permutations: int, seed: int) -> TestResult:
+    """Quadratic-time unbiased MMD^2 with an RBF kernel and a permutation p-value."""
+    rng = np.random.default_rng(seed)
+    pooled = torch.cat([x, y]).double()
+    sigma = median_bandwidth(pooled, rng)
+    kernel = rbf(pooled, pooled, sigma)
+    n = len(pooled)
+    observed_labels = torch.zeros(n, dtype=torch.bool)
+    observed_labels[: len(x)] = True
+    labels = [observed_labels]
+    for _ in range(permutations):
+        perm = torch.as_tensor(rng.permutation(n))
+        labels.append(observed_labels[perm])
+    values = torch.cat([mmd2_unbiased_from_kernel(kernel, torch.stack(labels[i:i + 64])) for i in range(0, len(labels), 64)])
+    observed = float(values[0])
+    p_value = float((1 + (values[1:] >= values[0]).sum()) / (1 + permutations))
+    return TestResult("mmd", observed, p_value, max(observed, 0.0), "MMD^2 (RBF, median bandwidth)",
+                      {"bandwidth": sigma, "method": "permutation", "permutations": permutations,
+                       "n_source": len(x), "n_target": len(y)})
+
+
+def mmd_block(x: torch.Tensor, y: torch.Tensor, block: int, seed: int) -> TestResult:
+    """Block MMD^2 (Zaremba et al., 2013): unbiased MMD^2 inside disjoint blocks, averaged; the mean of
+    independent block values is asymptotically normal, so the p-value is one-sided normal. Cost grows
+    linearly with n."""
+    rng = np.random.default_rng(seed)
+    n = min(len(x), len(y))
+    xs = x[torch.as_tensor(rng.permutation(len(x))[:n])].double()
+    ys = y[torch.as_tensor(rng.permutation(len(y))[:n])].double()
+    sigma = median_bandwidth(torch.cat([xs, ys]), rng)
+    values = []
+    for start in range(0, n - block + 1, block):
+        bx, by = xs[start:start + block], ys[start:start + block]
+        pooled = torch.cat([bx, by])
+        is_x = torch.zeros(len(pooled), dtype=torch.bool)
+        is_x[:block] = True
+        values.append(float(mmd2_unbiased_from_kernel(rbf(pooled, pooled, sigma), is_x[None])[0]))
+    values = np.asarray(values)
+    mean = float(values.mean())
+    se = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else float("inf")
+    p_value = float(stats.norm.sf(mean / se)) if se > 0 else (0.0 if mean > 0 else 1.0)
+    return TestResult("mmd", mean, p_value, max(mean, 0.0), "MMD^2 (RBF, median bandwidth)",
+                      {"bandwidth": sigma, "method": "block", "block_size": block, "blocks": len(values),
+                       "n_source": len(x), "n_target": len(y)})
+
+
+def mmd_test(x: torch.Tensor, y: torch.Tensor, cfg: ShiftConfig, seed: int) -> TestResult:
+    if len(x) + len(y) <= cfg.mmd_quadratic_max:
+        return mmd_permutation(x, y, cfg.permutations, seed)
+    return mmd_block(x, y, cfg.mmd_block_size, seed)
+
+
+# ----------------------------------------------------------------------------- classifier two-sample test
+
+
+def fit_logistic(features: torch.Tensor, labels: torch.Tensor, weight_decay: float = 1e-3,
+                 iterations: int = 100) -> torch.nn.Linear:
+    """L2-regularised logistic regression (full-batch L-BFGS): fast enough for 40k x 384 in a second."""
+    torch.manual_seed(0)
+    n_classes = int(labels.max()) + 1 if labels.dtype == torch.long else 1
+    model = torch.nn.Linear(features.shape[1], max(n_classes, 1)).double()
+    optimizer = torch.optim.LBFGS(model.parameters(), max_iter=iterations, line_search_fn="strong_wolfe")
+    x = features.double()
+
+    def closure():
+        optimizer.zero_grad()
+        logits = model(x)
+        if n_classes == 1:
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], labels.double())
+        else:
+            loss = torch.nn.functional.cross_entropy(logits, labels)
+        loss = loss + weight_decay * model.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return model
+
+
+def standardise(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+    mean, std = train.mean(0), train.std(0).clamp(min=1e-6)
+    return [(t - mean) / std for t in (train, *others)]
+
+
+def auc_and_p(scores: np.ndarray, is_target: np.ndarray) -> tuple[float, float]:
+    """ROC AUC via Mann-Whitney U, and its one-sided p-value against AUC = 0.5 (normal approximation)."""
+    n1, n0 = int(is_target.sum()), int((~is_target).sum())
+    ranks = stats.rankdata(scores)
+    u = ranks[is_target].sum() - n1 * (n1 + 1) / 2
+    auc = u / (n1 * n0)
+    sd = math.sqrt((n1 + n0 + 1) / (12 * n1 * n0))
+    return float(auc), float(stats.norm.sf((auc - 0.5) / sd))
+
+
+def classifier_test(x: torch.Tensor, y: torch.Tensor, folds: int, seed: int) -> tuple[TestResult, np.ndarray]:
+    """Domain classifier on the embeddings; out-of-fold probabilities of 'target' for every row."""
+    rng = np.random.default_rng(seed)
+    features = torch.cat([x, y])
+    is_target = np.r_[np.zeros(len(x), dtype=bool), np.ones(len(y), dtype=bool)]
+    fold_of = np.empty(len(features), dtype=int)
+    for domain in (False, True):
+        rows = np.flatnonzero(is_target == domain)
+        fold_of[rng.permutation(rows)] = np.arange(len(rows)) % folds
+    scores = np.empty(len(features))
+    for k in range(folds):
+        train, test = fold_of != k, fold_of == k
+        ftrain, ftest = standardise(features[torch.as_tensor(train)], features[torch.as_tensor(test)])
+        model = fit_logistic(ftrain, torch.as_tensor(is_target[train]))
+        with torch.no_grad():
+            scores[test] = torch.sigmoid(model(ftest.double())[:, 0]).numpy()
+    auc, p_value = auc_and_p(scores, is_target)
+    return TestResult("classifier", auc, p_value, max(auc - 0.5, 0.0), "AUC - 0.5",
+                      {"folds": folds, "auc": auc}), scores
+
+
+def importance_weights(source_scores: np.ndarray, n_source: int, n_target: int, clip: float = 20.0) -> np.ndarray:
+    """Density ratio p_target(x) / p_source(x) per source row from the domain classifier's odds,
+    normalised to mean 1: `evaluate` can weigh source rows to look like the target."""
+    p = np.clip(source_scores, 1e-6, 1 - 1e-6)
+    ratio = np.minimum(p / (1 - p) * (n_source / n_target), clip)
+    return ratio / ratio.mean()
+
+
+# ----------------------------------------------------------------------------- black-box shift detection
+
+
+def bbsd_test(source_probs: np.ndarray, target_probs: np.ndarray) -> TestResult:
+    """Per-class two-sample KS tests on a model's softmax outputs, Bonferroni-corrected."""
+    classes = source_probs.shape[1]
+    per_class = [stats.ks_2samp(source_probs[:, c], target_probs[:, c]) for c in range(classes)]
+    raw = np.array([r.pvalue for r in per_class])
+    statistic = max(float(r.statistic) for r in per_class)
+    p_value = float(min(1.0, raw.min() * classes))
+    return TestResult("bbsd", statistic, p_value, statistic, "largest KS statistic over classes",
+                      {"per_class_ks": [float(r.statistic) for r in per_class], "per_class_p": raw.tolist()})
+
+
+# ----------------------------------------------------------------------------- label shift
+
+
+def mlls_priors(target_probs: np.ndarray, source_prior: np.ndarray, iterations: int = 500,
+                tolerance: float = 1e-7) -> np.ndarray:
+    """Maximum-likelihood label shift (Saerens et al., 2002): EM that re-weights a source-calibrated
+    classifier's posteriors on the target until the implied class priors are stable."""
+    q = source_prior.copy()
+    ratio_base = np.clip(source_prior, 1e-12, None)
+    for _ in range(iterations):
+        adjusted = target_probs * (q / ratio_base)
+        adjusted /= np.clip(adjusted.sum(1, keepdims=True), 1e-12, None)
+        updated = adjusted.mean(0)
+        if np.abs(updated - q).max() < tolerance:
+            return updated
+        q = updated
+    return q
+
+
+def label_shift_test(source_labels: np.ndarray, target_probs: np.ndarray | None, target_labels: np.ndarray | None,
+                     labels: list[str], bootstrap: int, seed: int,
+                     refit: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> TestResult:
+    """Target class priors estimated without target labels (EM on a source classifier's posteriors),
+    with bootstrap intervals (`refit(source_rows, target_rows)` refits the classifier on each resample, so the
+    interval carries the classifier's own uncertainty too); where target labels exist, a chi-squared test of the label mix against
+    the source's. Effect: total variation distance between source and target priors."""
+    k = len(labels)
+    rng = np.random.default_rng(seed)
+    source_prior = np.bincount(source_labels, minlength=k) / len(source_labels)
+    detail: dict = {"labels": labels, "source_prior": source_prior.tolist()}
+    if target_probs is None:
+        return labelled_mix_test(source_labels, target_labels, k, detail)
+    estimate = mlls_priors(target_probs, source_prior)
+    draws = []
+    for _ in range(bootstrap):
+        s = rng.integers(0, len(source_labels), len(source_labels))
+        t = rng.integers(0, len(target_probs), len(target_probs))
+        probs = refit(s, t) if refit is not None else target_probs[t]
+        draws.append(mlls_priors(probs, np.bincount(source_labels[s], minlength=k) / len(s)))
+    draws = np.array(draws)
+    low, high = np.percentile(draws, [2.5, 97.5], axis=0)
+    detail |= {
+        "estimated_target_prior": estimate.tolist(),
+        "estimated_interval_95": [low.tolist(), high.tolist()],
+        "method": "EM / maximum-likelihood label shift on a logistic-regression classifier fit on the source; "
+                  "percentile bootstrap intervals",
+    }
+    if target_labels is not None and len(target_labels):
+        return labelled_mix_test(source_labels, target_labels, k, detail)
+    # Unlabelled target: how often does a bootstrap estimate fall on the other side of the source prior?
+    tv = 0.5 * float(np.abs(estimate - source_prior).sum())
+    moved = np.sign(estimate - source_prior)
+    p_value = float(np.max([(np.sign(draws[:, c] - source_prior[c]) != moved[c]).mean() for c in range(k)]))
+    return TestResult("label_shift", tv, max(p_value * 2, 1.0 / (bootstrap + 1)), tv,
+                      "total variation of class priors", detail)
+
+
+def labelled_mix_test(source_labels: np.ndarray, target_labels: np.ndarray, k: int, detail: dict) -> TestResult:
+    """Chi-squared test of the labelled class mix, source against target."""
+    counts = np.vstack([np.bincount(source_labels, minlength=k), np.bincount(target_labels, minlength=k)])
+    counts = counts[:, counts.sum(0) > 0]
+    chi2, p_value, *_ = stats.chi2_contingency(counts)
+    source_prior = np.bincount(source_labels, minlength=k) / len(source_labels)
+    target_prior = np.bincount(target_labels, minlength=k) / len(target_labels)
+    detail = detail | {"labelled_target_prior": target_prior.tolist()}
+    tv = 0.5 * float(np.abs(target_prior - source_prior).sum())
+    return TestResult("label_shift", float(chi2), float(p_value), tv, "total variation of class priors", detail)
+
+
+# ----------------------------------------------------------------------------- metadata
+
+
+# ----------------------------------------------------------------------------- metadata
+
+
+def group_mix_test(source: pd.Series, target: pd.Series, min_count: int = 5) -> TestResult:
+    """Chi-squared test of a group column's mix; values rarer than `min_count` share one 'other' cell."""
+    values = pd.concat([source, target]).fillna("<missing>").astype("str")
+    counts = values.value_counts()
+    keep = set(counts[counts >= min_count].index)
+    cells = values.where(values.isin(keep), "other").to_numpy()
+    domain = np.r_[np.zeros(len(source)), np.ones(len(target))]
+    table = pd.crosstab(domain, cells).to_numpy()
+    if table.shape[1] < 2:
+        return TestResult(f"group_mix:{source.name}", 0.0, 1.0, 0.0, "Cramer's V", {"categories": int(table.shape[1])})
+    chi2, p_value, *_ = stats.chi2_contingency(table)
+    v = math.sqrt(chi2 / (table.sum() * (min(table.shape) - 1)))
+    return TestResult(f"group_mix:{source.name}", float(chi2), float(p_value), v, "Cramer's V",
+                      {"categories": int(table.shape[1])})
+
+
+# ----------------------------------------------------------------------------- decision
+
+
+def decide(results: list[TestResult], cutoffs: dict[str, float], cfg: ShiftConfig) -> tuple[str, list[str]]:
+    """Flag a test when p < alpha and effect > its null cut-off; severe when the effect is
+    `severe_ratio` times the cut-off. The verdict is the worst flag."""
+    reasons = []
+    for r in results:
+        r.cutoff = cutoffs.get(r.name.split(":")[0])
+        if r.cutoff is None:
+            continue
+        r.flagged = r.p_value < cfg.alpha and r.effect > r.cutoff
+        r.severe = r.flagged and r.effect >= cfg.severe_ratio * r.cutoff
+        if r.flagged:
+            reasons.append(f"{r.name}: {r.effect_name} {r.effect:.3g} > null cut-off {r.cutoff:.3g} "
+                           f"(p = {r.p_value:.2g}){' - severe' if r.severe else ''}")
+    if any(r.severe for r in results):
+        return "severe", reasons
+    if any(r.flagged for r in results):
+        return "moderate", reasons
+    return "none", reasons or ["no test found a shift larger than source-vs-source noise"]
+
+
+# ----------------------------------------------------------------------------- per-row inputs
+
+
+@dataclass
+class Sample:
+    """Everything the tests need, per row, so that any subset (a null split) is cheap to test."""
+
+    embeddings: torch.Tensor
+    lengths: np.ndarray
+    pieces_per_word: np.ndarray
+    groups: dict[str, np.ndarray]
+    labels: np.ndarray | None  # class index, or None when unlabelled
+    class_probs: np.ndarray | None = None  # P(class | x) from a classifier fit on the source (label shift)
+    probs: np.ndarray | None = None  # the champion's softmax outputs (black-box shift detection)
+
+    def take(self, idx: np.ndarray) -> Sample:
+        pick = lambda a: None if a is None else a[idx]  # noqa: E731
+        return Sample(self.embeddings[torch.as_tensor(idx)], self.lengths[idx], self.pieces_per_word[idx],
+                      {k: v[idx] for k, v in self.groups.items()}, pick(self.labels), pick(self.class_probs),
+                      pick(self.probs))
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+
+def text_profile(tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray, float]:
+    """Characters, subword pieces per word, and the unknown-token share of a list of texts."""
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    lengths = np.array([len(t) for t in texts], dtype=float)
+    pieces = np.array([len(ids) / max(len(t.split()), 1) for ids, t in zip(encoded, texts, strict=True)])
+    total = sum(len(ids) for ids in encoded)
+    unknown = sum(sum(1 for i in ids if i == tokenizer.unk_token_id) for ids in encoded)
+    return lengths, pieces, unknown / max(total, 1)
+
+
+def distribution_tests(source: Sample, target: Sample, cfg: ShiftConfig, labels: list[str], seed: int,
+                       permutations: int | None = None, with_intervals: bool = True) -> tuple[list[TestResult], np.ndarray]:
+    """Every test on one pair of samples; also returns the domain classifier's out-of-fold scores."""
+    mmd_cfg = cfg if permutations is None else cfg.model_copy(update={"permutations": max(permutations, 19)})
+    results = [mmd_test(source.embeddings, target.embeddings, mmd_cfg, seed)]
+    classifier, scores = classifier_test(source.embeddings, target.embeddings, cfg.classifier_folds, seed)
+    results.append(classifier)
+    if source.labels is not None and (target.class_probs is not None or target.labels is not None):
+        refit = None
+        if target.class_probs is not None:
+            def refit(s: np.ndarray, t: np.ndarray) -> np.ndarray:
+                return source_classifier_probabilities(source.embeddings[torch.as_tensor(s)], source.labels[s],
+                                                       target.embeddings[torch.as_tensor(t)])
+        results.append(label_shift_test(source.labels, target.class_probs, target.labels, labels,
+                                        cfg.bootstrap if with_intervals else 50, seed, refit))
+    if source.probs is not None and target.probs is not None:
+        results.append(bbsd_test(source.probs, target.probs))
+    ks = stats.ks_2samp(source.lengths, target.lengths)
+    results.append(TestResult("text_length", float(ks.statistic), float(ks.pvalue), float(ks.statistic),
+                              "KS statistic", {"source_median_chars": float(np.median(source.lengths)),
+                                               "target_median_chars": float(np.median(target.lengths))}))
+    ks = stats.ks_2samp(source.pieces_per_word, target.pieces_per_word)
+    results.append(TestResult("vocabulary", float(ks.statistic), float(ks.pvalue), float(ks.statistic),
+                              "KS statistic of subword pieces per word",
+                              {"source_pieces_per_word": float(source.pieces_per_word.mean()),
+                               "target_pieces_per_word": float(target.pieces_per_word.mean())}))
+    for name in source.groups:
+        results.append(group_mix_test(pd.Series(source.groups[name], name=name),
+                                      pd.Series(target.groups[name], name=name)))
+    return results, scores
+
+
+def calibrate(source: Sample, cfg: ShiftConfig, labels: list[str]) -> dict[str, float]:
+    """Each test's effect cut-off: the `null_quantile` of its effect over random halves of the source,
+    where by construction there is no shift."""
+    rng = np.random.default_rng(cfg.seed + 1)
+    pool = rng.permutation(len(source))[: cfg.calibration_rows]
+    effects: dict[str, list[float]] = {}
+    for r in range(cfg.null_splits):
+        order = rng.permutation(pool)
+        half = len(order) // 2
+        results, _ = distribution_tests(source.take(order[:half]), source.take(order[half:]), cfg, labels,
+                                        seed=cfg.seed + 100 + r, permutations=0, with_intervals=False)
+        for result in results:
+            effects.setdefault(result.name.split(":")[0], []).append(result.effect)
+    return {name: float(np.quantile(values, cfg.null_quantile)) for name, values in effects.items()}
+
+
+def detect_shift(source: Sample, target: Sample, cfg: ShiftConfig, labels: list[str],
+                 source_text: list[str] | None = None, target_text: list[str] | None = None) -> dict:
+    """All tests, the calibrated decision, the most target-specific examples and source importance weights."""
+    results, scores = distribution_tests(source, target, cfg, labels, seed=cfg.seed)
+    cutoffs = calibrate(source, cfg, labels)
+    verdict, reasons = decide(results, cutoffs, cfg)
+    target_scores = scores[len(source):]
+    top = np.argsort(-target_scores)[: cfg.top_examples]
+    examples = [{"text": (target_text[i][:300] if target_text else None), "target_score": float(target_scores[i]),
+                 "label": (labels[target.labels[i]] if target.labels is not None else None)} for i in top]
+    return {
+        "verdict": verdict,
+        "reasons": reasons,
+        "alpha": cfg.alpha,
+        "tests": [r.as_dict() for r in results],
+        "null_cutoffs": cutoffs,
+        "n_source": len(source),
+        "n_target": len(target),
+        "most_target_specific": examples,
+        "source_importance_weights": importance_weights(scores[: len(source)], len(source), len(target)).tolist(),
+        "domain_scores": {"source": scores[: len(source)].tolist(), "target": target_scores.tolist()},
+    }
+
+
+def source_classifier_probabilities(source_embeddings: torch.Tensor, source_labels: np.ndarray,
+                                    target_embeddings: torch.Tensor, weight_decay: float = 1e-2) -> np.ndarray:
+    """P(class | x) on the target from a regularised logistic regression fit on the labelled source:
+    the input of the EM label-shift estimate."""
+    ftrain, ftarget = standardise(source_embeddings, target_embeddings)
+    model = fit_logistic(ftrain, torch.tensor(source_labels, dtype=torch.long), weight_decay=weight_decay)
+    with torch.no_grad():
+        return torch.softmax(model(ftarget.double()), dim=1).numpy()
+
+
+def build_sample(frame: pd.DataFrame, embeddings: torch.Tensor, tokenizer, groups: list[str],
+                 labels: list[str]) -> Sample:
+    """Per-row inputs of one domain; labels are optional (None when the column is absent or empty)."""
+    texts = frame["text"].astype("str").tolist()
+    lengths, pieces, _ = text_profile(tokenizer, texts)
+    label_index = None
+    if "label" in frame and frame["label"].notna().all() and frame["label"].isin(labels).all():
+        label_index = frame["label"].map({l: i for i, l in enumerate(labels)}).to_numpy(dtype=np.int64)
+    return Sample(embeddings=embeddings, lengths=lengths, pieces_per_word=pieces,
+                  groups={g: frame[g].astype("str").where(frame[g].notna(), "<missing>").to_numpy()
+                          for g in groups if g in frame},
+                  labels=label_index)
+
+
+def render_markdown(report: dict) -> str:
+    """The shift report as Markdown: verdict, reasons, one row per test."""
+    lines = [f"# Domain shift: {report['verdict']}", "", *[f"- {r}" for r in report["reasons"]], "",
+             "| test | effect | cut-off | p-value | flagged |", "|---|---:|---:|---:|---|"]
+    for t in report["tests"]:
+        cutoff = "-" if t["cutoff"] is None else f"{t['cutoff']:.3g}"
+        flag = "severe" if t["severe"] else ("yes" if t["flagged"] else "no")
+        lines.append(f"| {t['name']} ({t['effect_name']}) | {t['effect']:.3g} | {cutoff} | {t['p_value']:.3g} | {flag} |")
+    label = next((t for t in report["tests"] if t["name"] == "label_shift"), None)
+    if label:
+        d = label["detail"]
+        lines += ["", "| class | source prior | target (labelled) | target (estimated, 95% interval) |", "|---|---:|---:|---:|"]
+        for i, name in enumerate(d["labels"]):
+            labelled = d.get("labelled_target_prior")
+            lines.append(f"| {name} | {d['source_prior'][i]:.3f} | {labelled[i]:.3f} | " if labelled else
+                         f"| {name} | {d['source_prior'][i]:.3f} | - | ")
+            if "estimated_target_prior" in d:
+                lines[-1] += (f"{d['estimated_target_prior'][i]:.3f} ({d['estimated_interval_95'][0][i]:.3f}-"
+                              f"{d['estimated_interval_95'][1][i]:.3f}) |")
+            else:
+                lines[-1] += "- |"
+    return "\n".join(lines) + "\n"

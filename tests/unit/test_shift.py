@@ -1,0 +1,137 @@
+"""The shift statistics on synthetic data where the truth is known."""
+
+import numpy as np
+import pytest
+import torch
+
+from tasks.config import load_params
+from tasks.shift import (
+    Sample, TestResult, auc_and_p, bbsd_test, classifier_test, decide, group_mix_test, importance_weights,
+    label_shift_test, mlls_priors, mmd_block, mmd_permutation,
+)
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.unit
+CFG = load_params(REPO / "params.yaml").shift
+
+
+def gaussians(n, shift, seed, d=16):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    y = torch.randn(n, d, generator=g)
+    y[:, 0] += shift
+    return x, y
+
+
+@pytest.mark.parametrize("test", ["permutation", "block"])
+def test_mmd_null_and_alternative(test):
+    run = (lambda x, y, s: mmd_permutation(x, y, 99, s)) if test == "permutation" else \
+        (lambda x, y, s: mmd_block(x, y, 50, s))
+    # The block estimator trades power for linear cost: it gets more rows.
+    n = 300 if test == "permutation" else 2000
+    null_p = [run(*gaussians(n, 0.0, s), s).p_value for s in range(20)]
+    alt_p = [run(*gaussians(n, 0.6, s), s).p_value for s in range(10)]
+    assert sum(p < 0.05 for p in null_p) <= 3
+    assert all(p < 0.05 for p in alt_p)
+
+
+def test_mmd_block_cost_is_linear():
+    result = mmd_block(*gaussians(4000, 0.0, 0), block=100, seed=0)
+    assert result.detail["blocks"] == 40 and result.detail["method"] == "block"
+
+
+def test_classifier_test_scores_every_row_out_of_fold():
+    x, y = gaussians(200, 1.0, 0)
+    result, scores = classifier_test(x, y, folds=5, seed=0)
+    assert scores.shape == (400,)
+    assert result.statistic > 0.7 and result.p_value < 1e-6
+    assert result.effect == pytest.approx(result.statistic - 0.5)
+    weights = importance_weights(scores[:200], 200, 200)
+    assert weights.mean() == pytest.approx(1.0)
+    # Source rows that look like the target (large first coordinate) weigh more.
+    assert np.corrcoef(weights, x[:, 0].numpy())[0, 1] > 0.5
+
+
+def test_auc_matches_scikit_learn():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    scores, truth = rng.random(300), rng.random(300) > 0.4
+    assert auc_and_p(scores, truth)[0] == pytest.approx(roc_auc_score(truth, scores))
+
+
+def exact_posteriors(n_per_class, source_prior, seed):
+    """Two 1-D Gaussian classes and their exact posteriors under `source_prior`."""
+    from scipy.stats import norm
+
+    rng = np.random.default_rng(seed)
+    x = np.concatenate([rng.normal(c * 2.0, 1.0, n) for c, n in enumerate(n_per_class)])
+    lik = np.stack([norm.pdf(x, 0.0, 1.0), norm.pdf(x, 2.0, 1.0)], axis=1) * source_prior
+    return lik / lik.sum(1, keepdims=True)
+
+
+def test_em_recovers_known_priors():
+    source_prior = np.array([0.5, 0.5])
+    probs = exact_posteriors([8000, 2000], source_prior, 0)
+    assert mlls_priors(probs, source_prior) == pytest.approx([0.8, 0.2], abs=0.02)
+
+
+def test_label_shift_intervals_cover_known_priors_across_resamples():
+    """Resampled targets with known priors: the 95% interval holds the truth in most draws."""
+    truth = np.array([0.75, 0.25])
+    covered = 0
+    for seed in range(20):
+        source_labels = np.repeat([0, 1], 300)
+        probs = exact_posteriors([int(400 * truth[0]), int(400 * truth[1])], np.array([0.5, 0.5]), 100 + seed)
+        result = label_shift_test(source_labels, probs, None, ["a", "b"], 100, seed)
+        low, high = (np.asarray(v) for v in result.detail["estimated_interval_95"])
+        covered += int(np.all((low <= truth) & (truth <= high)))
+    assert covered >= 16
+
+
+def test_label_shift_interval_covers_the_truth_without_target_labels():
+    source_labels = np.repeat([0, 1], 500)
+    result = label_shift_test(source_labels, exact_posteriors([300, 100], np.array([0.5, 0.5]), 1), None,
+                              ["a", "b"], 200, 0)
+    low, high = result.detail["estimated_interval_95"]
+    assert low[0] <= 0.75 <= high[0] and low[1] <= 0.25 <= high[1]
+    assert result.p_value < 0.05 and result.effect == pytest.approx(0.25, abs=0.05)
+
+
+def test_bbsd_bonferroni():
+    rng = np.random.default_rng(0)
+    same = bbsd_test(rng.dirichlet([1, 1, 1], 300), rng.dirichlet([1, 1, 1], 300))
+    moved = bbsd_test(rng.dirichlet([1, 1, 1], 300), rng.dirichlet([5, 1, 1], 300))
+    assert same.p_value > 0.05 and moved.p_value < 1e-6
+    assert moved.p_value == pytest.approx(min(1.0, 3 * min(moved.detail["per_class_p"])))
+
+
+def test_group_mix_merges_rare_values():
+    import pandas as pd
+
+    source = pd.Series(["a"] * 50 + ["b"] * 50 + ["rare1"], name="condition")
+    target = pd.Series(["a"] * 90 + ["b"] * 10 + ["rare2"], name="condition")
+    result = group_mix_test(source, target)
+    assert result.name == "group_mix:condition" and result.p_value < 1e-6
+    assert result.detail["categories"] == 3  # a, b, other
+
+
+@pytest.mark.parametrize(
+    ("effects", "verdict"),
+    [({"mmd": (0.01, 0.2)}, "none"),           # significant but below the null cut-off: trivial drift
+     ({"mmd": (0.03, 0.01)}, "moderate"),
+     ({"mmd": (0.2, 0.0)}, "severe"),
+     ({"mmd": (0.2, 0.5)}, "none"),            # large but not significant
+     ({"mmd": (0.03, 0.01), "classifier": (0.5, 0.0)}, "severe")],
+)
+def test_decision_needs_significance_and_a_real_effect(effects, verdict):
+    results = [TestResult(name, 0.0, p, effect, "x") for name, (effect, p) in effects.items()]
+    got, reasons = decide(results, {"mmd": 0.02, "classifier": 0.05}, CFG)
+    assert got == verdict
+    assert reasons
+
+
+def test_sample_take_keeps_rows_aligned():
+    s = Sample(torch.arange(10.0)[:, None], np.arange(10.0), np.arange(10.0), {"g": np.arange(10)}, np.arange(10))
+    t = s.take(np.array([3, 1]))
+    assert t.embeddings[:, 0].tolist() == [3.0, 1.0] and t.labels.tolist() == [3, 1] and t.groups["g"].tolist() == [3, 1]
