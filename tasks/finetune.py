@@ -34,7 +34,9 @@ from sklearn.model_selection import train_test_split
 from tasks.config import ModelConfig, TrainConfig
 from tasks.devices import Runtime, autocast, choose_runtime
 from tasks.errors import ConfigError, DataError
-from tasks.models import load_classifier, load_tokenizer, model_fingerprint, pad_batch, predict_proba, tokenize
+from tasks.models import (
+    load_classifier, load_tokenizer, map_batches, model_fingerprint, pad_batch, predict_proba, tokenize,
+)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 BEST_FILE = "best.pt"
@@ -515,17 +517,8 @@ def encoder_features(model, tokenizer, texts: list[str], max_length: int, runtim
                      batch_size: int = 64) -> torch.Tensor:
     """The frozen encoder's [CLS] state per text: what the pooler and classifier read."""
     model.eval().to(runtime.device)
-    sequences = tokenize(tokenizer, texts, max_length)
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    out = torch.empty((len(texts), model.config.hidden_size))
-    for start in range(0, len(order), batch_size):
-        idx = order[start: start + batch_size]
-        batch = {k: v.to(runtime.device) for k, v in pad_batch([sequences[i] for i in idx],
-                                                                tokenizer.pad_token_id).items()}
-        with autocast(runtime):
-            hidden = model.base_model(**batch).last_hidden_state[:, 0]
-        out[idx] = hidden.float().cpu()
-    return out
+    return map_batches(lambda batch: model.base_model(**batch).last_hidden_state[:, 0], tokenizer, texts,
+                       max_length, model.config.hidden_size, runtime, batch_size)
 
 
 def cached_features(model, tokenizer, base: str, texts: list[str], max_length: int, runtime: Runtime,

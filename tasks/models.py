@@ -114,23 +114,33 @@ def pad_batch(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor
 
 
 @torch.no_grad()
-def predict_proba(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 64,
-                  runtime=None) -> torch.Tensor:
-    """Class probabilities, in length-sorted batches so padding stays small."""
-    from tasks.devices import autocast, choose_runtime
+def map_batches(forward, tokenizer, texts: list[str], max_length: int, width: int, runtime,
+                batch_size: int = 64) -> torch.Tensor:
+    """Apply `forward(batch) -> (rows, width)` to the texts in length-sorted, dynamically padded batches
+    under the runtime's autocast; rows come back in the texts' order. Inference only."""
+    from tasks.devices import autocast
 
-    runtime = runtime or choose_runtime()
-    model.eval().to(runtime.device)
     sequences = tokenize(tokenizer, texts, max_length)
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    out = torch.empty((len(sequences), model.config.num_labels))
+    out = torch.empty((len(sequences), width))
     for start in range(0, len(order), batch_size):
         idx = order[start: start + batch_size]
         batch = {k: v.to(runtime.device) for k, v in pad_batch([sequences[i] for i in idx], tokenizer.pad_token_id).items()}
         with autocast(runtime):
-            logits = model(**batch).logits
-        out[idx] = torch.softmax(logits.float(), dim=-1).cpu()
+            out[idx] = forward(batch).float().cpu()
     return out
+
+
+@torch.no_grad()
+def predict_proba(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 64,
+                  runtime=None) -> torch.Tensor:
+    """Class probabilities, in length-sorted batches so padding stays small."""
+    from tasks.devices import choose_runtime
+
+    runtime = runtime or choose_runtime()
+    model.eval().to(runtime.device)
+    return map_batches(lambda batch: torch.softmax(model(**batch).logits.float(), dim=-1), tokenizer, texts,
+                       max_length, model.config.num_labels, runtime, batch_size)
 
 
 def load_encoder(spec: str | Path):
@@ -147,7 +157,7 @@ def mean_pooled_embeddings(spec: str | Path, texts: list[str], max_length: int, 
                            batch_size: int = 64) -> torch.Tensor:
     """Mean-pooled last hidden states (the sentence embedding all-MiniLM-L6-v2 was trained for),
     cached by model fingerprint and text hash."""
-    from tasks.devices import autocast, choose_runtime
+    from tasks.devices import choose_runtime
 
     digest = hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:20]
     path = cache_dir / f"mean-{model_fingerprint(spec)}-{max_length}-{digest}.pt" if cache_dir else None
@@ -155,17 +165,14 @@ def mean_pooled_embeddings(spec: str | Path, texts: list[str], max_length: int, 
         return torch.load(path, map_location="cpu")
     runtime = choose_runtime()
     encoder = load_encoder(spec).eval().to(runtime.device)
-    tokenizer = load_tokenizer(spec)
-    sequences = tokenize(tokenizer, texts, max_length)
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    out = torch.empty((len(texts), encoder.config.hidden_size))
-    for start in range(0, len(order), batch_size):
-        idx = order[start: start + batch_size]
-        batch = {k: v.to(runtime.device) for k, v in pad_batch([sequences[i] for i in idx], tokenizer.pad_token_id).items()}
-        with autocast(runtime):
-            hidden = encoder(**batch).last_hidden_state.float()
+
+    def mean_pool(batch):
+        hidden = encoder(**batch).last_hidden_state.float()
         mask = batch["attention_mask"].unsqueeze(-1).float()
-        out[idx] = ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu()
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+    out = map_batches(mean_pool, load_tokenizer(spec), texts, max_length, encoder.config.hidden_size, runtime,
+                      batch_size)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
