@@ -93,7 +93,8 @@ def test_cli_run_and_dvc_repro_agree(tmp_path):
     assert "validation passed: 78 expectations on 4 splits" in done.stdout
     run(DVC + ["repro"], by_dvc)
     assert data_hashes(by_flow) == data_hashes(by_dvc)
-    assert len(data_hashes(by_flow)) == 4
+    splits = {f"data/{name}.parquet" for name in ("source_train", "source_holdout", "target_train", "target_holdout")}
+    assert splits | {"data/shift_weights.parquet"} == set(data_hashes(by_flow))
     assert (by_flow / "models" / "candidate" / "model.safetensors").is_file()
     # Nothing changed, so a second repro has nothing to do.
     assert "didn't change, skipping" in run(DVC + ["repro"], by_flow).stdout
