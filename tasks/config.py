@@ -155,6 +155,8 @@ class LoraConfig(StrictModel):
     alpha: int = Field(ge=1, description="Scaling of the adapters (alpha / r).")
     dropout: float = Field(ge=0, lt=1, description="Dropout on the adapter input.")
     target_modules: list[str] = Field(min_length=1, description="Names of the linear layers that get adapters.")
+    learning_rate: float = Field(gt=0, lt=1, description="Learning rate of the adapters (they start at zero and "
+                                 "need a larger rate than full fine-tuning).")
 
 
 class TrainConfig(StrictModel):

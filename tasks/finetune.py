@@ -196,8 +196,8 @@ def is_no_decay(name: str) -> bool:
 
 
 def param_groups(model, strategy: str, cfg: TrainConfig) -> list[dict]:
-    """Optimiser groups: head at head_learning_rate; encoder at learning_rate, decayed per block
-    downwards for gradual_unfreeze; no weight decay on biases and LayerNorm."""
+    """Optimiser groups: head at head_learning_rate; LoRA adapters at lora.learning_rate; encoder at
+    learning_rate, decayed per block downwards for gradual_unfreeze; no weight decay on biases and LayerNorm."""
     head_ids = {id(p) for m in head_modules(model) for p in m.parameters()} if hasattr(model, "classifier") else set()
     depth: dict[int, int] = {}
     below_all = 0
@@ -213,6 +213,8 @@ def param_groups(model, strategy: str, cfg: TrainConfig) -> list[dict]:
             continue
         if id(p) in head_ids:
             lr = cfg.head_learning_rate
+        elif strategy == "lora" and "lora_" in name:
+            lr = cfg.lora.learning_rate
         elif strategy == "gradual_unfreeze":
             lr = cfg.learning_rate * cfg.layer_lr_decay ** depth.get(id(p), below_all)
         else:
