@@ -19,8 +19,9 @@ os.environ.update(TELEMETRY_OFF)
 
 
 def run(cmd: list[str], cwd: Path, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    from flows.retrain import stage_environment
+
+    env = stage_environment()
     env.pop("PREFECT_API_URL", None)
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kwargs)
     if check and result.returncode != 0:

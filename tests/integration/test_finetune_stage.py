@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,17 +11,12 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from flows.retrain import stage_environment
 from tasks.config import write_overrides
 from tests.conftest import make_project, run
 
 pytestmark = pytest.mark.integration
 STAGE = [sys.executable, "-m", "pipelines.finetune"]
-
-
-def stage_env() -> dict:
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    return env
 
 
 def training_project(base: Path, tiny_bert: Path, **train) -> Path:
@@ -42,7 +36,7 @@ def model_weights(project: Path) -> dict:
 
 def test_killed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(tmp_path, tiny_bert):
     killed = training_project(tmp_path / "killed", tiny_bert)
-    process = subprocess.Popen(STAGE, cwd=killed, env=stage_env(), stdout=subprocess.PIPE,
+    process = subprocess.Popen(STAGE, cwd=killed, env=stage_environment(), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     checkpoint = killed / ".regraft" / "checkpoints" / "finetune" / "checkpoint.pt"
     for line in process.stdout:
