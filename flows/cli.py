@@ -87,11 +87,35 @@ def print_summary(result: dict) -> None:
         for reason in shift["reasons"]:
             print(f"  - {reason}")
     finetune = result["reports"].get("finetune")
+    package = result["reports"].get("package")
     if finetune:
         validation = ", ".join(f"{k} {v:.3f}" for k, v in finetune["validation"].items())
         print(f"\nfinetune: {finetune['strategy']} on {finetune['hardware']} ({finetune['precision']}), "
               f"{finetune['train_seconds']} s; validation {validation}")
         print(f"model: {finetune['model_dir']} (model card: {finetune['model_dir']}/README.md)")
+    evaluate = result["reports"].get("evaluate")
+    if evaluate:
+        print("\nevaluation on target_holdout (95% bootstrap intervals):")
+        for model, entry in evaluate["splits"]["target_holdout"]["models"].items():
+            o = entry["overall"]
+            (a_lo, a_hi), (f_lo, f_hi) = o["intervals"]["accuracy"], o["intervals"]["macro_f1"]
+            print(f"  {model:15s} accuracy {o['accuracy']:.3f} [{a_lo:.3f}, {a_hi:.3f}]  "
+                  f"macro-F1 {o['macro_f1']:.3f} [{f_lo:.3f}, {f_hi:.3f}]")
+        gain = evaluate["transfer_gain"]
+        if gain["estimate"] is not None:
+            lo, hi = gain["interval"]
+            flag = "  NEGATIVE TRANSFER" if gain["negative_transfer"] else ""
+            print(f"  transfer gain (candidate - TF-IDF, macro-F1): {gain['estimate']:+.3f} [{lo:+.3f}, {hi:+.3f}]{flag}")
+    verdict = result["reports"].get("gate")
+    if verdict:
+        from tasks.gate import render_table
+
+        print("\n" + render_table(verdict))
+    if package:
+        smoke = package["smoke_test"]
+        print(f"packaged {package['model']} (Bento {package['bento']}); smoke test: {smoke['examples']} served "
+              f"labels equal to offline predictions")
+        print(f"promote it with: {package['promote']}")
     print(f"reports: {result['reports_dir']}")
     if result.get("pushed_to"):
         print(f"data pushed to DVC remote {result['pushed_to']!r}")
@@ -138,6 +162,68 @@ def command_shift(args: argparse.Namespace, project: Path) -> int:
     return 0
 
 
+def command_models(args: argparse.Namespace, project: Path) -> int:
+    import json
+
+    from pipelines.promote import render_models
+    from tasks.config import load_params
+    from tasks.errors import RegraftError
+    from tasks.registry import read_record
+
+    try:
+        record = read_record(load_params(project / "params.yaml").paths.registry)
+    except RegraftError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(record, indent=2) if args.json else render_models(record))
+    return 0
+
+
+def command_promote(args: argparse.Namespace, project: Path) -> int:
+    from pipelines.promote import promote_model, rollback
+    from tasks.config import load_params
+    from tasks.errors import RegraftError
+
+    try:
+        params = load_params(project / "params.yaml")
+        if args.command == "promote":
+            record = promote_model(params, args.tag, args.reason, args.by)
+        else:
+            record = rollback(params, args.reason, args.by)
+    except RegraftError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    event = record["history"][-1]
+    print(f"{event['action']}: {event['tag']} is now in production"
+          + (f" (was {event['previous']})" if event.get("previous") else "") + f"; {record['versioning']}")
+    return 0
+
+
+def command_serve(args: argparse.Namespace, project: Path) -> int:
+    import subprocess
+
+    from tasks.packaging import bentoml_environment
+    from tasks.config import load_params
+    from tasks.errors import RegraftError
+    from tasks.serving import production_tag
+
+    try:
+        params = load_params(project / "params.yaml")
+        tag = production_tag(params.paths.registry)
+    except RegraftError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    host, port = args.host or params.serve.host, args.port or params.serve.port
+    print(f"serving {tag} (and whatever is promoted later) on http://{host}:{port}; POST /predict, GET /healthz, "
+          "GET /metrics; Ctrl-C stops", flush=True)
+    env = {**os.environ, **bentoml_environment(params), "REGRAFT_PROJECT": str(project)}
+    command = [sys.executable, "-m", "bentoml", "serve", "deploy.service:Classifier", "--host", host, "--port", str(port)]
+    try:
+        return subprocess.call(command, cwd=project, env=env)
+    except KeyboardInterrupt:
+        return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="regraft", description="Retrain a transformer safely on new data.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -151,6 +237,18 @@ def build_parser() -> argparse.ArgumentParser:
     shift.add_argument("source", help="the data the current model learned from (CSV, TSV, Parquet or JSONL)")
     shift.add_argument("target", help="the new data; labels are optional")
     shift.add_argument("--json", action="store_true", help="print the report as JSON (top-level key: verdict)")
+    models = commands.add_parser("models", help="list packaged models, their stages, metrics and history")
+    models.add_argument("--json", action="store_true", help="print the registry record as JSON")
+    promote = commands.add_parser("promote", help="make a packaged model (PASS or approved) the production model")
+    promote.add_argument("tag", help="a model tag from `regraft models`, e.g. regraft-classifier:abc123")
+    promote.add_argument("--reason", default="promoted by hand", help="why (kept in the history)")
+    promote.add_argument("--by", default=None, help="who (default: the user name)")
+    back = commands.add_parser("rollback", help="put the previous production model back")
+    back.add_argument("--reason", default="rollback", help="why (kept in the history)")
+    back.add_argument("--by", default=None, help="who (default: the user name)")
+    serve = commands.add_parser("serve", help="serve the production model with BentoML (follows promotions)")
+    serve.add_argument("--host", default=None, help="bind address (default serve.host, 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port (default serve.port)")
     return parser
 
 
@@ -160,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     prepare_environment(project)
     # Stage code resolves params.yaml paths against the project folder.
     os.chdir(project)
-    handlers = {"run": command_run, "validate": command_validate, "shift": command_shift}
+    handlers = {"run": command_run, "validate": command_validate, "shift": command_shift, "models": command_models,
+                "promote": command_promote, "rollback": command_promote, "serve": command_serve}
     return handlers[args.command](args, project)
 
 

@@ -19,16 +19,24 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.runtime import flow_run
+from prefect.exceptions import FlowPauseTimeout
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
+from prefect.runtime import deployment, flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.dag import stage_order, stage_outputs
 from flows.workspace import discard, restore, take_snapshot
+from pipelines.gate import DECIDER_ENV
+from pipelines.stage_io import write_json
+from tasks import evaluate as evaluate_task
 from tasks import finetune as finetune_task
+from tasks import gate as gate_task
 from tasks import ingest as ingest_task
+from tasks import packaging as packaging_task
 from tasks import shift as shift_task
 from tasks import validate as validate_task
-from tasks.config import load_params, parse_override, write_overrides
+from tasks.config import GateConfig, load_params, parse_override, write_overrides
 from tasks.errors import RegraftError
 
 RENDERERS = {
@@ -36,7 +44,12 @@ RENDERERS = {
     "validate": validate_task.render_markdown,
     "shift": shift_task.render_markdown,
     "finetune": finetune_task.render_markdown,
+    "evaluate": evaluate_task.render_markdown,
+    "verdict": gate_task.render_table,
+    "package": packaging_task.render_markdown,
 }
+# The gate stage's report is reports/verdict.json.
+REPORT_NAMES = {"gate": "verdict"}
 
 
 class RetrainParameters(BaseModel):
@@ -81,10 +94,24 @@ class StageFailed(RegraftError):
     """A DVC stage exited non-zero; the message carries what it printed last."""
 
 
+class GateRejected(RegraftError):
+    """The gate's INCONCLUSIVE verdict was rejected (by a person, a timeout or gate.on_inconclusive)."""
+
+
+class GateDecision(RunInput):
+    """What a person answers when the gate is INCONCLUSIVE (the form in the Prefect UI)."""
+
+    approve: bool = Field(description="Let this candidate go on to packaging and promotion despite the INCONCLUSIVE verdict.")
+    reason: str = Field(min_length=3, description="Why; recorded in reports/verdict.json.")
+    reviewer: str = Field(default="", description="Who decides (name or e-mail).")
+
+
 def stage_environment() -> dict[str, str]:
-    """The stage commands (`python -m pipelines...`) must run on this interpreter."""
+    """The stage commands (`python -m pipelines...`) must run on this interpreter; the gate leaves an
+    INCONCLUSIVE verdict to the flow, which can ask a person."""
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env[DECIDER_ENV] = "flow"
     return env
 
 
@@ -110,13 +137,67 @@ def run_stage(stage: str, project_dir: Path, reports_dir: Path) -> dict:
     if process.wait() != 0:
         shown = [t for t in tail if not t.startswith(("Having any troubles", "ERROR: failed to reproduce"))]
         raise StageFailed(f"stage {stage!r} failed:\n" + "\n".join(shown))
-    report_file = project_dir / reports_dir / f"{stage}.json"
+    name = REPORT_NAMES.get(stage, stage)
+    report_file = project_dir / reports_dir / f"{name}.json"
     if not report_file.is_file():
         raise StageFailed(f"stage {stage!r} wrote no report at {report_file}")
     report = json.loads(report_file.read_text(encoding="utf-8"))
-    render = RENDERERS.get(stage, lambda r: f"# {stage}\n\n```json\n{json.dumps(r, indent=2)[:20000]}\n```\n")
-    create_markdown_artifact(key=f"{stage}-report", markdown=render(report), description=f"regraft {stage} report")
+    publish_report(name, report)
     return report
+
+
+def publish_report(name: str, report: dict) -> None:
+    render = RENDERERS.get(name, lambda r: f"# {name}\n\n```json\n{json.dumps(r, indent=2)[:20000]}\n```\n")
+    create_markdown_artifact(key=f"{name}-report", markdown=render(report), description=f"regraft {name} report")
+
+
+def decision_mode() -> str:
+    """Who answers an INCONCLUSIVE gate: a person through the Prefect UI when the run came from a
+    deployment, the person at the terminal when there is one, else the configured policy."""
+    if deployment.get_id():
+        return "pause"
+    if sys.stdin is not None and sys.stdin.isatty() and sys.stdout.isatty():
+        return "prompt"
+    return "policy"
+
+
+def decide_inconclusive(verdict: dict, cfg: GateConfig, mode: str) -> dict:
+    """Record approve/reject for an INCONCLUSIVE verdict; never waits longer than the configured timeout."""
+    logger = get_run_logger()
+    if mode == "pause":
+        logger.warning("gate INCONCLUSIVE: waiting up to %s s for a decision (resume this run in the Prefect UI)",
+                       cfg.decision_timeout_seconds)
+        try:
+            answer = pause_flow_run(wait_for_input=GateDecision, timeout=cfg.decision_timeout_seconds,
+                                    key="gate-decision")
+        except FlowPauseTimeout:
+            return gate_task.record_decision(verdict, False, "timeout",
+                                             f"no decision within {cfg.decision_timeout_seconds} s")
+        return gate_task.record_decision(verdict, answer.approve, answer.reviewer or "Prefect UI", answer.reason)
+    if mode == "prompt":
+        print(gate_task.render_table(verdict))
+        reply = input("Gate INCONCLUSIVE. Approve this candidate for packaging? [y/N] ").strip().lower()
+        reason = input("Reason (recorded in the verdict): ").strip() or "(none given)"
+        return gate_task.record_decision(verdict, reply in ("y", "yes"), f"terminal ({os.environ.get('USER', '?')})", reason)
+    return gate_task.record_decision(verdict, cfg.on_inconclusive == "approve", "policy",
+                                     f"gate.on_inconclusive={cfg.on_inconclusive} (nobody to ask)")
+
+
+@task(name="gate-decision")
+def settle_verdict(verdict: dict, project_dir: Path, reports_dir: Path, cfg: GateConfig) -> dict:
+    """Resolve an INCONCLUSIVE verdict, write the decision into reports/verdict.json (and dvc.lock)."""
+    if verdict["verdict"] != gate_task.INCONCLUSIVE or verdict.get("decision"):
+        return verdict
+    verdict = decide_inconclusive(verdict, cfg, decision_mode())
+    write_json(project_dir / reports_dir / "verdict.json", verdict)
+    subprocess.run(dvc_command("commit", "--force", "gate"), cwd=project_dir, env=stage_environment(),
+                   capture_output=True, text=True, check=True)
+    publish_report("verdict", verdict)
+    if not gate_task.promotable(verdict):
+        decision = verdict["decision"]
+        raise GateRejected(f"gate INCONCLUSIVE and rejected by {decision['by']}: {decision['reason']}; "
+                           f"undecided criteria: {', '.join(verdict['inconclusive'])}")
+    return verdict
 
 
 @task(name="dvc-push", retries=2, retry_delay_seconds=5)
@@ -135,6 +216,13 @@ def push_outputs(project_dir: Path) -> str:
     return name
 
 
+def keep_verdict(kept_reports: Path, reports: Path) -> None:
+    verdict = kept_reports / "verdict.json"
+    if verdict.is_file():
+        reports.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(verdict, reports / "verdict.json")
+
+
 @flow(name="retrain", log_prints=True)
 def retrain(parameters: RetrainParameters = RetrainParameters(), project_dir: str = ".") -> dict:
     """Run every stage of dvc.yaml in order; all or nothing."""
@@ -148,11 +236,15 @@ def retrain(parameters: RetrainParameters = RetrainParameters(), project_dir: st
         root, [Path("params.yaml"), Path("dvc.lock"), params.paths.reports, *stage_outputs(root)], run_dir / "before"
     )
     reports: dict[str, dict] = {}
+    started: list[str] = []
     try:
         if overrides:
             write_overrides(root / "params.yaml", overrides)
         for stage in stages:
+            started.append(stage)
             reports[stage] = run_stage.with_options(name=stage)(stage, root, params.paths.reports)
+            if stage == "gate":
+                reports[stage] = settle_verdict(reports[stage], root, params.paths.reports, params.gate)
         remote = push_outputs(root) if parameters.push else ""
     except BaseException as exc:
         # Keep what the failed run wrote for inspection, then put the last good state back.
@@ -160,10 +252,14 @@ def retrain(parameters: RetrainParameters = RetrainParameters(), project_dir: st
         if (root / params.paths.reports).exists():
             shutil.copytree(root / params.paths.reports, kept, dirs_exist_ok=True)
         restore(snapshot)
+        # The verdict is written on every run, pass or fail: the failed run's verdict stays readable.
+        if "gate" in started:
+            keep_verdict(kept, root / params.paths.reports)
         if isinstance(exc, RegraftError):
+            verdict_note = " (except reports/verdict.json, this run's verdict)" if "gate" in started else ""
             raise type(exc)(
-                f"{exc}\nThe failed run's reports are in {kept}; data, reports, dvc.lock and params.yaml "
-                "are back to what they were before the run."
+                f"{exc}\nThe failed run's reports are in {kept}; data, models, reports{verdict_note}, dvc.lock "
+                "and params.yaml are back to what they were before the run."
             ) from None
         raise
     discard(snapshot)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipelines.stage_io import read_splits, report_path, run_stage, write_json, write_parquet
+from pipelines.stage_io import read_splits, report_path, run_stage, save_figure, write_json, write_parquet
 from tasks.config import Params
 from tasks.models import load_classifier, load_tokenizer, mean_pooled_embeddings, predict_proba
 from tasks.shift import build_sample, detect_shift, render_markdown, source_classifier_probabilities
@@ -73,7 +73,7 @@ def save_plots(report: dict, folder: Path) -> list[str]:
         ax.scatter(pts[:, 0], pts[:, 1], s=6, alpha=0.5, c=colour, label=f"{name} (n={report[f'n_{name}']})")
     ax.set(title="Sentence embeddings, first two principal components", xlabel="PC 1", ylabel="PC 2")
     ax.legend()
-    written.append(_save(fig, folder / "embeddings_pca.png"))
+    written.append(save_figure(fig, folder / "embeddings_pca.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     bins = np.linspace(0, 1, 31)
@@ -82,7 +82,7 @@ def save_plots(report: dict, folder: Path) -> list[str]:
     auc = next(t["statistic"] for t in report["tests"] if t["name"] == "classifier")
     ax.set(title=f"Domain classifier: P(target), out of fold (AUC {auc:.3f})", xlabel="P(target)", ylabel="rows")
     ax.legend()
-    written.append(_save(fig, folder / "classifier_scores.png"))
+    written.append(save_figure(fig, folder / "classifier_scores.png"))
 
     label = next((t for t in report["tests"] if t["name"] == "label_shift"), None)
     if label:
@@ -99,17 +99,9 @@ def save_plots(report: dict, folder: Path) -> list[str]:
         ax.set_xticks(x, d["labels"])
         ax.set(title="Class priors", ylabel="share of rows")
         ax.legend()
-        written.append(_save(fig, folder / "class_priors.png"))
+        written.append(save_figure(fig, folder / "class_priors.png"))
     return written
 
-
-def _save(fig, path: Path) -> str:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return str(path)
 
 
 def main(params: Params) -> int:

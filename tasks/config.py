@@ -42,6 +42,8 @@ class Paths(StrictModel):
     reports: Path = Field(description="Folder of the per-stage JSON reports.")
     data_docs: Path = Field(description="Folder of the Great Expectations Data Docs HTML site.")
     state: Path = Field(description="Working state that is neither data nor report (GX project, run snapshots).")
+    registry: Path = Field(description="The model registry record (stages and history of packaged models), JSON.")
+    bentoml_home: Path = Field(description="BentoML's store of models and Bentos (BENTOML_HOME).")
 
 
 class Columns(StrictModel):
@@ -213,6 +215,82 @@ class ShiftConfig(StrictModel):
     seed: int = Field(ge=0, description="Seed of permutations, folds and samples.")
 
 
+class EvaluateConfig(StrictModel):
+    min_group_size: int = Field(ge=1, description="Groups with fewer rows are merged into \"other\" and not judged on their own.")
+    intersections: bool = Field(description="Also evaluate the intersections of the group columns.")
+    bootstrap: int = Field(ge=100, le=100000, description="Bootstrap resamples (stratified by group) behind every interval.")
+    confidence: float = Field(gt=0.5, lt=1, description="Coverage of the reported intervals.")
+    small_n: int = Field(ge=1, description="Below this many rows a group's rates also get a Wilson interval, which the gate uses.")
+    ece_bins: int = Field(ge=2, le=100, description="Confidence bins of the expected calibration error.")
+    seed: int = Field(ge=0, description="Seed of the bootstrap.")
+
+
+Metric = Literal["accuracy", "macro_f1"]
+
+
+class FloorCriterion(StrictModel):
+    split: Literal["target_holdout", "source_holdout"] = Field(description="Which holdout split the floor applies to.")
+    metric: Metric
+    min: float = Field(ge=0, le=1, description="The interval's lower bound must reach this value.")
+
+
+class NonInferiority(StrictModel):
+    metric: Metric
+    delta: float = Field(ge=0, lt=1, description="Lower bound of candidate - champion on target_holdout must be >= -delta.")
+
+
+class WorstGroup(StrictModel):
+    metrics: list[Metric] = Field(min_length=1, description="Metrics every judged group must clear.")
+    floor: float = Field(ge=0, le=1, description="Every group with enough rows must be at or above this (Holm-corrected).")
+
+
+class Disparity(StrictModel):
+    metric: Metric
+    max_gap: float = Field(gt=0, le=1, description="Upper bound of the largest between-group gap must be <= this.")
+    max_increase: float = Field(ge=0, le=1, description="Upper bound of (candidate gap - champion gap) must be <= this.")
+
+
+class Forgetting(StrictModel):
+    metric: Metric
+    max_drop: float = Field(ge=0, lt=1, description="Lower bound of candidate - champion on source_holdout must be >= -max_drop.")
+
+
+class GateConfig(StrictModel):
+    alpha: float = Field(gt=0, lt=0.5, description="Error rate of each two-sided decision; Holm-corrected across groups x metrics.")
+    floors: list[FloorCriterion] = Field(description="Absolute floors on the candidate's metrics.")
+    non_inferiority: NonInferiority
+    worst_group: WorstGroup
+    disparity: Disparity
+    forgetting: Forgetting
+    on_inconclusive: Literal["reject", "approve"] = Field(
+        description="What an INCONCLUSIVE verdict becomes when nobody can be asked (no terminal, no deployment)."
+    )
+    decision_timeout_seconds: int = Field(ge=1, description="How long a paused deployment run waits for a person; then it rejects.")
+
+
+class ServeConfig(StrictModel):
+    host: str = Field(description="Address the service binds to; 127.0.0.1 keeps it on this machine.")
+    port: int = Field(ge=1, le=65535, description="Port of `regraft serve`.")
+    max_texts: int = Field(ge=1, description="Most texts in one request (more: HTTP 413).")
+    max_chars: int = Field(ge=1, description="Most characters in one text (more: HTTP 413).")
+    max_body_bytes: int = Field(ge=64, description="Largest request body in bytes (larger: HTTP 413).")
+    max_batch_size: int = Field(ge=2, description="Adaptive batching: most texts the model sees in one forward pass.")
+    max_latency_ms: int = Field(ge=1, description="Adaptive batching: longest a request may wait in the queue; "
+                                "BentoML refuses (503) what would wait longer, so a tight value sheds load.")
+    workers: int = Field(ge=1, description="Service worker processes.")
+    log_texts: Literal["hash", "text"] = Field(description="Prediction log keeps each text's sha256, or the text itself "
+                                                "(needed for shift monitoring on the log).")
+    prediction_log: Path = Field(description="JSON-lines log of every prediction.")
+    reload_seconds: float = Field(gt=0, description="How often the service checks the registry for a new production model.")
+
+
+class PackageConfig(StrictModel):
+    model_name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", description="Name of the model in the BentoML store.")
+    bento_name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", description="Name of the Bento built from deploy/.")
+    smoke_examples: int = Field(ge=1, description="target_holdout rows the smoke test sends to the real server.")
+    smoke_timeout_seconds: int = Field(ge=10, description="How long the smoke test waits for the server to be ready.")
+
+
 class Params(StrictModel):
     """The whole of `params.yaml`."""
 
@@ -222,6 +300,10 @@ class Params(StrictModel):
     model: ModelConfig
     shift: ShiftConfig
     train: TrainConfig
+    evaluate: EvaluateConfig
+    gate: GateConfig
+    package: PackageConfig
+    serve: ServeConfig
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

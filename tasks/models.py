@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.errors import ConfigError
+from tasks.errors import ConfigError, RegraftError
 
 PACKAGE_PREFIX = "package:"
 # Where PyPI packages of packaged models keep their HF directory, and the hub id they package.
@@ -95,6 +95,21 @@ def load_classifier(spec: str | Path, labels: list[str], attention_dropout: floa
         label2id={label: i for i, label in enumerate(labels)},
         ignore_mismatched_sizes=True,
     )
+
+
+def load_trained_classifier(path: Path, labels: list[str], role: str):
+    """A fine-tuned classifier whose saved label mapping must equal `labels`: loading it with other labels
+    would silently give it a new, random head."""
+    import json
+
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        raise RegraftError(f"{path}: no {role} model here (no config.json)")
+    saved = json.loads(config.read_text(encoding="utf-8")).get("id2label", {})
+    found = [saved[key] for key in sorted(saved, key=int)]
+    if found != list(labels):
+        raise RegraftError(f"{path}: the {role} model predicts labels {found}, not ingest.labels {list(labels)}")
+    return load_classifier(path, labels)
 
 
 def tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", "pipelines", "tasks", "flows"]
+PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "requirements.lock", "pipelines", "tasks", "flows", "deploy"]
 
 from flows.cli import TELEMETRY_OFF  # noqa: E402
 

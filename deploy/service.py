@@ -1,0 +1,138 @@
+"""The BentoML service of regraft: POST /predict, GET /healthz, and BentoML's Prometheus /metrics.
+
+Which model it serves: REGRAFT_MODEL_TAG when set (a Bento's smoke test pins its own model), else the
+registry's production model, re-read every serve.reload_seconds so a promotion or rollback switches
+models while serving without a failed request. Settings come from params.yaml (REGRAFT_PARAMS), whose
+relative paths are read from REGRAFT_PROJECT (default: the working directory).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+
+import bentoml
+from tasks.config import Params, load_params
+from tasks.serving import LoadedModel, ModelHolder, PredictionLog, RequestRejected, load_model, parse_predict_request
+from tasks.serving import predict as predict_texts
+from tasks.serving import production_tag
+
+logger = logging.getLogger("regraft.service")
+
+
+def project_dir() -> Path:
+    return Path(os.environ.get("REGRAFT_PROJECT", ".")).resolve()
+
+
+def service_params() -> Params:
+    return load_params(os.environ.get("REGRAFT_PARAMS", project_dir() / "params.yaml"))
+
+
+# BentoML reads batching options when the class is defined, so the service's settings are read here.
+SETTINGS = service_params()
+# One per worker process: the service instance swaps models in it, /healthz reads it.
+HOLDER = ModelHolder()
+
+
+class RequestGuard:
+    """ASGI middleware in front of BentoML's routes. Answers GET /healthz from the loaded model (BentoML's
+    own /healthz only says the process is up), and checks a /predict body (size, JSON, shape, limits)
+    before BentoML sees it, so every bad request gets a 4xx that names the problem, never a 500."""
+
+    def __init__(self, app, cfg):
+        self.app, self.cfg = app, cfg
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "").rstrip("/")
+        if scope["type"] == "http" and path == "/healthz" and scope["method"] == "GET":
+            loaded = HOLDER.current
+            if loaded is None:
+                return await self.respond(send, 503, {"status": "loading"})
+            return await self.respond(send, 200, {"status": "ok", "model_version": loaded.version,
+                                                  "labels": loaded.labels})
+        if scope["type"] != "http" or path != "/predict" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.cfg.max_body_bytes:
+                return await self.reject(send, RequestRejected(
+                    413, f"request body is larger than the limit of {self.cfg.max_body_bytes} bytes"))
+        try:
+            parse_predict_request(body, self.cfg)
+        except RequestRejected as rejected:
+            return await self.reject(send, rejected)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+    async def reject(self, send, rejected: RequestRejected) -> None:
+        await self.respond(send, rejected.status, {"error": rejected.message})
+
+    @staticmethod
+    async def respond(send, status: int, body: dict) -> None:
+        payload = json.dumps(body).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+        await send({"type": "http.response.body", "body": payload})
+
+
+@bentoml.service(name="regraft", workers=SETTINGS.serve.workers, traffic={"timeout": 60},
+                 http={"host": SETTINGS.serve.host, "port": SETTINGS.serve.port})
+class Classifier:
+    def __init__(self) -> None:
+        params = service_params()
+        root = project_dir()
+        self.max_length = params.model.max_length
+        self.registry = root / params.paths.registry
+        self.pinned = os.environ.get("REGRAFT_MODEL_TAG")
+        self.reload_seconds = params.serve.reload_seconds
+        self.holder = HOLDER
+        # The package stage's smoke test logs elsewhere, so its requests do not look like traffic.
+        log = os.environ.get("REGRAFT_PREDICTION_LOG") or root / params.serve.prediction_log
+        self.log = PredictionLog(Path(log), params.serve.log_texts)
+        self.holder.swap(self.load(self.pinned or production_tag(self.registry)))
+        if not self.pinned:
+            threading.Thread(target=self.follow_registry, name="registry-watch", daemon=True).start()
+
+    def load(self, tag: str) -> LoadedModel:
+        model = bentoml.models.get(tag)
+        logger.info("loading model %s from %s", model.tag, model.path)
+        return load_model(Path(model.path), str(model.tag), self.max_length)
+
+    def follow_registry(self) -> None:
+        """Load the registry's production model when it changes, then swap it in."""
+        stop = threading.Event()
+        while not stop.wait(self.reload_seconds):
+            try:
+                tag = production_tag(self.registry)
+                current = self.holder.current
+                if current is None or tag != current.version:
+                    self.holder.swap(self.load(tag))
+                    logger.info("now serving %s", tag)
+            except Exception:  # keep serving the current model; the next check tries again
+                logger.exception("could not switch to the registry's production model")
+
+    @bentoml.api(route="/predict", batchable=True, batch_dim=0, max_batch_size=SETTINGS.serve.max_batch_size,
+                 max_latency_ms=SETTINGS.serve.max_latency_ms)
+    def predict(self, texts: list[str]) -> list[dict]:
+        """Label, class probabilities and model version for each text."""
+        loaded = self.holder.current
+        results = predict_texts(loaded, texts)
+        self.log.append(texts, results)
+        return results
+
+
+Classifier.add_asgi_middleware(RequestGuard, cfg=SETTINGS.serve)

@@ -1,0 +1,174 @@
+"""DVC stage `evaluate`: candidate, champion and two baselines on both holdout splits ->
+reports/evaluate.json, reports/metrics.json (DVC metrics), reports/evaluate/ (bootstrap table, plots)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipelines.stage_io import read_splits, report_path, run_stage, save_figure, write_atomically, write_json, write_parquet
+from tasks.config import Params
+from tasks.evaluate import evaluate_split, render_markdown, transfer_gain
+from tasks.models import load_tokenizer, load_trained_classifier, mean_pooled_embeddings, predict_proba
+
+HOLDOUTS = ("target_holdout", "source_holdout")
+
+
+def train_frame(splits: dict[str, pd.DataFrame], params: Params) -> pd.DataFrame:
+    """The rows the baselines learn from: the same train splits as the candidate (train.data)."""
+    names = ["target_train"] if params.train.data == "target" else ["source_train", "target_train"]
+    return pd.concat([splits[name] for name in names], ignore_index=True)
+
+
+def classifier_probabilities(path: Path, texts: dict[str, list[str]], params: Params, role: str) -> dict[str, np.ndarray]:
+    model = load_trained_classifier(path, params.ingest.labels, role)
+    tokenizer = load_tokenizer(path)
+    return {split: predict_proba(model, tokenizer, rows, params.model.max_length).numpy() for split, rows in texts.items()}
+
+
+def baseline_probabilities(train: pd.DataFrame, texts: dict[str, list[str]], params: Params) -> dict[str, dict[str, np.ndarray]]:
+    """TF-IDF + logistic regression, and the pretrained encoder frozen with a linear (logistic) head."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    labels = params.ingest.labels
+    y = train["label"].map({label: i for i, label in enumerate(labels)}).to_numpy()
+    train_texts = train["text"].astype("str").tolist()
+    out: dict[str, dict[str, np.ndarray]] = {"tfidf": {}, "frozen_encoder": {}}
+    tfidf = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True),
+                          LogisticRegression(max_iter=2000, class_weight="balanced"))
+    tfidf.fit(train_texts, y)
+    cache = params.paths.cache / "embeddings"
+
+    def embed(rows: list[str]) -> np.ndarray:
+        return mean_pooled_embeddings(params.model.base, rows, params.model.max_length, cache).numpy()
+
+    head = LogisticRegression(max_iter=5000, class_weight="balanced").fit(embed(train_texts), y)
+    for split, rows in texts.items():
+        out["tfidf"][split] = full_proba(tfidf.predict_proba(rows), tfidf.classes_, len(labels))
+        out["frozen_encoder"][split] = full_proba(head.predict_proba(embed(rows)), head.classes_, len(labels))
+    return out
+
+
+def full_proba(proba: np.ndarray, classes: np.ndarray, k: int) -> np.ndarray:
+    """sklearn drops classes it never saw in training; put their (zero) columns back."""
+    out = np.zeros((len(proba), k))
+    out[:, classes] = proba
+    return out
+
+
+def main(params: Params) -> int:
+    splits = read_splits(params)
+    texts = {split: splits[split]["text"].astype("str").tolist() for split in HOLDOUTS}
+    probas: dict[str, dict[str, np.ndarray]] = {"candidate": classifier_probabilities(params.paths.model, texts, params, "candidate")}
+    champion = params.paths.champion
+    has_champion = (champion / "config.json").is_file()
+    if has_champion:
+        probas["champion"] = classifier_probabilities(champion, texts, params, "champion (production)")
+    probas.update(baseline_probabilities(train_frame(splits, params), texts, params))
+
+    report = {"stage": "evaluate", "labels": params.ingest.labels, "champion": str(champion) if has_champion else None,
+              "models": {
+                  "candidate": f"fine-tuned model at {params.paths.model}",
+                  "champion": f"production model at {champion}" if has_champion else None,
+                  "frozen_encoder": f"{params.model.base} frozen, mean-pooled, logistic-regression head",
+                  "tfidf": "TF-IDF (1-2 grams) + logistic regression",
+              },
+              "bootstrap": params.evaluate.bootstrap, "confidence": params.evaluate.confidence, "splits": {}}
+    samples: dict[str, np.ndarray] = {}
+    for split in HOLDOUTS:
+        per_model = {model: by_split[split] for model, by_split in probas.items()}
+        report["splits"][split], split_samples = evaluate_split(
+            splits[split], per_model, params.ingest.labels, params.ingest.columns.groups, params.evaluate, split)
+        samples.update(split_samples)
+    report["transfer_gain"] = transfer_gain(report)
+    folder = params.paths.reports / "evaluate"
+    report["bootstrap_file"] = str(folder / "bootstrap.parquet")
+    write_parquet(folder / "bootstrap.parquet", pd.DataFrame(samples))
+    report["plots"] = save_plots(report, folder)
+    write_confusion_rows(folder / "confusion_target_holdout.csv", splits["target_holdout"], probas["candidate"]["target_holdout"],
+                         params.ingest.labels)
+    write_json(report_path(params, "evaluate"), report)
+    write_json(params.paths.reports / "metrics.json", headline_metrics(report))
+    print(render_markdown(report))
+    return 0
+
+
+def headline_metrics(report: dict) -> dict:
+    """The few numbers `dvc metrics show/diff` should compare across runs."""
+    out = {}
+    for split, entry in report["splits"].items():
+        for model, result in entry["models"].items():
+            out.setdefault(split, {})[model] = {m: result["overall"][m] for m in ("accuracy", "macro_f1", "ece")}
+    out["transfer_gain_macro_f1"] = report["transfer_gain"]["estimate"]
+    return out
+
+
+def write_confusion_rows(path: Path, frame: pd.DataFrame, proba: np.ndarray, labels: list[str]) -> None:
+    """actual/predicted per row, for DVC's confusion-matrix plot template."""
+    rows = pd.DataFrame({"actual": frame["label"].astype("str"), "predicted": [labels[i] for i in proba.argmax(axis=1)]})
+    write_atomically(path, lambda tmp: rows.to_csv(tmp, index=False))
+
+
+def save_plots(report: dict, folder: Path) -> list[str]:
+    """Per-group bars with interval whiskers (candidate vs champion and baselines), confusion matrices."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    split = report["splits"]["target_holdout"]
+    models = list(split["models"])
+    for column in split["group_columns"]:
+        for metric in ("accuracy", "macro_f1"):
+            groups = list(split["models"]["candidate"]["groups"][column]["groups"])
+            fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) * len(models) / 2), 4))
+            width = 0.8 / len(models)
+            for j, model in enumerate(models):
+                entries = split["models"][model]["groups"][column]["groups"]
+                values = np.array([entries[g][metric] if entries[g][metric] is not None else np.nan for g in groups])
+                low = np.array([_bound(entries[g], metric, 0, values[i]) for i, g in enumerate(groups)])
+                high = np.array([_bound(entries[g], metric, 1, values[i]) for i, g in enumerate(groups)])
+                x = np.arange(len(groups)) + (j - (len(models) - 1) / 2) * width
+                ax.bar(x, values, width=width, label=model,
+                       yerr=[np.clip(values - low, 0, None), np.clip(high - values, 0, None)], capsize=2)
+            sizes = split["group_columns"][column]["sizes"]
+            ax.set_xticks(np.arange(len(groups)), [f"{g}\n(n={sizes.get(g, 0)})" for g in groups], fontsize=8)
+            ax.set(title=f"target_holdout: {metric} by {column} ({report['confidence']:.0%} intervals)",
+                   ylabel=metric, ylim=(0, 1.05))
+            ax.legend(fontsize=8)
+            written.append(save_figure(fig, folder / f"groups_{_slug(column)}_{metric}.png"))
+    for split_name, entry in report["splits"].items():
+        fig, axes = plt.subplots(1, len(models), figsize=(3.4 * len(models), 3.4))
+        for ax, model in zip(np.atleast_1d(axes), models):
+            matrix = np.asarray(entry["models"][model]["overall"]["confusion"])
+            ax.imshow(matrix, cmap="Blues")
+            for (r, c), v in np.ndenumerate(matrix):
+                ax.text(c, r, str(v), ha="center", va="center", fontsize=8)
+            ticks = np.arange(len(report["labels"]))
+            ax.set_xticks(ticks, report["labels"], fontsize=7)
+            ax.set_yticks(ticks, report["labels"], fontsize=7)
+            ax.set(title=model, xlabel="predicted", ylabel="true")
+        fig.suptitle(f"Confusion matrices, {split_name}")
+        written.append(save_figure(fig, folder / f"confusion_{split_name}.png"))
+    return written
+
+
+def _bound(entry: dict, metric: str, side: int, value: float) -> float:
+    """The interval the gate uses: Wilson for a small group's accuracy, else the bootstrap."""
+    interval = entry["intervals"].get(f"{metric}_wilson") or entry["intervals"].get(metric) or [None, None]
+    return value if interval[side] is None else interval[side]
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in name)
+
+
+
+if __name__ == "__main__":
+    run_stage(main)

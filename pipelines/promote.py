@@ -1,0 +1,79 @@
+"""Promotion and rollback of packaged models (`regraft promote TAG`, `regraft rollback`, `regraft models`).
+
+The registry record and the production model folder are versioned with DVC (`dvc add`) each time
+production changes, so `git log` of their .dvc files plus the record's history say what served when.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tasks.packaging import bentoml_environment
+from tasks.config import Params
+from tasks.registry import RegistryError, check_promotable, previous_production, promote, read_record
+
+
+def stored_model_dir(params: Params, tag: str) -> Path:
+    """The files of a packaged model in the BentoML store."""
+    os.environ.update(bentoml_environment(params))
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    try:
+        return Path(bentoml.models.get(tag).path)
+    except (NotFound, ValueError) as exc:
+        raise RegistryError(f"{tag}: not in the BentoML store at {params.paths.bentoml_home} ({exc})") from None
+
+
+def version_with_dvc(params: Params) -> str:
+    """`dvc add` the record and the production folder; a project without DVC just skips this."""
+    if not Path(".dvc").is_dir():
+        return "not a DVC project: production files are not versioned"
+    done = subprocess.run([sys.executable, "-m", "dvc", "add", "--quiet", str(params.paths.registry),
+                           str(params.paths.champion)], capture_output=True, text=True)
+    if done.returncode != 0:
+        return f"dvc add failed: {done.stderr.strip() or done.stdout.strip()}"
+    return f"versioned with DVC: {params.paths.registry}.dvc, {params.paths.champion}.dvc (commit them with git)"
+
+
+def promote_model(params: Params, tag: str, reason: str, by: str | None = None, action: str = "promote") -> dict:
+    """Checks (verdict, checksums), then production := tag. Returns the registry record."""
+    check_promotable(read_record(params.paths.registry)["models"].get(tag), tag)  # before touching the store
+    record = promote(params.paths.registry, tag, stored_model_dir(params, tag), params.paths.champion,
+                     by or getpass.getuser(), reason, action=action)
+    record["versioning"] = version_with_dvc(params)
+    return record
+
+
+def rollback(params: Params, reason: str, by: str | None = None) -> dict:
+    """Put the previous production model back, in one step."""
+    record = read_record(params.paths.registry)
+    target = previous_production(record)
+    if not target:
+        current = record.get("production")
+        raise RegistryError("nothing to roll back to: " + (f"{current} is the first production model"
+                                                           if current else "no model has been promoted"))
+    return promote_model(params, target, reason, by, action="rollback")
+
+
+def render_models(record: dict) -> str:
+    """Versions, stages, headline metrics and history, for the terminal."""
+    lines = [f"production: {record.get('production') or '(none)'}", "",
+             f"{'model':40s} {'stage':11s} {'verdict':13s} {'target macro-F1':>15s}  registered"]
+    for tag, entry in sorted(record["models"].items(), key=lambda kv: kv[1].get("registered", "")):
+        metric = ((entry.get("metrics") or {}).get("target_holdout") or {}).get("candidate", {}).get("macro_f1")
+        verdict = entry.get("verdict") or "-"
+        if (entry.get("decision") or {}).get("approved"):
+            verdict += " (approved)"
+        lines.append(f"{tag:40s} {entry['stage']:11s} {verdict:13s} "
+                     f"{'-' if metric is None else f'{metric:.3f}':>15s}  {entry.get('registered', '-')}")
+    lines += ["", "history:"]
+    for event in record["history"]:
+        lines.append(f"  {event['at']}  {event['action']:9s} {event['tag']}"
+                     + (f" (was {event['previous']})" if event.get("previous") else "")
+                     + f"  by {event.get('by')}: {event.get('reason')}")
+    return "\n".join(lines)

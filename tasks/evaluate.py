@@ -1,0 +1,413 @@
+"""Stage evaluate: the same metrics for every model, split and group, with bootstrap intervals.
+
+Every number comes from one function, `metrics_from_confusion`, applied to a confusion matrix (or a
+stack of them: one per bootstrap resample). Per-group tables go through Fairlearn's MetricFrame with
+metric functions built on that same function. Resamples are drawn within each group (stratified), and
+every model is scored on the *same* resamples, so a difference between two models has its own interval.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from tasks.config import EvaluateConfig
+
+OTHER = "other"
+SUMMARY_METRICS = ("accuracy", "macro_f1")
+
+
+# ----------------------------------------------------------------------------- the one metrics function
+
+
+def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray, k: int, weights: np.ndarray | None = None) -> np.ndarray:
+    """Confusion matrix (rows: true class, columns: predicted). With 2-D index arrays (resamples x rows),
+    one matrix per resample, built with a single bincount."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    if y_true.ndim == 1:
+        codes = y_true * k + y_pred
+        return np.bincount(codes, weights=weights, minlength=k * k).reshape(k, k)
+    resamples = y_true.shape[0]
+    codes = np.arange(resamples)[:, None] * k * k + y_true * k + y_pred
+    flat_weights = None if weights is None else weights.ravel()
+    return np.bincount(codes.ravel(), weights=flat_weights, minlength=resamples * k * k).reshape(resamples, k, k)
+
+
+def metrics_from_confusion(confusion: np.ndarray) -> dict[str, np.ndarray]:
+    """Accuracy, macro-F1 and per-class precision/recall/F1/selection rate from (..., k, k) counts.
+
+    Undefined values are NaN (an empty slice has no accuracy; a class absent from a slice has no
+    recall there). Macro-F1 averages over the classes that occur in the slice's labels or predictions.
+    """
+    confusion = np.asarray(confusion, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        total = confusion.sum(axis=(-2, -1))
+        hits = np.diagonal(confusion, axis1=-2, axis2=-1)
+        support = confusion.sum(axis=-1)
+        predicted = confusion.sum(axis=-2)
+        present = (support + predicted) > 0
+        f1 = np.where(present, 2 * hits / (support + predicted), np.nan)
+        n_present = present.sum(axis=-1)
+        return {
+            "n": total,
+            "accuracy": np.where(total > 0, hits.sum(axis=-1) / total, np.nan),
+            "macro_f1": np.where(n_present > 0, np.nansum(f1, axis=-1) / n_present, np.nan),
+            "precision": np.where(predicted > 0, hits / predicted, np.where(support > 0, 0.0, np.nan)),
+            "recall": np.where(support > 0, hits / support, np.nan),
+            "f1": f1,
+            "selection_rate": np.where(total[..., None] > 0, predicted / total[..., None], np.nan),
+        }
+
+
+def expected_calibration_error(proba: np.ndarray, y_true: np.ndarray, bins: int) -> float:
+    """ECE: the row-weighted gap between confidence and accuracy over equal-width confidence bins."""
+    if len(y_true) == 0:
+        return float("nan")
+    confidence = proba.max(axis=1)
+    correct = proba.argmax(axis=1) == y_true
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    count = np.bincount(which, minlength=bins)
+    gap = np.abs(np.bincount(which, weights=confidence, minlength=bins) - np.bincount(which, weights=correct, minlength=bins))
+    return float(gap.sum() / count.sum())
+
+
+def slice_metrics(y_true: np.ndarray, proba: np.ndarray, labels: list[str], ece_bins: int) -> dict:
+    """Every metric of one slice (a split, or the rows of one group) for one model."""
+    k = len(labels)
+    y_pred = proba.argmax(axis=1)
+    confusion = confusion_counts(y_true, y_pred, k)
+    m = metrics_from_confusion(confusion)
+    return {
+        "n": int(len(y_true)),
+        "accuracy": _num(m["accuracy"]),
+        "macro_f1": _num(m["macro_f1"]),
+        "ece": expected_calibration_error(proba, y_true, ece_bins),
+        "per_class": {label: {"precision": _num(m["precision"][i]), "recall": _num(m["recall"][i]),
+                              "f1": _num(m["f1"][i]), "support": int(confusion[i].sum()),
+                              "selection_rate": _num(m["selection_rate"][i])}
+                      for i, label in enumerate(labels)},
+        "confusion": confusion.astype(int).tolist(),
+    }
+
+
+def _num(value) -> float | None:
+    """JSON-safe float: NaN becomes None (the gate treats None as missing evidence)."""
+    value = float(value)
+    return None if np.isnan(value) else value
+
+
+# ----------------------------------------------------------------------------- intervals
+
+
+def percentile_interval(samples: np.ndarray, confidence: float) -> list[float | None]:
+    """Percentile bootstrap interval over the resamples where the statistic exists."""
+    samples = np.asarray(samples, dtype=float)
+    samples = samples[~np.isnan(samples)]
+    if samples.size == 0:
+        return [None, None]
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(samples, [tail, 100 - tail])
+    return [float(low), float(high)]
+
+
+def wilson_interval(successes: float, n: int, confidence: float) -> list[float | None]:
+    """Wilson score interval for a proportion: sensible at small n and at 0 or 1, unlike the bootstrap."""
+    if n <= 0:
+        return [None, None]
+    z = stats.norm.ppf(1 - (1 - confidence) / 2)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
+
+
+def stratified_resamples(strata: np.ndarray, resamples: int, seed: int) -> np.ndarray:
+    """(resamples, n) row indices; each resample redraws every stratum's rows from that stratum only,
+    so every group keeps its size in every resample."""
+    rng = np.random.default_rng(seed)
+    n = len(strata)
+    out = np.empty((resamples, n), dtype=np.int64)
+    for value in pd.unique(strata):
+        members = np.flatnonzero(strata == value)
+        out[:, members] = members[rng.integers(0, len(members), size=(resamples, len(members)))]
+    return out
+
+
+# ----------------------------------------------------------------------------- groups
+
+
+@dataclass(frozen=True)
+class GroupColumn:
+    """One grouping of a split's rows, with rare groups merged into "other"."""
+
+    name: str
+    values: np.ndarray       # group per row after merging
+    eligible: list[str]      # groups with at least min_group_size rows: these are judged
+    sizes: dict[str, int]    # rows per group after merging
+    merged: dict[str, int]   # original groups merged into "other", with their row counts
+
+
+def group_columns(frame: pd.DataFrame, columns: list[str], intersections: bool, min_size: int) -> list[GroupColumn]:
+    """The configured group columns (and their intersection when asked), rare groups merged into "other"."""
+    raw: dict[str, pd.Series] = {}
+    for column in columns:
+        if column in frame:
+            # "|" separates the parts of a statistic's key in the bootstrap table.
+            raw[column] = frame[column].astype("str").where(frame[column].notna(), "(missing)").str.replace("|", "/")
+    if intersections and len(raw) > 1:
+        name = " x ".join(raw)
+        raw[name] = pd.Series([" & ".join(parts) for parts in zip(*raw.values())], index=frame.index)
+    out = []
+    for name, series in raw.items():
+        counts = series.value_counts()
+        rare = counts[counts < min_size]
+        values = series.where(~series.isin(rare.index), OTHER).to_numpy()
+        sizes = pd.Series(values).value_counts()
+        out.append(GroupColumn(
+            name=name, values=values, eligible=sorted(str(g) for g, n in sizes.items() if n >= min_size),
+            sizes={str(g): int(n) for g, n in sizes.items()},
+            merged={str(g): int(n) for g, n in rare.sort_values(ascending=False).items()},
+        ))
+    return out
+
+
+def metric_frame_table(y_true: np.ndarray, y_pred: np.ndarray, groups: GroupColumn, labels: list[str]) -> pd.DataFrame:
+    """Per-group accuracy, macro-F1, per-class recall and selection rate, via Fairlearn's MetricFrame
+    with metric functions built on `metrics_from_confusion`."""
+    from fairlearn.metrics import MetricFrame
+
+    k = len(labels)
+
+    def metric(name: str, index: int | None = None):
+        def compute(y_t, y_p):
+            value = metrics_from_confusion(confusion_counts(np.asarray(y_t), np.asarray(y_p), k))[name]
+            return float(value if index is None else value[index])
+        return compute
+
+    functions = {"accuracy": metric("accuracy"), "macro_f1": metric("macro_f1")}
+    for i, label in enumerate(labels):
+        functions[f"recall:{label}"] = metric("recall", i)
+        functions[f"selection_rate:{label}"] = metric("selection_rate", i)
+    frame = MetricFrame(metrics=functions, y_true=y_true, y_pred=y_pred,
+                        sensitive_features=pd.Series(groups.values, name=groups.name))
+    return frame.by_group
+
+
+# ----------------------------------------------------------------------------- bootstrap
+
+
+def bootstrap_statistics(y_true: np.ndarray, probas: dict[str, np.ndarray], columns: list[GroupColumn],
+                         labels: list[str], cfg: EvaluateConfig, split: str, reference: str) -> dict[str, np.ndarray]:
+    """One array of resampled values per statistic, keyed `split|model|slice|metric`; the difference
+    `reference - other` of every model pair shares the resamples. NaN where a resample has no such slice."""
+    k = len(labels)
+    strata = columns[0].values if columns else np.zeros(len(y_true), dtype=int)
+    idx = stratified_resamples(strata, cfg.bootstrap, cfg.seed)
+    y_boot = y_true[idx]
+    out: dict[str, np.ndarray] = {}
+    for model, proba in probas.items():
+        pred_boot = proba.argmax(axis=1)[idx]
+        overall = metrics_from_confusion(confusion_counts(y_boot, pred_boot, k))
+        for metric in SUMMARY_METRICS:
+            out[f"{split}|{model}|overall|{metric}"] = overall[metric]
+        for column in columns:
+            per_group = {}
+            for group in column.eligible:
+                member = (column.values == group).astype(float)[idx]
+                m = metrics_from_confusion(confusion_counts(y_boot, pred_boot, k, weights=member))
+                for metric in SUMMARY_METRICS:
+                    out[f"{split}|{model}|{column.name}={group}|{metric}"] = m[metric]
+                    per_group.setdefault(metric, []).append(m[metric])
+            for metric, rows in per_group.items():
+                out[f"{split}|{model}|{column.name}|gap:{metric}"] = largest_gap(np.vstack(rows))
+    for model in probas:
+        if model == reference:
+            continue
+        for key in [key for key in out if key.startswith(f"{split}|{reference}|")]:
+            other = key.replace(f"|{reference}|", f"|{model}|", 1)
+            if other in out:
+                out[key.replace(f"|{reference}|", f"|{reference}-{model}|", 1)] = out[key] - out[other]
+    return out
+
+
+def largest_gap(values: np.ndarray) -> np.ndarray:
+    """Per resample (column), the largest minus the smallest group value; NaN with fewer than two groups."""
+    present = (~np.isnan(values)).sum(axis=0)
+    with np.errstate(invalid="ignore"), np.testing.suppress_warnings() as quiet:
+        quiet.filter(RuntimeWarning)
+        gap = np.nanmax(values, axis=0) - np.nanmin(values, axis=0)
+    return np.where(present >= 2, gap, np.nan)
+
+
+# ----------------------------------------------------------------------------- the whole split
+
+
+def evaluate_split(frame: pd.DataFrame, probas: dict[str, np.ndarray], labels: list[str], group_names: list[str],
+                   cfg: EvaluateConfig, split: str, reference: str = "candidate") -> tuple[dict, dict[str, np.ndarray]]:
+    """Metrics, per-group tables, disparities and bootstrap intervals of every model on one split."""
+    index = {label: i for i, label in enumerate(labels)}
+    y_true = frame["label"].map(index).to_numpy()
+    columns = group_columns(frame, group_names, cfg.intersections, cfg.min_group_size)
+    samples = bootstrap_statistics(y_true, probas, columns, labels, cfg, split, reference)
+    interval = {key: percentile_interval(value, cfg.confidence) for key, value in samples.items()}
+    models = {}
+    for model, proba in probas.items():
+        overall = slice_metrics(y_true, proba, labels, cfg.ece_bins)
+        overall["intervals"] = {m: interval[f"{split}|{model}|overall|{m}"] for m in SUMMARY_METRICS}
+        overall["intervals"]["accuracy_wilson"] = wilson_interval(overall["accuracy"] * overall["n"], overall["n"],
+                                                                  cfg.confidence)
+        y_pred = proba.argmax(axis=1)
+        groups = {}
+        for column in columns:
+            table = metric_frame_table(y_true, y_pred, column, labels)
+            groups[column.name] = {
+                "groups": {
+                    str(group): group_entry(row, column, str(group), labels, cfg,
+                                            {m: interval.get(f"{split}|{model}|{column.name}={group}|{m}", [None, None])
+                                             for m in SUMMARY_METRICS})
+                    for group, row in table.iterrows()
+                },
+                "disparity": disparity(table, column, interval, f"{split}|{model}|{column.name}"),
+            }
+        models[model] = {"overall": overall, "groups": groups}
+    comparisons = {}
+    for key, value in interval.items():
+        _, pair, scope, metric = key.split("|")
+        if "-" in pair:
+            a, b = pair.split("-", 1)
+            comparisons.setdefault(pair, {})[f"{scope}|{metric}"] = {
+                "estimate": point_difference(models, a, b, f"{scope}|{metric}"), "interval": value}
+    report = {
+        "n": int(len(frame)),
+        "models": models,
+        "comparisons": comparisons,
+        "group_columns": {c.name: {"sizes": c.sizes, "eligible": c.eligible, "merged_into_other": c.merged,
+                                   "min_group_size": cfg.min_group_size} for c in columns},
+        "missing_group_columns": [c for c in group_names if c not in frame],
+    }
+    return report, samples
+
+
+def group_entry(row: pd.Series, column: GroupColumn, group: str, labels: list[str], cfg: EvaluateConfig,
+                intervals: dict) -> dict:
+    n = column.sizes.get(group, 0)
+    accuracy = _num(row["accuracy"])
+    entry = {
+        "n": n,
+        "eligible": group in column.eligible,
+        "merged": group == OTHER and bool(column.merged),
+        "accuracy": accuracy,
+        "macro_f1": _num(row["macro_f1"]),
+        "recall": {label: _num(row[f"recall:{label}"]) for label in labels},
+        "selection_rate": {label: _num(row[f"selection_rate:{label}"]) for label in labels},
+        "intervals": dict(intervals),
+    }
+    if accuracy is not None and n < cfg.small_n:
+        entry["intervals"]["accuracy_wilson"] = wilson_interval(accuracy * n, n, cfg.confidence)
+    return entry
+
+
+def disparity(table: pd.DataFrame, column: GroupColumn, interval: dict, prefix: str) -> dict:
+    """Largest gap, smallest ratio and worst group among the groups large enough to judge."""
+    eligible = table.loc[[g for g in table.index if str(g) in column.eligible]]
+    out = {}
+    for metric in SUMMARY_METRICS:
+        values = eligible[metric].dropna()
+        if len(values) < 2:
+            out[metric] = {"groups": len(values), "gap": None, "ratio": None, "worst_group": None, "worst_value": None,
+                           "gap_interval": [None, None]}
+            continue
+        out[metric] = {
+            "groups": int(len(values)),
+            "gap": float(values.max() - values.min()),
+            "ratio": float(values.min() / values.max()) if values.max() > 0 else None,
+            "worst_group": str(values.idxmin()),
+            "worst_value": float(values.min()),
+            "gap_interval": interval.get(f"{prefix}|gap:{metric}", [None, None]),
+        }
+    return out
+
+
+def point_difference(models: dict, a: str, b: str, scope_metric: str) -> float | None:
+    """The point estimate of model a minus model b for a `slice|metric` key of the bootstrap."""
+    scope, metric = scope_metric.split("|")
+
+    def value(model: str):
+        entry = models[model]
+        if scope == "overall":
+            return entry["overall"][metric]
+        if "=" in scope:
+            column, group = scope.split("=", 1)
+            return entry["groups"][column]["groups"].get(group, {}).get(metric)
+        return entry["groups"][scope]["disparity"][metric.removeprefix("gap:")]["gap"]
+
+    va, vb = value(a), value(b)
+    return None if va is None or vb is None else float(va - vb)
+
+
+def transfer_gain(report: dict, metric: str = "macro_f1") -> dict:
+    """Candidate minus TF-IDF on target_holdout: what transfer learning bought over a bag of words."""
+    entry = report["splits"]["target_holdout"]["comparisons"].get("candidate-tfidf", {}).get(f"overall|{metric}")
+    if not entry:
+        return {"metric": metric, "estimate": None, "interval": [None, None], "negative_transfer": None}
+    high = entry["interval"][1]
+    return {"metric": metric, "estimate": entry["estimate"], "interval": entry["interval"],
+            # Called out when the whole interval is below zero: the fine-tuned model is worse than TF-IDF.
+            "negative_transfer": bool(high is not None and high < 0),
+            "below_zero": bool(entry["estimate"] is not None and entry["estimate"] < 0)}
+
+
+def _fmt(value, interval=None) -> str:
+    if value is None:
+        return "-"
+    text = f"{value:.3f}"
+    if interval and interval[0] is not None:
+        text += f" [{interval[0]:.3f}, {interval[1]:.3f}]"
+    return text
+
+
+def render_markdown(report: dict) -> str:
+    """Models x splits with intervals, the transfer gain, and the per-group table of the decision split."""
+    lines = ["# Evaluate", "", f"{report['confidence']:.0%} bootstrap intervals ({report['bootstrap']} resamples, "
+             "stratified by group; Wilson for small groups' accuracy).", ""]
+    for split, entry in report["splits"].items():
+        lines += [f"## {split} ({entry['n']} rows)", "", "| model | accuracy | macro-F1 | ECE |", "|---|---|---|---|"]
+        for model, result in entry["models"].items():
+            o = result["overall"]
+            lines.append(f"| {model} | {_fmt(o['accuracy'], o['intervals']['accuracy'])} | "
+                         f"{_fmt(o['macro_f1'], o['intervals']['macro_f1'])} | {_fmt(o['ece'])} |")
+        lines.append("")
+    gain = report["transfer_gain"]
+    lines.append(f"**Transfer gain** (candidate - TF-IDF, {gain['metric']}, target_holdout): "
+                 f"{_fmt(gain['estimate'], gain['interval'])}")
+    if gain.get("negative_transfer"):
+        lines.append("\n**Negative transfer:** the fine-tuned model is worse than TF-IDF + logistic regression.")
+    elif gain.get("below_zero"):
+        lines.append("\nThe candidate scores below TF-IDF here, though the interval includes zero.")
+    decision = report["splits"]["target_holdout"]
+    for column, info in decision["group_columns"].items():
+        lines += ["", f"## Groups by {column} (target_holdout)", "",
+                  "| group | n | model | accuracy | macro-F1 | judged |", "|---|---|---|---|---|---|"]
+        for group in sorted(info["sizes"], key=lambda g: -info["sizes"][g]):
+            for model, result in decision["models"].items():
+                g = result["groups"][column]["groups"][group]
+                interval = g["intervals"].get("accuracy_wilson") or g["intervals"]["accuracy"]
+                judged = "yes" if g["eligible"] else f"insufficient data (n < {info['min_group_size']})"
+                label = f"{group} (merged)" if g["merged"] else group
+                lines.append(f"| {label} | {g['n']} | {model} | {_fmt(g['accuracy'], interval)} | "
+                             f"{_fmt(g['macro_f1'], g['intervals']['macro_f1'])} | {judged} |")
+        if info["merged_into_other"]:
+            shown = ", ".join(f"{g} ({n})" for g, n in list(info["merged_into_other"].items())[:12])
+            more = len(info["merged_into_other"]) - 12
+            lines.append(f"\nInsufficient data: {len(info['merged_into_other'])} groups with fewer than "
+                         f"{info['min_group_size']} rows were merged into \"other\": {shown}"
+                         + (f" and {more} more" if more > 0 else "") + ".")
+        for model, result in decision["models"].items():
+            d = result["groups"][column]["disparity"]["accuracy"]
+            if d["gap"] is not None:
+                lines.append(f"- {model}: accuracy gap {_fmt(d['gap'], d['gap_interval'])}, ratio {_fmt(d['ratio'])}, "
+                             f"worst group {d['worst_group']} ({_fmt(d['worst_value'])})")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,356 @@
+"""Stage gate: a PASS / FAIL / INCONCLUSIVE verdict from the evaluation's evidence, one row per criterion.
+
+Each check is three-way. For "value >= threshold": PASS when the evidence says the value is above
+(one-sided p < alpha/2, i.e. the lower bound of the (1 - alpha) interval clears the threshold), FAIL
+when it says the value is below (the upper bound misses it), INCONCLUSIVE otherwise. p-values come from
+the bootstrap resamples (or, for a small group's accuracy, from the Wilson score test), and per-group
+checks are Holm-corrected across groups x metrics. Fail-closed: missing or NaN evidence is a FAIL,
+too little data to judge is INCONCLUSIVE; nothing missing ever passes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from tasks.config import GateConfig
+
+PASS, FAIL, INCONCLUSIVE, NOT_APPLICABLE = "PASS", "FAIL", "INCONCLUSIVE", "N/A"
+
+
+@dataclass
+class Check:
+    """One decision: is `value` on the right side of `threshold`?"""
+
+    name: str
+    status: str
+    value: float | None = None
+    interval: list[float | None] = field(default_factory=lambda: [None, None])
+    threshold: float | None = None
+    direction: str = ">="          # ">=": higher is better; "<=": lower is better
+    margin: float | None = None    # how far the interval's worse bound is on the good side (negative: short)
+    p_meets: float | None = None
+    p_violates: float | None = None
+    detail: str = ""
+
+
+def bootstrap_p_values(samples: np.ndarray, threshold: float, direction: str) -> tuple[float, float] | None:
+    """(p that the value meets the threshold is wrong, p that it violates it is wrong), by the bootstrap
+    percentile duality with the add-one correction; None without resamples."""
+    samples = np.asarray(samples, dtype=float)
+    samples = samples[~np.isnan(samples)]
+    if samples.size == 0:
+        return None
+    worse = samples < threshold if direction == ">=" else samples > threshold
+    better = samples > threshold if direction == ">=" else samples < threshold
+    total = samples.size + 1
+    return float((worse.sum() + 1) / total), float((better.sum() + 1) / total)
+
+
+def score_test_p_values(rate: float, n: int, threshold: float, direction: str) -> tuple[float, float]:
+    """The same two p-values for a proportion from the score test whose inversion is the Wilson interval."""
+    threshold = min(max(threshold, 1e-9), 1 - 1e-9)
+    z = (rate - threshold) / np.sqrt(threshold * (1 - threshold) / n)
+    if direction == "<=":
+        z = -z
+    return float(stats.norm.sf(z)), float(stats.norm.cdf(z))
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm step-down adjusted p-values (family-wise error control, any dependence)."""
+    m = len(p_values)
+    order = np.argsort(p_values)
+    adjusted = np.empty(m)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted.tolist()
+
+
+def interval_of(samples: np.ndarray | None, alpha: float) -> list[float | None]:
+    if samples is None:
+        return [None, None]
+    samples = np.asarray(samples, dtype=float)
+    samples = samples[~np.isnan(samples)]
+    if samples.size == 0:
+        return [None, None]
+    return [float(v) for v in np.percentile(samples, [alpha / 2 * 100, (1 - alpha / 2) * 100])]
+
+
+def decide(check: Check, alpha: float) -> Check:
+    """Turn the two (possibly Holm-adjusted) p-values into PASS / FAIL / INCONCLUSIVE."""
+    if check.p_meets is None or check.value is None or np.isnan(check.value):
+        check.status = FAIL
+        check.detail = check.detail or "missing evidence: no value or no resamples"
+    elif check.p_meets < alpha / 2:
+        check.status = PASS
+    elif check.p_violates < alpha / 2:
+        check.status = FAIL
+    else:
+        check.status = INCONCLUSIVE
+    low, high = check.interval
+    if check.threshold is not None and low is not None:
+        check.margin = (low - check.threshold) if check.direction == ">=" else (check.threshold - high)
+    return check
+
+
+def threshold_check(name: str, value, samples: np.ndarray | None, threshold: float, direction: str,
+                    alpha: float, detail: str = "") -> Check:
+    """A check decided from bootstrap resamples."""
+    check = Check(name=name, status=FAIL, value=None if value is None else float(value), threshold=threshold,
+                  direction=direction, interval=interval_of(samples, alpha), detail=detail)
+    p = None if samples is None else bootstrap_p_values(samples, threshold, direction)
+    if p is not None:
+        check.p_meets, check.p_violates = p
+    return decide(check, alpha)
+
+
+@dataclass
+class Evidence:
+    """What the gate reads: the evaluation report, its bootstrap table, the shift report."""
+
+    evaluation: dict | None
+    bootstrap: pd.DataFrame | None
+    shift: dict | None
+    problems: list[str] = field(default_factory=list)  # unreadable or missing files, said plainly
+
+    def samples(self, key: str) -> np.ndarray | None:
+        if self.bootstrap is None or key not in self.bootstrap:
+            return None
+        return self.bootstrap[key].to_numpy(dtype=float)
+
+
+def judge(evidence: Evidence, cfg: GateConfig, small_n: int) -> dict:
+    """The verdict: every criterion's checks, the overall status, and what could not be judged."""
+    checks: list[Check] = []
+    notes: list[str] = []
+    if evidence.problems or evidence.evaluation is None or evidence.bootstrap is None:
+        checks.append(Check(name="evidence", status=FAIL,
+                            detail="; ".join(evidence.problems) or "no evaluation report or bootstrap table"))
+        checks.append(shift_check(evidence.shift))
+        return verdict_from(checks, notes, champion=False, insufficient=[])
+    evaluation = evidence.evaluation
+    splits = evaluation.get("splits", {})
+    champion = evaluation.get("champion") is not None
+    if not champion:
+        notes.append("No champion in production yet: only the absolute criteria apply "
+                     "(floors, worst group, disparity gap, shift); non-inferiority, forgetting and the "
+                     "disparity increase are not applicable.")
+
+    for floor in cfg.floors:
+        overall = _get(splits, floor.split, "models", "candidate", "overall")
+        checks.append(threshold_check(
+            f"floor: {floor.split} {floor.metric}", (overall or {}).get(floor.metric),
+            evidence.samples(f"{floor.split}|candidate|overall|{floor.metric}"), floor.min, ">=", cfg.alpha,
+            detail="" if overall else f"no candidate metrics for {floor.split} in the evaluation report"))
+
+    ni = cfg.non_inferiority
+    if champion:
+        key = f"overall|{ni.metric}"
+        entry = _get(splits, "target_holdout", "comparisons", "candidate-champion", key) or {}
+        checks.append(threshold_check(f"non-inferiority to champion: target_holdout {ni.metric}",
+                                      entry.get("estimate"), evidence.samples(f"target_holdout|candidate-champion|{key}"),
+                                      -ni.delta, ">=", cfg.alpha, detail="candidate - champion"))
+        fg = cfg.forgetting
+        key = f"overall|{fg.metric}"
+        entry = _get(splits, "source_holdout", "comparisons", "candidate-champion", key) or {}
+        checks.append(threshold_check(f"forgetting: source_holdout {fg.metric}", entry.get("estimate"),
+                                      evidence.samples(f"source_holdout|candidate-champion|{key}"), -fg.max_drop, ">=",
+                                      cfg.alpha, detail="candidate - champion on the source domain"))
+    else:
+        for name in (f"non-inferiority to champion: target_holdout {ni.metric}",
+                     f"forgetting: source_holdout {cfg.forgetting.metric}"):
+            checks.append(Check(name=name, status=NOT_APPLICABLE, detail="no champion in production"))
+
+    group_checks, insufficient = worst_group_checks(evidence, cfg, small_n)
+    checks += group_checks
+    checks += disparity_checks(evidence, cfg, champion)
+    checks.append(shift_check(evidence.shift))
+    return verdict_from(checks, notes, champion, insufficient)
+
+
+def worst_group_checks(evidence: Evidence, cfg: GateConfig, small_n: int) -> tuple[list[Check], list[dict]]:
+    """Every judged group x metric against the floor, Holm-corrected as one family."""
+    wg = cfg.worst_group
+    split = _get(evidence.evaluation["splits"], "target_holdout") or {}
+    configured = _configured_columns(evidence.evaluation, split)
+    candidate_groups = _get(split, "models", "candidate", "groups") or {}
+    checks: list[Check] = []
+    insufficient: list[dict] = []
+    for column in configured:
+        info = split.get("group_columns", {}).get(column)
+        entries = (candidate_groups.get(column) or {}).get("groups")
+        if info is None or entries is None:
+            checks.append(Check(name=f"worst group: {column}", status=FAIL,
+                                detail=f"group column {column!r} is missing from the evaluation"))
+            continue
+        for group, n in info.get("merged_into_other", {}).items():
+            insufficient.append({"column": column, "group": group, "n": n,
+                                 "detail": f"fewer than {info['min_group_size']} rows: merged into \"other\""})
+        for group, size in info["sizes"].items():
+            if group not in info["eligible"]:
+                insufficient.append({"column": column, "group": group, "n": size,
+                                     "detail": f"fewer than {info['min_group_size']} rows: not judged on its own"})
+        for group in info["eligible"]:
+            entry = entries.get(group)
+            for metric in wg.metrics:
+                name = f"worst group: {column}={group} {metric}"
+                value = None if entry is None else entry.get(metric)
+                if entry is None or value is None:
+                    checks.append(Check(name=name, status=FAIL, threshold=wg.floor,
+                                        detail=f"group {group!r} or its {metric} is missing from the evaluation"))
+                    continue
+                n = int(entry["n"])
+                if metric == "accuracy" and n < small_n:
+                    check = Check(name=name, status=FAIL, value=float(value), threshold=wg.floor,
+                                  interval=_wilson(value, n, cfg.alpha), detail=f"n={n}, Wilson score test")
+                    check.p_meets, check.p_violates = score_test_p_values(value, n, wg.floor, ">=")
+                else:
+                    samples = evidence.samples(f"target_holdout|candidate|{column}={group}|{metric}")
+                    check = Check(name=name, status=FAIL, value=float(value), threshold=wg.floor,
+                                  interval=interval_of(samples, cfg.alpha), detail=f"n={n}, bootstrap")
+                    p = None if samples is None else bootstrap_p_values(samples, wg.floor, ">=")
+                    if p is not None:
+                        check.p_meets, check.p_violates = p
+                checks.append(check)
+    if configured and not checks:
+        checks.append(Check(name="worst group", status=INCONCLUSIVE,
+                            detail="no group has enough rows to be judged (evaluate.min_group_size)"))
+    return holm_decide(checks, cfg.alpha), insufficient
+
+
+def disparity_checks(evidence: Evidence, cfg: GateConfig, champion: bool) -> list[Check]:
+    """Largest between-group gap of the candidate, and its increase over the champion's, per group column."""
+    d = cfg.disparity
+    split = _get(evidence.evaluation["splits"], "target_holdout") or {}
+    checks: list[Check] = []
+    for column in _configured_columns(evidence.evaluation, split):
+        entry = _get(split, "models", "candidate", "groups", column, "disparity", d.metric)
+        if entry is None:
+            checks.append(Check(name=f"disparity: {column} {d.metric} gap", status=FAIL,
+                                detail=f"group column {column!r} is missing from the evaluation"))
+            continue
+        if entry["groups"] < 2:
+            checks.append(Check(name=f"disparity: {column} {d.metric} gap", status=INCONCLUSIVE,
+                                detail=f"{entry['groups']} group(s) large enough to compare; a gap needs two"))
+            continue
+        checks.append(threshold_check(
+            f"disparity: {column} {d.metric} gap", entry["gap"],
+            evidence.samples(f"target_holdout|candidate|{column}|gap:{d.metric}"), d.max_gap, "<=", cfg.alpha,
+            detail=f"worst group {entry['worst_group']} ({entry['worst_value']:.3f}), ratio {entry['ratio'] or 0:.3f}"))
+        if champion:
+            diff = _get(split, "comparisons", "candidate-champion", f"{column}|gap:{d.metric}") or {}
+            checks.append(threshold_check(
+                f"disparity: {column} {d.metric} gap vs champion", diff.get("estimate"),
+                evidence.samples(f"target_holdout|candidate-champion|{column}|gap:{d.metric}"), d.max_increase, "<=",
+                cfg.alpha, detail="candidate gap - champion gap"))
+    return holm_decide(checks, cfg.alpha)
+
+
+def holm_decide(checks: list[Check], alpha: float) -> list[Check]:
+    """Holm-adjust both p-value families over the checks that have them, then decide each."""
+    testable = [c for c in checks if c.p_meets is not None]
+    if testable:
+        for c, meets, violates in zip(testable, holm([c.p_meets for c in testable]), holm([c.p_violates for c in testable])):
+            c.p_meets, c.p_violates = meets, violates
+    return [decide(c, alpha) if c.p_meets is not None else c for c in checks]
+
+
+def shift_check(shift: dict | None) -> Check:
+    """The shift stage's decision must not be to block (missing report: fail closed)."""
+    if shift is None or "verdict" not in shift:
+        return Check(name="shift", status=FAIL, detail="no shift report (reports/shift.json) to read")
+    blocked = shift["verdict"] == "severe" and shift.get("on_severe") == "block"
+    return Check(name="shift", status=FAIL if blocked else PASS,
+                 detail=f"verdict {shift['verdict']}, on_severe={shift.get('on_severe', 'warn')}"
+                        + (": severe shift blocks promotion" if blocked else ""))
+
+
+def verdict_from(checks: list[Check], notes: list[str], champion: bool, insufficient: list[dict]) -> dict:
+    statuses = {c.status for c in checks}
+    verdict = FAIL if FAIL in statuses else INCONCLUSIVE if INCONCLUSIVE in statuses else PASS
+    return {
+        "stage": "gate",
+        "verdict": verdict,
+        "champion": champion,
+        "criteria": [asdict(c) for c in checks],
+        "failed": [c.name for c in checks if c.status == FAIL],
+        "inconclusive": [c.name for c in checks if c.status == INCONCLUSIVE],
+        "insufficient_data": insufficient,
+        "notes": notes,
+        "decision": None,
+    }
+
+
+def record_decision(verdict: dict, approved: bool, by: str, reason: str) -> dict:
+    """An INCONCLUSIVE verdict resolved by a person or by policy; kept in the verdict itself."""
+    import datetime as dt
+
+    verdict = dict(verdict)
+    verdict["decision"] = {"approved": bool(approved), "by": by, "reason": reason,
+                           "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+    return verdict
+
+
+def promotable(verdict: dict | None) -> bool:
+    """PASS, or INCONCLUSIVE approved by a recorded decision; anything else, including no verdict, is not."""
+    if not verdict:
+        return False
+    if verdict.get("verdict") == PASS:
+        return True
+    decision = verdict.get("decision") or {}
+    return verdict.get("verdict") == INCONCLUSIVE and decision.get("approved") is True
+
+
+def _configured_columns(evaluation: dict, split: dict) -> list[str]:
+    return list(split.get("group_columns", {})) + list(split.get("missing_group_columns", []))
+
+
+def _wilson(rate: float, n: int, alpha: float) -> list[float | None]:
+    from tasks.evaluate import wilson_interval
+
+    return wilson_interval(rate * n, n, 1 - alpha)
+
+
+def _get(node, *keys):
+    for key in keys:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:+.3f}" if value < 0 else f"{value:.3f}"
+
+
+def render_table(verdict: dict) -> str:
+    """The verdict as a Markdown table: one row per criterion with value, interval, threshold, margin."""
+    lines = [f"# Gate: {verdict['verdict']}", ""]
+    decision = verdict.get("decision")
+    if decision:
+        lines += [f"Decision on INCONCLUSIVE: {'approved' if decision['approved'] else 'rejected'} by "
+                  f"{decision['by']} ({decision['reason']})", ""]
+    lines += ["| criterion | status | value | interval | threshold | margin | detail |", "|---|---|---|---|---|---|---|"]
+    for c in verdict["criteria"]:
+        low, high = c["interval"]
+        interval = "-" if low is None else f"[{low:.3f}, {high:.3f}]"
+        threshold = "-" if c["threshold"] is None else f"{c['direction']} {c['threshold']:.3f}"
+        lines.append(f"| {c['name']} | {c['status']} | {_fmt(c['value'])} | {interval} | {threshold} | "
+                     f"{_fmt(c['margin'])} | {c['detail']} |")
+    insufficient = verdict.get("insufficient_data") or []
+    if insufficient:
+        by_column: dict[str, list[dict]] = {}
+        for row in insufficient:
+            by_column.setdefault(row["column"], []).append(row)
+        for column, rows in by_column.items():
+            shown = ", ".join(f"{r['group']} (n={r['n']})" for r in rows[:8])
+            more = f" and {len(rows) - 8} more" if len(rows) > 8 else ""
+            lines.append(f"| worst group: {column}, {len(rows)} small groups | insufficient data | - | - | - | - | "
+                         f"{shown}{more}: {rows[0]['detail']} |")
+    lines += [""] + [f"- {note}" for note in verdict.get("notes", [])]
+    return "\n".join(lines) + "\n"

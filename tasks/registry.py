@@ -1,0 +1,167 @@
+"""The model registry: which packaged model is in which stage, and how it got there.
+
+Model files and their lineage live in the BentoML model store (one immutable version per packaged
+candidate, sha256 of every file in its metadata). Stages and history live in one JSON record,
+`paths.registry`, small enough to read in a diff and written atomically under a file lock:
+
+    {"production": tag | null,
+     "models": {tag: {"stage": candidate | production | archived, "verdict": ..., "metrics": ..., ...}},
+     "history": [{"at", "action": register | promote | rollback, "tag", "previous", "by", "reason"}]}
+
+Promotion copies the model's files into `paths.champion` (what shift, evaluate and train.init=champion
+read, and what DVC versions) and flips the stages; rollback promotes the previous production model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from tasks.errors import RegraftError
+
+CANDIDATE, PRODUCTION, ARCHIVED = "candidate", "production", "archived"
+# What the BentoML store writes into a model's folder beside the model's own files.
+STORE_FILES = ("model.yaml",)
+
+
+class RegistryError(RegraftError):
+    """A promotion or rollback that must not happen, with the reason."""
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file under a model folder, by relative path."""
+    out = {}
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        out[str(path.relative_to(folder))] = digest.hexdigest()
+    return out
+
+
+def verify_files(folder: Path, expected: dict[str, str]) -> list[str]:
+    """What differs between a folder and its recorded digests (empty: intact)."""
+    found = file_digests(folder)
+    problems = [f"{name}: missing" for name in sorted(set(expected) - set(found))]
+    problems += [f"{name}: checksum differs" for name in sorted(expected) if name in found and found[name] != expected[name]]
+    problems += [f"{name}: not in the recorded model" for name in sorted(set(found) - set(expected))
+                 if name not in STORE_FILES]
+    return problems
+
+
+def empty_record() -> dict:
+    return {"production": None, "models": {}, "history": []}
+
+
+def read_record(path: Path) -> dict:
+    if not path.is_file():
+        return empty_record()
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise RegistryError(f"{path}: the registry record is not valid JSON ({exc})") from None
+    return {**empty_record(), **record}
+
+
+def write_record(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(record, handle, indent=2)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def locked_record(path: Path) -> Iterator[dict]:
+    """Read-modify-write of the record under an exclusive lock: two promotions cannot interleave."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        record = read_record(path)
+        yield record
+        write_record(path, record)
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def register(path: Path, tag: str, entry: dict) -> None:
+    """Add a packaged model as a candidate."""
+    with locked_record(path) as record:
+        record["models"][tag] = {**entry, "stage": CANDIDATE, "registered": now()}
+        record["history"].append({"at": now(), "action": "register", "tag": tag, "previous": None,
+                                  "verdict": entry.get("verdict"), "by": entry.get("by", "package stage"),
+                                  "reason": "packaged after the gate"})
+
+
+def check_promotable(entry: dict | None, tag: str) -> None:
+    """A model may be promoted only with a PASS verdict, or an INCONCLUSIVE one that a person approved."""
+    if entry is None:
+        raise RegistryError(f"{tag}: no such model in the registry (see `regraft models`)")
+    verdict = entry.get("verdict")
+    decision = entry.get("decision") or {}
+    if verdict == "PASS" or (verdict == "INCONCLUSIVE" and decision.get("approved") is True):
+        return
+    raise RegistryError(f"{tag}: its gate verdict is {verdict or 'missing'}"
+                        + (" and was not approved" if verdict == "INCONCLUSIVE" else "")
+                        + "; only a PASS (or an approved INCONCLUSIVE) model can be promoted")
+
+
+def install_files(source: Path, destination: Path) -> None:
+    """Replace `destination` with a copy of `source` in one rename, so readers never see half a model."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}."))
+    try:
+        shutil.copytree(source, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*STORE_FILES))
+        retired = destination.with_name(f".{destination.name}.old")
+        shutil.rmtree(retired, ignore_errors=True)
+        if destination.exists():
+            destination.rename(retired)
+        staging.rename(destination)
+        shutil.rmtree(retired, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def promote(path: Path, tag: str, model_dir: Path, champion: Path, by: str, reason: str,
+            action: str = "promote") -> dict:
+    """Make `tag` the production model: checks, copy to `champion`, stages, history. Returns the record."""
+    with locked_record(path) as record:
+        entry = record["models"].get(tag)
+        check_promotable(entry, tag)
+        problems = verify_files(model_dir, entry.get("sha256", {}))
+        if not entry.get("sha256") or problems:
+            raise RegistryError(f"{tag}: model files fail their checksum, not promoted: "
+                                + ("; ".join(problems[:5]) or "no checksums recorded"))
+        previous = record["production"]
+        if previous == tag:
+            raise RegistryError(f"{tag} is already the production model")
+        install_files(model_dir, champion)
+        if previous and previous in record["models"]:
+            record["models"][previous]["stage"] = ARCHIVED
+        entry["stage"] = PRODUCTION
+        entry["promoted"] = now()
+        record["production"] = tag
+        record["history"].append({"at": now(), "action": action, "tag": tag, "previous": previous,
+                                  "verdict": entry.get("verdict"), "by": by, "reason": reason})
+        return json.loads(json.dumps(record))
+
+
+def previous_production(record: dict) -> str | None:
+    """The model that was in production before the current one (the target of a rollback)."""
+    current = record.get("production")
+    for event in reversed(record.get("history", [])):
+        if event["action"] in ("promote", "rollback") and event["tag"] == current:
+            return event.get("previous")
+    return None

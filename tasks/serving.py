@@ -1,0 +1,141 @@
+"""What the BentoML service does, kept out of deploy/ so it is tested like every other task:
+request checks with clear 4xx messages, prediction with the training code's tokeniser and label
+mapping, the prediction log, and the model holder that swaps models without dropping a request."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.config import ServeConfig
+from tasks.errors import RegraftError
+
+
+class RequestRejected(Exception):
+    """A request the service refuses, with the HTTP status and a message that names the problem."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def parse_predict_request(body: bytes, cfg: ServeConfig) -> list[str]:
+    """The texts of a `{"texts": [...]}` body, or RequestRejected saying what is wrong and where."""
+    if len(body) > cfg.max_body_bytes:
+        raise RequestRejected(413, f"request body is {len(body)} bytes; the limit is {cfg.max_body_bytes}")
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RequestRejected(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict) or "texts" not in payload:
+        raise RequestRejected(422, 'expected a JSON object {"texts": ["...", ...]}')
+    extra = sorted(set(payload) - {"texts"})
+    if extra:
+        raise RequestRejected(422, f"unknown field(s) {extra}; the body has one field, texts")
+    texts = payload["texts"]
+    if not isinstance(texts, list):
+        raise RequestRejected(422, f"texts must be a list of strings, not {type(texts).__name__}")
+    if not texts:
+        raise RequestRejected(422, "texts is empty; send at least one text")
+    if len(texts) > cfg.max_texts:
+        raise RequestRejected(413, f"{len(texts)} texts in one request; the limit is {cfg.max_texts}")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise RequestRejected(422, f"texts[{i}] is {type(text).__name__}, not a string")
+        if not text.strip():
+            raise RequestRejected(422, f"texts[{i}] is empty")
+        if len(text) > cfg.max_chars:
+            raise RequestRejected(413, f"texts[{i}] has {len(text)} characters; the limit is {cfg.max_chars}")
+    return texts
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A classifier ready to answer, and the version it answers as."""
+
+    version: str
+    model: object
+    tokenizer: object
+    labels: list[str]
+    max_length: int
+
+
+def load_model(folder: Path, version: str, max_length: int) -> LoadedModel:
+    """Load a packaged HF model directory; its label mapping is the one saved at training time."""
+    import torch
+
+    from tasks.models import load_classifier, load_tokenizer
+
+    config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    labels = [config["id2label"][key] for key in sorted(config["id2label"], key=int)]
+    model = load_classifier(folder, labels).eval()
+    torch.set_grad_enabled(False)
+    return LoadedModel(version, model, load_tokenizer(folder), labels, max_length)
+
+
+def predict(loaded: LoadedModel, texts: list[str], runtime=None) -> list[dict]:
+    """Label, class probabilities and model version per text."""
+    from tasks.models import predict_proba
+
+    proba = predict_proba(loaded.model, loaded.tokenizer, texts, loaded.max_length, runtime=runtime).numpy()
+    return [{"label": loaded.labels[int(row.argmax())],
+             "probabilities": {label: round(float(p), 6) for label, p in zip(loaded.labels, row)},
+             "model_version": loaded.version} for row in proba]
+
+
+class ModelHolder:
+    """The current model behind one reference: a swap replaces the reference only after the new model
+    has loaded, so requests in flight finish on the old model and none fails."""
+
+    def __init__(self):
+        self._current: LoadedModel | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def current(self) -> LoadedModel | None:
+        return self._current
+
+    def swap(self, loaded: LoadedModel) -> None:
+        with self._lock:
+            self._current = loaded
+
+
+class PredictionLog:
+    """Appends one JSON line per prediction: time, text or its sha256 (serve.log_texts), label,
+    confidence, model version. The file is later read as target data by shift monitoring."""
+
+    def __init__(self, path: Path, log_texts: str):
+        self.path = Path(path)
+        self.log_texts = log_texts
+        self._lock = threading.Lock()
+
+    def append(self, texts: list[str], results: list[dict]) -> None:
+        at = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+        lines = []
+        for text, result in zip(texts, results):
+            row = {"time": at, "label": result["label"],
+                   "confidence": max(result["probabilities"].values()), "model_version": result["model_version"]}
+            if self.log_texts == "text":
+                row["text"] = text
+            else:
+                row["text_sha256"] = hashlib.sha256(text.encode()).hexdigest()
+            lines.append(json.dumps(row, ensure_ascii=False))
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.write("\n".join(lines) + "\n")
+
+
+def production_tag(registry: Path) -> str:
+    """The tag the registry names as production; a clear error when there is none."""
+    from tasks.registry import read_record
+
+    tag = read_record(registry).get("production")
+    if not tag:
+        raise RegraftError(f"{registry}: no production model yet; promote one with `regraft promote TAG`")
+    return tag

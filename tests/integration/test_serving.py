@@ -1,0 +1,206 @@
+"""Package, promote, roll back and serve for real: the package stage with its smoke test on `bentoml
+serve`, `regraft promote/rollback/models/serve` as subprocesses, bad requests, 2,000 requests under load,
+and promotions while serving without a failed request."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import make_project, run
+
+pytestmark = pytest.mark.integration
+REGRAFT = str(Path(sys.executable).parent / "regraft")
+LABELS = ["negative", "neutral", "positive"]
+
+
+def save_candidate(project: Path, tiny_bert: Path, seed: int) -> None:
+    """A tiny random classifier as the stage finetune would leave it (HF directory with safetensors)."""
+    import torch
+
+    from tasks.models import load_classifier, load_tokenizer
+
+    torch.manual_seed(seed)
+    model = load_classifier(tiny_bert, LABELS)
+    target = project / "models" / "candidate"
+    model.save_pretrained(target)
+    load_tokenizer(tiny_bert).save_pretrained(target)
+
+
+def write_verdict(project: Path, verdict: str) -> None:
+    (project / "reports").mkdir(exist_ok=True)
+    (project / "reports" / "verdict.json").write_text(json.dumps(
+        {"stage": "gate", "verdict": verdict, "decision": None, "failed": [], "inconclusive": [], "criteria": []}))
+
+
+def package(project: Path, tiny_bert: Path, seed: int) -> str:
+    save_candidate(project, tiny_bert, seed)
+    write_verdict(project, "PASS")
+    done = run([sys.executable, "-m", "pipelines.package"], project)
+    assert "labels equal to offline predictions" in done.stdout
+    return json.loads((project / "reports" / "package.json").read_text())["model"]
+
+
+@pytest.fixture(scope="module")
+def served_project(tmp_path_factory, tiny_bert):
+    """A project with two packaged tiny models, A in production, served by `regraft serve`."""
+    from tasks.config import write_overrides
+
+    base = tmp_path_factory.mktemp("serving")
+    project = make_project(base / "project", base / "remote")
+    run([sys.executable, "-m", "pipelines.ingest"], project)
+    port = free_port()
+    write_overrides(project / "params.yaml", {"model.max_length": 64, "serve.port": port})
+    tags = [package(project, tiny_bert, seed) for seed in (1, 2)]
+    run([REGRAFT, "promote", tags[0], "--reason", "first"], project)
+    # The server logs every request: to a file, since an undrained pipe would fill and stall it.
+    log = (base / "serve.log").open("w")
+    server = subprocess.Popen([REGRAFT, "serve"], cwd=project, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.5)
+    else:
+        os.killpg(server.pid, signal.SIGKILL)
+        raise AssertionError("regraft serve did not become healthy:\n" + (base / "serve.log").read_text())
+    yield project, url, tags
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=30)
+    log.close()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_package_refuses_a_candidate_without_a_pass(tmp_path, tiny_bert):
+    project = make_project(tmp_path / "project", tmp_path / "remote")
+    save_candidate(project, tiny_bert, 0)
+    for verdict in ("FAIL", "INCONCLUSIVE"):
+        write_verdict(project, verdict)
+        failed = run([sys.executable, "-m", "pipelines.package"], project, check=False)
+        assert failed.returncode == 1
+        assert f"gate verdict is {verdict}; only a PASS or an approved INCONCLUSIVE candidate is packaged" in failed.stderr
+    assert not (project / "registry" / "registry.json").exists()
+
+
+def test_health_and_predictions_carry_the_model_version(served_project):
+    project, url, tags = served_project
+    health = httpx.get(f"{url}/healthz").json()
+    assert health == {"status": "ok", "model_version": tags[0], "labels": LABELS}
+    rows = httpx.post(f"{url}/predict", json={"texts": ["works well", "terrible headache"]}).json()
+    assert [r["model_version"] for r in rows] == [tags[0]] * 2
+    assert all(r["label"] in LABELS and abs(sum(r["probabilities"].values()) - 1) < 1e-3 for r in rows)
+    assert "bentoml_service_request_total" in httpx.get(f"{url}/metrics").text
+    logged = [json.loads(line) for line in (project / ".regraft" / "predictions.jsonl").read_text().splitlines()]
+    assert logged and "text_sha256" in logged[-1] and "text" not in logged[-1]
+
+
+@pytest.mark.parametrize("body,status,message", [
+    (b"{not json", 400, "not valid JSON"),
+    (b'{"texts": 5}', 422, "texts must be a list of strings"),
+    (b'{"texts": []}', 422, "texts is empty"),
+    (b'{"texts": [null]}', 422, "texts[0] is NoneType"),
+    (json.dumps({"texts": ["a"] * 65}).encode(), 413, "65 texts in one request; the limit is 64"),
+    (json.dumps({"texts": ["a" * 5001]}).encode(), 413, "texts[0] has 5001 characters"),
+    (json.dumps({"texts": ["a" * 4000] * 300}).encode(), 413, "request body is larger than the limit"),
+])
+def test_bad_requests_get_a_4xx_with_a_message(served_project, body, status, message):
+    _, url, _ = served_project
+    response = httpx.post(f"{url}/predict", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+
+
+def load(url: str, requests: int, concurrency: int, seen: dict, failures: list) -> None:
+    """Closed-loop load: `concurrency` clients, each sending its next request when the last one answered."""
+    counter = iter(range(requests))
+    lock = threading.Lock()
+
+    def client():
+        with httpx.Client(base_url=url, timeout=60) as http:
+            while True:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                try:
+                    response = http.post("/predict", json={"texts": [f"review number {i}", "it helped"][: 1 + i % 2]})
+                    if response.status_code != 200:
+                        failures.append((i, response.status_code, response.text[:200]))
+                        continue
+                    for row in response.json():
+                        with lock:
+                            seen[row["model_version"]] = seen.get(row["model_version"], 0) + 1
+                except httpx.HTTPError as exc:
+                    failures.append((i, type(exc).__name__, str(exc)))
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def test_two_thousand_requests_without_a_failure(served_project):
+    _, url, tags = served_project
+    seen, failures = {}, []
+    load(url, 2000, 16, seen, failures)
+    assert failures == []
+    assert sum(seen.values()) == 3000
+
+
+def test_promotion_and_rollback_under_load_fail_no_request(served_project):
+    project, url, tags = served_project
+    seen, failures = {}, []
+    loader = threading.Thread(target=load, args=(url, 4000, 8, seen, failures))
+    loader.start()
+    time.sleep(2)
+    run([REGRAFT, "promote", tags[1], "--reason", "better"], project)
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{url}/healthz").json()["model_version"] != tags[1] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)
+    run([REGRAFT, "rollback", "--reason", "undo"], project)
+    loader.join()
+    assert failures == []
+    assert seen.get(tags[0], 0) > 0 and seen.get(tags[1], 0) > 0, seen
+    models = run([REGRAFT, "models"], project).stdout
+    assert f"production: {tags[0]}" in models
+    assert f"rollback  {tags[0]} (was {tags[1]})" in models
+
+
+def test_promote_refuses_unknown_and_tampered_models(served_project):
+    project, url, tags = served_project
+    unknown = run([REGRAFT, "promote", "regraft-classifier:doesnotexist"], project, check=False)
+    assert unknown.returncode == 1 and "no such model in the registry" in unknown.stderr
+    home = project / ".regraft" / "bentoml"
+    code = f"import os; os.environ['BENTOML_HOME'] = '{home}'; import bentoml; print(bentoml.models.get('{tags[1]}').path)"
+    store = Path(run([sys.executable, "-c", code], project).stdout.strip())
+    weights = store / "model.safetensors"
+    original = weights.read_bytes()
+    weights.write_bytes(original[:-8] + b"tampered")
+    try:
+        tampered = run([REGRAFT, "promote", tags[1]], project, check=False)
+    finally:
+        weights.write_bytes(original)
+    assert tampered.returncode == 1 and "model.safetensors: checksum differs" in tampered.stderr
+    assert httpx.get(f"{url}/healthz").json()["model_version"] == tags[0]

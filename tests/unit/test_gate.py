@@ -1,0 +1,286 @@
+"""The gate, table-driven: every criterion PASS / FAIL / INCONCLUSIVE, and fail-closed on missing evidence."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tasks.config import EvaluateConfig, GateConfig, load_params
+from tasks.evaluate import evaluate_split
+from tasks.gate import FAIL, INCONCLUSIVE, NOT_APPLICABLE, PASS, Evidence, holm, judge, promotable
+
+pytestmark = pytest.mark.unit
+REPO = Path(__file__).resolve().parents[2]
+LABELS = ["negative", "neutral", "positive"]
+EVAL_CFG = EvaluateConfig(min_group_size=10, intersections=False, bootstrap=500, confidence=0.95, small_n=30,
+                          ece_bins=10, seed=0)
+LENIENT = {
+    "alpha": 0.05,
+    "floors": [{"split": "target_holdout", "metric": "accuracy", "min": 0.1}],
+    "non_inferiority": {"metric": "accuracy", "delta": 0.5},
+    "worst_group": {"metrics": ["accuracy"], "floor": 0.1},
+    "disparity": {"metric": "accuracy", "max_gap": 0.9, "max_increase": 0.9},
+    "forgetting": {"metric": "accuracy", "max_drop": 0.9},
+    "on_inconclusive": "reject",
+    "decision_timeout_seconds": 60,
+}
+
+
+def predictions(y: np.ndarray, accuracy: float, rng: np.random.Generator) -> np.ndarray:
+    """Exactly round(accuracy * n) rows right, the rest wrong, in random order."""
+    right = np.zeros(len(y), dtype=bool)
+    right[: round(accuracy * len(y))] = True
+    rng.shuffle(right)
+    pred = np.where(right, y, (y + 1) % 3)
+    proba = np.full((len(y), 3), 0.1)
+    proba[np.arange(len(y)), pred] = 0.8
+    return proba
+
+
+def split_frame(groups: dict[str, tuple[int, float, float]], seed: int) -> tuple[pd.DataFrame, dict]:
+    """Rows per group with the candidate's and the champion's accuracy in that group."""
+    rng = np.random.default_rng(seed)
+    frames, cand, champ = [], [], []
+    for group, (n, acc_candidate, acc_champion) in groups.items():
+        y = rng.integers(0, 3, n)
+        frames.append(pd.DataFrame({"label": [LABELS[i] for i in y], "condition": group}))
+        cand.append(predictions(y, acc_candidate, rng))
+        champ.append(predictions(y, acc_champion, rng))
+    return pd.concat(frames, ignore_index=True), {"candidate": np.vstack(cand), "champion": np.vstack(champ)}
+
+
+def build_evidence(champion: bool = True, shift: dict | None = None) -> Evidence:
+    """Candidate: 0.9 in group A, 0.5 in B (gap 0.4), worse than the champion overall (0.85 flat) and on
+    the source domain (0.70 vs 0.85); 18 rows in three small groups merged into "other"."""
+    target, target_probas = split_frame({"A": (300, 0.9, 0.85), "B": (280, 0.5, 0.85), "C": (8, 0.75, 0.75),
+                                         "D": (6, 0.83, 0.83), "E": (4, 0.75, 0.75)}, seed=1)
+    source, source_probas = split_frame({"A": (200, 0.7, 0.85), "B": (200, 0.7, 0.85)}, seed=2)
+    evaluation = {"champion": "models/production" if champion else None, "splits": {}}
+    samples: dict[str, np.ndarray] = {}
+    for name, frame, probas in (("target_holdout", target, target_probas), ("source_holdout", source, source_probas)):
+        if not champion:
+            probas = {"candidate": probas["candidate"]}
+        evaluation["splits"][name], split_samples = evaluate_split(frame, probas, LABELS, ["condition"], EVAL_CFG, name)
+        samples.update(split_samples)
+    return Evidence(evaluation=evaluation, bootstrap=pd.DataFrame(samples),
+                    shift=shift if shift is not None else {"verdict": "moderate", "on_severe": "warn"})
+
+
+@pytest.fixture(scope="module")
+def evidence() -> Evidence:
+    return build_evidence()
+
+
+def gate_config(**changes) -> GateConfig:
+    return GateConfig(**{**copy.deepcopy(LENIENT), **changes})
+
+
+def criterion(verdict: dict, prefix: str) -> list[dict]:
+    rows = [c for c in verdict["criteria"] if c["name"].startswith(prefix)]
+    assert rows, f"no criterion {prefix!r} in {[c['name'] for c in verdict['criteria']]}"
+    return rows
+
+
+def status_of(rows: list[dict]) -> str:
+    statuses = {r["status"] for r in rows}
+    return FAIL if FAIL in statuses else INCONCLUSIVE if INCONCLUSIVE in statuses else PASS
+
+
+# Observed values of the evidence above: target accuracy 0.709 [0.679, 0.741], candidate - champion
+# -0.139 [-0.181, -0.097], group B 0.50 [0.45, 0.56], gap 0.40 [0.34, 0.47], gap increase over the champion
+# 0.33 [0.12, 0.41], source accuracy candidate - champion -0.15 [-0.20, -0.09].
+CASES = [
+    ("floor:", {"floors": [{"split": "target_holdout", "metric": "accuracy", "min": 0.6}]}, PASS),
+    ("floor:", {"floors": [{"split": "target_holdout", "metric": "accuracy", "min": 0.9}]}, FAIL),
+    ("floor:", {"floors": [{"split": "target_holdout", "metric": "accuracy", "min": 0.71}]}, INCONCLUSIVE),
+    ("floor:", {"floors": [{"split": "source_holdout", "metric": "macro_f1", "min": 0.9}]}, FAIL),
+    ("non-inferiority", {"non_inferiority": {"metric": "accuracy", "delta": 0.3}}, PASS),
+    ("non-inferiority", {"non_inferiority": {"metric": "accuracy", "delta": 0.0}}, FAIL),
+    ("non-inferiority", {"non_inferiority": {"metric": "accuracy", "delta": 0.14}}, INCONCLUSIVE),
+    ("worst group", {"worst_group": {"metrics": ["accuracy"], "floor": 0.3}}, PASS),
+    ("worst group", {"worst_group": {"metrics": ["accuracy", "macro_f1"], "floor": 0.7}}, FAIL),
+    ("worst group", {"worst_group": {"metrics": ["accuracy"], "floor": 0.5}}, INCONCLUSIVE),
+    ("disparity: condition accuracy gap", {"disparity": {"metric": "accuracy", "max_gap": 0.6, "max_increase": 0.9}}, PASS),
+    ("disparity: condition accuracy gap", {"disparity": {"metric": "accuracy", "max_gap": 0.1, "max_increase": 0.9}}, FAIL),
+    ("disparity: condition accuracy gap", {"disparity": {"metric": "accuracy", "max_gap": 0.4, "max_increase": 0.9}}, INCONCLUSIVE),
+    ("disparity: condition accuracy gap vs champion", {"disparity": {"metric": "accuracy", "max_gap": 0.9, "max_increase": 0.6}}, PASS),
+    ("disparity: condition accuracy gap vs champion", {"disparity": {"metric": "accuracy", "max_gap": 0.9, "max_increase": 0.0}}, FAIL),
+    ("disparity: condition accuracy gap vs champion", {"disparity": {"metric": "accuracy", "max_gap": 0.9, "max_increase": 0.33}}, INCONCLUSIVE),
+    ("forgetting", {"forgetting": {"metric": "accuracy", "max_drop": 0.4}}, PASS),
+    ("forgetting", {"forgetting": {"metric": "accuracy", "max_drop": 0.0}}, FAIL),
+    ("forgetting", {"forgetting": {"metric": "accuracy", "max_drop": 0.15}}, INCONCLUSIVE),
+]
+
+
+@pytest.mark.parametrize("prefix,changes,expected", CASES, ids=[f"{c[0]}-{c[2]}" for c in CASES])
+def test_each_criterion_passes_fails_or_is_inconclusive(evidence, prefix, changes, expected):
+    verdict = judge(evidence, gate_config(**changes), small_n=30)
+    assert status_of(criterion(verdict, prefix)) == expected, json.dumps(criterion(verdict, prefix), indent=1)
+    # Every other criterion is lenient, so the verdict is this criterion's status.
+    assert verdict["verdict"] == expected
+    assert promotable(verdict) is (expected == PASS)
+
+
+def test_lenient_gate_passes_and_lists_small_groups_as_insufficient_data(evidence):
+    verdict = judge(evidence, gate_config(), small_n=30)
+    assert verdict["verdict"] == PASS
+    assert {(r["group"], r["n"]) for r in verdict["insufficient_data"]} == {("C", 8), ("D", 6), ("E", 4)}
+    names = [c["name"] for c in verdict["criteria"]]
+    assert "worst group: condition=other accuracy" in names  # 18 merged rows are judged together
+    other = next(c for c in verdict["criteria"] if c["name"] == "worst group: condition=other accuracy")
+    assert "Wilson" in other["detail"]
+
+
+@pytest.mark.parametrize("shift,expected", [
+    ({"verdict": "severe", "on_severe": "warn"}, PASS),
+    ({"verdict": "severe", "on_severe": "block"}, FAIL),
+    ({"verdict": "none", "on_severe": "block"}, PASS),
+    ({}, FAIL),
+])
+def test_shift_criterion(shift, expected):
+    verdict = judge(build_evidence(shift=shift), gate_config(), small_n=30)
+    assert criterion(verdict, "shift")[0]["status"] == expected
+
+
+def test_no_champion_applies_only_absolute_criteria():
+    verdict = judge(build_evidence(champion=False), gate_config(), small_n=30)
+    assert verdict["verdict"] == PASS and verdict["champion"] is False
+    assert criterion(verdict, "non-inferiority")[0]["status"] == NOT_APPLICABLE
+    assert criterion(verdict, "forgetting")[0]["status"] == NOT_APPLICABLE
+    assert not [c for c in verdict["criteria"] if c["name"].endswith("vs champion")]
+    assert "only the absolute criteria apply" in verdict["notes"][0]
+
+
+def damaged(evidence: Evidence, damage) -> Evidence:
+    broken = Evidence(copy.deepcopy(evidence.evaluation), evidence.bootstrap.copy(), dict(evidence.shift))
+    damage(broken)
+    return broken
+
+
+def drop_group_column(e: Evidence):
+    split = e.evaluation["splits"]["target_holdout"]
+    del split["group_columns"]["condition"]
+    split["missing_group_columns"] = ["condition"]
+
+
+def drop_group(e: Evidence):
+    del e.evaluation["splits"]["target_holdout"]["models"]["candidate"]["groups"]["condition"]["groups"]["B"]
+
+
+def nan_metric(e: Evidence):
+    e.evaluation["splits"]["target_holdout"]["models"]["candidate"]["overall"]["accuracy"] = None
+
+
+def nan_resamples(e: Evidence):
+    e.bootstrap["target_holdout|candidate|overall|accuracy"] = np.nan
+
+
+def drop_resamples(e: Evidence):
+    e.bootstrap = e.bootstrap.drop(columns=["target_holdout|candidate-champion|overall|accuracy"])
+
+
+FAIL_CLOSED = [
+    ("missing group column", drop_group_column, "worst group: condition"),
+    ("missing group", drop_group, "worst group: condition=B accuracy"),
+    ("NaN metric", nan_metric, "floor: target_holdout accuracy"),
+    ("NaN resamples", nan_resamples, "floor: target_holdout accuracy"),
+    ("missing resamples", drop_resamples, "non-inferiority"),
+]
+
+
+@pytest.mark.parametrize("case,damage,failed", FAIL_CLOSED, ids=[c[0] for c in FAIL_CLOSED])
+def test_missing_or_nan_evidence_fails_closed(evidence, case, damage, failed):
+    verdict = judge(damaged(evidence, damage), gate_config(), small_n=30)
+    assert verdict["verdict"] == FAIL
+    assert any(name.startswith(failed) for name in verdict["failed"]), verdict["failed"]
+
+
+def test_missing_evaluation_fails_closed():
+    verdict = judge(Evidence(None, None, {"verdict": "none"}, problems=["reports/evaluate.json: not found"]),
+                    gate_config(), small_n=30)
+    assert verdict["verdict"] == FAIL and verdict["failed"] == ["evidence"]
+    assert "reports/evaluate.json: not found" in verdict["criteria"][0]["detail"]
+
+
+def test_groups_too_small_to_judge_are_inconclusive_not_passed(evidence):
+    tiny = EvaluateConfig(**{**EVAL_CFG.model_dump(), "min_group_size": 10_000})
+    frame, probas = split_frame({"A": (30, 0.9, 0.9), "B": (30, 0.9, 0.9)}, seed=3)
+    evaluation = copy.deepcopy(evidence.evaluation)
+    evaluation["splits"]["target_holdout"], samples = evaluate_split(frame, probas, LABELS, ["condition"], tiny, "target_holdout")
+    bootstrap = evidence.bootstrap.copy()
+    for key, value in samples.items():
+        bootstrap[key] = value
+    verdict = judge(Evidence(evaluation, bootstrap, {"verdict": "none"}), gate_config(), small_n=30)
+    assert criterion(verdict, "worst group")[0]["status"] == INCONCLUSIVE
+    assert criterion(verdict, "disparity")[0]["status"] == INCONCLUSIVE
+    assert verdict["verdict"] == INCONCLUSIVE
+
+
+def test_holm_matches_statsmodels():
+    from statsmodels.stats.multitest import multipletests
+
+    p = [0.01, 0.04, 0.03, 0.005, 0.2]
+    assert holm(p) == pytest.approx(multipletests(p, method="holm")[1].tolist())
+
+
+# ----------------------------------------------------------------------------- the stage runner
+
+
+@pytest.fixture
+def gate_workspace(tmp_path, monkeypatch, evidence):
+    """A folder with params.yaml and the reports the gate reads, as the DVC stage sees them."""
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    reports = tmp_path / "reports"
+    (reports / "evaluate").mkdir(parents=True)
+    evidence.bootstrap.to_parquet(reports / "evaluate" / "bootstrap.parquet")
+    evaluation = dict(evidence.evaluation, bootstrap_file="reports/evaluate/bootstrap.parquet")
+    (reports / "evaluate.json").write_text(json.dumps(evaluation))
+    (reports / "shift.json").write_text(json.dumps(evidence.shift))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("REGRAFT_GATE_DECIDER", raising=False)
+    return tmp_path
+
+
+def run_gate(workspace: Path, **gate) -> tuple[int, dict]:
+    from pipelines.gate import main
+    from tasks.config import write_overrides
+
+    write_overrides(workspace / "params.yaml", {f"gate.{k}": v for k, v in {**LENIENT, **gate}.items()})
+    code = main(load_params(workspace / "params.yaml"))
+    return code, json.loads((workspace / "reports" / "verdict.json").read_text())
+
+
+def test_stage_exits_zero_on_pass_and_one_on_fail(gate_workspace, capsys):
+    code, verdict = run_gate(gate_workspace)
+    assert code == 0 and verdict["verdict"] == PASS
+    code, verdict = run_gate(gate_workspace, worst_group={"metrics": ["accuracy"], "floor": 0.7})
+    assert code == 1 and verdict["verdict"] == FAIL
+    assert "worst group: condition=B accuracy" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("policy,code", [("reject", 1), ("approve", 0)])
+def test_inconclusive_outside_the_flow_follows_the_policy(gate_workspace, policy, code):
+    returned, verdict = run_gate(gate_workspace, on_inconclusive=policy,
+                                 worst_group={"metrics": ["accuracy"], "floor": 0.5})
+    assert returned == code and verdict["verdict"] == INCONCLUSIVE
+    assert verdict["decision"]["approved"] is (policy == "approve") and verdict["decision"]["by"] == "policy"
+    assert promotable(verdict) is (policy == "approve")
+
+
+def test_inconclusive_inside_the_flow_is_left_for_the_flow(gate_workspace, monkeypatch):
+    monkeypatch.setenv("REGRAFT_GATE_DECIDER", "flow")
+    code, verdict = run_gate(gate_workspace, worst_group={"metrics": ["accuracy"], "floor": 0.5})
+    assert code == 0 and verdict["verdict"] == INCONCLUSIVE and verdict["decision"] is None
+
+
+def test_missing_evaluation_file_writes_a_failing_verdict(gate_workspace):
+    (gate_workspace / "reports" / "evaluate.json").unlink()
+    code, verdict = run_gate(gate_workspace)
+    assert code == 1 and verdict["verdict"] == FAIL
+    assert "evaluate.json: not found" in verdict["criteria"][0]["detail"]
