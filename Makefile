@@ -13,7 +13,7 @@ export GX_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test repro serve clean-venv
+.PHONY: setup demo test repro serve ui clean-venv
 
 setup: $(STAMP)
 
@@ -34,6 +34,10 @@ test: setup
 # Serves the registry's production model (promote one first: regraft models, regraft promote TAG).
 serve: setup
 	$(BIN)/regraft serve
+
+# A Prefect server and UI on 127.0.0.1:4200 with the deployments served from this folder.
+ui: setup
+	$(BIN)/regraft ui
 
 repro: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro

@@ -116,7 +116,7 @@ def print_summary(result: dict) -> None:
         print(f"packaged {package['model']} (Bento {package['bento']}); smoke test: {smoke['examples']} served "
               f"labels equal to offline predictions")
         print(f"promote it with: {package['promote']}")
-    print(f"reports: {result['reports_dir']}")
+    print(f"reports: {result['reports_dir']} (all on one page: {result['html_report']})")
     if result.get("pushed_to"):
         print(f"data pushed to DVC remote {result['pushed_to']!r}")
 
@@ -224,6 +224,71 @@ def command_serve(args: argparse.Namespace, project: Path) -> int:
         return 0
 
 
+def wait_for_api(url: str, server, timeout: float) -> None:
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"error: the Prefect server exited with {server.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise SystemExit(f"error: no Prefect server at {url} within {timeout:.0f} s")
+
+
+def command_ui(args: argparse.Namespace, project: Path) -> int:
+    """A Prefect server on 127.0.0.1 (state in the project), with the deployments served from here."""
+    import subprocess
+
+    from tasks.config import load_params
+    from tasks.errors import RegraftError
+
+    try:
+        params = load_params(project / "params.yaml")
+    except RegraftError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    port = args.port or params.schedule.ui_port
+    home = state_dir(project) / "prefect-server"
+    home.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
+    env.pop("PREFECT_API_URL", None)
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                               "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_for_api(api, server, 180)
+        # Set before Prefect is first imported in this process: its settings are read at import.
+        os.environ["PREFECT_API_URL"] = api
+        from prefect import serve
+
+        from flows.deployments import build_deployments
+
+        print(f"Prefect UI: http://127.0.0.1:{port}  (deployments: retrain, retrain-scheduled, promote, rollback, "
+              "shift-watch; Ctrl-C stops)", flush=True)
+        serve(*build_deployments(params, project), print_starting_message=False)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        import signal
+
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+        print("stopped the Prefect server and the deployments", flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="regraft", description="Retrain a transformer safely on new data.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -249,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve the production model with BentoML (follows promotions)")
     serve.add_argument("--host", default=None, help="bind address (default serve.host, 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port (default serve.port)")
+    ui = commands.add_parser("ui", help="start a Prefect server and UI on 127.0.0.1 and serve the deployments")
+    ui.add_argument("--port", type=int, default=None, help="port (default schedule.ui_port, 4200)")
     return parser
 
 
@@ -259,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     # Stage code resolves params.yaml paths against the project folder.
     os.chdir(project)
     handlers = {"run": command_run, "validate": command_validate, "shift": command_shift, "models": command_models,
-                "promote": command_promote, "rollback": command_promote, "serve": command_serve}
+                "promote": command_promote, "rollback": command_promote, "serve": command_serve, "ui": command_ui}
     return handlers[args.command](args, project)
 
 

@@ -15,10 +15,10 @@ import subprocess
 import sys
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
@@ -69,6 +69,22 @@ class RetrainParameters(BaseModel):
     split_seed: int | None = Field(
         default=None, ge=0, description="Seed of the holdout split (ingest.split.seed).",
         json_schema_extra={"param": "ingest.split.seed"},
+    )
+    strategy: Literal["auto", "feature_extraction", "full", "gradual_unfreeze", "lora"] | None = Field(
+        default=None, description="How much of the pretrained model adapts (train.strategy).",
+        json_schema_extra={"param": "train.strategy"},
+    )
+    epochs: int | None = Field(
+        default=None, ge=1, le=100, description="Training epochs, an upper bound with early stopping (train.epochs).",
+        json_schema_extra={"param": "train.epochs"},
+    )
+    on_severe_shift: Literal["warn", "block"] | None = Field(
+        default=None, description="Whether a severe domain shift stops the run before training (shift.on_severe).",
+        json_schema_extra={"param": "shift.on_severe"},
+    )
+    on_inconclusive: Literal["reject", "approve"] | None = Field(
+        default=None, description="What an INCONCLUSIVE gate becomes when nobody answers (gate.on_inconclusive).",
+        json_schema_extra={"param": "gate.on_inconclusive"},
     )
     overrides: list[str] = Field(
         default_factory=list, description="Any other params.yaml key, as KEY=VALUE (e.g. validate.min_rows_per_class=10).",
@@ -216,6 +232,18 @@ def push_outputs(project_dir: Path) -> str:
     return name
 
 
+def publish_html_report(root: Path, params, run_id: str) -> Path:
+    """Write reports/report.html (every report, plot and the verdict on one page) and link it from the run."""
+    from tasks.report import html_report
+
+    page = root / params.paths.reports / "report.html"
+    page.write_text(html_report(root / params.paths.reports, RENDERERS, f"regraft run {run_id}",
+                                root / params.paths.train_log), encoding="utf-8")
+    create_link_artifact(key="run-report", link=page.as_uri(), link_text="HTML report of this run",
+                         description="validation, shift plots, training curves, metrics, groups and verdict")
+    return page
+
+
 def keep_verdict(kept_reports: Path, reports: Path) -> None:
     verdict = kept_reports / "verdict.json"
     if verdict.is_file():
@@ -245,6 +273,7 @@ def retrain(parameters: RetrainParameters = RetrainParameters(), project_dir: st
             reports[stage] = run_stage.with_options(name=stage)(stage, root, params.paths.reports)
             if stage == "gate":
                 reports[stage] = settle_verdict(reports[stage], root, params.paths.reports, params.gate)
+        report_page = publish_html_report(root, params, run_id)
         remote = push_outputs(root) if parameters.push else ""
     except BaseException as exc:
         # Keep what the failed run wrote for inspection, then put the last good state back.
@@ -264,4 +293,4 @@ def retrain(parameters: RetrainParameters = RetrainParameters(), project_dir: st
         raise
     discard(snapshot)
     return {"stages": stages, "reports": reports, "pushed_to": remote,
-            "reports_dir": str(root / params.paths.reports)}
+            "reports_dir": str(root / params.paths.reports), "html_report": str(report_page)}

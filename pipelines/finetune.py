@@ -71,7 +71,7 @@ def model_card(result: FinetuneResult, params: Params, base: str, data_hashes: d
         f"- Hardware: {result.runtime.reason}; precision {result.runtime.precision}; {result.runtime.threads} threads; "
         f"{result.extra.get('world_size', 1)} process(es)",
         f"- Epochs run: {result.epochs_run} (best validation epoch: {result.best_epoch})",
-        f"- Validation (held out of target_train): " + ", ".join(f"{k} {v:.3f}" for k, v in validation.items()),
+        "- Validation (held out of target_train): " + ", ".join(f"{k} {v:.3f}" for k, v in validation.items()),
         "- Test metrics: see the evaluate stage's report (reports/evaluate.json) when it exists.",
         "",
         "## Data (md5 as recorded by DVC)",

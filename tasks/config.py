@@ -291,6 +291,14 @@ class PackageConfig(StrictModel):
     smoke_timeout_seconds: int = Field(ge=10, description="How long the smoke test waits for the server to be ready.")
 
 
+class ScheduleConfig(StrictModel):
+    retrain_cron: str = Field(description="Cron of the `retrain-scheduled` deployment (default nightly).")
+    shift_watch_cron: str = Field(description="Cron of the `shift-watch` deployment.")
+    timezone: str = Field(description="Time zone of both crons.")
+    shift_watch_rows: int = Field(ge=50, description="How many of the latest served texts shift-watch compares.")
+    ui_port: int = Field(ge=1, le=65535, description="Port of the Prefect server that `regraft ui` starts on 127.0.0.1.")
+
+
 class Params(StrictModel):
     """The whole of `params.yaml`."""
 
@@ -304,6 +312,7 @@ class Params(StrictModel):
     gate: GateConfig
     package: PackageConfig
     serve: ServeConfig
+    schedule: ScheduleConfig
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -383,7 +383,8 @@ def distribution_tests(source: Sample, target: Sample, cfg: ShiftConfig, labels:
                               "KS statistic of subword pieces per word",
                               {"source_pieces_per_word": float(source.pieces_per_word.mean()),
                                "target_pieces_per_word": float(target.pieces_per_word.mean())}))
-    for name in source.groups:
+    # A group column can only be compared where both sides have it (served traffic has none).
+    for name in [g for g in source.groups if g in target.groups]:
         results.append(group_mix_test(pd.Series(source.groups[name], name=name),
                                       pd.Series(target.groups[name], name=name)))
     return results, scores

@@ -45,7 +45,7 @@ def test_flow_order_is_dvcs_order(project):
     assert stage_order(project) == dvc_order == STAGES
     # A stage added to dvc.yaml is picked up by the flow without touching flows/.
     dag = yaml.safe_load((project / "dvc.yaml").read_text())
-    dag["stages"]["report"] = {"cmd": "echo", "deps": ["${paths.reports}/verdict.json"]}
+    dag["stages"]["report"] = {"cmd": "echo", "deps": ["${paths.reports}/package.json"]}
     dag["stages"] = {"report": dag["stages"].pop("report"), **dag["stages"]}
     (project / "dvc.yaml").write_text(yaml.safe_dump(dag, sort_keys=False))
     dry = run(DVC + ["repro", "--dry", "--force"], project).stdout
@@ -83,7 +83,10 @@ def test_flow_runs_each_stage_as_a_task_with_artifacts(project, prefect_api):
     task_names, artifact_keys = anyio.run(query)
     assert set(STAGES) <= set(task_names)
     assert {"ingest-report", "validate-report", "shift-report", "finetune-report", "evaluate-report",
-            "verdict-report", "package-report"} <= artifact_keys
+            "verdict-report", "package-report", "run-report"} <= artifact_keys
+    page = (project / "reports" / "report.html").read_text()
+    assert "<h1>Gate: PASS" in page or "Gate: INCONCLUSIVE" in page
+    assert page.count("data:image/png;base64,") >= 5  # shift plots, training curves, group charts
 
 
 def test_cli_run_and_dvc_repro_agree(tmp_path):

@@ -204,3 +204,22 @@ def test_promote_refuses_unknown_and_tampered_models(served_project):
         weights.write_bytes(original)
     assert tampered.returncode == 1 and "model.safetensors: checksum differs" in tampered.stderr
     assert httpx.get(f"{url}/healthz").json()["model_version"] == tags[0]
+
+
+def test_evaluate_and_gate_compare_the_candidate_with_the_promoted_champion(served_project):
+    project, _, tags = served_project
+    run([sys.executable, "-m", "pipelines.evaluate"], project)
+    evaluation = json.loads((project / "reports" / "evaluate.json").read_text())
+    assert evaluation["champion"] == "models/production"
+    target = evaluation["splits"]["target_holdout"]
+    assert set(target["models"]) == {"candidate", "champion", "frozen_encoder", "tfidf"}
+    difference = target["comparisons"]["candidate-champion"]["overall|macro_f1"]
+    assert difference["interval"][0] <= difference["estimate"] <= difference["interval"][1]
+    gate = run([sys.executable, "-m", "pipelines.gate"], project, check=False)
+    verdict = json.loads((project / "reports" / "verdict.json").read_text())
+    names = {c["name"]: c["status"] for c in verdict["criteria"]}
+    assert verdict["champion"] is True
+    assert names["non-inferiority to champion: target_holdout macro_f1"] in {"PASS", "FAIL", "INCONCLUSIVE"}
+    assert names["forgetting: source_holdout macro_f1"] in {"PASS", "FAIL", "INCONCLUSIVE"}
+    # Two random tiny models are far below the demo's floors: the gate must not pass them.
+    assert verdict["verdict"] != "PASS" and gate.returncode == 1

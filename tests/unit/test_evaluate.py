@@ -92,7 +92,6 @@ def test_a_resample_that_misses_a_group_does_not_crash():
     n = 60
     frame = pd.DataFrame({"label": rng.choice(LABELS, n), "condition": ["A"] * 30 + ["B"] * 30,
                           "site": ["x"] * 58 + ["y"] * 2})
-    y = frame["label"].map({l: i for i, l in enumerate(LABELS)}).to_numpy()
     probas = {"candidate": proba_from(rng.integers(0, 3, n)), "tfidf": proba_from(rng.integers(0, 3, n))}
     cfg = config(min_group_size=1)
     report, samples = evaluate_split(frame, probas, LABELS, ["condition", "site"], cfg, "target_holdout")

@@ -135,3 +135,23 @@ def test_sample_take_keeps_rows_aligned():
     s = Sample(torch.arange(10.0)[:, None], np.arange(10.0), np.arange(10.0), {"g": np.arange(10)}, np.arange(10))
     t = s.take(np.array([3, 1]))
     assert t.embeddings[:, 0].tolist() == [3.0, 1.0] and t.labels.tolist() == [3, 1] and t.groups["g"].tolist() == [3, 1]
+
+
+def test_group_mix_is_skipped_when_only_one_side_has_the_column():
+    import numpy as np
+    import torch
+
+    from tasks.config import load_params
+    from tasks.shift import Sample, distribution_tests
+
+    rng = np.random.default_rng(0)
+
+    def sample(groups):
+        return Sample(embeddings=torch.tensor(rng.normal(size=(60, 4)), dtype=torch.float32),
+                      lengths=rng.integers(10, 100, 60), pieces_per_word=rng.random(60) + 1, groups=groups,
+                      labels=None)
+
+    cfg = load_params(REPO / "params.yaml").shift
+    results, _ = distribution_tests(sample({"condition": np.array(["a", "b"] * 30)}), sample({}), cfg,
+                                    ["negative", "neutral", "positive"], seed=0)
+    assert not [r for r in results if r.name.startswith("group_mix")]

@@ -1,0 +1,49 @@
+"""The Prefect deployments of a regraft project, declared once: served locally by `regraft ui`, and
+mirrored for a process work pool in deploy/prefect.yaml.
+
+- retrain: on demand (the UI's Run button, with the typed parameter form); also started by the
+  `regraft.shift.detected` event that shift-watch emits (the closed loop serve -> watch -> retrain).
+- retrain-scheduled: the same flow on `schedule.retrain_cron`.
+- promote, rollback: a model tag / nothing.
+- shift-watch: on `schedule.shift_watch_cron`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tasks.config import Params
+
+SHIFT_EVENT = "regraft.shift.detected"
+
+
+def build_deployments(params: Params, project: Path) -> list:
+    """RunnerDeployments for `prefect.serve` (they run in the project folder)."""
+    from prefect.events import DeploymentEventTrigger
+    from prefect.schedules import Cron
+
+    from flows.operations import promote, rollback, shift_watch
+    from flows.retrain import retrain
+
+    where = {"project_dir": str(project)}
+    schedule = params.schedule
+    return [
+        retrain.to_deployment(
+            name="retrain", parameters=where, tags=["regraft"],
+            description="Retrain on demand: every stage of dvc.yaml, all or nothing.",
+            triggers=[DeploymentEventTrigger(
+                name="retrain when serving traffic shifts", expect={SHIFT_EVENT}, posture="Reactive", threshold=1,
+                parameters={**where, "parameters": {"overrides": []}},
+            )],
+        ),
+        retrain.to_deployment(name="retrain-scheduled", parameters=where, tags=["regraft"],
+                              schedules=[Cron(schedule.retrain_cron, timezone=schedule.timezone)], description="Retrain on a schedule (schedule.retrain_cron)."),
+        promote.to_deployment(name="promote", parameters=where, tags=["regraft"],
+                              description="Promote a packaged model (PASS or approved) to production."),
+        rollback.to_deployment(name="rollback", parameters=where, tags=["regraft"],
+                               description="Put the previous production model back."),
+        shift_watch.to_deployment(
+            name="shift-watch", parameters={**where, "max_rows": schedule.shift_watch_rows}, tags=["regraft"],
+            schedules=[Cron(schedule.shift_watch_cron, timezone=schedule.timezone)],
+            description="Serving traffic vs the production model's training data; emits regraft.shift.detected."),
+    ]

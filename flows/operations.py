@@ -1,0 +1,63 @@
+"""Prefect flows for operating regraft: promote, rollback, and shift-watch (serving traffic vs the
+production model's training data; a moderate or severe shift emits `regraft.shift.detected`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.events import emit_event
+
+from tasks.config import load_params
+
+SHIFT_EVENT = "regraft.shift.detected"
+
+
+def in_project(project_dir: str) -> Path:
+    """Stage code reads params.yaml paths relative to the project folder."""
+    root = Path(project_dir).resolve()
+    os.chdir(root)
+    return root
+
+
+@flow(name="promote", log_prints=True)
+def promote(tag: str, reason: str = "promoted from Prefect", by: str = "prefect", project_dir: str = ".") -> dict:
+    """Make a packaged model (PASS or approved) the production model."""
+    from pipelines.promote import promote_model
+
+    root = in_project(project_dir)
+    record = promote_model(load_params(root / "params.yaml"), tag, reason, by)
+    print(f"{tag} is now in production; {record['versioning']}")
+    return record["history"][-1]
+
+
+@flow(name="rollback", log_prints=True)
+def rollback(reason: str = "rolled back from Prefect", by: str = "prefect", project_dir: str = ".") -> dict:
+    """Put the previous production model back."""
+    from pipelines.promote import rollback as rollback_model
+
+    root = in_project(project_dir)
+    record = rollback_model(load_params(root / "params.yaml"), reason, by)
+    print(f"{record['production']} is back in production; {record['versioning']}")
+    return record["history"][-1]
+
+
+@flow(name="shift-watch", log_prints=True)
+def shift_watch(max_rows: int = 2000, project_dir: str = ".") -> dict:
+    """Compare recent served texts with the production model's training data; on a moderate or severe
+    shift, emit a `regraft.shift.detected` event (an automation on it starts `retrain`)."""
+    from pipelines.watch import watch
+    from tasks.shift import render_markdown
+
+    root = in_project(project_dir)
+    report = watch(load_params(root / "params.yaml"), max_rows)
+    create_markdown_artifact(key="shift-watch-report", markdown=render_markdown(report),
+                             description="serving traffic vs the production model's training data")
+    if report["verdict"] in ("moderate", "severe"):
+        emit_event(event=SHIFT_EVENT, resource={"prefect.resource.id": f"regraft.model.{report['production_model']}"},
+                   payload={"verdict": report["verdict"], "reasons": report["reasons"],
+                            "production_model": report["production_model"], "served_rows": report["served_rows"]})
+        get_run_logger().warning("shift %s in serving traffic: event %s emitted", report["verdict"], SHIFT_EVENT)
+    return {"verdict": report["verdict"], "reasons": report["reasons"]}

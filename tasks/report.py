@@ -1,0 +1,69 @@
+"""One self-contained HTML page per run: every stage's report, the shift plots, the training curves,
+the per-group charts and the verdict, images embedded, so it can be mailed or attached as it is."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.8em 0}td,th{border:1px solid #ccc;padding:.25em .5em;font-size:.9em}
+th{background:#f3f3f3}img{max-width:100%;margin:.5em 0}section{border-top:2px solid #ddd;margin-top:2em}"""
+
+
+def png_data_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def training_curves(log: Path) -> bytes | None:
+    """Loss and learning rate against the optimiser step, from the finetune stage's log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    if not log.is_file():
+        return None
+    frame = pd.read_csv(log)
+    if frame.empty or "step" not in frame:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    axes[0].plot(frame["step"], frame["loss"])
+    axes[0].set(title="training loss", xlabel="step")
+    axes[1].plot(frame["step"], frame["learning_rate"])
+    axes[1].set(title="learning rate", xlabel="step")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def html_report(reports: Path, renderers: dict[str, Callable[[dict], str]], title: str, train_log: Path) -> str:
+    """The run's reports (those present, in the given order) as one HTML page."""
+    from markdown_it import MarkdownIt
+
+    markdown = MarkdownIt("commonmark").enable("table")
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
+    figures = {"shift": sorted((reports / "shift").glob("*.png")),
+               "evaluate": sorted((reports / "evaluate").glob("*.png"))}
+    for name, render in renderers.items():
+        path = reports / f"{name}.json"
+        if not path.is_file():
+            continue
+        parts.append(f"<section id='{name}'>" + markdown.render(render(json.loads(path.read_text(encoding="utf-8")))))
+        if name == "finetune":
+            curves = training_curves(train_log)
+            if curves:
+                parts.append(f"<img alt='training curves' src='{png_data_uri(curves)}'>")
+        for image in figures.get(name, []):
+            parts.append(f"<img alt='{html.escape(image.stem)}' src='{png_data_uri(image.read_bytes())}'>")
+        parts.append("</section>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

@@ -1,0 +1,182 @@
+"""Operations against a real Prefect server: `regraft ui` (server + served deployments), a custom run
+of `retrain` through the REST API (what the UI's Run button sends), schedules, and the
+`regraft.shift.detected` event starting `retrain`."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import make_project
+
+pytestmark = pytest.mark.integration
+REGRAFT = str(Path(sys.executable).parent / "regraft")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory):
+    """`regraft ui` on a fresh project: a Prefect server on loopback and the deployments served."""
+    base = tmp_path_factory.mktemp("ui")
+    project = make_project(base / "project", base / "remote")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update({"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_RUNNER_POLL_FREQUENCY": "2",
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"})
+    log = (base / "ui.log").open("w")
+    process = subprocess.Popen([REGRAFT, "ui", "--port", str(port)], cwd=project, env=env, stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    api = httpx.Client(base_url=f"http://127.0.0.1:{port}/api", timeout=30)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        try:
+            if len(api.post("/deployments/filter", json={}).json()) == 5:
+                break
+        except (httpx.TransportError, ValueError):
+            pass
+        time.sleep(1)
+    else:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise AssertionError("regraft ui did not serve its deployments:\n" + (base / "ui.log").read_text())
+    yield api, project, base / "ui.log"
+    os.killpg(process.pid, signal.SIGINT)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+    log.close()
+
+
+def deployment(api: httpx.Client, name: str) -> dict:
+    return next(d for d in api.post("/deployments/filter", json={}).json() if d["name"] == name)
+
+
+def wait_for_state(api: httpx.Client, run_id: str, states: set[str], timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = api.get(f"/flow_runs/{run_id}").json()
+        if run["state"]["type"] in states:
+            return run
+        time.sleep(2)
+    raise AssertionError(f"flow run {run_id} still {run['state']['type']} after {timeout} s")
+
+
+def test_the_deployments_exist_with_schedules_and_a_typed_form(ui):
+    api, _, _ = ui
+    names = {d["name"] for d in api.post("/deployments/filter", json={}).json()}
+    assert names == {"retrain", "retrain-scheduled", "promote", "rollback", "shift-watch"}
+    scheduled = deployment(api, "retrain-scheduled")
+    assert [s["schedule"]["cron"] for s in scheduled["schedules"]] == ["0 2 * * *"]
+    schema = deployment(api, "retrain")["parameter_openapi_schema"]
+    fields = schema["definitions"]["RetrainParameters"]["properties"]
+    assert fields["strategy"]["anyOf"][0]["enum"] == ["auto", "feature_extraction", "full", "gradual_unfreeze", "lora"]
+    assert fields["holdout_fraction"]["anyOf"][0]["exclusiveMaximum"] == 1
+    assert "description" in fields["on_inconclusive"]
+    assert all(s["active"] for s in scheduled["schedules"]) and not scheduled["paused"]
+    watch = deployment(api, "shift-watch")
+    assert [s["schedule"]["cron"] for s in watch["schedules"]] == ["0 * * * *"]
+
+
+def test_a_custom_run_from_the_api_completes_with_its_artifacts(ui):
+    api, project, log = ui
+    retrain = deployment(api, "retrain")
+    created = api.post(f"/deployments/{retrain['id']}/create_flow_run", json={"parameters": {
+        "parameters": {"strategy": "feature_extraction", "on_inconclusive": "approve", "push": False}}})
+    assert created.status_code == 201, created.text
+    run = created.json()
+    finished = wait_for_state(api, run["id"], {"COMPLETED", "FAILED", "CRASHED", "CANCELLED", "PAUSED"}, 900)
+    if finished["state"]["type"] == "PAUSED":
+        # An INCONCLUSIVE gate in a deployment run waits for a person; answer as the UI's Resume form does.
+        resumed = api.post(f"/flow_runs/{run['id']}/resume", json={"run_input": {
+            "approve": True, "reason": "feature extraction is a smoke run", "reviewer": "test"}})
+        assert resumed.status_code in (200, 201), resumed.text
+        finished = wait_for_state(api, run["id"], {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, 600)
+        decision = json.loads((project / "reports" / "verdict.json").read_text())["decision"]
+        assert decision["approved"] is True and decision["by"] == "test"
+    assert finished["state"]["type"] == "COMPLETED", log.read_text()[-5000:]
+    artifacts = api.post("/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}}}).json()
+    keys = {a["key"] for a in artifacts}
+    assert {"validate-report", "shift-report", "finetune-report", "evaluate-report", "verdict-report",
+            "package-report", "run-report"} <= keys
+    tasks = api.post("/task_runs/filter", json={"flow_runs": {"id": {"any_": [run["id"]]}}}).json()
+    assert {"ingest", "validate", "shift", "finetune", "evaluate", "gate", "package"} <= {t["name"] for t in tasks}
+    assert json.loads((project / "reports" / "finetune.json").read_text())["strategy"] == "feature_extraction"
+
+
+def test_the_shift_event_starts_retrain(ui):
+    api, _, _ = ui
+    retrain = deployment(api, "retrain")
+    before = {r["id"] for r in api.post("/flow_runs/filter", json={
+        "deployments": {"id": {"any_": [retrain["id"]]}}}).json()}
+    event = {"id": str(uuid.uuid4()), "occurred": dt.datetime.now(dt.UTC).isoformat(),
+             "event": "regraft.shift.detected", "resource": {"prefect.resource.id": "regraft.model.test"},
+             "payload": {"verdict": "severe"}}
+    assert api.post("/events", json=[event]).status_code in (200, 201, 202, 204)
+    deadline = time.monotonic() + 120
+    new = set()
+    while time.monotonic() < deadline and not new:
+        runs = api.post("/flow_runs/filter", json={"deployments": {"id": {"any_": [retrain["id"]]}}}).json()
+        new = {r["id"] for r in runs} - before
+        time.sleep(2)
+    assert new, "no retrain run was started by the event"
+    for run_id in new:  # the loop is proven; the triggered run need not train here
+        api.post(f"/flow_runs/{run_id}/set_state", json={"state": {"type": "CANCELLED"}, "force": True})
+
+
+def run_deployment_and_wait(api: httpx.Client, name: str, parameters: dict, timeout: float = 600) -> dict:
+    created = api.post(f"/deployments/{deployment(api, name)['id']}/create_flow_run", json={"parameters": parameters})
+    assert created.status_code == 201, created.text
+    return wait_for_state(api, created.json()["id"], {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, timeout)
+
+
+def test_promote_then_shift_watch_on_drifted_traffic_starts_retrain(ui):
+    """serve -> watch -> retrain: the model packaged by the custom run is promoted through its deployment;
+    traffic from one drug condition only is logged the way the service logs it; shift-watch finds the
+    shift, emits regraft.shift.detected, and a retrain starts."""
+    import pandas as pd
+
+    from tasks.registry import read_record
+    from tasks.serving import PredictionLog
+
+    api, project, log = ui
+    tag = json.loads((project / "reports" / "package.json").read_text())["model"]
+    promoted = run_deployment_and_wait(api, "promote", {"tag": tag, "reason": "from the test"})
+    assert promoted["state"]["type"] == "COMPLETED", log.read_text()[-3000:]
+    assert read_record(project / "registry" / "registry.json")["production"] == tag
+
+    target = pd.read_parquet(project / "data" / "target_train.parquet")
+    traffic = target[target["condition"] == "Birth Control"]["text"].tolist()
+    PredictionLog(project / ".regraft" / "predictions.jsonl", "text").append(
+        traffic, [{"label": "positive", "probabilities": {"positive": 1.0}, "model_version": tag}] * len(traffic))
+    retrain = deployment(api, "retrain")
+    before = {r["id"] for r in api.post("/flow_runs/filter", json={"deployments": {"id": {"any_": [retrain["id"]]}}}).json()}
+    watched = run_deployment_and_wait(api, "shift-watch", {"max_rows": 500})
+    assert watched["state"]["type"] == "COMPLETED", log.read_text()[-3000:]
+    report = json.loads((project / "reports" / "shift-watch.json").read_text())
+    assert report["production_model"] == tag and report["served_rows"] == len(traffic)
+    assert report["verdict"] in ("moderate", "severe"), report["reasons"]
+    deadline, new = time.monotonic() + 120, set()
+    while time.monotonic() < deadline and not new:
+        runs = api.post("/flow_runs/filter", json={"deployments": {"id": {"any_": [retrain["id"]]}}}).json()
+        new = {r["id"] for r in runs} - before
+        time.sleep(2)
+    assert new, "shift-watch's event started no retrain"
+    for run_id in new:
+        api.post(f"/flow_runs/{run_id}/set_state", json={"state": {"type": "CANCELLED"}, "force": True})
