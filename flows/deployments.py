@@ -14,15 +14,13 @@ from pathlib import Path
 
 from tasks.config import Params
 
-SHIFT_EVENT = "regraft.shift.detected"
-
 
 def build_deployments(params: Params, project: Path) -> list:
     """RunnerDeployments for `prefect.serve` (they run in the project folder)."""
     from prefect.events import DeploymentEventTrigger
     from prefect.schedules import Cron
 
-    from flows.operations import promote, rollback, shift_watch
+    from flows.operations import SHIFT_EVENT, promote, rollback, shift_watch
     from flows.retrain import retrain
 
     where = {"project_dir": str(project)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,6 +39,7 @@ from tasks import shift as shift_task
 from tasks import validate as validate_task
 from tasks.config import GateConfig, load_params, parse_override, write_overrides
 from tasks.errors import RegraftError
+from tasks.locking import clear_stale_dvc_locks, project_lock
 
 RENDERERS = {
     "ingest": ingest_task.render_markdown,
@@ -110,6 +112,22 @@ class StageFailed(RegraftError):
     """A DVC stage exited non-zero; the message carries what it printed last."""
 
 
+class StageInterrupted(StageFailed):
+    """A stage that may succeed when run again: its process was killed (out of memory, preempted) or
+    DVC found a path locked by another DVC command. The stage task retries these; finetune resumes
+    from its last checkpoint."""
+
+
+# What DVC prints when a stage's command died from a signal, or when its locks are taken.
+TRANSIENT_MARKERS = (re.compile(r"exited with -\d+"), re.compile(r"is busy, it is being blocked by"),
+                     re.compile(r"Unable to acquire lock"))
+
+
+def retry_transient(task, task_run, state) -> bool:
+    """Prefect retry condition: retry interrupted stages only; a stage that failed on its own input stays failed."""
+    return isinstance(state.data, StageInterrupted)
+
+
 class GateRejected(RegraftError):
     """The gate's INCONCLUSIVE verdict was rejected (by a person, a timeout or gate.on_inconclusive)."""
 
@@ -135,7 +153,7 @@ def dvc_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "dvc", *args]
 
 
-@task(name="stage", task_run_name="{stage}")
+@task(name="stage", task_run_name="{stage}", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient)
 def run_stage(stage: str, project_dir: Path, reports_dir: Path) -> dict:
     """Run one dvc.yaml stage through DVC, stream its output into the Prefect log, publish its report."""
     logger = get_run_logger()
@@ -152,7 +170,8 @@ def run_stage(stage: str, project_dir: Path, reports_dir: Path) -> dict:
             tail.append(line)
     if process.wait() != 0:
         shown = [t for t in tail if not t.startswith(("Having any troubles", "ERROR: failed to reproduce"))]
-        raise StageFailed(f"stage {stage!r} failed:\n" + "\n".join(shown))
+        transient = any(marker.search(line) for marker in TRANSIENT_MARKERS for line in tail)
+        raise (StageInterrupted if transient else StageFailed)(f"stage {stage!r} failed:\n" + "\n".join(shown))
     name = REPORT_NAMES.get(stage, stage)
     report_file = project_dir / reports_dir / f"{name}.json"
     if not report_file.is_file():
@@ -253,12 +272,23 @@ def keep_verdict(kept_reports: Path, reports: Path) -> None:
 
 @flow(name="retrain", log_prints=True)
 def retrain(parameters: RetrainParameters = RetrainParameters(), project_dir: str = ".") -> dict:
-    """Run every stage of dvc.yaml in order; all or nothing."""
+    """Run every stage of dvc.yaml in order; all or nothing; one run per project at a time."""
     root = Path(project_dir).resolve()
+    logger = get_run_logger()
+    run_id = str(flow_run.get_id() or dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S"))
+    current = load_params(root / "params.yaml")
+    with project_lock(root / current.paths.state, f"retrain run {run_id}", current.schedule.lock_timeout_seconds,
+                      on_wait=logger.warning):
+        for note in clear_stale_dvc_locks(root):
+            logger.warning("removed a stale DVC lock record: %s", note)
+        # Read after taking the lock: the run before may have changed params.yaml.
+        return run_all_stages(root, parameters, run_id)
+
+
+def run_all_stages(root: Path, parameters: RetrainParameters, run_id: str) -> dict:
     overrides = parameters.as_overrides()
     params = load_params(root / "params.yaml", overrides)
     stages = stage_order(root)
-    run_id = str(flow_run.get_id() or dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S"))
     run_dir = root / params.paths.state / "runs" / run_id
     snapshot = take_snapshot(
         root, [Path("params.yaml"), Path("dvc.lock"), params.paths.reports, *stage_outputs(root)], run_dir / "before"

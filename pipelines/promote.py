@@ -12,8 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tasks.packaging import bentoml_environment
 from tasks.config import Params
+from tasks.locking import project_lock
+from tasks.packaging import bentoml_environment
 from tasks.registry import RegistryError, check_promotable, previous_production, promote, read_record
 
 
@@ -40,7 +41,7 @@ def version_with_dvc(params: Params) -> str:
     return f"versioned with DVC: {params.paths.registry}.dvc, {params.paths.champion}.dvc (commit them with git)"
 
 
-def promote_model(params: Params, tag: str, reason: str, by: str | None = None, action: str = "promote") -> dict:
+def switch_production(params: Params, tag: str, reason: str, by: str | None, action: str) -> dict:
     """Checks (verdict, checksums), then production := tag. Returns the registry record."""
     check_promotable(read_record(params.paths.registry)["models"].get(tag), tag)  # before touching the store
     record = promote(params.paths.registry, tag, stored_model_dir(params, tag), params.paths.champion,
@@ -49,15 +50,22 @@ def promote_model(params: Params, tag: str, reason: str, by: str | None = None, 
     return record
 
 
+def promote_model(params: Params, tag: str, reason: str, by: str | None = None) -> dict:
+    """production := tag, after any retrain run of this project has finished (it compares against production)."""
+    with project_lock(params.paths.state, f"promote {tag}", params.schedule.lock_timeout_seconds):
+        return switch_production(params, tag, reason, by, "promote")
+
+
 def rollback(params: Params, reason: str, by: str | None = None) -> dict:
     """Put the previous production model back, in one step."""
-    record = read_record(params.paths.registry)
-    target = previous_production(record)
-    if not target:
-        current = record.get("production")
-        raise RegistryError("nothing to roll back to: " + (f"{current} is the first production model"
-                                                           if current else "no model has been promoted"))
-    return promote_model(params, target, reason, by, action="rollback")
+    with project_lock(params.paths.state, "rollback", params.schedule.lock_timeout_seconds):
+        record = read_record(params.paths.registry)
+        target = previous_production(record)
+        if not target:
+            current = record.get("production")
+            raise RegistryError("nothing to roll back to: " + (f"{current} is the first production model"
+                                                               if current else "no model has been promoted"))
+        return switch_production(params, target, reason, by, "rollback")
 
 
 def render_models(record: dict) -> str:

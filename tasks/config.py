@@ -297,6 +297,8 @@ class ScheduleConfig(StrictModel):
     timezone: str = Field(description="Time zone of both crons.")
     shift_watch_rows: int = Field(ge=50, description="How many of the latest served texts shift-watch compares.")
     ui_port: int = Field(ge=1, le=65535, description="Port of the Prefect server that `regraft ui` starts on 127.0.0.1.")
+    lock_timeout_seconds: float = Field(
+        ge=0, description="How long a run waits for another run of the same project (one at a time) before failing.")
 
 
 class Params(StrictModel):

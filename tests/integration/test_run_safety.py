@@ -1,0 +1,126 @@
+"""Runs that collide or break: two runs started at once on one project, a training process killed
+mid-run (the stage task retries and resumes from its checkpoint), and a stale DVC lock record."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from tests.conftest import make_project, run
+
+pytestmark = pytest.mark.integration
+REGRAFT = str(Path(sys.executable).parent / "regraft")
+DVC = [sys.executable, "-m", "dvc"]
+
+
+def quick_project(base: Path, tiny_bert: Path, **extra) -> Path:
+    """The whole pipeline on the tiny random BERT; gate criteria a random model can meet."""
+    from tasks.config import write_overrides
+
+    project = make_project(base / "project", base / "remote")
+    write_overrides(project / "params.yaml", {
+        "model.base": str(tiny_bert), "model.max_length": 64, "train.strategy": "full", "train.epochs": 1,
+        "train.batch_size": 8, "train.precision": "fp32", "train.checkpoint_every": 5, "train.log_every": 1,
+        "train.early_stopping_patience": 0, "evaluate.bootstrap": 200,
+        "gate.floors": [], "gate.worst_group.floor": 0.0, "gate.disparity.max_gap": 1.0,
+        "gate.on_inconclusive": "approve", **extra,
+    })
+    return project
+
+
+def regraft_env(prefect_url: str) -> dict[str, str]:
+    from flows.retrain import stage_environment
+
+    env = stage_environment()
+    env["PREFECT_API_URL"] = prefect_url  # both runs report to one real Prefect API
+    return env
+
+
+@pytest.fixture
+def prefect_url(prefect_api) -> str:
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
+
+
+def test_two_runs_started_at_once_take_turns_and_leave_dvc_consistent(tmp_path, tiny_bert, prefect_url):
+    project = quick_project(tmp_path, tiny_bert)
+    env = regraft_env(prefect_url)
+    runs = {seed: subprocess.Popen([REGRAFT, "run", "--no-push", "--set", f"ingest.split.seed={seed}"], cwd=project,
+                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for seed in (11, 12)}
+    outputs = {seed: process.communicate(timeout=1200)[0] for seed, process in runs.items()}
+    for seed, process in runs.items():
+        assert process.returncode == 0, outputs[seed][-4000:]
+    waited = [seed for seed, out in outputs.items() if "waiting for retrain run" in out]
+    assert len(waited) == 1, "exactly one run should have waited for the other"
+    first = ({11, 12} - set(waited)).pop()
+    holder_pid = re.search(r"waiting for retrain run \S+ \(PID (\d+)", outputs[waited[0]]).group(1)
+    assert int(holder_pid) == runs[first].pid
+    # The run that went second ran after the first one finished: its parameters are the ones in force,
+    # and DVC's record (dvc.lock) matches the files on disk.
+    assert yaml.safe_load((project / "params.yaml").read_text())["ingest"]["split"]["seed"] == waited[0]
+    status = json.loads(run(DVC + ["status", "--json"], project).stdout)
+    assert all(changes == ["always changed"] for changes in status.values()), status
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert lock["stages"]["ingest"]["params"]["params.yaml"]["ingest"]["split"]["seed"] == waited[0]
+    assert json.loads((project / "reports" / "package.json").read_text())["smoke_test"]["mismatches"] == 0
+
+
+def finetune_process(project: Path) -> psutil.Process | None:
+    for process in psutil.process_iter(["cmdline", "cwd"]):
+        cmdline = process.info["cmdline"] or []
+        if "pipelines.finetune" in cmdline and process.info["cwd"] == str(project):
+            return process
+    return None
+
+
+def test_a_killed_training_process_is_retried_and_resumes_from_its_checkpoint(tmp_path, tiny_bert, prefect_url):
+    project = quick_project(tmp_path, tiny_bert, **{"train.epochs": 2})
+    # A DVC lock record left by a killed `dvc repro` whose PID now belongs to another process: DVC alone
+    # would report params.yaml "busy" on every run.
+    sleeper = subprocess.Popen(["sleep", "600"])
+    rwlock = project / ".dvc" / "tmp" / "rwlock"
+    rwlock.parent.mkdir(parents=True, exist_ok=True)
+    rwlock.write_text(json.dumps({"write": {str(project / "params.yaml"): {
+        "pid": sleeper.pid, "cmd": "dvc repro --single-item ingest"}}, "read": {}}))
+    long_ago = psutil.Process(sleeper.pid).create_time() - 3600
+    os.utime(rwlock, (long_ago, long_ago))
+    busy = run(DVC + ["repro", "--single-item", "ingest"], project, check=False)
+    assert busy.returncode != 0 and "is busy" in busy.stderr + busy.stdout
+
+    checkpoint = project / ".regraft" / "checkpoints" / "finetune" / "checkpoint.pt"
+    process = subprocess.Popen([REGRAFT, "run", "--no-push"], cwd=project, env=regraft_env(prefect_url),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    killed = None
+    try:
+        deadline = time.monotonic() + 600
+        while killed is None and time.monotonic() < deadline and process.poll() is None:
+            trainer = finetune_process(project)
+            if trainer is not None and checkpoint.exists():
+                trainer.send_signal(signal.SIGKILL)  # what the OOM killer or a preempted node does
+                killed = trainer.pid
+            time.sleep(0.05)
+        output = process.communicate(timeout=1200)[0]
+    finally:
+        sleeper.kill()
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert killed, "the training process was never seen with a checkpoint"
+    assert process.returncode == 0, output[-5000:]
+    assert "removed a stale DVC lock record" in output and f"PID {sleeper.pid} now belongs to another process" in output
+    assert "exited with -9" in output and "Retry 1/2 will start" in output
+    assert re.search(r"finetune: resuming from the checkpoint at step \d+", output), output[-5000:]
+    report = json.loads((project / "reports" / "finetune.json").read_text())
+    assert report["resumed_from_step"] and report["resumed_from_step"] % 5 == 0
+    assert not checkpoint.exists()
