@@ -49,10 +49,16 @@ def shift_watch(max_rows: int = 2000, project_dir: str = ".") -> dict:
     """Compare recent served texts with the production model's training data; on a moderate or severe
     shift, emit a `regraft.shift.detected` event (an automation on it starts `retrain`)."""
     from pipelines.watch import watch
+    from tasks.registry import read_record
     from tasks.shift import render_markdown
 
     root = in_project(project_dir)
-    report = watch(load_params(root / "params.yaml"), max_rows)
+    params = load_params(root / "params.yaml")
+    if not read_record(params.paths.registry).get("production"):
+        # A scheduled watch on a project that serves nothing yet has nothing to compare: not a failure.
+        get_run_logger().info("no production model yet (%s): nothing is served, nothing to watch", params.paths.registry)
+        return {"verdict": "skipped", "reasons": ["no production model"]}
+    report = watch(params, max_rows)
     create_markdown_artifact(key="shift-watch-report", markdown=render_markdown(report),
                              description="serving traffic vs the production model's training data")
     if report["verdict"] in ("moderate", "severe"):

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -31,11 +32,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ui(tmp_path_factory):
+@contextmanager
+def running_ui(base: Path, settings: dict | None = None):
     """`regraft ui` on a fresh project: a Prefect server on loopback and the deployments served."""
-    base = tmp_path_factory.mktemp("ui")
+    from tasks.config import write_overrides
+
     project = make_project(base / "project", base / "remote")
+    if settings:
+        write_overrides(project / "params.yaml", settings)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update({"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_RUNNER_POLL_FREQUENCY": "2",
@@ -55,13 +59,21 @@ def ui(tmp_path_factory):
     else:
         os.killpg(process.pid, signal.SIGKILL)
         raise AssertionError("regraft ui did not serve its deployments:\n" + (base / "ui.log").read_text())
-    yield api, project, base / "ui.log"
-    os.killpg(process.pid, signal.SIGINT)
     try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-    log.close()
+        yield api, project, base / "ui.log"
+    finally:
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory):
+    with running_ui(tmp_path_factory.mktemp("ui")) as served:
+        yield served
 
 
 def deployment(api: httpx.Client, name: str) -> dict:
@@ -180,3 +192,23 @@ def test_promote_then_shift_watch_on_drifted_traffic_starts_retrain(ui):
     assert new, "shift-watch's event started no retrain"
     for run_id in new:
         api.post(f"/flow_runs/{run_id}/set_state", json={"state": {"type": "CANCELLED"}, "force": True})
+
+
+def test_cron_schedules_fire(tmp_path):
+    """The server's scheduler creates runs from the crons in params.yaml and the served runner executes
+    them: shift-watch every minute (nothing in production yet, so it completes with nothing to watch);
+    retrain-scheduled gets its nightly runs queued at 02:00 UTC."""
+    with running_ui(tmp_path, {"schedule.shift_watch_cron": "* * * * *"}) as (api, _, log):
+        watch = deployment(api, "shift-watch")
+        deadline, fired = time.monotonic() + 240, None
+        while time.monotonic() < deadline and fired is None:
+            runs = api.post("/flow_runs/filter", json={"deployments": {"id": {"any_": [watch["id"]]}}}).json()
+            fired = next((r for r in runs if r["auto_scheduled"] and r["state"]["type"] == "COMPLETED"), None)
+            time.sleep(2)
+        assert fired is not None, "no scheduled shift-watch run completed:\n" + log.read_text()[-3000:]
+        assert fired["created_by"]["type"] == "SCHEDULE" and fired["start_time"] >= fired["expected_start_time"][:19]
+        nightly = api.post("/flow_runs/filter", json={
+            "deployments": {"id": {"any_": [deployment(api, "retrain-scheduled")["id"]]}},
+            "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}}).json()
+        assert nightly and all(r["auto_scheduled"] for r in nightly)
+        assert {dt.datetime.fromisoformat(r["expected_start_time"]).strftime("%H:%M") for r in nightly} == {"02:00"}
