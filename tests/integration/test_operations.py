@@ -212,3 +212,87 @@ def test_cron_schedules_fire(tmp_path):
             "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}}).json()
         assert nightly and all(r["auto_scheduled"] for r in nightly)
         assert {dt.datetime.fromisoformat(r["expected_start_time"]).strftime("%H:%M") for r in nightly} == {"02:00"}
+
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+
+
+def form_field(scope, label: str):
+    """One property of a Prefect UI form (run parameters, resume input), found by its label."""
+    page = getattr(scope, "page", scope)  # a `has=` locator must come from the page, not from the scope
+    return scope.locator(".schema-form-property").filter(
+        has=page.locator(".schema-form-property__label", has_text=label)).last
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (apt-get install chromium); .ci/run installs it")
+def test_a_person_runs_retrain_from_the_prefect_ui(ui):
+    """Headless chromium clicks through the UI like a person: Deployments -> retrain -> Run -> Custom run,
+    picks a strategy from the dropdown, types the epochs, switches push off, submits, opens the run and
+    watches it complete. The screenshot is kept in test-artifacts/."""
+    from playwright.sync_api import expect, sync_playwright
+
+    api, project, log = ui
+    base = str(api.base_url).removesuffix("/api/").removesuffix("/api")
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        try:
+            page.goto(f"{base}/deployments", wait_until="networkidle")
+            page.locator("a.deployment-list__name", has_text="retrain").filter(has_not_text="scheduled").first.click()
+            page.get_by_role("button", name="Run", exact=True).click()
+            page.get_by_text("Custom run", exact=True).click()
+
+            strategy = form_field(page, "Strategy (Optional)")
+            strategy.get_by_role("button", name="str", exact=True).click()  # the "str | None" switch
+            strategy.locator(".p-select-button__control").click()
+            page.keyboard.press("ArrowDown")  # opens the enum dropdown
+            page.get_by_role("option", name="feature_extraction", exact=True).click()
+            epochs = form_field(page, "Epochs (Optional)")
+            epochs.get_by_role("button", name="int", exact=True).click()
+            epochs.locator("input[type=number]").fill("2")
+            form_field(page, "Push (Optional)").get_by_role("switch").click()
+            retrain = deployment(api, "retrain")
+            before = {r["id"] for r in api.post("/flow_runs/filter", json={"deployments": {"id": {"any_": [retrain["id"]]}}}).json()}
+            page.get_by_role("button", name="Submit", exact=True).click()
+            toast = page.locator(".toast-flow-run-create__button")
+            expect(toast.first).to_be_visible()
+            page.wait_for_timeout(1000)
+            runs = api.post("/flow_runs/filter", json={"deployments": {"id": {"any_": [retrain["id"]]}}}).json()
+            created = [r["id"] for r in runs if r["id"] not in before]
+            assert len(created) == 1, f"one Submit created {len(created)} runs ({toast.count()} toasts)"
+            run_id = created[0]
+            # The toast's "View run" button sits under the toast container, which takes the click
+            # (Playwright reports the interception); the button's link is the run page.
+            page.goto(f"{base}/runs/flow-run/{run_id}", wait_until="networkidle")
+
+            run = api.get(f"/flow_runs/{run_id}").json()
+            assert run["parameters"]["parameters"]["strategy"] == "feature_extraction"
+            assert run["parameters"]["parameters"]["epochs"] == 2 and run["parameters"]["parameters"]["push"] is False
+            finished = wait_for_state(api, run_id, {"COMPLETED", "FAILED", "CRASHED", "CANCELLED", "PAUSED"}, 900)
+            if finished["state"]["type"] == "PAUSED":
+                # An INCONCLUSIVE gate: the person answers the GateDecision form behind the Resume button.
+                page.reload(wait_until="networkidle")
+                page.get_by_role("button", name="Resume").click()
+                dialog = page.get_by_role("dialog")
+                form_field(dialog, "Approve").get_by_role("switch").click()
+                form_field(dialog, "Reason").locator("textarea").fill("a feature-extraction run from the browser")
+                form_field(dialog, "Reviewer").locator("textarea").fill("playwright")
+                dialog.get_by_role("button", name="Submit", exact=True).click()
+                finished = wait_for_state(api, run_id, {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, 600)
+                decision = json.loads((project / "reports" / "verdict.json").read_text())["decision"]
+                assert decision["approved"] is True and decision["by"] == "playwright"
+            assert finished["state"]["type"] == "COMPLETED", log.read_text()[-4000:]
+            page.reload(wait_until="networkidle")
+            expect(page.get_by_text("Completed", exact=True).first).to_be_visible(timeout=30_000)
+            page.wait_for_timeout(1500)  # let the timeline graph draw
+            page.screenshot(path=str(ARTIFACTS / "prefect-ui-retrain-run.png"), full_page=True)
+            page.get_by_text("Artifacts", exact=True).click()
+            expect(page.get_by_text("run-report").first).to_be_visible(timeout=15_000)
+            expect(page.get_by_text("verdict-report").first).to_be_visible()
+        finally:
+            browser.close()
+    tasks = api.post("/task_runs/filter", json={"flow_runs": {"id": {"any_": [run_id]}}}).json()
+    assert {"ingest", "validate", "shift", "finetune", "evaluate", "gate", "package"} <= {t["name"] for t in tasks}
+    assert (ARTIFACTS / "prefect-ui-retrain-run.png").stat().st_size > 10_000
