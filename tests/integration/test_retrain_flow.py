@@ -274,3 +274,16 @@ def test_inconclusive_gate_without_anyone_to_ask_applies_the_policy(files_projec
     assert "Decision on INCONCLUSIVE: approved by policy" in approved.stdout
     status = run(DVC + ["status", "gate"], files_project).stdout
     assert "changed outs" not in status, status  # the recorded decision is committed to dvc.lock
+
+
+def test_the_flow_launches_torchrun_when_train_nproc_is_above_one(tmp_path, tiny_bert):
+    """train.nproc: 2 through `regraft run`: the finetune stage relaunches itself as two torchrun (gloo)
+    processes and the run completes with the data-parallel model."""
+    from tests.integration.test_run_safety import quick_project
+
+    project = quick_project(tmp_path, tiny_bert, **{"train.nproc": 2, "train.threads": 1})
+    finished = run([REGRAFT, "run", "--no-push"], project)
+    assert "finetune: starting 2 processes" in finished.stdout + finished.stderr, finished.stderr[-3000:]
+    report = json.loads((project / "reports" / "finetune.json").read_text())
+    assert report["processes"] == 2
+    assert json.loads((project / "reports" / "package.json").read_text())["smoke_test"]["mismatches"] == 0
