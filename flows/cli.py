@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -254,6 +255,14 @@ def command_ui(args: argparse.Namespace, project: Path) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     port = args.port or params.schedule.ui_port
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    # Ctrl-C and SIGTERM (process managers, CI) both stop the server; a shell that started this in the
+    # background leaves SIGINT ignored, which would otherwise orphan the server.
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     home = state_dir(project) / "prefect-server"
     home.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -277,8 +286,6 @@ def command_ui(args: argparse.Namespace, project: Path) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        import signal
-
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)
             try:

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from collections import deque
@@ -157,18 +158,25 @@ def dvc_command(*args: str) -> list[str]:
 def run_stage(stage: str, project_dir: Path, reports_dir: Path) -> dict:
     """Run one dvc.yaml stage through DVC, stream its output into the Prefect log, publish its report."""
     logger = get_run_logger()
+    # Its own process group, so that a cancelled or interrupted run stops DVC and the stage's command
+    # (and torchrun's workers) instead of leaving them writing into a workspace that is being restored.
     process = subprocess.Popen(
         dvc_command("repro", "--single-item", stage), cwd=project_dir, env=stage_environment(),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True,
     )
     tail: deque[str] = deque(maxlen=40)
     assert process.stdout is not None
-    for line in process.stdout:
-        line = line.rstrip()
-        if line and not line.lstrip().startswith(DVC_GIT_HINTS):
-            logger.info(line)
-            tail.append(line)
-    if process.wait() != 0:
+    try:
+        for line in process.stdout:
+            line = line.rstrip()
+            if line and not line.lstrip().startswith(DVC_GIT_HINTS):
+                logger.info(line)
+                tail.append(line)
+        returncode = process.wait()
+    except BaseException:
+        stop_process_group(process)
+        raise
+    if returncode != 0:
         shown = [t for t in tail if not t.startswith(("Having any troubles", "ERROR: failed to reproduce"))]
         transient = any(marker.search(line) for marker in TRANSIENT_MARKERS for line in tail)
         raise (StageInterrupted if transient else StageFailed)(f"stage {stage!r} failed:\n" + "\n".join(shown))
@@ -179,6 +187,20 @@ def run_stage(stage: str, project_dir: Path, reports_dir: Path) -> dict:
     report = json.loads(report_file.read_text(encoding="utf-8"))
     publish_report(name, report)
     return report
+
+
+def stop_process_group(process: subprocess.Popen, grace_seconds: float = 10) -> None:
+    """SIGTERM a stage's process group, give it a grace period, then SIGKILL whatever is left."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=grace_seconds)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # the stage's own children may outlive DVC
+    except ProcessLookupError:
+        pass
+    process.wait()
 
 
 def publish_report(name: str, report: dict) -> None:

@@ -120,7 +120,9 @@ def test_a_killed_training_process_is_retried_and_resumes_from_its_checkpoint(tm
     assert process.returncode == 0, output[-5000:]
     assert "removed a stale DVC lock record" in output and f"PID {sleeper.pid} now belongs to another process" in output
     assert "exited with -9" in output and "Retry 1/2 will start" in output
-    assert re.search(r"finetune: resuming from the checkpoint at step \d+", output), output[-5000:]
+    resumed = re.search(r"finetune: resuming from the checkpoint at step (\d+)", output)
+    assert resumed, output[-5000:]
+    # Checkpoints are written every 5 steps and at the end of each epoch: the kill may land after either.
     report = json.loads((project / "reports" / "finetune.json").read_text())
-    assert report["resumed_from_step"] and report["resumed_from_step"] % 5 == 0
+    assert report["resumed_from_step"] == int(resumed.group(1)) > 0
     assert not checkpoint.exists()
