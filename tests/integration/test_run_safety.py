@@ -126,3 +126,53 @@ def test_a_killed_training_process_is_retried_and_resumes_from_its_checkpoint(tm
     report = json.loads((project / "reports" / "finetune.json").read_text())
     assert report["resumed_from_step"] == int(resumed.group(1)) > 0
     assert not checkpoint.exists()
+
+
+def test_ctrl_c_stops_the_running_stage_and_restores_the_project(tmp_path, tiny_bert, prefect_url):
+    """Ctrl-C on `regraft run` while a stage trains: DVC and the stage's command stop with the run (they run in
+    their own process group), and the workspace is what it was before the run."""
+    project = quick_project(tmp_path, tiny_bert, **{"train.epochs": 50})
+    before = workspace_picture(project)
+    # Ctrl-C must mean KeyboardInterrupt in `regraft run` even when this test runs under a shell that ignores
+    # SIGINT (an ignored signal stays ignored across exec; a handled one is reset to its default).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = subprocess.Popen([REGRAFT, "run", "--no-push"], cwd=project, env=regraft_env(prefect_url),
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    try:
+        deadline, trainer = time.monotonic() + 600, None
+        while trainer is None and time.monotonic() < deadline and process.poll() is None:
+            trainer = finetune_process(project)
+            time.sleep(0.1)
+        assert trainer is not None, "the training process was never seen"
+        process.send_signal(signal.SIGINT)  # to the regraft process only, as if its own handler got Ctrl-C
+        output = process.communicate(timeout=120)[0]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode != 0, output[-3000:]
+    assert not alive(trainer), "the stage's training process outlived the interrupted run"
+    leftovers = [p.info["cmdline"] for p in psutil.process_iter(["cmdline", "cwd"])
+                 if p.info["cwd"] == str(project) and p.info["cmdline"] and alive(p)]
+    assert not leftovers, f"the interrupted run left processes behind: {leftovers}"
+    assert workspace_picture(project) == before
+
+
+def alive(process: psutil.Process) -> bool:
+    """Running and not a zombie (a killed orphan stays a zombie where PID 1 does not reap)."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def workspace_picture(project: Path) -> dict[str, str]:
+    """sha256 of every file a run may change (data, models, reports, dvc.lock, params.yaml)."""
+    import hashlib
+
+    files = [project / "dvc.lock", project / "params.yaml"]
+    for folder in ("data", "models", "reports"):
+        files += [f for f in (project / folder).rglob("*") if f.is_file()]
+    return {str(f.relative_to(project)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files if f.exists()}
