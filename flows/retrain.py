@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 from collections import deque
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -119,9 +120,24 @@ class StageInterrupted(StageFailed):
     from its last checkpoint."""
 
 
-# What DVC prints when a stage's command died from a signal, or when its locks are taken.
-TRANSIENT_MARKERS = (re.compile(r"exited with -\d+"), re.compile(r"is busy, it is being blocked by"),
-                     re.compile(r"Unable to acquire lock"))
+# What DVC prints when its locks are taken by another DVC command.
+BUSY_MARKERS = (re.compile(r"is busy, it is being blocked by"), re.compile(r"Unable to acquire lock"))
+EXIT_STATUS = re.compile(r"failed to run: .*, exited with (-?\d+)$")
+
+
+def killed_by_signal(status: int) -> bool:
+    """DVC runs a stage's command through $SHELL (/bin/sh when unset). When the shell execs the command
+    (bash), a signal death shows as -N; when it forks (dash), the shell exits with 128+N."""
+    return status < 0 or 128 < status <= 128 + 64
+
+
+def is_transient(lines: Iterable[str]) -> bool:
+    """Whether DVC's output says the stage was killed by a signal or blocked by another DVC command."""
+    for line in lines:
+        status = EXIT_STATUS.search(line)
+        if (status and killed_by_signal(int(status.group(1)))) or any(m.search(line) for m in BUSY_MARKERS):
+            return True
+    return False
 
 
 def retry_transient(task, task_run, state) -> bool:
@@ -178,8 +194,7 @@ def run_stage(stage: str, project_dir: Path, reports_dir: Path) -> dict:
         raise
     if returncode != 0:
         shown = [t for t in tail if not t.startswith(("Having any troubles", "ERROR: failed to reproduce"))]
-        transient = any(marker.search(line) for marker in TRANSIENT_MARKERS for line in tail)
-        raise (StageInterrupted if transient else StageFailed)(f"stage {stage!r} failed:\n" + "\n".join(shown))
+        raise (StageInterrupted if is_transient(tail) else StageFailed)(f"stage {stage!r} failed:\n" + "\n".join(shown))
     name = REPORT_NAMES.get(stage, stage)
     report_file = project_dir / reports_dir / f"{name}.json"
     if not report_file.is_file():

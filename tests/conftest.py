@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,6 +29,27 @@ def run(cmd: list[str], cwd: Path, check: bool = True, **kwargs) -> subprocess.C
     if check and result.returncode != 0:
         raise AssertionError(f"{cmd} exited {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
     return result
+
+
+def tree_digest(project: Path, paths: tuple[str, ...] = ("data", "reports", "dvc.lock", "params.yaml")) -> dict[str, str]:
+    """Content hash of every file under `paths`: by default everything a run may change except the model store."""
+    digest = {}
+    for rel in paths:
+        path = project / rel
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        for file in files:
+            digest[str(file.relative_to(project))] = hashlib.sha256(file.read_bytes()).hexdigest()
+    return digest
+
+
+def processes_in(project: Path) -> list[psutil.Process]:
+    """Live processes whose working directory is the project (a killed orphan stays a zombie where PID 1
+    does not reap it; it is not counted)."""
+    found = []
+    for process in psutil.process_iter(["cmdline", "cwd", "status"]):
+        if process.info["cwd"] == str(project) and process.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(process)
+    return found
 
 
 def make_project(dest: Path, remote: Path) -> Path:

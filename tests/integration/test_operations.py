@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import make_project
+from tests.conftest import make_project, processes_in
 
 pytestmark = pytest.mark.integration
 REGRAFT = str(Path(sys.executable).parent / "regraft")
@@ -97,28 +97,29 @@ def wait_for_state(api: httpx.Client, run_id: str, states: set[str], timeout: fl
 
 def server_picture(api: httpx.Client) -> str:
     """What every run on the server is doing, and who holds the run lock of each project it serves."""
+    from flows.cli import state_dir
+    from tasks.locking import LOCK_NAME, describe_holder, read_holder
+
     runs = api.post("/flow_runs/filter", json={"sort": "EXPECTED_START_TIME_DESC", "limit": 30}).json()
     lines = [f"{r['id']} {r['name']} deployment={r['deployment_id']} {r['state']['type']} {r['state']['name']}"
              for r in runs]
     projects = {Path(d["parameters"]["project_dir"]) for d in api.post("/deployments/filter", json={}).json()
                 if d["parameters"].get("project_dir")}
-    for lock in (project / ".regraft" / "run.lock" for project in projects):
-        lines.append(f"{lock}: {lock.read_text(errors='replace') if lock.exists() else 'absent'}")
+    for project in projects:
+        holder = read_holder(state_dir(project) / LOCK_NAME)
+        lines.append(f"{project}: run lock held by {describe_holder(holder) if holder else 'nobody'}")
     return "\n".join(lines)
 
 
 def cancel_run(api: httpx.Client, run_id: str, project: Path) -> None:
     """Cancel a run as the UI's Cancel button does (CANCELLING; the runner stops the flow's process) and
     check that nothing the run started is left running in the project."""
-    import psutil
-
     wait_for_state(api, run_id, {"RUNNING"}, 120)
     api.post(f"/flow_runs/{run_id}/set_state", json={"state": {"type": "CANCELLING"}})
     cancelled = wait_for_state(api, run_id, {"CANCELLED", "COMPLETED", "FAILED", "CRASHED"}, 120)
     assert cancelled["state"]["type"] == "CANCELLED", cancelled["state"]
-    leftovers = [p.info["cmdline"] for p in psutil.process_iter(["cmdline", "cwd"])
-                 if p.info["cwd"] == str(project) and p.info["cmdline"]
-                 and any("dvc" in part or "pipelines." in part for part in p.info["cmdline"])]
+    leftovers = [p.info["cmdline"] for p in processes_in(project)
+                 if any("dvc" in part or "pipelines." in part for part in p.info["cmdline"] or [])]
     assert not leftovers, f"the cancelled run left processes behind: {leftovers}"
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import make_project, run
+from tests.conftest import make_project, run, tree_digest
 
 pytestmark = pytest.mark.integration
 REGRAFT = str(Path(sys.executable).parent / "regraft")
@@ -24,17 +23,6 @@ def data_hashes(project: Path) -> dict[str, str]:
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])
             if out["path"].startswith("data/")}
-
-
-def tree_digest(project: Path) -> dict[str, str]:
-    """Content hash of everything a run may change: data, reports, dvc.lock, params.yaml."""
-    digest = {}
-    for rel in ["data", "reports", "dvc.lock", "params.yaml"]:
-        path = project / rel
-        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-        for file in files:
-            digest[str(file.relative_to(project))] = hashlib.sha256(file.read_bytes()).hexdigest()
-    return digest
 
 
 def test_flow_order_is_dvcs_order(project):
