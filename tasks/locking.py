@@ -99,6 +99,11 @@ def dvc_lock_entries(rwlock: dict) -> list[DvcLockEntry]:
     return entries
 
 
+# psutil derives start times from the boot time in /proc/stat, which is whole seconds: a start time may read up
+# to a second early. Another second covers file-system timestamp granularity.
+CLOCK_SLACK_SECONDS = 2
+
+
 def why_stale(entry: DvcLockEntry, written_at: float) -> str | None:
     """Why a record's holder cannot be the process that wrote it, or None when it may still be running."""
     try:
@@ -108,7 +113,7 @@ def why_stale(entry: DvcLockEntry, written_at: float) -> str | None:
     except psutil.NoSuchProcess:
         return f"process {entry.pid} no longer exists (killed before DVC could release its lock)"
     # A process that started after the lock file was last written cannot have written this record.
-    if started > written_at + 1:
+    if started > written_at + CLOCK_SLACK_SECONDS:
         return (f"PID {entry.pid} now belongs to another process ({name!r}, started "
                 f"{dt.datetime.fromtimestamp(started, dt.UTC):%Y-%m-%d %H:%M:%S} UTC, after the record was written)")
     return None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.locking import ProjectBusy, clear_stale_dvc_locks, project_lock, stale_dvc_locks
+from tasks.locking import CLOCK_SLACK_SECONDS, ProjectBusy, clear_stale_dvc_locks, project_lock, stale_dvc_locks
 
 pytestmark = pytest.mark.unit
 
@@ -83,7 +83,7 @@ def write_rwlock(project: Path, rwlock: dict, written: float) -> Path:
 def test_records_of_killed_and_reused_pids_are_stale_and_a_live_holder_is_not(tmp_path):
     gone = dead_pid()
     written = time.time()  # this test process started before: it may hold a record written now
-    time.sleep(1.5)
+    time.sleep(CLOCK_SLACK_SECONDS + 1.5)  # start times read from psutil may be up to a second early
     sleeper = subprocess.Popen(["sleep", "30"])  # started after: its PID cannot be the writer's
     try:
         path = write_rwlock(tmp_path, {
