@@ -34,7 +34,7 @@ def hold_lock(state: Path, seconds: float) -> subprocess.Popen:
 
 
 def test_a_second_run_waits_and_says_for_whom(tmp_path):
-    holder = hold_lock(tmp_path, 1.5)
+    holder = hold_lock(tmp_path, 3)
     waits: list[str] = []
     started = time.monotonic()
     with project_lock(tmp_path, "second", 30, on_wait=waits.append, poll_seconds=0.1):
