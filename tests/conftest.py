@@ -20,11 +20,13 @@ from flows.cli import TELEMETRY_OFF  # noqa: E402
 os.environ.update(TELEMETRY_OFF)
 
 
-def run(cmd: list[str], cwd: Path, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+def run(cmd: list[str], cwd: Path, check: bool = True, env_update: dict[str, str] | None = None,
+        **kwargs) -> subprocess.CompletedProcess:
     from flows.retrain import stage_environment
 
     env = stage_environment()
     env.pop("PREFECT_API_URL", None)
+    env.update(env_update or {})
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kwargs)
     if check and result.returncode != 0:
         raise AssertionError(f"{cmd} exited {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")

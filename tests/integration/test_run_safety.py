@@ -131,7 +131,7 @@ def test_a_killed_training_process_is_retried_and_resumes_from_its_checkpoint(tm
 def test_a_stage_killed_by_a_signal_is_transient_whichever_shell_dvc_uses(tmp_path, shell):
     """bash execs a stage's command (DVC reports -9), dash forks it (DVC reports 137): both are a kill, which the
     stage task retries; a command that fails on its own (exit 3) is not retried."""
-    from flows.retrain import is_transient, stage_environment
+    from flows.retrain import is_transient
 
     run(["git", "init", "-q"], tmp_path)
     run(DVC + ["init", "-q"], tmp_path)
@@ -139,8 +139,7 @@ def test_a_stage_killed_by_a_signal_is_transient_whichever_shell_dvc_uses(tmp_pa
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
         "killed": {"cmd": kill, "always_changed": True}, "fails": {"cmd": "python -c 'raise SystemExit(3)'"}}}))
     for stage, transient in (("killed", True), ("fails", False)):
-        result = subprocess.run(DVC + ["repro", "--single-item", stage], cwd=tmp_path, check=False, capture_output=True, text=True,
-                                env={**stage_environment(), "SHELL": shell})
+        result = run(DVC + ["repro", "--single-item", stage], tmp_path, check=False, env_update={"SHELL": shell})
         assert result.returncode != 0
         assert is_transient((result.stdout + result.stderr).splitlines()) is transient, result.stdout + result.stderr
 
