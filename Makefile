@@ -13,7 +13,7 @@ export GX_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test repro serve ui clean-venv
+.PHONY: setup demo test test-fast repro serve ui clean-venv
 
 setup: $(STAMP)
 
@@ -28,8 +28,13 @@ $(STAMP): pyproject.toml requirements.lock
 demo: setup
 	$(BIN)/regraft run
 
+# The full suite: what CI runs.
 test: setup
 	$(BIN)/python -m pytest
+
+# The unit and data suites (no servers, no training runs): the inner loop while developing.
+test-fast: setup
+	$(BIN)/python -m pytest tests/unit tests/data
 
 # Serves the registry's production model (promote one first: regraft models, regraft promote TAG).
 serve: setup

@@ -6,9 +6,12 @@ import argparse
 import os
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 import yaml
+
+from tasks.errors import EXIT_OK
 
 TELEMETRY_OFF = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -20,12 +23,23 @@ TELEMETRY_OFF = {
 }
 
 
+def regraft_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("regraft")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def find_project(start: Path) -> Path:
     """The nearest folder at or above `start` that holds dvc.yaml and params.yaml."""
     for folder in [start, *start.parents]:
         if (folder / "dvc.yaml").is_file() and (folder / "params.yaml").is_file():
             return folder
-    raise SystemExit(f"error: no regraft project (dvc.yaml + params.yaml) at or above {start}")
+    from tasks.errors import ConfigError
+
+    raise ConfigError(f"no regraft project (dvc.yaml + params.yaml) at or above {start}")
 
 
 def state_dir(project: Path) -> Path:
@@ -51,21 +65,37 @@ def prepare_environment(project: Path) -> None:
 
 
 def command_run(args: argparse.Namespace, project: Path) -> int:
-
     from flows.retrain import RetrainParameters, retrain
-    from tasks.config import parse_override
-    from tasks.errors import RegraftError
+    from tasks.config import load_params, parse_override
 
-    try:
-        for item in args.set:
-            parse_override(item)
-        parameters = RetrainParameters(overrides=list(args.set), push=not args.no_push)
-        result = retrain(parameters=parameters, project_dir=str(project))
-    except RegraftError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print_summary(result)
-    return 0
+    # Every override is checked against params.yaml before anything runs (exit 2 on a bad one).
+    overrides = dict(parse_override(item) for item in args.set)
+    load_params(project / "params.yaml", overrides)
+    parameters = RetrainParameters(overrides=list(args.set), push=not args.no_push)
+    print_failures_once()
+    print_summary(retrain(parameters=parameters, project_dir=str(project)))
+    return EXIT_OK
+
+
+def print_failures_once() -> None:
+    """Prefect logs a failed task or flow with its traceback and again as its final state; this command
+    prints the problem once itself, so the console leaves those records out (the Prefect UI keeps them)."""
+    import logging
+
+    echoes = ("Finished in state Failed", "Finished in state Crashed", "Encountered exception during execution",
+              "Task run failed with exception")
+
+    def keep(record: logging.LogRecord) -> bool:
+        # A retry ("Task run failed with exception ... Retry 1/2 will start") is news, logged at INFO: keep it.
+        echo = record.getMessage().startswith(echoes) and (record.levelno >= logging.ERROR or "Finished" in record.getMessage())
+        return not (record.exc_info or echo)
+
+    import prefect.logging.configuration  # noqa: F401  (sets up Prefect's console handler, on the root logger)
+
+    for logger in (logging.getLogger(), logging.getLogger("prefect")):
+        for handler in logger.handlers:
+            if type(handler).__name__ != "APILogHandler":
+                handler.addFilter(keep)
 
 
 def print_summary(result: dict) -> None:
@@ -109,9 +139,12 @@ def print_summary(result: dict) -> None:
             print(f"  transfer gain (candidate - TF-IDF, macro-F1): {gain['estimate']:+.3f} [{lo:+.3f}, {hi:+.3f}]{flag}")
     verdict = result["reports"].get("gate")
     if verdict:
-        from tasks.gate import render_table
+        from tasks.render import verdict_markdown
 
-        print("\n" + render_table(verdict))
+        print("\n" + verdict_markdown(verdict))
+    decision = result["reports"].get("decide")
+    if decision:
+        print(f"decision: {'approved' if decision['approved'] else 'rejected'} by {decision['by']} ({decision['reason']})\n")
     if package:
         smoke = package["smoke_test"]
         print(f"packaged {package['model']} (Bento {package['bento']}); smoke test: {smoke['examples']} served "
@@ -123,97 +156,71 @@ def print_summary(result: dict) -> None:
 
 
 def command_validate(args: argparse.Namespace, project: Path) -> int:
-    from pipelines.validate import print_outcome, validate_file
     from tasks.config import load_params
-    from tasks.errors import RegraftError
+    from tasks.render import print_validation_outcome
+    from tasks.validate import validate_file
 
-    try:
-        report = validate_file(load_params(project / "params.yaml"), Path(args.path).resolve())
-    except RegraftError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return print_outcome(report)
+    return print_validation_outcome(validate_file(load_params(project / "params.yaml"), Path(args.path).resolve()))
 
 
 def command_shift(args: argparse.Namespace, project: Path) -> int:
     import json
 
-    from pipelines.shift import analyse
     from tasks.config import load_params
-    from tasks.errors import RegraftError
+    from tasks.errors import DataError
     from tasks.ingest import normalise, read_table
-    from tasks.shift import render_markdown
+    from tasks.render import shift_markdown
+    from tasks.shift import analyse_shift, without_bulk
 
-    try:
-        params = load_params(project / "params.yaml")
-        frames = []
-        for raw in (args.source, args.target):
-            path = Path(raw).resolve()
-            frame = normalise(read_table(path), params.ingest.columns, path.name, params.ingest.time_format)
-            if "text" not in frame or frame.empty:
-                raise RegraftError(f"{path}: no rows with a {params.ingest.columns.text!r} column to compare")
-            frames.append(frame)
-        report = analyse(frames[0], frames[1], params)
-    except RegraftError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    for bulky in ("embeddings_2d", "domain_scores", "source_importance_weights", "source_ids"):
-        report.pop(bulky, None)
-    print(json.dumps(report, indent=2) if args.json else render_markdown(report))
-    return 0
+    params = load_params(project / "params.yaml")
+    frames = []
+    for raw in (args.source, args.target):
+        path = Path(raw).resolve()
+        frame = normalise(read_table(path), params.ingest.columns, path.name, params.ingest.time_format)
+        if "text" not in frame or frame.empty:
+            raise DataError(f"{path}: no rows with a {params.ingest.columns.text!r} column to compare")
+        frames.append(frame)
+    report = without_bulk(analyse_shift(frames[0], frames[1], params))
+    print(json.dumps(report, indent=2) if args.json else shift_markdown(report))
+    return EXIT_OK
 
 
 def command_models(args: argparse.Namespace, project: Path) -> int:
     import json
 
-    from pipelines.promote import render_models
     from tasks.config import load_params
-    from tasks.errors import RegraftError
     from tasks.registry import read_record
+    from tasks.render import models_text
 
-    try:
-        record = read_record(load_params(project / "params.yaml").paths.registry)
-    except RegraftError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(record, indent=2) if args.json else render_models(record))
-    return 0
+    record = read_record(load_params(project / "params.yaml").paths.registry)
+    print(json.dumps(record, indent=2) if args.json else models_text(record))
+    return EXIT_OK
 
 
 def command_promote(args: argparse.Namespace, project: Path) -> int:
-    from pipelines.promote import promote_model, rollback
     from tasks.config import load_params
-    from tasks.errors import RegraftError
+    from tasks.promotion import promote_model, rollback
 
-    try:
-        params = load_params(project / "params.yaml")
-        if args.command == "promote":
-            record = promote_model(params, args.tag, args.reason, args.by)
-        else:
-            record = rollback(params, args.reason, args.by)
-    except RegraftError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    params = load_params(project / "params.yaml")
+    if args.command == "promote":
+        record = promote_model(params, args.tag, args.reason, args.by)
+    else:
+        record = rollback(params, args.reason, args.by)
     event = record["history"][-1]
     print(f"{event['action']}: {event['tag']} is now in production"
           + (f" (was {event['previous']})" if event.get("previous") else "") + f"; {record['versioning']}")
-    return 0
+    return EXIT_OK
 
 
 def command_serve(args: argparse.Namespace, project: Path) -> int:
     import subprocess
 
-    from tasks.packaging import bentoml_environment
     from tasks.config import load_params
-    from tasks.errors import RegraftError
+    from tasks.packaging import bentoml_environment
     from tasks.serving import production_tag
 
-    try:
-        params = load_params(project / "params.yaml")
-        tag = production_tag(params.paths.registry)
-    except RegraftError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    params = load_params(project / "params.yaml")
+    tag = production_tag(params.paths.registry)
     host, port = args.host or params.serve.host, args.port or params.serve.port
     print(f"serving {tag} (and whatever is promoted later) on http://{host}:{port}; POST /predict, GET /healthz, "
           "GET /metrics; Ctrl-C stops", flush=True)
@@ -225,35 +232,15 @@ def command_serve(args: argparse.Namespace, project: Path) -> int:
         return 0
 
 
-def wait_for_api(url: str, server, timeout: float) -> None:
-    import time
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"error: the Prefect server exited with {server.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise SystemExit(f"error: no Prefect server at {url} within {timeout:.0f} s")
-
-
 def command_ui(args: argparse.Namespace, project: Path) -> int:
     """A Prefect server on 127.0.0.1 (state in the project), with the deployments served from here."""
     import subprocess
 
     from tasks.config import load_params
-    from tasks.errors import RegraftError
+    from tasks.errors import InternalError
+    from tasks.processes import NotHealthy, stop_process_group, wait_until_healthy
 
-    try:
-        params = load_params(project / "params.yaml")
-    except RegraftError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    params = load_params(project / "params.yaml")
     port = args.port or params.schedule.ui_port
 
     def stop(signum, frame):
@@ -273,7 +260,10 @@ def command_ui(args: argparse.Namespace, project: Path) -> int:
                               start_new_session=True)
     api = f"http://127.0.0.1:{port}/api"
     try:
-        wait_for_api(api, server, 180)
+        try:
+            wait_until_healthy(f"{api}/health", server, 180)
+        except NotHealthy as exc:
+            raise InternalError(f"the Prefect server did not start: {exc}") from None
         # Set before Prefect is first imported in this process: its settings are read at import.
         os.environ["PREFECT_API_URL"] = api
         from prefect import serve
@@ -286,18 +276,16 @@ def command_ui(args: argparse.Namespace, project: Path) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
+        stop_process_group(server, grace_seconds=30)
         print("stopped the Prefect server and the deployments", flush=True)
-    return 0
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="regraft", description="Retrain a transformer safely on new data.")
+    parser = argparse.ArgumentParser(prog="regraft", description="Retrain a transformer safely on new data.",
+                                     epilog="Exit codes: 0 success; 1 a FAIL or rejected verdict; 2 bad input or "
+                                     "configuration; 3 the project is busy; 70 an internal error.")
+    parser.add_argument("--version", action="version", version=f"regraft {regraft_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the retraining flow (every stage of dvc.yaml) once")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -327,14 +315,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; expected failures print one message and exit 1, 2 or 3, anything else a traceback and 70."""
+    from tasks.errors import EXIT_INTERNAL, RegraftError
+
     args = build_parser().parse_args(argv)
-    project = find_project(Path.cwd())
-    prepare_environment(project)
-    # Stage code resolves params.yaml paths against the project folder.
-    os.chdir(project)
     handlers = {"run": command_run, "validate": command_validate, "shift": command_shift, "models": command_models,
                 "promote": command_promote, "rollback": command_promote, "serve": command_serve, "ui": command_ui}
-    return handlers[args.command](args, project)
+    try:
+        project = find_project(Path.cwd())
+        prepare_environment(project)
+        # Stage code resolves params.yaml paths against the project folder.
+        os.chdir(project)
+        return handlers[args.command](args, project)
+    except RegraftError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print("error: an internal error in regraft (the traceback above says where)", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ def in_project(project_dir: str) -> Path:
 @flow(name="promote", log_prints=True)
 def promote(tag: str, reason: str = "promoted from Prefect", by: str = "prefect", project_dir: str = ".") -> dict:
     """Make a packaged model (PASS or approved) the production model."""
-    from pipelines.promote import promote_model
+    from tasks.promotion import promote_model
 
     root = in_project(project_dir)
     record = promote_model(load_params(root / "params.yaml"), tag, reason, by)
@@ -36,7 +36,7 @@ def promote(tag: str, reason: str = "promoted from Prefect", by: str = "prefect"
 @flow(name="rollback", log_prints=True)
 def rollback(reason: str = "rolled back from Prefect", by: str = "prefect", project_dir: str = ".") -> dict:
     """Put the previous production model back."""
-    from pipelines.promote import rollback as rollback_model
+    from tasks.promotion import rollback as rollback_model
 
     root = in_project(project_dir)
     record = rollback_model(load_params(root / "params.yaml"), reason, by)
@@ -48,9 +48,9 @@ def rollback(reason: str = "rolled back from Prefect", by: str = "prefect", proj
 def shift_watch(max_rows: int = 2000, project_dir: str = ".") -> dict:
     """Compare recent served texts with the production model's training data; on a moderate or severe
     shift, emit a `regraft.shift.detected` event (an automation on it starts `retrain`)."""
-    from pipelines.watch import watch
+    from tasks.monitoring import watch_traffic
     from tasks.registry import read_record
-    from tasks.shift import render_markdown
+    from tasks.render import shift_markdown
 
     root = in_project(project_dir)
     params = load_params(root / "params.yaml")
@@ -58,8 +58,8 @@ def shift_watch(max_rows: int = 2000, project_dir: str = ".") -> dict:
         # A scheduled watch on a project that serves nothing yet has nothing to compare: not a failure.
         get_run_logger().info("no production model yet (%s): nothing is served, nothing to watch", params.paths.registry)
         return {"verdict": "skipped", "reasons": ["no production model"]}
-    report = watch(params, max_rows)
-    create_markdown_artifact(key="shift-watch-report", markdown=render_markdown(report),
+    report = watch_traffic(params, max_rows)
+    create_markdown_artifact(key="shift-watch-report", markdown=shift_markdown(report),
                              description="serving traffic vs the production model's training data")
     if report["verdict"] in ("moderate", "severe"):
         emit_event(event=SHIFT_EVENT, resource={"prefect.resource.id": f"regraft.model.{report['production_model']}"},

@@ -2,23 +2,23 @@
 
 Each task runs `dvc repro --single-item <stage>`, so dvc.lock is written by DVC exactly as
 `dvc repro` writes it, then publishes the stage's report as a Markdown artifact. A failed run
-restores data, reports, dvc.lock and params.yaml to what they were before it started.
+restores data, reports, dvc.lock and params.yaml to what they were before it started. The flow
+decides nothing itself: the gate stage writes the verdict, the decide stage the decision; the flow
+only asks a person when the verdict is INCONCLUSIVE and files the answer for the decide stage.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
@@ -26,103 +26,82 @@ from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 from prefect.runtime import deployment, flow_run
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from flows.dag import stage_order, stage_outputs
 from flows.workspace import discard, restore, take_snapshot
-from pipelines.gate import DECIDER_ENV
-from pipelines.stage_io import write_json
-from tasks import evaluate as evaluate_task
-from tasks import finetune as finetune_task
-from tasks import gate as gate_task
-from tasks import ingest as ingest_task
-from tasks import packaging as packaging_task
-from tasks import shift as shift_task
-from tasks import validate as validate_task
-from tasks.config import GateConfig, load_params, parse_override, write_overrides
-from tasks.errors import RegraftError
+from tasks.config import Params, config_field, load_params, parse_override, write_overrides
+from tasks.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, CheckFailed, InternalError, RegraftError
+from tasks.files import sha256_of, write_json
+from tasks.gate import INCONCLUSIVE, answer_file
 from tasks.locking import clear_stale_dvc_locks, project_lock
+from tasks.processes import stop_process_group
+from tasks.render import render_report, verdict_markdown
 
-RENDERERS = {
-    "ingest": ingest_task.render_markdown,
-    "validate": validate_task.render_markdown,
-    "shift": shift_task.render_markdown,
-    "finetune": finetune_task.render_markdown,
-    "evaluate": evaluate_task.render_markdown,
-    "verdict": gate_task.render_table,
-    "package": packaging_task.render_markdown,
+# The fields of the UI's run form, each setting one params.yaml key. Type, bounds and help come from
+# that key's field in tasks/config.py, so the form cannot drift from the configuration.
+FORM_FIELDS = {
+    "time_cutoff": "ingest.split.time_cutoff",
+    "holdout_fraction": "ingest.split.holdout_fraction",
+    "split_seed": "ingest.split.seed",
+    "strategy": "train.strategy",
+    "epochs": "train.epochs",
+    "on_severe_shift": "shift.on_severe",
+    "on_inconclusive": "gate.on_inconclusive",
 }
-# The gate stage's report is reports/verdict.json.
-REPORT_NAMES = {"gate": "verdict"}
+# The stage before which an INCONCLUSIVE verdict is put to a person.
+DECIDE_STAGE = "decide"
 
 
-class RetrainParameters(BaseModel):
-    """What a person may change for one run. Each field maps to one key of params.yaml;
-    empty fields leave params.yaml as it is."""
+class RunOptions(BaseModel):
+    """What a person may change for one run. Empty fields leave params.yaml as it is."""
 
     model_config = ConfigDict(extra="forbid")
 
-    time_cutoff: dt.date | None = Field(
-        default=None, description="First day of the target domain (ingest.split.time_cutoff).",
-        json_schema_extra={"param": "ingest.split.time_cutoff"},
-    )
-    holdout_fraction: float | None = Field(
-        default=None, gt=0, lt=1, description="Share of each domain held out (ingest.split.holdout_fraction).",
-        json_schema_extra={"param": "ingest.split.holdout_fraction"},
-    )
-    split_seed: int | None = Field(
-        default=None, ge=0, description="Seed of the holdout split (ingest.split.seed).",
-        json_schema_extra={"param": "ingest.split.seed"},
-    )
-    strategy: Literal["auto", "feature_extraction", "full", "gradual_unfreeze", "lora"] | None = Field(
-        default=None, description="How much of the pretrained model adapts (train.strategy).",
-        json_schema_extra={"param": "train.strategy"},
-    )
-    epochs: int | None = Field(
-        default=None, ge=1, le=100, description="Training epochs, an upper bound with early stopping (train.epochs).",
-        json_schema_extra={"param": "train.epochs"},
-    )
-    on_severe_shift: Literal["warn", "block"] | None = Field(
-        default=None, description="Whether a severe domain shift stops the run before training (shift.on_severe).",
-        json_schema_extra={"param": "shift.on_severe"},
-    )
-    on_inconclusive: Literal["reject", "approve"] | None = Field(
-        default=None, description="What an INCONCLUSIVE gate becomes when nobody answers (gate.on_inconclusive).",
-        json_schema_extra={"param": "gate.on_inconclusive"},
-    )
     overrides: list[str] = Field(
         default_factory=list, description="Any other params.yaml key, as KEY=VALUE (e.g. validate.min_rows_per_class=10).",
     )
     push: bool = Field(default=True, description="Push data and models to the DVC remote after a successful run.")
 
     def as_overrides(self) -> dict[str, Any]:
-        """Dotted params.yaml keys and values; explicit fields win over free-form ones."""
+        """Dotted params.yaml keys and values; the form's fields win over free-form ones."""
         result = dict(parse_override(item) for item in self.overrides)
         values = self.model_dump(mode="json")
-        for name, info in type(self).model_fields.items():
-            extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-            if "param" in extra and values[name] is not None:
-                result[extra["param"]] = values[name]
+        for name, key in FORM_FIELDS.items():
+            if values.get(name) is not None:
+                result[key] = values[name]
         return result
+
+
+def form_field(key: str) -> tuple[Any, Any]:
+    """An optional form field with the type, bounds and help of the params.yaml key it sets."""
+    info = config_field(key)
+    optional = info.annotation | None
+    return (Annotated[optional, *info.metadata] if info.metadata else optional,
+            Field(default=None, description=f"{info.description} ({key})", json_schema_extra={"param": key}))
+
+
+RetrainParameters = create_model(
+    "RetrainParameters", __base__=RunOptions, __module__=__name__,
+    **{name: form_field(key) for name, key in FORM_FIELDS.items()},
+)
 
 
 # DVC's advice on staging files in git: noise inside a flow run.
 DVC_GIT_HINTS = ("To track the changes with git", "git add ", "To enable auto staging", "dvc config core.autostage")
-
-
-class StageFailed(RegraftError):
-    """A DVC stage exited non-zero; the message carries what it printed last."""
-
-
-class StageInterrupted(StageFailed):
-    """A stage that may succeed when run again: its process was killed (out of memory, preempted) or
-    DVC found a path locked by another DVC command. The stage task retries these; finetune resumes
-    from its last checkpoint."""
-
-
+# DVC's own lines around a failed stage: the stage's output says what went wrong.
+DVC_NOISE = ("Having any troubles", "ERROR: failed to reproduce", "Running stage ", "> python -m pipelines.")
 # What DVC prints when its locks are taken by another DVC command.
 BUSY_MARKERS = (re.compile(r"is busy, it is being blocked by"), re.compile(r"Unable to acquire lock"))
 EXIT_STATUS = re.compile(r"failed to run: .*, exited with (-?\d+)$")
+# The plain progress lines of the finetune stage (tasks/finetune.py), drawn as a bar on a terminal.
+PROGRESS_LINE = re.compile(r"^finetune: step (\d+)/(\d+) .* ([\d.]+) samples/s")
+
+
+class StageInterrupted(InternalError):
+    """A stage that may succeed when run again: its process was killed (out of memory, preempted) or
+    DVC found a path locked by another DVC command. The stage task retries these; finetune resumes
+    from its last checkpoint."""
 
 
 def killed_by_signal(status: int) -> bool:
@@ -131,13 +110,30 @@ def killed_by_signal(status: int) -> bool:
     return status < 0 or 128 < status <= 128 + 64
 
 
-def is_transient(lines: Iterable[str]) -> bool:
-    """Whether DVC's output says the stage was killed by a signal or blocked by another DVC command."""
+def stage_exit_status(lines: Iterable[str]) -> int | None:
+    """The exit status of the stage's command, as DVC reports it."""
     for line in lines:
         status = EXIT_STATUS.search(line)
-        if (status and killed_by_signal(int(status.group(1)))) or any(m.search(line) for m in BUSY_MARKERS):
-            return True
-    return False
+        if status:
+            return int(status.group(1))
+    return None
+
+
+def is_transient(lines: Iterable[str]) -> bool:
+    """Whether DVC's output says the stage was killed by a signal or blocked by another DVC command."""
+    lines = list(lines)
+    status = stage_exit_status(lines)
+    return (status is not None and killed_by_signal(status)) or any(
+        m.search(line) for line in lines for m in BUSY_MARKERS)
+
+
+def stage_error(lines: list[str]) -> type[RegraftError]:
+    """What a failed stage means, from its exit status (pipelines/stage_io.py): 1 a check said no,
+    2 bad input or configuration, a signal or DVC's lock an interruption, anything else a crash."""
+    if is_transient(lines):
+        return StageInterrupted
+    status = stage_exit_status(lines)
+    return {EXIT_CHECK_FAILED: CheckFailed, EXIT_BAD_INPUT: RegraftError}.get(status, InternalError)
 
 
 def retry_transient(task, task_run, state) -> bool:
@@ -145,24 +141,18 @@ def retry_transient(task, task_run, state) -> bool:
     return isinstance(state.data, StageInterrupted)
 
 
-class GateRejected(RegraftError):
-    """The gate's INCONCLUSIVE verdict was rejected (by a person, a timeout or gate.on_inconclusive)."""
-
-
 class GateDecision(RunInput):
     """What a person answers when the gate is INCONCLUSIVE (the form in the Prefect UI)."""
 
     approve: bool = Field(description="Let this candidate go on to packaging and promotion despite the INCONCLUSIVE verdict.")
-    reason: str = Field(min_length=3, description="Why; recorded in reports/verdict.json.")
+    reason: str = Field(min_length=3, description="Why; recorded in the decision (reports/decision.json).")
     reviewer: str = Field(default="", description="Who decides (name or e-mail).")
 
 
 def stage_environment() -> dict[str, str]:
-    """The stage commands (`python -m pipelines...`) must run on this interpreter; the gate leaves an
-    INCONCLUSIVE verdict to the flow, which can ask a person."""
+    """The stage commands (`python -m pipelines...`) must run on this interpreter."""
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env[DECIDER_ENV] = "flow"
     return env
 
 
@@ -170,8 +160,31 @@ def dvc_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "dvc", *args]
 
 
+class TerminalProgress:
+    """A live bar with throughput and ETA on the terminal, drawn from the stage's plain progress lines."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.bar = enabled, None
+
+    def feed(self, line: str) -> None:
+        match = PROGRESS_LINE.match(line) if self.enabled else None
+        if not match:
+            return
+        step, total, rate = int(match.group(1)), int(match.group(2)), float(match.group(3))
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=step, unit="step", desc="finetune", dynamic_ncols=True, leave=False)
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix(samples_per_s=f"{rate:.1f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 @task(name="stage", task_run_name="{stage}", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient)
-def run_stage(stage: str, project_dir: Path, reports_dir: Path) -> dict:
+def run_stage(stage: str, project_dir: Path, report_file: Path) -> dict:
     """Run one dvc.yaml stage through DVC, stream its output into the Prefect log, publish its report."""
     logger = get_run_logger()
     # Its own process group, so that a cancelled or interrupted run stops DVC and the stage's command
@@ -181,51 +194,46 @@ def run_stage(stage: str, project_dir: Path, reports_dir: Path) -> dict:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True,
     )
     tail: deque[str] = deque(maxlen=40)
+    progress = TerminalProgress(sys.stderr.isatty())
     assert process.stdout is not None
     try:
         for line in process.stdout:
             line = line.rstrip()
             if line and not line.lstrip().startswith(DVC_GIT_HINTS):
                 logger.info(line)
+                progress.feed(line)
                 tail.append(line)
         returncode = process.wait()
     except BaseException:
         stop_process_group(process)
         raise
+    finally:
+        progress.close()
     if returncode != 0:
-        shown = [t for t in tail if not t.startswith(("Having any troubles", "ERROR: failed to reproduce"))]
-        raise (StageInterrupted if is_transient(tail) else StageFailed)(f"stage {stage!r} failed:\n" + "\n".join(shown))
-    name = REPORT_NAMES.get(stage, stage)
-    report_file = project_dir / reports_dir / f"{name}.json"
-    if not report_file.is_file():
-        raise StageFailed(f"stage {stage!r} wrote no report at {report_file}")
-    report = json.loads(report_file.read_text(encoding="utf-8"))
-    publish_report(name, report)
+        shown = [t for t in tail if not t.startswith(DVC_NOISE)]
+        raise stage_error(list(tail))(f"stage {stage!r} failed:\n" + "\n".join(shown))
+    path = project_dir / report_file
+    if not path.is_file():
+        raise InternalError(f"stage {stage!r} wrote no report at {path}")
+    report = json_file(path)
+    publish_report(report_file.stem, report)
     return report
 
 
-def stop_process_group(process: subprocess.Popen, grace_seconds: float = 10) -> None:
-    """SIGTERM a stage's process group, give it a grace period, then SIGKILL whatever is left."""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=grace_seconds)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)  # the stage's own children may outlive DVC
-    except ProcessLookupError:
-        pass
-    process.wait()
+def json_file(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def publish_report(name: str, report: dict) -> None:
-    render = RENDERERS.get(name, lambda r: f"# {name}\n\n```json\n{json.dumps(r, indent=2)[:20000]}\n```\n")
-    create_markdown_artifact(key=f"{name}-report", markdown=render(report), description=f"regraft {name} report")
+    create_markdown_artifact(key=f"{name}-report", markdown=render_report(name, report),
+                             description=f"regraft {name} report")
 
 
 def decision_mode() -> str:
     """Who answers an INCONCLUSIVE gate: a person through the Prefect UI when the run came from a
-    deployment, the person at the terminal when there is one, else the configured policy."""
+    deployment, the person at the terminal when there is one, else nobody (gate.on_inconclusive decides)."""
     if deployment.get_id():
         return "pause"
     if sys.stdin is not None and sys.stdin.isatty() and sys.stdout.isatty():
@@ -233,43 +241,37 @@ def decision_mode() -> str:
     return "policy"
 
 
-def decide_inconclusive(verdict: dict, cfg: GateConfig, mode: str) -> dict:
-    """Record approve/reject for an INCONCLUSIVE verdict; never waits longer than the configured timeout."""
+def ask_person(verdict: dict, timeout_seconds: int, mode: str) -> dict | None:
+    """A person's answer to an INCONCLUSIVE verdict ({approved, by, reason}), or None when there is nobody
+    to ask or nobody answers in time."""
     logger = get_run_logger()
     if mode == "pause":
         logger.warning("gate INCONCLUSIVE: waiting up to %s s for a decision (resume this run in the Prefect UI)",
-                       cfg.decision_timeout_seconds)
+                       timeout_seconds)
         try:
-            answer = pause_flow_run(wait_for_input=GateDecision, timeout=cfg.decision_timeout_seconds,
-                                    key="gate-decision")
+            answer = pause_flow_run(wait_for_input=GateDecision, timeout=timeout_seconds, key="gate-decision")
         except FlowPauseTimeout:
-            return gate_task.record_decision(verdict, False, "timeout",
-                                             f"no decision within {cfg.decision_timeout_seconds} s")
-        return gate_task.record_decision(verdict, answer.approve, answer.reviewer or "Prefect UI", answer.reason)
+            logger.warning("no decision within %s s: gate.on_inconclusive decides", timeout_seconds)
+            return None
+        return {"approved": answer.approve, "by": answer.reviewer or "Prefect UI", "reason": answer.reason}
     if mode == "prompt":
-        print(gate_task.render_table(verdict))
+        print(verdict_markdown(verdict))
         reply = input("Gate INCONCLUSIVE. Approve this candidate for packaging? [y/N] ").strip().lower()
-        reason = input("Reason (recorded in the verdict): ").strip() or "(none given)"
-        return gate_task.record_decision(verdict, reply in ("y", "yes"), f"terminal ({os.environ.get('USER', '?')})", reason)
-    return gate_task.record_decision(verdict, cfg.on_inconclusive == "approve", "policy",
-                                     f"gate.on_inconclusive={cfg.on_inconclusive} (nobody to ask)")
+        reason = input("Reason (recorded in the decision): ").strip() or "(none given)"
+        return {"approved": reply in ("y", "yes"), "by": f"terminal ({os.environ.get('USER', '?')})", "reason": reason}
+    return None
 
 
-@task(name="gate-decision")
-def settle_verdict(verdict: dict, project_dir: Path, reports_dir: Path, cfg: GateConfig) -> dict:
-    """Resolve an INCONCLUSIVE verdict, write the decision into reports/verdict.json (and dvc.lock)."""
-    if verdict["verdict"] != gate_task.INCONCLUSIVE or verdict.get("decision"):
-        return verdict
-    verdict = decide_inconclusive(verdict, cfg, decision_mode())
-    write_json(project_dir / reports_dir / "verdict.json", verdict)
-    subprocess.run(dvc_command("commit", "--force", "gate"), cwd=project_dir, env=stage_environment(),
-                   capture_output=True, text=True, check=True)
-    publish_report("verdict", verdict)
-    if not gate_task.promotable(verdict):
-        decision = verdict["decision"]
-        raise GateRejected(f"gate INCONCLUSIVE and rejected by {decision['by']}: {decision['reason']}; "
-                           f"undecided criteria: {', '.join(verdict['inconclusive'])}")
-    return verdict
+@task(name="ask-about-verdict")
+def file_answer(verdict: dict, root: Path, params: Params) -> dict | None:
+    """Ask whoever can answer about an INCONCLUSIVE verdict; file the answer for the decide stage."""
+    if verdict.get("verdict") != INCONCLUSIVE:
+        return None
+    answer = ask_person(verdict, params.gate.decision_timeout_seconds, decision_mode())
+    if answer is not None:
+        digest = sha256_of(root / params.paths.verdict)
+        write_json(answer_file(root / params.paths.gate_answers, digest), {**answer, "verdict_sha256": digest})
+    return answer
 
 
 @task(name="dvc-push", retries=2, retry_delay_seconds=5)
@@ -283,28 +285,34 @@ def push_outputs(project_dir: Path) -> str:
     pushed = subprocess.run(dvc_command("push", "--remote", name), cwd=project_dir, env=stage_environment(),
                             capture_output=True, text=True)
     if pushed.returncode != 0:
-        raise RegraftError(f"dvc push to remote {name!r} failed: {pushed.stderr.strip() or pushed.stdout.strip()}")
+        raise InternalError(f"dvc push to remote {name!r} failed: {pushed.stderr.strip() or pushed.stdout.strip()}")
     get_run_logger().info(pushed.stdout.strip())
     return name
 
 
-def publish_html_report(root: Path, params, run_id: str) -> Path:
-    """Write reports/report.html (every report, plot and the verdict on one page) and link it from the run."""
+def publish_html_report(root: Path, params: Params, stages: list[str], run_id: str) -> Path:
+    """Write the run's one-page HTML report (every report, plot and the verdict) and link it from the run."""
     from tasks.report import html_report
 
-    page = root / params.paths.reports / "report.html"
-    page.write_text(html_report(root / params.paths.reports, RENDERERS, f"regraft run {run_id}",
-                                root / params.paths.train_log), encoding="utf-8")
+    sections = [(params.report_file(stage).stem, json_file(root / params.report_file(stage)))
+                for stage in stages if (root / params.report_file(stage)).is_file()]
+    figures = {"shift": sorted((root / params.paths.shift_plots).glob("*.png")),
+               "evaluate": sorted((root / params.paths.evaluation).glob("*.png"))}
+    page = root / params.paths.html_report
+    page.write_text(html_report(sections, figures, f"regraft run {run_id}", root / params.paths.train_log),
+                    encoding="utf-8")
     create_link_artifact(key="run-report", link=page.as_uri(), link_text="HTML report of this run",
                          description="validation, shift plots, training curves, metrics, groups and verdict")
     return page
 
 
-def keep_verdict(kept_reports: Path, reports: Path) -> None:
-    verdict = kept_reports / "verdict.json"
-    if verdict.is_file():
-        reports.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(verdict, reports / "verdict.json")
+def keep_verdict(kept_reports: Path, root: Path, params: Params) -> None:
+    """The verdict is written on every run, pass or fail: put the failed run's verdict (and decision) back."""
+    for path in (params.paths.verdict, params.paths.decision):
+        kept = kept_reports / path.relative_to(params.paths.reports)
+        if kept.is_file():
+            (root / path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(kept, root / path)
 
 
 @flow(name="retrain", log_prints=True)
@@ -337,10 +345,10 @@ def run_all_stages(root: Path, parameters: RetrainParameters, run_id: str) -> di
             write_overrides(root / "params.yaml", overrides)
         for stage in stages:
             started.append(stage)
-            reports[stage] = run_stage.with_options(name=stage)(stage, root, params.paths.reports)
-            if stage == "gate":
-                reports[stage] = settle_verdict(reports[stage], root, params.paths.reports, params.gate)
-        report_page = publish_html_report(root, params, run_id)
+            if stage == DECIDE_STAGE and "gate" in reports:
+                file_answer(reports["gate"], root, params)
+            reports[stage] = run_stage.with_options(name=stage)(stage, root, params.report_file(stage))
+        report_page = publish_html_report(root, params, stages, run_id)
         remote = push_outputs(root) if parameters.push else ""
     except BaseException as exc:
         # Keep what the failed run wrote for inspection, then put the last good state back.
@@ -348,11 +356,10 @@ def run_all_stages(root: Path, parameters: RetrainParameters, run_id: str) -> di
         if (root / params.paths.reports).exists():
             shutil.copytree(root / params.paths.reports, kept, dirs_exist_ok=True)
         restore(snapshot)
-        # The verdict is written on every run, pass or fail: the failed run's verdict stays readable.
         if "gate" in started:
-            keep_verdict(kept, root / params.paths.reports)
+            keep_verdict(kept, root, params)
         if isinstance(exc, RegraftError):
-            verdict_note = " (except reports/verdict.json, this run's verdict)" if "gate" in started else ""
+            verdict_note = " (except the verdict and decision of this run)" if "gate" in started else ""
             raise type(exc)(
                 f"{exc}\nThe failed run's reports are in {kept}; data, models, reports{verdict_note}, dvc.lock "
                 "and params.yaml are back to what they were before the run."

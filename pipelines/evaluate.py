@@ -10,65 +10,24 @@ import pandas as pd
 
 from pipelines.stage_io import read_splits, report_path, run_stage, save_figure, write_atomically, write_json, write_parquet
 from tasks.config import Params
-from tasks.evaluate import evaluate_split, render_markdown, transfer_gain
-from tasks.models import load_tokenizer, load_trained_classifier, mean_pooled_embeddings, predict_proba
+from tasks.baselines import baseline_probabilities, classifier_probabilities, train_frame
+from tasks.evaluate import evaluate_split, transfer_gain
+from tasks.render import evaluate_markdown
 
 HOLDOUTS = ("target_holdout", "source_holdout")
-
-
-def train_frame(splits: dict[str, pd.DataFrame], params: Params) -> pd.DataFrame:
-    """The rows the baselines learn from: the same train splits as the candidate (train.data)."""
-    names = ["target_train"] if params.train.data == "target" else ["source_train", "target_train"]
-    return pd.concat([splits[name] for name in names], ignore_index=True)
-
-
-def classifier_probabilities(path: Path, texts: dict[str, list[str]], params: Params, role: str) -> dict[str, np.ndarray]:
-    model = load_trained_classifier(path, params.ingest.labels, role)
-    tokenizer = load_tokenizer(path)
-    return {split: predict_proba(model, tokenizer, rows, params.model.max_length).numpy() for split, rows in texts.items()}
-
-
-def baseline_probabilities(train: pd.DataFrame, texts: dict[str, list[str]], params: Params) -> dict[str, dict[str, np.ndarray]]:
-    """TF-IDF + logistic regression, and the pretrained encoder frozen with a linear (logistic) head."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-
-    labels = params.ingest.labels
-    y = train["label"].map({label: i for i, label in enumerate(labels)}).to_numpy()
-    train_texts = train["text"].astype("str").tolist()
-    out: dict[str, dict[str, np.ndarray]] = {"tfidf": {}, "frozen_encoder": {}}
-    tfidf = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True),
-                          LogisticRegression(max_iter=2000, class_weight="balanced"))
-    tfidf.fit(train_texts, y)
-    cache = params.paths.cache / "embeddings"
-
-    def embed(rows: list[str]) -> np.ndarray:
-        return mean_pooled_embeddings(params.model.base, rows, params.model.max_length, cache).numpy()
-
-    head = LogisticRegression(max_iter=5000, class_weight="balanced").fit(embed(train_texts), y)
-    for split, rows in texts.items():
-        out["tfidf"][split] = full_proba(tfidf.predict_proba(rows), tfidf.classes_, len(labels))
-        out["frozen_encoder"][split] = full_proba(head.predict_proba(embed(rows)), head.classes_, len(labels))
-    return out
-
-
-def full_proba(proba: np.ndarray, classes: np.ndarray, k: int) -> np.ndarray:
-    """sklearn drops classes it never saw in training; put their (zero) columns back."""
-    out = np.zeros((len(proba), k))
-    out[:, classes] = proba
-    return out
 
 
 def main(params: Params) -> int:
     splits = read_splits(params)
     texts = {split: splits[split]["text"].astype("str").tolist() for split in HOLDOUTS}
-    probas: dict[str, dict[str, np.ndarray]] = {"candidate": classifier_probabilities(params.paths.model, texts, params, "candidate")}
+    labels, max_length = params.ingest.labels, params.model.max_length
+    probas = {"candidate": classifier_probabilities(params.paths.model, texts, labels, max_length, "candidate")}
     champion = params.paths.champion
     has_champion = (champion / "config.json").is_file()
     if has_champion:
-        probas["champion"] = classifier_probabilities(champion, texts, params, "champion (production)")
-    probas.update(baseline_probabilities(train_frame(splits, params), texts, params))
+        probas["champion"] = classifier_probabilities(champion, texts, labels, max_length, "champion (production)")
+    probas.update(baseline_probabilities(train_frame(splits, params.train.data), texts, labels, params.model.base,
+                                         max_length, params.paths.cache / "embeddings"))
 
     report = {"stage": "evaluate", "labels": params.ingest.labels, "champion": str(champion) if has_champion else None,
               "models": {
@@ -85,15 +44,14 @@ def main(params: Params) -> int:
             splits[split], per_model, params.ingest.labels, params.ingest.columns.groups, params.evaluate, split)
         samples.update(split_samples)
     report["transfer_gain"] = transfer_gain(report)
-    folder = params.paths.reports / "evaluate"
-    report["bootstrap_file"] = str(folder / "bootstrap.parquet")
-    write_parquet(folder / "bootstrap.parquet", pd.DataFrame(samples))
-    report["plots"] = save_plots(report, folder)
-    write_confusion_rows(folder / "confusion_target_holdout.csv", splits["target_holdout"], probas["candidate"]["target_holdout"],
+    report["bootstrap_file"] = str(params.paths.bootstrap)
+    write_parquet(params.paths.bootstrap, pd.DataFrame(samples))
+    report["plots"] = save_plots(report, params.paths.evaluation)
+    write_confusion_rows(params.paths.confusion_rows, splits["target_holdout"], probas["candidate"]["target_holdout"],
                          params.ingest.labels)
     write_json(report_path(params, "evaluate"), report)
-    write_json(params.paths.reports / "metrics.json", headline_metrics(report))
-    print(render_markdown(report))
+    write_json(params.paths.metrics, headline_metrics(report))
+    print(evaluate_markdown(report))
     return 0
 
 

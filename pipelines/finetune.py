@@ -18,6 +18,7 @@ from pathlib import Path
 from pipelines.stage_io import read_splits, report_path, run_stage, write_atomically, write_json
 from tasks.config import Params
 from tasks.errors import ConfigError
+from tasks.files import replace_directory
 from tasks.finetune import FinetuneResult, build_training_data, choose_strategy, finetune
 from tasks.models import model_origin
 
@@ -90,17 +91,13 @@ def model_card(result: FinetuneResult, params: Params, base: str, data_hashes: d
 
 def save_model_dir(result: FinetuneResult, destination: Path, card: str) -> None:
     """Write safetensors + config (with id2label) + tokenizer + card to a new folder, then swap it in."""
-    staging = destination.with_name(f".{destination.name}.staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    result.model.save_pretrained(staging)
-    result.tokenizer.save_pretrained(staging)
-    (staging / "README.md").write_text(card, encoding="utf-8")
-    old = destination.with_name(f".{destination.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if destination.exists():
-        destination.rename(old)
-    staging.rename(destination)
-    shutil.rmtree(old, ignore_errors=True)
+
+    def write_model(staging: Path) -> None:
+        result.model.save_pretrained(staging)
+        result.tokenizer.save_pretrained(staging)
+        (staging / "README.md").write_text(card, encoding="utf-8")
+
+    replace_directory(write_model, destination)
 
 
 def write_log(path: Path, rows: list[dict]) -> None:
@@ -130,11 +127,10 @@ def main(params: Params) -> int:
     base = initial_model(params)
     strategy, reason = choose_strategy(params.train, len(splits["target_train"]), read_shift_report(params))
     train, valid = build_training_data(splits, params.ingest.labels, params.train)
-    state = params.paths.state
     print(f"finetune: {strategy} ({reason}); {len(train.texts)} train rows, {len(valid.texts)} validation rows",
           flush=True)
     result = finetune(base, params.ingest.labels, train, valid, params.train, params.model, strategy, reason,
-                      checkpoint_dir=state / "checkpoints" / "finetune", cache_dir=params.paths.cache / "features")
+                      checkpoint_dir=params.paths.checkpoints, cache_dir=params.paths.cache / "features")
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     data_hashes = {name: file_md5(Path(path)) for name, path in params.paths.splits.model_dump().items()}
@@ -164,7 +160,7 @@ def main(params: Params) -> int:
         **({"rank_weight_sha256": result.extra["rank_weight_sha256"]} if "rank_weight_sha256" in result.extra else {}),
     })
     # A finished run's checkpoints must not be resumed by the next one.
-    shutil.rmtree(state / "checkpoints" / "finetune", ignore_errors=True)
+    shutil.rmtree(params.paths.checkpoints, ignore_errors=True)
     validation = result.metrics.get("validation", {})
     print(f"finetune: saved {params.paths.model} ({result.strategy}, validation "
           + ", ".join(f"{k} {v:.3f}" for k, v in validation.items()) + ")", flush=True)

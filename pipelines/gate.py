@@ -1,13 +1,9 @@
-"""DVC stage `gate`: evaluation + shift reports -> reports/verdict.json (always), exit 1 on FAIL.
-
-INCONCLUSIVE: inside the retrain flow (REGRAFT_GATE_DECIDER=flow) the flow asks a person and records
-the answer; anywhere else (`dvc repro`) gate.on_inconclusive decides at once, so nothing waits for nobody.
-"""
+"""DVC stage `gate`: evaluation + shift reports -> the verdict (paths.verdict), written on every run and
+never changed afterwards; exit 1 on FAIL. What becomes of an INCONCLUSIVE verdict is the `decide` stage's."""
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -15,9 +11,8 @@ import pandas as pd
 
 from pipelines.stage_io import report_path, run_stage, write_json
 from tasks.config import Params
-from tasks.gate import FAIL, INCONCLUSIVE, Evidence, judge, promotable, record_decision, render_table
-
-DECIDER_ENV = "REGRAFT_GATE_DECIDER"
+from tasks.gate import FAIL, Evidence, judge
+from tasks.render import verdict_markdown
 
 
 def read_evidence(params: Params) -> Evidence:
@@ -34,33 +29,25 @@ def read_evidence(params: Params) -> Evidence:
         return None
 
     evaluation = read_json(report_path(params, "evaluate"))
+    shift_problems = len(problems)
     shift = read_json(report_path(params, "shift"))
+    # The shift report's absence is its own criterion; only evaluation files make the whole verdict void.
+    del problems[shift_problems:]
     bootstrap = None
     if evaluation is not None:
-        path = Path(evaluation.get("bootstrap_file", params.paths.reports / "evaluate" / "bootstrap.parquet"))
         try:
-            bootstrap = pd.read_parquet(path)
+            bootstrap = pd.read_parquet(params.paths.bootstrap)
         except (OSError, ValueError) as exc:
-            problems.append(f"{path}: bootstrap resamples unreadable ({exc})")
-    # The shift report's absence is its own criterion; only evaluation files make the whole verdict void.
-    problems = [p for p in problems if "shift.json" not in p]
+            problems.append(f"{params.paths.bootstrap}: bootstrap resamples unreadable ({exc})")
     return Evidence(evaluation=evaluation, bootstrap=bootstrap, shift=shift, problems=problems)
 
 
 def main(params: Params) -> int:
     verdict = judge(read_evidence(params), params.gate, params.evaluate.small_n)
-    if verdict["verdict"] == INCONCLUSIVE and os.environ.get(DECIDER_ENV) != "flow":
-        policy = params.gate.on_inconclusive
-        verdict = record_decision(verdict, approved=policy == "approve", by="policy",
-                                  reason=f"gate.on_inconclusive={policy} (no one to ask outside the retrain flow)")
-    write_json(report_path(params, "verdict"), verdict)
-    print(render_table(verdict))
+    write_json(params.paths.verdict, verdict)
+    print(verdict_markdown(verdict))
     if verdict["verdict"] == FAIL:
         print("error: gate FAIL:\n  " + "\n  ".join(failure_lines(verdict)), file=sys.stderr)
-        return 1
-    if verdict["decision"] and not promotable(verdict):
-        print(f"error: gate INCONCLUSIVE and rejected ({verdict['decision']['reason']}):\n  "
-              + "\n  ".join(verdict["inconclusive"]), file=sys.stderr)
         return 1
     return 0
 

@@ -15,21 +15,33 @@ import pandas as pd
 
 from pipelines.stage_io import report_path, run_stage, write_json
 from tasks.config import Params
-from tasks.errors import RegraftError
+from tasks.errors import CheckFailed
+from tasks.files import sha256_of
 from tasks.gate import promotable
 from tasks.packaging import bentoml_environment, build_bento, lineage, offline_labels, save_model, smoke_test
 from tasks.registry import file_digests, register
 
 
+def read_decision(params: Params) -> tuple[dict, dict]:
+    """The verdict and the decision on exactly that verdict; anything missing, stale or not approved refuses."""
+    verdict_file, decision_file = params.paths.verdict, params.paths.decision
+    try:
+        verdict = json.loads(verdict_file.read_text(encoding="utf-8"))
+        decision = json.loads(decision_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckFailed(f"no readable gate verdict and decision ({exc}); nothing is packaged without them") from None
+    if decision.get("verdict_sha256") != sha256_of(verdict_file):
+        raise CheckFailed(f"{decision_file} decides about another verdict than {verdict_file}; run the decide stage again")
+    if not promotable(verdict.get("verdict"), decision):
+        raise CheckFailed(f"gate verdict {verdict.get('verdict')}, {'approved' if decision.get('approved') else 'not approved'} "
+                          f"by {decision.get('by')}; only a PASS or an approved INCONCLUSIVE candidate is packaged")
+    return verdict, decision
+
+
 def main(params: Params) -> int:
     os.environ.update(bentoml_environment(params))
-    verdict_file = report_path(params, "verdict")
-    verdict = json.loads(verdict_file.read_text(encoding="utf-8")) if verdict_file.is_file() else None
-    if not promotable(verdict):
-        state = "missing" if verdict is None else verdict["verdict"] + (" (rejected)" if verdict.get("decision") else "")
-        raise RegraftError(f"{verdict_file}: gate verdict is {state}; only a PASS or an approved INCONCLUSIVE "
-                           "candidate is packaged")
-    origin = lineage(params, verdict)
+    verdict, decision = read_decision(params)
+    origin = lineage(params, verdict, decision)
     digests = file_digests(params.paths.model)
     model_tag = save_model(params, origin, digests)
     bento_tag = build_bento(params, model_tag)
@@ -40,7 +52,7 @@ def main(params: Params) -> int:
     stored = Path(bentoml.models.get(model_tag).path)
     smoke = smoke_test(params, bento_tag, model_tag, texts, offline_labels(stored, texts, params.model.max_length))
     register(params.paths.registry, model_tag, {
-        "bento": bento_tag, "verdict": verdict["verdict"], "decision": verdict.get("decision"), "sha256": digests,
+        "bento": bento_tag, "verdict": verdict["verdict"], "decision": decision, "sha256": digests,
         "metrics": origin["metrics"], "data_md5": origin["data_md5"], "git_commit": origin["git_commit"],
         "smoke_test": smoke,
     })

@@ -1,7 +1,4 @@
-"""DVC stage `shift`: source vs target -> reports/shift.json, PNG plots, source importance weights.
-
-Also `regraft shift SOURCE TARGET` on two files (labels optional).
-"""
+"""DVC stage `shift`: source vs target -> reports/shift.json, PNG plots, source importance weights."""
 
 from __future__ import annotations
 
@@ -13,49 +10,8 @@ import pandas as pd
 
 from pipelines.stage_io import read_splits, report_path, run_stage, save_figure, write_json, write_parquet
 from tasks.config import Params
-from tasks.models import load_classifier, load_tokenizer, mean_pooled_embeddings, predict_proba
-from tasks.shift import build_sample, detect_shift, render_markdown, source_classifier_probabilities
-
-
-def cap_rows(frame: pd.DataFrame, limit: int, seed: int) -> pd.DataFrame:
-    return frame if len(frame) <= limit else frame.sample(n=limit, random_state=seed).reset_index(drop=True)
-
-
-def analyse(source: pd.DataFrame, target: pd.DataFrame, params: Params) -> dict:
-    """Embed both domains with the base encoder (cached), build the per-row inputs, run every test."""
-    cfg, labels = params.shift, params.ingest.labels
-    source = cap_rows(source.reset_index(drop=True), cfg.max_rows, cfg.seed)
-    target = cap_rows(target.reset_index(drop=True), cfg.max_rows, cfg.seed)
-    base, max_length = params.model.base, params.model.max_length
-    cache = params.paths.cache / "embeddings"
-    tokenizer = load_tokenizer(base)
-    source_emb = mean_pooled_embeddings(base, source["text"].astype("str").tolist(), max_length, cache)
-    target_emb = mean_pooled_embeddings(base, target["text"].astype("str").tolist(), max_length, cache)
-    groups = params.ingest.columns.groups
-    source_sample = build_sample(source, source_emb, tokenizer, groups, labels)
-    target_sample = build_sample(target, target_emb, tokenizer, groups, labels)
-    if source_sample.labels is not None:
-        target_sample.class_probs = source_classifier_probabilities(source_emb, source_sample.labels, target_emb)
-    champion = params.paths.champion
-    if (champion / "config.json").is_file():
-        # Black-box shift detection on the production model's outputs.
-        model, champion_tokenizer = load_classifier(champion, labels), load_tokenizer(champion)
-        source_sample.probs = predict_proba(model, champion_tokenizer, source["text"].tolist(), max_length).numpy()
-        target_sample.probs = predict_proba(model, champion_tokenizer, target["text"].tolist(), max_length).numpy()
-    report = detect_shift(source_sample, target_sample, cfg, labels,
-                          source["text"].astype("str").tolist(), target["text"].astype("str").tolist())
-    report["source_ids"] = source["id"].astype("str").tolist() if "id" in source else None
-    report["embeddings_2d"] = project_2d(source_emb.numpy(), target_emb.numpy())
-    return report
-
-
-def project_2d(source: np.ndarray, target: np.ndarray, limit: int = 2000) -> dict:
-    """PCA of the pooled embeddings to two dimensions, for the scatter plot."""
-    pooled = np.vstack([source[:limit], target[:limit]])
-    centred = pooled - pooled.mean(0)
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    points = centred @ vt[:2].T
-    return {"source": points[: min(limit, len(source))].tolist(), "target": points[min(limit, len(source)):].tolist()}
+from tasks.render import shift_markdown
+from tasks.shift import analyse_shift
 
 
 def save_plots(report: dict, folder: Path) -> list[str]:
@@ -108,7 +64,7 @@ def main(params: Params) -> int:
     splits = read_splits(params)
     source = pd.concat([splits["source_train"], splits["source_holdout"]], ignore_index=True)
     target = pd.concat([splits["target_train"], splits["target_holdout"]], ignore_index=True)
-    report = analyse(source, target, params)
+    report = analyse_shift(source, target, params)
     report["plots"] = save_plots(report, params.paths.shift_plots)
     weights = pd.DataFrame({"id": report.pop("source_ids") or [], "weight": report.pop("source_importance_weights")})
     write_parquet(params.paths.shift_weights, weights)
@@ -116,7 +72,7 @@ def main(params: Params) -> int:
     report["stage"] = "shift"
     report["on_severe"] = params.shift.on_severe
     write_json(report_path(params, "shift"), report)
-    print(render_markdown(report))
+    print(shift_markdown(report))
     if report["verdict"] == "severe" and params.shift.on_severe == "block":
         print("error: severe domain shift and shift.on_severe=block, so training does not start:\n  "
               + "\n  ".join(report["reasons"]), file=sys.stderr)

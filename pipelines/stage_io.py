@@ -2,36 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-import tempfile
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 
 from tasks.config import Params, load_params
-from tasks.errors import RegraftError
-
-
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file,
-    and a failed write leaves the previous file as it was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_json(path: Path, payload: dict) -> None:
-    text = json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n"
-    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+from tasks.errors import EXIT_INTERNAL, RegraftError
+from tasks.files import write_atomically, write_json  # noqa: F401  (runners write through these)
 
 
 def write_parquet(path: Path, frame: pd.DataFrame) -> None:
@@ -58,14 +38,18 @@ def save_figure(fig, path: Path) -> str:
 
 
 def report_path(params: Params, stage: str) -> Path:
-    return params.paths.reports / f"{stage}.json"
+    return params.report_file(stage)
 
 
 def run_stage(main: Callable[[Params], int]) -> None:
-    """Entry point of a stage runner: load params.yaml, run, turn known errors into a message and exit 1."""
+    """Entry point of a stage runner: load params.yaml and run. The exit code tells the flow what happened:
+    1 a check said no, 2 bad input or configuration (the message, no traceback), 70 a crash (with traceback)."""
     try:
         code = main(load_params())
     except RegraftError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        code = 1
+        code = exc.exit_code
+    except Exception:  # a bug: keep the traceback, and say so by the exit code
+        traceback.print_exc()
+        code = EXIT_INTERNAL
     sys.exit(code)

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 
 from tasks.errors import ConfigError
 
@@ -39,7 +40,16 @@ class Paths(StrictModel):
     shift_weights: Path = Field(description="Importance weights of source rows (target/source density ratio), for evaluate.")
     shift_plots: Path = Field(description="Folder of the shift stage's PNG plots.")
     cache: Path = Field(description="Cache of embeddings and features, keyed by model and data hashes.")
-    reports: Path = Field(description="Folder of the per-stage JSON reports.")
+    reports: Path = Field(description="Folder of the per-stage JSON reports (reports/<stage>.json).")
+    metrics: Path = Field(description="Headline metrics of evaluate (DVC metrics: `dvc metrics show/diff`).")
+    evaluation: Path = Field(description="Folder of evaluate's bootstrap table, plots and confusion rows.")
+    bootstrap: Path = Field(description="Bootstrap resamples of every metric (Parquet), the gate's evidence.")
+    confusion_rows: Path = Field(description="actual/predicted per target_holdout row (CSV), for DVC's confusion plot.")
+    verdict: Path = Field(description="The gate's verdict (JSON), written once per run, pass or fail.")
+    decision: Path = Field(description="The decision on the verdict (JSON): the gate's, a person's, or gate.on_inconclusive.")
+    gate_answers: Path = Field(description="Folder of people's answers to INCONCLUSIVE verdicts, one file per verdict (sha256).")
+    html_report: Path = Field(description="The run's reports, plots and verdict on one HTML page.")
+    checkpoints: Path = Field(description="Finetune's resumable checkpoints (removed when the stage completes).")
     data_docs: Path = Field(description="Folder of the Great Expectations Data Docs HTML site.")
     state: Path = Field(description="Working state that is neither data nor report (GX project, run snapshots).")
     registry: Path = Field(description="The model registry record (stages and history of packaged models), JSON.")
@@ -265,7 +275,7 @@ class GateConfig(StrictModel):
     on_inconclusive: Literal["reject", "approve"] = Field(
         description="What an INCONCLUSIVE verdict becomes when nobody can be asked (no terminal, no deployment)."
     )
-    decision_timeout_seconds: int = Field(ge=1, description="How long a paused deployment run waits for a person; then it rejects.")
+    decision_timeout_seconds: int = Field(ge=1, description="How long a paused deployment run waits for a person; then gate.on_inconclusive decides.")
 
 
 class ServeConfig(StrictModel):
@@ -317,6 +327,25 @@ class Params(StrictModel):
     schedule: ScheduleConfig
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def report_file(self, stage: str) -> Path:
+        """Where a stage's JSON report is: reports/<stage>.json, except the gate's verdict and the decision."""
+        return {"gate": self.paths.verdict, "decide": self.paths.decision}.get(stage, self.paths.reports / f"{stage}.json")
+
+
+def config_field(key: str) -> FieldInfo:
+    """The field behind a dotted params.yaml key (type, bounds, help), for forms that set that key."""
+    model: type[BaseModel] = Params
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        name = "validate_" if model is Params and part == "validate" else part
+        if name not in model.model_fields:
+            raise ConfigError(f"{key}: no such key in params.yaml")
+        info = model.model_fields[name]
+        if depth == len(parts) - 1:
+            return info
+        model = info.annotation
+    raise ConfigError(f"{key}: not a key")
 
 
 def format_validation_error(error: ValidationError, source: str) -> str:

@@ -23,19 +23,21 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import accuracy_score, f1_score
 from sklearn.model_selection import train_test_split
 
 from tasks.config import ModelConfig, TrainConfig
 from tasks.devices import Runtime, autocast, choose_runtime
 from tasks.errors import ConfigError, DataError
+from tasks.evaluate import confusion_counts, metrics_from_confusion
+from tasks.files import write_atomically
 from tasks.models import (
-    load_classifier, load_tokenizer, map_batches, model_fingerprint, pad_batch, predict_proba, tokenize,
+    cached_tensor, load_classifier, load_tokenizer, map_batches, model_fingerprint, pad_batch, predict_proba, tokenize,
 )
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -269,11 +271,17 @@ def weights_digest(model) -> str:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def score(model, tokenizer, data: TrainingData, max_length: int, runtime: Runtime) -> dict:
-    probs = predict_proba(model, tokenizer, data.texts, max_length, runtime=runtime)
-    predicted = probs.argmax(dim=1).numpy()
-    return {"accuracy": float(accuracy_score(data.labels, predicted)),
-            "macro_f1": float(f1_score(data.labels, predicted, average="macro", zero_division=0))}
+def validation_metrics(labels: np.ndarray, scores: torch.Tensor) -> dict[str, float]:
+    """Accuracy and macro-F1 of the highest-scoring class, from the metrics function the evaluate stage uses,
+    so validation and test numbers mean the same thing."""
+    predicted = scores.argmax(dim=1).numpy()
+    metrics = metrics_from_confusion(confusion_counts(labels, predicted, scores.shape[1]))
+    return {"accuracy": float(metrics["accuracy"]), "macro_f1": float(metrics["macro_f1"])}
+
+
+def score(model, tokenizer, data: TrainingData, max_length: int, runtime: Runtime) -> dict[str, float]:
+    """The model's validation metrics on `data`."""
+    return validation_metrics(data.labels, predict_proba(model, tokenizer, data.texts, max_length, runtime=runtime))
 
 
 # ----------------------------------------------------------------------------- progress
@@ -326,10 +334,8 @@ def run_fingerprint(base: str, strategy: str, cfg: TrainConfig, model_cfg: Model
 
 
 def save_checkpoint(directory: Path, state: dict) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{CHECKPOINT_FILE}.tmp"
-    torch.save(state, tmp)
-    tmp.replace(directory / CHECKPOINT_FILE)
+    # Through a temporary file: a run killed mid-save keeps its previous checkpoint whole.
+    write_atomically(directory / CHECKPOINT_FILE, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(directory: Path | None, fingerprint: str) -> dict | None:
@@ -359,14 +365,19 @@ def finetune(base: str, labels: list[str], train: TrainingData, valid: TrainingD
     if strategy == "feature_extraction":
         return train_head(model, tokenizer, base, labels, train, valid, cfg, model_cfg, runtime, cache_dir,
                           reason, progress and dist.is_main)
-    return train_layers(model, tokenizer, base, train, valid, cfg, model_cfg, strategy, reason, runtime, dist,
-                        checkpoint_dir, progress, on_log)
+    plan = TrainingPlan(
+        model=prepare_for_training(model, strategy, cfg, runtime), tokenizer=tokenizer, strategy=strategy,
+        reason=reason, train=train, valid=valid, sequences=tokenize(tokenizer, train.texts, model_cfg.max_length),
+        cfg=cfg, model_cfg=model_cfg, runtime=runtime, dist=dist,
+        fingerprint=run_fingerprint(base, strategy, cfg, model_cfg, train, dist.world),
+        checkpoint_dir=checkpoint_dir, progress=progress, on_log=on_log,
+    )
+    return train_layers(plan)
 
 
-def train_layers(model, tokenizer, base, train, valid, cfg, model_cfg, strategy, reason, runtime, dist,
-                 checkpoint_dir, progress, on_log) -> FinetuneResult:
-    """The loop behind full, gradual_unfreeze and lora."""
-    n_classes = model.config.num_labels
+def prepare_for_training(model, strategy: str, cfg: TrainConfig, runtime: Runtime):
+    """The model as the loop trains it: LoRA-wrapped for lora, on the device, the top block thawed for
+    gradual_unfreeze (before the optimiser is built, which sees only parameters that train)."""
     if strategy == "lora":
         model = wrap_lora(model, cfg)
     if cfg.grad_checkpointing:
@@ -374,140 +385,240 @@ def train_layers(model, tokenizer, base, train, valid, cfg, model_cfg, strategy,
     model.to(runtime.device)
     if strategy == "gradual_unfreeze":
         unfreeze_for_epoch(model, 0)
-    # Fused AdamW: one kernel over all parameters instead of a loop (faster steps in profiling on CPU).
-    optimizer = torch.optim.AdamW(param_groups(model, strategy, cfg), fused=True)
-    sequences = tokenize(tokenizer, train.texts, model_cfg.max_length)
-    lengths = [len(s) for s in sequences]
-    n_batches = len(length_grouped_batches(lengths, cfg.batch_size, cfg.seed, 0)) // dist.world
-    steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup = int(total_steps * cfg.warmup_ratio)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total_steps - s) / max(1, total_steps - warmup))
-    )
-    loss_fn = torch.nn.CrossEntropyLoss(weight=class_weights(train.labels, n_classes, cfg.class_weights).to(runtime.device),
-                                        reduction="none")
-    scaler = torch.amp.GradScaler("cuda") if runtime.precision == "fp16" else None
+    return model
 
-    fingerprint = run_fingerprint(base, strategy, cfg, model_cfg, train, dist.world)
-    state = load_checkpoint(checkpoint_dir, fingerprint)
-    step, start_epoch, skip_batches = 0, 0, 0
-    log: list[dict] = []
-    best = {"macro_f1": -1.0, "epoch": -1, "stale": 0, "metrics": {}}
-    resumed_from = None
-    if state is not None:
-        if strategy == "gradual_unfreeze":
-            unfreeze_for_epoch(model, state["epoch"])
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        step, start_epoch, skip_batches = state["step"], state["epoch"], state["batch"]
-        log, best, resumed_from = state["log"], state["best"], state["step"]
-        if dist.is_main:
-            print(f"finetune: resuming from the checkpoint at step {step} (epoch {start_epoch}, batch {skip_batches})",
-                  flush=True)
 
-    def checkpoint(epoch: int, batch: int) -> None:
-        if checkpoint_dir is not None and dist.is_main:
-            save_checkpoint(checkpoint_dir, {
-                "fingerprint": fingerprint, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "step": step, "epoch": epoch,
-                "batch": batch, "log": log, "best": best})
-        dist.barrier()
+@dataclass(frozen=True)
+class TrainingPlan:
+    """One run of the loop behind full, gradual_unfreeze and lora, resolved before its first step:
+    what trains, on which rows, with which settings, in which processes, checkpointed where."""
 
-    bar = Progress(total_steps, cfg.log_every, progress and dist.is_main, done=step)
+    model: torch.nn.Module  # as prepare_for_training left it
+    tokenizer: object
+    strategy: str
+    reason: str
+    train: TrainingData
+    valid: TrainingData
+    sequences: list[list[int]]  # token ids of train.texts, unpadded
+    cfg: TrainConfig
+    model_cfg: ModelConfig
+    runtime: Runtime
+    dist: Distributed
+    fingerprint: str  # a checkpoint is resumed only if it carries this (see run_fingerprint)
+    checkpoint_dir: Path | None
+    progress: bool
+    on_log: Callable[[dict], None] | None = None
+
+    @cached_property
+    def lengths(self) -> list[int]:
+        return [len(s) for s in self.sequences]
+
+    @cached_property
+    def batches_per_rank(self) -> int:
+        """Batches each process runs per epoch; the same on every rank, so DDP's gradient all-reduces pair up."""
+        return len(length_grouped_batches(self.lengths, self.cfg.batch_size, self.cfg.seed, 0)) // self.dist.world
+
+    @cached_property
+    def total_steps(self) -> int:
+        return math.ceil(self.batches_per_rank / self.cfg.grad_accum) * self.cfg.epochs
+
+
+@dataclass
+class TrainingState:
+    """What changes while a plan trains. A checkpoint saves the weights, optimiser, schedule, RNG, position,
+    log and best epoch; the rest is rebuilt or, for the best weights, read back from best.pt."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loss_fn: torch.nn.Module
+    scaler: torch.amp.GradScaler | None
+    step: int = 0  # optimiser steps taken
+    start_epoch: int = 0  # later than 0 after a resume
+    skip_batches: int = 0  # batches of start_epoch done before the resume
+    log: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"macro_f1": -1.0, "epoch": -1, "stale": 0, "metrics": {}})
+    resumed_from: int | None = None  # the checkpoint's step, if this run resumed one
+    kept_best: dict | None = None  # the weights of the best validation epoch seen by this process
+    samples_seen: int = 0
+
+
+def train_layers(plan: TrainingPlan) -> FinetuneResult:
+    """Train the plan epoch by epoch from where its checkpoint left off, validating after each epoch and
+    stopping early when validation stops improving."""
+    state = start_training(plan)
+    bar = Progress(plan.total_steps, plan.cfg.log_every, plan.progress and plan.dist.is_main, done=state.step)
     started = time.perf_counter()
-    samples_seen = 0
-    epochs_run = start_epoch
-    ddp_model = model
-    kept_best = None  # the weights of the best validation epoch seen by this process
-    for epoch in range(start_epoch, cfg.epochs):
-        if strategy == "gradual_unfreeze" and (epoch > start_epoch or state is None):
-            unfreeze_for_epoch(model, epoch)
-        if dist.world > 1:
-            # Rebuilt each epoch: DDP registers the parameters that train at construction time.
-            ddp_model = torch.nn.parallel.DistributedDataParallel(model)
-        ddp_model.train()
-        batches = length_grouped_batches(lengths, cfg.batch_size, cfg.seed, epoch)
-        batches = batches[: n_batches * dist.world][dist.rank:: dist.world]
-        window_start, window_samples = time.perf_counter(), 0
-        for b, idx in enumerate(batches):
-            if epoch == start_epoch and b < skip_batches:
-                continue
-            inputs = {k: v.to(runtime.device) for k, v in pad_batch([sequences[i] for i in idx],
-                                                                      tokenizer.pad_token_id).items()}
-            target = torch.tensor(train.labels[idx], device=runtime.device)
-            weight = torch.tensor(train.weights[idx], device=runtime.device)
-            with autocast(runtime):
-                logits = ddp_model(**inputs).logits
-            loss = (loss_fn(logits.float(), target) * weight).sum() / weight.sum() / cfg.grad_accum
-            (scaler.scale(loss) if scaler else loss).backward()
-            window_samples += len(idx) * dist.world
-            samples_seen += len(idx) * dist.world
-            if (b + 1) % cfg.grad_accum != 0 and b + 1 != len(batches):
-                continue
-            if scaler:
-                scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            elapsed = time.perf_counter() - window_start
-            row = {"step": step, "epoch": epoch + 1, "loss": float(loss.item() * cfg.grad_accum),
-                   "learning_rate": float(max(g["lr"] for g in optimizer.param_groups)),
-                   "samples_per_second": window_samples / max(elapsed, 1e-9)}
-            window_start, window_samples = time.perf_counter(), 0
-            log.append(row)
-            bar.update(step, row)
-            if on_log:
-                on_log(row)
-            if step % cfg.checkpoint_every == 0:
-                checkpoint(epoch, b + 1)
+    epochs_run = state.start_epoch
+    for epoch in range(state.start_epoch, plan.cfg.epochs):
+        train_epoch(plan, state, epoch, bar)
         epochs_run = epoch + 1
-        metrics = score(plain_model(model), tokenizer, valid, model_cfg.max_length, runtime)
-        if metrics["macro_f1"] > best["macro_f1"]:
-            best = {"macro_f1": metrics["macro_f1"], "epoch": epoch + 1, "stale": 0, "metrics": metrics}
-            kept_best = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            if checkpoint_dir is not None and dist.is_main:
-                checkpoint_dir.mkdir(parents=True, exist_ok=True)
-                torch.save(kept_best, checkpoint_dir / BEST_FILE)
-        else:
-            best["stale"] += 1
-        if dist.is_main:
-            print(f"finetune: epoch {epoch + 1} validation accuracy {metrics['accuracy']:.3f} "
-                  f"macro-F1 {metrics['macro_f1']:.3f}", flush=True)
-        checkpoint(epoch + 1, 0)
-        if cfg.early_stopping_patience and best["stale"] >= cfg.early_stopping_patience:
-            if dist.is_main:
-                print(f"finetune: early stop after epoch {epoch + 1}: no better validation macro-F1 "
-                      f"for {best['stale']} epochs (best: epoch {best['epoch']})", flush=True)
+        validate_epoch(plan, state, epoch)
+        save_training_checkpoint(plan, state, epoch + 1, batch=0)
+        if stops_early(plan, state, epoch):
             break
     bar.close()
     train_seconds = time.perf_counter() - started
-    # With early stopping the best validation epoch is the model; without it, the last epoch is.
-    if cfg.early_stopping_patience:
-        if kept_best is None and checkpoint_dir is not None and (checkpoint_dir / BEST_FILE).is_file():
-            kept_best = torch.load(checkpoint_dir / BEST_FILE, map_location="cpu")  # best was before a resume
-        if kept_best is not None:
-            model.load_state_dict(kept_best)
-    extra = {"world_size": dist.world, "total_steps": total_steps}
+    restore_best_epoch(plan, state)
+    return training_result(plan, state, epochs_run, train_seconds)
+
+
+def start_training(plan: TrainingPlan) -> TrainingState:
+    """Optimiser, learning-rate schedule and loss for the plan, restored from its checkpoint if there is one."""
+    cfg, runtime = plan.cfg, plan.runtime
+    # Fused AdamW: one kernel over all parameters instead of a loop (faster steps in profiling on CPU).
+    optimizer = torch.optim.AdamW(param_groups(plan.model, plan.strategy, cfg), fused=True)
+    total, warmup = plan.total_steps, int(plan.total_steps * cfg.warmup_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
+    )
+    weights = class_weights(plan.train.labels, plan.model.config.num_labels, cfg.class_weights)
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weights.to(runtime.device), reduction="none")
+    scaler = torch.amp.GradScaler("cuda") if runtime.precision == "fp16" else None
+    state = TrainingState(optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn, scaler=scaler)
+    resume_from_checkpoint(plan, state)
+    return state
+
+
+def resume_from_checkpoint(plan: TrainingPlan, state: TrainingState) -> None:
+    """Continue a killed run of the same plan: weights, optimiser, schedule, RNG and the position in the
+    epoch's batch order come back, so the resumed run ends with the weights of an uninterrupted one."""
+    saved = load_checkpoint(plan.checkpoint_dir, plan.fingerprint)
+    if saved is None:
+        return
+    if plan.strategy == "gradual_unfreeze":
+        # train_epoch does not thaw the epoch a run resumes in; its blocks must train from the first step.
+        unfreeze_for_epoch(plan.model, saved["epoch"])
+    plan.model.load_state_dict(saved["model"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["rng"])
+    state.step, state.start_epoch, state.skip_batches = saved["step"], saved["epoch"], saved["batch"]
+    state.log, state.best, state.resumed_from = saved["log"], saved["best"], saved["step"]
+    if plan.dist.is_main:
+        print(f"finetune: resuming from the checkpoint at step {state.step} (epoch {state.start_epoch}, "
+              f"batch {state.skip_batches})", flush=True)
+
+
+def save_training_checkpoint(plan: TrainingPlan, state: TrainingState, epoch: int, batch: int) -> None:
+    """Rank 0 saves where training stands (a resume starts at `batch` of `epoch`); every rank waits for it."""
+    if plan.checkpoint_dir is not None and plan.dist.is_main:
+        save_checkpoint(plan.checkpoint_dir, {
+            "fingerprint": plan.fingerprint, "model": plan.model.state_dict(), "optimizer": state.optimizer.state_dict(),
+            "scheduler": state.scheduler.state_dict(), "rng": torch.get_rng_state(), "step": state.step, "epoch": epoch,
+            "batch": batch, "log": state.log, "best": state.best})
+    plan.dist.barrier()
+
+
+def train_epoch(plan: TrainingPlan, state: TrainingState, epoch: int, bar: Progress) -> None:
+    """The optimiser steps of one epoch over this process's share of the batches, skipping the batches a
+    resumed checkpoint already did, logging each step and checkpointing every `checkpoint_every` steps."""
+    model, cfg, dist, runtime = plan.model, plan.cfg, plan.dist, plan.runtime
+    if plan.strategy == "gradual_unfreeze" and (epoch > state.start_epoch or state.resumed_from is None):
+        unfreeze_for_epoch(model, epoch)
+    ddp_model = model
     if dist.world > 1:
+        # Rebuilt each epoch: DDP registers the parameters that train at construction time.
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model)
+    ddp_model.train()
+    batches = length_grouped_batches(plan.lengths, cfg.batch_size, cfg.seed, epoch)
+    batches = batches[: plan.batches_per_rank * dist.world][dist.rank:: dist.world]
+    skip = state.skip_batches if epoch == state.start_epoch else 0
+    window_start, window_samples = time.perf_counter(), 0
+    for b, idx in enumerate(batches):
+        if b < skip:
+            continue
+        inputs = {k: v.to(runtime.device) for k, v in pad_batch([plan.sequences[i] for i in idx],
+                                                                  plan.tokenizer.pad_token_id).items()}
+        target = torch.tensor(plan.train.labels[idx], device=runtime.device)
+        weight = torch.tensor(plan.train.weights[idx], device=runtime.device)
+        with autocast(runtime):
+            logits = ddp_model(**inputs).logits
+        loss = (state.loss_fn(logits.float(), target) * weight).sum() / weight.sum() / cfg.grad_accum
+        (state.scaler.scale(loss) if state.scaler else loss).backward()
+        window_samples += len(idx) * dist.world
+        state.samples_seen += len(idx) * dist.world
+        if (b + 1) % cfg.grad_accum != 0 and b + 1 != len(batches):
+            continue
+        take_optimiser_step(model, state)
+        state.step += 1
+        elapsed = time.perf_counter() - window_start
+        row = {"step": state.step, "epoch": epoch + 1, "loss": float(loss.item() * cfg.grad_accum),
+               "learning_rate": float(max(g["lr"] for g in state.optimizer.param_groups)),
+               "samples_per_second": window_samples / max(elapsed, 1e-9)}
+        window_start, window_samples = time.perf_counter(), 0
+        state.log.append(row)
+        bar.update(state.step, row)
+        if plan.on_log:
+            plan.on_log(row)
+        if state.step % cfg.checkpoint_every == 0:
+            save_training_checkpoint(plan, state, epoch, b + 1)
+
+
+def take_optimiser_step(model, state: TrainingState) -> None:
+    """Clip the accumulated gradients, step the optimiser and the schedule (through the fp16 scaler if any)."""
+    if state.scaler:
+        state.scaler.unscale_(state.optimizer)
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    if state.scaler:
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+    else:
+        state.optimizer.step()
+    state.scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
+
+
+def validate_epoch(plan: TrainingPlan, state: TrainingState, epoch: int) -> None:
+    """Score the epoch on the validation rows and keep its weights if it is the best so far."""
+    metrics = score(plain_model(plan.model), plan.tokenizer, plan.valid, plan.model_cfg.max_length, plan.runtime)
+    if metrics["macro_f1"] > state.best["macro_f1"]:
+        state.best = {"macro_f1": metrics["macro_f1"], "epoch": epoch + 1, "stale": 0, "metrics": metrics}
+        state.kept_best = {k: v.detach().clone() for k, v in plan.model.state_dict().items()}
+        if plan.checkpoint_dir is not None and plan.dist.is_main:
+            # On disk too: a run resumed after this epoch has only the file to restore the best epoch from.
+            write_atomically(plan.checkpoint_dir / BEST_FILE, lambda tmp: torch.save(state.kept_best, tmp))
+    else:
+        state.best["stale"] += 1
+    if plan.dist.is_main:
+        print(f"finetune: epoch {epoch + 1} validation accuracy {metrics['accuracy']:.3f} "
+              f"macro-F1 {metrics['macro_f1']:.3f}", flush=True)
+
+
+def stops_early(plan: TrainingPlan, state: TrainingState, epoch: int) -> bool:
+    """Whether, after `epoch`, `early_stopping_patience` epochs in a row brought no better validation macro-F1."""
+    patience = plan.cfg.early_stopping_patience
+    if not (patience and state.best["stale"] >= patience):
+        return False
+    if plan.dist.is_main:
+        print(f"finetune: early stop after epoch {epoch + 1}: no better validation macro-F1 "
+              f"for {state.best['stale']} epochs (best: epoch {state.best['epoch']})", flush=True)
+    return True
+
+
+def restore_best_epoch(plan: TrainingPlan, state: TrainingState) -> None:
+    """With early stopping the best validation epoch is the model; without it, the last epoch is."""
+    if not plan.cfg.early_stopping_patience:
+        return
+    best = state.kept_best
+    if best is None and plan.checkpoint_dir is not None and (plan.checkpoint_dir / BEST_FILE).is_file():
+        best = torch.load(plan.checkpoint_dir / BEST_FILE, map_location="cpu")  # best was before a resume
+    if best is not None:
+        plan.model.load_state_dict(best)
+
+
+def training_result(plan: TrainingPlan, state: TrainingState, epochs_run: int, train_seconds: float) -> FinetuneResult:
+    """The plain HF model with the run's log, best validation metrics and speed."""
+    extra = {"world_size": plan.dist.world, "total_steps": plan.total_steps}
+    if plan.dist.world > 1:
         # Every replica must end with the same weights; record each rank's digest so it can be checked.
-        digests: list = [None] * dist.world
-        torch.distributed.all_gather_object(digests, weights_digest(model))
+        digests: list = [None] * plan.dist.world
+        torch.distributed.all_gather_object(digests, weights_digest(plan.model))
         extra["rank_weight_sha256"] = digests
     return FinetuneResult(
-        model=plain_model(model), tokenizer=tokenizer, strategy=strategy, reason=reason, runtime=runtime, log=log,
-        metrics={"validation": best["metrics"]}, epochs_run=epochs_run, best_epoch=best["epoch"],
-        resumed_from_step=resumed_from, train_seconds=train_seconds,
-        samples_per_second=samples_seen / max(train_seconds, 1e-9),
-        extra=extra,
+        model=plain_model(plan.model), tokenizer=plan.tokenizer, strategy=plan.strategy, reason=plan.reason,
+        runtime=plan.runtime, log=state.log, metrics={"validation": state.best["metrics"]}, epochs_run=epochs_run,
+        best_epoch=state.best["epoch"], resumed_from_step=state.resumed_from, train_seconds=train_seconds,
+        samples_per_second=state.samples_seen / max(train_seconds, 1e-9), extra=extra,
     )
 
 
@@ -525,19 +636,12 @@ def encoder_features(model, tokenizer, texts: list[str], max_length: int, runtim
 
 def cached_features(model, tokenizer, base: str, texts: list[str], max_length: int, runtime: Runtime,
                     cache_dir: Path | None) -> tuple[torch.Tensor, bool]:
-    """Features from the cache when the same model has seen the same texts, else computed and stored."""
+    """Features from the cache when the same model has seen the same texts, else computed and stored;
+    with whether they came from the cache."""
     digest = hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:20]
     key = f"cls-{model_fingerprint(base)}-{max_length}-{runtime.precision}-{digest}.pt"
-    path = cache_dir / key if cache_dir else None
-    if path is not None and path.is_file():
-        return torch.load(path, map_location="cpu"), True
-    features = encoder_features(model, tokenizer, texts, max_length, runtime)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(features, tmp)
-        tmp.replace(path)
-    return features, False
+    return cached_tensor(cache_dir / key if cache_dir else None,
+                         lambda: encoder_features(model, tokenizer, texts, max_length, runtime))
 
 
 def head_forward(model, features: torch.Tensor) -> torch.Tensor:
@@ -580,9 +684,7 @@ def train_head(model, tokenizer, base, labels, train, valid, cfg, model_cfg, run
                     "samples_per_second": seen / max(time.perf_counter() - t0, 1e-9)})
         model.eval()
         with torch.no_grad():
-            predicted = head_forward(model, valid_features).argmax(dim=1).numpy()
-        metrics = {"accuracy": float(accuracy_score(valid.labels, predicted)),
-                   "macro_f1": float(f1_score(valid.labels, predicted, average="macro", zero_division=0))}
+            metrics = validation_metrics(valid.labels, head_forward(model, valid_features))
         epochs_run = epoch + 1
         if metrics["macro_f1"] > best["macro_f1"]:
             best, stale = {"macro_f1": metrics["macro_f1"], "epoch": epoch + 1, "metrics": metrics}, 0
@@ -606,20 +708,3 @@ def train_head(model, tokenizer, base, labels, train, valid, cfg, model_cfg, run
         extra={"features_cached": hit, "world_size": 1},
     )
 
-
-def render_markdown(report: dict) -> str:
-    """The finetune report as Markdown: strategy and why, hardware, speed, validation metrics."""
-    validation = ", ".join(f"{k} {v:.3f}" for k, v in report.get("validation", {}).items())
-    rows = [
-        ("strategy", f"{report['strategy']}: {report['reason']}"),
-        ("base model", report["base_model"]),
-        ("hardware", f"{report['hardware']}, {report['precision']}, {report['threads']} threads, "
-                     f"{report['processes']} process(es)"),
-        ("data", f"{report['train_rows']} train rows, {report['validation_rows']} validation rows"),
-        ("epochs", f"{report['epochs_run']} run, best {report['best_epoch']}"),
-        ("speed", f"{report['samples_per_second']} samples/s, {report['train_seconds']} s"),
-        ("validation", validation or "-"),
-        ("resumed", str(report.get("resumed_from_step") or "no")),
-        ("model", f"`{report['model_dir']}`"),
-    ]
-    return "# Finetune\n\n| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows) + "\n"

@@ -11,12 +11,14 @@ too little data to judge is INCONCLUSIVE; nothing missing ever passes.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
 from tasks.config import GateConfig
+from tasks.evaluate import percentile_interval, wilson_interval
 
 PASS, FAIL, INCONCLUSIVE, NOT_APPLICABLE = "PASS", "FAIL", "INCONCLUSIVE", "N/A"
 
@@ -72,13 +74,8 @@ def holm(p_values: list[float]) -> list[float]:
 
 
 def interval_of(samples: np.ndarray | None, alpha: float) -> list[float | None]:
-    if samples is None:
-        return [None, None]
-    samples = np.asarray(samples, dtype=float)
-    samples = samples[~np.isnan(samples)]
-    if samples.size == 0:
-        return [None, None]
-    return [float(v) for v in np.percentile(samples, [alpha / 2 * 100, (1 - alpha / 2) * 100])]
+    """The two-sided (1 - alpha) percentile interval of a criterion's resamples."""
+    return [None, None] if samples is None else percentile_interval(samples, 1 - alpha)
 
 
 def decide(check: Check, alpha: float) -> Check:
@@ -177,7 +174,7 @@ def worst_group_checks(evidence: Evidence, cfg: GateConfig, small_n: int) -> tup
     """Every judged group x metric against the floor, Holm-corrected as one family."""
     wg = cfg.worst_group
     split = _get(evidence.evaluation["splits"], "target_holdout") or {}
-    configured = _configured_columns(evidence.evaluation, split)
+    configured = _configured_columns(split)
     candidate_groups = _get(split, "models", "candidate", "groups") or {}
     checks: list[Check] = []
     insufficient: list[dict] = []
@@ -228,7 +225,7 @@ def disparity_checks(evidence: Evidence, cfg: GateConfig, champion: bool) -> lis
     d = cfg.disparity
     split = _get(evidence.evaluation["splits"], "target_holdout") or {}
     checks: list[Check] = []
-    for column in _configured_columns(evidence.evaluation, split):
+    for column in _configured_columns(split):
         entry = _get(split, "models", "candidate", "groups", column, "disparity", d.metric)
         if entry is None:
             checks.append(Check(name=f"disparity: {column} {d.metric} gap", status=FAIL,
@@ -282,37 +279,64 @@ def verdict_from(checks: list[Check], notes: list[str], champion: bool, insuffic
         "inconclusive": [c.name for c in checks if c.status == INCONCLUSIVE],
         "insufficient_data": insufficient,
         "notes": notes,
-        "decision": None,
     }
 
 
-def record_decision(verdict: dict, approved: bool, by: str, reason: str) -> dict:
-    """An INCONCLUSIVE verdict resolved by a person or by policy; kept in the verdict itself."""
+def decide_on_verdict(verdict: dict, verdict_sha256: str, on_inconclusive: str, answer: dict | None = None) -> dict:
+    """The decision on a verdict, as its own record: PASS and FAIL decide themselves; an INCONCLUSIVE
+    verdict takes a person's answer when one was given for exactly this verdict, else gate.on_inconclusive."""
     import datetime as dt
 
-    verdict = dict(verdict)
-    verdict["decision"] = {"approved": bool(approved), "by": by, "reason": reason,
-                           "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
-    return verdict
+    name = verdict.get("verdict")
+    if name == INCONCLUSIVE and answer is not None:
+        approved, by, reason = answer["approved"], answer["by"], answer["reason"]
+    elif name == INCONCLUSIVE:
+        approved, by = on_inconclusive == "approve", "policy"
+        reason = f"gate.on_inconclusive={on_inconclusive} (nobody answered)"
+    else:
+        approved, by = name == PASS, "gate"
+        reason = "every criterion passed" if approved else f"gate {name or 'missing'}: " + ", ".join(
+            verdict.get("failed") or ["no verdict"])
+    return {"verdict": name, "verdict_sha256": verdict_sha256, "approved": bool(approved) and name in (PASS, INCONCLUSIVE),
+            "by": by, "reason": reason, "undecided": list(verdict.get("inconclusive") or []),
+            "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
 
 
-def promotable(verdict: dict | None) -> bool:
-    """PASS, or INCONCLUSIVE approved by a recorded decision; anything else, including no verdict, is not."""
-    if not verdict:
-        return False
-    if verdict.get("verdict") == PASS:
-        return True
-    decision = verdict.get("decision") or {}
-    return verdict.get("verdict") == INCONCLUSIVE and decision.get("approved") is True
+def answer_file(folder: Path, verdict_sha256: str) -> Path:
+    """Where a person's answer to one INCONCLUSIVE verdict is kept: keyed by the verdict's bytes, so an
+    answer can never approve a different verdict."""
+    return Path(folder) / f"{verdict_sha256}.json"
 
 
-def _configured_columns(evaluation: dict, split: dict) -> list[str]:
+def read_answer(path: Path) -> dict | None:
+    """A person's answer ({approved, by, reason}), or None when nobody answered; a malformed file is refused."""
+    import json
+
+    from tasks.errors import DataError
+
+    if not path.is_file():
+        return None
+    try:
+        answer = json.loads(path.read_text(encoding="utf-8"))
+        if not (isinstance(answer.get("approved"), bool) and isinstance(answer.get("by"), str)
+                and isinstance(answer.get("reason"), str)):
+            raise ValueError("needs approved (true/false), by and reason")
+    except (ValueError, AttributeError) as exc:
+        raise DataError(f"{path}: not a valid answer to the gate ({exc})") from None
+    return answer
+
+
+def promotable(verdict: str | None, decision: dict | None) -> bool:
+    """PASS, or INCONCLUSIVE approved by a recorded decision; anything else, including nothing, is not."""
+    approved = (decision or {}).get("approved") is True
+    return verdict == PASS or (verdict == INCONCLUSIVE and approved)
+
+
+def _configured_columns(split: dict) -> list[str]:
     return list(split.get("group_columns", {})) + list(split.get("missing_group_columns", []))
 
 
 def _wilson(rate: float, n: int, alpha: float) -> list[float | None]:
-    from tasks.evaluate import wilson_interval
-
     return wilson_interval(rate * n, n, 1 - alpha)
 
 
@@ -322,35 +346,3 @@ def _get(node, *keys):
             return None
         node = node[key]
     return node
-
-
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:+.3f}" if value < 0 else f"{value:.3f}"
-
-
-def render_table(verdict: dict) -> str:
-    """The verdict as a Markdown table: one row per criterion with value, interval, threshold, margin."""
-    lines = [f"# Gate: {verdict['verdict']}", ""]
-    decision = verdict.get("decision")
-    if decision:
-        lines += [f"Decision on INCONCLUSIVE: {'approved' if decision['approved'] else 'rejected'} by "
-                  f"{decision['by']} ({decision['reason']})", ""]
-    lines += ["| criterion | status | value | interval | threshold | margin | detail |", "|---|---|---|---|---|---|---|"]
-    for c in verdict["criteria"]:
-        low, high = c["interval"]
-        interval = "-" if low is None else f"[{low:.3f}, {high:.3f}]"
-        threshold = "-" if c["threshold"] is None else f"{c['direction']} {c['threshold']:.3f}"
-        lines.append(f"| {c['name']} | {c['status']} | {_fmt(c['value'])} | {interval} | {threshold} | "
-                     f"{_fmt(c['margin'])} | {c['detail']} |")
-    insufficient = verdict.get("insufficient_data") or []
-    if insufficient:
-        by_column: dict[str, list[dict]] = {}
-        for row in insufficient:
-            by_column.setdefault(row["column"], []).append(row)
-        for column, rows in by_column.items():
-            shown = ", ".join(f"{r['group']} (n={r['n']})" for r in rows[:8])
-            more = f" and {len(rows) - 8} more" if len(rows) > 8 else ""
-            lines.append(f"| worst group: {column}, {len(rows)} small groups | insufficient data | - | - | - | - | "
-                         f"{shown}{more}: {rows[0]['detail']} |")
-    lines += [""] + [f"- {note}" for note in verdict.get("notes", [])]
-    return "\n".join(lines) + "\n"

@@ -266,13 +266,3 @@ def time_range(frame: pd.DataFrame) -> list[str] | None:
     if stamps.empty:
         return None
     return [stamps.min().date().isoformat(), stamps.max().date().isoformat()]
-
-
-def render_markdown(report: dict) -> str:
-    """The ingest report as a Markdown table: rows and label mix per split."""
-    lines = ["# Ingest", "", "| split | rows | labels | time range |", "|---|---:|---|---|"]
-    for name, split in report["splits"].items():
-        labels = ", ".join(f"{k}: {v}" for k, v in split["labels"].items())
-        span = " to ".join(split["time_range"]) if split["time_range"] else "-"
-        lines.append(f"| {name} | {split['rows']} | {labels} | {span} |")
-    return "\n".join(lines) + "\n"

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import psutil
 
-from tasks.errors import RegraftError
+from tasks.errors import EXIT_BUSY, RegraftError
 
 LOCK_NAME = "run.lock"
 RWLOCK = Path(".dvc") / "tmp" / "rwlock"
@@ -33,6 +33,8 @@ RWLOCK = Path(".dvc") / "tmp" / "rwlock"
 
 class ProjectBusy(RegraftError):
     """Another run held the project for longer than this run was willing to wait."""
+
+    exit_code = EXIT_BUSY
 
 
 def read_holder(path: Path) -> dict:

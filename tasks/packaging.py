@@ -13,7 +13,8 @@ from pathlib import Path
 import yaml
 
 from tasks.config import Params
-from tasks.errors import RegraftError
+from tasks.errors import CheckFailed
+from tasks.processes import NotHealthy, free_port, stop_process_group, wait_until_healthy
 
 
 def bentoml_environment(params: Params) -> dict[str, str]:
@@ -21,8 +22,8 @@ def bentoml_environment(params: Params) -> dict[str, str]:
     return {"BENTOML_HOME": str(Path(params.paths.bentoml_home).resolve()), "BENTOML_DO_NOT_TRACK": "true"}
 
 
-def lineage(params: Params, verdict: dict) -> dict:
-    """Where the model came from: data hashes from dvc.lock, git commit, parameters, metrics, verdict."""
+def lineage(params: Params, verdict: dict, decision: dict) -> dict:
+    """Where the model came from: data hashes from dvc.lock, git commit, parameters, metrics, verdict, decision."""
     lock = yaml.safe_load(Path("dvc.lock").read_text(encoding="utf-8")) if Path("dvc.lock").is_file() else {}
     data = {}
     for stage in ("finetune", "evaluate"):
@@ -30,13 +31,13 @@ def lineage(params: Params, verdict: dict) -> dict:
             if dep["path"].startswith("data/"):
                 data[dep["path"]] = dep.get("md5")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
-    metrics_file = params.paths.reports / "metrics.json"
+    metrics_file = params.paths.metrics
     return {
         "data_md5": data,
         "git_commit": commit.stdout.strip() if commit.returncode == 0 else None,
         "params": {"model": params.model.model_dump(mode="json"), "train": params.train.model_dump(mode="json")},
         "metrics": json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.is_file() else None,
-        "verdict": {"verdict": verdict["verdict"], "decision": verdict.get("decision"),
+        "verdict": {"verdict": verdict["verdict"], "decision": decision,
                     "failed": verdict.get("failed"), "inconclusive": verdict.get("inconclusive")},
     }
 
@@ -49,7 +50,7 @@ def save_model(params: Params, origin: dict, digests: dict[str, str]) -> str:
 
     source = params.paths.model
     if not (source / "model.safetensors").is_file():
-        raise RegraftError(f"{source}: no model.safetensors; refusing to package a model in another format")
+        raise CheckFailed(f"{source}: no model.safetensors; refusing to package a model in another format")
     labels = {"verdict": origin["verdict"]["verdict"], "git_commit": origin["git_commit"] or "none",
               "strategy": json.loads((params.paths.reports / "finetune.json").read_text())["strategy"]
               if (params.paths.reports / "finetune.json").is_file() else "unknown"}
@@ -79,14 +80,6 @@ def build_bento(params: Params, model_tag: str) -> str:
     return str(bento.tag)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def smoke_test(params: Params, bento_tag: str, model_tag: str, texts: list[str], expected: list[str]) -> dict:
     """Serve the built Bento on a free loopback port, check /healthz and that served labels equal the
     offline ones, then stop the server."""
@@ -103,68 +96,31 @@ def smoke_test(params: Params, bento_tag: str, model_tag: str, texts: list[str],
     server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        health = wait_until_healthy(url, server, params.package.smoke_timeout_seconds, state / "server.log")
+        try:
+            health = json.loads(wait_until_healthy(f"{url}/healthz", server, params.package.smoke_timeout_seconds,
+                                                   state / "server.log"))
+        except NotHealthy as exc:
+            raise CheckFailed(f"smoke test: {exc}") from None
         if health.get("model_version") != model_tag:
-            raise RegraftError(f"smoke test: /healthz reports model {health.get('model_version')!r}, not {model_tag!r}")
+            raise CheckFailed(f"smoke test: /healthz reports model {health.get('model_version')!r}, not {model_tag!r}")
         served = []
         with httpx.Client(base_url=url, timeout=60) as client:
             for start in range(0, len(texts), 8):
                 response = client.post("/predict", json={"texts": texts[start:start + 8]})
                 if response.status_code != 200:
-                    raise RegraftError(f"smoke test: /predict answered {response.status_code}: {response.text[:300]}")
+                    raise CheckFailed(f"smoke test: /predict answered {response.status_code}: {response.text[:300]}")
                 served += [row["label"] for row in response.json()]
         mismatches = [i for i, (a, b) in enumerate(zip(served, expected)) if a != b]
         if mismatches or len(served) != len(expected):
-            raise RegraftError(f"smoke test: served labels differ from offline predictions at rows {mismatches[:10]}")
+            raise CheckFailed(f"smoke test: served labels differ from offline predictions at rows {mismatches[:10]}")
         return {"url": url, "examples": len(texts), "mismatches": 0, "model_version": health["model_version"],
                 "seconds": round(time.perf_counter() - started, 1)}
     finally:
-        stop_server(server)
+        stop_process_group(server, grace_seconds=30)
         log.close()
-
-
-def wait_until_healthy(url: str, server: subprocess.Popen, timeout: float, log: Path) -> dict:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RegraftError(f"smoke test: the server exited with {server.returncode}; see {log}:\n"
-                               + "\n".join(log.read_text(errors="replace").splitlines()[-15:]))
-        try:
-            response = httpx.get(f"{url}/healthz", timeout=2)
-            if response.status_code == 200:
-                return response.json()
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise RegraftError(f"smoke test: no healthy server at {url} within {timeout} s; see {log}")
-
-
-def stop_server(server: subprocess.Popen) -> None:
-    """SIGTERM the server's process group (BentoML starts workers), then make sure it is gone."""
-    import signal
-
-    if server.poll() is None:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
 
 
 def offline_labels(model_dir: Path, texts: list[str], max_length: int) -> list[str]:
     from tasks.serving import load_model, predict
 
     return [row["label"] for row in predict(load_model(model_dir, "offline", max_length), texts)]
-
-
-def render_markdown(report: dict) -> str:
-    smoke = report["smoke_test"]
-    rows = [("model", f"`{report['model']}`"), ("Bento", f"`{report['bento']}`"), ("verdict", report["verdict"]),
-            ("smoke test", f"{smoke['examples']} target_holdout texts served on {smoke['url']}: labels equal to "
-                           f"offline predictions ({smoke['seconds']} s)"),
-            ("git commit", str(report["lineage"].get("git_commit"))),
-            ("promote", f"`{report['promote']}`")]
-    return "# Package\n\n| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows) + "\n"

@@ -17,15 +17,14 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
-import hashlib
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from tasks.errors import RegraftError
+from tasks.files import replace_directory, sha256_of, write_json
+from tasks.gate import promotable
 
 CANDIDATE, PRODUCTION, ARCHIVED = "candidate", "production", "archived"
 # What the BentoML store writes into a model's folder beside the model's own files.
@@ -40,11 +39,7 @@ def file_digests(folder: Path) -> dict[str, str]:
     """sha256 of every file under a model folder, by relative path."""
     out = {}
     for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        out[str(path.relative_to(folder))] = digest.hexdigest()
+        out[str(path.relative_to(folder))] = sha256_of(path)
     return out
 
 
@@ -73,12 +68,7 @@ def read_record(path: Path) -> dict:
 
 
 def write_record(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(record, handle, indent=2)
-        handle.write("\n")
-    os.replace(tmp, path)
+    write_json(path, record)
 
 
 @contextlib.contextmanager
@@ -110,8 +100,7 @@ def check_promotable(entry: dict | None, tag: str) -> None:
     if entry is None:
         raise RegistryError(f"{tag}: no such model in the registry (see `regraft models`)")
     verdict = entry.get("verdict")
-    decision = entry.get("decision") or {}
-    if verdict == "PASS" or (verdict == "INCONCLUSIVE" and decision.get("approved") is True):
+    if promotable(verdict, entry.get("decision")):
         return
     raise RegistryError(f"{tag}: its gate verdict is {verdict or 'missing'}"
                         + (" and was not approved" if verdict == "INCONCLUSIVE" else "")
@@ -120,18 +109,8 @@ def check_promotable(entry: dict | None, tag: str) -> None:
 
 def install_files(source: Path, destination: Path) -> None:
     """Replace `destination` with a copy of `source` in one rename, so readers never see half a model."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}."))
-    try:
-        shutil.copytree(source, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*STORE_FILES))
-        retired = destination.with_name(f".{destination.name}.old")
-        shutil.rmtree(retired, ignore_errors=True)
-        if destination.exists():
-            destination.rename(retired)
-        staging.rename(destination)
-        shutil.rmtree(retired, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    replace_directory(lambda staging: shutil.copytree(source, staging, dirs_exist_ok=True,
+                                                      ignore=shutil.ignore_patterns(*STORE_FILES)), destination)
 
 
 def promote(path: Path, tag: str, model_dir: Path, champion: Path, by: str, reason: str,

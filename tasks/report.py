@@ -6,8 +6,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
-from collections.abc import Callable
 from pathlib import Path
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -44,20 +42,17 @@ def training_curves(log: Path) -> bytes | None:
     return buffer.getvalue()
 
 
-def html_report(reports: Path, renderers: dict[str, Callable[[dict], str]], title: str, train_log: Path) -> str:
-    """The run's reports (those present, in the given order) as one HTML page."""
+def html_report(sections: list[tuple[str, dict]], figures: dict[str, list[Path]], title: str, train_log: Path) -> str:
+    """The run's reports (name and content, in run order) as one HTML page, each with its figures."""
     from markdown_it import MarkdownIt
+
+    from tasks.render import render_report
 
     markdown = MarkdownIt("commonmark").enable("table")
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
-    figures = {"shift": sorted((reports / "shift").glob("*.png")),
-               "evaluate": sorted((reports / "evaluate").glob("*.png"))}
-    for name, render in renderers.items():
-        path = reports / f"{name}.json"
-        if not path.is_file():
-            continue
-        parts.append(f"<section id='{name}'>" + markdown.render(render(json.loads(path.read_text(encoding="utf-8")))))
+    for name, report in sections:
+        parts.append(f"<section id='{html.escape(name)}'>" + markdown.render(render_report(name, report)))
         if name == "finetune":
             curves = training_curves(train_log)
             if curves:

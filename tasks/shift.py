@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from tasks.config import ShiftConfig
+from tasks.config import Params, ShiftConfig
 
 DISTRIBUTION_TESTS = ("mmd", "classifier", "label_shift", "bbsd")
 
@@ -454,25 +454,57 @@ def build_sample(frame: pd.DataFrame, embeddings: torch.Tensor, tokenizer, group
                   labels=label_index)
 
 
-def render_markdown(report: dict) -> str:
-    """The shift report as Markdown: verdict, reasons, one row per test."""
-    lines = [f"# Domain shift: {report['verdict']}", "", *[f"- {r}" for r in report["reasons"]], "",
-             "| test | effect | cut-off | p-value | flagged |", "|---|---:|---:|---:|---|"]
-    for t in report["tests"]:
-        cutoff = "-" if t["cutoff"] is None else f"{t['cutoff']:.3g}"
-        flag = "severe" if t["severe"] else ("yes" if t["flagged"] else "no")
-        lines.append(f"| {t['name']} ({t['effect_name']}) | {t['effect']:.3g} | {cutoff} | {t['p_value']:.3g} | {flag} |")
-    label = next((t for t in report["tests"] if t["name"] == "label_shift"), None)
-    if label:
-        d = label["detail"]
-        lines += ["", "| class | source prior | target (labelled) | target (estimated, 95% interval) |", "|---|---:|---:|---:|"]
-        for i, name in enumerate(d["labels"]):
-            labelled = d.get("labelled_target_prior")
-            lines.append(f"| {name} | {d['source_prior'][i]:.3f} | {labelled[i]:.3f} | " if labelled else
-                         f"| {name} | {d['source_prior'][i]:.3f} | - | ")
-            if "estimated_target_prior" in d:
-                lines[-1] += (f"{d['estimated_target_prior'][i]:.3f} ({d['estimated_interval_95'][0][i]:.3f}-"
-                              f"{d['estimated_interval_95'][1][i]:.3f}) |")
-            else:
-                lines[-1] += "- |"
-    return "\n".join(lines) + "\n"
+# ----------------------------------------------------------------------------- the whole analysis
+
+
+def cap_rows(frame: pd.DataFrame, limit: int, seed: int) -> pd.DataFrame:
+    return frame if len(frame) <= limit else frame.sample(n=limit, random_state=seed).reset_index(drop=True)
+
+
+def analyse_shift(source: pd.DataFrame, target: pd.DataFrame, params: Params) -> dict:
+    """Embed both domains with the base encoder (cached), build the per-row inputs, run every test: the
+    shift stage, `regraft shift` and shift-watch all measure shift through this."""
+    from tasks.models import load_classifier, load_tokenizer, mean_pooled_embeddings, predict_proba
+
+    cfg, labels = params.shift, params.ingest.labels
+    source = cap_rows(source.reset_index(drop=True), cfg.max_rows, cfg.seed)
+    target = cap_rows(target.reset_index(drop=True), cfg.max_rows, cfg.seed)
+    base, max_length = params.model.base, params.model.max_length
+    cache = params.paths.cache / "embeddings"
+    tokenizer = load_tokenizer(base)
+    source_emb = mean_pooled_embeddings(base, source["text"].astype("str").tolist(), max_length, cache)
+    target_emb = mean_pooled_embeddings(base, target["text"].astype("str").tolist(), max_length, cache)
+    groups = params.ingest.columns.groups
+    source_sample = build_sample(source, source_emb, tokenizer, groups, labels)
+    target_sample = build_sample(target, target_emb, tokenizer, groups, labels)
+    if source_sample.labels is not None:
+        target_sample.class_probs = source_classifier_probabilities(source_emb, source_sample.labels, target_emb)
+    champion = params.paths.champion
+    if (champion / "config.json").is_file():
+        # Black-box shift detection on the production model's outputs.
+        model, champion_tokenizer = load_classifier(champion, labels), load_tokenizer(champion)
+        source_sample.probs = predict_proba(model, champion_tokenizer, source["text"].tolist(), max_length).numpy()
+        target_sample.probs = predict_proba(model, champion_tokenizer, target["text"].tolist(), max_length).numpy()
+    report = detect_shift(source_sample, target_sample, cfg, labels,
+                          source["text"].astype("str").tolist(), target["text"].astype("str").tolist())
+    report["source_ids"] = source["id"].astype("str").tolist() if "id" in source else None
+    report["embeddings_2d"] = project_2d(source_emb.numpy(), target_emb.numpy())
+    return report
+
+
+def project_2d(source: np.ndarray, target: np.ndarray, limit: int = 2000) -> dict:
+    """PCA of the pooled embeddings to two dimensions, for the scatter plot."""
+    pooled = np.vstack([source[:limit], target[:limit]])
+    centred = pooled - pooled.mean(0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    points = centred @ vt[:2].T
+    return {"source": points[: min(limit, len(source))].tolist(), "target": points[min(limit, len(source)):].tolist()}
+
+
+# Per-row arrays that the shift stage turns into plots and weights; other readers drop them.
+BULKY = ("embeddings_2d", "domain_scores", "source_importance_weights", "source_ids")
+
+
+def without_bulk(report: dict) -> dict:
+    """The report without its per-row arrays, for the terminal and for shift-watch."""
+    return {key: value for key, value in report.items() if key not in BULKY}

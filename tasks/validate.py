@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from tasks.config import Columns, ValidateConfig
+from tasks.config import Columns, Params, ValidateConfig
 
 SCHEMA_TYPES = {"id": "str", "text": "str", "label": "str"}
 UNDECODABLE = "\ufffd"
@@ -288,13 +288,15 @@ def validate_splits(splits: dict[str, pd.DataFrame], cfg: ValidateConfig, column
     }
 
 
-def render_markdown(report: dict) -> str:
-    """The validation result as Markdown: one row per split, then every failure in plain words."""
-    verdict = "passed" if report["success"] else "FAILED"
-    lines = [f"# Validation {verdict}", "", "| split | rows | expectations | failed |", "|---|---:|---:|---:|"]
-    for name, split in report["splits"].items():
-        lines.append(f"| {name} | {split['rows']} | {split['expectations']} | {split['failed']} |")
-    if report["failures"]:
-        lines += ["", "## Failures", ""] + [f"- {m}" for m in report["failures"]]
-    lines += ["", f"Data Docs: `{report['data_docs']}`"]
-    return "\n".join(lines) + "\n"
+def validate_file(params: Params, path: Path) -> dict:
+    """`regraft validate PATH`: the same suite on one file, read with the configured column mapping.
+    It is checked as a train split (no holdout, so no leakage check)."""
+    from tasks.ingest import normalise, read_table
+
+    frame = normalise(read_table(path), params.ingest.columns, path.name, params.ingest.time_format)
+    name = path.stem.replace(".", "_") or "file"
+    return validate_splits(
+        {name: frame}, params.validate_, params.ingest.columns, params.ingest.labels,
+        gx_dir=params.paths.state / "gx-file", docs_dir=params.paths.state / "data_docs_file",
+        rules=[SplitRules(name, params.validate_.rows.train_min)],
+    )

@@ -86,6 +86,34 @@ def prefect_api():
 
 
 @pytest.fixture(scope="session")
+def prefect_env(prefect_api) -> dict[str, str]:
+    """Environment for `regraft` subprocesses to report to the session's Prefect API: each run then skips
+    starting a temporary API of its own (the demo's path, which the one end-to-end test keeps)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return {"PREFECT_API_URL": PREFECT_API_URL.value()}
+
+
+# The whole pipeline on the tiny random BERT with cheap statistics: wiring tests take seconds per stage.
+# Gate criteria a random model can meet; the one end-to-end test runs the real model with params.yaml as shipped.
+QUICK_SETTINGS = {
+    "model.max_length": 64, "train.strategy": "full", "train.epochs": 1, "train.batch_size": 8,
+    "train.precision": "fp32", "train.checkpoint_every": 5, "train.log_every": 1, "train.early_stopping_patience": 0,
+    "shift.null_splits": 5, "shift.bootstrap": 50, "shift.permutations": 50, "evaluate.bootstrap": 200,
+    "gate.floors": [], "gate.worst_group.floor": 0.0, "gate.disparity.max_gap": 1.0, "gate.on_inconclusive": "approve",
+}
+
+
+def quick_project(base: Path, tiny_bert: Path, **extra) -> Path:
+    """A project (git + DVC, local remote) that runs the whole pipeline on the tiny model (QUICK_SETTINGS)."""
+    from tasks.config import write_overrides
+
+    project = make_project(base / "project", base / "remote")
+    write_overrides(project / "params.yaml", {"model.base": str(tiny_bert), **QUICK_SETTINGS, **extra})
+    return project
+
+
+@pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     """A random BERT (2 layers of width 32) with the bundled MiniLM tokenizer, saved as an HF directory:
     training tests take seconds with it."""

@@ -87,6 +87,7 @@ def test_stage_outputs_model_dir_card_and_log(tmp_path, tiny_bert):
     model_dir = project / "models" / "candidate"
     assert {"model.safetensors", "config.json", "tokenizer.json", "README.md"} <= {p.name for p in model_dir.iterdir()}
     assert not list(model_dir.glob("*.bin"))
+    assert [p.name for p in model_dir.parent.iterdir()] == ["candidate"]  # no staging or retired folder left
     assert AutoConfig.from_pretrained(model_dir).id2label == {0: "negative", 1: "neutral", 2: "positive"}
     rows = list(csv.DictReader((project / "reports" / "train_log.csv").open()))
     assert rows and set(rows[0]) == {"step", "epoch", "loss", "learning_rate", "samples_per_second"}
@@ -98,5 +99,5 @@ def test_stage_outputs_model_dir_card_and_log(tmp_path, tiny_bert):
 def test_champion_init_without_a_champion_is_explained(tmp_path, tiny_bert):
     project = training_project(tmp_path, tiny_bert, init="champion")
     failed = run(STAGE, project, check=False)
-    assert failed.returncode == 1
+    assert failed.returncode == 2  # bad configuration
     assert "train.init=champion, but there is no production model at models/production" in failed.stderr

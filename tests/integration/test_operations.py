@@ -18,18 +18,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import make_project, processes_in
+from tasks.processes import free_port
+from tests.conftest import QUICK_SETTINGS, make_project, processes_in
 
 pytestmark = pytest.mark.integration
 REGRAFT = str(Path(sys.executable).parent / "regraft")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager
@@ -76,8 +69,11 @@ QUIET_CRONS = {"schedule.retrain_cron": "0 3 1 1 *", "schedule.shift_watch_cron"
 
 
 @pytest.fixture(scope="module")
-def ui(tmp_path_factory):
-    with running_ui(tmp_path_factory.mktemp("ui"), QUIET_CRONS) as served:
+def ui(tmp_path_factory, tiny_bert):
+    """`regraft ui` on a project that trains the tiny model (QUICK_SETTINGS): the tests here are about the
+    control plane, and the bundled model's own run is tested end to end in test_retrain_flow."""
+    settings = {**QUICK_SETTINGS, "model.base": str(tiny_bert), **QUIET_CRONS}
+    with running_ui(tmp_path_factory.mktemp("ui"), settings) as served:
         yield served
 
 
@@ -154,7 +150,7 @@ def test_a_custom_run_from_the_api_completes_with_its_artifacts(ui):
             "approve": True, "reason": "feature extraction is a smoke run", "reviewer": "test"}})
         assert resumed.status_code in (200, 201), resumed.text
         finished = wait_for_state(api, run["id"], {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, 600)
-        decision = json.loads((project / "reports" / "verdict.json").read_text())["decision"]
+        decision = json.loads((project / "reports" / "decision.json").read_text())
         assert decision["approved"] is True and decision["by"] == "test"
     assert finished["state"]["type"] == "COMPLETED", log.read_text()[-5000:]
     artifacts = api.post("/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}}}).json()
@@ -318,7 +314,7 @@ def test_a_person_runs_retrain_from_the_prefect_ui(ui):
                 form_field(dialog, "Reviewer").locator("textarea").fill("playwright")
                 dialog.get_by_role("button", name="Submit", exact=True).click()
                 finished = wait_for_state(api, run_id, {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, 600)
-                decision = json.loads((project / "reports" / "verdict.json").read_text())["decision"]
+                decision = json.loads((project / "reports" / "decision.json").read_text())
                 assert decision["approved"] is True and decision["by"] == "playwright"
             assert finished["state"]["type"] == "COMPLETED", log.read_text()[-4000:]
             page.reload(wait_until="networkidle")

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import make_project, run, tree_digest
+from tests.conftest import make_project, quick_project, run, tree_digest
 
 pytestmark = pytest.mark.integration
 REGRAFT = str(Path(sys.executable).parent / "regraft")
 DVC = [sys.executable, "-m", "dvc"]
-STAGES = ["ingest", "validate", "shift", "finetune", "evaluate", "gate", "package"]
+STAGES = ["ingest", "validate", "shift", "finetune", "evaluate", "gate", "decide", "package"]
 
 
 def data_hashes(project: Path) -> dict[str, str]:
@@ -40,18 +40,24 @@ def test_flow_order_is_dvcs_order(project):
     assert stage_order(project) == re.findall(r"Running stage '([^']+)'", dry) == [*STAGES, "report"]
 
 
-def test_flow_runs_each_stage_as_a_task_with_artifacts(project, prefect_api):
-    from prefect import get_client
-
+@pytest.fixture(scope="module")
+def flow_project(tmp_path_factory, tiny_bert, prefect_api):
+    """A quick project after one run of the retrain flow in this process (another holdout split: seed 7)."""
     from flows.retrain import RetrainParameters, retrain
 
-    # Another holdout split: the demo's floors are set for the default one, so a person would decide here.
-    parameters = RetrainParameters(split_seed=7, overrides=["gate.on_inconclusive=approve"])
-    state = retrain(parameters=parameters, project_dir=str(project), return_state=True)
+    project = quick_project(tmp_path_factory.mktemp("flow"), tiny_bert)
+    state = retrain(parameters=RetrainParameters(split_seed=7), project_dir=str(project), return_state=True)
+    return project, state
+
+
+def test_flow_runs_each_stage_as_a_task_with_artifacts(flow_project):
+    from prefect import get_client
+
+    project, state = flow_project
     assert state.is_completed(), state.message
     result = state.result()
     assert result["stages"] == STAGES
-    assert result["reports"]["gate"]["verdict"] == "PASS" or result["reports"]["gate"]["decision"]["approved"]
+    assert result["reports"]["decide"]["approved"] and result["reports"]["gate"]["verdict"] in ("PASS", "INCONCLUSIVE")
     assert result["reports"]["validate"]["success"]
     assert result["pushed_to"] == "local"
     assert yaml.safe_load((project / "params.yaml").read_text())["ingest"]["split"]["seed"] == 7
@@ -71,16 +77,28 @@ def test_flow_runs_each_stage_as_a_task_with_artifacts(project, prefect_api):
     task_names, artifact_keys = anyio.run(query)
     assert set(STAGES) <= set(task_names)
     assert {"ingest-report", "validate-report", "shift-report", "finetune-report", "evaluate-report",
-            "verdict-report", "package-report", "run-report"} <= artifact_keys
+            "verdict-report", "decision-report", "package-report", "run-report"} <= artifact_keys
     page = (project / "reports" / "report.html").read_text()
     assert "<h1>Gate: PASS" in page or "Gate: INCONCLUSIVE" in page
     assert page.count("data:image/png;base64,") >= 5  # shift plots, training curves, group charts
 
 
-def test_cli_run_and_dvc_repro_agree(tmp_path):
-    by_flow = make_project(tmp_path / "a", tmp_path / "remote-a")
-    by_dvc = make_project(tmp_path / "b", tmp_path / "remote-b")
-    done = run([REGRAFT, "run"], by_flow)
+def test_dvc_repro_writes_what_the_flow_writes(flow_project, tmp_path, tiny_bert):
+    by_flow, _ = flow_project
+    by_dvc = quick_project(tmp_path, tiny_bert, **{"ingest.split.seed": 7})
+    run(DVC + ["repro"], by_dvc)
+    assert data_hashes(by_flow) == data_hashes(by_dvc)
+    splits = {f"data/{name}.parquet" for name in ("source_train", "source_holdout", "target_train", "target_holdout")}
+    assert splits | {"data/shift_weights.parquet"} == set(data_hashes(by_flow))
+    assert (by_dvc / "models" / "candidate" / "model.safetensors").is_file()
+    # Nothing changed, so a second repro has nothing to do.
+    assert "didn't change, skipping" in run(DVC + ["repro"], by_flow).stdout
+
+
+def test_the_demo_runs_end_to_end_with_the_bundled_model(tmp_path):
+    """`make demo`'s path: the real all-MiniLM-L6-v2, params.yaml as shipped, a temporary Prefect API."""
+    project = make_project(tmp_path / "demo", tmp_path / "remote")
+    done = run([REGRAFT, "run"], project)
     assert "regraft run finished: " + " -> ".join(STAGES) in done.stdout
     assert re.search(r"domain shift: (moderate|severe)", done.stdout)
     # The demo's shift is severe and its target small, so `auto` adapts with LoRA.
@@ -88,31 +106,25 @@ def test_cli_run_and_dvc_repro_agree(tmp_path):
     assert re.search(r"target_holdout\s+108\s+negative 38, neutral 10, positive 60", done.stdout)
     assert "validation passed: 78 expectations on 4 splits" in done.stdout
     # The demo clears its own gate, and shows its tiny per-condition groups as insufficient data.
-    assert "# Gate: PASS" in done.stdout
+    assert "# Gate: PASS" in done.stdout and "decision: approved by gate" in done.stdout
     assert re.search(r"worst group: condition, \d+ small groups \| insufficient data", done.stdout)
     assert re.search(r"transfer gain \(candidate - TF-IDF, macro-F1\): [+-]0\.\d+", done.stdout)
-    verdict = json.loads((by_flow / "reports" / "verdict.json").read_text())
+    verdict = json.loads((project / "reports" / "verdict.json").read_text())
     assert verdict["verdict"] == "PASS" and verdict["champion"] is False
     # ... and ends with a packaged, smoke-tested model that can be promoted.
     assert re.search(r"packaged regraft-classifier:\S+ \(Bento regraft:\S+\); smoke test: 32 served labels", done.stdout)
     assert "promote it with: regraft promote regraft-classifier:" in done.stdout
-    run(DVC + ["repro"], by_dvc)
-    assert data_hashes(by_flow) == data_hashes(by_dvc)
-    splits = {f"data/{name}.parquet" for name in ("source_train", "source_holdout", "target_train", "target_holdout")}
-    assert splits | {"data/shift_weights.parquet"} == set(data_hashes(by_flow))
-    assert (by_flow / "models" / "candidate" / "model.safetensors").is_file()
-    # Nothing changed, so a second repro has nothing to do.
-    assert "didn't change, skipping" in run(DVC + ["repro"], by_flow).stdout
+    assert "data pushed to DVC remote 'local'" in done.stdout
+    assert (project / "models" / "candidate" / "model.safetensors").is_file()
 
 
 @pytest.fixture(scope="module")
-def files_project(tmp_path_factory):
-    """A project on the user's own files (source.csv, target.csv), after one good run."""
+def files_project(tmp_path_factory, tiny_bert, prefect_env):
+    """A quick project on the user's own files (source.csv, target.csv), after one good run."""
     from tasks.config import write_overrides
     from tasks.ingest import demo_archive_path, read_demo
 
-    base = tmp_path_factory.mktemp("files")
-    project = make_project(base / "project", base / "remote")
+    project = quick_project(tmp_path_factory.mktemp("files"), tiny_bert)
     raw = read_demo(demo_archive_path())
     is_target = raw["date"].str[-4:].astype(int) >= 2015
     (project / "inputs").mkdir()
@@ -121,10 +133,8 @@ def files_project(tmp_path_factory):
     write_overrides(project / "params.yaml", {
         "ingest.source": "files", "ingest.split.by": "files",
         "ingest.source_files": ["inputs/source.csv"], "ingest.target_files": ["inputs/target.csv"],
-        # The demo's floors are set for its own holdout split; here a borderline criterion must not stop the setup.
-        "gate.on_inconclusive": "approve",
     })
-    run([REGRAFT, "run", "--no-push"], project)
+    run([REGRAFT, "run", "--no-push"], project, env_update=prefect_env)
     return project
 
 
@@ -167,7 +177,7 @@ BAD_TARGETS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_TARGETS))
-def test_bad_target_file_stops_at_validate_and_keeps_results(files_project, case):
+def test_bad_target_file_stops_at_validate_and_keeps_results(files_project, case, prefect_env):
     target = files_project / "inputs" / "target.csv"
     original = target.read_bytes()
     before = tree_digest(files_project)
@@ -175,17 +185,19 @@ def test_bad_target_file_stops_at_validate_and_keeps_results(files_project, case
     # Repeats are dropped by ingest unless deduplication is off; with it off, validate must catch them.
     extra = ["--set", "ingest.deduplicate=false"] if case == "duplicate rows" else []
     try:
-        failed = run([REGRAFT, "run", "--no-push", *extra], files_project, check=False)
+        failed = run([REGRAFT, "run", "--no-push", *extra], files_project, check=False, env_update=prefect_env)
     finally:
         target.write_bytes(original)
-    assert failed.returncode == 1, failed.stdout + failed.stderr
-    assert "error: stage 'validate' failed" in failed.stderr
+    assert failed.returncode == 2, failed.stdout + failed.stderr  # bad input
+    # The problem is told once, after the stage's own log lines, without a traceback or Prefect's state echoes.
+    assert failed.stderr.count("error: stage 'validate' failed") == 1
+    assert "Traceback" not in failed.stderr and "Finished in state Failed" not in failed.stderr
     assert BAD_TARGETS[case] in failed.stderr
     assert "back to what they were before the run" in failed.stderr
     assert tree_digest(files_project) == before
 
 
-def test_validate_command_on_one_file(files_project):
+def test_validate_command_on_one_file(files_project, prefect_env):
     good = run([REGRAFT, "validate", "inputs/target.csv"], files_project)
     assert "Validation passed" in good.stdout
     bad = files_project / "bad.csv"
@@ -196,15 +208,15 @@ def test_validate_command_on_one_file(files_project):
     assert "bad: column 'label' has 1 values outside the configured labels" in failed.stderr
 
 
-def test_bad_override_fails_before_anything_runs(files_project):
+def test_bad_override_fails_before_anything_runs(files_project, prefect_env):
     before = tree_digest(files_project)
-    failed = run([REGRAFT, "run", "--set", "ingest.split.holdout_fraction=2"], files_project, check=False)
-    assert failed.returncode == 1
+    failed = run([REGRAFT, "run", "--set", "ingest.split.holdout_fraction=2"], files_project, check=False, env_update=prefect_env)
+    assert failed.returncode == 2
     assert "ingest.split.holdout_fraction: Input should be less than 1 (got 2)" in failed.stderr
     assert tree_digest(files_project) == before
 
 
-def test_shift_command_prints_json_with_a_verdict(files_project):
+def test_shift_command_prints_json_with_a_verdict(files_project, prefect_env):
     import json
 
     out = run([REGRAFT, "shift", "inputs/source.csv", "inputs/target.csv", "--json"], files_project)
@@ -216,13 +228,13 @@ def test_shift_command_prints_json_with_a_verdict(files_project):
     readable = run([REGRAFT, "shift", "inputs/source.csv", "inputs/target.csv"], files_project)
     assert readable.stdout.startswith("# Domain shift: ")
     missing = run([REGRAFT, "shift", "inputs/source.csv", "inputs/nope.csv"], files_project, check=False)
-    assert missing.returncode == 1 and "nope.csv: file not found" in missing.stderr
+    assert missing.returncode == 2 and "nope.csv: file not found" in missing.stderr
 
 
-def test_severe_shift_blocks_training_when_configured(files_project):
+def test_severe_shift_blocks_training_when_configured(files_project, prefect_env):
     before = tree_digest(files_project)
     failed = run([REGRAFT, "run", "--no-push", "--set", "shift.on_severe=block", "--set", "shift.severe_ratio=1.001"],
-                 files_project, check=False)
+                 files_project, check=False, env_update=prefect_env)
     assert failed.returncode == 1, failed.stdout + failed.stderr
     assert "error: stage 'shift' failed" in failed.stderr
     assert "severe domain shift and shift.on_severe=block, so training does not start" in failed.stderr
@@ -230,10 +242,11 @@ def test_severe_shift_blocks_training_when_configured(files_project):
     assert tree_digest(files_project) == before
 
 
-def test_gate_fail_stops_the_run_lists_the_criteria_and_keeps_the_verdict(files_project):
+def test_gate_fail_stops_the_run_lists_the_criteria_and_keeps_the_verdict(files_project, prefect_env):
     before = tree_digest(files_project)
     failed = run([REGRAFT, "run", "--no-push", "--set",
-                  "gate.floors=[{split: target_holdout, metric: accuracy, min: 0.99}]"], files_project, check=False)
+                  "gate.floors=[{split: target_holdout, metric: accuracy, min: 0.99}]"], files_project, check=False,
+                 env_update=prefect_env)
     assert failed.returncode == 1, failed.stdout + failed.stderr
     assert "error: stage 'gate' failed" in failed.stderr
     assert "floor: target_holdout accuracy" in failed.stderr and "needs >= 0.990" in failed.stderr
@@ -245,32 +258,31 @@ def test_gate_fail_stops_the_run_lists_the_criteria_and_keeps_the_verdict(files_
         k: v for k, v in before.items() if k != "reports/verdict.json"}
 
 
-def test_inconclusive_gate_without_anyone_to_ask_applies_the_policy(files_project):
+def test_inconclusive_gate_without_anyone_to_ask_applies_the_policy(files_project, prefect_env):
     # A floor at exactly the candidate's measured accuracy: the evidence cannot say which side it is on.
     accuracy = json.loads((files_project / "reports" / "evaluate.json").read_text())[
         "splits"]["target_holdout"]["models"]["candidate"]["overall"]["accuracy"]
     floor = f"gate.floors=[{{split: target_holdout, metric: accuracy, min: {accuracy}}}]"
     failed = run([REGRAFT, "run", "--no-push", "--set", floor, "--set", "gate.on_inconclusive=reject"],
-                 files_project, check=False)
+                 files_project, check=False, env_update=prefect_env)
     assert failed.returncode == 1, failed.stdout + failed.stderr
     assert "gate INCONCLUSIVE and rejected by policy: gate.on_inconclusive=reject" in failed.stderr
     verdict = json.loads((files_project / "reports" / "verdict.json").read_text())
     assert verdict["verdict"] == "INCONCLUSIVE" and verdict["inconclusive"] == ["floor: target_holdout accuracy"]
-    assert verdict["decision"]["approved"] is False and verdict["decision"]["by"] == "policy"
+    decision = json.loads((files_project / "reports" / "decision.json").read_text())
+    assert decision["approved"] is False and decision["by"] == "policy"
     approved = run([REGRAFT, "run", "--no-push", "--set", floor, "--set", "gate.on_inconclusive=approve"],
-                   files_project)
-    assert "Decision on INCONCLUSIVE: approved by policy" in approved.stdout
-    status = run(DVC + ["status", "gate"], files_project).stdout
-    assert "changed outs" not in status, status  # the recorded decision is committed to dvc.lock
+                   files_project, env_update=prefect_env)
+    assert "decision: approved by policy" in approved.stdout
+    status = run(DVC + ["status", "gate", "decide"], files_project).stdout
+    assert "changed outs" not in status, status  # verdict and decision are each their stage's own output
 
 
-def test_the_flow_launches_torchrun_when_train_nproc_is_above_one(tmp_path, tiny_bert):
+def test_the_flow_launches_torchrun_when_train_nproc_is_above_one(tmp_path, tiny_bert, prefect_env):
     """train.nproc: 2 through `regraft run`: the finetune stage relaunches itself as two torchrun (gloo)
     processes and the run completes with the data-parallel model."""
-    from tests.integration.test_run_safety import quick_project
-
     project = quick_project(tmp_path, tiny_bert, **{"train.nproc": 2, "train.threads": 1})
-    finished = run([REGRAFT, "run", "--no-push"], project)
+    finished = run([REGRAFT, "run", "--no-push"], project, env_update=prefect_env)
     assert "finetune: starting 2 processes" in finished.stdout + finished.stderr, finished.stderr[-3000:]
     report = json.loads((project / "reports" / "finetune.json").read_text())
     assert report["processes"] == 2

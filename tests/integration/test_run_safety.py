@@ -16,46 +16,22 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import make_project, processes_in, run, tree_digest
+from tests.conftest import make_project, processes_in, quick_project, run, tree_digest
 
 pytestmark = pytest.mark.integration
 REGRAFT = str(Path(sys.executable).parent / "regraft")
 DVC = [sys.executable, "-m", "dvc"]
 
 
-def quick_project(base: Path, tiny_bert: Path, **extra) -> Path:
-    """The whole pipeline on the tiny random BERT; gate criteria a random model can meet."""
-    from tasks.config import write_overrides
-
-    project = make_project(base / "project", base / "remote")
-    write_overrides(project / "params.yaml", {
-        "model.base": str(tiny_bert), "model.max_length": 64, "train.strategy": "full", "train.epochs": 1,
-        "train.batch_size": 8, "train.precision": "fp32", "train.checkpoint_every": 5, "train.log_every": 1,
-        "train.early_stopping_patience": 0, "evaluate.bootstrap": 200,
-        "gate.floors": [], "gate.worst_group.floor": 0.0, "gate.disparity.max_gap": 1.0,
-        "gate.on_inconclusive": "approve", **extra,
-    })
-    return project
-
-
-def regraft_env(prefect_url: str) -> dict[str, str]:
+def regraft_env(prefect_env: dict[str, str]) -> dict[str, str]:
     from flows.retrain import stage_environment
 
-    env = stage_environment()
-    env["PREFECT_API_URL"] = prefect_url  # both runs report to one real Prefect API
-    return env
+    return {**stage_environment(), **prefect_env}  # runs report to one real Prefect API
 
 
-@pytest.fixture
-def prefect_url(prefect_api) -> str:
-    from prefect.settings import PREFECT_API_URL
-
-    return PREFECT_API_URL.value()
-
-
-def test_two_runs_started_at_once_take_turns_and_leave_dvc_consistent(tmp_path, tiny_bert, prefect_url):
+def test_two_runs_started_at_once_take_turns_and_leave_dvc_consistent(tmp_path, tiny_bert, prefect_env):
     project = quick_project(tmp_path, tiny_bert)
-    env = regraft_env(prefect_url)
+    env = regraft_env(prefect_env)
     runs = {seed: subprocess.Popen([REGRAFT, "run", "--no-push", "--set", f"ingest.split.seed={seed}"], cwd=project,
                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for seed in (11, 12)}
@@ -81,7 +57,7 @@ def finetune_process(project: Path) -> psutil.Process | None:
     return next((p for p in processes_in(project) if "pipelines.finetune" in (p.info["cmdline"] or [])), None)
 
 
-def test_a_killed_training_process_is_retried_and_resumes_from_its_checkpoint(tmp_path, tiny_bert, prefect_url):
+def test_a_killed_training_process_is_retried_and_resumes_from_its_checkpoint(tmp_path, tiny_bert, prefect_env):
     project = quick_project(tmp_path, tiny_bert, **{"train.epochs": 2})
     # A DVC lock record left by a killed `dvc repro` whose PID now belongs to another process: DVC alone
     # would report params.yaml "busy" on every run.
@@ -98,7 +74,7 @@ def test_a_killed_training_process_is_retried_and_resumes_from_its_checkpoint(tm
     checkpoint = project / ".regraft" / "checkpoints" / "finetune" / "checkpoint.pt"
     # DVC runs the stage through $SHELL; /bin/sh (dash, what CI has when SHELL is unset) forks the command
     # and reports the kill as exit status 137 rather than -9.
-    env = {**regraft_env(prefect_url), "SHELL": "/bin/sh"}
+    env = {**regraft_env(prefect_env), "SHELL": "/bin/sh"}
     process = subprocess.Popen([REGRAFT, "run", "--no-push"], cwd=project, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     killed = None
@@ -147,7 +123,7 @@ def test_a_stage_killed_by_a_signal_is_transient_whichever_shell_dvc_uses(tmp_pa
 WORKSPACE = ("data", "models", "reports", "dvc.lock", "params.yaml")  # every file a run may change
 
 
-def test_ctrl_c_stops_the_running_stage_and_restores_the_project(tmp_path, tiny_bert, prefect_url):
+def test_ctrl_c_stops_the_running_stage_and_restores_the_project(tmp_path, tiny_bert, prefect_env):
     """Ctrl-C on `regraft run` while a stage trains: DVC and the stage's command stop with the run (they run in
     their own process group), and the workspace is what it was before the run."""
     project = quick_project(tmp_path, tiny_bert, **{"train.epochs": 50})
@@ -156,7 +132,7 @@ def test_ctrl_c_stops_the_running_stage_and_restores_the_project(tmp_path, tiny_
     # SIGINT (an ignored signal stays ignored across exec; a handled one is reset to its default).
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        process = subprocess.Popen([REGRAFT, "run", "--no-push"], cwd=project, env=regraft_env(prefect_url),
+        process = subprocess.Popen([REGRAFT, "run", "--no-push"], cwd=project, env=regraft_env(prefect_env),
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -177,3 +153,16 @@ def test_ctrl_c_stops_the_running_stage_and_restores_the_project(tmp_path, tiny_
     assert not leftovers, f"the interrupted run left processes behind: {leftovers}"
     assert tree_digest(project, WORKSPACE) == before
 
+
+
+def test_a_busy_project_exits_3_and_says_who_holds_it_once(tmp_path, prefect_env):
+    from tasks.config import write_overrides
+    from tasks.locking import project_lock
+
+    project = make_project(tmp_path / "project", tmp_path / "remote")
+    write_overrides(project / "params.yaml", {"schedule.lock_timeout_seconds": 0})
+    with project_lock(project / ".regraft", "a promotion in this test", 0):
+        busy = run([REGRAFT, "run", "--no-push"], project, check=False, env_update=prefect_env)
+    assert busy.returncode == 3, busy.stdout + busy.stderr
+    assert busy.stderr.count("a promotion in this test") == 2  # waiting for it, then giving up: said once each
+    assert busy.stderr.count("error: ") == 1 and "Traceback" not in busy.stderr

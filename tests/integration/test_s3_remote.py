@@ -4,17 +4,13 @@ and model from one clone, a fresh clone pulls them, and the bytes are identical.
 from __future__ import annotations
 
 import hashlib
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run
-from tests.integration.test_run_safety import quick_project
+from tests.conftest import quick_project, run
 
 pytestmark = pytest.mark.integration
 REGRAFT = str(Path(sys.executable).parent / "regraft")
@@ -26,30 +22,19 @@ AWS = {"AWS_ACCESS_KEY_ID": "regraft-test", "AWS_SECRET_ACCESS_KEY": "regraft-te
 
 @pytest.fixture
 def s3_endpoint(tmp_path):
-    from tests.integration.test_operations import free_port
+    from tasks.processes import free_port, stop_process_group, wait_until_healthy
 
     port = free_port()
     server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
                               stdout=(tmp_path / "moto.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    import httpx
-
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            httpx.get(url, timeout=2)
-            break
-        except httpx.TransportError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise AssertionError("moto_server did not start:\n" + (tmp_path / "moto.log").read_text()) from None
-            time.sleep(0.2)
+    wait_until_healthy(f"{url}/moto-api/", server, 60, tmp_path / "moto.log")
     import boto3
 
     boto3.client("s3", endpoint_url=url, **{k.lower(): v for k, v in AWS.items() if k != "AWS_DEFAULT_REGION"},
                  region_name=AWS["AWS_DEFAULT_REGION"]).create_bucket(Bucket=BUCKET)
     yield url
-    os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=30)
+    stop_process_group(server, grace_seconds=30)
 
 
 def digests(project: Path, folders: list[str]) -> dict[str, str]:
@@ -58,15 +43,14 @@ def digests(project: Path, folders: list[str]) -> dict[str, str]:
 
 
 def test_push_from_one_clone_and_pull_into_a_fresh_clone_gives_identical_model_bytes(tmp_path, tiny_bert, s3_endpoint,
-                                                                                    monkeypatch):
+                                                                                    prefect_env, monkeypatch):
     for key, value in AWS.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.delenv("PREFECT_API_URL", raising=False)
     project = quick_project(tmp_path / "first", tiny_bert)
     # The S3 remote is the project's default: the flow's dvc-push task sends everything there.
     run(DVC + ["remote", "add", "--force", "-d", "s3", f"s3://{BUCKET}/regraft"], project)
     run(DVC + ["remote", "modify", "s3", "endpointurl", s3_endpoint], project)
-    finished = run([REGRAFT, "run"], project)
+    finished = run([REGRAFT, "run"], project, env_update=prefect_env)
     assert "data pushed to DVC remote 's3'" in finished.stdout, finished.stdout[-3000:]
 
     git = ["git", "-c", "user.name=regraft", "-c", "user.email=regraft@localhost"]

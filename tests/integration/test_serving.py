@@ -5,8 +5,6 @@ and promotions while serving without a failed request."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import threading
@@ -16,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tasks.processes import free_port, stop_process_group, wait_until_healthy
 from tests.conftest import make_project, run
 
 pytestmark = pytest.mark.integration
@@ -37,9 +36,12 @@ def save_candidate(project: Path, tiny_bert: Path, seed: int) -> None:
 
 
 def write_verdict(project: Path, verdict: str) -> None:
+    """A verdict as the gate writes it, then the decide stage's decision on it (INCONCLUSIVE: the policy, reject)."""
     (project / "reports").mkdir(exist_ok=True)
     (project / "reports" / "verdict.json").write_text(json.dumps(
-        {"stage": "gate", "verdict": verdict, "decision": None, "failed": [], "inconclusive": [], "criteria": []}))
+        {"stage": "gate", "verdict": verdict, "failed": [], "inconclusive": [], "criteria": []}))
+    decided = run([sys.executable, "-m", "pipelines.decide"], project, check=False)
+    assert decided.returncode == (0 if verdict == "PASS" else 1), decided.stderr
 
 
 def package(project: Path, tiny_bert: Path, seed: int) -> str:
@@ -67,28 +69,12 @@ def served_project(tmp_path_factory, tiny_bert):
     server = subprocess.Popen([REGRAFT, "serve"], cwd=project, stdout=log, stderr=subprocess.STDOUT,
                               start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.5)
-    else:
-        os.killpg(server.pid, signal.SIGKILL)
-        raise AssertionError("regraft serve did not become healthy:\n" + (base / "serve.log").read_text())
-    yield project, url, tags
-    os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=30)
-    log.close()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    try:
+        wait_until_healthy(f"{url}/healthz", server, 180, base / "serve.log")
+        yield project, url, tags
+    finally:
+        stop_process_group(server, grace_seconds=30)
+        log.close()
 
 
 def test_package_refuses_a_candidate_without_a_pass(tmp_path, tiny_bert):
@@ -98,7 +84,12 @@ def test_package_refuses_a_candidate_without_a_pass(tmp_path, tiny_bert):
         write_verdict(project, verdict)
         failed = run([sys.executable, "-m", "pipelines.package"], project, check=False)
         assert failed.returncode == 1
-        assert f"gate verdict is {verdict}; only a PASS or an approved INCONCLUSIVE candidate is packaged" in failed.stderr
+        assert f"gate verdict {verdict}, not approved by " in failed.stderr
+    # A decision is about one verdict: a verdict changed after the decision packages nothing.
+    write_verdict(project, "PASS")
+    (project / "reports" / "verdict.json").write_text(json.dumps({"stage": "gate", "verdict": "PASS", "criteria": []}))
+    stale = run([sys.executable, "-m", "pipelines.package"], project, check=False)
+    assert stale.returncode == 1 and "decides about another verdict" in stale.stderr
     assert not (project / "registry" / "registry.json").exists()
 
 
@@ -191,7 +182,7 @@ def test_promotion_and_rollback_under_load_fail_no_request(served_project):
 def test_promote_refuses_unknown_and_tampered_models(served_project):
     project, url, tags = served_project
     unknown = run([REGRAFT, "promote", "regraft-classifier:doesnotexist"], project, check=False)
-    assert unknown.returncode == 1 and "no such model in the registry" in unknown.stderr
+    assert unknown.returncode == 2 and "no such model in the registry" in unknown.stderr
     home = project / ".regraft" / "bentoml"
     code = f"import os; os.environ['BENTOML_HOME'] = '{home}'; import bentoml; print(bentoml.models.get('{tags[1]}').path)"
     store = Path(run([sys.executable, "-c", code], project).stdout.strip())
@@ -202,7 +193,7 @@ def test_promote_refuses_unknown_and_tampered_models(served_project):
         tampered = run([REGRAFT, "promote", tags[1]], project, check=False)
     finally:
         weights.write_bytes(original)
-    assert tampered.returncode == 1 and "model.safetensors: checksum differs" in tampered.stderr
+    assert tampered.returncode == 2 and "model.safetensors: checksum differs" in tampered.stderr
     assert httpx.get(f"{url}/healthz").json()["model_version"] == tags[0]
 
 
@@ -217,6 +208,7 @@ def test_evaluate_and_gate_compare_the_candidate_with_the_promoted_champion(serv
     assert difference["interval"][0] <= difference["estimate"] <= difference["interval"][1]
     gate = run([sys.executable, "-m", "pipelines.gate"], project, check=False)
     verdict = json.loads((project / "reports" / "verdict.json").read_text())
+    assert "decision" not in verdict  # the verdict is evidence only; the decide stage decides
     names = {c["name"]: c["status"] for c in verdict["criteria"]}
     assert verdict["champion"] is True
     assert names["non-inferiority to champion: target_holdout macro_f1"] in {"PASS", "FAIL", "INCONCLUSIVE"}

@@ -21,12 +21,12 @@ def train_config(**changes):
     return params.train.model_copy(update={**base, **changes}), params.model.model_copy(update={"max_length": 64})
 
 
-def run(base, splits, strategy, tmp_path=None, **changes):
+def run(base, splits, strategy, tmp_path=None, on_log=None, **changes):
     cfg, model_cfg = train_config(strategy=strategy, **changes)
     train, valid = build_training_data(splits, LABELS, cfg)
     return finetune(str(base), LABELS, train, valid, cfg, model_cfg, strategy, "test",
                     checkpoint_dir=tmp_path / "ckpt" if tmp_path else None,
-                    cache_dir=tmp_path / "cache" if tmp_path else None, progress=False)
+                    cache_dir=tmp_path / "cache" if tmp_path else None, progress=False, on_log=on_log)
 
 
 def weights(model) -> dict[str, torch.Tensor]:
@@ -132,6 +132,72 @@ def test_two_cpu_fp32_runs_give_identical_weights(tiny_bert, splits):
     first = weights(run(tiny_bert, splits, "full").model)
     second = weights(run(tiny_bert, splits, "full").model)
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+class Killed(Exception):
+    """Stands in for a run killed mid-epoch."""
+
+
+def test_resume_after_the_best_epoch_restores_it_from_disk(tiny_bert, splits, tmp_path):
+    """With early stopping, a run resumed after its best epoch has only best.pt to restore that epoch from,
+    and must end with the weights of a run that was never interrupted."""
+    settings = {"epochs": 3, "early_stopping_patience": 1, "checkpoint_every": 5, "learning_rate": 3e-3}
+
+    def kill_in_epoch_2(row):
+        if row["step"] == 33:  # 24 steps an epoch: after epoch 1's validation and the checkpoint at step 30
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(tiny_bert, splits, "full", tmp_path / "killed", on_log=kill_in_epoch_2, **settings)
+    checkpoints = tmp_path / "killed" / "ckpt"
+    assert torch.load(checkpoints / "checkpoint.pt", weights_only=False)["best"]["epoch"] == 1
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best.pt", "checkpoint.pt"]  # no temporary files
+    resumed = run(tiny_bert, splits, "full", tmp_path / "killed", **settings)
+    straight = run(tiny_bert, splits, "full", tmp_path / "straight", **settings)
+    assert resumed.resumed_from_step == 30
+    assert (resumed.best_epoch, resumed.epochs_run) == (straight.best_epoch, straight.epochs_run)
+    a, b = weights(resumed.model), weights(straight.model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    ("labels", "scores", "accuracy", "macro_f1"),
+    [
+        # predicted 0 1 1 2 0 2: per-class F1 1/2, 2/3, 4/5
+        ([0, 0, 1, 2, 2, 2], [[9, 1, 0], [2, 7, 1], [1, 8, 1], [0, 3, 7], [6, 2, 2], [1, 1, 8]], 4 / 6,
+         (1 / 2 + 2 / 3 + 4 / 5) / 3),
+        # class 2 is neither true nor predicted: the macro average leaves it out
+        ([0, 1, 1], [[5, 1, 0], [5, 1, 0], [1, 5, 0]], 2 / 3, (2 / 3 + 2 / 3) / 2),
+    ],
+)
+def test_validation_metrics_are_the_evaluate_stage_metrics(labels, scores, accuracy, macro_f1):
+    from tasks.evaluate import confusion_counts, metrics_from_confusion
+    from tasks.finetune import validation_metrics
+
+    labels, scores = np.array(labels), torch.tensor(scores, dtype=torch.float32)
+    metrics = validation_metrics(labels, scores)
+    assert list(metrics) == ["accuracy", "macro_f1"]
+    assert metrics == {"accuracy": pytest.approx(accuracy), "macro_f1": pytest.approx(macro_f1)}
+    expected = metrics_from_confusion(confusion_counts(labels, scores.argmax(dim=1).numpy(), 3))
+    assert metrics == {"accuracy": float(expected["accuracy"]), "macro_f1": float(expected["macro_f1"])}
+
+
+def test_cached_tensor_computes_once_and_leaves_no_temporary_files(tmp_path):
+    from tasks.models import cached_tensor
+
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return torch.arange(6.0).reshape(2, 3)
+
+    path = tmp_path / "cache" / "features.pt"
+    first, first_hit = cached_tensor(path, compute)
+    again, again_hit = cached_tensor(path, compute)
+    assert (first_hit, again_hit, len(calls)) == (False, True, 1)
+    assert torch.equal(first, again)
+    assert [p.name for p in path.parent.iterdir()] == ["features.pt"]
+    assert cached_tensor(None, compute)[1] is False and len(calls) == 2
 
 
 @pytest.mark.parametrize(

@@ -124,7 +124,7 @@ def test_each_criterion_passes_fails_or_is_inconclusive(evidence, prefix, change
     assert status_of(criterion(verdict, prefix)) == expected, json.dumps(criterion(verdict, prefix), indent=1)
     # Every other criterion is lenient, so the verdict is this criterion's status.
     assert verdict["verdict"] == expected
-    assert promotable(verdict) is (expected == PASS)
+    assert promotable(verdict["verdict"], None) is (expected == PASS)
 
 
 def test_lenient_gate_passes_and_lists_small_groups_as_insufficient_data(evidence):
@@ -241,7 +241,6 @@ def gate_workspace(tmp_path, monkeypatch, evidence):
     (reports / "evaluate.json").write_text(json.dumps(evaluation))
     (reports / "shift.json").write_text(json.dumps(evidence.shift))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("REGRAFT_GATE_DECIDER", raising=False)
     return tmp_path
 
 
@@ -262,19 +261,65 @@ def test_stage_exits_zero_on_pass_and_one_on_fail(gate_workspace, capsys):
     assert "worst group: condition=B accuracy" in capsys.readouterr().err
 
 
+def run_decide(workspace: Path, answer: dict | None = None, **gate) -> tuple[int, dict]:
+    """The decide stage on the verdict in the workspace, with a person's answer filed for it when given."""
+    from pipelines.decide import main
+    from tasks.config import write_overrides
+    from tasks.files import sha256_of, write_json
+    from tasks.gate import answer_file
+
+    if gate:
+        write_overrides(workspace / "params.yaml", {f"gate.{k}": v for k, v in gate.items()})
+    params = load_params(workspace / "params.yaml")
+    if answer is not None:
+        write_json(answer_file(params.paths.gate_answers, sha256_of(params.paths.verdict)), answer)
+    code = main(params)
+    return code, json.loads(params.paths.decision.read_text())
+
+
+UNDECIDED = {"worst_group": {"metrics": ["accuracy"], "floor": 0.5}}
+
+
 @pytest.mark.parametrize("policy,code", [("reject", 1), ("approve", 0)])
-def test_inconclusive_outside_the_flow_follows_the_policy(gate_workspace, policy, code):
-    returned, verdict = run_gate(gate_workspace, on_inconclusive=policy,
-                                 worst_group={"metrics": ["accuracy"], "floor": 0.5})
-    assert returned == code and verdict["verdict"] == INCONCLUSIVE
-    assert verdict["decision"]["approved"] is (policy == "approve") and verdict["decision"]["by"] == "policy"
-    assert promotable(verdict) is (policy == "approve")
+def test_inconclusive_with_nobody_to_ask_follows_the_policy(gate_workspace, policy, code):
+    returned, verdict = run_gate(gate_workspace, **UNDECIDED)
+    assert returned == 0 and verdict["verdict"] == INCONCLUSIVE and "decision" not in verdict
+    before = (gate_workspace / "reports" / "verdict.json").read_bytes()
+    returned, decision = run_decide(gate_workspace, on_inconclusive=policy)
+    assert returned == code and decision["approved"] is (policy == "approve") and decision["by"] == "policy"
+    assert decision["undecided"] == verdict["inconclusive"]
+    assert promotable(verdict["verdict"], decision) is (policy == "approve")
+    # The verdict is the gate's alone: deciding never rewrites it.
+    assert (gate_workspace / "reports" / "verdict.json").read_bytes() == before
 
 
-def test_inconclusive_inside_the_flow_is_left_for_the_flow(gate_workspace, monkeypatch):
-    monkeypatch.setenv("REGRAFT_GATE_DECIDER", "flow")
-    code, verdict = run_gate(gate_workspace, worst_group={"metrics": ["accuracy"], "floor": 0.5})
-    assert code == 0 and verdict["verdict"] == INCONCLUSIVE and verdict["decision"] is None
+def test_a_persons_answer_decides_only_the_verdict_it_was_given_for(gate_workspace):
+    run_gate(gate_workspace, **UNDECIDED)
+    code, decision = run_decide(gate_workspace, answer={"approved": True, "by": "ana", "reason": "groups checked"},
+                                on_inconclusive="reject")
+    assert code == 0 and decision["approved"] is True and decision["by"] == "ana"
+    # A new verdict (other evidence) is not covered by that answer: the policy decides again.
+    run_gate(gate_workspace, worst_group={"metrics": ["accuracy"], "floor": 0.51})
+    code, decision = run_decide(gate_workspace)
+    assert code == 1 and decision["by"] == "policy"
+
+
+def test_pass_and_fail_decide_themselves(gate_workspace):
+    run_gate(gate_workspace)
+    assert run_decide(gate_workspace)[1] | {"at": None} == run_decide(gate_workspace)[1] | {"at": None}
+    code, decision = run_decide(gate_workspace, answer={"approved": False, "by": "x", "reason": "ignored"})
+    assert code == 0 and decision["approved"] is True and decision["by"] == "gate"
+    run_gate(gate_workspace, worst_group={"metrics": ["accuracy"], "floor": 0.7})
+    code, decision = run_decide(gate_workspace, answer={"approved": True, "by": "x", "reason": "ignored"})
+    assert code == 1 and decision["approved"] is False and decision["by"] == "gate"
+
+
+def test_a_malformed_answer_is_refused(gate_workspace):
+    from tasks.errors import DataError
+
+    run_gate(gate_workspace, **UNDECIDED)
+    with pytest.raises(DataError, match="not a valid answer to the gate"):
+        run_decide(gate_workspace, answer={"approved": "yes please", "by": "x", "reason": "r"})
 
 
 def test_missing_evaluation_file_writes_a_failing_verdict(gate_workspace):

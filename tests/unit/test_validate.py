@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from tasks.config import Columns, RowBounds, ValidateConfig
-from tasks.validate import render_markdown, validate_splits
+from tasks.render import validate_markdown
+from tasks.validate import validate_splits
 
 pytestmark = pytest.mark.unit
 LABELS = ["negative", "neutral", "positive"]
@@ -75,7 +76,7 @@ def test_clean_splits_pass_and_build_data_docs(tmp_path):
     assert all(e["success"] for e in report["expectations"])
     assert {e["split"] for e in report["expectations"]} == set(good_splits())
     json.dumps(report)  # the report must be plain JSON
-    assert "Validation passed" in render_markdown(report)
+    assert "Validation passed" in validate_markdown(report)
 
 
 @pytest.mark.parametrize("case", list(BAD_CASES))

@@ -66,22 +66,3 @@ def rollback(params: Params, reason: str, by: str | None = None) -> dict:
             raise RegistryError("nothing to roll back to: " + (f"{current} is the first production model"
                                                                if current else "no model has been promoted"))
         return switch_production(params, target, reason, by, "rollback")
-
-
-def render_models(record: dict) -> str:
-    """Versions, stages, headline metrics and history, for the terminal."""
-    lines = [f"production: {record.get('production') or '(none)'}", "",
-             f"{'model':40s} {'stage':11s} {'verdict':13s} {'target macro-F1':>15s}  registered"]
-    for tag, entry in sorted(record["models"].items(), key=lambda kv: kv[1].get("registered", "")):
-        metric = ((entry.get("metrics") or {}).get("target_holdout") or {}).get("candidate", {}).get("macro_f1")
-        verdict = entry.get("verdict") or "-"
-        if (entry.get("decision") or {}).get("approved"):
-            verdict += " (approved)"
-        lines.append(f"{tag:40s} {entry['stage']:11s} {verdict:13s} "
-                     f"{'-' if metric is None else f'{metric:.3f}':>15s}  {entry.get('registered', '-')}")
-    lines += ["", "history:"]
-    for event in record["history"]:
-        lines.append(f"  {event['at']}  {event['action']:9s} {event['tag']}"
-                     + (f" (was {event['previous']})" if event.get("previous") else "")
-                     + f"  by {event.get('by')}: {event.get('reason')}")
-    return "\n".join(lines)

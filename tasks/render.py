@@ -1,0 +1,231 @@
+"""Reports as Markdown and text, for Prefect artifacts, the HTML page and the terminal.
+
+Renderers read the JSON reports the stages write; this module imports nothing heavy (no torch, no
+stage logic), so the flow and the CLI can show every report without loading a model.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+
+
+def ingest_markdown(report: dict) -> str:
+    """The ingest report as a Markdown table: rows and label mix per split."""
+    lines = ["# Ingest", "", "| split | rows | labels | time range |", "|---|---:|---|---|"]
+    for name, split in report["splits"].items():
+        labels = ", ".join(f"{k}: {v}" for k, v in split["labels"].items())
+        span = " to ".join(split["time_range"]) if split["time_range"] else "-"
+        lines.append(f"| {name} | {split['rows']} | {labels} | {span} |")
+    return "\n".join(lines) + "\n"
+
+
+def validate_markdown(report: dict) -> str:
+    """The validation result as Markdown: one row per split, then every failure in plain words."""
+    verdict = "passed" if report["success"] else "FAILED"
+    lines = [f"# Validation {verdict}", "", "| split | rows | expectations | failed |", "|---|---:|---:|---:|"]
+    for name, split in report["splits"].items():
+        lines.append(f"| {name} | {split['rows']} | {split['expectations']} | {split['failed']} |")
+    if report["failures"]:
+        lines += ["", "## Failures", ""] + [f"- {m}" for m in report["failures"]]
+    lines += ["", f"Data Docs: `{report['data_docs']}`"]
+    return "\n".join(lines) + "\n"
+
+
+def print_validation_outcome(report: dict) -> int:
+    """Print the outcome in plain words; failures go to stderr and return 1 (the suite said no)."""
+    if report["success"]:
+        print(validate_markdown(report))
+        return 0
+    print("validation failed:", file=sys.stderr)
+    for message in report["failures"]:
+        print(f"  - {message}", file=sys.stderr)
+    print(f"details: {report['data_docs']}", file=sys.stderr)
+    return 1
+
+
+def shift_markdown(report: dict) -> str:
+    """The shift report as Markdown: verdict, reasons, one row per test."""
+    lines = [f"# Domain shift: {report['verdict']}", "", *[f"- {r}" for r in report["reasons"]], "",
+             "| test | effect | cut-off | p-value | flagged |", "|---|---:|---:|---:|---|"]
+    for t in report["tests"]:
+        cutoff = "-" if t["cutoff"] is None else f"{t['cutoff']:.3g}"
+        flag = "severe" if t["severe"] else ("yes" if t["flagged"] else "no")
+        lines.append(f"| {t['name']} ({t['effect_name']}) | {t['effect']:.3g} | {cutoff} | {t['p_value']:.3g} | {flag} |")
+    label = next((t for t in report["tests"] if t["name"] == "label_shift"), None)
+    if label:
+        d = label["detail"]
+        lines += ["", "| class | source prior | target (labelled) | target (estimated, 95% interval) |", "|---|---:|---:|---:|"]
+        for i, name in enumerate(d["labels"]):
+            labelled = d.get("labelled_target_prior")
+            lines.append(f"| {name} | {d['source_prior'][i]:.3f} | {labelled[i]:.3f} | " if labelled else
+                         f"| {name} | {d['source_prior'][i]:.3f} | - | ")
+            if "estimated_target_prior" in d:
+                lines[-1] += (f"{d['estimated_target_prior'][i]:.3f} ({d['estimated_interval_95'][0][i]:.3f}-"
+                              f"{d['estimated_interval_95'][1][i]:.3f}) |")
+            else:
+                lines[-1] += "- |"
+    return "\n".join(lines) + "\n"
+
+
+def finetune_markdown(report: dict) -> str:
+    """The finetune report as Markdown: strategy and why, hardware, speed, validation metrics."""
+    validation = ", ".join(f"{k} {v:.3f}" for k, v in report.get("validation", {}).items())
+    rows = [
+        ("strategy", f"{report['strategy']}: {report['reason']}"),
+        ("base model", report["base_model"]),
+        ("hardware", f"{report['hardware']}, {report['precision']}, {report['threads']} threads, "
+                     f"{report['processes']} process(es)"),
+        ("data", f"{report['train_rows']} train rows, {report['validation_rows']} validation rows"),
+        ("epochs", f"{report['epochs_run']} run, best {report['best_epoch']}"),
+        ("speed", f"{report['samples_per_second']} samples/s, {report['train_seconds']} s"),
+        ("validation", validation or "-"),
+        ("resumed", str(report.get("resumed_from_step") or "no")),
+        ("model", f"`{report['model_dir']}`"),
+    ]
+    return "# Finetune\n\n| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows) + "\n"
+
+
+def _interval(value, interval=None) -> str:
+    """0.713 [0.639, 0.796]; "-" for a missing value."""
+    if value is None:
+        return "-"
+    text = f"{value:.3f}"
+    if interval and interval[0] is not None:
+        text += f" [{interval[0]:.3f}, {interval[1]:.3f}]"
+    return text
+
+
+def evaluate_markdown(report: dict) -> str:
+    """Models x splits with intervals, the transfer gain, and the per-group table of the decision split."""
+    lines = ["# Evaluate", "", f"{report['confidence']:.0%} bootstrap intervals ({report['bootstrap']} resamples, "
+             "stratified by group; Wilson for small groups' accuracy).", ""]
+    for split, entry in report["splits"].items():
+        lines += [f"## {split} ({entry['n']} rows)", "", "| model | accuracy | macro-F1 | ECE |", "|---|---|---|---|"]
+        for model, result in entry["models"].items():
+            o = result["overall"]
+            lines.append(f"| {model} | {_interval(o['accuracy'], o['intervals']['accuracy'])} | "
+                         f"{_interval(o['macro_f1'], o['intervals']['macro_f1'])} | {_interval(o['ece'])} |")
+        lines.append("")
+    gain = report["transfer_gain"]
+    lines.append(f"**Transfer gain** (candidate - TF-IDF, {gain['metric']}, target_holdout): "
+                 f"{_interval(gain['estimate'], gain['interval'])}")
+    if gain.get("negative_transfer"):
+        lines.append("\n**Negative transfer:** the fine-tuned model is worse than TF-IDF + logistic regression.")
+    elif gain.get("below_zero"):
+        lines.append("\nThe candidate scores below TF-IDF here, though the interval includes zero.")
+    decision = report["splits"]["target_holdout"]
+    for column, info in decision["group_columns"].items():
+        lines += ["", f"## Groups by {column} (target_holdout)", "",
+                  "| group | n | model | accuracy | macro-F1 | judged |", "|---|---|---|---|---|---|"]
+        for group in sorted(info["sizes"], key=lambda g: -info["sizes"][g]):
+            for model, result in decision["models"].items():
+                g = result["groups"][column]["groups"][group]
+                interval = g["intervals"].get("accuracy_wilson") or g["intervals"]["accuracy"]
+                judged = "yes" if g["eligible"] else f"insufficient data (n < {info['min_group_size']})"
+                label = f"{group} (merged)" if g["merged"] else group
+                lines.append(f"| {label} | {g['n']} | {model} | {_interval(g['accuracy'], interval)} | "
+                             f"{_interval(g['macro_f1'], g['intervals']['macro_f1'])} | {judged} |")
+        if info["merged_into_other"]:
+            shown = ", ".join(f"{g} ({n})" for g, n in list(info["merged_into_other"].items())[:12])
+            more = len(info["merged_into_other"]) - 12
+            lines.append(f"\nInsufficient data: {len(info['merged_into_other'])} groups with fewer than "
+                         f"{info['min_group_size']} rows were merged into \"other\": {shown}"
+                         + (f" and {more} more" if more > 0 else "") + ".")
+        for model, result in decision["models"].items():
+            d = result["groups"][column]["disparity"]["accuracy"]
+            if d["gap"] is not None:
+                lines.append(f"- {model}: accuracy gap {_interval(d['gap'], d['gap_interval'])}, ratio {_interval(d['ratio'])}, "
+                             f"worst group {d['worst_group']} ({_interval(d['worst_value'])})")
+    return "\n".join(lines) + "\n"
+
+
+def _signed(value) -> str:
+    """Three decimals, a sign only when negative; "-" for a missing value."""
+    return "-" if value is None else f"{value:+.3f}" if value < 0 else f"{value:.3f}"
+
+
+def verdict_markdown(verdict: dict) -> str:
+    """The verdict as a Markdown table: one row per criterion with value, interval, threshold, margin."""
+    lines = [f"# Gate: {verdict['verdict']}", ""]
+    decision = verdict.get("decision")
+    if decision:
+        lines += [f"Decision on INCONCLUSIVE: {'approved' if decision['approved'] else 'rejected'} by "
+                  f"{decision['by']} ({decision['reason']})", ""]
+    lines += ["| criterion | status | value | interval | threshold | margin | detail |", "|---|---|---|---|---|---|---|"]
+    for c in verdict["criteria"]:
+        low, high = c["interval"]
+        interval = "-" if low is None else f"[{low:.3f}, {high:.3f}]"
+        threshold = "-" if c["threshold"] is None else f"{c['direction']} {c['threshold']:.3f}"
+        lines.append(f"| {c['name']} | {c['status']} | {_signed(c['value'])} | {interval} | {threshold} | "
+                     f"{_signed(c['margin'])} | {c['detail']} |")
+    insufficient = verdict.get("insufficient_data") or []
+    if insufficient:
+        by_column: dict[str, list[dict]] = {}
+        for row in insufficient:
+            by_column.setdefault(row["column"], []).append(row)
+        for column, rows in by_column.items():
+            shown = ", ".join(f"{r['group']} (n={r['n']})" for r in rows[:8])
+            more = f" and {len(rows) - 8} more" if len(rows) > 8 else ""
+            lines.append(f"| worst group: {column}, {len(rows)} small groups | insufficient data | - | - | - | - | "
+                         f"{shown}{more}: {rows[0]['detail']} |")
+    lines += [""] + [f"- {note}" for note in verdict.get("notes", [])]
+    return "\n".join(lines) + "\n"
+
+
+def package_markdown(report: dict) -> str:
+    """The packaged model, its Bento, the smoke test and how to promote it."""
+    smoke = report["smoke_test"]
+    rows = [("model", f"`{report['model']}`"), ("Bento", f"`{report['bento']}`"), ("verdict", report["verdict"]),
+            ("smoke test", f"{smoke['examples']} target_holdout texts served on {smoke['url']}: labels equal to "
+                           f"offline predictions ({smoke['seconds']} s)"),
+            ("git commit", str(report["lineage"].get("git_commit"))),
+            ("promote", f"`{report['promote']}`")]
+    return "# Package\n\n| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows) + "\n"
+
+
+def models_text(record: dict) -> str:
+    """Versions, stages, headline metrics and history, for the terminal."""
+    lines = [f"production: {record.get('production') or '(none)'}", "",
+             f"{'model':40s} {'stage':11s} {'verdict':13s} {'target macro-F1':>15s}  registered"]
+    for tag, entry in sorted(record["models"].items(), key=lambda kv: kv[1].get("registered", "")):
+        metric = ((entry.get("metrics") or {}).get("target_holdout") or {}).get("candidate", {}).get("macro_f1")
+        verdict = entry.get("verdict") or "-"
+        if (entry.get("decision") or {}).get("approved"):
+            verdict += " (approved)"
+        lines.append(f"{tag:40s} {entry['stage']:11s} {verdict:13s} "
+                     f"{'-' if metric is None else f'{metric:.3f}':>15s}  {entry.get('registered', '-')}")
+    lines += ["", "history:"]
+    for event in record["history"]:
+        lines.append(f"  {event['at']}  {event['action']:9s} {event['tag']}"
+                     + (f" (was {event['previous']})" if event.get("previous") else "")
+                     + f"  by {event.get('by')}: {event.get('reason')}")
+    return "\n".join(lines)
+
+
+def decision_markdown(decision: dict) -> str:
+    """Who decided what about a verdict, and why."""
+    state = "approved" if decision["approved"] else "rejected"
+    return (f"# Decision: {state}\n\nThe gate's {decision['verdict']} was {state} by {decision['by']}: "
+            f"{decision['reason']} ({decision['at']}).\n")
+
+
+RENDERERS: dict[str, Callable[[dict], str]] = {
+    "ingest": ingest_markdown,
+    "validate": validate_markdown,
+    "shift": shift_markdown,
+    "finetune": finetune_markdown,
+    "evaluate": evaluate_markdown,
+    "verdict": verdict_markdown,
+    "decision": decision_markdown,
+    "package": package_markdown,
+}
+
+
+def render_report(name: str, report: dict) -> str:
+    """The Markdown of a stage's report; a report without its own renderer is shown as JSON."""
+    render = RENDERERS.get(name)
+    if render is None:
+        return f"# {name}\n\n```json\n{json.dumps(report, indent=2)[:20000]}\n```\n"
+    return render(report)
