@@ -23,8 +23,6 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +36,8 @@ for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "BENTOML_
     os.environ.setdefault(key, value)
 
 import numpy as np  # noqa: E402
+
+from tasks.processes import free_port, stop_process_group  # noqa: E402
 
 LABELS = ["negative", "neutral", "positive"]
 
@@ -63,12 +63,6 @@ HTTPServer(("127.0.0.1", int(sys.argv[2])), Handler).serve_forever()
 '''
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def model_dir(work: Path) -> tuple[Path, str]:
     candidate = ROOT / "models" / "candidate"
     if (candidate / "model.safetensors").is_file():
@@ -90,30 +84,17 @@ def review_texts(limit: int = 2000) -> list[str]:
 
 
 def start(command: list[str], env: dict, url: str, log: Path, timeout: float = 240) -> subprocess.Popen:
-    import httpx
+    """Start a server in its own process group and wait until `url` answers 200."""
+    from tasks.processes import NotHealthy, wait_until_healthy
 
-    handle = log.open("w")
-    process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT,
+    process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT,
                                start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"server exited: {command}\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"server not ready within {timeout} s: {command}")
-
-
-def stop(process: subprocess.Popen) -> None:
-    os.killpg(process.pid, signal.SIGTERM)
     try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        wait_until_healthy(url, process, timeout, log)
+    except NotHealthy as exc:
+        stop_process_group(process)
+        raise SystemExit(f"{command}: {exc}") from None
+    return process
 
 
 def closed_loop(url: str, texts: list[str], concurrency: int, seconds: float) -> dict:
@@ -200,7 +181,7 @@ def main() -> None:
                     print(f"{name:9s} c={level:<3d} {r['requests_per_second']:8.1f} req/s  p50 {r['p50_ms']} ms  "
                           f"p99 {r['p99_ms']} ms  errors {r['errors']}", flush=True)
             finally:
-                stop(server)
+                stop_process_group(server, grace_seconds=30)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     base16 = results["baseline"].get(16, {}).get("requests_per_second") or float("nan")

@@ -51,9 +51,9 @@ def save_model(params: Params, origin: dict, digests: dict[str, str]) -> str:
     source = params.paths.model
     if not (source / "model.safetensors").is_file():
         raise CheckFailed(f"{source}: no model.safetensors; refusing to package a model in another format")
+    finetune = params.report_file("finetune")
     labels = {"verdict": origin["verdict"]["verdict"], "git_commit": origin["git_commit"] or "none",
-              "strategy": json.loads((params.paths.reports / "finetune.json").read_text())["strategy"]
-              if (params.paths.reports / "finetune.json").is_file() else "unknown"}
+              "strategy": json.loads(finetune.read_text())["strategy"] if finetune.is_file() else "unknown"}
     with bentoml.models.create(params.package.model_name, labels=labels,
                                metadata=store_safe({**origin, "sha256": digests})) as model:
         shutil.copytree(source, model.path, dirs_exist_ok=True)

@@ -18,8 +18,6 @@ from scipy import stats
 
 from tasks.config import Params, ShiftConfig
 
-DISTRIBUTION_TESTS = ("mmd", "classifier", "label_shift", "bbsd")
-
 
 @dataclass
 class TestResult:

@@ -164,24 +164,32 @@ def test_a_custom_run_from_the_api_completes_with_its_artifacts(ui):
 
 def test_the_shift_event_starts_retrain(ui):
     api, project, _ = ui
-    retrain = deployment(api, "retrain")
-    before = {r["id"] for r in api.post("/flow_runs/filter", json={
-        "deployments": {"id": {"any_": [retrain["id"]]}}}).json()}
+    before = run_ids(api, "retrain")
     event = {"id": str(uuid.uuid4()), "occurred": dt.datetime.now(dt.UTC).isoformat(),
              "event": "regraft.shift.detected", "resource": {"prefect.resource.id": "regraft.model.test"},
              "payload": {"verdict": "severe"}}
     assert api.post("/events", json=[event]).status_code in (200, 201, 202, 204)
-    deadline = time.monotonic() + 120
-    new = set()
-    while time.monotonic() < deadline and not new:
-        runs = api.post("/flow_runs/filter", json={"deployments": {"id": {"any_": [retrain["id"]]}}}).json()
-        new = {r["id"] for r in runs} - before
-        time.sleep(2)
+    new = new_run_ids(api, "retrain", before, 120)
     assert new, "no retrain run was started by the event"
     # The loop is proven; the triggered run need not train here. Cancelling it the UI's way also shows
     # that a cancelled run stops its stage's processes and gives the project back.
     for run_id in new:
         cancel_run(api, run_id, project)
+
+
+def run_ids(api: httpx.Client, name: str) -> set[str]:
+    """The flow runs of one deployment so far."""
+    runs = api.post("/flow_runs/filter", json={"deployments": {"id": {"any_": [deployment(api, name)["id"]]}}}).json()
+    return {r["id"] for r in runs}
+
+
+def new_run_ids(api: httpx.Client, name: str, before: set[str], timeout: float) -> set[str]:
+    """Runs of the deployment that were not there `before`, waiting up to `timeout` s for the first."""
+    deadline, new = time.monotonic() + timeout, set()
+    while time.monotonic() < deadline and not new:
+        new = run_ids(api, name) - before
+        time.sleep(2)
+    return new
 
 
 def run_deployment_and_wait(api: httpx.Client, name: str, parameters: dict, timeout: float = 600) -> dict:
@@ -209,18 +217,13 @@ def test_promote_then_shift_watch_on_drifted_traffic_starts_retrain(ui):
     traffic = target[target["condition"] == "Birth Control"]["text"].tolist()
     PredictionLog(project / ".regraft" / "predictions.jsonl", "text").append(
         traffic, [{"label": "positive", "probabilities": {"positive": 1.0}, "model_version": tag}] * len(traffic))
-    retrain = deployment(api, "retrain")
-    before = {r["id"] for r in api.post("/flow_runs/filter", json={"deployments": {"id": {"any_": [retrain["id"]]}}}).json()}
+    before = run_ids(api, "retrain")
     watched = run_deployment_and_wait(api, "shift-watch", {"max_rows": 500})
     assert watched["state"]["type"] == "COMPLETED", log.read_text()[-3000:]
     report = json.loads((project / "reports" / "shift-watch.json").read_text())
     assert report["production_model"] == tag and report["served_rows"] == len(traffic)
     assert report["verdict"] in ("moderate", "severe"), report["reasons"]
-    deadline, new = time.monotonic() + 120, set()
-    while time.monotonic() < deadline and not new:
-        runs = api.post("/flow_runs/filter", json={"deployments": {"id": {"any_": [retrain["id"]]}}}).json()
-        new = {r["id"] for r in runs} - before
-        time.sleep(2)
+    new = new_run_ids(api, "retrain", before, 120)
     assert new, "shift-watch's event started no retrain"
     for run_id in new:
         cancel_run(api, run_id, project)
@@ -286,14 +289,12 @@ def test_a_person_runs_retrain_from_the_prefect_ui(ui):
             epochs.get_by_role("button", name="int", exact=True).click()
             epochs.locator("input[type=number]").fill("2")
             form_field(page, "Push (Optional)").get_by_role("switch").click()
-            retrain = deployment(api, "retrain")
-            before = {r["id"] for r in api.post("/flow_runs/filter", json={"deployments": {"id": {"any_": [retrain["id"]]}}}).json()}
+            before = run_ids(api, "retrain")
             page.get_by_role("button", name="Submit", exact=True).click()
             toast = page.locator(".toast-flow-run-create__button")
             expect(toast.first).to_be_visible()
             page.wait_for_timeout(1000)
-            runs = api.post("/flow_runs/filter", json={"deployments": {"id": {"any_": [retrain["id"]]}}}).json()
-            created = [r["id"] for r in runs if r["id"] not in before]
+            created = sorted(run_ids(api, "retrain") - before)
             assert len(created) == 1, f"one Submit created {len(created)} runs ({toast.count()} toasts)"
             run_id = created[0]
             # The toast's "View run" button sits under the toast container, which takes the click
