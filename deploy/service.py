@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 
 import bentoml
-from tasks.config import Params, load_params
+from tasks.config import Params, load_params, project_root
 from tasks.serving import LoadedModel, ModelHolder, PredictionLog, RequestRejected, load_model, parse_predict_request
 from tasks.serving import predict as predict_texts
 from tasks.serving import production_tag
@@ -23,12 +23,8 @@ from tasks.serving import production_tag
 logger = logging.getLogger("regraft.service")
 
 
-def project_dir() -> Path:
-    return Path(os.environ.get("REGRAFT_PROJECT", ".")).resolve()
-
-
 def service_params() -> Params:
-    return load_params(os.environ.get("REGRAFT_PARAMS", project_dir() / "params.yaml"))
+    return load_params(os.environ.get("REGRAFT_PARAMS", project_root() / "params.yaml"))
 
 
 # BentoML reads batching options when the class is defined, so the service's settings are read here.
@@ -94,7 +90,7 @@ class RequestGuard:
 class Classifier:
     def __init__(self) -> None:
         params = service_params()
-        root = project_dir()
+        root = project_root()
         self.max_length = params.model.max_length
         self.registry = root / params.paths.registry
         self.pinned = os.environ.get("REGRAFT_MODEL_TAG")

@@ -73,7 +73,7 @@ def command_run(args: argparse.Namespace, project: Path) -> int:
     load_params(project / "params.yaml", overrides)
     parameters = RetrainParameters(overrides=list(args.set), push=not args.no_push)
     print_failures_once()
-    print_summary(retrain(parameters=parameters, project_dir=str(project)))
+    print_summary(retrain(parameters=parameters))
     return EXIT_OK
 
 
@@ -212,11 +212,23 @@ def command_promote(args: argparse.Namespace, project: Path) -> int:
     return EXIT_OK
 
 
+def stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM (process managers, CI) both stop a server command; a shell that started it in the
+    background leaves SIGINT ignored, which would otherwise orphan the server."""
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+
 def command_serve(args: argparse.Namespace, project: Path) -> int:
     import subprocess
 
     from tasks.config import load_params
     from tasks.packaging import bentoml_environment
+    from tasks.processes import stop_process_group
     from tasks.serving import production_tag
 
     params = load_params(project / "params.yaml")
@@ -226,10 +238,16 @@ def command_serve(args: argparse.Namespace, project: Path) -> int:
           "GET /metrics; Ctrl-C stops", flush=True)
     env = {**os.environ, **bentoml_environment(params), "REGRAFT_PROJECT": str(project)}
     command = [sys.executable, "-m", "bentoml", "serve", "deploy.service:Classifier", "--host", host, "--port", str(port)]
+    stop_on_signals()
+    # Its own process group: on Ctrl-C or SIGTERM the whole server (BentoML's workers too) is stopped, and
+    # nothing is left listening on the port.
+    server = subprocess.Popen(command, cwd=project, env=env, start_new_session=True)
     try:
-        return subprocess.call(command, cwd=project, env=env)
+        return server.wait()
     except KeyboardInterrupt:
-        return 0
+        return EXIT_OK
+    finally:
+        stop_process_group(server, grace_seconds=8)
 
 
 def command_ui(args: argparse.Namespace, project: Path) -> int:
@@ -243,13 +261,7 @@ def command_ui(args: argparse.Namespace, project: Path) -> int:
     params = load_params(project / "params.yaml")
     port = args.port or params.schedule.ui_port
 
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-
-    # Ctrl-C and SIGTERM (process managers, CI) both stop the server; a shell that started this in the
-    # background leaves SIGINT ignored, which would otherwise orphan the server.
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    stop_on_signals()
     home = state_dir(project) / "prefect-server"
     home.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -272,7 +284,7 @@ def command_ui(args: argparse.Namespace, project: Path) -> int:
 
         print(f"Prefect UI: http://127.0.0.1:{port}  (deployments: retrain, retrain-scheduled, promote, rollback, "
               "shift-watch; Ctrl-C stops)", flush=True)
-        serve(*build_deployments(params, project), print_starting_message=False)
+        serve(*build_deployments(params), print_starting_message=False)
     except KeyboardInterrupt:
         pass
     finally:
@@ -324,8 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         project = find_project(Path.cwd())
         prepare_environment(project)
-        # Stage code resolves params.yaml paths against the project folder.
+        # Stage code resolves params.yaml paths against the project folder; flows, the served deployments
+        # and the service work on this project and no other.
         os.chdir(project)
+        os.environ["REGRAFT_PROJECT"] = str(project)
         return handlers[args.command](args, project)
     except RegraftError as exc:
         print(f"error: {exc}", file=sys.stderr)

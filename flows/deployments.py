@@ -10,38 +10,37 @@ mirrored for a process work pool in deploy/prefect.yaml.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from tasks.config import Params
 
 
-def build_deployments(params: Params, project: Path) -> list:
-    """RunnerDeployments for `prefect.serve` (they run in the project folder)."""
+def build_deployments(params: Params) -> list:
+    """RunnerDeployments for `prefect.serve`. Their flows work on the project `regraft ui` was started in
+    (REGRAFT_PROJECT): it is fixed there, not a parameter of a run."""
     from prefect.events import DeploymentEventTrigger
     from prefect.schedules import Cron
 
     from flows.operations import SHIFT_EVENT, promote, rollback, shift_watch
     from flows.retrain import retrain
 
-    where = {"project_dir": str(project)}
     schedule = params.schedule
     return [
         retrain.to_deployment(
-            name="retrain", parameters=where, tags=["regraft"],
+            name="retrain", tags=["regraft"],
             description="Retrain on demand: every stage of dvc.yaml, all or nothing.",
             triggers=[DeploymentEventTrigger(
                 name="retrain when serving traffic shifts", expect={SHIFT_EVENT}, posture="Reactive", threshold=1,
-                parameters={**where, "parameters": {"overrides": []}},
+                parameters={"parameters": {"overrides": []}},
             )],
         ),
-        retrain.to_deployment(name="retrain-scheduled", parameters=where, tags=["regraft"],
+        retrain.to_deployment(name="retrain-scheduled", tags=["regraft"],
                               schedules=[Cron(schedule.retrain_cron, timezone=schedule.timezone)], description="Retrain on a schedule (schedule.retrain_cron)."),
-        promote.to_deployment(name="promote", parameters=where, tags=["regraft"],
+        promote.to_deployment(name="promote", tags=["regraft"],
                               description="Promote a packaged model (PASS or approved) to production."),
-        rollback.to_deployment(name="rollback", parameters=where, tags=["regraft"],
+        rollback.to_deployment(name="rollback", tags=["regraft"],
                                description="Put the previous production model back."),
         shift_watch.to_deployment(
-            name="shift-watch", parameters={**where, "max_rows": schedule.shift_watch_rows}, tags=["regraft"],
+            name="shift-watch", parameters={"max_rows": schedule.shift_watch_rows}, tags=["regraft"],
             schedules=[Cron(schedule.shift_watch_cron, timezone=schedule.timezone)],
             description="Serving traffic vs the production model's training data; emits regraft.shift.detected."),
     ]

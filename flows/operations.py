@@ -10,49 +10,49 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 
-from tasks.config import load_params
+from tasks.config import load_params, project_root
 
 SHIFT_EVENT = "regraft.shift.detected"
 
 
-def in_project(project_dir: str) -> Path:
-    """Stage code reads params.yaml paths relative to the project folder."""
-    root = Path(project_dir).resolve()
+def in_project() -> Path:
+    """The project these flows were deployed for; stage code reads params.yaml paths relative to it."""
+    root = project_root()
     os.chdir(root)
     return root
 
 
 @flow(name="promote", log_prints=True)
-def promote(tag: str, reason: str = "promoted from Prefect", by: str = "prefect", project_dir: str = ".") -> dict:
+def promote(tag: str, reason: str = "promoted from Prefect", by: str = "prefect") -> dict:
     """Make a packaged model (PASS or approved) the production model."""
     from tasks.promotion import promote_model
 
-    root = in_project(project_dir)
+    root = in_project()
     record = promote_model(load_params(root / "params.yaml"), tag, reason, by)
     print(f"{tag} is now in production; {record['versioning']}")
     return record["history"][-1]
 
 
 @flow(name="rollback", log_prints=True)
-def rollback(reason: str = "rolled back from Prefect", by: str = "prefect", project_dir: str = ".") -> dict:
+def rollback(reason: str = "rolled back from Prefect", by: str = "prefect") -> dict:
     """Put the previous production model back."""
     from tasks.promotion import rollback as rollback_model
 
-    root = in_project(project_dir)
+    root = in_project()
     record = rollback_model(load_params(root / "params.yaml"), reason, by)
     print(f"{record['production']} is back in production; {record['versioning']}")
     return record["history"][-1]
 
 
 @flow(name="shift-watch", log_prints=True)
-def shift_watch(max_rows: int = 2000, project_dir: str = ".") -> dict:
+def shift_watch(max_rows: int = 2000) -> dict:
     """Compare recent served texts with the production model's training data; on a moderate or severe
     shift, emit a `regraft.shift.detected` event (an automation on it starts `retrain`)."""
     from tasks.monitoring import watch_traffic
     from tasks.registry import read_record
     from tasks.render import shift_markdown
 
-    root = in_project(project_dir)
+    root = in_project()
     params = load_params(root / "params.yaml")
     if not read_record(params.paths.registry).get("production"):
         # A scheduled watch on a project that serves nothing yet has nothing to compare: not a failure.

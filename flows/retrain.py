@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
@@ -29,8 +30,8 @@ from prefect.runtime import deployment, flow_run
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from flows.dag import stage_order, stage_outputs
-from flows.workspace import discard, restore, take_snapshot
-from tasks.config import Params, config_field, load_params, parse_override, write_overrides
+from flows.workspace import discard, prune_failed_runs, recover_interrupted, restore, take_snapshot
+from tasks.config import Params, config_field, load_params, parse_override, project_root, write_overrides
 from tasks.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, CheckFailed, InternalError, RegraftError
 from tasks.files import sha256_of, write_json
 from tasks.gate import INCONCLUSIVE, answer_file
@@ -51,6 +52,9 @@ FORM_FIELDS = {
 }
 # The stage before which an INCONCLUSIVE verdict is put to a person.
 DECIDE_STAGE = "decide"
+PARAMS_FILE = Path("params.yaml")
+# A run's copy of what it may change, under paths.state/runs/<run id>/.
+SNAPSHOT = "before"
 
 
 class RunOptions(BaseModel):
@@ -183,9 +187,14 @@ class TerminalProgress:
             self.bar.close()
 
 
+class StageTimedOut(InternalError):
+    """A stage ran longer than schedule.stage_timeout_seconds and was stopped."""
+
+
 @task(name="stage", task_run_name="{stage}", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient)
-def run_stage(stage: str, project_dir: Path, report_file: Path) -> dict:
-    """Run one dvc.yaml stage through DVC, stream its output into the Prefect log, publish its report."""
+def run_stage(stage: str, project_dir: Path, report_file: Path, timeout_seconds: float) -> dict:
+    """Run one dvc.yaml stage through DVC, stream its output into the Prefect log, publish its report.
+    A stage still running after `timeout_seconds` is stopped, with everything it started."""
     logger = get_run_logger()
     # Its own process group, so that a cancelled or interrupted run stops DVC and the stage's command
     # (and torchrun's workers) instead of leaving them writing into a workspace that is being restored.
@@ -195,6 +204,15 @@ def run_stage(stage: str, project_dir: Path, report_file: Path) -> dict:
     )
     tail: deque[str] = deque(maxlen=40)
     progress = TerminalProgress(sys.stderr.isatty())
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        stop_process_group(process)
+
+    watchdog = threading.Timer(timeout_seconds, expire)
+    watchdog.daemon = True
+    watchdog.start()
     assert process.stdout is not None
     try:
         for line in process.stdout:
@@ -208,7 +226,11 @@ def run_stage(stage: str, project_dir: Path, report_file: Path) -> dict:
         stop_process_group(process)
         raise
     finally:
+        watchdog.cancel()
         progress.close()
+    if expired.is_set():
+        raise StageTimedOut(f"stage {stage!r} ran longer than schedule.stage_timeout_seconds={timeout_seconds:g} s "
+                            "and was stopped")
     if returncode != 0:
         shown = [t for t in tail if not t.startswith(DVC_NOISE)]
         raise stage_error(list(tail))(f"stage {stage!r} failed:\n" + "\n".join(shown))
@@ -316,9 +338,10 @@ def keep_verdict(kept_reports: Path, root: Path, params: Params) -> None:
 
 
 @flow(name="retrain", log_prints=True)
-def retrain(parameters: RetrainParameters = RetrainParameters(), project_dir: str = ".") -> dict:
-    """Run every stage of dvc.yaml in order; all or nothing; one run per project at a time."""
-    root = Path(project_dir).resolve()
+def retrain(parameters: RetrainParameters = RetrainParameters()) -> dict:
+    """Run every stage of dvc.yaml in order; all or nothing; one run per project at a time. The project is
+    where the run was started (tasks.config.project_root), not a parameter anyone can point elsewhere."""
+    root = project_root()
     logger = get_run_logger()
     run_id = str(flow_run.get_id() or dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S"))
     current = load_params(root / "params.yaml")
@@ -326,6 +349,8 @@ def retrain(parameters: RetrainParameters = RetrainParameters(), project_dir: st
                       on_wait=logger.warning):
         for note in clear_stale_dvc_locks(root):
             logger.warning("removed a stale DVC lock record: %s", note)
+        for note in recover_interrupted(root, root / current.paths.state / "runs", SNAPSHOT):
+            logger.warning("recovered from an interrupted run: %s", note)
         # Read after taking the lock: the run before may have changed params.yaml.
         return run_all_stages(root, parameters, run_id)
 
@@ -334,28 +359,32 @@ def run_all_stages(root: Path, parameters: RetrainParameters, run_id: str) -> di
     overrides = parameters.as_overrides()
     params = load_params(root / "params.yaml", overrides)
     stages = stage_order(root)
-    run_dir = root / params.paths.state / "runs" / run_id
+    runs = root / params.paths.state / "runs"
     snapshot = take_snapshot(
-        root, [Path("params.yaml"), Path("dvc.lock"), params.paths.reports, *stage_outputs(root)], run_dir / "before"
+        root, [PARAMS_FILE, Path("dvc.lock"), params.paths.reports, *stage_outputs(root)], runs / run_id / SNAPSHOT
     )
     reports: dict[str, dict] = {}
     started: list[str] = []
     try:
         if overrides:
-            write_overrides(root / "params.yaml", overrides)
+            write_overrides(root / PARAMS_FILE, overrides)
+        record_run(root, params, run_id, overrides)
         for stage in stages:
             started.append(stage)
             if stage == DECIDE_STAGE and "gate" in reports:
                 file_answer(reports["gate"], root, params)
-            reports[stage] = run_stage.with_options(name=stage)(stage, root, params.report_file(stage))
+            reports[stage] = run_stage.with_options(name=stage)(stage, root, params.report_file(stage),
+                                                                params.schedule.stage_timeout_seconds)
         report_page = publish_html_report(root, params, stages, run_id)
         remote = push_outputs(root) if parameters.push else ""
     except BaseException as exc:
         # Keep what the failed run wrote for inspection, then put the last good state back.
-        kept = run_dir / "failed-reports"
+        kept = runs / run_id / "failed-reports"
         if (root / params.paths.reports).exists():
             shutil.copytree(root / params.paths.reports, kept, dirs_exist_ok=True)
         restore(snapshot)
+        discard(snapshot)
+        prune_failed_runs(runs, params.schedule.keep_failed_runs)
         if "gate" in started:
             keep_verdict(kept, root, params)
         if isinstance(exc, RegraftError):
@@ -365,6 +394,20 @@ def run_all_stages(root: Path, parameters: RetrainParameters, run_id: str) -> di
                 "and params.yaml are back to what they were before the run."
             ) from None
         raise
+    # Overrides belong to this run: params.yaml is as it was before; dvc.lock and reports/run.json say what
+    # this run used, so the model it made stays reproducible.
+    restore(snapshot, only=(PARAMS_FILE,))
     discard(snapshot)
-    return {"stages": stages, "reports": reports, "pushed_to": remote,
+    shutil.rmtree(runs / run_id, ignore_errors=True)
+    return {"stages": stages, "reports": reports, "pushed_to": remote, "overrides": overrides,
             "reports_dir": str(root / params.paths.reports), "html_report": str(report_page)}
+
+
+def record_run(root: Path, params: Params, run_id: str, overrides: dict[str, Any]) -> None:
+    """reports/run.json: this run's id, its overrides and every parameter in force; also a Prefect artifact."""
+    write_json(root / params.paths.run_record, {"run_id": run_id, "overrides": overrides,
+                                                "params": params.model_dump(mode="json", by_alias=True)})
+    rows = "\n".join(f"| `{key}` | `{value}` |" for key, value in overrides.items()) or "| (none) | |"
+    create_markdown_artifact(key="run-parameters", description="what this run changed in params.yaml",
+                             markdown=f"# Overrides of this run\n\n| key | value |\n|---|---|\n{rows}\n\n"
+                                      "params.yaml itself is unchanged after the run; dvc.lock records the values used.")

@@ -49,6 +49,7 @@ class Paths(StrictModel):
     decision: Path = Field(description="The decision on the verdict (JSON): the gate's, a person's, or gate.on_inconclusive.")
     gate_answers: Path = Field(description="Folder of people's answers to INCONCLUSIVE verdicts, one file per verdict (sha256).")
     html_report: Path = Field(description="The run's reports, plots and verdict on one HTML page.")
+    run_record: Path = Field(description="The last run's id, overrides and effective parameters (JSON).")
     checkpoints: Path = Field(description="Finetune's resumable checkpoints (removed when the stage completes).")
     data_docs: Path = Field(description="Folder of the Great Expectations Data Docs HTML site.")
     state: Path = Field(description="Working state that is neither data nor report (GX project, run snapshots).")
@@ -309,6 +310,9 @@ class ScheduleConfig(StrictModel):
     ui_port: int = Field(ge=1, le=65535, description="Port of the Prefect server that `regraft ui` starts on 127.0.0.1.")
     lock_timeout_seconds: float = Field(
         ge=0, description="How long a run waits for another run of the same project (one at a time) before failing.")
+    stage_timeout_seconds: float = Field(
+        gt=0, description="The longest one stage may run; then it is stopped, the run fails and the lock is released.")
+    keep_failed_runs: int = Field(ge=0, description="How many failed runs keep their reports under paths.state/runs.")
 
 
 class Params(StrictModel):
@@ -430,6 +434,14 @@ def parse_params(document: dict[str, Any], source: str = PARAMS_FILE) -> Params:
         return Params.model_validate(document)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def project_root() -> Path:
+    """The project a flow or the service works on: fixed by whoever started it (`regraft ui`, `regraft serve`,
+    a worker's environment: REGRAFT_PROJECT), never by a run's parameters; else the working folder."""
+    import os
+
+    return Path(os.environ.get("REGRAFT_PROJECT") or ".").resolve()
 
 
 def load_params(path: Path | str = PARAMS_FILE, overrides: dict[str, Any] | None = None) -> Params:

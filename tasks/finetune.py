@@ -342,7 +342,8 @@ def load_checkpoint(directory: Path | None, fingerprint: str) -> dict | None:
     path = directory / CHECKPOINT_FILE if directory else None
     if path is None or not path.is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    # weights_only: a checkpoint folder is writable by others, and a full unpickle would run their code.
+    state = torch.load(path, map_location="cpu", weights_only=True)
     return state if state.get("fingerprint") == fingerprint else None
 
 
@@ -601,7 +602,7 @@ def restore_best_epoch(plan: TrainingPlan, state: TrainingState) -> None:
         return
     best = state.kept_best
     if best is None and plan.checkpoint_dir is not None and (plan.checkpoint_dir / BEST_FILE).is_file():
-        best = torch.load(plan.checkpoint_dir / BEST_FILE, map_location="cpu")  # best was before a resume
+        best = torch.load(plan.checkpoint_dir / BEST_FILE, map_location="cpu", weights_only=True)  # best was before a resume
     if best is not None:
         plan.model.load_state_dict(best)
 

@@ -164,7 +164,7 @@ def cached_tensor(path: Path | None, compute: Callable[[], torch.Tensor]) -> tup
     """The tensor saved at `path` if there is one, else `compute()` saved there atomically (so a killed run
     leaves no half-written cache entry); with whether it came from the cache. No path: computed, not saved."""
     if path is not None and path.is_file():
-        return torch.load(path, map_location="cpu"), True
+        return torch.load(path, map_location="cpu", weights_only=True), True
     tensor = compute()
     if path is not None:
         write_atomically(path, lambda tmp: torch.save(tensor, tmp))

@@ -48,7 +48,9 @@ def html_report(sections: list[tuple[str, dict]], figures: dict[str, list[Path]]
 
     from tasks.render import render_report
 
-    markdown = MarkdownIt("commonmark").enable("table")
+    # Reports carry values from the data (group names, texts) and people's free text (a reviewer's reason):
+    # raw HTML in them is shown as text, never rendered.
+    markdown = MarkdownIt("commonmark", {"html": False}).enable("table")
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
     for name, report in sections:

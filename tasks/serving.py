@@ -32,6 +32,8 @@ def parse_predict_request(body: bytes, cfg: ServeConfig) -> list[str]:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestRejected(400, f"request body is not valid JSON: {exc}") from None
+    except RecursionError:  # the decoder recurses once per nesting level
+        raise RequestRejected(400, "request body is nested too deeply; expected {\"texts\": [\"...\", ...]}") from None
     if not isinstance(payload, dict) or "texts" not in payload:
         raise RequestRejected(422, 'expected a JSON object {"texts": ["...", ...]}')
     extra = sorted(set(payload) - {"texts"})

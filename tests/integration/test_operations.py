@@ -25,12 +25,16 @@ pytestmark = pytest.mark.integration
 REGRAFT = str(Path(sys.executable).parent / "regraft")
 
 
+UI_PROJECTS: set[Path] = set()  # the projects of the `regraft ui` servers these tests started
+
+
 @contextmanager
 def running_ui(base: Path, settings: dict | None = None):
     """`regraft ui` on a fresh project: a Prefect server on loopback and the deployments served."""
     from tasks.config import write_overrides
 
     project = make_project(base / "project", base / "remote")
+    UI_PROJECTS.add(project)
     if settings:
         write_overrides(project / "params.yaml", settings)
     port = free_port()
@@ -99,9 +103,7 @@ def server_picture(api: httpx.Client) -> str:
     runs = api.post("/flow_runs/filter", json={"sort": "EXPECTED_START_TIME_DESC", "limit": 30}).json()
     lines = [f"{r['id']} {r['name']} deployment={r['deployment_id']} {r['state']['type']} {r['state']['name']}"
              for r in runs]
-    projects = {Path(d["parameters"]["project_dir"]) for d in api.post("/deployments/filter", json={}).json()
-                if d["parameters"].get("project_dir")}
-    for project in projects:
+    for project in UI_PROJECTS:
         holder = read_holder(state_dir(project) / LOCK_NAME)
         lines.append(f"{project}: run lock held by {describe_holder(holder) if holder else 'nobody'}")
     return "\n".join(lines)
@@ -130,6 +132,16 @@ def test_the_deployments_exist_with_schedules_and_a_typed_form(ui):
     assert fields["strategy"]["anyOf"][0]["enum"] == ["auto", "feature_extraction", "full", "gradual_unfreeze", "lora"]
     assert fields["holdout_fraction"]["anyOf"][0]["exclusiveMaximum"] == 1
     assert "description" in fields["on_inconclusive"]
+    # The project is fixed by `regraft ui`: a run that asks for another folder is refused, by the server or
+    # at the latest by the flow, before it does anything.
+    assert "project_dir" not in schema["properties"]
+    elsewhere = api.post(f"/deployments/{deployment(api, 'promote')['id']}/create_flow_run",
+                         json={"parameters": {"tag": "x", "project_dir": "/tmp"}})
+    if elsewhere.status_code == 201:
+        ended = wait_for_state(api, elsewhere.json()["id"], {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, 180)
+        assert ended["state"]["type"] != "COMPLETED", ended["state"]
+    else:
+        assert elsewhere.status_code >= 400, elsewhere.text
     assert all(s["active"] for s in scheduled["schedules"]) and not scheduled["paused"]
     watch = deployment(api, "shift-watch")
     assert [s["schedule"]["cron"] for s in watch["schedules"]] == [QUIET_CRONS["schedule.shift_watch_cron"]]

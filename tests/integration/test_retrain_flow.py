@@ -46,7 +46,10 @@ def flow_project(tmp_path_factory, tiny_bert, prefect_api):
     from flows.retrain import RetrainParameters, retrain
 
     project = quick_project(tmp_path_factory.mktemp("flow"), tiny_bert)
-    state = retrain(parameters=RetrainParameters(split_seed=7), project_dir=str(project), return_state=True)
+    (project.parent / "params-before-run.yaml").write_bytes((project / "params.yaml").read_bytes())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("REGRAFT_PROJECT", str(project))  # what `regraft run` and `regraft ui` set
+        state = retrain(parameters=RetrainParameters(split_seed=7), return_state=True)
     return project, state
 
 
@@ -60,7 +63,14 @@ def test_flow_runs_each_stage_as_a_task_with_artifacts(flow_project):
     assert result["reports"]["decide"]["approved"] and result["reports"]["gate"]["verdict"] in ("PASS", "INCONCLUSIVE")
     assert result["reports"]["validate"]["success"]
     assert result["pushed_to"] == "local"
-    assert yaml.safe_load((project / "params.yaml").read_text())["ingest"]["split"]["seed"] == 7
+    # The override belongs to the run: params.yaml is byte-identical to before it; dvc.lock and
+    # reports/run.json say what the run used.
+    assert (project / "params.yaml").read_bytes() == (project.parent / "params-before-run.yaml").read_bytes()
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert lock["stages"]["ingest"]["params"]["params.yaml"]["ingest"]["split"]["seed"] == 7
+    record = json.loads((project / "reports" / "run.json").read_text())
+    assert record["overrides"] == {"ingest.split.seed": 7} and record["params"]["ingest"]["split"]["seed"] == 7
+    assert not (project / ".regraft" / "runs").exists() or not any((project / ".regraft" / "runs").iterdir())
     assert (project.parent / "remote" / "files" / "md5").is_dir()
     assert "Cache and remote 'local' are in sync" in run(DVC + ["status", "--cloud"], project).stdout
 
@@ -77,7 +87,7 @@ def test_flow_runs_each_stage_as_a_task_with_artifacts(flow_project):
     task_names, artifact_keys = anyio.run(query)
     assert set(STAGES) <= set(task_names)
     assert {"ingest-report", "validate-report", "shift-report", "finetune-report", "evaluate-report",
-            "verdict-report", "decision-report", "package-report", "run-report"} <= artifact_keys
+            "verdict-report", "decision-report", "package-report", "run-report", "run-parameters"} <= artifact_keys
     page = (project / "reports" / "report.html").read_text()
     assert "<h1>Gate: PASS" in page or "Gate: INCONCLUSIVE" in page
     assert page.count("data:image/png;base64,") >= 5  # shift plots, training curves, group charts
@@ -92,7 +102,7 @@ def test_dvc_repro_writes_what_the_flow_writes(flow_project, tmp_path, tiny_bert
     assert splits | {"data/shift_weights.parquet"} == set(data_hashes(by_flow))
     assert (by_dvc / "models" / "candidate" / "model.safetensors").is_file()
     # Nothing changed, so a second repro has nothing to do.
-    assert "didn't change, skipping" in run(DVC + ["repro"], by_flow).stdout
+    assert "didn't change, skipping" in run(DVC + ["repro"], by_dvc).stdout
 
 
 def test_the_demo_runs_end_to_end_with_the_bundled_model(tmp_path):

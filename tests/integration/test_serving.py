@@ -5,6 +5,7 @@ and promotions while serving without a failed request."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -15,7 +16,7 @@ import httpx
 import pytest
 
 from tasks.processes import free_port, stop_process_group, wait_until_healthy
-from tests.conftest import make_project, run
+from tests.conftest import make_project, processes_in, run
 
 pytestmark = pytest.mark.integration
 REGRAFT = str(Path(sys.executable).parent / "regraft")
@@ -52,6 +53,9 @@ def package(project: Path, tiny_bert: Path, seed: int) -> str:
     return json.loads((project / "reports" / "package.json").read_text())["model"]
 
 
+SERVERS: dict[str, subprocess.Popen] = {}  # the `regraft serve` process behind each served URL
+
+
 @pytest.fixture(scope="module")
 def served_project(tmp_path_factory, tiny_bert):
     """A project with two packaged tiny models, A in production, served by `regraft serve`."""
@@ -69,6 +73,7 @@ def served_project(tmp_path_factory, tiny_bert):
     server = subprocess.Popen([REGRAFT, "serve"], cwd=project, stdout=log, stderr=subprocess.STDOUT,
                               start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    SERVERS[url] = server
     try:
         wait_until_healthy(f"{url}/healthz", server, 180, base / "serve.log")
         yield project, url, tags
@@ -113,6 +118,7 @@ def test_health_and_predictions_carry_the_model_version(served_project):
     (json.dumps({"texts": ["a"] * 65}).encode(), 413, "65 texts in one request; the limit is 64"),
     (json.dumps({"texts": ["a" * 5001]}).encode(), 413, "texts[0] has 5001 characters"),
     (json.dumps({"texts": ["a" * 4000] * 300}).encode(), 413, "request body is larger than the limit"),
+    (b'{"texts": ' + b"[" * 200_000 + b"]" * 200_000 + b"}", 400, "nested too deeply"),
 ])
 def test_bad_requests_get_a_4xx_with_a_message(served_project, body, status, message):
     _, url, _ = served_project
@@ -215,3 +221,18 @@ def test_evaluate_and_gate_compare_the_candidate_with_the_promoted_champion(serv
     assert names["forgetting: source_holdout macro_f1"] in {"PASS", "FAIL", "INCONCLUSIVE"}
     # Two random tiny models are far below the demo's floors: the gate must not pass them.
     assert verdict["verdict"] != "PASS" and gate.returncode == 1
+
+
+def test_serve_stops_its_whole_server_on_sigterm(served_project):
+    """Last in this module: stops the module's server as a process manager does, by SIGTERM to `regraft
+    serve` alone; BentoML's processes go with it and the port is free again."""
+    import socket
+
+    project, url, _ = served_project
+    server = SERVERS[url]
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(timeout=60) is not None
+    leftovers = [p.info["cmdline"] for p in processes_in(project) if p.info["cmdline"]]
+    assert not leftovers, f"regraft serve left processes behind: {leftovers}"
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", int(url.rsplit(":", 1)[1]))) != 0, "something still listens on the port"

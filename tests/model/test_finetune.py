@@ -150,7 +150,7 @@ def test_resume_after_the_best_epoch_restores_it_from_disk(tiny_bert, splits, tm
     with pytest.raises(Killed):
         run(tiny_bert, splits, "full", tmp_path / "killed", on_log=kill_in_epoch_2, **settings)
     checkpoints = tmp_path / "killed" / "ckpt"
-    assert torch.load(checkpoints / "checkpoint.pt", weights_only=False)["best"]["epoch"] == 1
+    assert torch.load(checkpoints / "checkpoint.pt", weights_only=True)["best"]["epoch"] == 1
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best.pt", "checkpoint.pt"]  # no temporary files
     resumed = run(tiny_bert, splits, "full", tmp_path / "killed", **settings)
     straight = run(tiny_bert, splits, "full", tmp_path / "straight", **settings)

@@ -38,6 +38,13 @@ def test_bad_requests_are_rejected_with_a_clear_4xx(body, status, message):
     assert message in rejected.value.message
 
 
+def test_deeply_nested_json_is_a_400_not_a_crash():
+    deep = b'{"texts": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    with pytest.raises(RequestRejected) as rejected:
+        parse_predict_request(deep, CFG.model_copy(update={"max_body_bytes": 1_000_000}))
+    assert rejected.value.status == 400 and "nested too deeply" in rejected.value.message
+
+
 def test_a_good_request_gives_its_texts():
     assert parse_predict_request(b'{"texts": ["good", "bad"]}', CFG) == ["good", "bad"]
 
