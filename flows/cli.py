@@ -66,11 +66,11 @@ def prepare_environment(project: Path) -> None:
 
 def command_run(args: argparse.Namespace, project: Path) -> int:
     from flows.retrain import RetrainParameters, retrain
-    from tasks.config import load_params, parse_override
+    from tasks.config import parse_override
+    from tasks.overrides import check_overrides
 
-    # Every override is checked against params.yaml before anything runs (exit 2 on a bad one).
-    overrides = dict(parse_override(item) for item in args.set)
-    load_params(project / "params.yaml", overrides)
+    # Every override is checked against params.yaml and the allow-list before anything runs (exit 2).
+    check_overrides(project, dict(parse_override(item) for item in args.set))
     parameters = RetrainParameters(overrides=list(args.set), push=not args.no_push)
     print_failures_once()
     print_summary(retrain(parameters=parameters))

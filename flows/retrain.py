@@ -36,6 +36,8 @@ from tasks.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, CheckFailed, Interna
 from tasks.files import sha256_of, write_json
 from tasks.gate import INCONCLUSIVE, answer_file
 from tasks.locking import clear_stale_dvc_locks, project_lock
+from tasks.overrides import check_overrides
+from tasks.promotion import finish_interrupted_promotion
 from tasks.processes import stop_process_group
 from tasks.render import render_report, verdict_markdown
 
@@ -48,7 +50,6 @@ FORM_FIELDS = {
     "strategy": "train.strategy",
     "epochs": "train.epochs",
     "on_severe_shift": "shift.on_severe",
-    "on_inconclusive": "gate.on_inconclusive",
 }
 # The stage before which an INCONCLUSIVE verdict is put to a person.
 DECIDE_STAGE = "decide"
@@ -351,13 +352,16 @@ def retrain(parameters: RetrainParameters = RetrainParameters()) -> dict:
             logger.warning("removed a stale DVC lock record: %s", note)
         for note in recover_interrupted(root, root / current.paths.state / "runs", SNAPSHOT):
             logger.warning("recovered from an interrupted run: %s", note)
+        finished = finish_interrupted_promotion(load_params(root / "params.yaml"))
+        if finished:
+            logger.warning("recovered from an interrupted promotion: %s", finished)
         # Read after taking the lock: the run before may have changed params.yaml.
         return run_all_stages(root, parameters, run_id)
 
 
 def run_all_stages(root: Path, parameters: RetrainParameters, run_id: str) -> dict:
     overrides = parameters.as_overrides()
-    params = load_params(root / "params.yaml", overrides)
+    params = check_overrides(root, overrides)
     stages = stage_order(root)
     runs = root / params.paths.state / "runs"
     snapshot = take_snapshot(

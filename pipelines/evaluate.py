@@ -11,13 +11,21 @@ import pandas as pd
 from pipelines.stage_io import read_splits, report_path, run_stage, save_figure, write_atomically, write_json, write_parquet
 from tasks.config import Params
 from tasks.baselines import baseline_probabilities, classifier_probabilities, train_frame
+from tasks.errors import CheckFailed
 from tasks.evaluate import evaluate_split, transfer_gain
+from tasks.registry import production_problems
 from tasks.render import evaluate_markdown
 
 HOLDOUTS = ("target_holdout", "source_holdout")
 
 
 def main(params: Params) -> int:
+    # Fail closed: a champion whose files are not the registry's production model would make the comparison
+    # (non-inferiority, forgetting) meaningless, or silently absent.
+    problems = production_problems(params.paths.registry, params.paths.champion)
+    if problems:
+        raise CheckFailed("the registry's production model cannot be compared with: " + "; ".join(problems[:5])
+                          + ". `regraft promote TAG` or `regraft rollback` completes or repairs it.")
     splits = read_splits(params)
     texts = {split: splits[split]["text"].astype("str").tolist() for split in HOLDOUTS}
     labels, max_length = params.ingest.labels, params.model.max_length

@@ -51,6 +51,26 @@ class Paths(StrictModel):
     html_report: Path = Field(description="The run's reports, plots and verdict on one HTML page.")
     run_record: Path = Field(description="The last run's id, overrides and effective parameters (JSON).")
     checkpoints: Path = Field(description="Finetune's resumable checkpoints (removed when the stage completes).")
+
+    @model_validator(mode="after")
+    def _inside_and_apart(self) -> Paths:
+        """Every path stays inside the project, and no stage output equals or contains what regraft guards
+        (DVC deletes a stage's outputs before it runs it)."""
+        named = {**{f"splits.{k}": v for k, v in self.splits.model_dump().items()},
+                 **{k: v for k, v in self.model_dump().items() if k != "splits"}}
+        for name, path in named.items():
+            if path.is_absolute() or ".." in path.parts:
+                raise ValueError(f"{name}: {path} must be a relative path inside the project (no '..')")
+        guarded = {k: named[k] for k in ("state", "registry", "champion", "bentoml_home", "cache", "gate_answers",
+                                         "checkpoints")}
+        for name, path in named.items():
+            if name in guarded:
+                continue
+            for other, guard in guarded.items():
+                if path == guard or path in guard.parents or guard in path.parents:
+                    raise ValueError(f"{name} ({path}) overlaps {other} ({guard}): a stage's output must stay apart "
+                                     "from the state folder, the registry, the production model and the caches")
+        return self
     data_docs: Path = Field(description="Folder of the Great Expectations Data Docs HTML site.")
     state: Path = Field(description="Working state that is neither data nor report (GX project, run snapshots).")
     registry: Path = Field(description="The model registry record (stages and history of packaged models), JSON.")

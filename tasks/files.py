@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +35,13 @@ def write_json(path: Path, payload: dict) -> None:
     write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def crash_point(name: str) -> None:
+    """Fault injection for the crash tests: with REGRAFT_CRASH_AT=<name>, this process dies here at once, as it
+    would in a power cut (SIGKILL: no cleanup, no finally)."""
+    if os.environ.get("REGRAFT_CRASH_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def replace_directory(build: Callable[[Path], None], destination: Path) -> None:
     """Build a new folder beside `destination` with `build(staging)`, then swap it in by renames. A crash
     before the swap leaves the old folder; between the two renames, only `.<name>.old` holds it, and the
@@ -43,10 +51,12 @@ def replace_directory(build: Callable[[Path], None], destination: Path) -> None:
     staging = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}.staging."))
     try:
         build(staging)
+        crash_point("replace:built")
         retired = destination.with_name(f".{destination.name}.old")
         shutil.rmtree(retired, ignore_errors=True)
         if destination.exists():
             destination.rename(retired)
+        crash_point("replace:old-moved-away")
         staging.rename(destination)
         shutil.rmtree(retired, ignore_errors=True)
     finally:

@@ -15,7 +15,7 @@ from pathlib import Path
 from tasks.config import Params
 from tasks.locking import project_lock
 from tasks.packaging import bentoml_environment
-from tasks.registry import RegistryError, check_promotable, previous_production, promote, read_record
+from tasks.registry import RegistryError, check_promotable, finish_promotion, previous_production, promote, read_record
 
 
 def stored_model_dir(params: Params, tag: str) -> Path:
@@ -41,6 +41,11 @@ def version_with_dvc(params: Params) -> str:
     return f"versioned with DVC: {params.paths.registry}.dvc, {params.paths.champion}.dvc (commit them with git)"
 
 
+def finish_interrupted_promotion(params: Params) -> str | None:
+    """Complete a promotion or rollback that a crash cut short (call while holding the project lock)."""
+    return finish_promotion(params.paths.registry, params.paths.champion, lambda tag: stored_model_dir(params, tag))
+
+
 def switch_production(params: Params, tag: str, reason: str, by: str | None, action: str) -> dict:
     """Checks (verdict, checksums), then production := tag. Returns the registry record."""
     check_promotable(read_record(params.paths.registry)["models"].get(tag), tag)  # before touching the store
@@ -53,12 +58,14 @@ def switch_production(params: Params, tag: str, reason: str, by: str | None, act
 def promote_model(params: Params, tag: str, reason: str, by: str | None = None) -> dict:
     """production := tag, after any retrain run of this project has finished (it compares against production)."""
     with project_lock(params.paths.state, f"promote {tag}", params.schedule.lock_timeout_seconds):
+        finish_interrupted_promotion(params)
         return switch_production(params, tag, reason, by, "promote")
 
 
 def rollback(params: Params, reason: str, by: str | None = None) -> dict:
     """Put the previous production model back, in one step."""
     with project_lock(params.paths.state, "rollback", params.schedule.lock_timeout_seconds):
+        finish_interrupted_promotion(params)
         record = read_record(params.paths.registry)
         target = previous_production(record)
         if not target:

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tasks.errors import RegraftError
-from tasks.files import replace_directory, sha256_of, write_json
+from tasks.files import crash_point, replace_directory, sha256_of, write_json
 from tasks.gate import promotable
 
 CANDIDATE, PRODUCTION, ARCHIVED = "candidate", "production", "archived"
@@ -113,9 +113,15 @@ def install_files(source: Path, destination: Path) -> None:
                                                       ignore=shutil.ignore_patterns(*STORE_FILES)), destination)
 
 
+def journal_file(path: Path) -> Path:
+    """The promotion under way, written before the production files change and removed once the record says so."""
+    return path.with_name(f"{path.name}.pending")
+
+
 def promote(path: Path, tag: str, model_dir: Path, champion: Path, by: str, reason: str,
             action: str = "promote") -> dict:
-    """Make `tag` the production model: checks, copy to `champion`, stages, history. Returns the record."""
+    """Make `tag` the production model: checks, then journal -> copy to `champion` -> record -> journal removed.
+    A crash at any step leaves the journal, and `finish_promotion` completes the change. Returns the record."""
     with locked_record(path) as record:
         entry = record["models"].get(tag)
         check_promotable(entry, tag)
@@ -126,15 +132,64 @@ def promote(path: Path, tag: str, model_dir: Path, champion: Path, by: str, reas
         previous = record["production"]
         if previous == tag:
             raise RegistryError(f"{tag} is already the production model")
+        write_json(journal_file(path), {"action": action, "tag": tag, "previous": previous, "by": by,
+                                        "reason": reason, "at": now()})
+        crash_point("promote:journaled")
         install_files(model_dir, champion)
-        if previous and previous in record["models"]:
-            record["models"][previous]["stage"] = ARCHIVED
-        entry["stage"] = PRODUCTION
-        entry["promoted"] = now()
-        record["production"] = tag
-        record["history"].append({"at": now(), "action": action, "tag": tag, "previous": previous,
-                                  "verdict": entry.get("verdict"), "by": by, "reason": reason})
-        return json.loads(json.dumps(record))
+        crash_point("promote:installed")
+        record_promotion(record, tag, previous, action, by, reason)
+    crash_point("promote:recorded")
+    journal_file(path).unlink()
+    return json.loads(json.dumps(record))
+
+
+def record_promotion(record: dict, tag: str, previous: str | None, action: str, by: str, reason: str) -> None:
+    entry = record["models"][tag]
+    if previous and previous in record["models"]:
+        record["models"][previous]["stage"] = ARCHIVED
+    entry["stage"] = PRODUCTION
+    entry["promoted"] = now()
+    record["production"] = tag
+    record["history"].append({"at": now(), "action": action, "tag": tag, "previous": previous,
+                              "verdict": entry.get("verdict"), "by": by, "reason": reason})
+
+
+def finish_promotion(path: Path, champion: Path, model_dir_of) -> str | None:
+    """Complete a promotion that a crash interrupted (its journal is still there): the production files and the
+    record both end on the journal's model. Returns what was done, or None when nothing was pending."""
+    journal = journal_file(path)
+    if not journal.is_file():
+        return None
+    pending = json.loads(journal.read_text(encoding="utf-8"))
+    tag = pending["tag"]
+    with locked_record(path) as record:
+        entry = record["models"].get(tag)
+        if entry is None:
+            raise RegistryError(f"{journal}: names {tag}, which the registry does not know; remove the file by hand")
+        if verify_files(champion, entry.get("sha256", {})) if champion.is_dir() else True:
+            install_files(model_dir_of(tag), champion)
+        if record["production"] != tag:
+            record_promotion(record, tag, pending["previous"], pending["action"], pending["by"],
+                             f"{pending['reason']} (completed after an interrupted {pending['action']})")
+    for leftover in champion.parent.glob(f".{champion.name}.*"):
+        shutil.rmtree(leftover, ignore_errors=True)  # a staging copy or the retired folder of the crashed swap
+    journal.unlink()
+    return f"completed the interrupted {pending['action']} of {tag} (started {pending['at']} by {pending['by']})"
+
+
+def production_problems(path: Path, champion: Path) -> list[str]:
+    """Why the production files cannot be trusted to be the registry's production model (empty: they are)."""
+    record = read_record(path)
+    tag = record.get("production")
+    problems = []
+    if journal_file(path).is_file():
+        problems.append(f"a promotion was interrupted ({journal_file(path)})")
+    if tag:
+        if not champion.is_dir():
+            problems.append(f"{champion} is missing")
+        else:
+            problems += [f"{champion}/{p}" for p in verify_files(champion, record["models"][tag].get("sha256", {}))]
+    return problems
 
 
 def previous_production(record: dict) -> str | None:

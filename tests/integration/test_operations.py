@@ -131,7 +131,7 @@ def test_the_deployments_exist_with_schedules_and_a_typed_form(ui):
     fields = schema["definitions"]["RetrainParameters"]["properties"]
     assert fields["strategy"]["anyOf"][0]["enum"] == ["auto", "feature_extraction", "full", "gradual_unfreeze", "lora"]
     assert fields["holdout_fraction"]["anyOf"][0]["exclusiveMaximum"] == 1
-    assert "description" in fields["on_inconclusive"]
+    assert "description" in fields["on_severe_shift"] and "on_inconclusive" not in fields  # the project's policy
     # The project is fixed by `regraft ui`: a run that asks for another folder is refused, by the server or
     # at the latest by the flow, before it does anything.
     assert "project_dir" not in schema["properties"]
@@ -152,7 +152,7 @@ def test_a_custom_run_from_the_api_completes_with_its_artifacts(ui):
     api, project, log = ui
     retrain = deployment(api, "retrain")
     created = api.post(f"/deployments/{retrain['id']}/create_flow_run", json={"parameters": {
-        "parameters": {"strategy": "feature_extraction", "on_inconclusive": "approve", "push": False}}})
+        "parameters": {"strategy": "feature_extraction", "push": False}}})
     assert created.status_code == 201, created.text
     run = created.json()
     finished = wait_for_state(api, run["id"], {"COMPLETED", "FAILED", "CRASHED", "CANCELLED", "PAUSED"}, 900)

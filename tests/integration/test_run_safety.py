@@ -212,3 +212,26 @@ def test_a_hung_stage_is_stopped_at_its_timeout_and_the_project_released(tmp_pat
     # The lock is free again: the next run starts at once (and fails the same way).
     again = run([REGRAFT, "run", "--no-push"], project, check=False, env_update=prefect_env)
     assert again.returncode == 70 and "waiting for" not in again.stdout + again.stderr
+
+
+@pytest.mark.parametrize("how", ["--set", "params.yaml"])
+def test_an_output_over_the_state_folder_is_refused_before_anything_runs(tmp_path, how):
+    """`paths.shift_plots=.regraft` once made DVC delete the model store, the Prefect state and the run lock
+    before the shift stage ran. Now it is refused, by --set and in params.yaml alike, and nothing is touched."""
+    project = make_project(tmp_path / "project", tmp_path / "remote")
+    store = project / ".regraft" / "bentoml" / "models" / "kept.txt"
+    store.parent.mkdir(parents=True)
+    store.write_text("a packaged model")
+    if how == "params.yaml":
+        params = project / "params.yaml"
+        params.write_text(params.read_text().replace("shift_plots: reports/shift", "shift_plots: .regraft"))
+        args = []
+    else:
+        args = ["--set", "paths.shift_plots=.regraft"]
+    before = tree_digest(project, (".regraft", "params.yaml"))
+    refused = run([REGRAFT, "run", "--no-push", *args], project, check=False)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert ("paths.shift_plots: not a key a run may change" if how == "--set"
+            else "shift_plots (.regraft) overlaps state (.regraft)") in refused.stderr
+    assert refused.stderr.count("error: ") == 1 and "Traceback" not in refused.stderr
+    assert tree_digest(project, (".regraft", "params.yaml")) == before and store.read_text() == "a packaged model"

@@ -223,6 +223,34 @@ def test_evaluate_and_gate_compare_the_candidate_with_the_promoted_champion(serv
     assert verdict["verdict"] != "PASS" and gate.returncode == 1
 
 
+CRASH_POINTS = ["promote:journaled", "replace:built", "replace:old-moved-away", "promote:installed", "promote:recorded"]
+
+
+def test_a_promotion_killed_at_any_step_is_never_trusted_half_done_and_is_completed(served_project):
+    """Power cut mid-promotion, at each step: until it is completed, the production files are not trusted
+    (evaluate fails closed instead of judging without a champion); the next promote or rollback completes it,
+    and files and record agree again."""
+    from tasks.registry import journal_file, production_problems, read_record, verify_files
+
+    project, _, tags = served_project
+    registry, champion = project / "registry" / "registry.json", project / "models" / "production"
+    for point in CRASH_POINTS:
+        killed = run([REGRAFT, "promote", tags[1], "--reason", "crash test"], project, check=False,
+                     env_update={"REGRAFT_CRASH_AT": point})
+        assert killed.returncode == -9, (point, killed.stdout, killed.stderr)
+        assert journal_file(registry).is_file() and production_problems(registry, champion), point
+        if point == "replace:old-moved-away":  # the files are gone: evaluate must stop, not drop the champion
+            refused = run([sys.executable, "-m", "pipelines.evaluate"], project, check=False)
+            assert refused.returncode == 1 and "cannot be compared with" in refused.stderr, refused.stderr
+        # The rollback first completes the interrupted promotion of tags[1], then puts tags[0] back.
+        run([REGRAFT, "rollback", "--reason", f"after a crash at {point}"], project)
+        record = read_record(registry)
+        assert record["production"] == tags[0], point
+        assert verify_files(champion, record["models"][tags[0]]["sha256"]) == [], point
+        assert not production_problems(registry, champion) and not list(champion.parent.glob(".production.*"))
+        assert [e["tag"] for e in record["history"][-2:]] == [tags[1], tags[0]], point
+
+
 def test_serve_stops_its_whole_server_on_sigterm(served_project):
     """Last in this module: stops the module's server as a process manager does, by SIGTERM to `regraft
     serve` alone; BentoML's processes go with it and the port is free again."""

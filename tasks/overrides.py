@@ -1,0 +1,112 @@
+"""What one run may change (`regraft run --set`, the UI's run form, a deployment's parameters): an explicit
+allow-list, checked against the project's own params.yaml before anything runs.
+
+- Training knobs, the holdout split and the pretrained model's input length: any valid value.
+- The data files to ingest: any files inside the project (outside the state folder, the registry, the
+  production model and every stage output).
+- Validation, shift and gate policies: only in the direction that makes the run stricter (a higher floor,
+  a smaller allowed gap, blocking on a severe shift, rejecting an undecided verdict).
+Everything else (`paths.*`, `serve.*`, `package.*`, `schedule.*`, `evaluate.*`, the base model, ...) is a
+change to the project's configuration: edit params.yaml and commit it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tasks.config import Params, load_params
+from tasks.errors import ConfigError
+
+# Keys (or sections, ending in ".") a run may set to any valid value.
+FREE = ("train.", "ingest.split.", "ingest.deduplicate", "model.max_length", "validate.examples")
+# Lists of input files: allowed inside the project, never inside what regraft writes or guards.
+DATA_FILES = ("ingest.files", "ingest.source_files", "ingest.target_files")
+# Policies a run may only tighten: "up" means a larger value is stricter, "down" a smaller one.
+STRICTER = {
+    "validate.text_min_chars": "up", "validate.text_max_chars": "down", "validate.min_rows_per_class": "up",
+    "validate.max_group_null_fraction": "down", "validate.rows.train_min": "up", "validate.rows.holdout_min": "up",
+    "validate.rows.max": "down",
+    "shift.alpha": "up", "shift.severe_ratio": "down",
+    "gate.non_inferiority.delta": "down", "gate.worst_group.floor": "up", "gate.disparity.max_gap": "down",
+    "gate.disparity.max_increase": "down", "gate.forgetting.max_drop": "down",
+}
+# Choices a run may only move to the strict one.
+STRICT_CHOICE = {"shift.on_severe": "block", "gate.on_inconclusive": "reject"}
+
+
+def check_overrides(project: Path, overrides: dict[str, Any]) -> Params:
+    """The project's params with `overrides` applied, or ConfigError naming the first key a run may not set
+    (or may not set that way). Nothing is written."""
+    current = load_params(project / "params.yaml")
+    for key, value in overrides.items():
+        check_override(key, value, current, project)
+    return load_params(project / "params.yaml", overrides)
+
+
+def check_override(key: str, value: Any, current: Params, project: Path) -> None:
+    if any(key == free or (free.endswith(".") and key.startswith(free)) for free in FREE):
+        return
+    if key in DATA_FILES:
+        check_data_files(key, value, current, project)
+        return
+    if key in STRICTER:
+        check_stricter(key, value, current_value(current, key), STRICTER[key])
+        return
+    if key in STRICT_CHOICE:
+        if value != STRICT_CHOICE[key] and value != current_value(current, key):
+            raise ConfigError(f"{key}={value!r}: a run may only set it to {STRICT_CHOICE[key]!r} (stricter); "
+                              "change params.yaml to loosen it")
+        return
+    if key == "gate.floors":
+        check_floors(value, current)
+        return
+    if key == "gate.worst_group.metrics":
+        if not isinstance(value, list) or not set(current.gate.worst_group.metrics) <= set(value):
+            raise ConfigError(f"{key}={value!r}: a run may only add metrics to {current.gate.worst_group.metrics}")
+        return
+    raise ConfigError(f"{key}: not a key a run may change (allowed: training, the holdout split, the data files, "
+                      "stricter validation, shift and gate policies); change params.yaml itself and commit it")
+
+
+def current_value(params: Params, key: str) -> Any:
+    node: Any = params.model_dump(mode="json", by_alias=True)
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def check_stricter(key: str, value: Any, current: Any, direction: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}={value!r}: expected a number")
+    looser = value < current if direction == "up" else value > current
+    if looser:
+        word = "lower" if direction == "up" else "higher"
+        raise ConfigError(f"{key}={value!r} is {word} than params.yaml's {current!r}: a run may only make it stricter")
+
+
+def check_floors(value: Any, current: Params) -> None:
+    """A run may raise floors and add new ones, never drop or lower one."""
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ConfigError(f"gate.floors={value!r}: expected a list of {{split, metric, min}}")
+    for floor in current.gate.floors:
+        kept = [v for v in value if v.get("split") == floor.split and v.get("metric") == floor.metric]
+        if not kept or max(float(v.get("min", 0)) for v in kept) < floor.min:
+            raise ConfigError(f"gate.floors: the floor {floor.split} {floor.metric} >= {floor.min} would be dropped "
+                              "or lowered; a run may only raise floors or add new ones")
+
+
+def check_data_files(key: str, value: Any, current: Params, project: Path) -> None:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{key}={value!r}: expected a list of file paths")
+    root = project.resolve()
+    guarded = [current.paths.state, current.paths.registry, current.paths.champion, current.paths.bentoml_home,
+               current.paths.model, current.paths.reports, *current.paths.splits.model_dump().values()]
+    for raw in value:
+        path = (root / raw).resolve()
+        if root not in path.parents:
+            raise ConfigError(f"{key}: {raw} is outside the project {root}; copy the file into the project")
+        for inside in guarded:
+            guard = (root / inside).resolve()
+            if path == guard or guard in path.parents:
+                raise ConfigError(f"{key}: {raw} is inside {inside}, which regraft writes; keep inputs elsewhere")
