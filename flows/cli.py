@@ -250,6 +250,26 @@ def command_serve(args: argparse.Namespace, project: Path) -> int:
         stop_process_group(server, grace_seconds=8)
 
 
+def ui_credential(home: Path) -> str:
+    """The `user:password` the Prefect server of `regraft ui` asks for: PREFECT_SERVER_API_AUTH_STRING when set,
+    else one generated on the first start into a file only its owner can read, and told once."""
+    import secrets
+
+    given = os.environ.get("PREFECT_SERVER_API_AUTH_STRING")
+    if given:
+        return given
+    path = home / "auth"
+    if path.is_file():
+        return path.read_text(encoding="utf-8").strip()
+    credential = f"regraft:{secrets.token_urlsafe(24)}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(credential + "\n")
+    print(f"Prefect UI login (generated once, kept in {path}, readable by you only): {credential}\n"
+          "Paste it into the UI's login box; clients and workers use it as PREFECT_API_AUTH_STRING.", flush=True)
+    return credential
+
+
 def command_ui(args: argparse.Namespace, project: Path) -> int:
     """A Prefect server on 127.0.0.1 (state in the project), with the deployments served from here."""
     import subprocess
@@ -264,8 +284,13 @@ def command_ui(args: argparse.Namespace, project: Path) -> int:
     stop_on_signals()
     home = state_dir(project) / "prefect-server"
     home.mkdir(parents=True, exist_ok=True)
+    credential = ui_credential(home)
+    origin = f"http://127.0.0.1:{port}"
+    # Prefect's own protections: every API call needs the credential, only the UI's own origin may call
+    # from a browser, and state-changing calls need a CSRF token (the UI and Prefect's client fetch it).
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
+           "PREFECT_UI_API_URL": f"{origin}/api", "PREFECT_SERVER_API_AUTH_STRING": credential,
+           "PREFECT_SERVER_CORS_ALLOWED_ORIGINS": origin, "PREFECT_SERVER_CSRF_PROTECTION_ENABLED": "true"}
     env.pop("PREFECT_API_URL", None)
     server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                                "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
@@ -276,8 +301,10 @@ def command_ui(args: argparse.Namespace, project: Path) -> int:
             wait_until_healthy(f"{api}/health", server, 180)
         except NotHealthy as exc:
             raise InternalError(f"the Prefect server did not start: {exc}") from None
-        # Set before Prefect is first imported in this process: its settings are read at import.
+        # Set before Prefect is first imported in this process: its settings are read at import. The served
+        # deployments' flow runs inherit them.
         os.environ["PREFECT_API_URL"] = api
+        os.environ["PREFECT_API_AUTH_STRING"] = credential
         from prefect import serve
 
         from flows.deployments import build_deployments

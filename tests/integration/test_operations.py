@@ -28,9 +28,28 @@ REGRAFT = str(Path(sys.executable).parent / "regraft")
 UI_PROJECTS: set[Path] = set()  # the projects of the `regraft ui` servers these tests started
 
 
+def api_client(base_url: str, credential: str) -> httpx.Client:
+    """A client of the Prefect REST API behind `regraft ui`: basic auth with the UI's credential, and the CSRF
+    token Prefect asks for on every call that changes something (fetched once, as Prefect's own client does)."""
+    user, _, password = credential.partition(":")
+    client_id, token = str(uuid.uuid4()), {}
+
+    def add_csrf(request: httpx.Request) -> None:
+        if request.method in ("GET", "HEAD", "OPTIONS"):
+            return
+        if not token:
+            fetched = httpx.get(f"{base_url}/csrf-token", params={"client": client_id}, auth=(user, password))
+            token["value"] = fetched.json()["token"]
+        request.headers["Prefect-Csrf-Token"] = token["value"]
+        request.headers["Prefect-Csrf-Client"] = client_id
+
+    return httpx.Client(base_url=base_url, timeout=30, auth=(user, password), event_hooks={"request": [add_csrf]})
+
+
 @contextmanager
-def running_ui(base: Path, settings: dict | None = None):
-    """`regraft ui` on a fresh project: a Prefect server on loopback and the deployments served."""
+def running_ui(base: Path, settings: dict | None = None, credential: str | None = None):
+    """`regraft ui` on a fresh project: a Prefect server on loopback and the deployments served. Its
+    credential is `credential` (PREFECT_SERVER_API_AUTH_STRING) or, without one, the one it generates."""
     from tasks.config import write_overrides
 
     project = make_project(base / "project", base / "remote")
@@ -41,16 +60,21 @@ def running_ui(base: Path, settings: dict | None = None):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update({"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_RUNNER_POLL_FREQUENCY": "2",
                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"})
+    if credential:
+        env["PREFECT_SERVER_API_AUTH_STRING"] = credential
     log = (base / "ui.log").open("w")
     process = subprocess.Popen([REGRAFT, "ui", "--port", str(port)], cwd=project, env=env, stdout=log,
                                stderr=subprocess.STDOUT, start_new_session=True)
-    api = httpx.Client(base_url=f"http://127.0.0.1:{port}/api", timeout=30)
+    generated = project / ".regraft" / "prefect-server" / "auth"
+    api = None
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         try:
-            if len(api.post("/deployments/filter", json={}).json()) == 5:
+            if api is None and (credential or generated.is_file()):
+                api = api_client(f"http://127.0.0.1:{port}/api", credential or generated.read_text().strip())
+            if api is not None and len(api.post("/deployments/filter", json={}).json()) == 5:
                 break
-        except (httpx.TransportError, ValueError):
+        except (httpx.TransportError, ValueError, KeyError):
             pass
         time.sleep(1)
     else:
@@ -67,6 +91,7 @@ def running_ui(base: Path, settings: dict | None = None):
         log.close()
 
 
+UI_CREDENTIAL = "operator:a-test-credential"
 # Crons for the shared server that cannot fire during the tests: an hourly shift-watch at the top of the
 # hour would find the drifted traffic logged below and start a retrain in the middle of another test.
 QUIET_CRONS = {"schedule.retrain_cron": "0 3 1 1 *", "schedule.shift_watch_cron": "30 3 1 1 *"}
@@ -77,7 +102,7 @@ def ui(tmp_path_factory, tiny_bert):
     """`regraft ui` on a project that trains the tiny model (QUICK_SETTINGS): the tests here are about the
     control plane, and the bundled model's own run is tested end to end in test_retrain_flow."""
     settings = {**QUICK_SETTINGS, "model.base": str(tiny_bert), **QUIET_CRONS}
-    with running_ui(tmp_path_factory.mktemp("ui"), settings) as served:
+    with running_ui(tmp_path_factory.mktemp("ui"), settings, credential=UI_CREDENTIAL) as served:
         yield served
 
 
@@ -116,9 +141,31 @@ def cancel_run(api: httpx.Client, run_id: str, project: Path) -> None:
     api.post(f"/flow_runs/{run_id}/set_state", json={"state": {"type": "CANCELLING"}})
     cancelled = wait_for_state(api, run_id, {"CANCELLED", "COMPLETED", "FAILED", "CRASHED"}, 120)
     assert cancelled["state"]["type"] == "CANCELLED", cancelled["state"]
-    leftovers = [p.info["cmdline"] for p in processes_in(project)
-                 if any("dvc" in part or "pipelines." in part for part in p.info["cmdline"] or [])]
+    # The state can say CANCELLED while the flow's process is still stopping its stage (SIGTERM, then SIGKILL
+    # after 10 s): give it that long, then nothing of the run may be left.
+    deadline, leftovers = time.monotonic() + 60, None
+    while leftovers != [] and time.monotonic() < deadline:
+        leftovers = [p.info["cmdline"] for p in processes_in(project)
+                     if any("dvc" in part or "pipelines." in part for part in p.info["cmdline"] or [])]
+        time.sleep(1)
     assert not leftovers, f"the cancelled run left processes behind: {leftovers}"
+
+
+def test_the_api_asks_for_the_credential_and_answers_only_its_own_origin(ui):
+    api, _, _ = ui
+    base = str(api.base_url).rstrip("/")
+    assert httpx.get(f"{base}/admin/version").status_code == 401  # no credential
+    user, _, password = UI_CREDENTIAL.partition(":")
+    assert httpx.get(f"{base}/admin/version", auth=(user, "guess")).status_code == 401
+    assert httpx.post(f"{base}/deployments/filter", json={}).status_code in (401, 403)
+    no_token = httpx.post(f"{base}/deployments/filter", json={}, auth=(user, password))
+    assert no_token.status_code == 403 and "CSRF" in no_token.text  # a page elsewhere cannot act for the operator
+    origin = base.removesuffix("/api")
+    for page, allowed in (("http://evil.example", False), (origin, True)):
+        preflight = httpx.options(f"{base}/deployments/filter", headers={
+            "Origin": page, "Access-Control-Request-Method": "POST"})
+        assert (preflight.headers.get("access-control-allow-origin") == page) is allowed, (page, preflight.headers)
+        assert preflight.headers.get("access-control-allow-origin") != "*"
 
 
 def test_the_deployments_exist_with_schedules_and_a_typed_form(ui):
@@ -245,7 +292,11 @@ def test_cron_schedules_fire(tmp_path):
     """The server's scheduler creates runs from the crons in params.yaml and the served runner executes
     them: shift-watch every minute (nothing in production yet, so it completes with nothing to watch);
     retrain-scheduled gets its nightly runs queued at 02:00 UTC."""
-    with running_ui(tmp_path, {"schedule.shift_watch_cron": "* * * * *"}) as (api, _, log):
+    with running_ui(tmp_path, {"schedule.shift_watch_cron": "* * * * *"}) as (api, project, log):
+        # Without PREFECT_SERVER_API_AUTH_STRING, `regraft ui` generated a credential only its owner can read.
+        generated = project / ".regraft" / "prefect-server" / "auth"
+        assert generated.stat().st_mode & 0o777 == 0o600
+        assert log.read_text().count("Prefect UI login (generated once") == 1
         watch = deployment(api, "shift-watch")
         deadline, fired = time.monotonic() + 240, None
         while time.monotonic() < deadline and fired is None:
@@ -287,6 +338,10 @@ def test_a_person_runs_retrain_from_the_prefect_ui(ui):
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         try:
+            page.goto(f"{base}/deployments", wait_until="networkidle")
+            # The server asks for its credential first, as it does any person opening the UI.
+            page.get_by_placeholder("admin:pass").fill(UI_CREDENTIAL)
+            page.get_by_role("button", name="Login").click()
             page.goto(f"{base}/deployments", wait_until="networkidle")
             page.locator("a.deployment-list__name", has_text="retrain").filter(has_not_text="scheduled").first.click()
             page.get_by_role("button", name="Run", exact=True).click()
