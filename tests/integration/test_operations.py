@@ -151,7 +151,6 @@ def cancel_run(api: httpx.Client, run_id: str, project: Path) -> None:
     assert not leftovers, f"the cancelled run left processes behind: {leftovers}"
 
 
-@pytest.mark.xdist_group("ui")
 def test_the_api_asks_for_the_credential_and_answers_only_its_own_origin(ui):
     api, _, _ = ui
     base = str(api.base_url).rstrip("/")
@@ -169,7 +168,6 @@ def test_the_api_asks_for_the_credential_and_answers_only_its_own_origin(ui):
         assert preflight.headers.get("access-control-allow-origin") != "*"
 
 
-@pytest.mark.xdist_group("ui")
 def test_the_deployments_exist_with_schedules_and_a_typed_form(ui):
     api, _, _ = ui
     names = {d["name"] for d in api.post("/deployments/filter", json={}).json()}
@@ -196,7 +194,6 @@ def test_the_deployments_exist_with_schedules_and_a_typed_form(ui):
     assert [s["schedule"]["cron"] for s in watch["schedules"]] == [QUIET_CRONS["schedule.shift_watch_cron"]]
 
 
-@pytest.mark.xdist_group("ui")
 @pytest.mark.timeout(1800)
 def test_a_custom_run_from_the_api_completes_with_its_artifacts(ui):
     api, project, log = ui
@@ -224,7 +221,6 @@ def test_a_custom_run_from_the_api_completes_with_its_artifacts(ui):
     assert json.loads((project / "reports" / "finetune.json").read_text())["strategy"] == "feature_extraction"
 
 
-@pytest.mark.xdist_group("ui")
 def test_the_shift_event_starts_retrain(ui):
     api, project, _ = ui
     before = run_ids(api, "retrain")
@@ -261,7 +257,6 @@ def run_deployment_and_wait(api: httpx.Client, name: str, parameters: dict, time
     return wait_for_state(api, created.json()["id"], {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, timeout)
 
 
-@pytest.mark.xdist_group("ui")
 def test_promote_then_shift_watch_on_drifted_traffic_starts_retrain(ui):
     """serve -> watch -> retrain: the model packaged by the custom run is promoted through its deployment;
     traffic from one drug condition only is logged the way the service logs it; shift-watch finds the
@@ -328,7 +323,6 @@ def form_field(scope, label: str):
         has=page.locator(".schema-form-property__label", has_text=label)).last
 
 
-@pytest.mark.xdist_group("ui")
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (apt-get install chromium); .ci/run installs it")
 @pytest.mark.timeout(1800)
 def test_a_person_runs_retrain_from_the_prefect_ui(ui):

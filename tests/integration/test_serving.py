@@ -98,7 +98,6 @@ def test_package_refuses_a_candidate_without_a_pass(tmp_path, tiny_bert):
     assert not (project / "registry" / "registry.json").exists()
 
 
-@pytest.mark.xdist_group("serving")
 def test_health_and_predictions_carry_the_model_version(served_project):
     project, url, tags = served_project
     health = httpx.get(f"{url}/healthz").json()
@@ -121,7 +120,6 @@ def test_health_and_predictions_carry_the_model_version(served_project):
     (json.dumps({"texts": ["a" * 4000] * 300}).encode(), 413, "request body is larger than the limit"),
     (b'{"texts": ' + b"[" * 200_000 + b"]" * 200_000 + b"}", 400, "nested too deeply"),
 ])
-@pytest.mark.xdist_group("serving")
 def test_bad_requests_get_a_4xx_with_a_message(served_project, body, status, message):
     _, url, _ = served_project
     response = httpx.post(f"{url}/predict", content=body, headers={"content-type": "application/json"})
@@ -159,7 +157,6 @@ def load(url: str, requests: int, concurrency: int, seen: dict, failures: list) 
         thread.join()
 
 
-@pytest.mark.xdist_group("serving")
 def test_two_thousand_requests_without_a_failure(served_project):
     _, url, tags = served_project
     seen, failures = {}, []
@@ -168,7 +165,6 @@ def test_two_thousand_requests_without_a_failure(served_project):
     assert sum(seen.values()) == 3000
 
 
-@pytest.mark.xdist_group("serving")
 def test_promotion_and_rollback_under_load_fail_no_request(served_project):
     project, url, tags = served_project
     seen, failures = {}, []
@@ -189,7 +185,6 @@ def test_promotion_and_rollback_under_load_fail_no_request(served_project):
     assert f"rollback  {tags[0]} (was {tags[1]})" in models
 
 
-@pytest.mark.xdist_group("serving")
 def test_promote_refuses_unknown_and_tampered_models(served_project):
     project, url, tags = served_project
     unknown = run([REGRAFT, "promote", "regraft-classifier:doesnotexist"], project, check=False)
@@ -208,7 +203,6 @@ def test_promote_refuses_unknown_and_tampered_models(served_project):
     assert httpx.get(f"{url}/healthz").json()["model_version"] == tags[0]
 
 
-@pytest.mark.xdist_group("serving")
 def test_evaluate_and_gate_compare_the_candidate_with_the_promoted_champion(served_project):
     project, _, tags = served_project
     run([sys.executable, "-m", "pipelines.evaluate"], project)
@@ -232,7 +226,6 @@ def test_evaluate_and_gate_compare_the_candidate_with_the_promoted_champion(serv
 CRASH_POINTS = ["promote:journaled", "replace:built", "replace:old-moved-away", "promote:installed", "promote:recorded"]
 
 
-@pytest.mark.xdist_group("serving")
 def test_a_promotion_killed_at_any_step_is_never_trusted_half_done_and_is_completed(served_project):
     """Power cut mid-promotion, at each step: until it is completed, the production files are not trusted
     (evaluate fails closed instead of judging without a champion); the next promote or rollback completes it,
@@ -258,7 +251,6 @@ def test_a_promotion_killed_at_any_step_is_never_trusted_half_done_and_is_comple
         assert [e["tag"] for e in record["history"][-2:]] == [tags[1], tags[0]], point
 
 
-@pytest.mark.xdist_group("serving")
 def test_serve_stops_its_whole_server_on_sigterm(served_project):
     """Last in this module: stops the module's server as a process manager does, by SIGTERM to `regraft
     serve` alone; BentoML's processes go with it and the port is free again."""
