@@ -105,6 +105,7 @@ def test_dvc_repro_writes_what_the_flow_writes(flow_project, tmp_path, tiny_bert
     assert "didn't change, skipping" in run(DVC + ["repro"], by_dvc).stdout
 
 
+@pytest.mark.timeout(1800)
 def test_the_demo_runs_end_to_end_with_the_bundled_model(tmp_path):
     """`make demo`'s path: the real all-MiniLM-L6-v2 on the demo data, every stage, a temporary Prefect API.
     Cheaper than the demo where it changes no wiring: one epoch (fp32 LoRA on a CPU without bf16 takes 80 s an
