@@ -8,13 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import make_project, processes_in, quick_project, run, tree_digest
-from tests.integration.test_run_safety import WORKSPACE, finetune_process, regraft_env
+from tests.integration.test_run_safety import WORKSPACE, regraft_env, wait_for_trainer
 
 pytestmark = pytest.mark.integration
 REGRAFT = str(Path(sys.executable).parent / "regraft")
@@ -43,11 +42,7 @@ def test_a_run_lost_outright_is_put_back_by_the_next_run(tmp_path, tiny_bert, pr
                                env=regraft_env(prefect_env), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                                start_new_session=True)
     try:
-        deadline, trainer = time.monotonic() + 600, None
-        while trainer is None and time.monotonic() < deadline and process.poll() is None:
-            trainer = finetune_process(project)
-            time.sleep(0.1)
-        assert trainer is not None, "the training process was never seen"
+        wait_for_trainer(project, process)
         # Everything dies at once, as when the machine goes: the run, DVC and the stage (its own group).
         for group in {os.getpgid(p.pid) for p in processes_in(project)} | {process.pid}:
             os.killpg(group, signal.SIGKILL)

@@ -59,6 +59,16 @@ def finetune_process(project: Path) -> psutil.Process | None:
     return next((p for p in processes_in(project) if "pipelines.finetune" in (p.info["cmdline"] or [])), None)
 
 
+def wait_for_trainer(project: Path, process: subprocess.Popen, timeout: float = 600) -> psutil.Process:
+    """The run's training process, once it is seen (the run must still be going)."""
+    deadline, trainer = time.monotonic() + timeout, None
+    while trainer is None and time.monotonic() < deadline and process.poll() is None:
+        trainer = finetune_process(project)
+        time.sleep(0.1)
+    assert trainer is not None, "the training process was never seen"
+    return trainer
+
+
 def test_a_killed_training_process_is_retried_and_resumes_from_its_checkpoint(tmp_path, tiny_bert, prefect_env):
     project = quick_project(tmp_path, tiny_bert, **{"train.epochs": 2})
     # A DVC lock record left by a killed `dvc repro` whose PID now belongs to another process: DVC alone
@@ -139,11 +149,7 @@ def test_ctrl_c_stops_the_running_stage_and_restores_the_project(tmp_path, tiny_
     finally:
         signal.signal(signal.SIGINT, previous)
     try:
-        deadline, trainer = time.monotonic() + 600, None
-        while trainer is None and time.monotonic() < deadline and process.poll() is None:
-            trainer = finetune_process(project)
-            time.sleep(0.1)
-        assert trainer is not None, "the training process was never seen"
+        trainer = wait_for_trainer(project, process)
         process.send_signal(signal.SIGINT)  # to the regraft process only, as if its own handler got Ctrl-C
         output = process.communicate(timeout=120)[0]
     finally:
