@@ -8,6 +8,7 @@ relative paths are read from REGRAFT_PROJECT (default: the working directory).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -36,10 +37,15 @@ HOLDER = ModelHolder()
 class RequestGuard:
     """ASGI middleware in front of BentoML's routes. Answers GET /healthz from the loaded model (BentoML's
     own /healthz only says the process is up), and checks a /predict body (size, JSON, shape, limits)
-    before BentoML sees it, so every bad request gets a 4xx that names the problem, never a 500."""
+    before BentoML sees it, so every bad request gets a 4xx that names the problem, never a 500.
+
+    It also bounds what a flood can hold: at most `max_in_flight` /predict requests at once (body still
+    arriving or being predicted; more get 429 at once), and each body must arrive within
+    `body_timeout_seconds` (408). /healthz is answered before any limit, so it keeps answering."""
 
     def __init__(self, app, cfg):
         self.app, self.cfg = app, cfg
+        self.in_flight = 0  # one event loop per worker: a plain counter is safe
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "").rstrip("/")
@@ -51,14 +57,25 @@ class RequestGuard:
                                                   "labels": loaded.labels})
         if scope["type"] != "http" or path != "/predict" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
-        body, more = b"", True
-        while more:
-            message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.cfg.max_body_bytes:
-                return await self.reject(send, RequestRejected(
-                    413, f"request body is larger than the limit of {self.cfg.max_body_bytes} bytes"))
+        if self.in_flight >= self.cfg.max_in_flight:
+            return await self.reject(send, RequestRejected(
+                429, f"{self.in_flight} requests are in progress, the limit of this worker; try again shortly"))
+        self.in_flight += 1
+        try:
+            return await self.guarded_predict(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    async def guarded_predict(self, scope, receive, send):
+        try:
+            async with asyncio.timeout(self.cfg.body_timeout_seconds):
+                body = await self.read_body(receive)
+        except TimeoutError:
+            return await self.reject(send, RequestRejected(
+                408, f"the request body did not arrive within {self.cfg.body_timeout_seconds:g} seconds"))
+        if body is None:
+            return await self.reject(send, RequestRejected(
+                413, f"request body is larger than the limit of {self.cfg.max_body_bytes} bytes"))
         try:
             parse_predict_request(body, self.cfg)
         except RequestRejected as rejected:
@@ -73,6 +90,17 @@ class RequestGuard:
             return await receive()
 
         return await self.app(scope, replay, send)
+
+    async def read_body(self, receive) -> bytes | None:
+        """The whole body, or None as soon as it is larger than the limit."""
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.cfg.max_body_bytes:
+                return None
+        return body
 
     async def reject(self, send, rejected: RequestRejected) -> None:
         await self.respond(send, rejected.status, {"error": rejected.message})

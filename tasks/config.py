@@ -305,6 +305,10 @@ class ServeConfig(StrictModel):
     max_texts: int = Field(ge=1, description="Most texts in one request (more: HTTP 413).")
     max_chars: int = Field(ge=1, description="Most characters in one text (more: HTTP 413).")
     max_body_bytes: int = Field(ge=64, description="Largest request body in bytes (larger: HTTP 413).")
+    max_in_flight: int = Field(ge=1, description="Most /predict requests one worker holds at once, counting those still "
+                               "sending their body; more get HTTP 429 at once. /healthz is never limited.")
+    body_timeout_seconds: float = Field(gt=0, description="A /predict body must arrive within this many seconds "
+                                        "(slower: HTTP 408, and its place is freed for other requests).")
     max_batch_size: int = Field(ge=2, description="Adaptive batching: most texts the model sees in one forward pass.")
     max_latency_ms: int = Field(ge=1, description="Adaptive batching: longest a request may wait in the queue; "
                                 "BentoML refuses (503) what would wait longer, so a tight value sheds load.")

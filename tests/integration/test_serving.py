@@ -53,6 +53,7 @@ def package(project: Path, tiny_bert: Path, seed: int) -> str:
     return json.loads((project / "reports" / "package.json").read_text())["model"]
 
 
+FLOOD_LIMIT = 24  # serve.max_in_flight of the module's server: above the load tests' 16 clients
 SERVERS: dict[str, subprocess.Popen] = {}  # the `regraft serve` process behind each served URL
 
 
@@ -65,7 +66,8 @@ def served_project(tmp_path_factory, tiny_bert):
     project = make_project(base / "project", base / "remote")
     run([sys.executable, "-m", "pipelines.ingest"], project)
     port = free_port()
-    write_overrides(project / "params.yaml", {"model.max_length": 64, "serve.port": port})
+    write_overrides(project / "params.yaml", {"model.max_length": 64, "serve.port": port,
+                                              "serve.max_in_flight": FLOOD_LIMIT, "serve.body_timeout_seconds": 8})
     tags = [package(project, tiny_bert, seed) for seed in (1, 2)]
     run([REGRAFT, "promote", tags[0], "--reason", "first"], project)
     # The server logs every request: to a file, since an undrained pipe would fill and stall it.
@@ -249,6 +251,38 @@ def test_a_promotion_killed_at_any_step_is_never_trusted_half_done_and_is_comple
         assert verify_files(champion, record["models"][tags[0]]["sha256"]) == [], point
         assert not production_problems(registry, champion) and not list(champion.parent.glob(".production.*"))
         assert [e["tag"] for e in record["history"][-2:]] == [tags[1], tags[0]], point
+
+
+def test_a_flood_of_slow_bodies_is_bounded_and_healthz_keeps_answering(served_project):
+    """Three times the in-flight limit of connections from loopback each start a /predict and then trickle
+    its body: the ones over the limit get 429 at once, the rest 408 once the body timeout passes, /healthz
+    answers throughout, and afterwards a normal request is served."""
+    import socket
+
+    _, url, tags = served_project
+    port = int(url.rsplit(":", 1)[1])
+    header = (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+              f"Content-Length: 5000\r\n\r\n").encode()
+    flood = []
+    for _ in range(3 * FLOOD_LIMIT):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        sock.sendall(header + b'{"texts": ["')
+        flood.append(sock)
+    try:
+        for _ in range(5):
+            health = httpx.get(f"{url}/healthz", timeout=10)
+            assert health.status_code == 200 and health.json()["model_version"] == tags[0]
+        busy = httpx.post(f"{url}/predict", json={"texts": ["fine"]}, timeout=10)
+        assert busy.status_code == 429 and "the limit of this worker" in busy.json()["error"]
+        statuses = []
+        for sock in flood:
+            statuses.append(int(sock.recv(4096).split(b" ", 2)[1]))
+    finally:
+        for sock in flood:
+            sock.close()
+    assert sorted(set(statuses)) == [408, 429], statuses
+    assert statuses.count(408) == FLOOD_LIMIT, statuses
+    assert httpx.post(f"{url}/predict", json={"texts": ["works well"]}, timeout=30).status_code == 200
 
 
 def test_serve_stops_its_whole_server_on_sigterm(served_project):

@@ -11,7 +11,8 @@ from tasks.config import ServeConfig
 from tasks.serving import PredictionLog, RequestRejected, parse_predict_request
 
 pytestmark = pytest.mark.unit
-CFG = ServeConfig(host="127.0.0.1", port=3000, max_texts=3, max_chars=20, max_body_bytes=200, max_batch_size=8,
+CFG = ServeConfig(host="127.0.0.1", port=3000, max_texts=3, max_chars=20, max_body_bytes=200, max_in_flight=4,
+                  body_timeout_seconds=5, max_batch_size=8,
                   max_latency_ms=10, workers=1, log_texts="hash", prediction_log="p.jsonl", reload_seconds=1)
 
 BAD = [
