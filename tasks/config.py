@@ -217,7 +217,8 @@ class TrainConfig(StrictModel):
         ge=0, lt=1, description="Dropout on attention probabilities while training; null keeps the model's own. "
         "On CPU it costs about as much as the rest of the forward pass."
     )
-    threads: int = Field(ge=0, description="CPU threads per process; 0: all cores divided among processes.")
+    threads: int = Field(ge=0, description="CPU threads per process; 0: OMP_NUM_THREADS when set, else the usable "
+                         "cores divided among processes.")
     class_weights: Literal["balanced", "none"] = Field(description="Weigh the loss against class imbalance.")
     validation_fraction: float = Field(gt=0, lt=1, description="Share of the train rows held out for early stopping.")
     early_stopping_patience: int = Field(ge=0, description="Epochs without a better validation macro-F1 before stopping; 0: off.")

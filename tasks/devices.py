@@ -37,6 +37,15 @@ def cpu_has_native_bf16() -> bool:
     return bool(cpu_flags() & set(NATIVE_BF16_FLAGS)) and torch.backends.mkldnn.is_available()
 
 
+def default_threads(processes: int = 1) -> int:
+    """OMP_NUM_THREADS when set (the usual way to share a machine), else the CPUs this process may use,
+    split between the training processes."""
+    configured = os.environ.get("OMP_NUM_THREADS", "")
+    if configured.isdigit() and int(configured) > 0:
+        return int(configured)
+    return max(1, len(os.sched_getaffinity(0)) // processes)
+
+
 def choose_runtime(precision: str = "auto", threads: int = 0, processes: int = 1) -> Runtime:
     """CUDA when present, else CPU; precision from the hardware unless configured."""
     if torch.cuda.is_available():
@@ -52,7 +61,7 @@ def choose_runtime(precision: str = "auto", threads: int = 0, processes: int = 1
             precision = "fp32"  # fp16 autocast on CPU is slow and needs loss scaling: not worth it
         native = "with" if cpu_has_native_bf16() else "without"
         reason = f"CPU {native} native bf16 instructions"
-    threads = threads or max(1, (os.cpu_count() or 1) // processes)
+    threads = threads or default_threads(processes)
     if device.type == "cpu":
         torch.set_num_threads(threads)
     return Runtime(device=device, precision=precision, threads=threads, reason=reason)

@@ -88,3 +88,15 @@ def test_write_overrides_keeps_comments_and_validates(tmp_path):
 def test_missing_params_file_is_explained(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_params(tmp_path / "params.yaml")
+
+
+def test_training_threads_follow_omp_num_threads_when_set(monkeypatch):
+    import os
+
+    from tasks.devices import default_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert default_threads(processes=1) == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert default_threads(processes=1) == len(os.sched_getaffinity(0))
+    assert default_threads(processes=10_000) == 1
