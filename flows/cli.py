@@ -51,10 +51,13 @@ def state_dir(project: Path) -> Path:
     return project / state
 
 
-def prepare_environment(project: Path) -> None:
-    """Telemetry off, and Prefect's local state kept in the project unless a Prefect API is configured."""
+def prepare_environment(project: Path, command: str) -> None:
+    """Telemetry off; runs report to the configured Prefect API, else to this project's `regraft ui` when it
+    is up, else to a temporary local API whose state is kept in the project."""
     for key, value in TELEMETRY_OFF.items():
         os.environ.setdefault(key, value)
+    if "PREFECT_API_URL" not in os.environ and command == "run":
+        join_running_ui(project)
     if "PREFECT_API_URL" not in os.environ:
         home = Path(os.environ.setdefault("PREFECT_HOME", str(state_dir(project) / "prefect")))
         # Prefect creates only the last folder of its home itself.
@@ -62,6 +65,32 @@ def prepare_environment(project: Path) -> None:
         # The first start migrates a new SQLite database; on a busy 2-core machine that can take
         # longer than Prefect's default 20 s.
         os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+
+def ui_address_file(project: Path) -> Path:
+    """Where a running `regraft ui` leaves its API address, for the project's other commands to find it."""
+    return state_dir(project) / "prefect-server" / "api-url"
+
+
+def join_running_ui(project: Path) -> None:
+    """Point Prefect at this project's `regraft ui` when it answers, so runs started from the terminal (and
+    `make demo`) appear in the same UI as the scheduled ones."""
+    import httpx
+
+    address, auth = ui_address_file(project), state_dir(project) / "prefect-server" / "auth"
+    try:
+        api = address.read_text(encoding="utf-8").strip()
+        credential = os.environ.get("PREFECT_SERVER_API_AUTH_STRING") or auth.read_text(encoding="utf-8").strip()
+    except OSError:
+        return
+    user, _, password = credential.partition(":")
+    try:
+        healthy = httpx.get(f"{api}/health", auth=(user, password), timeout=3).status_code == 200
+    except httpx.HTTPError:
+        healthy = False
+    if healthy:
+        os.environ["PREFECT_API_URL"], os.environ["PREFECT_API_AUTH_STRING"] = api, credential
+        print(f"reporting to the Prefect server of `regraft ui` at {api.removesuffix('/api')}", flush=True)
 
 
 def command_run(args: argparse.Namespace, project: Path) -> int:
@@ -276,6 +305,7 @@ def command_ui(args: argparse.Namespace, project: Path) -> int:
 
     from tasks.config import load_params
     from tasks.errors import InternalError
+    from tasks.files import write_atomically
     from tasks.processes import NotHealthy, stop_process_group, wait_until_healthy
 
     params = load_params(project / "params.yaml")
@@ -305,6 +335,7 @@ def command_ui(args: argparse.Namespace, project: Path) -> int:
         # deployments' flow runs inherit them.
         os.environ["PREFECT_API_URL"] = api
         os.environ["PREFECT_API_AUTH_STRING"] = credential
+        write_atomically(ui_address_file(project), lambda tmp: tmp.write_text(api, encoding="utf-8"))
         from prefect import serve
 
         from flows.deployments import build_deployments
@@ -315,6 +346,7 @@ def command_ui(args: argparse.Namespace, project: Path) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        ui_address_file(project).unlink(missing_ok=True)
         stop_process_group(server, grace_seconds=30)
         print("stopped the Prefect server and the deployments", flush=True)
     return EXIT_OK
@@ -362,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
                 "promote": command_promote, "rollback": command_promote, "serve": command_serve, "ui": command_ui}
     try:
         project = find_project(Path.cwd())
-        prepare_environment(project)
+        prepare_environment(project, args.command)
         # Stage code resolves params.yaml paths against the project folder; flows, the served deployments
         # and the service work on this project and no other.
         os.chdir(project)

@@ -20,6 +20,14 @@ from flows.cli import TELEMETRY_OFF  # noqa: E402
 os.environ.update(TELEMETRY_OFF)
 
 
+def pytest_configure(config):
+    """Under pytest-xdist every worker, and each process it starts, gets its share of the cores: torch's
+    default of a thread per core in every worker oversubscribes the CPU and makes each test several times slower."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
+
+
 def run(cmd: list[str], cwd: Path, check: bool = True, env_update: dict[str, str] | None = None,
         **kwargs) -> subprocess.CompletedProcess:
     from flows.retrain import stage_environment

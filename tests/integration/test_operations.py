@@ -288,6 +288,28 @@ def test_promote_then_shift_watch_on_drifted_traffic_starts_retrain(ui):
         cancel_run(api, run_id, project)
 
 
+def test_a_run_from_the_terminal_shows_in_the_running_ui(ui):
+    """`regraft run` in a project whose `regraft ui` is up reports to that server (no PREFECT_API_URL given),
+    so terminal runs appear beside the scheduled ones; Ctrl-C then stops it."""
+    api, project, _ = ui
+    before = {r["id"] for r in api.post("/flow_runs/filter", json={}).json()}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_SERVER_API_AUTH_STRING"] = UI_CREDENTIAL  # the operator's, as given to `regraft ui`
+    terminal = subprocess.Popen([REGRAFT, "run", "--no-push"], cwd=project, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline, new = time.monotonic() + 180, []
+        while not new and time.monotonic() < deadline and terminal.poll() is None:
+            new = [r for r in api.post("/flow_runs/filter", json={}).json()
+                   if r["id"] not in before and r["deployment_id"] is None]
+            time.sleep(1)
+        assert new and new[0]["flow_id"] == deployment(api, "retrain")["flow_id"], server_picture(api)
+    finally:
+        os.killpg(terminal.pid, signal.SIGINT)
+        output = terminal.communicate(timeout=120)[0]
+    assert "reporting to the Prefect server of `regraft ui` at http://127.0.0.1:" in output, output
+
+
 def test_cron_schedules_fire(tmp_path):
     """The server's scheduler creates runs from the crons in params.yaml and the served runner executes
     them: shift-watch every minute (nothing in production yet, so it completes with nothing to watch);
