@@ -29,9 +29,10 @@ demo: setup
 	$(BIN)/regraft run
 
 # The full suite: what CI runs. One xdist worker per core, a test file per worker (a file's tests share
-# their servers and projects); tests/conftest.py gives each worker its share of torch's threads.
+# their servers and projects), files in tests/conftest.py's order (longest first); tests/conftest.py also
+# gives each worker its share of torch's threads.
 test: setup
-	$(BIN)/python -m pytest -n auto --dist loadfile --durations=25
+	$(BIN)/python -m pytest -n auto --dist loadfile --no-loadscope-reorder --durations=25
 
 # The unit and data suites (no servers, no training runs): the inner loop while developing.
 test-fast: setup

@@ -28,6 +28,22 @@ def pytest_configure(config):
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
 
 
+# The longest test files first (measured, longest first): `make test`'s xdist workers take whole files in this
+# order, so the suite does not end waiting on one long file started last.
+LONGEST_FIRST = [
+    "tests/integration/test_demo_end_to_end.py", "tests/integration/test_operations.py",
+    "tests/integration/test_user_files.py", "tests/integration/test_run_safety.py",
+    "tests/integration/test_retrain_flow.py", "tests/model/test_shift_power.py", "tests/integration/test_serving.py",
+    "tests/integration/test_finetune_stage.py", "tests/integration/test_run_recovery.py",
+    "tests/integration/test_s3_remote.py", "tests/integration/test_gate_decision.py",
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
+
+
 def run(cmd: list[str], cwd: Path, check: bool = True, env_update: dict[str, str] | None = None,
         **kwargs) -> subprocess.CompletedProcess:
     from flows.retrain import stage_environment

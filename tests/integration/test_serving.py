@@ -261,8 +261,8 @@ def test_a_flood_of_slow_bodies_is_bounded_and_healthz_keeps_answering(served_pr
 
     _, url, tags = served_project
     port = int(url.rsplit(":", 1)[1])
-    header = (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-              f"Content-Length: 5000\r\n\r\n").encode()
+    header = ("POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+              "Content-Length: 5000\r\n\r\n").encode()
     flood = []
     for _ in range(3 * FLOOD_LIMIT):
         sock = socket.create_connection(("127.0.0.1", port), timeout=60)
