@@ -30,18 +30,21 @@ def regraft_env(prefect_env: dict[str, str]) -> dict[str, str]:
 
 
 def test_two_runs_started_at_once_take_turns_and_leave_dvc_consistent(tmp_path, tiny_bert, prefect_env):
+    """Each run overrides a gate policy (not applicable without a champion, so both pass): the first runs the whole
+    pipeline, the one that waited re-runs only gate, decide and package, and dvc.lock records its own value."""
     project = quick_project(tmp_path, tiny_bert)
     params_before = (project / "params.yaml").read_bytes()
     env = regraft_env(prefect_env)
-    runs = {seed: subprocess.Popen([REGRAFT, "run", "--no-push", "--set", f"ingest.split.seed={seed}"], cwd=project,
-                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for seed in (11, 12)}
-    outputs = {seed: process.communicate(timeout=1200)[0] for seed, process in runs.items()}
-    for seed, process in runs.items():
-        assert process.returncode == 0, outputs[seed][-4000:]
-    waited = [seed for seed, out in outputs.items() if "waiting for retrain run" in out]
+    drops = {"a": 0.04, "b": 0.03}
+    runs = {name: subprocess.Popen([REGRAFT, "run", "--no-push", "--set", f"gate.forgetting.max_drop={drop}"],
+                                   cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for name, drop in drops.items()}
+    outputs = {name: process.communicate(timeout=1200)[0] for name, process in runs.items()}
+    for name, process in runs.items():
+        assert process.returncode == 0, outputs[name][-4000:]
+    waited = [name for name, out in outputs.items() if "waiting for retrain run" in out]
     assert len(waited) == 1, "exactly one run should have waited for the other"
-    first = ({11, 12} - set(waited)).pop()
+    first = (set(drops) - set(waited)).pop()
     holder_pid = re.search(r"waiting for retrain run \S+ \(PID (\d+)", outputs[waited[0]]).group(1)
     assert int(holder_pid) == runs[first].pid
     # The run that went second ran after the first one finished: dvc.lock records its parameters and matches
@@ -51,7 +54,7 @@ def test_two_runs_started_at_once_take_turns_and_leave_dvc_consistent(tmp_path, 
     assert not [c for changes in status.values() for c in changes if isinstance(c, dict)
                 and ({"changed outs", "deleted"} & set(c))], status
     lock = yaml.safe_load((project / "dvc.lock").read_text())
-    assert lock["stages"]["ingest"]["params"]["params.yaml"]["ingest"]["split"]["seed"] == waited[0]
+    assert lock["stages"]["gate"]["params"]["params.yaml"]["gate"]["forgetting"]["max_drop"] == drops[waited[0]]
     assert json.loads((project / "reports" / "package.json").read_text())["smoke_test"]["mismatches"] == 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from scipy import stats
 
 from tasks.config import load_params
@@ -44,12 +45,13 @@ def pool(demo_splits, tmp_path_factory):
     }
     tokenizer = load_tokenizer(PARAMS.model.base)
     embed = lambda ts: mean_pooled_embeddings(PARAMS.model.base, ts, 128, cache)  # noqa: E731
-    samples = {}
+    samples, embedded = {}, {}
     for name, ts in variants.items():
-        frame = source.assign(text=ts)
-        samples[name] = build_sample(frame, embed(ts), tokenizer, ["condition"], LABELS)
+        embedded[name] = embed(ts)
+        samples[name] = build_sample(source.assign(text=ts), embedded[name], tokenizer, ["condition"], LABELS)
     everything = pd.concat([source, target], ignore_index=True)
-    samples["everything"] = build_sample(everything, embed(everything["text"].tolist()), tokenizer, ["condition"], LABELS)
+    both = torch.cat([embedded["original"], embed(target["text"].tolist())])
+    samples["everything"] = build_sample(everything, both, tokenizer, ["condition"], LABELS)
     samples["everything_frame"] = everything
     return samples
 
