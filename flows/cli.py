@@ -67,9 +67,14 @@ def prepare_environment(project: Path, command: str) -> None:
         os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
+def ui_home(project: Path) -> Path:
+    """The state of `regraft ui`'s Prefect server: its database, credential file and, while it runs, its API
+    address (`api-url`) for the project's other commands to find it."""
+    return state_dir(project) / "prefect-server"
+
+
 def ui_address_file(project: Path) -> Path:
-    """Where a running `regraft ui` leaves its API address, for the project's other commands to find it."""
-    return state_dir(project) / "prefect-server" / "api-url"
+    return ui_home(project) / "api-url"
 
 
 def join_running_ui(project: Path) -> None:
@@ -77,7 +82,7 @@ def join_running_ui(project: Path) -> None:
     `make demo`) appear in the same UI as the scheduled ones."""
     import httpx
 
-    address, auth = ui_address_file(project), state_dir(project) / "prefect-server" / "auth"
+    address, auth = ui_address_file(project), ui_home(project) / "auth"
     try:
         api = address.read_text(encoding="utf-8").strip()
         credential = os.environ.get("PREFECT_SERVER_API_AUTH_STRING") or auth.read_text(encoding="utf-8").strip()
@@ -312,7 +317,7 @@ def command_ui(args: argparse.Namespace, project: Path) -> int:
     port = args.port or params.schedule.ui_port
 
     stop_on_signals()
-    home = state_dir(project) / "prefect-server"
+    home = ui_home(project)
     home.mkdir(parents=True, exist_ok=True)
     credential = ui_credential(home)
     origin = f"http://127.0.0.1:{port}"
