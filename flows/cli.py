@@ -260,13 +260,23 @@ def stop_on_signals() -> None:
 def command_serve(args: argparse.Namespace, project: Path) -> int:
     import subprocess
 
+    import threading
+
     from tasks.config import load_params
     from tasks.packaging import bentoml_environment
     from tasks.processes import stop_process_group
+    from tasks.promotion import follow_remote, install_production_from
+    from tasks.remote import model_remote
     from tasks.serving import production_tag
 
     params = load_params(project / "params.yaml")
-    tag = production_tag(params.paths.registry)
+    remote = model_remote(params)
+    if remote is not None:
+        record, _ = remote.read_record()
+        tag = install_production_from(params, remote, record) if record else production_tag(params.paths.registry)
+        print(f"following promotions in {remote.url}", flush=True)
+    else:
+        tag = production_tag(params.paths.registry)
     host, port = args.host or params.serve.host, args.port or params.serve.port
     print(f"serving {tag} (and whatever is promoted later) on http://{host}:{port}; POST /predict, GET /healthz, "
           "GET /metrics; Ctrl-C stops", flush=True)
@@ -276,11 +286,16 @@ def command_serve(args: argparse.Namespace, project: Path) -> int:
     # Its own process group: on Ctrl-C or SIGTERM the whole server (BentoML's workers too) is stopped, and
     # nothing is left listening on the port.
     server = subprocess.Popen(command, cwd=project, env=env, start_new_session=True)
+    stop = threading.Event()
+    if remote is not None:
+        threading.Thread(target=follow_remote, args=(params, remote, tag, stop), name="remote-follower",
+                         daemon=True).start()
     try:
         return server.wait()
     except KeyboardInterrupt:
         return EXIT_OK
     finally:
+        stop.set()
         stop_process_group(server, grace_seconds=8)
 
 
@@ -309,12 +324,15 @@ def command_ui(args: argparse.Namespace, project: Path) -> int:
     import subprocess
 
     from tasks.config import load_params
-    from tasks.errors import InternalError
+    from tasks.errors import ConfigError, InternalError
     from tasks.files import write_atomically
     from tasks.processes import NotHealthy, stop_process_group, wait_until_healthy
 
     params = load_params(project / "params.yaml")
     port = args.port or params.schedule.ui_port
+    webhook = os.environ.get("REGRAFT_NOTIFY_WEBHOOK_URL") or params.notify.webhook_url
+    if webhook and not webhook.startswith(("http://", "https://")):
+        raise ConfigError(f"REGRAFT_NOTIFY_WEBHOOK_URL: {webhook!r} is not an http(s) URL")
 
     stop_on_signals()
     home = ui_home(project)
@@ -340,8 +358,13 @@ def command_ui(args: argparse.Namespace, project: Path) -> int:
         # deployments' flow runs inherit them.
         os.environ["PREFECT_API_URL"] = api
         os.environ["PREFECT_API_AUTH_STRING"] = credential
+        os.environ["PREFECT_UI_URL"] = origin  # the links in notifications
         write_atomically(ui_address_file(project), lambda tmp: tmp.write_text(api, encoding="utf-8"))
         from prefect import serve
+
+        from flows.notifications import ensure_notifications
+
+        print(ensure_notifications(webhook), flush=True)
 
         from flows.deployments import build_deployments
 

@@ -20,7 +20,8 @@ def build_deployments(params: Params) -> list:
     from prefect.events import DeploymentEventTrigger
     from prefect.schedules import Cron
 
-    from flows.operations import SHIFT_EVENT, promote, rollback, shift_watch
+    from flows.notifications import SHIFT_DETECTED
+    from flows.operations import promote, rollback, shift_watch
     from flows.retrain import retrain
 
     schedule = params.schedule
@@ -29,7 +30,7 @@ def build_deployments(params: Params) -> list:
             name="retrain", tags=["regraft"],
             description="Retrain on demand: every stage of dvc.yaml, all or nothing.",
             triggers=[DeploymentEventTrigger(
-                name="retrain when serving traffic shifts", expect={SHIFT_EVENT}, posture="Reactive", threshold=1,
+                name="retrain when serving traffic shifts", expect={SHIFT_DETECTED}, posture="Reactive", threshold=1,
                 parameters={"parameters": {"overrides": []}},
             )],
         ),

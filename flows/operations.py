@@ -1,5 +1,6 @@
 """Prefect flows for operating regraft: promote, rollback, and shift-watch (serving traffic vs the
-production model's training data; a moderate or severe shift emits `regraft.shift.detected`)."""
+production model's training data; a moderate or severe shift emits `regraft.shift.detected`). Each emits
+its event for notifications (flows/notifications.py)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,9 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.events import emit_event
 
+from flows.notifications import MODEL_PROMOTED, MODEL_ROLLED_BACK, SHIFT_DETECTED, notify
 from tasks.config import load_params, project_root
-
-SHIFT_EVENT = "regraft.shift.detected"
 
 
 def in_project() -> Path:
@@ -30,6 +29,7 @@ def promote(tag: str, reason: str = "promoted from Prefect", by: str = "prefect"
     root = in_project()
     record = promote_model(load_params(root / "params.yaml"), tag, reason, by)
     print(f"{tag} is now in production; {record['versioning']}")
+    announce(MODEL_PROMOTED, record)
     return record["history"][-1]
 
 
@@ -41,7 +41,17 @@ def rollback(reason: str = "rolled back from Prefect", by: str = "prefect") -> d
     root = in_project()
     record = rollback_model(load_params(root / "params.yaml"), reason, by)
     print(f"{record['production']} is back in production; {record['versioning']}")
+    announce(MODEL_ROLLED_BACK, record)
     return record["history"][-1]
+
+
+def announce(event: str, record: dict) -> None:
+    """Tell whoever listens (notifications, other automations) that production changed."""
+    change = record["history"][-1]
+    what = "promoted to production" if event == MODEL_PROMOTED else "rolled back into production"
+    notify(event, f"model.{change['tag']}", f"{change['tag']} {what} (was {change.get('previous') or 'nothing'}) "
+           f"by {change['by']}: {change['reason']}", change.get("verdict"), tag=change["tag"],
+           previous=change.get("previous"), by=change["by"], reason=change["reason"])
 
 
 @flow(name="shift-watch", log_prints=True)
@@ -62,8 +72,9 @@ def shift_watch(max_rows: int = 2000) -> dict:
     create_markdown_artifact(key="shift-watch-report", markdown=shift_markdown(report),
                              description="serving traffic vs the production model's training data")
     if report["verdict"] in ("moderate", "severe"):
-        emit_event(event=SHIFT_EVENT, resource={"prefect.resource.id": f"regraft.model.{report['production_model']}"},
-                   payload={"verdict": report["verdict"], "reasons": report["reasons"],
-                            "production_model": report["production_model"], "served_rows": report["served_rows"]})
-        get_run_logger().warning("shift %s in serving traffic: event %s emitted", report["verdict"], SHIFT_EVENT)
+        notify(SHIFT_DETECTED, f"model.{report['production_model']}",
+               f"{report['verdict']} shift in the last {report['served_rows']} served texts of "
+               f"{report['production_model']}: " + "; ".join(report["reasons"]), report["verdict"],
+               reasons=report["reasons"], production_model=report["production_model"], served_rows=report["served_rows"])
+        get_run_logger().warning("shift %s in serving traffic: event %s emitted", report["verdict"], SHIFT_DETECTED)
     return {"verdict": report["verdict"], "reasons": report["reasons"]}

@@ -30,6 +30,7 @@ from prefect.runtime import deployment, flow_run
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from flows.dag import stage_order, stage_outputs
+from flows.notifications import GATE_PAUSED, RUN_FAILED, notify
 from flows.workspace import discard, prune_failed_runs, recover_interrupted, restore, take_snapshot
 from tasks.config import Params, config_field, load_params, parse_override, project_root, write_overrides
 from tasks.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, CheckFailed, InternalError, RegraftError
@@ -243,6 +244,14 @@ def run_stage(stage: str, project_dir: Path, report_file: Path, timeout_seconds:
     return report
 
 
+def gate_verdict(path: Path) -> str | None:
+    """PASS, FAIL or INCONCLUSIVE from a verdict file, or None when there is no readable one."""
+    try:
+        return json_file(path).get("verdict")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def json_file(path: Path) -> dict:
     import json
 
@@ -271,6 +280,8 @@ def ask_person(verdict: dict, timeout_seconds: int, mode: str) -> dict | None:
     if mode == "pause":
         logger.warning("gate INCONCLUSIVE: waiting up to %s s for a decision (resume this run in the Prefect UI)",
                        timeout_seconds)
+        tell(GATE_PAUSED, f"gate INCONCLUSIVE on {', '.join(verdict.get('inconclusive') or []) or 'some criteria'}: "
+             f"the run waits up to {timeout_seconds} s for a decision (Resume in the Prefect UI)", INCONCLUSIVE)
         try:
             answer = pause_flow_run(wait_for_input=GateDecision, timeout=timeout_seconds, key="gate-decision")
         except FlowPauseTimeout:
@@ -391,6 +402,11 @@ def run_all_stages(root: Path, parameters: RetrainParameters, run_id: str) -> di
         prune_failed_runs(runs, params.schedule.keep_failed_runs)
         if "gate" in started:
             keep_verdict(kept, root, params)
+        if isinstance(exc, Exception):
+            verdict = gate_verdict(root / params.paths.verdict) if "gate" in started else None
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            tell(RUN_FAILED, f"retrain run failed at stage {started[-1] if started else 'start'}: {first_line}",
+                 verdict, stage=started[-1] if started else None, failed_reports=str(kept))
         if isinstance(exc, RegraftError):
             verdict_note = " (except the verdict and decision of this run)" if "gate" in started else ""
             raise type(exc)(
@@ -405,6 +421,14 @@ def run_all_stages(root: Path, parameters: RetrainParameters, run_id: str) -> di
     shutil.rmtree(runs / run_id, ignore_errors=True)
     return {"stages": stages, "reports": reports, "pushed_to": remote, "overrides": overrides,
             "reports_dir": str(root / params.paths.reports), "html_report": str(report_page)}
+
+
+def tell(event: str, summary: str, verdict: str | None, **details: Any) -> None:
+    """Emit a notification event; a failure to emit is logged, never the reason a run fails."""
+    try:
+        notify(event, "project", summary, verdict, **details)
+    except Exception as exc:  # the event system is a side channel
+        get_run_logger().warning("could not emit %s: %s", event, exc)
 
 
 def record_run(root: Path, params: Params, run_id: str, overrides: dict[str, Any]) -> None:

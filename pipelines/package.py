@@ -1,5 +1,6 @@
 """DVC stage `package`: a candidate that passed the gate -> BentoML model (with lineage) + Bento,
-smoke-tested on a real `bentoml serve`, then registered as a candidate for promotion.
+smoke-tested on a real `bentoml serve`, exported to the shared remote, then registered as a candidate for
+promotion (in the remote's record too).
 
 Fails closed: no verdict, a FAIL, or an unapproved INCONCLUSIVE packages nothing; a model whose served
 predictions differ from its offline ones is not registered, so it cannot be promoted.
@@ -18,7 +19,9 @@ from tasks.config import Params
 from tasks.errors import CheckFailed
 from tasks.files import sha256_of
 from tasks.gate import promotable
-from tasks.packaging import bentoml_environment, build_bento, lineage, offline_labels, save_model, smoke_test
+from tasks.packaging import (bentoml_environment, build_bento, export_to_remote, lineage, offline_labels, save_model,
+                             smoke_test)
+from tasks.remote import model_remote
 from tasks.registry import file_digests, register
 
 
@@ -51,17 +54,21 @@ def main(params: Params) -> int:
 
     stored = Path(bentoml.models.get(model_tag).path)
     smoke = smoke_test(params, bento_tag, model_tag, texts, offline_labels(stored, texts, params.model.max_length))
+    remote = model_remote(params)
+    exported = export_to_remote(remote, model_tag, bento_tag) if remote is not None else None
     register(params.paths.registry, model_tag, {
         "bento": bento_tag, "verdict": verdict["verdict"], "decision": decision, "sha256": digests,
         "metrics": origin["metrics"], "data_md5": origin["data_md5"], "git_commit": origin["git_commit"],
-        "smoke_test": smoke,
-    })
+        "smoke_test": smoke, "remote": exported,
+    }, remote=remote)
     report = {"stage": "package", "model": model_tag, "bento": bento_tag, "verdict": verdict["verdict"],
-              "smoke_test": smoke, "registry": str(params.paths.registry), "lineage": origin,
+              "smoke_test": smoke, "registry": str(params.paths.registry), "remote": exported, "lineage": origin,
               "promote": f"regraft promote {model_tag}"}
     write_json(report_path(params, "package"), report)
     print(f"packaged {model_tag} as Bento {bento_tag}; smoke test on {smoke['url']}: {smoke['examples']} "
           f"examples, labels equal to offline predictions, {smoke['seconds']} s")
+    print(f"exported model and Bento to {exported['url']} (sha256 in the registry record there)" if exported
+          else "no shared remote (package.remote or a DVC default remote): the model stays on this machine")
     print(f"promote it with: regraft promote {model_tag}")
     return 0
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 from tasks.errors import ConfigError
@@ -325,6 +325,8 @@ class PackageConfig(StrictModel):
     bento_name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", description="Name of the Bento built from deploy/.")
     smoke_examples: int = Field(ge=1, description="target_holdout rows the smoke test sends to the real server.")
     smoke_timeout_seconds: int = Field(ge=10, description="How long the smoke test waits for the server to be ready.")
+    remote: str = Field(description="Where packaged models, Bentos and the registry record are shared with other hosts: "
+                        "a directory or s3://bucket/prefix; empty: the folder regraft-models in the DVC default remote.")
 
 
 class ScheduleConfig(StrictModel):
@@ -338,6 +340,19 @@ class ScheduleConfig(StrictModel):
     stage_timeout_seconds: float = Field(
         gt=0, description="The longest one stage may run; then it is stopped, the run fails and the lock is released.")
     keep_failed_runs: int = Field(ge=0, description="How many failed runs keep their reports under paths.state/runs.")
+
+
+class NotifyConfig(StrictModel):
+    webhook_url: str = Field(description="Where `regraft ui`'s Prefect automation sends run failures, paused gates, "
+                             "promotions, rollbacks and detected shifts (JSON POST: subject, body, text); empty: off. "
+                             "REGRAFT_NOTIFY_WEBHOOK_URL, when set, wins (keeps a secret URL out of git).")
+
+    @field_validator("webhook_url")
+    @classmethod
+    def http_url(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        return value
 
 
 class Params(StrictModel):
@@ -354,6 +369,7 @@ class Params(StrictModel):
     package: PackageConfig
     serve: ServeConfig
     schedule: ScheduleConfig
+    notify: NotifyConfig
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

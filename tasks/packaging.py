@@ -80,6 +80,23 @@ def build_bento(params: Params, model_tag: str) -> str:
     return str(bento.tag)
 
 
+def export_to_remote(remote, model_tag: str, bento_tag: str) -> dict:
+    """Export the model and its Bento as archives into the shared remote; their keys and sha256 go into the
+    registry record, so another host can import them and check every byte."""
+    import bentoml
+
+    from tasks.remote import scratch_folder, upload_archive
+
+    exported = {"url": remote.url}
+    with scratch_folder() as folder:
+        for kind, tag, export, suffix in (("model", model_tag, bentoml.models.export_model, "bentomodel"),
+                                          ("bento", bento_tag, bentoml.bentos.export_bento, "bento")):
+            name, version = tag.split(":")
+            local = Path(export(tag, str(Path(folder) / f"{version}.{suffix}")))
+            exported[kind] = upload_archive(remote, local, f"{kind}s/{name}/{local.name}")
+    return exported
+
+
 def smoke_test(params: Params, bento_tag: str, model_tag: str, texts: list[str], expected: list[str]) -> dict:
     """Serve the built Bento on a free loopback port, check /healthz and that served labels equal the
     offline ones, then stop the server."""

@@ -2,6 +2,8 @@
 
 The registry record and the production model folder are versioned with DVC (`dvc add`) each time
 production changes, so `git log` of their .dvc files plus the record's history say what served when.
+With a shared remote (tasks/remote.py) its record is the truth: promotions from any host go there, and a
+model packaged elsewhere is imported from there.
 """
 
 from __future__ import annotations
@@ -10,16 +12,21 @@ import getpass
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from tasks.config import Params
 from tasks.locking import project_lock
 from tasks.packaging import bentoml_environment
-from tasks.registry import RegistryError, check_promotable, finish_promotion, previous_production, promote, read_record
+from tasks.errors import RegraftError
+from tasks.registry import (RegistryError, check_promotable, empty_record, finish_promotion, journal_file, locked_record,
+                            previous_production, promote, read_record, sync_record, verify_files)
+from tasks.remote import download_archive, model_remote, scratch_folder
 
 
-def stored_model_dir(params: Params, tag: str) -> Path:
-    """The files of a packaged model in the BentoML store."""
+def stored_model_dir(params: Params, tag: str, remote=None, record: dict | None = None) -> Path:
+    """The files of a packaged model in this machine's BentoML store, imported from the remote first when
+    another host packaged it (the archive's sha256 is checked against the registry record)."""
     os.environ.update(bentoml_environment(params))
     import bentoml
     from bentoml.exceptions import NotFound
@@ -27,7 +34,14 @@ def stored_model_dir(params: Params, tag: str) -> Path:
     try:
         return Path(bentoml.models.get(tag).path)
     except (NotFound, ValueError) as exc:
-        raise RegistryError(f"{tag}: not in the BentoML store at {params.paths.bentoml_home} ({exc})") from None
+        missing = f"{tag}: not in the BentoML store at {params.paths.bentoml_home} ({exc})"
+    record = record or read_record(params.paths.registry)
+    archive = ((record["models"].get(tag) or {}).get("remote") or {}).get("model")
+    if remote is None or not archive:
+        raise RegistryError(missing + ("" if remote else "; no remote is configured to import it from"))
+    with scratch_folder() as folder:
+        imported = bentoml.models.import_model(str(download_archive(remote, archive, Path(folder))))
+    return Path(imported.path)
 
 
 def version_with_dvc(params: Params) -> str:
@@ -41,16 +55,20 @@ def version_with_dvc(params: Params) -> str:
     return f"versioned with DVC: {params.paths.registry}.dvc, {params.paths.champion}.dvc (commit them with git)"
 
 
-def finish_interrupted_promotion(params: Params) -> str | None:
+def finish_interrupted_promotion(params: Params, remote=None) -> str | None:
     """Complete a promotion or rollback that a crash cut short (call while holding the project lock)."""
-    return finish_promotion(params.paths.registry, params.paths.champion, lambda tag: stored_model_dir(params, tag))
+    if not journal_file(params.paths.registry).is_file():
+        return None
+    remote = remote or model_remote(params)
+    return finish_promotion(params.paths.registry, params.paths.champion,
+                            lambda tag: stored_model_dir(params, tag, remote), remote)
 
 
-def switch_production(params: Params, tag: str, reason: str, by: str | None, action: str) -> dict:
-    """Checks (verdict, checksums), then production := tag. Returns the registry record."""
+def switch_production(params: Params, tag: str, reason: str, by: str | None, action: str, remote) -> dict:
+    """Checks (verdict, checksums), then production := tag, in the remote's record too. Returns the record."""
     check_promotable(read_record(params.paths.registry)["models"].get(tag), tag)  # before touching the store
-    record = promote(params.paths.registry, tag, stored_model_dir(params, tag), params.paths.champion,
-                     by or getpass.getuser(), reason, action=action)
+    record = promote(params.paths.registry, tag, stored_model_dir(params, tag, remote), params.paths.champion,
+                     by or getpass.getuser(), reason, action=action, remote=remote)
     record["versioning"] = version_with_dvc(params)
     return record
 
@@ -58,18 +76,56 @@ def switch_production(params: Params, tag: str, reason: str, by: str | None, act
 def promote_model(params: Params, tag: str, reason: str, by: str | None = None) -> dict:
     """production := tag, after any retrain run of this project has finished (it compares against production)."""
     with project_lock(params.paths.state, f"promote {tag}", params.schedule.lock_timeout_seconds):
-        finish_interrupted_promotion(params)
-        return switch_production(params, tag, reason, by, "promote")
+        remote = model_remote(params)
+        finish_interrupted_promotion(params, remote)
+        sync_record(params.paths.registry, remote)
+        return switch_production(params, tag, reason, by, "promote", remote)
 
 
 def rollback(params: Params, reason: str, by: str | None = None) -> dict:
     """Put the previous production model back, in one step."""
     with project_lock(params.paths.state, "rollback", params.schedule.lock_timeout_seconds):
-        finish_interrupted_promotion(params)
-        record = read_record(params.paths.registry)
+        remote = model_remote(params)
+        finish_interrupted_promotion(params, remote)
+        record = sync_record(params.paths.registry, remote)
         target = previous_production(record)
         if not target:
             current = record.get("production")
             raise RegistryError("nothing to roll back to: " + (f"{current} is the first production model"
                                                                if current else "no model has been promoted"))
-        return switch_production(params, target, reason, by, "rollback")
+        return switch_production(params, target, reason, by, "rollback", remote)
+
+
+def install_production_from(params: Params, remote, record: dict) -> str:
+    """On a serving host: make this machine's store hold the record's production model (imported from the
+    remote, every file checked against its sha256), then mirror the record, which the service follows."""
+    record = {**empty_record(), **record}
+    tag = record.get("production")
+    if not tag:
+        raise RegistryError(f"{remote.url}: no production model yet; promote one with `regraft promote TAG`")
+    entry = record["models"].get(tag) or {}
+    folder = stored_model_dir(params, tag, remote, record)
+    problems = verify_files(folder, entry.get("sha256", {}))
+    if not entry.get("sha256") or problems:
+        raise RegistryError(f"{tag}: the imported files fail their checksum, not served: "
+                            + ("; ".join(problems[:5]) or "no checksums recorded"))
+    mirror_record(params.paths.registry, record)  # only now: the service follows this file
+    return tag
+
+
+def mirror_record(path: Path, record: dict) -> None:
+    with locked_record(path) as update:
+        update.apply(lambda local: (local.clear(), local.update(record)))
+
+
+def follow_remote(params: Params, remote, served: str, stop: threading.Event) -> None:
+    """Poll the remote's record; when another host promotes or rolls back, import and check that model, then
+    mirror the record, and the service swaps to it without dropping a request. Errors keep the current model."""
+    while not stop.wait(params.serve.reload_seconds):
+        try:
+            record, _ = remote.read_record()
+            if record and record.get("production") and record["production"] != served:
+                served = install_production_from(params, remote, record)
+                print(f"the remote's production model is now {served}: switching to it", flush=True)
+        except RegraftError as exc:
+            print(f"warning: still serving {served}: {exc}", file=sys.stderr, flush=True)

@@ -19,7 +19,7 @@ import datetime as dt
 import fcntl
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tasks.errors import RegraftError
@@ -71,28 +71,64 @@ def write_record(path: Path, record: dict) -> None:
     write_json(path, record)
 
 
+class RecordUpdate:
+    """The record under the lock, and the changes made to it. Each change is a function of the record alone,
+    so with a shared remote it can be applied again to a record another host wrote in the meantime."""
+
+    def __init__(self, record: dict):
+        self.record = record
+        self.changes: list[Callable[[dict], None]] = []
+
+    def apply(self, change: Callable[[dict], None]) -> None:
+        change(self.record)
+        self.changes.append(change)
+
+
 @contextlib.contextmanager
-def locked_record(path: Path) -> Iterator[dict]:
-    """Read-modify-write of the record under an exclusive lock: two promotions cannot interleave."""
+def locked_record(path: Path, remote=None) -> Iterator[RecordUpdate]:
+    """Read-modify-write of the record under an exclusive lock: two promotions on this machine cannot interleave.
+    With a remote, its record is the truth: the update starts from it and is written there first (conditional,
+    retried on a conflict with another host), then mirrored to `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(f".{path.name}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        record = read_record(path)
-        yield record
-        write_record(path, record)
+        local = read_record(path)
+        shared = remote.read_record()[0] if remote is not None else None
+        update = RecordUpdate({**empty_record(), **shared} if shared else local)
+        yield update
+        if remote is not None:
+            # A first write to the remote starts from this machine's record, so adopting a remote loses nothing.
+            update.record = remote.update_record(lambda record: [change(record) for change in update.changes],
+                                                 empty=local)
+        write_record(path, update.record)
+
+
+def sync_record(path: Path, remote) -> dict:
+    """This machine's copy of the record, refreshed from the remote when there is one (and it has a record)."""
+    if remote is None:
+        return read_record(path)
+    with locked_record(path, remote) as update:
+        return update.record
 
 
 def now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
-def register(path: Path, tag: str, entry: dict) -> None:
+def register(path: Path, tag: str, entry: dict, remote=None) -> None:
     """Add a packaged model as a candidate."""
-    with locked_record(path) as record:
-        record["models"][tag] = {**entry, "stage": CANDIDATE, "registered": now()}
-        record["history"].append({"at": now(), "action": "register", "tag": tag, "previous": None,
+    at = now()
+
+    def add(record: dict) -> None:
+        if record["models"].get(tag, {}).get("registered") == at:
+            return  # already there: a write that succeeded although its answer was lost, then retried
+        record["models"][tag] = {**entry, "stage": CANDIDATE, "registered": at}
+        record["history"].append({"at": at, "action": "register", "tag": tag, "previous": None,
                                   "verdict": entry.get("verdict"), "by": entry.get("by", "package stage"),
                                   "reason": "packaged after the gate"})
+
+    with locked_record(path, remote) as update:
+        update.apply(add)
 
 
 def check_promotable(entry: dict | None, tag: str) -> None:
@@ -119,10 +155,11 @@ def journal_file(path: Path) -> Path:
 
 
 def promote(path: Path, tag: str, model_dir: Path, champion: Path, by: str, reason: str,
-            action: str = "promote") -> dict:
+            action: str = "promote", remote=None) -> dict:
     """Make `tag` the production model: checks, then journal -> copy to `champion` -> record -> journal removed.
     A crash at any step leaves the journal, and `finish_promotion` completes the change. Returns the record."""
-    with locked_record(path) as record:
+    with locked_record(path, remote) as update:
+        record = update.record
         entry = record["models"].get(tag)
         check_promotable(entry, tag)
         problems = verify_files(model_dir, entry.get("sha256", {}))
@@ -137,24 +174,37 @@ def promote(path: Path, tag: str, model_dir: Path, champion: Path, by: str, reas
         crash_point("promote:journaled")
         install_files(model_dir, champion)
         crash_point("promote:installed")
-        record_promotion(record, tag, previous, action, by, reason)
+        update.apply(promotion(tag, action, by, reason))
     crash_point("promote:recorded")
     journal_file(path).unlink()
-    return json.loads(json.dumps(record))
+    return json.loads(json.dumps(update.record))
 
 
-def record_promotion(record: dict, tag: str, previous: str | None, action: str, by: str, reason: str) -> None:
+def promotion(tag: str, action: str, by: str, reason: str) -> Callable[[dict], None]:
+    """The change that makes `tag` production; `previous` is whatever the record being changed says, which may
+    be another host's promotion made in between."""
+    at = now()
+
+    def change(record: dict) -> None:
+        if record["production"] != tag:
+            record_promotion(record, tag, record["production"], action, by, reason, at)
+
+    return change
+
+
+def record_promotion(record: dict, tag: str, previous: str | None, action: str, by: str, reason: str,
+                     at: str) -> None:
     entry = record["models"][tag]
     if previous and previous in record["models"]:
         record["models"][previous]["stage"] = ARCHIVED
     entry["stage"] = PRODUCTION
-    entry["promoted"] = now()
+    entry["promoted"] = at
     record["production"] = tag
-    record["history"].append({"at": now(), "action": action, "tag": tag, "previous": previous,
+    record["history"].append({"at": at, "action": action, "tag": tag, "previous": previous,
                               "verdict": entry.get("verdict"), "by": by, "reason": reason})
 
 
-def finish_promotion(path: Path, champion: Path, model_dir_of) -> str | None:
+def finish_promotion(path: Path, champion: Path, model_dir_of, remote=None) -> str | None:
     """Complete a promotion that a crash interrupted (its journal is still there): the production files and the
     record both end on the journal's model. Returns what was done, or None when nothing was pending."""
     journal = journal_file(path)
@@ -162,15 +212,15 @@ def finish_promotion(path: Path, champion: Path, model_dir_of) -> str | None:
         return None
     pending = json.loads(journal.read_text(encoding="utf-8"))
     tag = pending["tag"]
-    with locked_record(path) as record:
+    with locked_record(path, remote) as update:
+        record = update.record
         entry = record["models"].get(tag)
         if entry is None:
             raise RegistryError(f"{journal}: names {tag}, which the registry does not know; remove the file by hand")
         if verify_files(champion, entry.get("sha256", {})) if champion.is_dir() else True:
             install_files(model_dir_of(tag), champion)
-        if record["production"] != tag:
-            record_promotion(record, tag, pending["previous"], pending["action"], pending["by"],
-                             f"{pending['reason']} (completed after an interrupted {pending['action']})")
+        update.apply(promotion(tag, pending["action"], pending["by"],
+                               f"{pending['reason']} (completed after an interrupted {pending['action']})"))
     for leftover in champion.parent.glob(f".{champion.name}.*"):
         shutil.rmtree(leftover, ignore_errors=True)  # a staging copy or the retired folder of the crashed swap
     journal.unlink()

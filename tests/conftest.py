@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -154,6 +155,39 @@ def tiny_bert(tmp_path_factory) -> Path:
     BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+LABELS = ["negative", "neutral", "positive"]
+
+
+def save_candidate(project: Path, tiny_bert: Path, seed: int) -> None:
+    """A tiny random classifier as the stage finetune would leave it (HF directory with safetensors)."""
+    import torch
+
+    from tasks.models import load_classifier, load_tokenizer
+
+    torch.manual_seed(seed)
+    model = load_classifier(tiny_bert, LABELS)
+    target = project / "models" / "candidate"
+    model.save_pretrained(target)
+    load_tokenizer(tiny_bert).save_pretrained(target)
+
+
+def write_verdict(project: Path, verdict: str) -> None:
+    """A verdict as the gate writes it, then the decide stage's decision on it (INCONCLUSIVE: the policy, reject)."""
+    (project / "reports").mkdir(exist_ok=True)
+    (project / "reports" / "verdict.json").write_text(json.dumps(
+        {"stage": "gate", "verdict": verdict, "failed": [], "inconclusive": [], "criteria": []}))
+    decided = run([sys.executable, "-m", "pipelines.decide"], project, check=False)
+    assert decided.returncode == (0 if verdict == "PASS" else 1), decided.stderr
+
+
+def package(project: Path, tiny_bert: Path, seed: int) -> str:
+    save_candidate(project, tiny_bert, seed)
+    write_verdict(project, "PASS")
+    done = run([sys.executable, "-m", "pipelines.package"], project)
+    assert "labels equal to offline predictions" in done.stdout
+    return json.loads((project / "reports" / "package.json").read_text())["model"]
 
 
 @pytest.fixture(scope="session")

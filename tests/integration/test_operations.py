@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -97,13 +98,54 @@ UI_CREDENTIAL = "operator:a-test-credential"
 QUIET_CRONS = {"schedule.retrain_cron": "0 3 1 1 *", "schedule.shift_watch_cron": "30 3 1 1 *"}
 
 
+NOTIFICATIONS: list[dict] = []  # what the webhook receiver of the module's `regraft ui` got
+
+
+@contextmanager
+def webhook_receiver():
+    """A loopback HTTP endpoint that keeps every JSON POST, standing in for a Slack or Teams webhook."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self):
+            NOTIFICATIONS.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/hook"
+    finally:
+        server.shutdown()
+
+
 @pytest.fixture(scope="module")
 def ui(tmp_path_factory, tiny_bert):
     """`regraft ui` on a project that trains the tiny model (QUICK_SETTINGS): the tests here are about the
-    control plane, and the bundled model's own run is tested end to end in test_retrain_flow."""
-    settings = {**QUICK_SETTINGS, "model.base": str(tiny_bert), **QUIET_CRONS}
-    with running_ui(tmp_path_factory.mktemp("ui"), settings, credential=UI_CREDENTIAL) as served:
-        yield served
+    control plane, and the bundled model's own run is tested end to end in test_retrain_flow. Its
+    notifications go to a webhook receiver on loopback."""
+    with webhook_receiver() as hook:
+        settings = {**QUICK_SETTINGS, "model.base": str(tiny_bert), **QUIET_CRONS, "notify.webhook_url": hook}
+        with running_ui(tmp_path_factory.mktemp("ui"), settings, credential=UI_CREDENTIAL) as served:
+            yield served
+
+
+def notified(api: httpx.Client, event: str, run_id: str, timeout: float = 90) -> dict:
+    """The one notification of `event` that links to the flow run `run_id` (waiting for it to arrive)."""
+    link = f"{str(api.base_url).rstrip('/').removesuffix('/api')}/runs/flow-run/{run_id}"
+    deadline, found = time.monotonic() + timeout, []
+    while time.monotonic() < deadline and not found:
+        found = [n for n in NOTIFICATIONS if n["subject"].startswith(f"regraft {event}:") and link in n["body"]]
+        time.sleep(1)
+    assert found, f"no {event} notification for {link}; received: {NOTIFICATIONS}"
+    time.sleep(3)  # a duplicate would come within moments
+    matching = [n for n in NOTIFICATIONS if n["subject"].startswith(f"regraft {event}:") and link in n["body"]]
+    assert len(matching) == 1, matching
+    return matching[0]
 
 
 def deployment(api: httpx.Client, name: str) -> dict:
@@ -204,7 +246,8 @@ def test_a_custom_run_from_the_api_completes_with_its_artifacts(ui):
     run = created.json()
     finished = wait_for_state(api, run["id"], {"COMPLETED", "FAILED", "CRASHED", "CANCELLED", "PAUSED"}, 900)
     if finished["state"]["type"] == "PAUSED":
-        # An INCONCLUSIVE gate in a deployment run waits for a person; answer as the UI's Resume form does.
+        # An INCONCLUSIVE gate in a deployment run waits for a person, who is told; answer as the UI's Resume form does.
+        assert "verdict: INCONCLUSIVE" in notified(api, "regraft.gate.paused", run["id"])["body"]
         resumed = api.post(f"/flow_runs/{run['id']}/resume", json={"run_input": {
             "approve": True, "reason": "feature extraction is a smoke run", "reviewer": "test"}})
         assert resumed.status_code in (200, 201), resumed.text
@@ -270,6 +313,8 @@ def test_promote_then_shift_watch_on_drifted_traffic_starts_retrain(ui):
     tag = json.loads((project / "reports" / "package.json").read_text())["model"]
     promoted = run_deployment_and_wait(api, "promote", {"tag": tag, "reason": "from the test"})
     assert promoted["state"]["type"] == "COMPLETED", log.read_text()[-3000:]
+    message = notified(api, "regraft.model.promoted", promoted["id"])
+    assert tag in message["subject"] and "verdict: PASS" in message["body"]
     assert read_record(project / "registry" / "registry.json")["production"] == tag
 
     target = pd.read_parquet(project / "data" / "target_train.parquet")
@@ -282,10 +327,22 @@ def test_promote_then_shift_watch_on_drifted_traffic_starts_retrain(ui):
     report = json.loads((project / "reports" / "shift-watch.json").read_text())
     assert report["production_model"] == tag and report["served_rows"] == len(traffic)
     assert report["verdict"] in ("moderate", "severe"), report["reasons"]
+    assert f"verdict: {report['verdict']}" in notified(api, "regraft.shift.detected", watched["id"])["body"]
     new = new_run_ids(api, "retrain", before, 120)
     assert new, "shift-watch's event started no retrain"
     for run_id in new:
         cancel_run(api, run_id, project)
+
+
+def test_a_failed_run_is_notified_once_with_its_link(ui):
+    """A run that fails (here: validate, under a stricter row minimum than the data has) tells the webhook once,
+    with the stage, the reason and the run's link."""
+    api, project, log = ui
+    failed = run_deployment_and_wait(api, "retrain", {"parameters": {
+        "overrides": ["validate.rows.train_min=100000"], "push": False}})
+    assert failed["state"]["type"] == "FAILED", log.read_text()[-3000:]
+    message = notified(api, "regraft.run.failed", failed["id"])
+    assert "failed at stage validate" in message["subject"] and "verdict: none" in message["body"]
 
 
 def test_a_run_from_the_terminal_shows_in_the_running_ui(ui):

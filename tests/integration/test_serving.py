@@ -16,41 +16,10 @@ import httpx
 import pytest
 
 from tasks.processes import free_port, stop_process_group, wait_until_healthy
-from tests.conftest import make_project, processes_in, run
+from tests.conftest import LABELS, make_project, package, processes_in, run, save_candidate, write_verdict
 
 pytestmark = pytest.mark.integration
 REGRAFT = str(Path(sys.executable).parent / "regraft")
-LABELS = ["negative", "neutral", "positive"]
-
-
-def save_candidate(project: Path, tiny_bert: Path, seed: int) -> None:
-    """A tiny random classifier as the stage finetune would leave it (HF directory with safetensors)."""
-    import torch
-
-    from tasks.models import load_classifier, load_tokenizer
-
-    torch.manual_seed(seed)
-    model = load_classifier(tiny_bert, LABELS)
-    target = project / "models" / "candidate"
-    model.save_pretrained(target)
-    load_tokenizer(tiny_bert).save_pretrained(target)
-
-
-def write_verdict(project: Path, verdict: str) -> None:
-    """A verdict as the gate writes it, then the decide stage's decision on it (INCONCLUSIVE: the policy, reject)."""
-    (project / "reports").mkdir(exist_ok=True)
-    (project / "reports" / "verdict.json").write_text(json.dumps(
-        {"stage": "gate", "verdict": verdict, "failed": [], "inconclusive": [], "criteria": []}))
-    decided = run([sys.executable, "-m", "pipelines.decide"], project, check=False)
-    assert decided.returncode == (0 if verdict == "PASS" else 1), decided.stderr
-
-
-def package(project: Path, tiny_bert: Path, seed: int) -> str:
-    save_candidate(project, tiny_bert, seed)
-    write_verdict(project, "PASS")
-    done = run([sys.executable, "-m", "pipelines.package"], project)
-    assert "labels equal to offline predictions" in done.stdout
-    return json.loads((project / "reports" / "package.json").read_text())["model"]
 
 
 FLOOD_LIMIT = 24  # serve.max_in_flight of the module's server: above the load tests' 16 clients

@@ -87,3 +87,74 @@ def test_rollback_target_is_the_previous_production_model(registry):
     record = read_record(record_path)
     assert record["production"] == "a" and record["history"][-1]["action"] == "rollback"
     assert previous_production(record) == "b"
+
+
+def test_a_promotion_on_one_host_reaches_another_through_a_directory_remote(registry, tmp_path):
+    """Host A adopts a remote (its existing record is published on the first write), promotes, and host B,
+    with an empty registry of its own, sees the remote's record; B's rollback is seen by A in turn."""
+    from tasks.registry import sync_record
+    from tasks.remote import DirectoryRemote
+
+    record_path, models, champion = registry
+    remote = DirectoryRemote(tmp_path / "shared")
+    promote(record_path, "a", models["a"], champion, "ana", "first", remote=remote)
+    other = tmp_path / "host-b" / "registry.json"
+    seen = sync_record(other, remote)
+    assert seen["production"] == "a" and set(seen["models"]) == {"a", "b", "failed", "unsure", "approved"}
+    promote(other, "b", models["b"], tmp_path / "host-b" / "production", "bo", "from B", remote=remote)
+    assert sync_record(record_path, remote)["production"] == "b"
+    assert [e["by"] for e in read_record(record_path)["history"] if e["action"] == "promote"] == ["ana", "bo"]
+
+
+def test_concurrent_writers_of_a_directory_remote_lose_no_update(tmp_path):
+    import threading
+
+    from tasks.remote import DirectoryRemote
+
+    remote = DirectoryRemote(tmp_path / "shared")
+
+    def host(name: str) -> None:
+        for i in range(15):
+            register(tmp_path / name / "registry.json", f"{name}{i}", {"verdict": "PASS"}, remote=remote)
+
+    threads = [threading.Thread(target=host, args=(name,)) for name in "abc"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    record, _ = remote.read_record()
+    assert len(record["models"]) == 45 and len(record["history"]) == 45
+
+
+def test_a_tampered_archive_or_record_in_the_remote_is_refused(tmp_path):
+    from tasks.remote import DirectoryRemote, RemoteError, download_archive, upload_archive
+
+    remote = DirectoryRemote(tmp_path / "shared")
+    archive = tmp_path / "m.bentomodel"
+    archive.write_bytes(b"weights" * 100)
+    entry = upload_archive(remote, archive, "models/m/v1.bentomodel")
+    (tmp_path / "shared" / "models" / "m" / "v1.bentomodel").write_bytes(b"evil" * 100)
+    (tmp_path / "in").mkdir()
+    with pytest.raises(RemoteError, match="checksum differs from the registry record"):
+        download_archive(remote, entry, tmp_path / "in")
+    (tmp_path / "shared" / "registry.json").write_text("[1, 2]")
+    with pytest.raises(RemoteError, match="is not a registry"):
+        remote.read_record()
+
+
+def test_the_remote_is_package_remote_else_the_dvc_default_remote(tmp_path):
+    import subprocess
+    import sys
+
+    from tasks.remote import DirectoryRemote, RemoteError, S3Remote, open_remote
+
+    assert open_remote("", tmp_path) is None  # no DVC repo, no setting: models stay on this machine
+    assert isinstance(open_remote("shared", tmp_path), DirectoryRemote)
+    assert open_remote("shared", tmp_path).url == str(tmp_path / "shared")
+    with pytest.raises(RemoteError, match="directory or s3:// only"):
+        open_remote("gs://bucket/x", tmp_path)
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "remote", "add", "-d", "s3", "s3://bucket/data"], cwd=tmp_path, check=True)
+    remote = open_remote("", tmp_path)
+    assert isinstance(remote, S3Remote) and (remote.bucket, remote.prefix) == ("bucket", "data/regraft-models")
