@@ -223,10 +223,12 @@ def command_models(args: argparse.Namespace, project: Path) -> int:
     import json
 
     from tasks.config import load_params
-    from tasks.registry import read_record
+    from tasks.registry import sync_record
+    from tasks.remote import model_remote
     from tasks.render import models_text
 
-    record = read_record(load_params(project / "params.yaml").paths.registry)
+    params = load_params(project / "params.yaml")
+    record = sync_record(params.paths.registry, model_remote(params))  # the shared remote's record, when there is one
     print(json.dumps(record, indent=2) if args.json else models_text(record))
     return EXIT_OK
 

@@ -8,6 +8,9 @@ candidate, sha256 of every file in its metadata). Stages and history live in one
      "models": {tag: {"stage": candidate | production | archived, "verdict": ..., "metrics": ..., ...}},
      "history": [{"at", "action": register | promote | rollback, "tag", "previous", "by", "reason"}]}
 
+With a shared remote (tasks/remote.py), the remote's copy of the record is the truth and `paths.registry`
+is this machine's mirror of it: every change is written to the remote first, conditionally.
+
 Promotion copies the model's files into `paths.champion` (what shift, evaluate and train.init=champion
 read, and what DVC versions) and flips the stages; rollback promotes the previous production model.
 """

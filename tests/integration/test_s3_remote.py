@@ -175,6 +175,7 @@ def test_a_serving_host_with_only_the_remote_follows_the_trainers_promotions(tmp
         assert all(abs(row["probabilities"][k] - p) < 1e-4 for k, p in offline["probabilities"].items())
     record = json.loads((host / "registry" / "registry.json").read_text())
     assert record["production"] == tags[0] and [e["action"] for e in record["history"]][-2:] == ["promote", "rollback"]
+    assert f"production: {tags[0]}" in run([REGRAFT, "models"], host).stdout  # the remote's record, read from B
 
 
 def test_two_hosts_writing_the_remote_record_at_once_lose_no_update(tmp_path, s3_endpoint, monkeypatch):
