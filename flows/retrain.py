@@ -324,6 +324,33 @@ def push_outputs(project_dir: Path) -> str:
     return name
 
 
+@task(name="record-history")
+def save_to_history(project_dir: Path, params: Params, run_id: str, stages: list[str]) -> str:
+    """Keep this run as a DVC experiment (`dvc exp save`): params.yaml as the run used it, dvc.lock (the data's
+    md5), the metrics with intervals, the verdict and the plots' data. Later runs add their own; `dvc exp
+    show` lists them and `dvc metrics diff` / `dvc plots diff` compare any two. A failure here is logged,
+    never the reason a run fails."""
+    logger = get_run_logger()
+    head = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=project_dir, capture_output=True)
+    if head.returncode != 0:
+        logger.warning("run history needs a git commit in the project (commit once): this run is not recorded")
+        return ""
+    kept = [params.paths.metrics, params.paths.verdict, params.paths.decision, params.paths.train_log,
+            params.paths.confusion_rows, params.paths.run_record]
+    name = f"run-{run_id[:8]}"
+    include = [arg for path in kept if (project_dir / path).is_file() for arg in ("--include-untracked", str(path))]
+    # Only the stages this run ran are committed into the experiment's dvc.lock: a run that stopped at the gate
+    # does not claim to have packaged anything.
+    saved = subprocess.run(dvc_command("exp", "save", "--quiet", "--name", name, *include, *stages), cwd=project_dir,
+                           env=stage_environment(), capture_output=True, text=True)
+    if saved.returncode != 0:
+        logger.warning("could not record the run in the history (dvc exp save): %s",
+                       saved.stderr.strip() or saved.stdout.strip())
+        return ""
+    logger.info("recorded as DVC experiment %s (dvc exp show; dvc metrics diff %s <other>)", name, name)
+    return name
+
+
 def publish_html_report(root: Path, params: Params, stages: list[str], run_id: str) -> Path:
     """Write the run's one-page HTML report (every report, plot and the verdict) and link it from the run."""
     from tasks.report import html_report
@@ -380,6 +407,7 @@ def run_all_stages(root: Path, parameters: RetrainParameters, run_id: str) -> di
     )
     reports: dict[str, dict] = {}
     started: list[str] = []
+    history: str | None = None
     try:
         if overrides:
             write_overrides(root / PARAMS_FILE, overrides)
@@ -391,12 +419,15 @@ def run_all_stages(root: Path, parameters: RetrainParameters, run_id: str) -> di
             reports[stage] = run_stage.with_options(name=stage)(stage, root, params.report_file(stage),
                                                                 params.schedule.stage_timeout_seconds)
         report_page = publish_html_report(root, params, stages, run_id)
+        history = save_to_history(root, params, run_id, started)
         remote = push_outputs(root) if parameters.push else ""
     except BaseException as exc:
         # Keep what the failed run wrote for inspection, then put the last good state back.
         kept = runs / run_id / "failed-reports"
         if (root / params.paths.reports).exists():
             shutil.copytree(root / params.paths.reports, kept, dirs_exist_ok=True)
+        if "gate" in started and history is None and isinstance(exc, Exception):
+            save_to_history(root, params, run_id, started)  # a FAIL or rejected verdict is history too
         restore(snapshot)
         discard(snapshot)
         prune_failed_runs(runs, params.schedule.keep_failed_runs)
@@ -419,7 +450,7 @@ def run_all_stages(root: Path, parameters: RetrainParameters, run_id: str) -> di
     restore(snapshot, only=(PARAMS_FILE,))
     discard(snapshot)
     shutil.rmtree(runs / run_id, ignore_errors=True)
-    return {"stages": stages, "reports": reports, "pushed_to": remote, "overrides": overrides,
+    return {"stages": stages, "reports": reports, "pushed_to": remote, "history": history, "overrides": overrides,
             "reports_dir": str(root / params.paths.reports), "html_report": str(report_page)}
 
 

@@ -64,12 +64,22 @@ def main(params: Params) -> int:
 
 
 def headline_metrics(report: dict) -> dict:
-    """The few numbers `dvc metrics show/diff` should compare across runs."""
+    """The few numbers `dvc metrics show/diff` and `dvc exp show` compare across runs, each with its interval
+    (`<metric>_low`, `<metric>_high`)."""
     out = {}
     for split, entry in report["splits"].items():
         for model, result in entry["models"].items():
-            out.setdefault(split, {})[model] = {m: result["overall"][m] for m in ("accuracy", "macro_f1", "ece")}
-    out["transfer_gain_macro_f1"] = report["transfer_gain"]["estimate"]
+            overall, row = result["overall"], {}
+            for metric in ("accuracy", "macro_f1", "ece"):
+                row[metric] = overall[metric]
+                interval = (overall.get("intervals") or {}).get(metric)
+                if interval:
+                    row[f"{metric}_low"], row[f"{metric}_high"] = interval
+            out.setdefault(split, {})[model] = row
+    gain = report["transfer_gain"]
+    out["transfer_gain_macro_f1"] = gain["estimate"]
+    if gain.get("interval"):
+        out["transfer_gain_macro_f1_low"], out["transfer_gain_macro_f1_high"] = gain["interval"]
     return out
 
 

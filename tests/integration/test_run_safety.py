@@ -31,8 +31,12 @@ def regraft_env(prefect_env: dict[str, str]) -> dict[str, str]:
 
 def test_two_runs_started_at_once_take_turns_and_leave_dvc_consistent(tmp_path, tiny_bert, prefect_env):
     """Each run overrides a gate policy (not applicable without a champion, so both pass): the first runs the whole
-    pipeline, the one that waited re-runs only gate, decide and package, and dvc.lock records its own value."""
+    pipeline, the one that waited re-runs only gate, decide and package, and dvc.lock records its own value.
+    Then a third run fails its gate; each of the three is in the run history (`dvc exp show`)."""
     project = quick_project(tmp_path, tiny_bert)
+    git = ["git", "-c", "user.name=regraft", "-c", "user.email=regraft@localhost"]
+    run([*git, "add", "-A"], project)
+    run([*git, "commit", "-qm", "the project"], project)  # the run history is kept relative to a commit
     params_before = (project / "params.yaml").read_bytes()
     env = regraft_env(prefect_env)
     drops = {"a": 0.04, "b": 0.03}
@@ -56,6 +60,24 @@ def test_two_runs_started_at_once_take_turns_and_leave_dvc_consistent(tmp_path, 
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert lock["stages"]["gate"]["params"]["params.yaml"]["gate"]["forgetting"]["max_drop"] == drops[waited[0]]
     assert json.loads((project / "reports" / "package.json").read_text())["smoke_test"]["mismatches"] == 0
+
+    failed = run([REGRAFT, "run", "--no-push", "--set", "gate.worst_group.floor=0.99"], project, check=False,
+                 env_update=env)
+    assert failed.returncode == 1, failed.stdout[-3000:] + failed.stderr[-3000:]
+    history = json.loads(run(DVC + ["exp", "show", "--json"], project).stdout)
+    rows = {e["name"]: e["data"] for commit in history for exp in commit.get("experiments") or []
+            for e in exp["revs"]}
+    assert len(rows) == 3, rows.keys()
+    by_value = {}
+    for name, data in rows.items():
+        gate = data["params"]["params.yaml"]["data"]["gate"]
+        verdict = data["metrics"]["reports/verdict.json"]["data"]["verdict"]
+        metrics = data["metrics"]["reports/metrics.json"]["data"]["target_holdout"]["candidate"]
+        assert metrics["macro_f1_low"] <= metrics["macro_f1"] <= metrics["macro_f1_high"]
+        by_value[(gate["forgetting"]["max_drop"], gate["worst_group"]["floor"])] = verdict
+    assert by_value == {(0.04, 0.0): "PASS", (0.03, 0.0): "PASS", (0.05, 0.99): "FAIL"}, by_value
+    first, *_, last = sorted(rows)
+    assert run(DVC + ["metrics", "diff", first, last], project).returncode == 0
 
 
 def finetune_process(project: Path) -> psutil.Process | None:
