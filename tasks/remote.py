@@ -180,7 +180,11 @@ def dvc_default_remote(project: Path) -> dict | None:
     """The DVC default remote's settings (url, endpointurl, region, ...), or None without one."""
     if not (project / ".dvc").is_dir():
         return None
-    from dvc.repo import Repo
+    try:
+        from dvc.repo import Repo
+    except ImportError:  # a serving image has no DVC
+        raise RemoteError("package.remote is empty and DVC is not installed here to read its default remote: "
+                          "set package.remote (s3://bucket/prefix or a directory)") from None
 
     config = Repo(str(project)).config
     name = config["core"].get("remote")
