@@ -194,7 +194,10 @@ def command_validate(args: argparse.Namespace, project: Path) -> int:
     from tasks.render import print_validation_outcome
     from tasks.validate import validate_file
 
-    return print_validation_outcome(validate_file(load_params(project / "params.yaml"), Path(args.path).resolve()))
+    report = validate_file(load_params(project / "params.yaml"), Path(args.path).resolve(), args.columns)
+    print(f"columns from {report['columns']['from']}: text={report['columns']['text']!r}, "
+          f"label={report['columns']['label']!r}, groups={report['columns']['groups']}", flush=True)
+    return print_validation_outcome(report)
 
 
 def command_shift(args: argparse.Namespace, project: Path) -> int:
@@ -202,7 +205,7 @@ def command_shift(args: argparse.Namespace, project: Path) -> int:
 
     from tasks.config import load_params
     from tasks.errors import DataError
-    from tasks.ingest import normalise, read_table
+    from tasks.ingest import read_with_columns
     from tasks.render import shift_markdown
     from tasks.shift import analyse_shift, without_bulk
 
@@ -210,9 +213,9 @@ def command_shift(args: argparse.Namespace, project: Path) -> int:
     frames = []
     for raw in (args.source, args.target):
         path = Path(raw).resolve()
-        frame = normalise(read_table(path), params.ingest.columns, path.name, params.ingest.time_format)
+        frame, columns, _ = read_with_columns(path, params.ingest.columns, args.columns, params.ingest.time_format)
         if "text" not in frame or frame.empty:
-            raise DataError(f"{path}: no rows with a {params.ingest.columns.text!r} column to compare")
+            raise DataError(f"{path}: no rows with a {columns.text!r} column to compare")
         frames.append(frame)
     report = without_bulk(analyse_shift(frames[0], frames[1], params))
     print(json.dumps(report, indent=2) if args.json else shift_markdown(report))
@@ -393,11 +396,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="change one params.yaml key for this run, e.g. ingest.split.seed=7 (repeatable)")
     run.add_argument("--no-push", action="store_true", help="do not push outputs to the DVC remote")
     check = commands.add_parser("validate", help="run the validation suite on one data file")
-    check.add_argument("path", help="a CSV, TSV, Parquet or JSONL file, read with params.yaml's column mapping")
+    check.add_argument("path", help="a CSV, TSV, Parquet or JSONL file")
+    columns_help = ("which columns hold what: text=COL,label=COL[,groups=COL|COL][,time=COL][,id=COL]; default: "
+                    "params.yaml's ingest.columns, else columns named text and label")
+    check.add_argument("--columns", default=None, metavar="text=COL,label=COL", help=columns_help)
     shift = commands.add_parser("shift", help="measure the domain shift between two data files")
     shift.add_argument("source", help="the data the current model learned from (CSV, TSV, Parquet or JSONL)")
     shift.add_argument("target", help="the new data; labels are optional")
     shift.add_argument("--json", action="store_true", help="print the report as JSON (top-level key: verdict)")
+    shift.add_argument("--columns", default=None, metavar="text=COL,label=COL", help=columns_help)
     models = commands.add_parser("models", help="list packaged models, their stages, metrics and history")
     models.add_argument("--json", action="store_true", help="print the registry record as JSON")
     promote = commands.add_parser("promote", help="make a packaged model (PASS or approved) the production model")

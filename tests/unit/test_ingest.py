@@ -1,4 +1,5 @@
 import datetime as dt
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -91,6 +92,70 @@ def test_holdout_split_survives_tiny_frames(n):
     frame = normalise(raw_frame(4).head(n), COLUMNS, "f", "%B %d, %Y")
     train, holdout = split_holdout(frame, 0.2, seed=0)
     assert len(train) + len(holdout) == n
+
+
+def test_identical_texts_go_to_one_side_and_texts_of_both_domains_stay_in_train():
+    """Real data repeats texts, sometimes with other labels: a holdout must never share a text with a train
+    split, so ingest keeps every text on one side, and texts the other domain also has in train."""
+    from tasks.ingest import holdout_splits
+
+    frame = normalise(raw_frame(200), COLUMNS, "f", "%B %d, %Y")
+    repeated = frame.iloc[:60].assign(id=lambda f: f["id"] + "-again",
+                                      label=lambda f: f["label"].map({"positive": "negative", "negative": "neutral",
+                                                                      "neutral": "positive"}))
+    noisy = pd.concat([frame, repeated], ignore_index=True)
+    train, holdout = split_holdout(noisy, 0.25, seed=3)
+    assert not set(train["text"]) & set(holdout["text"])
+    assert len(train) + len(holdout) == len(noisy) and abs(len(set(holdout["text"])) - 50) <= 1
+    shared = frozenset(frame["text"].iloc[100:140])
+    train, holdout = split_holdout(frame, 0.25, seed=3, train_only=shared)
+    assert shared <= set(train["text"]) and len(holdout) == 50
+    source, target = frame.iloc[:100], frame.iloc[100:]
+    splits, shared_count = holdout_splits(pd.concat([source, target.iloc[:10].assign(id=lambda f: f["id"] + "-s")]),
+                                          target, 0.25, seed=3)
+    assert shared_count == 10
+    trains = set(splits["source_train"]["text"]) | set(splits["target_train"]["text"])
+    assert not trains & (set(splits["source_holdout"]["text"]) | set(splits["target_holdout"]["text"]))
+
+
+def test_without_repeated_texts_the_split_is_the_plain_stratified_one():
+    from sklearn.model_selection import train_test_split
+
+    frame = normalise(raw_frame(200), COLUMNS, "f", "%B %d, %Y")
+    _, holdout = split_holdout(frame, 0.25, seed=3)
+    _, expected = train_test_split(range(200), test_size=50, random_state=3, stratify=frame["label"])
+    assert sorted(holdout["id"]) == sorted(frame["id"].iloc[expected])
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("text=review,label", "'label' is not KEY=COLUMN"),
+    ("body=review", "unknown key 'body'"),
+    ("label=rating", "must say which column holds the text"),
+    ("text=review,text=other", "text is given twice"),
+    ("text=review,groups=text", "collide with the normalised schema"),
+])
+def test_column_specs_that_make_no_sense_are_refused(spec, message):
+    from tasks.errors import ConfigError
+    from tasks.ingest import columns_for_file
+
+    with pytest.raises(ConfigError, match=message):
+        columns_for_file(raw_frame(4), COLUMNS, spec, Path("f.csv"))
+
+
+def test_columns_come_from_the_flag_then_params_then_text_and_label():
+    from tasks.ingest import columns_for_file
+
+    raw = raw_frame(4)
+    assert columns_for_file(raw, COLUMNS, None, Path("f.csv")) == (COLUMNS, "params.yaml (ingest.columns)")
+    plain = raw.rename(columns={COLUMNS.text: "text", COLUMNS.label: "label"})
+    columns, origin = columns_for_file(plain, COLUMNS, None, Path("f.csv"))
+    assert (columns.text, columns.label, origin) == ("text", "label", "the columns named text and label")
+    given, origin = columns_for_file(raw, COLUMNS, f"text={COLUMNS.text},label={COLUMNS.label}", Path("f.csv"))
+    assert (given.text, given.groups, origin) == (COLUMNS.text, [], "--columns")
+    with pytest.raises(DataError, match=r"--columns names \['nope'\], which the file does not have"):
+        columns_for_file(raw, COLUMNS, "text=nope", Path("f.csv"))
+    with pytest.raises(DataError, match="no 'review' column .* and no 'text' column; say which"):
+        columns_for_file(raw.rename(columns={COLUMNS.text: "body"}), COLUMNS, None, Path("f.csv"))
 
 
 def test_drop_repeats_keeps_first():

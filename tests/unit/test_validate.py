@@ -14,6 +14,7 @@ pytestmark = pytest.mark.unit
 LABELS = ["negative", "neutral", "positive"]
 COLUMNS = Columns(text="review", label="rating", groups=["condition"], time="date", id="uid")
 CFG = ValidateConfig(text_min_chars=3, text_max_chars=500, min_rows_per_class=2, max_group_null_fraction=0.2,
+                     max_label_conflict_fraction=0.05,
                      rows=RowBounds(train_min=6, holdout_min=3, max=1000), examples=3)
 
 
@@ -48,6 +49,9 @@ def corrupt(case: str, splits: dict[str, pd.DataFrame]) -> None:
         frame.loc[1, "text"] = "caf\ufffd review"
     elif case == "duplicate rows":
         splits["target_train"] = pd.concat([frame, frame.iloc[[0]].assign(id="dup")], ignore_index=True)
+    elif case == "label conflict":
+        other = next(label for label in LABELS if label != frame.loc[0, "label"])
+        splits["target_train"] = pd.concat([frame, frame.iloc[[0]].assign(id="conflict", label=other)], ignore_index=True)
     elif case == "holdout/train overlap":
         splits["target_holdout"].loc[0, "text"] = splits["source_train"].loc[4, "text"]
 
@@ -60,6 +64,8 @@ BAD_CASES = {
     "unknown label": "target_train: column 'label' has 1 values outside the configured labels; e.g. [{'id': 'tt2', 'value': 'great'}]",
     "not UTF-8": "target_train: 1 texts contain bytes that are not valid UTF-8",
     "duplicate rows": "target_train: 2 rows are duplicates (same text and label)",
+    "label conflict": "target_train: label conflict: 2 rows (15.4%; allowed 5.0%) have a text that also appears with "
+                      "another label; e.g. [{'id': 'tt0', 'label': 'negative', 'text': 'tt review number 0'}",
     "holdout/train overlap": "target_holdout: 1 texts also appear in a train split (train/holdout leakage); e.g. [{'id': 'th0'",
 }
 
