@@ -8,6 +8,7 @@ predictions differ from its offline ones is not registered, so it cannot be prom
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -19,8 +20,8 @@ from tasks.config import Params
 from tasks.errors import CheckFailed
 from tasks.files import sha256_of
 from tasks.gate import promotable
-from tasks.packaging import (bentoml_environment, build_bento, export_to_remote, lineage, offline_labels, save_model,
-                             smoke_test)
+from tasks.packaging import (bentoml_environment, build_bento, export_to_remote, lineage, model_card, offline_labels,
+                             save_model, smoke_test)
 from tasks.remote import model_remote
 from tasks.registry import file_digests, register
 
@@ -45,8 +46,14 @@ def main(params: Params) -> int:
     os.environ.update(bentoml_environment(params))
     verdict, decision = read_decision(params)
     origin = lineage(params, verdict, decision)
-    digests = file_digests(params.paths.model)
-    model_tag = save_model(params, origin, digests)
+    finetune = report_path(params, "finetune")
+    strategy = json.loads(finetune.read_text(encoding="utf-8")).get("strategy", "unknown") if finetune.is_file() else "unknown"
+    evaluation = report_path(params, "evaluate")
+    card = model_card(params, json.loads(evaluation.read_text(encoding="utf-8")) if evaluation.is_file() else {},
+                      verdict, decision, origin, strategy)
+    # The checksums are of the files as packaged: the card replaces finetune's README.md.
+    digests = {**file_digests(params.paths.model), "README.md": hashlib.sha256(card.encode("utf-8")).hexdigest()}
+    model_tag = save_model(params, origin, digests, card)
     bento_tag = build_bento(params, model_tag)
     holdout = pd.read_parquet(params.paths.splits.target_holdout).head(params.package.smoke_examples)
     texts = holdout["text"].astype("str").tolist()

@@ -185,3 +185,25 @@ def test_inconclusive_gate_without_anyone_to_ask_applies_the_policy(files_projec
     assert "decision: approved by policy" in approved.stdout
     status = run(DVC + ["status", "gate", "decide"], files_project).stdout
     assert "changed outs" not in status, status  # verdict and decision are each their stage's own output
+
+
+def test_the_packaged_model_card_carries_the_target_holdout_groups_and_verdict(files_project):
+    """The card in the packaged model (huggingface_hub ModelCard): model-index entries for the target holdout and
+    each group, equal to reports/evaluate.json, and the verdict; its sha256 is the one the registry checks."""
+    from huggingface_hub import ModelCard
+
+    from tasks.registry import read_record, verify_files
+
+    tag = json.loads((files_project / "reports" / "package.json").read_text())["model"]
+    name, version = tag.split(":")
+    folder = files_project / ".regraft" / "bentoml" / "models" / name / version
+    card = ModelCard.load(folder / "README.md")
+    evaluation = json.loads((files_project / "reports" / "evaluate.json").read_text())
+    candidate = evaluation["splits"]["target_holdout"]["models"]["candidate"]
+    results = {(r.dataset_name, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert results[("target holdout", "macro_f1")] == round(candidate["overall"]["macro_f1"], 4)
+    for value, group in candidate["groups"]["condition"]["groups"].items():
+        assert results[(f"target holdout, condition = {value}", "macro_f1")] == round(group["macro_f1"], 4)
+    verdict = json.loads((files_project / "reports" / "verdict.json").read_text())["verdict"]
+    assert f"packaged after the gate said **{verdict}**" in card.text
+    assert verify_files(folder, read_record(files_project / "registry" / "registry.json")["models"][tag]["sha256"]) == []
