@@ -66,6 +66,8 @@ def shift_markdown(report: dict) -> str:
                               f"{d['estimated_interval_95'][1][i]:.3f}) |")
             else:
                 lines[-1] += "- |"
+        if d.get("note"):
+            lines += ["", f"Estimated target priors: {d['note']}."]
     return "\n".join(lines) + "\n"
 
 

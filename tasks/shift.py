@@ -263,6 +263,38 @@ def label_shift_test(source_labels: np.ndarray, target_probs: np.ndarray | None,
                       "total variation of class priors", detail)
 
 
+def check_label_shift_assumption(source: "Sample", target: "Sample", label: TestResult, cutoff: float | None,
+                                 cfg: ShiftConfig, seed: int) -> dict:
+    """Pure label shift means p(x | y) is the same in both domains: then the source, resampled to the estimated
+    target class priors, looks like the target, and a domain classifier between the two does no better than
+    between two halves of the source (`cutoff`). When it clearly does better, p(x | y) moved too and the target
+    priors are not identifiable from unlabelled data; the EM estimate is withdrawn."""
+    ratio = np.asarray(label.detail["estimated_target_prior"]) / np.clip(label.detail["source_prior"], 1e-12, None)
+    weight = ratio[source.labels]
+    keep = np.flatnonzero(np.random.default_rng(seed).random(len(source)) < weight / weight.max())  # no repeats
+    if len(keep) < 20 or cutoff is None:
+        return {"checked": False, "holds": None, "reason": "too few source rows after reweighting to check"}
+    result, _ = classifier_test(source.embeddings[torch.as_tensor(keep)], target.embeddings, cfg.classifier_folds, seed)
+    excess = max(result.statistic - 0.5, 0.0)
+    holds = not (result.p_value < cfg.alpha and excess > 2 * cutoff)
+    return {"checked": True, "holds": holds, "auc_after_reweighting": result.statistic, "p_value": result.p_value,
+            "null_cutoff": cutoff, "source_rows_used": int(len(keep)),
+            "method": "domain classifier between the source resampled to the estimated class priors and the target"}
+
+
+def withdraw_label_shift_estimate(label: TestResult, check: dict) -> TestResult:
+    """The label-shift result once its assumption failed: no estimated priors, and no evidence of label shift
+    from them (a labelled target keeps its own chi-squared test, which needs no assumption)."""
+    detail = {k: v for k, v in label.detail.items() if k not in ("estimated_target_prior", "estimated_interval_95")}
+    detail["identifiable"] = False
+    detail["note"] = (f"not identifiable under this shift: after reweighting the source to the estimated class priors, "
+                      f"a domain classifier still separates it from the target (AUC {check['auc_after_reweighting']:.2f}), "
+                      "so the texts of each class changed too, not only the class mix")
+    if "labelled_target_prior" in detail:
+        return TestResult(label.name, label.statistic, label.p_value, label.effect, label.effect_name, detail)
+    return TestResult(label.name, 0.0, 1.0, 0.0, label.effect_name, detail)
+
+
 def labelled_mix_test(source_labels: np.ndarray, target_labels: np.ndarray, k: int, detail: dict) -> TestResult:
     """Chi-squared test of the labelled class mix, source against target."""
     counts = np.vstack([np.bincount(source_labels, minlength=k), np.bincount(target_labels, minlength=k)])
@@ -409,6 +441,15 @@ def detect_shift(source: Sample, target: Sample, cfg: ShiftConfig, labels: list[
     """All tests, the calibrated decision, the most target-specific examples and source importance weights."""
     results, scores = distribution_tests(source, target, cfg, labels, seed=cfg.seed)
     cutoffs = calibrate(source, cfg, labels)
+    for i, result in enumerate(results):
+        if result.name == "label_shift" and "estimated_target_prior" in result.detail:
+            check = check_label_shift_assumption(source, target, result, cutoffs.get("classifier"), cfg, cfg.seed)
+            result.detail["assumption_check"] = check
+            if check["holds"] is False:
+                results[i] = withdraw_label_shift_estimate(result, check)
+                results[i].detail["assumption_check"] = check
+            else:
+                result.detail["identifiable"] = check["holds"]
     verdict, reasons = decide(results, cutoffs, cfg)
     target_scores = scores[len(source):]
     top = np.argsort(-target_scores)[: cfg.top_examples]
