@@ -19,7 +19,7 @@ from pipelines.stage_io import read_splits, report_path, run_stage, write_atomic
 from tasks.config import Params
 from tasks.errors import ConfigError
 from tasks.files import replace_directory
-from tasks.finetune import FinetuneResult, build_training_data, choose_strategy, finetune
+from tasks.finetune import FinetuneResult, build_training_data, calibrate, choose_strategy, finetune
 from tasks.models import model_origin
 
 
@@ -133,6 +133,10 @@ def main(params: Params) -> int:
                       checkpoint_dir=params.paths.checkpoints, cache_dir=params.paths.cache / "features")
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
+    calibration = calibrate(result, valid, params.model.max_length)
+    print(f"finetune: calibrated by temperature scaling: T = {calibration['temperature']:.3f}"
+          + (f", validation ECE {calibration['validation_ece_before']:.3f} -> {calibration['validation_ece_after']:.3f}"
+             if "validation_ece_after" in calibration else f" ({calibration.get('note')})"), flush=True)
     data_hashes = {name: file_md5(Path(path)) for name, path in params.paths.splits.model_dump().items()}
     save_model_dir(result, params.paths.model, model_card(result, params, base, data_hashes))
     write_log(params.paths.train_log, result.log)
@@ -156,6 +160,7 @@ def main(params: Params) -> int:
         "train_seconds": round(result.train_seconds, 2),
         "samples_per_second": round(result.samples_per_second, 2),
         "validation": result.metrics.get("validation", {}),
+        "calibration": calibration,
         "data_md5": data_hashes,
         **({"rank_weight_sha256": result.extra["rank_weight_sha256"]} if "rank_weight_sha256" in result.extra else {}),
     })

@@ -279,6 +279,38 @@ def validation_metrics(labels: np.ndarray, scores: torch.Tensor) -> dict[str, fl
     return {"accuracy": float(metrics["accuracy"]), "macro_f1": float(metrics["macro_f1"])}
 
 
+def fit_temperature(logits: torch.Tensor, labels: np.ndarray) -> float:
+    """The temperature T that minimises the negative log-likelihood of softmax(logits / T) (Guo et al., 2017)."""
+    from scipy.optimize import minimize_scalar
+
+    target = torch.as_tensor(labels, dtype=torch.long)
+
+    def nll(log_t: float) -> float:
+        return float(torch.nn.functional.cross_entropy(logits / math.exp(log_t), target))
+
+    return float(math.exp(minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded").x))
+
+
+def calibrate(result: FinetuneResult, valid: TrainingData, max_length: int, bins: int = 10) -> dict:
+    """Temperature scaling on the validation rows held out of target_train (never the holdouts): the temperature
+    goes into the model's config, so every reader of its probabilities gets calibrated ones; argmax, and so
+    every label, is unchanged."""
+    from tasks.evaluate import expected_calibration_error
+    from tasks.models import TEMPERATURE_KEY, predict_logits
+
+    if len(valid.texts) < 10:
+        setattr(result.model.config, TEMPERATURE_KEY, 1.0)
+        return {"temperature": 1.0, "note": f"{len(valid.texts)} validation rows: too few to calibrate"}
+    setattr(result.model.config, TEMPERATURE_KEY, None)  # the logits as trained (a champion's T is not ours)
+    logits = predict_logits(result.model, result.tokenizer, valid.texts, max_length, runtime=result.runtime)
+    t = fit_temperature(logits, valid.labels)
+    setattr(result.model.config, TEMPERATURE_KEY, t)
+    ece = {name: expected_calibration_error(torch.softmax(logits / scale, dim=-1).numpy(), valid.labels, bins)
+           for name, scale in (("before", 1.0), ("after", t))}
+    return {"temperature": t, "validation_rows": len(valid.texts), "validation_ece_before": ece["before"],
+            "validation_ece_after": ece["after"], "method": "temperature scaling on the validation rows"}
+
+
 def score(model, tokenizer, data: TrainingData, max_length: int, runtime: Runtime) -> dict[str, float]:
     """The model's validation metrics on `data`."""
     return validation_metrics(data.labels, predict_proba(model, tokenizer, data.texts, max_length, runtime=runtime))

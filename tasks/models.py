@@ -148,16 +148,32 @@ def map_batches(forward, tokenizer, texts: list[str], max_length: int, width: in
     return out
 
 
+# config.json key of the temperature fitted after training (temperature scaling); absent: 1, uncalibrated.
+TEMPERATURE_KEY = "regraft_temperature"
+
+
+def temperature(model) -> float:
+    return float(getattr(model.config, TEMPERATURE_KEY, None) or 1.0)
+
+
 @torch.no_grad()
-def predict_proba(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 64,
-                  runtime=None) -> torch.Tensor:
-    """Class probabilities, in length-sorted batches so padding stays small."""
+def predict_logits(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 64,
+                   runtime=None) -> torch.Tensor:
+    """Raw class scores, in length-sorted batches so padding stays small."""
     from tasks.devices import choose_runtime
 
     runtime = runtime or choose_runtime()
     model.eval().to(runtime.device)
-    return map_batches(lambda batch: torch.softmax(model(**batch).logits.float(), dim=-1), tokenizer, texts,
-                       max_length, model.config.num_labels, runtime, batch_size)
+    return map_batches(lambda batch: model(**batch).logits.float(), tokenizer, texts, max_length,
+                       model.config.num_labels, runtime, batch_size)
+
+
+def predict_proba(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 64,
+                  runtime=None) -> torch.Tensor:
+    """Class probabilities, calibrated by the model's own temperature (serving, evaluate and shift-watch all
+    read probabilities through here)."""
+    logits = predict_logits(model, tokenizer, texts, max_length, batch_size, runtime)
+    return torch.softmax(logits / temperature(model), dim=-1)
 
 
 def cached_tensor(path: Path | None, compute: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, bool]:

@@ -268,3 +268,23 @@ def test_real_minilm_full_on_a_few_dozen_rows(demo_splits, tmp_path):
     probs = predict_proba(reloaded, load_tokenizer(tmp_path), ["This drug worked wonders.", "Awful side effects."], 64)
     assert probs.shape == (2, 3)
     assert torch.allclose(probs.sum(dim=1), torch.ones(2), atol=1e-4)
+
+
+def test_temperature_scaling_undoes_overconfidence():
+    """Logits three times too sharp: the fitted temperature is about 3, and calibration error falls."""
+    import numpy as np
+    import torch
+
+    from tasks.evaluate import expected_calibration_error
+    from tasks.finetune import fit_temperature
+
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    true_logits = torch.tensor(rng.normal(size=(4000, 3)) * 1.5)
+    labels = torch.multinomial(torch.softmax(true_logits, dim=1), 1)[:, 0].numpy()
+    sharp = true_logits * 3
+    t = fit_temperature(sharp, labels)
+    assert 2.6 < t < 3.4
+    before = expected_calibration_error(torch.softmax(sharp, 1).numpy(), labels, 10)
+    after = expected_calibration_error(torch.softmax(sharp / t, 1).numpy(), labels, 10)
+    assert after < before / 2
