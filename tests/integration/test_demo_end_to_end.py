@@ -32,7 +32,7 @@ def test_the_demo_runs_end_to_end_with_the_bundled_model(tmp_path):
     # The demo's shift is severe and its target small, so `auto` adapts with LoRA.
     assert "finetune: lora on CPU" in done.stdout
     assert re.search(r"target_holdout\s+108\s+negative 38, neutral 10, positive 60", done.stdout)
-    assert "validation passed: 78 expectations on 4 splits" in done.stdout
+    assert "validation passed: 82 expectations on 4 splits" in done.stdout
     # The candidate clears the gate, which shows the demo's tiny per-condition groups as insufficient data.
     assert "# Gate: PASS" in done.stdout and "decision: approved by gate" in done.stdout
     assert re.search(r"worst group: condition, \d+ small groups \| insufficient data", done.stdout)
