@@ -178,10 +178,12 @@ def export_to_remote(remote, model_tag: str, bento_tag: str) -> dict:
 
     exported = {"url": remote.url}
     with scratch_folder() as folder:
-        for kind, tag, export, suffix in (("model", model_tag, bentoml.models.export_model, "bentomodel"),
-                                          ("bento", bento_tag, bentoml.bentos.export_bento, "bento")):
+        for kind, tag, export in (("model", model_tag, bentoml.models.export_model),
+                                  ("bento", bento_tag, bentoml.bentos.export_bento)):
             name, version = tag.split(":")
-            local = Path(export(tag, str(Path(folder) / f"{version}.{suffix}")))
+            # Plain tar: BentoML's default gzip took 64 s for the bundled model (73 s for its Bento) on this
+            # machine, against 0.2 s, and safetensors weights shrink by only 10% under gzip.
+            local = Path(export(tag, str(Path(folder) / f"{version}.tar"), output_format="tar"))
             exported[kind] = upload_archive(remote, local, f"{kind}s/{name}/{local.name}")
     return exported
 
