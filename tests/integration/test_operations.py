@@ -136,8 +136,8 @@ def ui(tmp_path_factory, tiny_bert):
 
 def notified(api: httpx.Client, event: str, run_id: str, timeout: float = 90) -> dict:
     """The notification of `event` that links to the flow run `run_id` (waiting for it to arrive). regraft emits
-    each event once; Prefect delivers events at least once, and one suite run saw a promotion notified twice,
-    so a repeat must be the same message, and there are never more than two."""
+    each event once, but Prefect's event delivery is at least once (a clean-clone run failed the exactly-once
+    check right after a promotion, most likely on a repeat), so a repeat must be the same message, at most one."""
     link = f"{str(api.base_url).rstrip('/').removesuffix('/api')}/runs/flow-run/{run_id}"
     deadline, found = time.monotonic() + timeout, []
     while time.monotonic() < deadline and not found:
