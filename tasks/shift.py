@@ -446,8 +446,7 @@ def detect_shift(source: Sample, target: Sample, cfg: ShiftConfig, labels: list[
             check = check_label_shift_assumption(source, target, result, cutoffs.get("classifier"), cfg, cfg.seed)
             result.detail["assumption_check"] = check
             if check["holds"] is False:
-                results[i] = withdraw_label_shift_estimate(result, check)
-                results[i].detail["assumption_check"] = check
+                results[i] = withdraw_label_shift_estimate(result, check)  # keeps the detail, check included
             else:
                 result.detail["identifiable"] = check["holds"]
     verdict, reasons = decide(results, cutoffs, cfg)
