@@ -19,7 +19,8 @@ from pipelines.stage_io import read_splits, report_path, run_stage, write_atomic
 from tasks.config import Params
 from tasks.errors import ConfigError
 from tasks.files import replace_directory
-from tasks.finetune import FinetuneResult, build_training_data, calibrate, choose_strategy, finetune
+from tasks.finetune import FinetuneResult, build_training_data, calibrate, finetune
+from tasks.strategy import choose_strategy
 from tasks.models import model_origin
 
 
@@ -43,7 +44,8 @@ def read_shift_report(params: Params) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def model_card(result: FinetuneResult, params: Params, base: str, data_hashes: dict[str, str]) -> str:
+def model_card(result: FinetuneResult, params: Params, base: str, data_hashes: dict[str, str],
+               evidence: list[dict]) -> str:
     """README.md in Hugging Face conventions: YAML front matter, then what, from what, how, how well."""
     labels = params.ingest.labels
     validation = result.metrics.get("validation", {})
@@ -68,6 +70,8 @@ def model_card(result: FinetuneResult, params: Params, base: str, data_hashes: d
         f"`{result.strategy}` strategy.",
         "",
         f"- Why this strategy: {result.reason}",
+        *[f"  - {row['model']}: validation macro-F1 {row['validation_macro_f1']:.3f} ({row['how']}, {row['seconds']:.0f} s)"
+          for row in evidence],
         f"- Trained on: {params.train.data} ({'target weight ' + str(params.train.target_weight) if params.train.data != 'target' else 'target only'})",
         f"- Hardware: {result.runtime.reason}; precision {result.runtime.precision}; {result.runtime.threads} threads; "
         f"{result.extra.get('world_size', 1)} process(es)",
@@ -125,12 +129,20 @@ def main(params: Params) -> int:
         return relaunch_distributed(params.train.nproc)
     splits = read_splits(params)
     base = initial_model(params)
-    strategy, reason = choose_strategy(params.train, len(splits["target_train"]), read_shift_report(params))
     train, valid = build_training_data(splits, params.ingest.labels, params.train)
+    features = params.paths.cache / "features"
+    choice = choose_strategy(base, params.ingest.labels, train, valid, params.train, params.model,
+                             len(splits["target_train"]), read_shift_report(params), features,
+                             world=int(os.environ.get("WORLD_SIZE", "1")))
+    strategy, reason = choice.strategy, choice.reason
+    if choice.negative_transfer_predicted:
+        print("finetune: warning: the evidence predicts negative transfer (TF-IDF + logistic regression beats every "
+              "strategy on the validation rows); training goes on, and the gate compares with the baselines", flush=True)
     print(f"finetune: {strategy} ({reason}); {len(train.texts)} train rows, {len(valid.texts)} validation rows",
           flush=True)
-    result = finetune(base, params.ingest.labels, train, valid, params.train, params.model, strategy, reason,
-                      checkpoint_dir=params.paths.checkpoints, cache_dir=params.paths.cache / "features")
+    result = choice.trained or finetune(base, params.ingest.labels, train, valid, params.train, params.model, strategy,
+                                        reason, checkpoint_dir=params.paths.checkpoints, cache_dir=features)
+    result.reason = reason
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     calibration = calibrate(result, valid, params.model.max_length)
@@ -138,12 +150,14 @@ def main(params: Params) -> int:
           + (f", validation ECE {calibration['validation_ece_before']:.3f} -> {calibration['validation_ece_after']:.3f}"
              if "validation_ece_after" in calibration else f" ({calibration.get('note')})"), flush=True)
     data_hashes = {name: file_md5(Path(path)) for name, path in params.paths.splits.model_dump().items()}
-    save_model_dir(result, params.paths.model, model_card(result, params, base, data_hashes))
+    save_model_dir(result, params.paths.model, model_card(result, params, base, data_hashes, choice.evidence))
     write_log(params.paths.train_log, result.log)
     write_json(report_path(params, "finetune"), {
         "stage": "finetune",
         "strategy": result.strategy,
         "reason": result.reason,
+        "strategy_evidence": choice.evidence,
+        "negative_transfer_predicted": choice.negative_transfer_predicted,
         "base_model": model_origin(base),
         "init": params.train.init,
         "model_dir": str(params.paths.model),

@@ -47,10 +47,9 @@ def main(params: Params) -> int:
     verdict, decision = read_decision(params)
     origin = lineage(params, verdict, decision)
     finetune = report_path(params, "finetune")
-    strategy = json.loads(finetune.read_text(encoding="utf-8")).get("strategy", "unknown") if finetune.is_file() else "unknown"
     evaluation = report_path(params, "evaluate")
     card = model_card(params, json.loads(evaluation.read_text(encoding="utf-8")) if evaluation.is_file() else {},
-                      verdict, decision, origin, strategy)
+                      verdict, decision, origin, json.loads(finetune.read_text(encoding="utf-8")) if finetune.is_file() else {})
     # The checksums are of the files as packaged: the card replaces finetune's README.md.
     digests = {**file_digests(params.paths.model), "README.md": hashlib.sha256(card.encode("utf-8")).hexdigest()}
     model_tag = save_model(params, origin, digests, card)

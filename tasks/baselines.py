@@ -26,21 +26,27 @@ def classifier_probabilities(path: Path, texts: dict[str, list[str]], labels: li
     return {split: predict_proba(model, tokenizer, rows, max_length).numpy() for split, rows in texts.items()}
 
 
-def baseline_probabilities(train: pd.DataFrame, texts: dict[str, list[str]], labels: list[str], base: str,
-                           max_length: int, cache: Path | None) -> dict[str, dict[str, np.ndarray]]:
-    """TF-IDF + logistic regression, and the pretrained encoder frozen with a linear (logistic) head."""
+def tfidf_model():
+    """The lexical baseline: TF-IDF of word 1-2 grams + class-balanced logistic regression (unfitted)."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
+
+    return make_pipeline(TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True),
+                         LogisticRegression(max_iter=2000, class_weight="balanced"))
+
+
+def baseline_probabilities(train: pd.DataFrame, texts: dict[str, list[str]], labels: list[str], base: str,
+                           max_length: int, cache: Path | None) -> dict[str, dict[str, np.ndarray]]:
+    """TF-IDF + logistic regression, and the pretrained encoder frozen with a linear (logistic) head."""
+    from sklearn.linear_model import LogisticRegression
 
     from tasks.models import mean_pooled_embeddings
 
     y = train["label"].map({label: i for i, label in enumerate(labels)}).to_numpy()
     train_texts = train["text"].astype("str").tolist()
     out: dict[str, dict[str, np.ndarray]] = {"tfidf": {}, "frozen_encoder": {}}
-    tfidf = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True),
-                          LogisticRegression(max_iter=2000, class_weight="balanced"))
-    tfidf.fit(train_texts, y)
+    tfidf = tfidf_model().fit(train_texts, y)
 
     def embed(rows: list[str]) -> np.ndarray:
         return mean_pooled_embeddings(base, rows, max_length, cache).numpy()

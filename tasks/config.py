@@ -228,7 +228,10 @@ class TrainConfig(StrictModel):
     log_every: int = Field(ge=1, description="Optimiser steps between log lines.")
     nproc: int = Field(ge=1, description="Processes for data-parallel training (torchrun); one per GPU on GPU machines.")
     seed: int = Field(ge=0, description="Seed of data order, initialisation and dropout.")
-    auto_full_min_examples: int = Field(ge=1, description="auto: from this many target train rows on, train all layers.")
+    auto_full_min_examples: int = Field(ge=1, description="auto without enough validation rows to compare strategies: "
+                                        "from this many target train rows on, train all layers.")
+    auto_trial_rows: int = Field(ge=8, description="auto: most train rows in each short trial of lora and full.")
+    auto_trial_epochs: int = Field(ge=1, le=10, description="auto: epochs of each short trial of lora and full.")
 
 
 class ShiftConfig(StrictModel):
@@ -289,6 +292,12 @@ class Forgetting(StrictModel):
     max_drop: float = Field(ge=0, lt=1, description="Lower bound of candidate - champion on source_holdout must be >= -max_drop.")
 
 
+class Baselines(StrictModel):
+    metric: Metric
+    margin: float = Field(ge=0, le=1, description="Lower bound of candidate - baseline on target_holdout must be >= "
+                          "-margin, for each simple baseline (TF-IDF, frozen encoder); 1 switches the criterion off.")
+
+
 class GateConfig(StrictModel):
     alpha: float = Field(gt=0, lt=0.5, description="Error rate of each two-sided decision; Holm-corrected across groups x metrics.")
     floors: list[FloorCriterion] = Field(description="Absolute floors on the candidate's metrics.")
@@ -296,6 +305,7 @@ class GateConfig(StrictModel):
     worst_group: WorstGroup
     disparity: Disparity
     forgetting: Forgetting
+    baselines: Baselines
     on_inconclusive: Literal["reject", "approve"] = Field(
         description="What an INCONCLUSIVE verdict becomes when nobody can be asked (no terminal, no deployment)."
     )

@@ -7,7 +7,7 @@ Strategies:
 - gradual_unfreeze: ULMFiT-style; the head and the top block first, one more block per epoch, with
   layer-wise decayed (discriminative) learning rates.
 - lora: low-rank adapters (peft), merged into the weights at the end so serving needs no peft.
-- auto: picks one of these from the number of target examples and the shift report.
+- auto: picks one of these from evidence on held-out target rows (tasks/strategy.py).
 
 Training is resumable (a checkpoint every N optimiser steps restores weights, optimiser, scheduler,
 RNG and the position in the epoch's batch order) and data-parallel under torchrun (gloo on CPU).
@@ -125,25 +125,6 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch
         chunk = sorted(order[start: start + window].tolist(), key=lambda i: lengths[i])
         batches += [chunk[i: i + batch_size] for i in range(0, len(chunk), batch_size)]
     return [batches[i] for i in rng.permutation(len(batches))]
-
-
-# ----------------------------------------------------------------------------- strategy choice
-
-
-def choose_strategy(cfg: TrainConfig, n_target: int, shift_report: dict | None) -> tuple[str, str]:
-    """The configured strategy, or for `auto` one picked from the data size and the shift verdict."""
-    if cfg.strategy != "auto":
-        return cfg.strategy, f"configured: train.strategy={cfg.strategy}"
-    verdict = (shift_report or {}).get("verdict")
-    if n_target >= cfg.auto_full_min_examples:
-        return "full", (f"{n_target} labelled target examples >= {cfg.auto_full_min_examples}: "
-                        "enough to adapt every layer")
-    if verdict == "severe":
-        return "lora", (f"{n_target} labelled target examples < {cfg.auto_full_min_examples} and a severe shift: "
-                        "the representation must move, and low-rank adapters do so with few parameters")
-    shift_note = f"shift verdict {verdict!r}" if verdict else "no shift report"
-    return "feature_extraction", (f"{n_target} labelled target examples < {cfg.auto_full_min_examples} and "
-                                  f"{shift_note}: a frozen encoder with a trained head resists overfitting")
 
 
 # ----------------------------------------------------------------------------- distributed

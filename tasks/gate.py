@@ -163,11 +163,57 @@ def judge(evidence: Evidence, cfg: GateConfig, small_n: int) -> dict:
                      f"forgetting: source_holdout {cfg.forgetting.metric}"):
             checks.append(Check(name=name, status=NOT_APPLICABLE, detail="no champion in production"))
 
+    baselines = baseline_checks(evidence, cfg)
+    checks += baselines
+    notes += baseline_notes(baselines, splits.get("target_holdout") or {}, cfg.baselines.metric)
+
     group_checks, insufficient = worst_group_checks(evidence, cfg, small_n)
     checks += group_checks
     checks += disparity_checks(evidence, cfg, champion)
     checks.append(shift_check(evidence.shift))
     return verdict_from(checks, notes, champion, insufficient)
+
+
+# The simple models evaluate trains beside the candidate: a transformer that does not beat them does not earn its cost.
+BASELINES = {"tfidf": "TF-IDF + logistic regression", "frozen_encoder": "the frozen encoder + logistic regression"}
+
+
+def baseline_checks(evidence: Evidence, cfg: GateConfig) -> list[Check]:
+    """The candidate against each simple baseline on target_holdout, Holm-corrected as one family: worse by more
+    than `gate.baselines.margin` fails; a baseline missing from the evaluation fails (fail closed)."""
+    metric, margin = cfg.baselines.metric, cfg.baselines.margin
+    split = _get(evidence.evaluation["splits"], "target_holdout") or {}
+    checks = []
+    for model, description in BASELINES.items():
+        key = f"overall|{metric}"
+        entry = _get(split, "comparisons", f"candidate-{model}", key)
+        checks.append(threshold_check(
+            f"baseline: candidate vs {model} target_holdout {metric}", (entry or {}).get("estimate"),
+            evidence.samples(f"target_holdout|candidate-{model}|{key}"), -margin, ">=", cfg.alpha,
+            detail=f"candidate - {description}" if entry else f"no comparison with {description} in the evaluation"))
+    return holm_decide(checks, cfg.alpha)
+
+
+def baseline_notes(checks: list[Check], split: dict, metric: str) -> list[str]:
+    """Said plainly when a simple baseline beats the candidate, or may."""
+    notes = []
+    for check, (model, description) in zip(checks, BASELINES.items()):
+        if check.value is None or check.status not in (FAIL, INCONCLUSIVE) or check.value >= 0:
+            continue
+        scores = {name: _get(split, "models", name, "overall", metric) for name in ("candidate", model)}
+        low, high = check.interval
+        score = "" if None in scores.values() else f"{scores[model]:.3f} against {scores['candidate']:.3f}; "
+        evidence = (f"{score}difference {check.value:+.3f}" + ("" if low is None else f" [{low:+.3f}, {high:+.3f}]")
+                    + f", margin {-check.threshold:.3f}")
+        if check.status == FAIL:
+            notes.append(f"A simple baseline wins: {description} beats the candidate on target_holdout {metric} "
+                         f"({evidence}). The fine-tuned model does not earn its cost here: serve the baseline, or "
+                         "give training more data, epochs or another strategy.")
+        else:
+            notes.append(f"A simple baseline may win: {description} scores higher than the candidate on "
+                         f"target_holdout {metric} ({evidence}), and the evidence cannot rule out that it is better "
+                         "by more than the margin.")
+    return notes
 
 
 def worst_group_checks(evidence: Evidence, cfg: GateConfig, small_n: int) -> tuple[list[Check], list[dict]]:

@@ -29,7 +29,7 @@ STRICTER = {
     "validate.rows.max": "down",
     "shift.alpha": "up", "shift.severe_ratio": "down",
     "gate.non_inferiority.delta": "down", "gate.worst_group.floor": "up", "gate.disparity.max_gap": "down",
-    "gate.disparity.max_increase": "down", "gate.forgetting.max_drop": "down",
+    "gate.disparity.max_increase": "down", "gate.forgetting.max_drop": "down", "gate.baselines.margin": "down",
 }
 # Choices a run may only move to the strict one.
 STRICT_CHOICE = {"shift.on_severe": "block", "gate.on_inconclusive": "reject"}

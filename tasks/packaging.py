@@ -51,6 +51,14 @@ CARD_TEMPLATE = """---
 A text classifier over {{ labels }}, adapted from `{{ base_model }}` by regraft's `{{ strategy }}` strategy,
 packaged after the gate said **{{ verdict }}**{{ decision }}.
 
+## Why this strategy
+
+{{ reason }}
+
+| tried | how | validation macro-F1 | seconds |
+|---|---|---:|---:|
+{{ evidence_rows }}
+
 ## Target holdout
 
 | model | accuracy | macro-F1 (95% interval) |
@@ -81,9 +89,10 @@ def interval_text(values: list | None) -> str:
     return f"[{values[0]:.3f}, {values[1]:.3f}]" if values and None not in values else "n/a"
 
 
-def model_card(params: Params, evaluation: dict, verdict: dict, decision: dict, origin: dict, strategy: str) -> str:
+def model_card(params: Params, evaluation: dict, verdict: dict, decision: dict, origin: dict, finetune: dict) -> str:
     """The packaged model's README.md, through huggingface_hub's ModelCard: EvalResult entries (model-index) for the
-    target holdout overall and per group, then tables of the baselines, the groups and the gate's criteria."""
+    target holdout overall and per group, then tables of the strategy evidence, the baselines, the groups and the
+    gate's criteria."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     from tasks.models import model_origin
@@ -105,6 +114,9 @@ def model_card(params: Params, evaluation: dict, verdict: dict, decision: dict, 
                                       metric_value=round(float(group["macro_f1"]), 4)))
             group_rows.append(f"| {column} = {value} | {group['n']} | {group['accuracy']:.3f} | "
                               f"{group['macro_f1']:.3f} {interval_text((group.get('intervals') or {}).get('macro_f1'))} |")
+    strategy = finetune.get("strategy", "unknown")
+    evidence_rows = [f"| {row['model']} | {row['how']} | {row['validation_macro_f1']:.3f} | {row['seconds']:.0f} |"
+                     for row in finetune.get("strategy_evidence") or []]
     base = model_origin(params.model.base)
     data = ModelCardData(base_model=base if "/" in base and not base.startswith("/") else None, library_name="transformers",
                          pipeline_tag="text-classification", tags=["regraft", "text-classification", strategy],
@@ -118,6 +130,8 @@ def model_card(params: Params, evaluation: dict, verdict: dict, decision: dict, 
     card = ModelCard.from_template(
         data, template_str=CARD_TEMPLATE, model_name=params.package.model_name, labels=params.ingest.labels,
         base_model=base, strategy=strategy, verdict=verdict["verdict"], decision=approved,
+        reason=finetune.get("reason") or "not recorded",
+        evidence_rows="\n".join(evidence_rows) or "| (no trials: the strategy was configured or chosen by rule) | | | |",
         overall_rows="\n".join(overall_rows) or "| (no evaluation report) | | |", group_rows="\n".join(group_rows) or "| (no groups) | | | |",
         transfer_gain=(f"{gain['estimate']:+.3f} {interval_text(gain.get('interval'))}" if gain.get("estimate") is not None
                        else "n/a"),

@@ -76,6 +76,8 @@ def finetune_markdown(report: dict) -> str:
     validation = ", ".join(f"{k} {v:.3f}" for k, v in report.get("validation", {}).items())
     rows = [
         ("strategy", f"{report['strategy']}: {report['reason']}"),
+        *[(f"evidence: {row['model']}", f"validation macro-F1 {row['validation_macro_f1']:.3f} ({row['how']}, "
+                                        f"{row['seconds']:.0f} s)") for row in report.get("strategy_evidence") or []],
         ("base model", report["base_model"]),
         ("hardware", f"{report['hardware']}, {report['precision']}, {report['threads']} threads, "
                      f"{report['processes']} process(es)"),

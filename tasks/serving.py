@@ -69,14 +69,13 @@ class LoadedModel:
 
 def load_model(folder: Path, version: str, max_length: int) -> LoadedModel:
     """Load a packaged HF model directory; its label mapping is the one saved at training time."""
-    import torch
-
     from tasks.models import load_classifier, load_tokenizer
 
     config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
     labels = [config["id2label"][key] for key in sorted(config["id2label"], key=int)]
+    # Inference only, and without touching the process's grad mode: predict_proba runs under torch.no_grad(),
+    # while a global torch.set_grad_enabled(False) here broke training later in the same process (a test worker).
     model = load_classifier(folder, labels).eval()
-    torch.set_grad_enabled(False)
     return LoadedModel(version, model, load_tokenizer(folder), labels, max_length)
 
 

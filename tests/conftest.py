@@ -126,6 +126,7 @@ QUICK_SETTINGS = {
     "train.precision": "fp32", "train.checkpoint_every": 5, "train.log_every": 1, "train.early_stopping_patience": 0,
     "shift.null_splits": 5, "shift.bootstrap": 50, "shift.permutations": 50, "evaluate.bootstrap": 200,
     "gate.floors": [], "gate.worst_group.floor": 0.0, "gate.disparity.max_gap": 1.0, "gate.on_inconclusive": "approve",
+    "gate.baselines.margin": 1.0,  # a random 2-layer model does not beat TF-IDF
 }
 
 

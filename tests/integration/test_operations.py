@@ -1,5 +1,5 @@
-"""Operations against a real Prefect server: `regraft ui` (server + served deployments), a custom run
-of `retrain` through the REST API (what the UI's Run button sends), schedules, and the
+"""Operations against a real Prefect server: `regraft ui` (server + served deployments), a custom run of
+`retrain` clicked through the Prefect UI in chromium, schedules, notifications, and the
 `regraft.shift.detected` event starting `retrain`."""
 
 from __future__ import annotations
@@ -238,32 +238,100 @@ def test_the_deployments_exist_with_schedules_and_a_typed_form(ui):
     assert [s["schedule"]["cron"] for s in watch["schedules"]] == [QUIET_CRONS["schedule.shift_watch_cron"]]
 
 
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+
+
+def form_field(scope, label: str):
+    """One property of a Prefect UI form (run parameters, resume input), found by its label."""
+    page = getattr(scope, "page", scope)  # a `has=` locator must come from the page, not from the scope
+    return scope.locator(".schema-form-property").filter(
+        has=page.locator(".schema-form-property__label", has_text=label)).last
+
+
+NEEDS_CHROMIUM = pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                    reason="needs Debian's chromium (apt-get install chromium); .ci/run installs it")
+
+
+@NEEDS_CHROMIUM
 @pytest.mark.timeout(1800)
-def test_a_custom_run_from_the_api_completes_with_its_artifacts(ui):
+def test_a_person_runs_retrain_from_the_prefect_ui(ui):
+    """Headless chromium clicks through the UI like a person: Deployments -> retrain -> Run -> Custom run,
+    picks a strategy from the dropdown, types the epochs, switches push off, submits, opens the run and
+    watches it complete with every stage's task and artifact. The screenshot is kept in test-artifacts/. (This is
+    the module's one training run: the tests after it promote the model it packaged.)"""
+    from playwright.sync_api import expect, sync_playwright
+
     api, project, log = ui
-    retrain = deployment(api, "retrain")
-    created = api.post(f"/deployments/{retrain['id']}/create_flow_run", json={"parameters": {
-        "parameters": {"strategy": "feature_extraction", "push": False}}})
-    assert created.status_code == 201, created.text
-    run = created.json()
-    finished = wait_for_state(api, run["id"], {"COMPLETED", "FAILED", "CRASHED", "CANCELLED", "PAUSED"}, 900)
-    if finished["state"]["type"] == "PAUSED":
-        # An INCONCLUSIVE gate in a deployment run waits for a person, who is told; answer as the UI's Resume form does.
-        assert "verdict: INCONCLUSIVE" in notified(api, "regraft.gate.paused", run["id"])["body"]
-        resumed = api.post(f"/flow_runs/{run['id']}/resume", json={"run_input": {
-            "approve": True, "reason": "feature extraction is a smoke run", "reviewer": "test"}})
-        assert resumed.status_code in (200, 201), resumed.text
-        finished = wait_for_state(api, run["id"], {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, 600)
-        decision = json.loads((project / "reports" / "decision.json").read_text())
-        assert decision["approved"] is True and decision["by"] == "test"
-    assert finished["state"]["type"] == "COMPLETED", log.read_text()[-5000:]
-    artifacts = api.post("/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}}}).json()
-    keys = {a["key"] for a in artifacts}
-    assert {"validate-report", "shift-report", "finetune-report", "evaluate-report", "verdict-report",
-            "package-report", "run-report"} <= keys
-    tasks = api.post("/task_runs/filter", json={"flow_runs": {"id": {"any_": [run["id"]]}}}).json()
+    base = str(api.base_url).removesuffix("/api/").removesuffix("/api")
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        try:
+            page.goto(f"{base}/deployments", wait_until="networkidle")
+            # The server asks for its credential first, as it does any person opening the UI.
+            page.get_by_placeholder("admin:pass").fill(UI_CREDENTIAL)
+            page.get_by_role("button", name="Login").click()
+            page.goto(f"{base}/deployments", wait_until="networkidle")
+            page.locator("a.deployment-list__name", has_text="retrain").filter(has_not_text="scheduled").first.click()
+            page.get_by_role("button", name="Run", exact=True).click()
+            page.get_by_text("Custom run", exact=True).click()
+
+            strategy = form_field(page, "Strategy (Optional)")
+            strategy.get_by_role("button", name="str", exact=True).click()  # the "str | None" switch
+            strategy.locator(".p-select-button__control").click()
+            page.keyboard.press("ArrowDown")  # opens the enum dropdown
+            page.get_by_role("option", name="feature_extraction", exact=True).click()
+            epochs = form_field(page, "Epochs (Optional)")
+            epochs.get_by_role("button", name="int", exact=True).click()
+            epochs.locator("input[type=number]").fill("2")
+            form_field(page, "Push (Optional)").get_by_role("switch").click()
+            before = run_ids(api, "retrain")
+            page.get_by_role("button", name="Submit", exact=True).click()
+            toast = page.locator(".toast-flow-run-create__button")
+            expect(toast.first).to_be_visible()
+            page.wait_for_timeout(1000)
+            created = sorted(run_ids(api, "retrain") - before)
+            assert len(created) == 1, f"one Submit created {len(created)} runs ({toast.count()} toasts)"
+            run_id = created[0]
+            # The toast's "View run" button sits under the toast container, which takes the click
+            # (Playwright reports the interception); the button's link is the run page.
+            page.goto(f"{base}/runs/flow-run/{run_id}", wait_until="networkidle")
+
+            run = api.get(f"/flow_runs/{run_id}").json()
+            assert run["parameters"]["parameters"]["strategy"] == "feature_extraction"
+            assert run["parameters"]["parameters"]["epochs"] == 2 and run["parameters"]["parameters"]["push"] is False
+            finished = wait_for_state(api, run_id, {"COMPLETED", "FAILED", "CRASHED", "CANCELLED", "PAUSED"}, 900)
+            if finished["state"]["type"] == "PAUSED":
+                # An INCONCLUSIVE gate: the person answers the GateDecision form behind the Resume button.
+                page.reload(wait_until="networkidle")
+                page.get_by_role("button", name="Resume").click()
+                dialog = page.get_by_role("dialog")
+                form_field(dialog, "Approve").get_by_role("switch").click()
+                form_field(dialog, "Reason").locator("textarea").fill("a feature-extraction run from the browser")
+                form_field(dialog, "Reviewer").locator("textarea").fill("playwright")
+                dialog.get_by_role("button", name="Submit", exact=True).click()
+                finished = wait_for_state(api, run_id, {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, 600)
+                decision = json.loads((project / "reports" / "decision.json").read_text())
+                assert decision["approved"] is True and decision["by"] == "playwright"
+            assert finished["state"]["type"] == "COMPLETED", log.read_text()[-4000:]
+            page.reload(wait_until="networkidle")
+            expect(page.get_by_text("Completed", exact=True).first).to_be_visible(timeout=30_000)
+            page.wait_for_timeout(1500)  # let the timeline graph draw
+            page.screenshot(path=str(ARTIFACTS / "prefect-ui-retrain-run.png"), full_page=True)
+            page.get_by_text("Artifacts", exact=True).click()
+            expect(page.get_by_text("run-report").first).to_be_visible(timeout=15_000)
+            expect(page.get_by_text("verdict-report").first).to_be_visible()
+        finally:
+            browser.close()
+    tasks = api.post("/task_runs/filter", json={"flow_runs": {"id": {"any_": [run_id]}}}).json()
     assert {"ingest", "validate", "shift", "finetune", "evaluate", "gate", "package"} <= {t["name"] for t in tasks}
+    artifacts = api.post("/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]}}}).json()
+    assert {"validate-report", "shift-report", "finetune-report", "evaluate-report", "verdict-report",
+            "package-report", "run-report"} <= {a["key"] for a in artifacts}
     assert json.loads((project / "reports" / "finetune.json").read_text())["strategy"] == "feature_extraction"
+    assert (ARTIFACTS / "prefect-ui-retrain-run.png").stat().st_size > 10_000
 
 
 def test_the_shift_event_starts_retrain(ui):
@@ -302,8 +370,9 @@ def run_deployment_and_wait(api: httpx.Client, name: str, parameters: dict, time
     return wait_for_state(api, created.json()["id"], {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, timeout)
 
 
+@NEEDS_CHROMIUM  # it promotes the model that the browser's run packaged
 def test_promote_then_shift_watch_on_drifted_traffic_starts_retrain(ui):
-    """serve -> watch -> retrain: the model packaged by the custom run is promoted through its deployment;
+    """serve -> watch -> retrain: the model packaged by the browser's custom run is promoted through its deployment;
     traffic from one drug condition only is logged the way the service logs it; shift-watch finds the
     shift, emits regraft.shift.detected, and a retrain starts."""
     import pandas as pd
@@ -391,90 +460,3 @@ def test_cron_schedules_fire(tmp_path):
             "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}}).json()
         assert nightly and all(r["auto_scheduled"] for r in nightly)
         assert {dt.datetime.fromisoformat(r["expected_start_time"]).strftime("%H:%M") for r in nightly} == {"02:00"}
-
-
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
-CHROMIUM = "/usr/bin/chromium"
-
-
-def form_field(scope, label: str):
-    """One property of a Prefect UI form (run parameters, resume input), found by its label."""
-    page = getattr(scope, "page", scope)  # a `has=` locator must come from the page, not from the scope
-    return scope.locator(".schema-form-property").filter(
-        has=page.locator(".schema-form-property__label", has_text=label)).last
-
-
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (apt-get install chromium); .ci/run installs it")
-@pytest.mark.timeout(1800)
-def test_a_person_runs_retrain_from_the_prefect_ui(ui):
-    """Headless chromium clicks through the UI like a person: Deployments -> retrain -> Run -> Custom run,
-    picks a strategy from the dropdown, types the epochs, switches push off, submits, opens the run and
-    watches it complete. The screenshot is kept in test-artifacts/."""
-    from playwright.sync_api import expect, sync_playwright
-
-    api, project, log = ui
-    base = str(api.base_url).removesuffix("/api/").removesuffix("/api")
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        try:
-            page.goto(f"{base}/deployments", wait_until="networkidle")
-            # The server asks for its credential first, as it does any person opening the UI.
-            page.get_by_placeholder("admin:pass").fill(UI_CREDENTIAL)
-            page.get_by_role("button", name="Login").click()
-            page.goto(f"{base}/deployments", wait_until="networkidle")
-            page.locator("a.deployment-list__name", has_text="retrain").filter(has_not_text="scheduled").first.click()
-            page.get_by_role("button", name="Run", exact=True).click()
-            page.get_by_text("Custom run", exact=True).click()
-
-            strategy = form_field(page, "Strategy (Optional)")
-            strategy.get_by_role("button", name="str", exact=True).click()  # the "str | None" switch
-            strategy.locator(".p-select-button__control").click()
-            page.keyboard.press("ArrowDown")  # opens the enum dropdown
-            page.get_by_role("option", name="feature_extraction", exact=True).click()
-            epochs = form_field(page, "Epochs (Optional)")
-            epochs.get_by_role("button", name="int", exact=True).click()
-            epochs.locator("input[type=number]").fill("2")
-            form_field(page, "Push (Optional)").get_by_role("switch").click()
-            before = run_ids(api, "retrain")
-            page.get_by_role("button", name="Submit", exact=True).click()
-            toast = page.locator(".toast-flow-run-create__button")
-            expect(toast.first).to_be_visible()
-            page.wait_for_timeout(1000)
-            created = sorted(run_ids(api, "retrain") - before)
-            assert len(created) == 1, f"one Submit created {len(created)} runs ({toast.count()} toasts)"
-            run_id = created[0]
-            # The toast's "View run" button sits under the toast container, which takes the click
-            # (Playwright reports the interception); the button's link is the run page.
-            page.goto(f"{base}/runs/flow-run/{run_id}", wait_until="networkidle")
-
-            run = api.get(f"/flow_runs/{run_id}").json()
-            assert run["parameters"]["parameters"]["strategy"] == "feature_extraction"
-            assert run["parameters"]["parameters"]["epochs"] == 2 and run["parameters"]["parameters"]["push"] is False
-            finished = wait_for_state(api, run_id, {"COMPLETED", "FAILED", "CRASHED", "CANCELLED", "PAUSED"}, 900)
-            if finished["state"]["type"] == "PAUSED":
-                # An INCONCLUSIVE gate: the person answers the GateDecision form behind the Resume button.
-                page.reload(wait_until="networkidle")
-                page.get_by_role("button", name="Resume").click()
-                dialog = page.get_by_role("dialog")
-                form_field(dialog, "Approve").get_by_role("switch").click()
-                form_field(dialog, "Reason").locator("textarea").fill("a feature-extraction run from the browser")
-                form_field(dialog, "Reviewer").locator("textarea").fill("playwright")
-                dialog.get_by_role("button", name="Submit", exact=True).click()
-                finished = wait_for_state(api, run_id, {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, 600)
-                decision = json.loads((project / "reports" / "decision.json").read_text())
-                assert decision["approved"] is True and decision["by"] == "playwright"
-            assert finished["state"]["type"] == "COMPLETED", log.read_text()[-4000:]
-            page.reload(wait_until="networkidle")
-            expect(page.get_by_text("Completed", exact=True).first).to_be_visible(timeout=30_000)
-            page.wait_for_timeout(1500)  # let the timeline graph draw
-            page.screenshot(path=str(ARTIFACTS / "prefect-ui-retrain-run.png"), full_page=True)
-            page.get_by_text("Artifacts", exact=True).click()
-            expect(page.get_by_text("run-report").first).to_be_visible(timeout=15_000)
-            expect(page.get_by_text("verdict-report").first).to_be_visible()
-        finally:
-            browser.close()
-    tasks = api.post("/task_runs/filter", json={"flow_runs": {"id": {"any_": [run_id]}}}).json()
-    assert {"ingest", "validate", "shift", "finetune", "evaluate", "gate", "package"} <= {t["name"] for t in tasks}
-    assert (ARTIFACTS / "prefect-ui-retrain-run.png").stat().st_size > 10_000

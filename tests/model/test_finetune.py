@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from tasks.config import load_params
-from tasks.finetune import build_training_data, class_weights, choose_strategy, finetune, length_grouped_batches
+from tasks.finetune import build_training_data, class_weights, finetune, length_grouped_batches
+from tasks.strategy import MIN_VALIDATION_ROWS, TRIALS, choose_strategy, rule_based
 from tests.conftest import REPO, small_splits
 
 pytestmark = pytest.mark.model
@@ -206,11 +207,35 @@ def test_cached_tensor_computes_once_and_leaves_no_temporary_files(tmp_path):
      ("auto", 400, {"verdict": "moderate"}, "feature_extraction"), ("auto", 5000, None, "full"),
      ("auto", 50000, {"verdict": "severe"}, "full"), ("gradual_unfreeze", 10, None, "gradual_unfreeze")],
 )
-def test_auto_strategy(strategy, n_target, shift, expected):
+def test_the_rule_when_strategies_cannot_be_compared(strategy, n_target, shift, expected):
     cfg, _ = train_config(strategy=strategy)
-    chosen, reason = choose_strategy(cfg, n_target, shift)
+    chosen, reason = rule_based(cfg, n_target, shift)
     assert chosen == expected
     assert reason
+
+
+def test_auto_trains_the_strategy_the_validation_evidence_favours(tiny_bert, splits, tmp_path):
+    """TF-IDF, feature_extraction (in full) and budgeted one-epoch trials of lora and full, scored on the validation
+    rows: the best strategy is chosen, negative transfer is called when TF-IDF beats them all, and a
+    feature_extraction win is the model already trained."""
+    cfg, model_cfg = train_config(strategy="auto", validation_fraction=0.4, auto_trial_rows=64, auto_trial_epochs=1)
+    train, valid = build_training_data(splits, LABELS, cfg)
+    assert len(valid.texts) >= MIN_VALIDATION_ROWS and len(train.texts) > 64
+    choice = choose_strategy(str(tiny_bert), LABELS, train, valid, cfg, model_cfg, len(splits["target_train"]), None,
+                             tmp_path / "cache")
+    scored = {row["model"]: row["validation_macro_f1"] for row in choice.evidence}
+    assert list(scored) == ["tfidf", *TRIALS]
+    assert choice.strategy == max(TRIALS, key=lambda name: (scored[name], -TRIALS.index(name)))
+    assert choice.negative_transfer_predicted is (scored["tfidf"] > scored[choice.strategy])
+    assert ("negative transfer" in choice.reason) is choice.negative_transfer_predicted
+    assert (choice.trained is not None) is (choice.strategy == "feature_extraction")
+    assert "1 epoch(s) on 64 train rows" in next(r["how"] for r in choice.evidence if r["model"] == "lora")
+
+    few_cfg, _ = train_config(strategy="auto", validation_fraction=0.02)
+    few_train, few_valid = build_training_data(splits, LABELS, few_cfg)
+    fallback = choose_strategy(str(tiny_bert), LABELS, few_train, few_valid, few_cfg, model_cfg, 400, None)
+    assert fallback.strategy == "feature_extraction" and "too few to compare strategies" in fallback.reason
+    assert fallback.evidence == []
 
 
 @pytest.mark.parametrize("batch_size", [1, 7, 32])

@@ -27,6 +27,7 @@ LENIENT = {
     "worst_group": {"metrics": ["accuracy"], "floor": 0.1},
     "disparity": {"metric": "accuracy", "max_gap": 0.9, "max_increase": 0.9},
     "forgetting": {"metric": "accuracy", "max_drop": 0.9},
+    "baselines": {"metric": "accuracy", "margin": 0.9},
     "on_inconclusive": "reject",
     "decision_timeout_seconds": 60,
 }
@@ -43,16 +44,22 @@ def predictions(y: np.ndarray, accuracy: float, rng: np.random.Generator) -> np.
     return proba
 
 
+# The baselines' accuracy in every group: TF-IDF above the candidate's 0.709 on the target, the frozen encoder below.
+BASELINE_ACCURACY = {"tfidf": 0.80, "frozen_encoder": 0.60}
+
+
 def split_frame(groups: dict[str, tuple[int, float, float]], seed: int) -> tuple[pd.DataFrame, dict]:
-    """Rows per group with the candidate's and the champion's accuracy in that group."""
-    rng = np.random.default_rng(seed)
-    frames, cand, champ = [], [], []
+    """Rows per group with the candidate's and the champion's accuracy in that group, and the two baselines'."""
+    rng, baseline_rng = np.random.default_rng(seed), np.random.default_rng(seed + 100)
+    frames, probas = [], {}
     for group, (n, acc_candidate, acc_champion) in groups.items():
         y = rng.integers(0, 3, n)
         frames.append(pd.DataFrame({"label": [LABELS[i] for i in y], "condition": group}))
-        cand.append(predictions(y, acc_candidate, rng))
-        champ.append(predictions(y, acc_champion, rng))
-    return pd.concat(frames, ignore_index=True), {"candidate": np.vstack(cand), "champion": np.vstack(champ)}
+        probas.setdefault("candidate", []).append(predictions(y, acc_candidate, rng))
+        probas.setdefault("champion", []).append(predictions(y, acc_champion, rng))
+        for model, accuracy in BASELINE_ACCURACY.items():
+            probas.setdefault(model, []).append(predictions(y, accuracy, baseline_rng))
+    return pd.concat(frames, ignore_index=True), {model: np.vstack(rows) for model, rows in probas.items()}
 
 
 def build_evidence(champion: bool = True, shift: dict | None = None) -> Evidence:
@@ -65,7 +72,7 @@ def build_evidence(champion: bool = True, shift: dict | None = None) -> Evidence
     samples: dict[str, np.ndarray] = {}
     for name, frame, probas in (("target_holdout", target, target_probas), ("source_holdout", source, source_probas)):
         if not champion:
-            probas = {"candidate": probas["candidate"]}
+            probas = {model: proba for model, proba in probas.items() if model != "champion"}
         evaluation["splits"][name], split_samples = evaluate_split(frame, probas, LABELS, ["condition"], EVAL_CFG, name)
         samples.update(split_samples)
     return Evidence(evaluation=evaluation, bootstrap=pd.DataFrame(samples),
@@ -94,7 +101,8 @@ def status_of(rows: list[dict]) -> str:
 
 # Observed values of the evidence above: target accuracy 0.709 [0.679, 0.741], candidate - champion
 # -0.139 [-0.181, -0.097], group B 0.50 [0.45, 0.56], gap 0.40 [0.34, 0.47], gap increase over the champion
-# 0.33 [0.12, 0.41], source accuracy candidate - champion -0.15 [-0.20, -0.09].
+# 0.33 [0.12, 0.41], source accuracy candidate - champion -0.15 [-0.20, -0.09], candidate - TF-IDF
+# -0.090 [-0.134, -0.047], candidate - frozen encoder +0.109 [0.064, 0.162].
 CASES = [
     ("floor:", {"floors": [{"split": "target_holdout", "metric": "accuracy", "min": 0.6}]}, PASS),
     ("floor:", {"floors": [{"split": "target_holdout", "metric": "accuracy", "min": 0.9}]}, FAIL),
@@ -115,6 +123,9 @@ CASES = [
     ("forgetting", {"forgetting": {"metric": "accuracy", "max_drop": 0.4}}, PASS),
     ("forgetting", {"forgetting": {"metric": "accuracy", "max_drop": 0.0}}, FAIL),
     ("forgetting", {"forgetting": {"metric": "accuracy", "max_drop": 0.15}}, INCONCLUSIVE),
+    ("baseline:", {"baselines": {"metric": "accuracy", "margin": 0.3}}, PASS),
+    ("baseline:", {"baselines": {"metric": "accuracy", "margin": 0.0}}, FAIL),
+    ("baseline:", {"baselines": {"metric": "accuracy", "margin": 0.09}}, INCONCLUSIVE),
 ]
 
 
@@ -327,3 +338,20 @@ def test_missing_evaluation_file_writes_a_failing_verdict(gate_workspace):
     code, verdict = run_gate(gate_workspace)
     assert code == 1 and verdict["verdict"] == FAIL
     assert "evaluate.json: not found" in verdict["criteria"][0]["detail"]
+
+
+@pytest.mark.parametrize("margin,said", [(0.0, "A simple baseline wins: TF-IDF + logistic regression beats the candidate"),
+                                         (0.09, "A simple baseline may win: TF-IDF + logistic regression scores higher")])
+def test_a_baseline_that_wins_is_said_plainly(evidence, margin, said):
+    verdict = judge(evidence, gate_config(baselines={"metric": "accuracy", "margin": margin}), small_n=30)
+    notes = [n for n in verdict["notes"] if "baseline" in n]
+    assert len(notes) == 1 and notes[0].startswith(said), notes  # the frozen encoder is behind: not mentioned
+    assert "(0.799 against 0.709; difference -0.090 [-0.134, -0.047]" in notes[0]
+
+
+def test_a_missing_baseline_fails_closed(evidence):
+    bare = copy.deepcopy(evidence)
+    del bare.evaluation["splits"]["target_holdout"]["comparisons"]["candidate-tfidf"]
+    verdict = judge(bare, gate_config(), small_n=30)
+    row = criterion(verdict, "baseline: candidate vs tfidf")[0]
+    assert row["status"] == FAIL and "no comparison with TF-IDF" in row["detail"] and verdict["verdict"] == FAIL

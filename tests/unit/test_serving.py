@@ -58,3 +58,18 @@ def test_prediction_log_keeps_the_text_or_only_its_hash(tmp_path, mode):
     row = json.loads((tmp_path / "log.jsonl").read_text())
     assert row["label"] == "positive" and row["confidence"] == 0.9 and row["model_version"] == "m:1" and row["time"]
     assert ("text" in row) is (mode == "text") and ("text_sha256" in row) is (mode == "hash")
+
+
+def test_loading_a_model_for_serving_leaves_the_process_able_to_train(tiny_bert, tmp_path):
+    """A served model predicts under no_grad without switching gradients off for the whole process: a suite worker
+    (or any process) that served a model and then trained once failed with "does not require grad"."""
+    import torch
+
+    from tasks.models import load_classifier, load_tokenizer
+    from tasks.serving import load_model, predict
+
+    load_classifier(str(tiny_bert), ["negative", "positive"]).save_pretrained(tmp_path)
+    load_tokenizer(str(tiny_bert)).save_pretrained(tmp_path)
+    loaded = load_model(tmp_path, "v1", 32)
+    assert predict(loaded, ["a review"])[0]["model_version"] == "v1"
+    assert torch.is_grad_enabled()
