@@ -132,16 +132,18 @@ def main(params: Params) -> int:
     train, valid = build_training_data(splits, params.ingest.labels, params.train)
     features = params.paths.cache / "features"
     choice = choose_strategy(base, params.ingest.labels, train, valid, params.train, params.model,
-                             len(splits["target_train"]), read_shift_report(params), features,
+                             len(splits["target_train"]), read_shift_report(params), params.paths.checkpoints, features,
                              world=int(os.environ.get("WORLD_SIZE", "1")))
     strategy, reason = choice.strategy, choice.reason
     if choice.negative_transfer_predicted:
-        print("finetune: warning: the evidence predicts negative transfer (TF-IDF + logistic regression beats every "
-              "strategy on the validation rows); training goes on, and the gate compares with the baselines", flush=True)
+        print("finetune: warning: the evidence predicts negative transfer (TF-IDF + logistic regression is ahead of "
+              "every strategy on the validation rows); training goes on, and the gate compares with the baselines",
+              flush=True)
     print(f"finetune: {strategy} ({reason}); {len(train.texts)} train rows, {len(valid.texts)} validation rows",
           flush=True)
+    # After a race the winner resumes from its checkpoint; otherwise this trains from the start.
     result = choice.trained or finetune(base, params.ingest.labels, train, valid, params.train, params.model, strategy,
-                                        reason, checkpoint_dir=params.paths.checkpoints, cache_dir=features)
+                                        reason, checkpoint_dir=choice.checkpoint_dir, cache_dir=features)
     result.reason = reason
     if int(os.environ.get("RANK", "0")) != 0:
         return 0

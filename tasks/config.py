@@ -230,8 +230,10 @@ class TrainConfig(StrictModel):
     seed: int = Field(ge=0, description="Seed of data order, initialisation and dropout.")
     auto_full_min_examples: int = Field(ge=1, description="auto without enough validation rows to compare strategies: "
                                         "from this many target train rows on, train all layers.")
-    auto_trial_rows: int = Field(ge=8, description="auto: most train rows in each short trial of lora and full.")
-    auto_trial_epochs: int = Field(ge=1, le=10, description="auto: epochs of each short trial of lora and full.")
+    auto_race_epochs: int = Field(ge=1, description="auto: epochs lora and full each train before the one ahead on "
+                                  "validation finishes its schedule.")
+    auto_min_validation_rows: int = Field(ge=10, description="auto: fewest validation rows to race the strategies on; "
+                                          "with fewer, the rule on data size and shift verdict decides.")
 
 
 class ShiftConfig(StrictModel):

@@ -366,8 +366,10 @@ def load_checkpoint(directory: Path | None, fingerprint: str) -> dict | None:
 def finetune(base: str, labels: list[str], train: TrainingData, valid: TrainingData, cfg: TrainConfig,
              model_cfg: ModelConfig, strategy: str, reason: str, checkpoint_dir: Path | None = None,
              cache_dir: Path | None = None, progress: bool = True,
-             on_log: Callable[[dict], None] | None = None) -> FinetuneResult:
-    """Train with `strategy` and return the trained (plain HF) model with its log and metrics."""
+             on_log: Callable[[dict], None] | None = None, stop_after_epochs: int | None = None) -> FinetuneResult:
+    """Train with `strategy` and return the trained (plain HF) model with its log and metrics. With
+    `stop_after_epochs`, the layers' loop pauses after that many epochs with its checkpoint saved: the same call
+    without it later resumes there and finishes the schedule."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     runtime = choose_runtime(cfg.precision, cfg.threads, processes=world)
     dist = init_distributed(runtime)
@@ -384,7 +386,7 @@ def finetune(base: str, labels: list[str], train: TrainingData, valid: TrainingD
         reason=reason, train=train, valid=valid, sequences=tokenize(tokenizer, train.texts, model_cfg.max_length),
         cfg=cfg, model_cfg=model_cfg, runtime=runtime, dist=dist,
         fingerprint=run_fingerprint(base, strategy, cfg, model_cfg, train, dist.world),
-        checkpoint_dir=checkpoint_dir, progress=progress, on_log=on_log,
+        checkpoint_dir=checkpoint_dir, progress=progress, on_log=on_log, stop_after_epochs=stop_after_epochs,
     )
     return train_layers(plan)
 
@@ -422,6 +424,7 @@ class TrainingPlan:
     checkpoint_dir: Path | None
     progress: bool
     on_log: Callable[[dict], None] | None = None
+    stop_after_epochs: int | None = None  # pause there (checkpoint saved); the schedule stays the full one
 
     @cached_property
     def lengths(self) -> list[int]:
@@ -468,7 +471,7 @@ def train_layers(plan: TrainingPlan) -> FinetuneResult:
         epochs_run = epoch + 1
         validate_epoch(plan, state, epoch)
         save_training_checkpoint(plan, state, epoch + 1, batch=0)
-        if stops_early(plan, state, epoch):
+        if stops_early(plan, state, epoch) or (plan.stop_after_epochs and epochs_run >= plan.stop_after_epochs):
             break
     bar.close()
     train_seconds = time.perf_counter() - started

@@ -18,22 +18,20 @@ pytestmark = pytest.mark.integration
 def test_the_demo_runs_end_to_end_with_the_bundled_model(tmp_path):
     """`make demo`'s path: the real all-MiniLM-L6-v2 on the demo data, every stage, a temporary Prefect API.
     Cheaper than the demo where it changes no wiring: one epoch of 128-token texts (fp32 LoRA on a CPU without
-    bf16 takes 80 s an epoch at 256 tokens on two threads), `auto`'s trials on 64 rows, fewer null splits and
-    resamples, and gate criteria that do not depend on how far one epoch gets."""
+    bf16 takes 80 s an epoch at 256 tokens on two threads), fewer null splits and resamples, and gate criteria
+    that do not depend on how far one epoch gets (the baselines' margin among them)."""
     from tasks.config import write_overrides
 
     project = make_project(tmp_path / "demo", tmp_path / "remote")
     write_overrides(project / "params.yaml", {
         "train.epochs": 1, "model.max_length": 128, "shift.null_splits": 5, "shift.bootstrap": 50, "evaluate.bootstrap": 200,
-        "gate.floors": [], "gate.worst_group.floor": 0.0, "gate.disparity.max_gap": 1.0, "gate.baselines.margin": 1.0,
-        "train.auto_trial_rows": 64})
+        "gate.floors": [], "gate.worst_group.floor": 0.0, "gate.disparity.max_gap": 1.0, "gate.baselines.margin": 1.0})
     done = run([REGRAFT, "run"], project)
     assert "regraft run finished: " + " -> ".join(STAGES) in done.stdout
     assert re.search(r"domain shift: (moderate|severe)", done.stdout)
-    # `auto` chose from evidence on the validation rows (trials kept to 64 rows here).
-    assert re.search(r"finetune: (feature_extraction|lora|full) on CPU", done.stdout)
-    evidence = json.loads((project / "reports" / "finetune.json").read_text())["strategy_evidence"]
-    assert [row["model"] for row in evidence] == ["tfidf", "feature_extraction", "lora", "full"]
+    # The demo's 43 validation rows are too few to race strategies on, so `auto`'s rule decides: a severe shift
+    # and a small target mean LoRA.
+    assert "finetune: lora on CPU" in done.stdout
     assert re.search(r"target_holdout\s+108\s+negative 38, neutral 10, positive 60", done.stdout)
     assert "validation passed: 82 expectations on 4 splits" in done.stdout
     # The candidate clears the gate, which shows the demo's tiny per-condition groups as insufficient data.

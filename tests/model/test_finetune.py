@@ -8,7 +8,7 @@ import torch
 
 from tasks.config import load_params
 from tasks.finetune import build_training_data, class_weights, finetune, length_grouped_batches
-from tasks.strategy import MIN_VALIDATION_ROWS, TRIALS, choose_strategy, rule_based
+from tasks.strategy import ARMS, choose_strategy, rule_based
 from tests.conftest import REPO, small_splits
 
 pytestmark = pytest.mark.model
@@ -214,26 +214,33 @@ def test_the_rule_when_strategies_cannot_be_compared(strategy, n_target, shift, 
     assert reason
 
 
-def test_auto_trains_the_strategy_the_validation_evidence_favours(tiny_bert, splits, tmp_path):
-    """TF-IDF, feature_extraction (in full) and budgeted one-epoch trials of lora and full, scored on the validation
-    rows: the best strategy is chosen, negative transfer is called when TF-IDF beats them all, and a
-    feature_extraction win is the model already trained."""
-    cfg, model_cfg = train_config(strategy="auto", validation_fraction=0.4, auto_trial_rows=64, auto_trial_epochs=1)
+def test_auto_races_the_strategies_on_validation_and_the_winner_finishes_from_its_checkpoint(tiny_bert, splits,
+                                                                                           tmp_path):
+    """TF-IDF and feature_extraction (in full) against lora and full after their first epoch, on the validation rows:
+    the best is chosen, negative transfer is called when TF-IDF is ahead of them all, and the winner resumes from
+    its race checkpoint (here: both arms, so the path is taken whichever wins)."""
+    cfg, model_cfg = train_config(strategy="auto", validation_fraction=0.4, auto_race_epochs=1,
+                                  auto_min_validation_rows=40)
     train, valid = build_training_data(splits, LABELS, cfg)
-    assert len(valid.texts) >= MIN_VALIDATION_ROWS and len(train.texts) > 64
+    assert len(valid.texts) >= 40
+    checkpoints = tmp_path / "ckpt"
     choice = choose_strategy(str(tiny_bert), LABELS, train, valid, cfg, model_cfg, len(splits["target_train"]), None,
-                             tmp_path / "cache")
+                             checkpoints, tmp_path / "cache")
     scored = {row["model"]: row["validation_macro_f1"] for row in choice.evidence}
-    assert list(scored) == ["tfidf", *TRIALS]
-    assert choice.strategy == max(TRIALS, key=lambda name: (scored[name], -TRIALS.index(name)))
+    assert list(scored) == ["tfidf", *ARMS]
+    assert choice.strategy == max(ARMS, key=lambda name: (scored[name], -ARMS.index(name)))
     assert choice.negative_transfer_predicted is (scored["tfidf"] > scored[choice.strategy])
     assert ("negative transfer" in choice.reason) is choice.negative_transfer_predicted
     assert (choice.trained is not None) is (choice.strategy == "feature_extraction")
-    assert "1 epoch(s) on 64 train rows" in next(r["how"] for r in choice.evidence if r["model"] == "lora")
+    for arm in ("lora", "full"):
+        assert torch.load(checkpoints / arm / "checkpoint.pt", weights_only=True)["epoch"] == 1
+        finished = finetune(str(tiny_bert), LABELS, train, valid, cfg, model_cfg, arm, "test", progress=False,
+                            checkpoint_dir=checkpoints / arm)
+        assert finished.resumed_from_step and finished.epochs_run == cfg.epochs == 2
 
-    few_cfg, _ = train_config(strategy="auto", validation_fraction=0.02)
+    few_cfg, _ = train_config(strategy="auto", validation_fraction=0.2, auto_min_validation_rows=40)
     few_train, few_valid = build_training_data(splits, LABELS, few_cfg)
-    fallback = choose_strategy(str(tiny_bert), LABELS, few_train, few_valid, few_cfg, model_cfg, 400, None)
+    fallback = choose_strategy(str(tiny_bert), LABELS, few_train, few_valid, few_cfg, model_cfg, 400, None, checkpoints)
     assert fallback.strategy == "feature_extraction" and "too few to compare strategies" in fallback.reason
     assert fallback.evidence == []
 
