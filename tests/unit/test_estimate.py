@@ -45,7 +45,6 @@ def test_a_strong_confidence_shift_splits_the_methods():
     assert found["verdict"] == "INCONCLUSIVE"
     assert abs(found["methods"]["expected_confusion"]["accuracy"] - truth) < 0.03
     assert found["methods"]["atc"]["accuracy"] < truth - 0.08
-    assert found["estimate"]["accuracy"]["interval"][0] <= truth <= found["estimate"]["accuracy"]["interval"][1]
 
 
 def test_no_shift_is_not_a_drop():
