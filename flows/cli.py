@@ -222,6 +222,27 @@ def command_shift(args: argparse.Namespace, project: Path) -> int:
     return EXIT_OK
 
 
+def command_feedback(args: argparse.Namespace, project: Path) -> int:
+    from tasks.config import load_params
+    from tasks.errors import DataError
+    from tasks.ingest import read_with_columns
+    from tasks.monitoring import record_feedback
+
+    params = load_params(project / "params.yaml")
+    path = Path(args.path).resolve()
+    frame, columns, _ = read_with_columns(path, params.ingest.columns, args.columns, params.ingest.time_format)
+    if frame.empty or "label" not in frame:
+        raise DataError(f"{path}: no rows with a {columns.text!r} and a {columns.label!r} column")
+    for row in record_feedback(params, frame, str(path)):
+        estimated, realized = row["estimated"]["accuracy"], row["realized"]["accuracy"]
+        low, high = estimated["interval"]
+        print(f"estimate {row['estimate_id'][:8]}: accuracy estimated {estimated['estimate']:.3f} "
+              f"[{low:.3f}, {high:.3f}], realized {realized:.3f} on {row['labelled_rows']} labelled served texts "
+              f"(error {row['error']['accuracy']:+.3f}; {'inside' if low <= realized <= high else 'outside'} the interval)")
+    print(f"recorded in {params.paths.performance_history}")
+    return EXIT_OK
+
+
 def command_models(args: argparse.Namespace, project: Path) -> int:
     import json
 
@@ -405,6 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     shift.add_argument("target", help="the new data; labels are optional")
     shift.add_argument("--json", action="store_true", help="print the report as JSON (top-level key: verdict)")
     shift.add_argument("--columns", default=None, metavar="text=COL,label=COL", help=columns_help)
+    feedback = commands.add_parser("feedback", help="labels for served texts: record the production model's realized "
+                                   "performance next to shift-watch's estimate for the same traffic")
+    feedback.add_argument("path", help="a labelled file (CSV, Parquet, JSON lines) of served texts")
+    feedback.add_argument("--columns", default=None, metavar="text=COL,label=COL", help=columns_help)
     models = commands.add_parser("models", help="list packaged models, their stages, metrics and history")
     models.add_argument("--json", action="store_true", help="print the registry record as JSON")
     promote = commands.add_parser("promote", help="make a packaged model (PASS or approved) the production model")
@@ -427,8 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.errors import EXIT_INTERNAL, RegraftError
 
     args = build_parser().parse_args(argv)
-    handlers = {"run": command_run, "validate": command_validate, "shift": command_shift, "models": command_models,
-                "promote": command_promote, "rollback": command_promote, "serve": command_serve, "ui": command_ui}
+    handlers = {"run": command_run, "validate": command_validate, "shift": command_shift, "feedback": command_feedback,
+                "models": command_models, "promote": command_promote, "rollback": command_promote, "serve": command_serve, "ui": command_ui}
     try:
         project = find_project(Path.cwd())
         prepare_environment(project, args.command)

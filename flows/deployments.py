@@ -2,7 +2,8 @@
 mirrored for a process work pool in deploy/prefect.yaml.
 
 - retrain: on demand (the UI's Run button, with the typed parameter form); also started by the
-  `regraft.shift.detected` event that shift-watch emits (the closed loop serve -> watch -> retrain).
+  `regraft.shift.detected` and `regraft.performance.degraded` events that shift-watch emits (the closed loop
+  serve -> watch -> retrain), one trigger each, so a run shows which one started it.
 - retrain-scheduled: the same flow on `schedule.retrain_cron`.
 - promote, rollback: a model tag / nothing.
 - shift-watch: on `schedule.shift_watch_cron`.
@@ -10,8 +11,12 @@ mirrored for a process work pool in deploy/prefect.yaml.
 
 from __future__ import annotations
 
-
+from flows.notifications import PERFORMANCE_DEGRADED, SHIFT_DETECTED
 from tasks.config import Params
+
+
+RETRAIN_TRIGGERS = {"retrain when serving traffic shifts": SHIFT_DETECTED,
+                    "retrain when production is estimated to have got worse": PERFORMANCE_DEGRADED}
 
 
 def build_deployments(params: Params) -> list:
@@ -20,7 +25,6 @@ def build_deployments(params: Params) -> list:
     from prefect.events import DeploymentEventTrigger
     from prefect.schedules import Cron
 
-    from flows.notifications import SHIFT_DETECTED
     from flows.operations import promote, rollback, shift_watch
     from flows.retrain import retrain
 
@@ -29,10 +33,9 @@ def build_deployments(params: Params) -> list:
         retrain.to_deployment(
             name="retrain", tags=["regraft"],
             description="Retrain on demand: every stage of dvc.yaml, all or nothing.",
-            triggers=[DeploymentEventTrigger(
-                name="retrain when serving traffic shifts", expect={SHIFT_DETECTED}, posture="Reactive", threshold=1,
-                parameters={"parameters": {"overrides": []}},
-            )],
+            triggers=[DeploymentEventTrigger(name=name, expect={event}, posture="Reactive", threshold=1,
+                                             parameters={"parameters": {"overrides": []}})
+                      for name, event in RETRAIN_TRIGGERS.items()],
         ),
         retrain.to_deployment(name="retrain-scheduled", tags=["regraft"],
                               schedules=[Cron(schedule.retrain_cron, timezone=schedule.timezone)], description="Retrain on a schedule (schedule.retrain_cron)."),
@@ -43,5 +46,6 @@ def build_deployments(params: Params) -> list:
         shift_watch.to_deployment(
             name="shift-watch", parameters={"max_rows": schedule.shift_watch_rows}, tags=["regraft"],
             schedules=[Cron(schedule.shift_watch_cron, timezone=schedule.timezone)],
-            description="Serving traffic vs the production model's training data; emits regraft.shift.detected."),
+            description="Serving traffic vs the production model's training data, and its estimated performance on "
+                        "that traffic; emits regraft.shift.detected and regraft.performance.degraded."),
     ]

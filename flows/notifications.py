@@ -6,7 +6,9 @@ Events (payload: summary, verdict, link to the flow run in the UI, and what the 
 - regraft.run.failed: a retrain run ended without a model (a gate FAIL, a rejected verdict, a failed stage);
 - regraft.gate.paused: an INCONCLUSIVE gate waits for a person's decision;
 - regraft.model.promoted, regraft.model.rolled-back: production changed;
-- regraft.shift.detected: shift-watch found a moderate or severe shift in serving traffic.
+- regraft.shift.detected: shift-watch found a moderate or severe shift in serving traffic;
+- regraft.performance.degraded: shift-watch estimates, with confidence, that the production model does worse on
+  serving traffic than validated, by more than monitor.max_drop.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ GATE_PAUSED = "regraft.gate.paused"
 MODEL_PROMOTED = "regraft.model.promoted"
 MODEL_ROLLED_BACK = "regraft.model.rolled-back"
 SHIFT_DETECTED = "regraft.shift.detected"
-NOTIFIED_EVENTS = (RUN_FAILED, GATE_PAUSED, MODEL_PROMOTED, MODEL_ROLLED_BACK, SHIFT_DETECTED)
+PERFORMANCE_DEGRADED = "regraft.performance.degraded"
+NOTIFIED_EVENTS = (RUN_FAILED, GATE_PAUSED, MODEL_PROMOTED, MODEL_ROLLED_BACK, SHIFT_DETECTED, PERFORMANCE_DEGRADED)
 
 BLOCK_NAME = "regraft-notifications"
 AUTOMATION_NAME = "regraft: notify"
@@ -63,7 +66,7 @@ def ensure_notifications(webhook_url: str) -> str:
     block_id = block.save(BLOCK_NAME, overwrite=True)
     Automation(
         name=AUTOMATION_NAME,
-        description="Send regraft's run, gate, promotion and shift events to notify.webhook_url.",
+        description="Send regraft's run, gate, promotion, shift and performance events to notify.webhook_url.",
         trigger=EventTrigger(expect=set(NOTIFIED_EVENTS), match={"prefect.resource.id": "regraft.*"},
                              posture="Reactive", threshold=1, within=0),
         actions=[SendNotification(block_document_id=block_id, subject=SUBJECT, body=BODY)],

@@ -1,6 +1,7 @@
 """Prefect flows for operating regraft: promote, rollback, and shift-watch (serving traffic vs the
-production model's training data; a moderate or severe shift emits `regraft.shift.detected`). Each emits
-its event for notifications (flows/notifications.py)."""
+production model's training data: a moderate or severe shift emits `regraft.shift.detected`; an estimated drop
+in performance beyond monitor.max_drop emits `regraft.performance.degraded`). Each emits its event for
+notifications (flows/notifications.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows.notifications import MODEL_PROMOTED, MODEL_ROLLED_BACK, SHIFT_DETECTED, notify
+from flows.notifications import MODEL_PROMOTED, MODEL_ROLLED_BACK, PERFORMANCE_DEGRADED, SHIFT_DETECTED, notify
 from tasks.config import load_params, project_root
 
 
@@ -56,11 +57,12 @@ def announce(event: str, record: dict) -> None:
 
 @flow(name="shift-watch", log_prints=True)
 def shift_watch(max_rows: int = 2000) -> dict:
-    """Compare recent served texts with the production model's training data; on a moderate or severe
-    shift, emit a `regraft.shift.detected` event (an automation on it starts `retrain`)."""
-    from tasks.monitoring import watch_traffic
+    """Compare recent served texts with the production model's training data and estimate the model's performance
+    on them; on a moderate or severe shift, emit `regraft.shift.detected`; on an estimated drop beyond
+    monitor.max_drop, `regraft.performance.degraded` (an automation on each starts `retrain`)."""
+    from tasks.monitoring import read_history, watch_traffic
     from tasks.registry import read_record
-    from tasks.render import shift_markdown
+    from tasks.render import performance_markdown, shift_markdown
 
     root = in_project()
     params = load_params(root / "params.yaml")
@@ -69,12 +71,25 @@ def shift_watch(max_rows: int = 2000) -> dict:
         get_run_logger().info("no production model yet (%s): nothing is served, nothing to watch", params.paths.registry)
         return {"verdict": "skipped", "reasons": ["no production model"]}
     report = watch_traffic(params, max_rows)
+    performance, model, served = report["performance"], report["production_model"], report["served_rows"]
     create_markdown_artifact(key="shift-watch-report", markdown=shift_markdown(report),
                              description="serving traffic vs the production model's training data")
+    create_markdown_artifact(key="production-performance",
+                             markdown=performance_markdown(performance, read_history(params.paths.performance_history)),
+                             description="the production model's estimated performance on serving traffic, and its history")
     if report["verdict"] in ("moderate", "severe"):
-        notify(SHIFT_DETECTED, f"model.{report['production_model']}",
-               f"{report['verdict']} shift in the last {report['served_rows']} served texts of "
-               f"{report['production_model']}: " + "; ".join(report["reasons"]), report["verdict"],
-               reasons=report["reasons"], production_model=report["production_model"], served_rows=report["served_rows"])
+        notify(SHIFT_DETECTED, f"model.{model}",
+               f"{report['verdict']} shift in the last {served} served texts of {model}: " + "; ".join(report["reasons"]),
+               report["verdict"], reasons=report["reasons"], production_model=model, served_rows=served)
         get_run_logger().warning("shift %s in serving traffic: event %s emitted", report["verdict"], SHIFT_DETECTED)
-    return {"verdict": report["verdict"], "reasons": report["reasons"]}
+    drop = performance["drop"]
+    if drop["degraded"]:
+        notify(PERFORMANCE_DEGRADED, f"model.{model}",
+               f"{model} is estimated at {drop['metric']} {drop['estimated']:.3f} on its last {served} served texts, "
+               f"{drop['drop']:.3f} below its validated {drop['validated']:.3f} (limit {drop['max_drop']:.3f})",
+               "degraded", production_model=model, served_rows=served, metric=drop["metric"],
+               estimated=drop["estimated"], interval=drop["interval"], validated=drop["validated"])
+        get_run_logger().warning("estimated %s drop %.3f: event %s emitted", drop["metric"], drop["drop"],
+                                 PERFORMANCE_DEGRADED)
+    return {"verdict": report["verdict"], "reasons": report["reasons"], "performance": performance["verdict"],
+            "estimated": drop["estimated"], "degraded": drop["degraded"]}

@@ -51,6 +51,8 @@ class Paths(StrictModel):
     html_report: Path = Field(description="The run's reports, plots and verdict on one HTML page.")
     run_record: Path = Field(description="The last run's id, overrides and effective parameters (JSON).")
     checkpoints: Path = Field(description="Finetune's resumable checkpoints (removed when the stage completes).")
+    performance_history: Path = Field(description="shift-watch's performance estimates and, once labels arrive "
+                                      "(`regraft feedback`), the realized performance (JSON lines).")
 
     @model_validator(mode="after")
     def _inside_and_apart(self) -> Paths:
@@ -62,7 +64,7 @@ class Paths(StrictModel):
             if path.is_absolute() or ".." in path.parts:
                 raise ValueError(f"{name}: {path} must be a relative path inside the project (no '..')")
         guarded = {k: named[k] for k in ("state", "registry", "champion", "bentoml_home", "cache", "gate_answers",
-                                         "checkpoints")}
+                                         "checkpoints", "performance_history")}
         for name, path in named.items():
             if name in guarded:
                 continue
@@ -356,6 +358,17 @@ class ScheduleConfig(StrictModel):
     keep_failed_runs: int = Field(ge=0, description="How many failed runs keep their reports under paths.state/runs.")
 
 
+class MonitorConfig(StrictModel):
+    metric: Metric = Field(description="The metric whose estimated drop on serving traffic raises regraft.performance.degraded.")
+    max_drop: float = Field(gt=0, lt=1, description="shift-watch emits regraft.performance.degraded when the production "
+                            "model's estimated metric is below its validated value by more than this, with confidence "
+                            "(every estimation method's interval lies below).")
+    confidence: float = Field(gt=0.5, lt=1, description="Coverage of the estimates' intervals.")
+    draws: int = Field(ge=100, le=10000, description="Simulated labellings behind each estimate's interval.")
+    min_effective_rows: float = Field(ge=1, description="Importance-weighted validation takes part only with at least this "
+                                      "many effective rows (Kish); fewer: reported, not used.")
+
+
 class NotifyConfig(StrictModel):
     webhook_url: str = Field(description="Where `regraft ui`'s Prefect automation sends run failures, paused gates, "
                              "promotions, rollbacks and detected shifts (JSON POST: subject, body, text); empty: off. "
@@ -383,6 +396,7 @@ class Params(StrictModel):
     package: PackageConfig
     serve: ServeConfig
     schedule: ScheduleConfig
+    monitor: MonitorConfig
     notify: NotifyConfig
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

@@ -139,13 +139,17 @@ def weighted_estimate(val_proba, val_labels, weights, confidence: float, draws: 
                           {"effective_sample_size": effective_sample_size(weights), "rows": len(weights)})
 
 
+def measured_performance(predicted: np.ndarray, labels: np.ndarray, k: int, confidence: float) -> dict:
+    """Accuracy (with its Wilson interval) and macro-F1 of predictions whose true labels are known."""
+    metrics = metrics_from_confusion(confusion_counts(labels, predicted, k))
+    hits = int((predicted == labels).sum())
+    return {"accuracy": float(metrics["accuracy"]), "macro_f1": float(metrics["macro_f1"]), "rows": len(labels),
+            "accuracy_interval": wilson_interval(hits, len(labels), confidence)}
+
+
 def validated_performance(val_proba: np.ndarray, val_labels: np.ndarray, confidence: float) -> dict:
     """The model's measured performance on the labelled validation rows: the no-shift anchor."""
-    k = val_proba.shape[1]
-    metrics = metrics_from_confusion(confusion_counts(val_labels, val_proba.argmax(axis=1), k))
-    hits = int((val_proba.argmax(axis=1) == val_labels).sum())
-    return {"accuracy": float(metrics["accuracy"]), "macro_f1": float(metrics["macro_f1"]), "rows": len(val_labels),
-            "accuracy_interval": wilson_interval(hits, len(val_labels), confidence)}
+    return measured_performance(val_proba.argmax(axis=1), val_labels, val_proba.shape[1], confidence)
 
 
 # The methods whose point estimate the combined one averages: both read the target rows' own outputs. Importance

@@ -62,3 +62,85 @@ def test_training_data_comes_from_the_dvc_cache_by_md5(tmp_path):
     entry["data_md5"]["data/target_train.parquet"] = "0" * 32
     with pytest.raises(DataError, match="is not in the DVC cache"):
         training_data(entry, splits, tmp_path / "cache")
+
+
+# ----------------------------------------------------------------------------- labels that arrive later
+
+
+def served(project: Path, texts: list[str], predicted: list[str], model: str, second: int = 0) -> None:
+    """Prediction-log lines the way the service writes them with serve.log_texts: hash."""
+    log = project / ".regraft" / "predictions.jsonl"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as handle:
+        for i, (text, label) in enumerate(zip(texts, predicted)):
+            handle.write(json.dumps({"time": f"2026-01-01T00:00:{second + i:02d}+00:00", "label": label,
+                                     "confidence": 0.9, "model_version": model,
+                                     "text_sha256": hashlib.sha256(text.encode()).hexdigest()}) + "\n")
+
+
+def estimated(window: tuple[int, int], model: str = "m:1", accuracy: float = 0.8) -> dict:
+    return {"kind": "estimate", "id": f"e{window[0]}", "time": "2026-01-01T01:00:00+00:00", "production_model": model,
+            "window": {"from": f"2026-01-01T00:00:{window[0]:02d}+00:00", "to": f"2026-01-01T00:00:{window[1]:02d}+00:00"},
+            "served_rows": 10, "verdict": "ESTIMATED", "validated": {"accuracy": 0.9, "macro_f1": 0.8},
+            "estimated": {"accuracy": {"estimate": accuracy, "interval": [accuracy - 0.1, accuracy + 0.1]},
+                          "macro_f1": {"estimate": 0.7, "interval": [0.6, 0.8]}},
+            "degraded": False}
+
+
+@pytest.fixture
+def watched(tmp_path, monkeypatch):
+    """A project that served 10 texts with model m:1 (6 right), and one estimate for them in the history."""
+    from tasks.config import load_params
+    from tasks.monitoring import write_history
+
+    monkeypatch.chdir(tmp_path)
+    params = load_params(Path(__file__).resolve().parents[2] / "params.yaml")
+    texts = [f"text {i}" for i in range(10)]
+    served(tmp_path, texts, ["positive"] * 10, "m:1")
+    write_history(params.paths.performance_history, [estimated((0, 9))])
+    truth = pd.DataFrame({"text": texts, "label": ["positive"] * 6 + ["negative"] * 4})
+    return params, truth
+
+
+def test_feedback_is_scored_against_the_estimate_for_the_same_traffic(watched):
+    from tasks.monitoring import read_history, record_feedback
+
+    params, truth = watched
+    [row] = record_feedback(params, truth, "labels.csv")
+    assert row["estimate_id"] == "e0" and row["labelled_rows"] == 10
+    assert row["realized"]["accuracy"] == pytest.approx(0.6)
+    assert row["error"]["accuracy"] == pytest.approx(0.2)
+    assert read_history(params.paths.performance_history)[-1] == row
+
+
+def test_feedback_counts_only_the_estimated_model_and_window(watched):
+    from tasks.monitoring import record_feedback, write_history
+
+    params, truth = watched
+    served(Path.cwd(), ["late"], ["negative"], "m:1", second=30)  # after the window
+    write_history(params.paths.performance_history, [estimated((0, 9)), estimated((20, 40), model="m:2")])
+    rows = record_feedback(params, pd.concat([truth, pd.DataFrame({"text": ["late"], "label": ["negative"]})]), "f")
+    assert [(r["estimate_id"], r["labelled_rows"]) for r in rows] == [("e0", 10)]
+
+
+@pytest.mark.parametrize("frame,message", [
+    (pd.DataFrame({"text": ["text 1"], "label": ["great"]}), r"labels \['great'\] are not in ingest.labels"),
+    (pd.DataFrame({"text": ["never served"], "label": ["positive"]}), "none of its 1 texts is in the prediction log"),
+])
+def test_bad_feedback_is_refused_and_the_history_kept(watched, frame, message):
+    from tasks.monitoring import record_feedback
+
+    params, _ = watched
+    before = params.paths.performance_history.read_bytes()
+    with pytest.raises(DataError, match=message):
+        record_feedback(params, frame, "labels.csv")
+    assert params.paths.performance_history.read_bytes() == before
+
+
+def test_feedback_outside_every_window_says_to_run_shift_watch(watched):
+    from tasks.monitoring import record_feedback, write_history
+
+    params, truth = watched
+    write_history(params.paths.performance_history, [estimated((30, 40))])
+    with pytest.raises(DataError, match="outside every estimated window"):
+        record_feedback(params, truth, "labels.csv")
