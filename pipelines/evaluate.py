@@ -1,5 +1,6 @@
-"""DVC stage `evaluate`: candidate, champion and two baselines on both holdout splits ->
-reports/evaluate.json, reports/metrics.json (DVC metrics), reports/evaluate/ (bootstrap table, plots)."""
+"""DVC stage `evaluate`: candidate, champion and two baselines on both holdout splits, and on the source holdout
+weighted to look like the target (the shift stage's importance weights) -> reports/evaluate.json,
+reports/metrics.json (DVC metrics), reports/evaluate/ (bootstrap table, plots)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ from pipelines.stage_io import read_splits, report_path, run_stage, save_figure,
 from tasks.config import Params
 from tasks.baselines import baseline_probabilities, classifier_probabilities, train_frame
 from tasks.errors import CheckFailed
-from tasks.evaluate import evaluate_split, transfer_gain
+from tasks.evaluate import evaluate_split, transfer_gain, weighted_split
 from tasks.registry import production_problems
 from tasks.render import evaluate_markdown
 
 HOLDOUTS = ("target_holdout", "source_holdout")
+WEIGHTED = "source_holdout_weighted"
 
 
 def main(params: Params) -> int:
@@ -52,6 +54,9 @@ def main(params: Params) -> int:
             splits[split], per_model, params.ingest.labels, params.ingest.columns.groups, params.evaluate, split)
         samples.update(split_samples)
     report["transfer_gain"] = transfer_gain(report)
+    report["weighted"], weighted_samples = weighted_source_holdout(params, splits["source_holdout"],
+                                                                   {m: p["source_holdout"] for m, p in probas.items()})
+    samples.update(weighted_samples)
     report["bootstrap_file"] = str(params.paths.bootstrap)
     write_parquet(params.paths.bootstrap, pd.DataFrame(samples))
     report["plots"] = save_plots(report, params.paths.evaluation)
@@ -61,6 +66,25 @@ def main(params: Params) -> int:
     write_json(params.paths.metrics, headline_metrics(report))
     print(evaluate_markdown(report))
     return 0
+
+
+def weighted_source_holdout(params: Params, frame: pd.DataFrame, probas: dict[str, np.ndarray]) -> tuple[dict, dict]:
+    """The source holdout weighted by the shift stage's importance weights (target/source density ratio), so that
+    forgetting can be judged on source rows that look like the target. Rows the shift stage did not weigh (it
+    samples beyond shift.max_rows) are left out, and said so."""
+    weights_file = params.paths.shift_weights
+    by_id = pd.read_parquet(weights_file).drop_duplicates("id").set_index("id")["weight"] if weights_file.is_file() else None
+    if by_id is None or by_id.empty or "id" not in frame:
+        return {"split": WEIGHTED, "problem": f"no importance weights in {weights_file}"}, {}
+    weights = frame["id"].astype("str").map(by_id).to_numpy(dtype=float)
+    weighed = ~np.isnan(weights)
+    if not weighed.any():
+        return {"split": WEIGHTED, "problem": f"{weights_file} weighs none of the source_holdout rows"}, {}
+    index = {label: i for i, label in enumerate(params.ingest.labels)}
+    entry, samples = weighted_split(frame["label"].map(index).to_numpy()[weighed],
+                                    {m: p[weighed] for m, p in probas.items()}, weights[weighed],
+                                    params.ingest.labels, params.evaluate, WEIGHTED)
+    return {"split": WEIGHTED, "rows_without_weight": int((~weighed).sum()), **entry}, samples
 
 
 def headline_metrics(report: dict) -> dict:

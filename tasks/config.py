@@ -294,6 +294,11 @@ class Disparity(StrictModel):
 class Forgetting(StrictModel):
     metric: Metric
     max_drop: float = Field(ge=0, lt=1, description="Lower bound of candidate - champion on source_holdout must be >= -max_drop.")
+    weighting: Literal["none", "importance"] = Field(
+        description="importance: judge on the source holdout weighted to look like the target (the shift stage's "
+                    "importance weights), for source knowledge the target still needs; none: every source row counts.")
+    min_effective_rows: float = Field(ge=1, description="With importance weighting, fewer effective rows (Kish) than this "
+                                      "make the check INCONCLUSIVE: too little evidence either way.")
 
 
 class Baselines(StrictModel):

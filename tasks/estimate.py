@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from tasks.evaluate import confusion_counts, metrics_from_confusion, percentile_interval, wilson_interval
+from tasks.evaluate import (confusion_counts, effective_sample_size, metrics_from_confusion, percentile_interval,
+                            wilson_interval)
 
 METHODS = ("atc", "expected_confusion", "importance_weighted")
 
@@ -116,12 +117,6 @@ def expected_confusion_estimate(target_proba, confidence: float, draws: int, see
     point = metrics_from_confusion(expected_confusion(right, target_proba))
     return MethodEstimate("expected_confusion", float(right.mean()), percentile_interval(draws_out["accuracy"], confidence),
                           float(point["macro_f1"]), percentile_interval(draws_out["macro_f1"], confidence))
-
-
-def effective_sample_size(weights: np.ndarray) -> float:
-    """Kish's effective sample size: how many unweighted rows the weighted ones are worth."""
-    weights = np.asarray(weights, dtype=float)
-    return float(weights.sum() ** 2 / max(np.square(weights).sum(), 1e-300))
 
 
 def weighted_estimate(val_proba, val_labels, weights, confidence: float, draws: int, seed: int) -> MethodEstimate:

@@ -223,14 +223,56 @@ def bootstrap_statistics(y_true: np.ndarray, probas: dict[str, np.ndarray], colu
                     per_group.setdefault(metric, []).append(m[metric])
             for metric, rows in per_group.items():
                 out[f"{split}|{model}|{column.name}|gap:{metric}"] = largest_gap(np.vstack(rows))
-    for model in probas:
+    add_paired_differences(out, list(probas), split, reference)
+    return out
+
+
+def add_paired_differences(out: dict[str, np.ndarray], models: list[str], split: str, reference: str) -> None:
+    """`reference - other` for every statistic both models have, resample by resample (the paired interval)."""
+    for model in models:
         if model == reference:
             continue
         for key in [key for key in out if key.startswith(f"{split}|{reference}|")]:
             other = key.replace(f"|{reference}|", f"|{model}|", 1)
             if other in out:
                 out[key.replace(f"|{reference}|", f"|{reference}-{model}|", 1)] = out[key] - out[other]
-    return out
+
+
+def effective_sample_size(weights: np.ndarray) -> float:
+    """Kish's effective sample size: how many unweighted rows the weighted ones are worth."""
+    weights = np.asarray(weights, dtype=float)
+    return float(weights.sum() ** 2 / max(np.square(weights).sum(), 1e-300))
+
+
+def weighted_split(y_true: np.ndarray, probas: dict[str, np.ndarray], weights: np.ndarray, labels: list[str],
+                   cfg: EvaluateConfig, split: str, reference: str = "candidate") -> tuple[dict, dict[str, np.ndarray]]:
+    """Every model's overall metrics on rows weighted by importance (the source holdout made to look like the
+    target), with bootstrap intervals on shared resamples, paired differences, and the effective sample size."""
+    k = len(labels)
+    idx = stratified_resamples(np.zeros(len(y_true), dtype=int), cfg.bootstrap, cfg.seed)
+    samples: dict[str, np.ndarray] = {}
+    points = {}
+    for model, proba in probas.items():
+        predicted = proba.argmax(axis=1)
+        points[model] = metrics_from_confusion(confusion_counts(y_true, predicted, k, weights))
+        resampled = metrics_from_confusion(confusion_counts(y_true[idx], predicted[idx], k, weights[idx]))
+        for metric in SUMMARY_METRICS:
+            samples[f"{split}|{model}|overall|{metric}"] = resampled[metric]
+    add_paired_differences(samples, list(probas), split, reference)
+    interval = {key: percentile_interval(value, cfg.confidence) for key, value in samples.items()}
+    models = {model: {"overall": {**{m: _num(point[m]) for m in SUMMARY_METRICS},
+                                  "intervals": {m: interval[f"{split}|{model}|overall|{m}"] for m in SUMMARY_METRICS}}}
+              for model, point in points.items()}
+    comparisons = {}
+    for key, value in interval.items():
+        _, pair, scope, metric = key.split("|")
+        if "-" in pair:
+            a, b = pair.split("-", 1)
+            estimate = None if models[a]["overall"][metric] is None or models[b]["overall"][metric] is None else (
+                models[a]["overall"][metric] - models[b]["overall"][metric])
+            comparisons.setdefault(pair, {})[f"{scope}|{metric}"] = {"estimate": estimate, "interval": value}
+    return {"n": int(len(y_true)), "effective_sample_size": effective_sample_size(weights), "models": models,
+            "comparisons": comparisons}, samples
 
 
 def largest_gap(values: np.ndarray) -> np.ndarray:

@@ -152,15 +152,9 @@ def judge(evidence: Evidence, cfg: GateConfig, small_n: int) -> dict:
         checks.append(threshold_check(f"non-inferiority to champion: target_holdout {ni.metric}",
                                       entry.get("estimate"), evidence.samples(f"target_holdout|candidate-champion|{key}"),
                                       -ni.delta, ">=", cfg.alpha, detail="candidate - champion"))
-        fg = cfg.forgetting
-        key = f"overall|{fg.metric}"
-        entry = _get(splits, "source_holdout", "comparisons", "candidate-champion", key) or {}
-        checks.append(threshold_check(f"forgetting: source_holdout {fg.metric}", entry.get("estimate"),
-                                      evidence.samples(f"source_holdout|candidate-champion|{key}"), -fg.max_drop, ">=",
-                                      cfg.alpha, detail="candidate - champion on the source domain"))
+        checks.append(forgetting_check(evidence, cfg))
     else:
-        for name in (f"non-inferiority to champion: target_holdout {ni.metric}",
-                     f"forgetting: source_holdout {cfg.forgetting.metric}"):
+        for name in (f"non-inferiority to champion: target_holdout {ni.metric}", forgetting_name(cfg.forgetting)):
             checks.append(Check(name=name, status=NOT_APPLICABLE, detail="no champion in production"))
 
     baselines = baseline_checks(evidence, cfg)
@@ -172,6 +166,35 @@ def judge(evidence: Evidence, cfg: GateConfig, small_n: int) -> dict:
     checks += disparity_checks(evidence, cfg, champion)
     checks.append(shift_check(evidence.shift))
     return verdict_from(checks, notes, champion, insufficient)
+
+
+def forgetting_name(fg) -> str:
+    return f"forgetting: source_holdout{'_weighted' if fg.weighting == 'importance' else ''} {fg.metric}"
+
+
+def forgetting_check(evidence: Evidence, cfg: GateConfig) -> Check:
+    """candidate - champion on the source domain, raw or importance-weighted; weighted evidence too thin to judge
+    (effective rows below the floor) is INCONCLUSIVE, missing weighted evidence a FAIL."""
+    fg, name = cfg.forgetting, forgetting_name(cfg.forgetting)
+    key = f"overall|{fg.metric}"
+    if fg.weighting == "none":
+        entry = _get(evidence.evaluation, "splits", "source_holdout", "comparisons", "candidate-champion", key) or {}
+        return threshold_check(name, entry.get("estimate"), evidence.samples(f"source_holdout|candidate-champion|{key}"),
+                               -fg.max_drop, ">=", cfg.alpha, detail="candidate - champion on the source domain")
+    weighted = evidence.evaluation.get("weighted") or {}
+    if "effective_sample_size" not in weighted:
+        return Check(name=name, status=FAIL, detail="no importance-weighted evaluation of the source holdout: "
+                     + weighted.get("problem", "evaluate did not write one"))
+    ess = weighted["effective_sample_size"]
+    if ess < fg.min_effective_rows:
+        return Check(name=name, status=INCONCLUSIVE, value=None, threshold=-fg.max_drop, direction=">=",
+                     detail=f"the importance weights leave {ess:.1f} effective source rows (< {fg.min_effective_rows:g}): "
+                            "too few to judge forgetting on what the target still needs")
+    entry = _get(weighted, "comparisons", "candidate-champion", key) or {}
+    return threshold_check(name, entry.get("estimate"),
+                           evidence.samples(f"{weighted['split']}|candidate-champion|{key}"), -fg.max_drop, ">=",
+                           cfg.alpha, detail=f"candidate - champion on the source domain weighted to the target "
+                                             f"({ess:.0f} effective rows)")
 
 
 # The simple models evaluate trains beside the candidate: a transformer that does not beat them does not earn its cost.

@@ -334,15 +334,24 @@ def test_a_person_runs_retrain_from_the_prefect_ui(ui):
     assert (ARTIFACTS / "prefect-ui-retrain-run.png").stat().st_size > 10_000
 
 
-def test_the_shift_event_starts_retrain(ui):
+def test_the_performance_event_starts_retrain_through_its_own_trigger(ui):
+    """`regraft.performance.degraded` (shift-watch's estimated drop) starts retrain through the trigger of that name;
+    the `regraft.shift.detected` trigger is proven by the shift-watch test below."""
+    from flows.deployments import RETRAIN_TRIGGERS
+
     api, project, _ = ui
     before = run_ids(api, "retrain")
     event = {"id": str(uuid.uuid4()), "occurred": dt.datetime.now(dt.UTC).isoformat(),
-             "event": "regraft.shift.detected", "resource": {"prefect.resource.id": "regraft.model.test"},
-             "payload": {"verdict": "severe"}}
+             "event": "regraft.performance.degraded", "resource": {"prefect.resource.id": "regraft.model.test"},
+             "payload": {"verdict": "degraded"}}
     assert api.post("/events", json=[event]).status_code in (200, 201, 202, 204)
     new = new_run_ids(api, "retrain", before, 120)
     assert new, "no retrain run was started by the event"
+    automations = {a["id"]: a["name"] for a in api.post("/automations/filter", json={}).json()}
+    [trigger] = [name for name, expected in RETRAIN_TRIGGERS.items() if expected == event["event"]]
+    started_by = {automations.get(api.get(f"/flow_runs/{run_id}").json()["idempotency_key"].split(",")[0]
+                                  .removeprefix("automation ")) for run_id in new}
+    assert started_by == {trigger}, started_by
     # The loop is proven; the triggered run need not train here. Cancelling it the UI's way also shows
     # that a cancelled run stops its stage's processes and gives the project back.
     for run_id in new:
@@ -399,6 +408,17 @@ def test_promote_then_shift_watch_on_drifted_traffic_starts_retrain(ui):
     assert report["production_model"] == tag and report["served_rows"] == len(traffic)
     assert report["verdict"] in ("moderate", "severe"), report["reasons"]
     assert f"verdict: {report['verdict']}" in notified(api, "regraft.shift.detected", watched["id"])["body"]
+    # The production model's performance on that traffic, estimated from its holdout rows, is in the report, in the
+    # history that `regraft feedback` later scores, and in the run's artifact. (The tiny model here is below chance
+    # on its holdouts, so no traffic can be estimated lower: the event's own trigger is tested above.)
+    performance = report["performance"]
+    assert performance["verdict"] in ("ESTIMATED", "INCONCLUSIVE") and performance["target_rows"] == len(traffic)
+    assert set(performance["methods"]) == {"atc", "expected_confusion", "importance_weighted"}
+    assert performance["validation"] == {"source_holdout": 88, "target_holdout": 108}
+    [line] = [json.loads(row) for row in (project / ".regraft" / "performance-history.jsonl").read_text().splitlines()]
+    assert line["production_model"] == tag and line["served_rows"] == len(traffic)
+    artifacts = api.post("/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [watched["id"]]}}}).json()
+    assert {"shift-watch-report", "production-performance"} <= {a["key"] for a in artifacts}
     new = new_run_ids(api, "retrain", before, 120)
     assert new, "shift-watch's event started no retrain"
     for run_id in new:

@@ -26,7 +26,7 @@ LENIENT = {
     "non_inferiority": {"metric": "accuracy", "delta": 0.5},
     "worst_group": {"metrics": ["accuracy"], "floor": 0.1},
     "disparity": {"metric": "accuracy", "max_gap": 0.9, "max_increase": 0.9},
-    "forgetting": {"metric": "accuracy", "max_drop": 0.9},
+    "forgetting": {"metric": "accuracy", "max_drop": 0.9, "weighting": "none", "min_effective_rows": 30},
     "baselines": {"metric": "accuracy", "margin": 0.9},
     "on_inconclusive": "reject",
     "decision_timeout_seconds": 60,
@@ -120,9 +120,9 @@ CASES = [
     ("disparity: condition accuracy gap vs champion", {"disparity": {"metric": "accuracy", "max_gap": 0.9, "max_increase": 0.6}}, PASS),
     ("disparity: condition accuracy gap vs champion", {"disparity": {"metric": "accuracy", "max_gap": 0.9, "max_increase": 0.0}}, FAIL),
     ("disparity: condition accuracy gap vs champion", {"disparity": {"metric": "accuracy", "max_gap": 0.9, "max_increase": 0.33}}, INCONCLUSIVE),
-    ("forgetting", {"forgetting": {"metric": "accuracy", "max_drop": 0.4}}, PASS),
-    ("forgetting", {"forgetting": {"metric": "accuracy", "max_drop": 0.0}}, FAIL),
-    ("forgetting", {"forgetting": {"metric": "accuracy", "max_drop": 0.15}}, INCONCLUSIVE),
+    ("forgetting", {"forgetting": {"metric": "accuracy", "max_drop": 0.4, "weighting": "none", "min_effective_rows": 30}}, PASS),
+    ("forgetting", {"forgetting": {"metric": "accuracy", "max_drop": 0.0, "weighting": "none", "min_effective_rows": 30}}, FAIL),
+    ("forgetting", {"forgetting": {"metric": "accuracy", "max_drop": 0.15, "weighting": "none", "min_effective_rows": 30}}, INCONCLUSIVE),
     ("baseline:", {"baselines": {"metric": "accuracy", "margin": 0.3}}, PASS),
     ("baseline:", {"baselines": {"metric": "accuracy", "margin": 0.0}}, FAIL),
     ("baseline:", {"baselines": {"metric": "accuracy", "margin": 0.09}}, INCONCLUSIVE),
@@ -355,3 +355,32 @@ def test_a_missing_baseline_fails_closed(evidence):
     verdict = judge(bare, gate_config(), small_n=30)
     row = criterion(verdict, "baseline: candidate vs tfidf")[0]
     assert row["status"] == FAIL and "no comparison with TF-IDF" in row["detail"] and verdict["verdict"] == FAIL
+
+
+def with_weighted_source(evidence: Evidence, weights: np.ndarray | None) -> Evidence:
+    """The evidence plus evaluate's importance-weighted source holdout (None: evaluate wrote no weighted entry)."""
+    from tasks.evaluate import weighted_split
+
+    broken = Evidence(copy.deepcopy(evidence.evaluation), evidence.bootstrap.copy(), dict(evidence.shift))
+    if weights is None:
+        broken.evaluation["weighted"] = {"split": "source_holdout_weighted", "problem": "no importance weights in x"}
+        return broken
+    source, probas = split_frame({"A": (200, 0.7, 0.85), "B": (200, 0.7, 0.85)}, seed=2)
+    y = source["label"].map({label: i for i, label in enumerate(LABELS)}).to_numpy()
+    entry, samples = weighted_split(y, probas, weights, LABELS, EVAL_CFG, "source_holdout_weighted")
+    broken.evaluation["weighted"] = {"split": "source_holdout_weighted", **entry}
+    broken.bootstrap = pd.concat([broken.bootstrap, pd.DataFrame(samples)], axis=1)
+    return broken
+
+
+@pytest.mark.parametrize("weights,max_drop,expected", [
+    (np.ones(400), 0.4, PASS),
+    (np.ones(400), 0.0, FAIL),
+    (np.r_[np.full(5, 100.0), np.full(395, 0.01)], 0.4, INCONCLUSIVE),  # ~5 effective rows: too few to judge
+    (None, 0.4, FAIL),  # configured, but evaluate has no weighted evidence: fail closed
+])
+def test_forgetting_on_the_importance_weighted_source_holdout(evidence, weights, max_drop, expected):
+    forgetting = {"metric": "accuracy", "max_drop": max_drop, "weighting": "importance", "min_effective_rows": 30}
+    verdict = judge(with_weighted_source(evidence, weights), gate_config(forgetting=forgetting), small_n=30)
+    [row] = criterion(verdict, "forgetting: source_holdout_weighted accuracy")
+    assert row["status"] == expected, row
