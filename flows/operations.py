@@ -63,6 +63,7 @@ def shift_watch(max_rows: int = 2000) -> dict:
     from tasks.monitoring import read_history, watch_traffic
     from tasks.registry import read_record
     from tasks.render import performance_markdown, shift_markdown
+    from tasks.report import performance_history_plot, png_data_uri
 
     root = in_project()
     params = load_params(root / "params.yaml")
@@ -74,8 +75,11 @@ def shift_watch(max_rows: int = 2000) -> dict:
     performance, model, served = report["performance"], report["production_model"], report["served_rows"]
     create_markdown_artifact(key="shift-watch-report", markdown=shift_markdown(report),
                              description="serving traffic vs the production model's training data")
+    history = read_history(params.paths.performance_history)
+    plot = performance_history_plot(history)
     create_markdown_artifact(key="production-performance",
-                             markdown=performance_markdown(performance, read_history(params.paths.performance_history)),
+                             markdown=performance_markdown(performance, history)
+                             + (f"\n![estimated and realized accuracy over time]({png_data_uri(plot)})\n" if plot else ""),
                              description="the production model's estimated performance on serving traffic, and its history")
     if report["verdict"] in ("moderate", "severe"):
         notify(SHIFT_DETECTED, f"model.{model}",

@@ -33,7 +33,7 @@ from flows.dag import stage_order, stage_outputs
 from flows.notifications import GATE_PAUSED, RUN_FAILED, notify
 from flows.workspace import discard, prune_failed_runs, recover_interrupted, restore, take_snapshot
 from tasks.config import Params, config_field, load_params, parse_override, project_root, write_overrides
-from tasks.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, CheckFailed, InternalError, RegraftError
+from tasks.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, CheckFailed, DataError, InternalError, RegraftError
 from tasks.files import sha256_of, write_json
 from tasks.gate import INCONCLUSIVE, answer_file
 from tasks.locking import clear_stale_dvc_locks, project_lock
@@ -353,6 +353,7 @@ def save_to_history(project_dir: Path, params: Params, run_id: str, stages: list
 
 def publish_html_report(root: Path, params: Params, stages: list[str], run_id: str) -> Path:
     """Write the run's one-page HTML report (every report, plot and the verdict) and link it from the run."""
+    from tasks.monitoring import read_history
     from tasks.report import html_report
 
     sections = [(params.report_file(stage).stem, json_file(root / params.report_file(stage)))
@@ -360,7 +361,12 @@ def publish_html_report(root: Path, params: Params, stages: list[str], run_id: s
     figures = {"shift": sorted((root / params.paths.shift_plots).glob("*.png")),
                "evaluate": sorted((root / params.paths.evaluation).glob("*.png"))}
     page = root / params.paths.html_report
-    page.write_text(html_report(sections, figures, f"regraft run {run_id}", root / params.paths.train_log),
+    try:
+        history = read_history(root / params.paths.performance_history)
+    except DataError as exc:  # a damaged history must not cost the run its report
+        get_run_logger().warning("performance history left out of the report: %s", exc)
+        history = []
+    page.write_text(html_report(sections, figures, f"regraft run {run_id}", root / params.paths.train_log, history),
                     encoding="utf-8")
     create_link_artifact(key="run-report", link=page.as_uri(), link_text="HTML report of this run",
                          description="validation, shift plots, training curves, metrics, groups and verdict")

@@ -199,12 +199,13 @@ def estimate_performance(val_proba: np.ndarray, val_labels: np.ndarray, target_p
 
 
 def performance_drop(estimate: dict, max_drop: float, metric: str = "accuracy") -> dict:
-    """Has the model got worse than validated by more than `max_drop`, with confidence? Only when every used
-    method's interval lies below the validated value minus the drop (an INCONCLUSIVE estimate never says so)."""
+    """Has the model got worse than validated by more than `max_drop`, with confidence? When the interval of every
+    method in POINT_METHODS (both read the traffic's own outputs) lies that far below the validated value. Importance
+    weighting cannot raise or veto it: it sees which validation rows the traffic resembles, not the model's outputs."""
     validated = estimate["validated"][metric]
+    highs = [m[f"{metric}_interval"][1] for name, m in estimate["methods"].items() if name in POINT_METHODS]
+    degraded = bool(highs) and all(high is not None and validated - high > max_drop for high in highs)
     entry = estimate["estimate"][metric]
-    high = entry["interval"][1]
-    degraded = estimate["verdict"] == "ESTIMATED" and high is not None and validated - high > max_drop
     return {"metric": metric, "validated": validated, "estimated": entry["estimate"], "interval": entry["interval"],
             "drop": validated - entry["estimate"], "max_drop": max_drop, "degraded": bool(degraded)}
 

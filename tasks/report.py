@@ -42,8 +42,44 @@ def training_curves(log: Path) -> bytes | None:
     return buffer.getvalue()
 
 
-def html_report(sections: list[tuple[str, dict]], figures: dict[str, list[Path]], title: str, train_log: Path) -> str:
-    """The run's reports (name and content, in run order) as one HTML page, each with its figures."""
+def performance_history_plot(history: list[dict]) -> bytes | None:
+    """shift-watch's estimated accuracy of the production model over time (interval bars), the realized accuracy
+    where labels arrived (`regraft feedback`), and the validated accuracy each estimate started from."""
+    estimates = [row for row in history if row.get("kind") == "estimate"]
+    if not estimates:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    realized = {row["estimate_id"]: row["realized"]["accuracy"] for row in history if row.get("kind") == "realized"}
+    when = pd.to_datetime([row["time"] for row in estimates], utc=True)
+    value = [row["estimated"]["accuracy"]["estimate"] for row in estimates]
+    low = [v - (row["estimated"]["accuracy"]["interval"][0] or v) for v, row in zip(value, estimates)]
+    high = [(row["estimated"]["accuracy"]["interval"][1] or v) - v for v, row in zip(value, estimates)]
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.errorbar(when, value, yerr=[low, high], fmt="o", capsize=3, label="estimated (interval)")
+    ax.plot(when, [row["validated"]["accuracy"] for row in estimates], "_", markersize=14, color="grey",
+            label="validated on holdout")
+    labelled = [(t, realized[row["id"]]) for t, row in zip(when, estimates) if row["id"] in realized]
+    if labelled:
+        ax.plot(*zip(*labelled), "x", markersize=9, color="tab:red", label="realized (labels arrived)")
+    ax.set(title="Production model accuracy on serving traffic", ylabel="accuracy", ylim=(0, 1.02))
+    ax.legend(fontsize=8)
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def html_report(sections: list[tuple[str, dict]], figures: dict[str, list[Path]], title: str, train_log: Path,
+                performance_history: list[dict] | None = None) -> str:
+    """The run's reports (name and content, in run order) as one HTML page, each with its figures, and the
+    production model's estimated and realized performance over time."""
     from markdown_it import MarkdownIt
 
     from tasks.render import render_report
@@ -62,5 +98,10 @@ def html_report(sections: list[tuple[str, dict]], figures: dict[str, list[Path]]
         for image in figures.get(name, []):
             parts.append(f"<img alt='{html.escape(image.stem)}' src='{png_data_uri(image.read_bytes())}'>")
         parts.append("</section>")
+    history_plot = performance_history_plot(performance_history or [])
+    if history_plot:
+        parts.append("<section id='production-performance'><h1>Production model on serving traffic</h1>"
+                     "<p>shift-watch's estimates before labels, and the realized accuracy once they arrived.</p>"
+                     f"<img alt='estimated and realized performance' src='{png_data_uri(history_plot)}'></section>")
     parts.append("</body></html>")
     return "\n".join(parts)

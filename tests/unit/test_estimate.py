@@ -57,7 +57,7 @@ def test_no_shift_is_not_a_drop():
     assert not performance_drop(found, max_drop=0.05)["degraded"]
 
 
-def test_methods_that_disagree_are_inconclusive_and_never_a_drop():
+def test_methods_that_disagree_are_inconclusive_and_weights_alone_raise_no_drop():
     """Weights that pick out the validation rows the model gets wrong say the target is much worse than the
     target's own outputs say: the methods disagree, the verdict is INCONCLUSIVE, and no drop is claimed."""
     rng = np.random.default_rng(3)

@@ -144,3 +144,28 @@ def test_feedback_outside_every_window_says_to_run_shift_watch(watched):
     write_history(params.paths.performance_history, [estimated((30, 40))])
     with pytest.raises(DataError, match="outside every estimated window"):
         record_feedback(params, truth, "labels.csv")
+
+
+def test_regraft_feedback_reads_any_columns_and_refuses_bad_labels_once(watched):
+    """The command on a user's file: its own column names through --columns; labels outside ingest.labels are
+    refused with exit code 2, one message, and the history left as it was."""
+    import shutil
+    import subprocess
+    import sys
+
+    params, truth = watched
+    repo = Path(__file__).resolve().parents[2]
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy(repo / name, Path.cwd() / name)
+    truth.rename(columns={"text": "comment", "label": "verdict"}).to_csv("labels.csv", index=False)
+    regraft = str(Path(sys.executable).parent / "regraft")
+    done = subprocess.run([regraft, "feedback", "labels.csv", "--columns", "text=comment,label=verdict"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "accuracy estimated 0.800 [0.700, 0.900], realized 0.600 on 10 labelled served texts" in done.stdout
+    before = params.paths.performance_history.read_bytes()
+    truth.assign(label="great").to_csv("bad.csv", index=False)
+    bad = subprocess.run([regraft, "feedback", "bad.csv"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("error:") == 1 and "Traceback" not in bad.stderr
+    assert "labels ['great'] are not in ingest.labels" in bad.stderr
+    assert params.paths.performance_history.read_bytes() == before

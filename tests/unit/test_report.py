@@ -21,3 +21,13 @@ def test_group_values_and_a_reviewers_reason_are_escaped(tmp_path):
     page = html_report([("verdict", verdict), ("decision", decision)], {}, f"run {ATTACK}", tmp_path / "no-log.csv")
     assert "<img" not in page and "<script>" not in page
     assert "&lt;img src=x onerror=alert(1)&gt;" in page and "&lt;script&gt;" in page
+
+
+def test_the_page_shows_estimated_against_realized_performance_once_there_is_history(tmp_path):
+    from tasks.report import html_report
+    from tests.unit.test_monitoring import estimated
+
+    history = [estimated((0, 9)), {"kind": "realized", "estimate_id": "e0", "realized": {"accuracy": 0.75}}]
+    assert "id='production-performance'" not in html_report([], {}, "run", tmp_path / "no-log.csv")
+    page = html_report([], {}, "run", tmp_path / "no-log.csv", history)
+    assert "id='production-performance'" in page and "data:image/png;base64," in page
