@@ -4,6 +4,7 @@ that training, evaluation and serving share."""
 from __future__ import annotations
 
 import hashlib
+import pickle
 import importlib.metadata
 from collections.abc import Callable
 from pathlib import Path
@@ -196,17 +197,33 @@ def load_encoder(spec: str | Path):
     return AutoModel.from_pretrained(str(resolve_model(spec)))
 
 
+def text_key(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def read_embedding_shards(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """Every cached embedding under `folder` whose shard name starts with `prefix`, by text key. A shard that
+    cannot be read is skipped (its texts are embedded again), never trusted half-read."""
+    found: dict[str, torch.Tensor] = {}
+    for path in sorted(Path(folder).glob(f"{prefix}-*.pt")):
+        try:
+            shard = torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError):
+            continue
+        if isinstance(shard, dict) and len(shard.get("keys", [])) == len(shard.get("embeddings", [])):
+            found.update(zip(shard["keys"], shard["embeddings"]))
+    return found
+
+
 @torch.no_grad()
 def mean_pooled_embeddings(spec: str | Path, texts: list[str], max_length: int, cache_dir: Path | None = None,
                            batch_size: int = 64) -> torch.Tensor:
-    """Mean-pooled last hidden states (the sentence embedding all-MiniLM-L6-v2 was trained for),
-    cached by model fingerprint and text hash."""
+    """Mean-pooled last hidden states (the sentence embedding all-MiniLM-L6-v2 was trained for). Cached per text
+    (by model fingerprint, max length and the text's sha256), so shift, evaluate and shift-watch embed each text
+    once between them: a call embeds only the texts no earlier call did, and adds them as one new shard."""
     from tasks.devices import choose_runtime
 
-    digest = hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:20]
-    path = cache_dir / f"mean-{model_fingerprint(spec)}-{max_length}-{digest}.pt" if cache_dir else None
-
-    def embed() -> torch.Tensor:
+    def embed(rows: list[str]) -> torch.Tensor:
         runtime = choose_runtime()
         encoder = load_encoder(spec).eval().to(runtime.device)
 
@@ -215,7 +232,18 @@ def mean_pooled_embeddings(spec: str | Path, texts: list[str], max_length: int, 
             mask = batch["attention_mask"].unsqueeze(-1).float()
             return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
-        return map_batches(mean_pool, load_tokenizer(spec), texts, max_length, encoder.config.hidden_size, runtime,
+        return map_batches(mean_pool, load_tokenizer(spec), rows, max_length, encoder.config.hidden_size, runtime,
                            batch_size)
 
-    return cached_tensor(path, embed)[0]
+    if cache_dir is None or not texts:
+        return embed(texts)
+    prefix = f"text-mean-{model_fingerprint(spec)}-{max_length}"
+    keys = [text_key(text) for text in texts]
+    known = read_embedding_shards(cache_dir, prefix)
+    missing = {key: text for key, text in zip(keys, texts) if key not in known}
+    if missing:
+        fresh = embed(list(missing.values()))
+        shard = Path(cache_dir) / f"{prefix}-{hashlib.sha256(''.join(missing).encode()).hexdigest()[:20]}.pt"
+        write_atomically(shard, lambda tmp: torch.save({"keys": list(missing), "embeddings": fresh}, tmp))
+        known.update(zip(missing, fresh))
+    return torch.stack([known[key] for key in keys])

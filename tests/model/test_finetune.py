@@ -201,6 +201,25 @@ def test_cached_tensor_computes_once_and_leaves_no_temporary_files(tmp_path):
     assert cached_tensor(None, compute)[1] is False and len(calls) == 2
 
 
+def test_embeddings_are_cached_per_text_across_calls(tiny_bert, tmp_path):
+    """A second call with an overlapping list embeds only its new texts (one new shard); every row matches the
+    uncached embedding, in the caller's order, duplicates included; a damaged shard is embedded again."""
+    from tasks.models import mean_pooled_embeddings
+
+    cache = tmp_path / "embeddings"
+    texts = ["a good drug", "it did nothing", "terrible side effects", "works well"]
+    plain = mean_pooled_embeddings(tiny_bert, texts, 32)
+    first = mean_pooled_embeddings(tiny_bert, texts[:2], 32, cache)
+    second = mean_pooled_embeddings(tiny_bert, [texts[3], texts[1], texts[2], texts[1]], 32, cache)
+    shards = sorted(cache.iterdir())
+    assert len(shards) == 2 and not [p for p in shards if p.name.startswith(".")]
+    assert torch.allclose(first, plain[:2], atol=1e-5)
+    assert torch.allclose(second, plain[[3, 1, 2, 1]], atol=1e-5)
+    shards[0].write_bytes(b"not a tensor")
+    again = mean_pooled_embeddings(tiny_bert, texts, 32, cache)
+    assert torch.allclose(again, plain, atol=1e-5) and len(list(cache.iterdir())) == 3
+
+
 @pytest.mark.parametrize(
     ("strategy", "n_target", "shift", "expected"),
     [("auto", 400, None, "feature_extraction"), ("auto", 400, {"verdict": "severe"}, "lora"),
