@@ -78,8 +78,8 @@ def performance_markdown(performance: dict, history: list[dict]) -> str:
     pct = f"{performance['confidence']:.0%}"
     lines = [f"# Estimated performance on serving traffic: {performance['verdict']}", "",
              f"- validated {drop['metric']}: {drop['validated']:.3f} on {performance['validated']['rows']} holdout rows",
-             f"- estimated on {performance['target_rows']} served texts: {drop['estimated']:.3f} "
-             f"({pct} interval {_interval(drop['interval'])}); drop {drop['drop']:+.3f}, limit {drop['max_drop']:.3f}: "
+             f"- estimated on {performance['target_rows']} served texts: {_interval(drop['estimated'], drop['interval'])} "
+             f"({pct} interval); drop {drop['drop']:+.3f}, limit {drop['max_drop']:.3f}: "
              + ("**degraded**" if drop["degraded"] else "not shown to exceed the limit"),
              *[f"- {note}" for note in performance["notes"]], "",
              f"| method | accuracy ({pct} interval) | macro-F1 ({pct} interval) | note |", "|---|---|---|---|"]
@@ -87,8 +87,8 @@ def performance_markdown(performance: dict, history: list[dict]) -> str:
         detail = m.get("detail") or {}
         note = (f"effective rows {detail['effective_sample_size']:.0f}" + ("" if detail.get("used") else ", not used")
                 if "effective_sample_size" in detail else "")
-        lines.append(f"| {name} | {m['accuracy']:.3f} {_interval(m['accuracy_interval'])} | "
-                     f"{m['macro_f1']:.3f} {_interval(m['macro_f1_interval'])} | {note} |")
+        lines.append(f"| {name} | {_interval(m['accuracy'], m['accuracy_interval'])} | "
+                     f"{_interval(m['macro_f1'], m['macro_f1_interval'])} | {note} |")
     realized = {row["estimate_id"]: row for row in history if row.get("kind") == "realized"}
     estimates = [row for row in history if row.get("kind") == "estimate"][-20:]
     if estimates:
@@ -99,12 +99,8 @@ def performance_markdown(performance: dict, history: list[dict]) -> str:
             truth = f"{done['realized']['accuracy']:.3f} ({done['labelled_rows']})" if done else "no labels yet"
             acc = row["estimated"]["accuracy"]
             lines.append(f"| {row['time']} | {row['production_model']} | {row['served_rows']} | "
-                         f"{acc['estimate']:.3f} {_interval(acc['interval'])} | {truth} |")
+                         f"{_interval(acc['estimate'], acc['interval'])} | {truth} |")
     return "\n".join(lines) + "\n"
-
-
-def _interval(interval: list) -> str:
-    return "[" + ", ".join("n/a" if v is None else f"{v:.3f}" for v in interval) + "]"
 
 
 def finetune_markdown(report: dict) -> str:

@@ -101,3 +101,20 @@ def test_atc_threshold_and_expected_confusion():
 def test_bad_inputs_are_refused(val_shape, labels, target_shape):
     with pytest.raises(ValueError):
         estimate_performance(np.full(val_shape, 1 / 3), np.zeros(labels, dtype=int), np.full(target_shape, 1 / 3))
+
+
+def test_the_estimate_renders_with_its_history():
+    from tasks.render import performance_markdown
+    from tests.unit.test_monitoring import estimated
+
+    rng = np.random.default_rng(5)
+    val_proba, val_labels = calibrated_rows(300, 3.0, rng)
+    target_proba, _ = calibrated_rows(200, 1.5, rng)
+    found = estimate_performance(val_proba, val_labels, target_proba, np.ones(300), draws=100)
+    found["drop"] = performance_drop(found, 0.05)
+    history = [estimated((0, 9)), {"kind": "realized", "estimate_id": "e0", "labelled_rows": 10,
+                                   "realized": {"accuracy": 0.75}}]
+    page = performance_markdown(found, history)
+    assert f"# Estimated performance on serving traffic: {found['verdict']}" in page
+    assert "| importance_weighted |" in page and "effective rows 300" in page
+    assert "| 0.800 [0.700, 0.900] | 0.750 (10) |" in page
