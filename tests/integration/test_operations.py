@@ -129,10 +129,11 @@ def ui(tmp_path_factory, tiny_bert):
     control plane, and the bundled model's own run is tested end to end in test_retrain_flow. Its
     notifications go to a webhook receiver on loopback."""
     with webhook_receiver() as hook:
-        # A learning rate at which 8 epochs teach the tiny model something (validated accuracy about 0.67), so that
-        # shift-watch has a model whose drop on degraded traffic can be seen.
-        settings = {**QUICK_SETTINGS, "model.base": str(tiny_bert), "train.learning_rate": 1e-3, **QUIET_CRONS,
-                    "notify.webhook_url": hook}
+        # A learning rate at which the browser's 8 epochs teach the tiny model something (validated accuracy about
+        # 0.67), so that shift-watch has a model whose drop on degraded traffic can be seen; a progress line every
+        # 50 steps, not every step (each is a Prefect log record: per step, they made training take 3 minutes).
+        settings = {**QUICK_SETTINGS, "model.base": str(tiny_bert), "train.learning_rate": 1e-3, "train.log_every": 50,
+                    **QUIET_CRONS, "notify.webhook_url": hook}
         with running_ui(tmp_path_factory.mktemp("ui"), settings, credential=UI_CREDENTIAL) as served:
             yield served
 
@@ -181,13 +182,16 @@ def server_picture(api: httpx.Client) -> str:
     return "\n".join(lines)
 
 
-def cancel_run(api: httpx.Client, run_id: str, project: Path) -> None:
+def cancel_run(api: httpx.Client, run_id: str, project: Path, may_finish_first: bool = False) -> None:
     """Cancel a run as the UI's Cancel button does (CANCELLING; the runner stops the flow's process) and
-    check that nothing the run started is left running in the project."""
-    wait_for_state(api, run_id, {"RUNNING"}, 120)
-    api.post(f"/flow_runs/{run_id}/set_state", json={"state": {"type": "CANCELLING"}})
-    cancelled = wait_for_state(api, run_id, {"CANCELLED", "COMPLETED", "FAILED", "CRASHED"}, 120)
-    assert cancelled["state"]["type"] == "CANCELLED", cancelled["state"]
+    check that nothing the run started is left running in the project. A tiny run can end (its gate failing)
+    before the cancel lands: with `may_finish_first`, that is fine too."""
+    ended = {"CANCELLED", "COMPLETED", "FAILED", "CRASHED"}
+    started = wait_for_state(api, run_id, {"RUNNING"} | (ended if may_finish_first else set()), 120)
+    if started["state"]["type"] == "RUNNING":
+        api.post(f"/flow_runs/{run_id}/set_state", json={"state": {"type": "CANCELLING"}})
+    cancelled = wait_for_state(api, run_id, ended, 120)
+    assert cancelled["state"]["type"] == "CANCELLED" or may_finish_first, cancelled["state"]
     # The state can say CANCELLED while the flow's process is still stopping its stage (SIGTERM, then SIGKILL
     # after 10 s): give it that long, then nothing of the run may be left.
     deadline, leftovers = time.monotonic() + 60, None
@@ -417,7 +421,8 @@ def test_promote_then_shift_watch_on_degraded_traffic_starts_retrain_and_feedbac
         time.sleep(2)
     assert started_by(api, new) == set(RETRAIN_TRIGGERS), started_by(api, new)
     for run_id in new:
-        cancel_run(api, run_id, project)
+        cancel_run(api, run_id, project, may_finish_first=True)
+    assert "CANCELLED" in {api.get(f"/flow_runs/{run_id}").json()["state"]["type"] for run_id in new}
 
     pd.DataFrame({"comment": traffic, "stars": target["label"]}).to_csv(project / "labels.csv", index=False)
     done = subprocess.run([REGRAFT, "feedback", "labels.csv", "--columns", "text=comment,label=stars"], cwd=project,
