@@ -63,6 +63,11 @@ def replace_directory(build: Callable[[Path], None], destination: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def text_sha256(text: str) -> str:
+    """A text's sha256 as the prediction log keeps it (serve.log_texts: hash), so labels can find it later."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def sha256_of(path: Path) -> str:
     """The sha256 of a file's bytes, read in blocks."""
     digest = hashlib.sha256()

@@ -7,7 +7,6 @@ same traffic, in paths.performance_history."""
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import uuid
 from pathlib import Path
@@ -17,7 +16,7 @@ import pandas as pd
 
 from tasks.config import Params
 from tasks.errors import DataError
-from tasks.files import write_atomically, write_json
+from tasks.files import text_sha256, write_atomically, write_json
 
 TRAIN_SPLITS = ("source_train", "target_train")
 HOLDOUT_SPLITS = ("source_holdout", "target_holdout")
@@ -175,7 +174,7 @@ def served_predictions(path: Path) -> pd.DataFrame:
     if "text_sha256" not in frame:
         frame["text_sha256"] = None
     if "text" in frame:
-        hashed = frame["text"].map(lambda t: hashlib.sha256(str(t).encode()).hexdigest() if isinstance(t, str) else None)
+        hashed = frame["text"].map(lambda t: text_sha256(t) if isinstance(t, str) else None)
         frame["text_sha256"] = frame["text_sha256"].fillna(hashed)
     missing = [c for c in ("time", "label", "model_version") if c not in frame]
     if missing:
@@ -194,7 +193,7 @@ def record_feedback(params: Params, feedback: pd.DataFrame, origin: str) -> list
     unknown = sorted(set(feedback["label"].astype("str")) - set(index))
     if unknown:
         raise DataError(f"{origin}: labels {unknown[:5]} are not in ingest.labels {labels}")
-    truth = pd.DataFrame({"text_sha256": feedback["text"].astype("str").map(lambda t: hashlib.sha256(t.encode()).hexdigest()),
+    truth = pd.DataFrame({"text_sha256": feedback["text"].astype("str").map(text_sha256),
                           "truth": feedback["label"].astype("str")}).drop_duplicates("text_sha256", keep="last")
     served = served_predictions(params.serve.prediction_log).merge(truth, on="text_sha256")
     if served.empty:

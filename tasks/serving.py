@@ -5,7 +5,6 @@ mapping, the prediction log, and the model holder that swaps models without drop
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import threading
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from pathlib import Path
 
 from tasks.config import ServeConfig
 from tasks.errors import RegraftError
+from tasks.files import text_sha256
 
 
 class RequestRejected(Exception):
@@ -124,7 +124,7 @@ class PredictionLog:
             if self.log_texts == "text":
                 row["text"] = text
             else:
-                row["text_sha256"] = hashlib.sha256(text.encode()).hexdigest()
+                row["text_sha256"] = text_sha256(text)
             lines.append(json.dumps(row, ensure_ascii=False))
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
