@@ -19,9 +19,10 @@ from pipelines.stage_io import read_splits, report_path, run_stage, write_atomic
 from tasks.config import Params
 from tasks.errors import ConfigError
 from tasks.files import replace_directory
-from tasks.finetune import FinetuneResult, build_training_data, calibrate, finetune
+from tasks.finetune import FinetuneResult, build_training_data, calibrate, companion_for_candidate, finetune
+from tasks.lexical import LexicalCompanion, write_companion
 from tasks.strategy import choose_strategy
-from tasks.models import model_origin
+from tasks.models import model_origin, predict_proba
 
 
 def file_md5(path: Path) -> str:
@@ -45,7 +46,7 @@ def read_shift_report(params: Params) -> dict | None:
 
 
 def model_card(result: FinetuneResult, params: Params, base: str, data_hashes: dict[str, str],
-               evidence: list[dict]) -> str:
+               evidence: list[dict], lexical: dict) -> str:
     """README.md in Hugging Face conventions: YAML front matter, then what, from what, how, how well."""
     labels = params.ingest.labels
     validation = result.metrics.get("validation", {})
@@ -77,6 +78,7 @@ def model_card(result: FinetuneResult, params: Params, base: str, data_hashes: d
         f"{result.extra.get('world_size', 1)} process(es)",
         f"- Epochs run: {result.epochs_run} (best validation epoch: {result.best_epoch})",
         "- Validation (held out of target_train): " + ", ".join(f"{k} {v:.3f}" for k, v in validation.items()),
+        f"- Served as: {lexical['served_as']}",
         "- Test metrics: see the evaluate stage's report (reports/evaluate.json) when it exists.",
         "",
         "## Data (md5 as recorded by DVC)",
@@ -93,12 +95,15 @@ def model_card(result: FinetuneResult, params: Params, base: str, data_hashes: d
     return "\n".join(lines)
 
 
-def save_model_dir(result: FinetuneResult, destination: Path, card: str) -> None:
-    """Write safetensors + config (with id2label) + tokenizer + card to a new folder, then swap it in."""
+def save_model_dir(result: FinetuneResult, destination: Path, card: str, companion: LexicalCompanion | None) -> None:
+    """Write safetensors + config (with id2label) + tokenizer + lexical companion + card to a new folder, then swap
+    it in."""
 
     def write_model(staging: Path) -> None:
         result.model.save_pretrained(staging)
         result.tokenizer.save_pretrained(staging)
+        if companion is not None:
+            write_companion(companion, staging)
         (staging / "README.md").write_text(card, encoding="utf-8")
 
     replace_directory(write_model, destination)
@@ -151,8 +156,14 @@ def main(params: Params) -> int:
     print(f"finetune: calibrated by temperature scaling: T = {calibration['temperature']:.3f}"
           + (f", validation ECE {calibration['validation_ece_before']:.3f} -> {calibration['validation_ece_after']:.3f}"
              if "validation_ece_after" in calibration else f" ({calibration.get('note')})"), flush=True)
+    encoder_valid = predict_proba(result.model, result.tokenizer, valid.texts, params.model.max_length,
+                                  runtime=result.runtime).numpy()
+    companion, lexical = companion_for_candidate(encoder_valid, train, valid, len(params.ingest.labels),
+                                                 params.train.lexical_weights)
+    print(f"finetune: served as {lexical['served_as']}", flush=True)
     data_hashes = {name: file_md5(Path(path)) for name, path in params.paths.splits.model_dump().items()}
-    save_model_dir(result, params.paths.model, model_card(result, params, base, data_hashes, choice.evidence))
+    save_model_dir(result, params.paths.model, model_card(result, params, base, data_hashes, choice.evidence, lexical),
+                   companion)
     write_log(params.paths.train_log, result.log)
     write_json(report_path(params, "finetune"), {
         "stage": "finetune",
@@ -177,6 +188,7 @@ def main(params: Params) -> int:
         "samples_per_second": round(result.samples_per_second, 2),
         "validation": result.metrics.get("validation", {}),
         "calibration": calibration,
+        "lexical_companion": lexical,
         "data_md5": data_hashes,
         **({"rank_weight_sha256": result.extra["rank_weight_sha256"]} if "rank_weight_sha256" in result.extra else {}),
     })

@@ -5,9 +5,13 @@ logistic head). Kept apart from tasks/evaluate.py, whose metrics need no model c
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:
+    from tasks.lexical import LexicalCompanion
 
 
 def train_frame(splits: dict[str, pd.DataFrame], data: str) -> pd.DataFrame:
@@ -26,13 +30,13 @@ def classifier_probabilities(path: Path, texts: dict[str, list[str]], labels: li
     return {split: predict_proba(model, tokenizer, rows, max_length).numpy() for split, rows in texts.items()}
 
 
-def tfidf_model():
+def tfidf_model(max_features: int | None = None):
     """The lexical baseline: TF-IDF of word 1-2 grams + class-balanced logistic regression (unfitted)."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
 
-    return make_pipeline(TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True),
+    return make_pipeline(TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True, max_features=max_features),
                          LogisticRegression(max_iter=2000, class_weight="balanced"))
 
 
@@ -63,3 +67,21 @@ def full_proba(proba: np.ndarray, classes: np.ndarray, k: int) -> np.ndarray:
     out = np.zeros((len(proba), k))
     out[:, classes] = proba
     return out
+
+
+def fit_companion(texts: list[str], labels: np.ndarray, weights: np.ndarray, n_classes: int) -> LexicalCompanion | None:
+    """TF-IDF + class-balanced logistic regression on the candidate's train rows (target rows weighted as in
+    training); None when the rows share no word pair twice (nothing lexical to learn)."""
+    from tasks.lexical import MAX_FEATURES, LexicalCompanion  # noqa: F811
+
+    model = tfidf_model(max_features=MAX_FEATURES)
+    try:
+        model.fit(texts, labels, logisticregression__sample_weight=weights)
+    except ValueError:  # empty vocabulary, or a single class
+        return None
+    vectorizer, regression = model.steps[0][1], model.steps[1][1]
+    coef, intercept = regression.coef_, regression.intercept_
+    if coef.shape[0] == 1:  # binary: sigmoid(s) is the softmax of (-s/2, s/2)
+        coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
+    return LexicalCompanion({term: int(i) for term, i in vectorizer.vocabulary_.items()}, vectorizer.idf_, coef,
+                            intercept, [int(c) for c in regression.classes_], n_classes, 0.0)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -236,6 +236,10 @@ class TrainConfig(StrictModel):
                                   "validation finishes its schedule.")
     auto_min_validation_rows: int = Field(ge=10, description="auto: fewest validation rows to race the strategies on; "
                                           "with fewer, the rule on data size and shift verdict decides.")
+    lexical_weights: list[Annotated[float, Field(ge=0, le=1)]] = Field(
+        min_length=1, max_length=21, description="Weights w tried on the validation rows for pooling the encoder's "
+        "probabilities with a lexical companion (TF-IDF + logistic regression): (1 - w) encoder + w lexical, the "
+        "lowest validation log-loss wins; [0] serves the encoder alone.")
 
 
 class ShiftConfig(StrictModel):

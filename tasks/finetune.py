@@ -36,6 +36,7 @@ from tasks.devices import Runtime, autocast, choose_runtime
 from tasks.errors import ConfigError, DataError
 from tasks.evaluate import confusion_counts, metrics_from_confusion
 from tasks.files import write_atomically
+from tasks.lexical import COMPANION_FILE, LexicalCompanion
 from tasks.models import (
     cached_tensor, load_classifier, load_tokenizer, map_batches, model_fingerprint, pad_batch, predict_proba, tokenize,
 )
@@ -290,6 +291,54 @@ def calibrate(result: FinetuneResult, valid: TrainingData, max_length: int, bins
            for name, scale in (("before", 1.0), ("after", t))}
     return {"temperature": t, "validation_rows": len(valid.texts), "validation_ece_before": ece["before"],
             "validation_ece_after": ece["after"], "method": "temperature scaling on the validation rows"}
+
+
+def log_loss(proba: np.ndarray, labels: np.ndarray) -> float:
+    return float(-np.mean(np.log(np.clip(proba[np.arange(len(labels)), labels], 1e-12, None))))
+
+
+def choose_weight(encoder_proba: np.ndarray, lexical_proba: np.ndarray, labels: np.ndarray,
+                  grid: list[float]) -> tuple[float, list[dict]]:
+    """The pool weight with the lowest validation log-loss (ties: the smaller weight, less lexical), and the
+    table of every weight tried."""
+    table = []
+    for w in sorted(set(grid)):
+        pooled = (1 - w) * encoder_proba + w * lexical_proba
+        confusion = confusion_counts(labels, pooled.argmax(axis=1), pooled.shape[1])
+        table.append({"weight": w, "log_loss": round(log_loss(pooled, labels), 4),
+                      "macro_f1": round(float(metrics_from_confusion(confusion)["macro_f1"]), 4)})
+    best = min(table, key=lambda row: (row["log_loss"], row["weight"]))
+    return best["weight"], table
+
+
+def companion_for_candidate(encoder_valid: np.ndarray, train, valid, n_classes: int,
+                            grid: list[float]) -> tuple[LexicalCompanion | None, dict]:
+    """The finetune stage's companion: fit on the train rows, its pool weight chosen on the validation rows from
+    the encoder's calibrated probabilities there; None (the encoder alone) when w = 0 wins or cannot be chosen.
+    The report's `served_as` says which, in words, for the logs, reports and model cards."""
+    n = len(valid.texts)
+    if max(grid) == 0:
+        return None, alone("train.lexical_weights is [0]")
+    if n < 10:
+        return None, alone(f"{n} validation rows: too few to weigh a lexical companion")
+    from tasks.baselines import fit_companion
+
+    companion = fit_companion(train.texts, train.labels, train.weights, n_classes)
+    if companion is None:
+        return None, alone("no lexical model fits the train rows (no word pair occurs twice)")
+    weight, table = choose_weight(encoder_valid, companion.proba(valid.texts), valid.labels, grid)
+    tried = ", ".join(f"w={row['weight']}: {row['log_loss']:.3f}" for row in table)
+    report = {"weight": weight, "validation_rows": n, "features": len(companion.idf), "by_weight": table,
+              "method": "TF-IDF + logistic regression on the train rows; w by validation log-loss"}
+    if weight == 0:
+        return None, {**report, "served_as": f"the encoder alone (lowest validation log-loss of {tried})"}
+    companion.weight = weight
+    return companion, {**report, "served_as": f"(1 - {weight}) x the encoder + {weight} x TF-IDF + logistic "
+                                              f"regression, {COMPANION_FILE} (lowest validation log-loss of {tried})"}
+
+
+def alone(why: str) -> dict:
+    return {"weight": 0.0, "served_as": f"the encoder alone ({why})"}
 
 
 def score(model, tokenizer, data: TrainingData, max_length: int, runtime: Runtime) -> dict[str, float]:

@@ -112,7 +112,20 @@ def load_trained_classifier(path: Path, labels: list[str], role: str):
     found = [saved[key] for key in sorted(saved, key=int)]
     if found != list(labels):
         raise RegraftError(f"{path}: the {role} model predicts labels {found}, not ingest.labels {list(labels)}")
-    return load_classifier(path, labels)
+    return with_companion(load_classifier(path, labels), path)
+
+
+# The attribute a loaded classifier carries its lexical companion in (tasks/lexical.py); predict_proba pools it.
+COMPANION_ATTRIBUTE = "regraft_lexical"
+
+
+def with_companion(model, folder: Path):
+    """The trained classifier with the lexical companion saved beside it, if there is one. Only trained models
+    get one: a model being fine-tuned (even from the champion) is scored on its own."""
+    from tasks.lexical import read_companion
+
+    setattr(model, COMPANION_ATTRIBUTE, read_companion(folder, model.config.num_labels))
+    return model
 
 
 def tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
@@ -171,10 +184,12 @@ def predict_logits(model, tokenizer, texts: list[str], max_length: int, batch_si
 
 def predict_proba(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 64,
                   runtime=None) -> torch.Tensor:
-    """Class probabilities, calibrated by the model's own temperature (serving, evaluate and shift-watch all
-    read probabilities through here)."""
+    """Class probabilities, calibrated by the model's own temperature and pooled with its lexical companion when
+    it has one (serving, evaluate, shift and shift-watch all read probabilities through here)."""
     logits = predict_logits(model, tokenizer, texts, max_length, batch_size, runtime)
-    return torch.softmax(logits / temperature(model), dim=-1)
+    proba = torch.softmax(logits / temperature(model), dim=-1)
+    companion = getattr(model, COMPANION_ATTRIBUTE, None)
+    return proba if companion is None else companion.pool(proba, texts)
 
 
 def cached_tensor(path: Path | None, compute: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, bool]:

@@ -59,6 +59,8 @@ packaged after the gate said **{{ verdict }}**{{ decision }}.
 |---|---|---:|---:|
 {{ evidence_rows }}
 
+Served as: {{ served_as }}.
+
 ## Target holdout
 
 | model | accuracy | macro-F1 (95% interval) |
@@ -131,6 +133,7 @@ def model_card(params: Params, evaluation: dict, verdict: dict, decision: dict, 
         data, template_str=CARD_TEMPLATE, model_name=params.package.model_name, labels=params.ingest.labels,
         base_model=base, strategy=strategy, verdict=verdict["verdict"], decision=approved,
         reason=finetune.get("reason") or "not recorded",
+        served_as=(finetune.get("lexical_companion") or {}).get("served_as", "not recorded"),
         evidence_rows="\n".join(evidence_rows) or "| (no trials: the strategy was configured or chosen by rule) | | | |",
         overall_rows="\n".join(overall_rows) or "| (no evaluation report) | | |", group_rows="\n".join(group_rows) or "| (no groups) | | | |",
         transfer_gain=(f"{gain['estimate']:+.3f} {interval_text(gain.get('interval'))}" if gain.get("estimate") is not None

@@ -117,6 +117,7 @@ def finetune_markdown(report: dict) -> str:
         ("epochs", f"{report['epochs_run']} run, best {report['best_epoch']}"),
         ("speed", f"{report['samples_per_second']} samples/s, {report['train_seconds']} s"),
         ("validation", validation or "-"),
+        ("served as", (report.get("lexical_companion") or {}).get("served_as", "-")),
         ("resumed", str(report.get("resumed_from_step") or "no")),
         ("model", f"`{report['model_dir']}`"),
     ]

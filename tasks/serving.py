@@ -69,13 +69,13 @@ class LoadedModel:
 
 def load_model(folder: Path, version: str, max_length: int) -> LoadedModel:
     """Load a packaged HF model directory; its label mapping is the one saved at training time."""
-    from tasks.models import load_classifier, load_tokenizer
+    from tasks.models import load_classifier, load_tokenizer, with_companion
 
     config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
     labels = [config["id2label"][key] for key in sorted(config["id2label"], key=int)]
     # Inference only, and without touching the process's grad mode: predict_proba runs under torch.no_grad(),
     # while a global torch.set_grad_enabled(False) here broke training later in the same process (a test worker).
-    model = load_classifier(folder, labels).eval()
+    model = with_companion(load_classifier(folder, labels).eval(), folder)
     return LoadedModel(version, model, load_tokenizer(folder), labels, max_length)
 
 

@@ -502,7 +502,7 @@ def cap_rows(frame: pd.DataFrame, limit: int, seed: int) -> pd.DataFrame:
 def analyse_shift(source: pd.DataFrame, target: pd.DataFrame, params: Params) -> dict:
     """Embed both domains with the base encoder (cached), build the per-row inputs, run every test: the
     shift stage, `regraft shift` and shift-watch all measure shift through this."""
-    from tasks.models import load_classifier, load_tokenizer, mean_pooled_embeddings, predict_proba
+    from tasks.models import load_tokenizer, load_trained_classifier, mean_pooled_embeddings, predict_proba
 
     cfg, labels = params.shift, params.ingest.labels
     source = cap_rows(source.reset_index(drop=True), cfg.max_rows, cfg.seed)
@@ -520,7 +520,8 @@ def analyse_shift(source: pd.DataFrame, target: pd.DataFrame, params: Params) ->
     champion = params.paths.champion
     if (champion / "config.json").is_file():
         # Black-box shift detection on the production model's outputs.
-        model, champion_tokenizer = load_classifier(champion, labels), load_tokenizer(champion)
+        model = load_trained_classifier(champion, labels, "production")
+        champion_tokenizer = load_tokenizer(champion)
         source_sample.probs = predict_proba(model, champion_tokenizer, source["text"].tolist(), max_length).numpy()
         target_sample.probs = predict_proba(model, champion_tokenizer, target["text"].tolist(), max_length).numpy()
     report = detect_shift(source_sample, target_sample, cfg, labels,

@@ -94,6 +94,23 @@ def test_stage_outputs_model_dir_card_and_log(tmp_path, tiny_bert):
     assert int(rows[-1]["step"]) == len(rows)
     card = (model_dir / "README.md").read_text()
     assert "gradual_unfreeze" in card and "target_train" in card
+    # The tiny random encoder is weak, so the lexical companion gets weight, and every reader of the model pools it.
+    import numpy as np
+    import pandas as pd
+
+    from tasks.baselines import classifier_probabilities
+    from tasks.lexical import read_companion
+    from tasks.models import load_classifier, load_tokenizer, predict_proba
+
+    lexical = json.loads((project / "reports" / "finetune.json").read_text())["lexical_companion"]
+    assert lexical["weight"] > 0 and len(lexical["by_weight"]) == 4 and lexical["served_as"] in card
+    texts = pd.read_parquet(project / "data" / "target_holdout.parquet")["text"].tolist()[:20]
+    labels = ["negative", "neutral", "positive"]
+    served = classifier_probabilities(model_dir, {"holdout": texts}, labels, 64, "candidate")["holdout"]
+    encoder = predict_proba(load_classifier(model_dir, labels), load_tokenizer(model_dir), texts, 64).numpy()
+    companion = read_companion(model_dir, 3)
+    np.testing.assert_allclose(served, (1 - lexical["weight"]) * encoder + lexical["weight"] * companion.proba(texts),
+                               atol=1e-5)
 
 
 def test_champion_init_without_a_champion_is_explained(tmp_path, tiny_bert):

@@ -1,0 +1,105 @@
+"""The lexical companion a candidate serves with: TF-IDF + logistic regression fit on the candidate's own train
+rows, pooled with the encoder's calibrated probabilities, p = (1 - w) p_encoder + w p_lexical.
+
+On small target data a fine-tuned encoder and a lexical model err on different rows (measured on the transfer
+benchmark: see benchmarks/transfer.py), so the pool beats both; w is chosen on the validation rows held out of
+target_train, by log-loss. It is saved as JSON (vocabulary, idf, coefficients) beside the weights, never as a
+pickle: a model directory is input from someone else, and loading one must not run code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tasks.errors import RegraftError
+
+COMPANION_FILE = "regraft_lexical.json"
+FORMAT = "regraft-lexical/1"
+# Word 1-2 grams kept by the companion: bounds the file (and serving memory) on large data.
+MAX_FEATURES = 100_000
+
+
+@dataclass
+class LexicalCompanion:
+    vocabulary: dict[str, int]
+    idf: np.ndarray  # (features,)
+    coef: np.ndarray  # (classes seen in training, features)
+    intercept: np.ndarray  # (classes seen in training,)
+    classes: list[int]  # the class index of each row of coef
+    n_classes: int
+    weight: float  # w of the pool
+
+    def vectorizer(self):
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, vocabulary=self.vocabulary)
+        vectorizer.idf_ = self.idf
+        return vectorizer
+
+    def proba(self, texts: list[str]) -> np.ndarray:
+        """Class probabilities over all n_classes (classes never seen in training get 0)."""
+        scores = np.asarray(self.vectorizer().transform(list(texts)) @ self.coef.T) + self.intercept
+        scores = np.exp(scores - scores.max(axis=1, keepdims=True))
+        out = np.zeros((len(texts), self.n_classes))
+        out[:, self.classes] = scores / scores.sum(axis=1, keepdims=True)
+        return out
+
+    def pool(self, encoder_proba, texts: list[str]):
+        """The served probabilities: the encoder's (a tensor or array, rows in `texts` order) pooled with this
+        model's."""
+        import torch
+
+        lexical = torch.as_tensor(self.proba(texts), dtype=encoder_proba.dtype)
+        return (1.0 - self.weight) * encoder_proba + self.weight * lexical
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "weight": self.weight, "n_classes": self.n_classes, "classes": self.classes,
+                "vocabulary": self.vocabulary, "idf": self.idf.tolist(), "coef": self.coef.tolist(),
+                "intercept": self.intercept.tolist()}
+
+
+def write_companion(companion: LexicalCompanion, folder: Path) -> None:
+    (Path(folder) / COMPANION_FILE).write_text(json.dumps(companion.to_json()), encoding="utf-8")
+
+
+def read_companion(folder: Path, n_classes: int) -> LexicalCompanion | None:
+    """The companion saved in a model directory, None when there is none; a malformed one is refused by name."""
+    path = Path(folder) / COMPANION_FILE
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        companion = LexicalCompanion(
+            {str(k): int(v) for k, v in raw["vocabulary"].items()}, np.asarray(raw["idf"], dtype=float),
+            np.asarray(raw["coef"], dtype=float), np.asarray(raw["intercept"], dtype=float),
+            [int(c) for c in raw["classes"]], int(raw["n_classes"]), float(raw["weight"]))
+        problem = companion_problem(companion, raw.get("format"), n_classes)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        problem = f"unreadable ({type(exc).__name__}: {exc})"
+    if problem:
+        raise RegraftError(f"{path}: {problem}")
+    return companion
+
+
+def companion_problem(c: LexicalCompanion, fmt, n_classes: int) -> str | None:
+    n = len(c.idf)
+    if fmt != FORMAT:
+        return f"format {fmt!r}, expected {FORMAT!r}"
+    if c.n_classes != n_classes:
+        return f"made for {c.n_classes} classes, the model has {n_classes}"
+    if not 0.0 <= c.weight <= 1.0 or math.isnan(c.weight):
+        return f"weight {c.weight} is not in [0, 1]"
+    if sorted(set(c.classes)) != sorted(c.classes) or not all(0 <= k < n_classes for k in c.classes) or not c.classes:
+        return f"classes {c.classes} are not distinct class indexes below {n_classes}"
+    if c.coef.shape != (len(c.classes), n) or c.intercept.shape != (len(c.classes),) or c.idf.ndim != 1:
+        return "coefficient shapes do not match the classes and the vocabulary"
+    if sorted(c.vocabulary.values()) != list(range(n)):
+        return "the vocabulary's indexes are not 0..n-1 over the idf"
+    if not (np.isfinite(c.idf).all() and np.isfinite(c.coef).all() and np.isfinite(c.intercept).all()):
+        return "non-finite numbers"
+    return None

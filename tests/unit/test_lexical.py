@@ -1,0 +1,110 @@
+"""The lexical companion: fit on train rows, saved as JSON, read back with the same probabilities, pooled with the
+encoder's, its weight chosen on validation log-loss; a malformed file is refused by name."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tasks.baselines import fit_companion, full_proba, tfidf_model
+from tasks.errors import RegraftError
+from tasks.finetune import TrainingData, choose_weight, companion_for_candidate
+from tasks.lexical import COMPANION_FILE, read_companion, write_companion
+
+GOOD = ["works well for me", "great relief fast", "really helped a lot", "works great no side effects"]
+BAD = ["terrible side effects", "made it worse", "awful headache all day", "side effects were awful"]
+MEH = ["not sure it works", "some days ok some days not", "no change so far", "ok but not great"]
+
+
+def rows(n_classes: int = 3, repeat: int = 4) -> tuple[list[str], np.ndarray]:
+    texts, labels = [], []
+    for label, group in enumerate([BAD, MEH, GOOD][:n_classes]):
+        for i in range(repeat):
+            texts += [f"{text} week {i}" for text in group]
+            labels += [label] * len(group)
+    return texts, np.array(labels)
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_companion_read_back_gives_the_fitted_pipelines_probabilities(tmp_path, n_classes):
+    texts, labels = rows(n_classes)
+    weights = np.ones(len(texts))
+    companion = fit_companion(texts, labels, weights, n_classes)
+    write_companion(companion, tmp_path)
+    again = read_companion(tmp_path, n_classes)
+    unseen = ["great relief but headache", "made everything worse", "no idea"]
+    pipeline = tfidf_model().fit(texts, labels)
+    expected = full_proba(pipeline.predict_proba(unseen), pipeline.classes_, n_classes)
+    np.testing.assert_allclose(again.proba(unseen), expected, atol=1e-6)
+
+
+def test_a_class_absent_from_training_gets_probability_zero(tmp_path):
+    texts, labels = rows(2)
+    companion = fit_companion(texts, labels * 2, np.ones(len(texts)), 3)  # classes 0 and 2 only
+    proba = companion.proba(["awful", "great"])
+    assert proba.shape == (2, 3) and np.all(proba[:, 1] == 0) and np.allclose(proba.sum(axis=1), 1)
+
+
+def test_pool_weighs_encoder_and_lexical_probabilities():
+    texts, labels = rows(3)
+    companion = fit_companion(texts, labels, np.ones(len(texts)), 3)
+    companion.weight = 0.25
+    encoder = torch.tensor([[1.0, 0.0, 0.0]])
+    pooled = companion.pool(encoder, ["great relief fast"])
+    np.testing.assert_allclose(pooled.numpy(), 0.75 * encoder.numpy() + 0.25 * companion.proba(["great relief fast"]),
+                               atol=1e-6)
+
+
+def test_weight_has_the_lowest_validation_log_loss():
+    labels = np.array([0, 1, 0, 1])
+    confident_wrong = np.array([[0.05, 0.95], [0.95, 0.05], [0.9, 0.1], [0.1, 0.9]])  # 2 of 4 right, overconfident
+    lexical = np.array([[0.7, 0.3], [0.3, 0.7], [0.6, 0.4], [0.4, 0.6]])  # all right, modest
+    weight, table = choose_weight(confident_wrong, lexical, labels, [0.0, 0.5, 1.0])
+    assert weight == 1.0 and [row["weight"] for row in table] == [0.0, 0.5, 1.0]
+    assert table[0]["log_loss"] > table[1]["log_loss"] > table[2]["log_loss"]
+    assert choose_weight(lexical, confident_wrong, labels, [0.0, 0.5, 1.0])[0] == 0.0
+
+
+def training_data(texts, labels) -> TrainingData:
+    return TrainingData(texts, labels, np.ones(len(texts), dtype=np.float32), np.array(["target"] * len(texts)))
+
+
+def test_candidate_gets_no_companion_when_off_or_validation_is_too_small():
+    texts, labels = rows(3)
+    train, valid = training_data(texts, labels), training_data(texts[:12], labels[:12])
+    encoder = np.full((12, 3), 1 / 3)
+    companion, report = companion_for_candidate(encoder, train, valid, 3, [0.0])
+    assert companion is None and report["served_as"] == "the encoder alone (train.lexical_weights is [0])"
+    small = training_data(texts[:6], labels[:6])
+    companion, report = companion_for_candidate(encoder[:6], train, small, 3, [0.0, 0.5])
+    assert companion is None and "too few" in report["served_as"]
+    companion, report = companion_for_candidate(encoder, train, valid, 3, [0.0, 0.5])
+    assert companion is not None and companion.weight == 0.5 and report["weight"] == 0.5  # a uniform encoder loses
+    assert report["served_as"].startswith("(1 - 0.5) x the encoder + 0.5 x TF-IDF")
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda raw: raw.update(weight=1.5), "weight 1.5 is not in [0, 1]"),
+    (lambda raw: raw.update(n_classes=5), "made for 5 classes"),
+    (lambda raw: raw.update(format="pickle"), "format 'pickle'"),
+    (lambda raw: raw["coef"].pop(), "coefficient shapes"),
+    (lambda raw: raw.update(classes=[0, 0, 1]), "not distinct class indexes"),
+    (lambda raw: raw["vocabulary"].update({"zzz": 10 ** 6}), "vocabulary's indexes"),
+    (lambda raw: raw.pop("idf"), "unreadable"),
+])
+def test_a_malformed_companion_is_refused_by_name(tmp_path, change, problem):
+    texts, labels = rows(3)
+    write_companion(fit_companion(texts, labels, np.ones(len(texts)), 3), tmp_path)
+    raw = json.loads((tmp_path / COMPANION_FILE).read_text())
+    change(raw)
+    (tmp_path / COMPANION_FILE).write_text(json.dumps(raw))
+    with pytest.raises(RegraftError, match=COMPANION_FILE) as error:
+        read_companion(tmp_path, 3)
+    assert problem in str(error.value)
+
+
+def test_no_file_means_no_companion(tmp_path):
+    assert read_companion(tmp_path, 3) is None
