@@ -17,7 +17,8 @@ from pathlib import Path
 
 import bentoml
 from tasks.config import Params, load_params, project_root
-from tasks.serving import LoadedModel, ModelHolder, PredictionLog, RequestRejected, load_model, parse_predict_request
+from tasks.serving import (LoadedModel, ModelHolder, Prediction, PredictionLog, RequestRejected, load_model,
+                           parse_predict_request, predict_request_type)
 from tasks.serving import predict as predict_texts
 from tasks.serving import production_tag
 
@@ -32,6 +33,7 @@ def service_params() -> Params:
 SETTINGS = service_params()
 # One per worker process: the service instance swaps models in it, /healthz reads it.
 HOLDER = ModelHolder()
+Texts = predict_request_type(SETTINGS.serve)
 
 
 class RequestGuard:
@@ -151,12 +153,12 @@ class Classifier:
 
     @bentoml.api(route="/predict", batchable=True, batch_dim=0, max_batch_size=SETTINGS.serve.max_batch_size,
                  max_latency_ms=SETTINGS.serve.max_latency_ms)
-    def predict(self, texts: list[str]) -> list[dict]:
+    def predict(self, texts: Texts) -> list[Prediction]:
         """Label, class probabilities and model version for each text."""
         loaded = self.holder.current
         results = predict_texts(loaded, texts)
         self.log.append(texts, results)
-        return results
+        return [Prediction(**result) for result in results]
 
 
 Classifier.add_asgi_middleware(RequestGuard, cfg=SETTINGS.serve)

@@ -10,6 +10,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from tasks.config import ServeConfig
 from tasks.errors import RegraftError
 from tasks.files import text_sha256
@@ -22,6 +24,26 @@ class RequestRejected(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+class Prediction(BaseModel):
+    """One text's answer in POST /predict's response, as its OpenAPI schema shows it."""
+
+    model_config = ConfigDict(extra="forbid")
+    label: str = Field(description="The most probable label, one of the model's labels.")
+    probabilities: dict[str, float] = Field(description="The calibrated probability of every label (they sum to 1).")
+    model_version: str = Field(description="The BentoML tag of the model that answered.")
+
+
+def predict_request_type(cfg: ServeConfig):
+    """The `texts` argument of POST /predict typed with the service's limits, so its OpenAPI schema states them
+    (the request guard checks them first, with a message naming the problem)."""
+    from typing import Annotated
+
+    text = Annotated[str, Field(min_length=1, max_length=cfg.max_chars)]
+    return Annotated[list[text], Field(min_length=1, max_length=cfg.max_texts,
+                                       description=f"1 to {cfg.max_texts} non-empty texts of at most "
+                                                   f"{cfg.max_chars} characters")]
 
 
 def parse_predict_request(body: bytes, cfg: ServeConfig) -> list[str]:

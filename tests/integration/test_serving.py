@@ -77,6 +77,14 @@ def test_health_and_predictions_carry_the_model_version(served_project):
     assert [r["model_version"] for r in rows] == [tags[0]] * 2
     assert all(r["label"] in LABELS and abs(sum(r["probabilities"].values()) - 1) < 1e-3 for r in rows)
     assert "bentoml_service_request_total" in httpx.get(f"{url}/metrics").text
+    # The API is typed in the served OpenAPI document, limits included.
+    spec = httpx.get(f"{url}/docs.json").json()
+    post = spec["paths"]["/predict"]["post"]
+    texts = post["requestBody"]["content"]["application/json"]["schema"]["properties"]["texts"]
+    assert (texts["minItems"], texts["maxItems"], texts["items"]["maxLength"]) == (1, 64, 5000)
+    answer = post["responses"]["200"]["content"]["application/json"]["schema"]
+    assert answer == {"type": "array", "items": {"$ref": "#/components/schemas/Prediction"}}
+    assert set(spec["components"]["schemas"]["Prediction"]["required"]) == {"label", "probabilities", "model_version"}
     logged = [json.loads(line) for line in (project / ".regraft" / "predictions.jsonl").read_text().splitlines()]
     assert logged and "text_sha256" in logged[-1] and "text" not in logged[-1]
 
