@@ -239,7 +239,7 @@ class TrainConfig(StrictModel):
     lexical_weights: list[Annotated[float, Field(ge=0, le=1)]] = Field(
         min_length=1, max_length=21, description="Weights w tried on the validation rows for pooling the encoder's "
         "probabilities with a lexical companion (TF-IDF + logistic regression): (1 - w) encoder + w lexical, the "
-        "lowest validation log-loss wins; [0] serves the encoder alone.")
+        "best validation macro-F1 wins (ties: the lower log-loss); [0] serves the encoder alone.")
 
 
 class ShiftConfig(StrictModel):

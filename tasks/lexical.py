@@ -1,10 +1,10 @@
 """The lexical companion a candidate serves with: TF-IDF + logistic regression fit on the candidate's own train
 rows, pooled with the encoder's calibrated probabilities, p = (1 - w) p_encoder + w p_lexical.
 
-On small target data a fine-tuned encoder and a lexical model err on different rows (measured on the transfer
-benchmark: see benchmarks/transfer.py), so the pool beats both; w is chosen on the validation rows held out of
-target_train, by log-loss. It is saved as JSON (vocabulary, idf, coefficients) beside the weights, never as a
-pickle: a model directory is input from someone else, and loading one must not run code.
+On small target data a fine-tuned encoder and a lexical model can err on different rows; w is chosen on the
+validation rows held out of target_train, by macro-F1 (then log-loss), and w = 0 serves the encoder alone. The
+companion is saved as JSON (vocabulary, idf, coefficients) beside the weights, never as a pickle: a model
+directory is input from someone else, and loading one must not run code.
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ def test_pool_weighs_encoder_and_lexical_probabilities():
                                atol=1e-6)
 
 
-def test_weight_has_the_lowest_validation_log_loss():
+def test_weight_has_the_best_validation_macro_f1_then_the_lowest_log_loss():
     labels = np.array([0, 1, 0, 1])
     confident_wrong = np.array([[0.05, 0.95], [0.95, 0.05], [0.9, 0.1], [0.1, 0.9]])  # 2 of 4 right, overconfident
     lexical = np.array([[0.7, 0.3], [0.3, 0.7], [0.6, 0.4], [0.4, 0.6]])  # all right, modest
@@ -66,6 +66,13 @@ def test_weight_has_the_lowest_validation_log_loss():
     assert weight == 1.0 and [row["weight"] for row in table] == [0.0, 0.5, 1.0]
     assert table[0]["log_loss"] > table[1]["log_loss"] > table[2]["log_loss"]
     assert choose_weight(lexical, confident_wrong, labels, [0.0, 0.5, 1.0])[0] == 0.0
+    # Every row right but barely (encoder) against confident on three and wrong on one (lexical): pooling lowers
+    # the log-loss, but macro-F1, what the gate judges, keeps the encoder alone.
+    barely = np.array([[0.51, 0.49], [0.49, 0.51], [0.51, 0.49], [0.49, 0.51]])
+    sure = np.array([[0.99, 0.01], [0.01, 0.99], [0.99, 0.01], [0.6, 0.4]])
+    weight, table = choose_weight(barely, sure, labels, [0.0, 0.25])
+    assert table[1]["log_loss"] < table[0]["log_loss"] and table[1]["macro_f1"] < table[0]["macro_f1"] == 1.0
+    assert weight == 0.0
 
 
 def training_data(texts, labels) -> TrainingData:
