@@ -10,8 +10,14 @@ last one answered) at concurrency 1, 4, 16 and 32.
 - baseline: a minimal single-threaded HTTP endpoint that calls `transformers.pipeline` on each request,
   one request at a time (what a first prototype of a model server looks like).
 
+The physical limit: after both servers stop, the same model in this process (tasks/serving.py's `predict`, the
+service's own code path, no HTTP) classifies the same reviews at batch sizes 1, 4, 16 and 64; its best texts per
+second is the most any service could answer at one text per request on this machine.
+
 Prints a table, then one JSON object last with top-level keys speedup_c16 (regraft / baseline
-requests per second at concurrency 16) and errors (regraft's failed requests, all levels).
+requests per second at concurrency 16), errors (regraft's failed requests, all levels), limit_fraction
+(regraft's requests per second at concurrency 16 over the limit) and max_speedup_c16 (the limit over the
+baseline's requests per second at concurrency 16: the most any service could reach against it here).
 
     python benchmarks/serving.py [--seconds 10] [--levels 1,4,16,32]
 """
@@ -151,6 +157,27 @@ def serve_regraft(work: Path, folder: Path, port: int) -> subprocess.Popen:
     return start(command, env, f"http://127.0.0.1:{port}/healthz", work / "regraft.log")
 
 
+def in_process_limit(folder: Path, texts: list[str], seconds: float) -> dict:
+    """Texts per second of the service's predict path in this process, per batch size, and the best of them."""
+    from tasks.config import load_params
+    from tasks.devices import choose_runtime
+    from tasks.serving import load_model, predict
+
+    loaded = load_model(folder, "benchmark", load_params(ROOT / "params.yaml").model.max_length)
+    runtime = choose_runtime()
+    predict(loaded, texts[:16], runtime)  # warm-up
+    by_batch = {}
+    for size in (1, 4, 16, 64):
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            batch = [texts[(done + i) % len(texts)] for i in range(size)]
+            predict(loaded, batch, runtime)
+            done += size
+        by_batch[str(size)] = round(done / (time.perf_counter() - start), 1)
+    best = max(by_batch, key=by_batch.get)
+    return {"texts_per_second_by_batch": by_batch, "best_batch_size": int(best), "texts_per_second": by_batch[best]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="load per level and server")
@@ -182,11 +209,18 @@ def main() -> None:
                           f"p99 {r['p99_ms']} ms  errors {r['errors']}", flush=True)
             finally:
                 stop_process_group(server, grace_seconds=30)
+        limit = in_process_limit(folder, texts, args.seconds)
+        print(f"limit     in-process {limit['texts_per_second']:8.1f} texts/s at batch {limit['best_batch_size']} "
+              f"({limit['texts_per_second_by_batch']})", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     base16 = results["baseline"].get(16, {}).get("requests_per_second") or float("nan")
+    ours16 = results["regraft"].get(16, {}).get("requests_per_second", float("nan"))
     summary = {
-        "speedup_c16": round(results["regraft"].get(16, {}).get("requests_per_second", float("nan")) / base16, 2),
+        "speedup_c16": round(ours16 / base16, 2),
+        "limit_fraction": round(ours16 / limit["texts_per_second"], 3),
+        "max_speedup_c16": round(limit["texts_per_second"] / base16, 2),
+        "limit": limit,
         "errors": sum(r["errors"] for r in results["regraft"].values()),
         "baseline_errors": sum(r["errors"] for r in results["baseline"].values()),
         "p99_ms_c16": results["regraft"].get(16, {}).get("p99_ms"),

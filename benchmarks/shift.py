@@ -11,7 +11,13 @@ classifier with 5-fold CV, text-length and vocabulary KS, group mix), plus the n
 hyppo's MMD permutation test (`pip install hyppo`; skipped if absent) and scikit-learn's
 LogisticRegression + cross_val_predict classifier two-sample test.
 
-Prints one JSON object last with top-level key seconds_20k (all tests, 20k vs 20k).
+Embedding, timed on every demo review (cold, no cache): regraft's `mean_pooled_embeddings` (length-sorted batches
+under a token budget) against sentence-transformers' `SentenceTransformer.encode` (length-sorted batches of 32) on
+the same model, and against the physical limit: the encoder's FLOPs on those texts' tokens over this machine's
+measured fp32 matmul peak (embedding_limit_fraction: that limit over regraft's time).
+
+Prints one JSON object last with top-level keys seconds_20k (all tests, 20k vs 20k) and
+embedding_seconds_per_1000_texts.
 
     python benchmarks/shift.py [--sizes 1000 5000 20000 50000]
 """
@@ -28,6 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # finetune.py's matmul peak
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
@@ -76,6 +83,64 @@ def reference_mmd(x: torch.Tensor, y: torch.Tensor, reps: int = 200) -> tuple[fl
     return float(p_value), time.perf_counter() - start
 
 
+def encoder_flops(config, lengths: np.ndarray) -> float:
+    """Forward FLOPs of a BERT-style encoder on texts of these token lengths: per token and layer the four
+    attention projections and the two feed-forward matrices (2 FLOPs per multiply-add), plus the attention
+    scores and weighted sum over the text's own tokens (no padding)."""
+    d, f, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    return float(layers * np.sum(lengths * (2 * (4 * d * d + 2 * d * f) + 4 * lengths * d)))
+
+
+def compare_embedding(spec: str, texts: list[str], max_length: int) -> tuple[dict, torch.Tensor]:
+    """Seconds per 1,000 texts: regraft, its previous fixed batches of 64, sentence-transformers, the limit;
+    with regraft's embeddings."""
+    from sentence_transformers import SentenceTransformer
+
+    from finetune import matmul_peak
+    from tasks.devices import choose_runtime
+    from tasks.models import load_encoder, load_tokenizer, map_batches, mean_pooled_embeddings, resolve_model, tokenize
+
+
+    def per_1000(seconds: float) -> float:
+        return round(1000 * seconds / len(texts), 2)
+
+    start = time.perf_counter()
+    ours = mean_pooled_embeddings(spec, texts, max_length, cache_dir=None)
+    ours_seconds = time.perf_counter() - start
+
+    encoder, tokenizer, runtime = load_encoder(spec).eval(), load_tokenizer(spec), choose_runtime()
+
+    def mean_pool(batch):
+        hidden = encoder(**batch).last_hidden_state.float()
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+    start = time.perf_counter()
+    map_batches(mean_pool, tokenizer, texts, max_length, encoder.config.hidden_size, runtime, 64, max_tokens=10**9)
+    fixed_seconds = time.perf_counter() - start
+
+    model = SentenceTransformer(str(resolve_model(spec)), device="cpu")
+    model.max_seq_length = max_length
+    start = time.perf_counter()
+    theirs = model.encode(texts, batch_size=32, convert_to_tensor=True, normalize_embeddings=False)
+    theirs_seconds = time.perf_counter() - start
+    agreement = torch.nn.functional.cosine_similarity(ours, theirs.float().cpu()).min()
+
+    lengths = np.array([len(ids) for ids in tokenize(tokenizer, texts, max_length)])
+    peak = matmul_peak(torch.float32)
+    limit_seconds = encoder_flops(encoder.config, lengths) / peak
+    return {"embedding_seconds_per_1000_texts": per_1000(ours_seconds),
+            "embedding_fixed64_seconds_per_1000_texts": per_1000(fixed_seconds),
+            "embedding_baseline": "sentence-transformers SentenceTransformer.encode, batch_size 32",
+            "embedding_baseline_seconds_per_1000_texts": per_1000(theirs_seconds),
+            "embedding_speedup_vs_baseline": round(theirs_seconds / ours_seconds, 3),
+            "embedding_min_cosine_vs_baseline": round(float(agreement), 5),
+            "embedding_limit_seconds_per_1000_texts": per_1000(limit_seconds),
+            "embedding_limit_fraction": round(limit_seconds / ours_seconds, 3),
+            "embedding_mean_tokens": round(float(lengths.mean()), 1),
+            "matmul_peak_fp32_flops": round(peak)}, ours
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 20000, 50000])
@@ -84,7 +149,7 @@ def main() -> None:
 
     from tasks.config import load_params
     from tasks.ingest import ingest
-    from tasks.models import load_tokenizer, mean_pooled_embeddings
+    from tasks.models import load_tokenizer
     from tasks.shift import calibrate, classifier_test, decide, distribution_tests, mmd_test, text_profile
 
     params = load_params(ROOT / "params.yaml")
@@ -93,12 +158,10 @@ def main() -> None:
     frame = pd.concat(list(splits.values()), ignore_index=True)
     is_target = (frame["timestamp"] >= pd.Timestamp(params.ingest.split.time_cutoff, tz="UTC")).to_numpy()
     texts = frame["text"].tolist()
-    start = time.perf_counter()
-    embeddings = mean_pooled_embeddings(params.model.base, texts, params.model.max_length, cache_dir=None)
-    embed_seconds = time.perf_counter() - start
+    embedding, embeddings = compare_embedding(params.model.base, texts, params.model.max_length)
+    print(json.dumps(embedding), flush=True)
     lengths, pieces, _ = text_profile(load_tokenizer(params.model.base), texts)
     groups = params.ingest.columns.groups
-    print(json.dumps({"embedding_seconds_per_1000_texts": round(1000 * embed_seconds / len(texts), 2)}), flush=True)
 
     source_rows, target_rows = np.flatnonzero(~is_target), np.flatnonzero(is_target)
 
@@ -164,7 +227,7 @@ def main() -> None:
     summary = {
         "benchmark": "shift",
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__},
-        "embedding_seconds_per_1000_texts": round(1000 * embed_seconds / len(texts), 2),
+        **embedding,
         "scaling": scaling,
         "reference_comparison": comparison,
         "reference_mmd": "hyppo.ksample.MMD (permutation, 200 reps)" if reference_mmd(torch.zeros(4, 2), torch.ones(4, 2), 5)

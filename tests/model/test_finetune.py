@@ -220,6 +220,25 @@ def test_embeddings_are_cached_per_text_across_calls(tiny_bert, tmp_path):
     assert torch.allclose(again, plain, atol=1e-5) and len(list(cache.iterdir())) == 3
 
 
+def test_token_budget_batches_keep_rows_and_results(tiny_bert, monkeypatch):
+    """Batches hold at most batch_size rows and max_tokens padded tokens (a longer row alone), in ascending
+    length; every row appears once; the embeddings equal those of one fixed batch, in the caller's order."""
+    from tasks.models import length_batches, mean_pooled_embeddings
+
+    lengths = [5, 40, 3, 12, 12, 90, 7]
+    batches = length_batches(lengths, batch_size=3, max_tokens=36)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert all(len(b) <= 3 and (len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 36) for b in batches)
+    assert [lengths[i] for b in batches for i in b] == sorted(lengths) and batches[-1] == [5]
+    assert length_batches([], 4, 10) == []
+
+    texts = ["short", "a much longer review of a drug that helped a lot with side effects", "ok", "fine drug"]
+    one_batch = mean_pooled_embeddings(tiny_bert, texts, 32, batch_size=64)
+    monkeypatch.setattr("tasks.models.BATCH_TOKENS", {"cpu": 8, "cuda": 8})
+    small = mean_pooled_embeddings(tiny_bert, texts, 32, batch_size=64)
+    assert torch.allclose(small, one_batch, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("strategy", "n_target", "shift", "expected"),
     [("auto", 400, None, "feature_extraction"), ("auto", 400, {"verdict": "severe"}, "lora"),
