@@ -209,6 +209,10 @@ class TrainConfig(StrictModel):
     learning_rate: float = Field(gt=0, lt=1, description="Peak learning rate of the encoder (full, gradual_unfreeze, lora).")
     head_learning_rate: float = Field(gt=0, lt=1, description="Learning rate of the new classification head.")
     head_epochs: int = Field(ge=1, le=10000, description="feature_extraction: passes over the cached features.")
+    linear_probe_first: bool = Field(default=False, description="full, lora, gradual_unfreeze: fit the head on "
+                                     "the frozen encoder's cached features first (as feature_extraction does), then "
+                                     "fine-tune from that head (LP-FT), so the first steps do not distort the "
+                                     "pretrained features to fit a random head.")
     weight_decay: float = Field(ge=0, lt=1, description="AdamW weight decay (not on biases and LayerNorm).")
     warmup_ratio: float = Field(ge=0, lt=1, description="Share of the steps with a linear learning-rate warmup.")
     layer_lr_decay: float = Field(gt=0, le=1, description="gradual_unfreeze: each lower block's rate is this times the one above.")

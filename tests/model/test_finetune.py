@@ -87,6 +87,30 @@ def test_full_trains_every_layer(tiny_bert, splits, base_weights):
         assert changed(base_weights, after, prefix), prefix
 
 
+def test_linear_probe_first_starts_fine_tuning_from_the_probed_head(tiny_bert, splits, monkeypatch):
+    """LP-FT: full and lora start from the head that feature_extraction fits on the frozen features (the same
+    logits before the first step), with the encoder (full) or its adapters (lora) trainable again."""
+    from tasks.models import predict_logits
+
+    texts = splits["target_train"]["text"].tolist()[:4]
+    probe = run(tiny_bert, splits, "feature_extraction")
+    expected = predict_logits(probe.model, probe.tokenizer, texts, 64)
+    started = {}
+
+    def capture(plan):
+        trainable = [name for name, p in plan.model.named_parameters() if p.requires_grad]
+        started[plan.strategy] = (predict_logits(plan.model, plan.tokenizer, texts, 64), trainable)
+
+    monkeypatch.setattr("tasks.finetune.train_layers", capture)
+    for strategy in ("full", "lora"):
+        run(tiny_bert, splits, strategy, linear_probe_first=True)
+        logits, trainable = started[strategy]
+        assert torch.allclose(logits, expected, atol=1e-5), strategy
+    assert any(name.startswith("bert.encoder.layer.0.") for name in started["full"][1])
+    assert any("lora_" in name for name in started["lora"][1])
+    assert not any("lora_" not in name and "classifier" not in name for name in started["lora"][1])
+
+
 def test_gradual_unfreeze_thaws_from_the_top(tiny_bert, splits, base_weights):
     one_epoch = weights(run(tiny_bert, splits, "gradual_unfreeze", epochs=1).model)
     assert changed(base_weights, one_epoch, "bert.encoder.layer.1.")
