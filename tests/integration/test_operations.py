@@ -44,7 +44,23 @@ def api_client(base_url: str, credential: str) -> httpx.Client:
         request.headers["Prefect-Csrf-Token"] = token["value"]
         request.headers["Prefect-Csrf-Client"] = client_id
 
-    return httpx.Client(base_url=base_url, timeout=30, auth=(user, password), event_hooks={"request": [add_csrf]})
+    return httpx.Client(base_url=base_url, timeout=30, auth=(user, password), event_hooks={"request": [add_csrf]},
+                        transport=RetryingTransport())
+
+
+class RetryingTransport(httpx.HTTPTransport):
+    """Retries 502 and 503 with backoff, as Prefect's own client does: under load the server's SQLite database
+    can be busy for a moment, and the server then answers 503 ("Service Unavailable") with nothing done."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        for delay in (1, 2, 4, 8, 0):
+            response = super().handle_request(request)
+            if response.status_code not in (502, 503) or not delay:
+                return response
+            response.read()
+            response.close()
+            time.sleep(delay)
+        return response
 
 
 @contextmanager
