@@ -97,9 +97,7 @@ def compare_embedding(spec: str, texts: list[str], max_length: int) -> tuple[dic
     from sentence_transformers import SentenceTransformer
 
     from finetune import matmul_peak
-    from tasks.devices import choose_runtime
-    from tasks.models import load_encoder, load_tokenizer, map_batches, mean_pooled_embeddings, resolve_model, tokenize
-
+    from tasks.models import load_encoder, load_tokenizer, mean_pooled_embeddings, resolve_model, tokenize
 
     def per_1000(seconds: float) -> float:
         return round(1000 * seconds / len(texts), 2)
@@ -107,16 +105,8 @@ def compare_embedding(spec: str, texts: list[str], max_length: int) -> tuple[dic
     start = time.perf_counter()
     ours = mean_pooled_embeddings(spec, texts, max_length, cache_dir=None)
     ours_seconds = time.perf_counter() - start
-
-    encoder, tokenizer, runtime = load_encoder(spec).eval(), load_tokenizer(spec), choose_runtime()
-
-    def mean_pool(batch):
-        hidden = encoder(**batch).last_hidden_state.float()
-        mask = batch["attention_mask"].unsqueeze(-1).float()
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-
     start = time.perf_counter()
-    map_batches(mean_pool, tokenizer, texts, max_length, encoder.config.hidden_size, runtime, 64, max_tokens=10**9)
+    mean_pooled_embeddings(spec, texts, max_length, cache_dir=None, batch_size=64, max_tokens=10**9)
     fixed_seconds = time.perf_counter() - start
 
     model = SentenceTransformer(str(resolve_model(spec)), device="cpu")
@@ -126,9 +116,9 @@ def compare_embedding(spec: str, texts: list[str], max_length: int) -> tuple[dic
     theirs_seconds = time.perf_counter() - start
     agreement = torch.nn.functional.cosine_similarity(ours, theirs.float().cpu()).min()
 
-    lengths = np.array([len(ids) for ids in tokenize(tokenizer, texts, max_length)])
+    lengths = np.array([len(ids) for ids in tokenize(load_tokenizer(spec), texts, max_length)])
     peak = matmul_peak(torch.float32)
-    limit_seconds = encoder_flops(encoder.config, lengths) / peak
+    limit_seconds = encoder_flops(load_encoder(spec).config, lengths) / peak
     return {"embedding_seconds_per_1000_texts": per_1000(ours_seconds),
             "embedding_fixed64_seconds_per_1000_texts": per_1000(fixed_seconds),
             "embedding_baseline": "sentence-transformers SentenceTransformer.encode, batch_size 32",

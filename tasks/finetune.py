@@ -433,9 +433,9 @@ def finetune(base: str, labels: list[str], train: TrainingData, valid: TrainingD
         return train_head(model, tokenizer, base, labels, train, valid, cfg, model_cfg, runtime, cache_dir,
                           reason, progress and dist.is_main)
     if cfg.linear_probe_first:
-        probe = train_head(model, tokenizer, base, labels, train, valid, cfg, model_cfg, runtime, cache_dir,
-                           reason, progress and dist.is_main)
-        for p in probe.model.parameters():  # the probe froze the encoder; the strategy decides what trains
+        train_head(model, tokenizer, base, labels, train, valid, cfg, model_cfg, runtime, cache_dir, reason,
+                   progress and dist.is_main)
+        for p in model.parameters():  # the probe froze the encoder; the strategy decides what trains
             p.requires_grad = True
     plan = TrainingPlan(
         model=prepare_for_training(model, strategy, cfg, runtime), tokenizer=tokenizer, strategy=strategy,

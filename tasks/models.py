@@ -146,7 +146,7 @@ def pad_batch(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor
 
 # Padded tokens per inference forward pass. On CPU, batches of a few thousand tokens keep the activations in
 # cache: measured on 2 CPU cores with all-MiniLM-L6-v2 (979 demo reviews, mean 109 tokens), 2048 tokens ran
-# 25.8 s per 1,000 texts against 31.1 s for fixed batches of 64 (benchmarks/shift.py). A GPU wants wide batches.
+# 27.5 s per 1,000 texts against 29.4 s for fixed batches of 64 (benchmarks/shift.py). A GPU wants wide batches.
 BATCH_TOKENS = {"cpu": 2048, "cuda": 32768}
 
 
@@ -251,7 +251,7 @@ def read_embedding_shards(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def mean_pooled_embeddings(spec: str | Path, texts: list[str], max_length: int, cache_dir: Path | None = None,
-                           batch_size: int = 64) -> torch.Tensor:
+                           batch_size: int = 64, max_tokens: int | None = None) -> torch.Tensor:
     """Mean-pooled last hidden states (the sentence embedding all-MiniLM-L6-v2 was trained for). Cached per text
     (by model fingerprint, max length and the text's sha256), so shift, evaluate and shift-watch embed each text
     once between them: a call embeds only the texts no earlier call did, and adds them as one new shard."""
@@ -267,7 +267,7 @@ def mean_pooled_embeddings(spec: str | Path, texts: list[str], max_length: int, 
             return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
         return map_batches(mean_pool, load_tokenizer(spec), rows, max_length, encoder.config.hidden_size, runtime,
-                           batch_size)
+                           batch_size, max_tokens)
 
     if cache_dir is None or not texts:
         return embed(texts)
