@@ -434,7 +434,7 @@ def finetune(base: str, labels: list[str], train: TrainingData, valid: TrainingD
                           reason, progress and dist.is_main)
     if cfg.linear_probe_first:
         train_head(model, tokenizer, base, labels, train, valid, cfg, model_cfg, runtime, cache_dir, reason,
-                   progress and dist.is_main)
+                   progress and dist.is_main, what=f"linear probe before {strategy}")
         for p in model.parameters():  # the probe froze the encoder; the strategy decides what trains
             p.requires_grad = True
     plan = TrainingPlan(
@@ -726,7 +726,9 @@ def head_forward(model, features: torch.Tensor) -> torch.Tensor:
 
 
 def train_head(model, tokenizer, base, labels, train, valid, cfg, model_cfg, runtime, cache_dir, reason,
-               progress) -> FinetuneResult:
+               progress, what: str = "feature extraction") -> FinetuneResult:
+    """The head (pooler + classifier) fitted on the frozen encoder's cached [CLS] features: feature_extraction's
+    model, or LP-FT's starting point (`what` names which in the log)."""
     started = time.perf_counter()
     features, hit = cached_features(model, tokenizer, base, train.texts, model_cfg.max_length, runtime, cache_dir)
     valid_features, _ = cached_features(model, tokenizer, base, valid.texts, model_cfg.max_length, runtime, cache_dir)
@@ -771,7 +773,7 @@ def train_head(model, tokenizer, base, labels, train, valid, cfg, model_cfg, run
         for module, kept in zip(head_modules(model), best_state, strict=True):
             module.load_state_dict(kept)
     if progress:
-        print(f"finetune: feature extraction ({'cached' if hit else 'computed'} features), {epochs_run} head epochs, "
+        print(f"finetune: {what} ({'cached' if hit else 'computed'} features), {epochs_run} head epochs, "
               f"best validation macro-F1 {best['macro_f1']:.3f} at epoch {best['epoch']}", flush=True)
     seconds = time.perf_counter() - started
     return FinetuneResult(

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks.baselines import full_proba
 from tasks.errors import RegraftError
 
 COMPANION_FILE = "regraft_lexical.json"
@@ -45,9 +46,7 @@ class LexicalCompanion:
         """Class probabilities over all n_classes (classes never seen in training get 0)."""
         scores = np.asarray(self.vectorizer().transform(list(texts)) @ self.coef.T) + self.intercept
         scores = np.exp(scores - scores.max(axis=1, keepdims=True))
-        out = np.zeros((len(texts), self.n_classes))
-        out[:, self.classes] = scores / scores.sum(axis=1, keepdims=True)
-        return out
+        return full_proba(scores / scores.sum(axis=1, keepdims=True), self.classes, self.n_classes)
 
     def pool(self, encoder_proba, texts: list[str]):
         """The served probabilities: the encoder's (a tensor or array, rows in `texts` order) pooled with this
