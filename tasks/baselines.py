@@ -5,13 +5,11 @@ logistic head). Kept apart from tasks/evaluate.py, whose metrics need no model c
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-if TYPE_CHECKING:
-    from tasks.lexical import LexicalCompanion
+from tasks.lexical import MAX_FEATURES, LexicalCompanion, full_proba
 
 
 def train_frame(splits: dict[str, pd.DataFrame], data: str) -> pd.DataFrame:
@@ -62,18 +60,9 @@ def baseline_probabilities(train: pd.DataFrame, texts: dict[str, list[str]], lab
     return out
 
 
-def full_proba(proba: np.ndarray, classes: np.ndarray, k: int) -> np.ndarray:
-    """sklearn drops classes it never saw in training; put their (zero) columns back."""
-    out = np.zeros((len(proba), k))
-    out[:, classes] = proba
-    return out
-
-
 def fit_companion(texts: list[str], labels: np.ndarray, weights: np.ndarray, n_classes: int) -> LexicalCompanion | None:
     """TF-IDF + class-balanced logistic regression on the candidate's train rows (target rows weighted as in
     training); None when the rows share no word pair twice (nothing lexical to learn)."""
-    from tasks.lexical import MAX_FEATURES, LexicalCompanion  # noqa: F811
-
     model = tfidf_model(max_features=MAX_FEATURES)
     try:
         model.fit(texts, labels, logisticregression__sample_weight=weights)

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.baselines import full_proba
 from tasks.errors import RegraftError
 
 COMPANION_FILE = "regraft_lexical.json"
@@ -60,6 +59,13 @@ class LexicalCompanion:
         return {"format": FORMAT, "weight": self.weight, "n_classes": self.n_classes, "classes": self.classes,
                 "vocabulary": self.vocabulary, "idf": self.idf.tolist(), "coef": self.coef.tolist(),
                 "intercept": self.intercept.tolist()}
+
+
+def full_proba(proba: np.ndarray, classes: np.ndarray, k: int) -> np.ndarray:
+    """sklearn (and the companion) drop classes never seen in training; put their (zero) columns back."""
+    out = np.zeros((len(proba), k))
+    out[:, classes] = proba
+    return out
 
 
 def write_companion(companion: LexicalCompanion, folder: Path) -> None:

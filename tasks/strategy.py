@@ -59,8 +59,9 @@ def lexical_score(train, valid, n_classes: int) -> float:
     """Validation macro-F1 of evaluate's lexical baseline (TF-IDF + logistic regression) fit on the train rows."""
     import torch
 
-    from tasks.baselines import full_proba, tfidf_model
+    from tasks.baselines import tfidf_model
     from tasks.finetune import validation_metrics
+    from tasks.lexical import full_proba
 
     model = tfidf_model().fit(train.texts, train.labels)
     scores = full_proba(model.predict_proba(valid.texts), model.classes_, n_classes)

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.baselines import fit_companion, full_proba, tfidf_model
+from tasks.baselines import fit_companion, tfidf_model
 from tasks.errors import RegraftError
 from tasks.finetune import TrainingData, choose_weight, companion_for_candidate
-from tasks.lexical import COMPANION_FILE, read_companion, write_companion
+from tasks.lexical import COMPANION_FILE, full_proba, read_companion, write_companion
 
 GOOD = ["works well for me", "great relief fast", "really helped a lot", "works great no side effects"]
 BAD = ["terrible side effects", "made it worse", "awful headache all day", "side effects were awful"]
