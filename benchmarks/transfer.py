@@ -166,7 +166,7 @@ def run_dataset(name: str, base: Path, extra: dict) -> dict:
                      "interval": [round(v, 4) for v in entry["overall|macro_f1"]["interval"]]}
              for pair, entry in target["comparisons"].items() if (model := pair.removeprefix("candidate-")) != pair}
     return {"dataset": name, **data, "seed": extra.get("train.seed"), "target_holdout_rows": target["n"],
-            "strategy": finetune.get("strategy"), "served_as": finetune.get("lexical_companion", {}).get("weight"),
+            "strategy": finetune.get("strategy"), "lexical_weight": finetune.get("lexical_companion", {}).get("weight"),
             "strategy_reason": finetune.get("reason"), "macro_f1": scores, "gain": gains,
             "cpu_seconds": round(cpu, 1), "wall_seconds": round(wall, 1)}
 
