@@ -23,6 +23,10 @@ of 76 to 157 rows one seed moves the candidate by more than the goal's differenc
 0.474 at seed 1), so a dataset is won when the candidate's mean over the seeds is above the baseline, and
 `wins_every_seed_vs_tfidf` counts the datasets won at every seed.
 
+After evaluate, each project runs its gate as `regraft run` would (params.yaml's criteria, outside the CPU figure):
+a method that beats the baselines but fails the demo's fairness criteria shows it in the same run (`gate`: the
+verdict and every criterion that did not pass).
+
 Prints one line per dataset and seed, and last one JSON object with `datasets`, `wins_vs_tfidf` (datasets where
 the candidate's macro-F1 is above TF-IDF's), `wins_vs_frozen_encoder` and every dataset's figures.
 
@@ -155,6 +159,12 @@ def run_dataset(name: str, base: Path, extra: dict) -> dict:
     wall, cpu = time.perf_counter() - start, children_cpu_seconds() - cpu
     if done.returncode != 0:
         return {"dataset": name, "error": (done.stdout + done.stderr)[-3000:], **data}
+    # The gate as the run would apply it (outside the CPU figure: it reads reports, trains nothing). It exits 1 on
+    # FAIL and writes its verdict either way, so the verdict file is what is read.
+    subprocess.run([sys.executable, "-m", "dvc", "repro", "gate"], cwd=project, env=stage_environment(),
+                   capture_output=True, text=True)
+    verdict_path = project / "reports" / "verdict.json"
+    verdict = json.loads(verdict_path.read_text()) if verdict_path.is_file() else {"verdict": "missing", "criteria": []}
     evaluation = json.loads((project / "reports" / "evaluate.json").read_text())
     finetune = json.loads((project / "reports" / "finetune.json").read_text())
     target = evaluation["splits"]["target_holdout"]
@@ -168,6 +178,8 @@ def run_dataset(name: str, base: Path, extra: dict) -> dict:
     return {"dataset": name, **data, "seed": extra.get("train.seed"), "target_holdout_rows": target["n"],
             "strategy": finetune.get("strategy"), "lexical_weight": finetune.get("lexical_companion", {}).get("weight"),
             "strategy_reason": finetune.get("reason"), "macro_f1": scores, "gain": gains,
+            "gate": {"verdict": verdict["verdict"],
+                     "not_passed": {c["name"]: c["status"] for c in verdict["criteria"] if c["status"] != "PASS"}},
             "cpu_seconds": round(cpu, 1), "wall_seconds": round(wall, 1)}
 
 
@@ -178,7 +190,8 @@ def over_seeds(runs: list[dict]) -> dict:
     if len(runs) == 1:
         return first
     candidate = [r["macro_f1"]["candidate"]["macro_f1"] for r in runs]
-    return {**{k: v for k, v in first.items() if k not in ("seed", "strategy_reason", "gain")},
+    return {**{k: v for k, v in first.items() if k not in ("seed", "strategy_reason", "gain", "gate")},
+            "gate_by_seed": [r["gate"]["verdict"] for r in runs],
             "macro_f1": {**first["macro_f1"], "candidate": {"macro_f1": round(float(np.mean(candidate)), 4),
                                                              "by_seed": candidate,
                                                              "sd": round(float(np.std(candidate, ddof=1)), 4)}},
@@ -216,8 +229,8 @@ def main() -> None:
                 shown = ", ".join(f"{model} {s['macro_f1']:.3f} [{s['interval'][0]:.3f}, {s['interval'][1]:.3f}]"
                                   for model, s in result["macro_f1"].items())
                 print(f"{name}{'' if seed is None else f' seed {seed}'}: target macro-F1 {shown}; strategy "
-                      f"{result['strategy']}; {result['cpu_seconds']:.0f} CPU s ({result['wall_seconds']:.0f} s wall)",
-                      flush=True)
+                      f"{result['strategy']}; gate {result['gate']['verdict']}; {result['cpu_seconds']:.0f} CPU s "
+                      f"({result['wall_seconds']:.0f} s wall)", flush=True)
             results.append(over_seeds(runs) if len(runs) == len(args.seeds or [None]) else
                            {"dataset": name, "error": "a seed's run failed (above)"})
     finally:
