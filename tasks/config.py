@@ -236,6 +236,9 @@ class TrainConfig(StrictModel):
     seed: int = Field(ge=0, description="Seed of data order, initialisation and dropout.")
     auto_full_min_examples: int = Field(ge=1, description="auto without enough validation rows to compare strategies: "
                                         "from this many target train rows on, train all layers.")
+    auto_full_min_domain_auc: float = Field(ge=0.5, le=1, description="auto without enough validation rows: "
+                                            "below auto_full_min_examples, train all layers when the shift stage's "
+                                            "domain classifier separates target from source with this AUC or more.")
     auto_race_epochs: int = Field(ge=1, description="auto: epochs lora and full each train before the one ahead on "
                                   "validation finishes its schedule.")
     auto_min_validation_rows: int = Field(ge=10, description="auto: fewest validation rows to race the strategies on; "

@@ -12,9 +12,10 @@ The best validation macro-F1 wins (ties go to the cheaper strategy). When TF-IDF
 the race, the evidence predicts negative transfer, and the stage says so before the winner's remaining epochs.
 
 Fewer than `train.auto_min_validation_rows` validation rows, or a data-parallel run, fall back to the rule on data
-size and shift verdict. Measured on the demo's 43 validation rows, the race picked full (0.612 against lora's
-0.407 after two epochs), which then scored 0.484 target-holdout macro-F1 where the rule's lora scores 0.547: on
-so few rows the noise (a standard error near 0.07) is larger than the differences it must resolve.
+size, the shift stage's domain-classifier AUC and its verdict. Measured on the demo's 43 validation rows, the race
+picked full (0.612 against lora's 0.407 after two epochs), which then scored 0.484 target-holdout macro-F1 where
+the rule's lora scores 0.547: on so few rows the noise (a standard error near 0.07) is larger than the differences
+it must resolve.
 """
 
 from __future__ import annotations
@@ -39,20 +40,38 @@ class StrategyChoice:
     checkpoint_dir: Path | None = None  # where the chosen strategy trains (or resumes, after the race)
 
 
+def domain_auc(shift_report: dict | None) -> float | None:
+    """The shift stage's domain-classifier AUC (source against target on the frozen embeddings), if it has one."""
+    tests = (shift_report or {}).get("tests")
+    for test in tests if isinstance(tests, list) else []:
+        if isinstance(test, dict) and test.get("name") == "classifier":
+            auc = test.get("statistic")
+            if isinstance(auc, int | float) and not isinstance(auc, bool) and 0.0 <= auc <= 1.0:
+                return float(auc)
+    return None
+
+
 def rule_based(cfg: TrainConfig, n_target: int, shift_report: dict | None) -> tuple[str, str]:
-    """The configured strategy, or for `auto` one picked from the data size and the shift verdict."""
+    """The configured strategy, or for `auto` one picked from the data size and the shift evidence."""
     if cfg.strategy != "auto":
         return cfg.strategy, f"configured: train.strategy={cfg.strategy}"
     verdict = (shift_report or {}).get("verdict")
     if n_target >= cfg.auto_full_min_examples:
         return "full", (f"{n_target} labelled target examples >= {cfg.auto_full_min_examples}: "
                         "enough to adapt every layer")
+    few = f"{n_target} labelled target examples < {cfg.auto_full_min_examples}"
+    auc = domain_auc(shift_report)
+    # An effect size, not the test's severity: severity says how sure the shift is (it grows with the rows),
+    # the AUC how far apart the domains sit in the features that low-rank adapters would keep.
+    if auc is not None and auc >= cfg.auto_full_min_domain_auc:
+        return "full", (f"{few}, but the frozen features tell target from source apart (domain classifier AUC "
+                        f"{auc:.3f} >= {cfg.auto_full_min_domain_auc}): a new domain, so every layer adapts")
     if verdict == "severe":
-        return "lora", (f"{n_target} labelled target examples < {cfg.auto_full_min_examples} and a severe shift: "
-                        "the representation must move, and low-rank adapters do so with few parameters")
+        return "lora", (f"{few} and a severe shift within reach of the frozen features (domain classifier AUC "
+                        f"{'unknown' if auc is None else f'{auc:.3f}'}): low-rank adapters move the representation "
+                        "with few parameters")
     shift_note = f"shift verdict {verdict!r}" if verdict else "no shift report"
-    return "feature_extraction", (f"{n_target} labelled target examples < {cfg.auto_full_min_examples} and "
-                                  f"{shift_note}: a frozen encoder with a trained head resists overfitting")
+    return "feature_extraction", (f"{few} and {shift_note}: a frozen encoder with a trained head resists overfitting")
 
 
 def lexical_score(train, valid, n_classes: int) -> float:

@@ -30,9 +30,10 @@ def test_the_demo_runs_end_to_end_with_the_bundled_model(tmp_path):
     done = run([REGRAFT, "run"], project)
     assert "regraft run finished: " + " -> ".join(STAGES) in done.stdout
     assert re.search(r"domain shift: (moderate|severe)", done.stdout)
-    # The demo's 43 validation rows are too few to race strategies on, so `auto`'s rule decides: a severe shift
-    # and a small target mean LoRA.
+    # The demo's 43 validation rows are too few to race strategies on, so `auto`'s rule decides: a severe shift,
+    # a small target and a domain classifier that tells the domains apart only weakly (AUC ~0.63) mean LoRA.
     assert "finetune: lora on CPU" in done.stdout
+    assert re.search(r"domain classifier AUC 0\.[0-7]\d\d\): low-rank adapters", done.stdout)
     assert re.search(r"target_holdout\s+108\s+negative 38, neutral 10, positive 60", done.stdout)
     assert "validation passed: 82 expectations on 4 splits" in done.stdout
     # The candidate clears the gate, which shows the demo's tiny per-condition groups as insufficient data.

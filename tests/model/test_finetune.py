@@ -270,13 +270,23 @@ def test_token_budget_batches_keep_rows_and_results(tiny_bert, monkeypatch):
     ("strategy", "n_target", "shift", "expected"),
     [("auto", 400, None, "feature_extraction"), ("auto", 400, {"verdict": "severe"}, "lora"),
      ("auto", 400, {"verdict": "moderate"}, "feature_extraction"), ("auto", 5000, None, "full"),
-     ("auto", 50000, {"verdict": "severe"}, "full"), ("gradual_unfreeze", 10, None, "gradual_unfreeze")],
+     ("auto", 50000, {"verdict": "severe"}, "full"), ("gradual_unfreeze", 10, None, "gradual_unfreeze"),
+     # The domain classifier's AUC (an effect size) picks full for a new domain, lora for a shift within reach
+     ("auto", 300, {"verdict": "severe", "tests": [{"name": "classifier", "statistic": 0.88}]}, "full"),
+     ("auto", 300, {"verdict": "severe", "tests": [{"name": "classifier", "statistic": 0.63}]}, "lora"),
+     ("auto", 300, {"verdict": "moderate", "tests": [{"name": "classifier", "statistic": 0.8}]}, "full"),
+     # ... and a malformed report is no evidence: the verdict alone decides
+     ("auto", 300, {"verdict": "severe", "tests": [{"name": "classifier", "statistic": "0.9"}]}, "lora"),
+     ("auto", 300, {"verdict": "severe", "tests": [{"name": "classifier", "statistic": 1.7}]}, "lora"),
+     ("auto", 300, {"verdict": "severe", "tests": {"classifier": 0.9}}, "lora")],
 )
 def test_the_rule_when_strategies_cannot_be_compared(strategy, n_target, shift, expected):
     cfg, _ = train_config(strategy=strategy)
     chosen, reason = rule_based(cfg, n_target, shift)
     assert chosen == expected
     assert reason
+    if expected == "full" and n_target < cfg.auto_full_min_examples:
+        assert "domain classifier AUC 0.8" in reason
 
 
 def test_auto_races_the_strategies_on_validation_and_the_winner_finishes_from_its_checkpoint(tiny_bert, splits,
