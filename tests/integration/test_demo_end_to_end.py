@@ -33,7 +33,6 @@ def test_the_demo_runs_end_to_end_with_the_bundled_model(tmp_path):
     # The demo's 43 validation rows are too few to race strategies on, so `auto`'s rule decides: a severe shift,
     # a small target and a domain classifier that tells the domains apart only weakly (AUC ~0.63) mean LoRA.
     assert "finetune: lora on CPU" in done.stdout
-    assert re.search(r"domain classifier AUC 0\.[0-7]\d\d\): low-rank adapters", done.stdout)
     assert re.search(r"target_holdout\s+108\s+negative 38, neutral 10, positive 60", done.stdout)
     assert "validation passed: 82 expectations on 4 splits" in done.stdout
     # The candidate clears the gate, which shows the demo's tiny per-condition groups as insufficient data.
@@ -42,6 +41,8 @@ def test_the_demo_runs_end_to_end_with_the_bundled_model(tmp_path):
     assert re.search(r"transfer gain \(candidate - TF-IDF, macro-F1\): [+-]0\.\d+", done.stdout)
     verdict = json.loads((project / "reports" / "verdict.json").read_text())
     assert verdict["verdict"] == "PASS" and verdict["champion"] is False
+    finetune = json.loads((project / "reports" / "finetune.json").read_text())
+    assert re.search(r"domain classifier AUC 0\.[0-7]\d\d\): low-rank adapters", finetune["reason"])
     # ... and ends with a packaged, smoke-tested model that can be promoted.
     assert re.search(r"packaged regraft-classifier:\S+ \(Bento regraft:\S+\); smoke test: 32 served labels", done.stdout)
     assert "promote it with: regraft promote regraft-classifier:" in done.stdout
