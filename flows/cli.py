@@ -157,6 +157,10 @@ def print_summary(result: dict) -> None:
         validation = ", ".join(f"{k} {v:.3f}" for k, v in finetune["validation"].items())
         print(f"\nfinetune: {finetune['strategy']} on {finetune['hardware']} ({finetune['precision']}), "
               f"{finetune['train_seconds']} s; validation {validation}")
+        served = finetune.get("served_model") or {}
+        if served.get("cheap"):  # said plainly: the evidence chose a cheap model over adaptation
+            print(f"  {finetune['reason'].split(' (')[0]}")
+        print(f"served as: {served.get('served_as', 'not recorded')}")
         print(f"model: {finetune['model_dir']} (model card: {finetune['model_dir']}/README.md)")
     evaluate = result["reports"].get("evaluate")
     if evaluate:

@@ -19,10 +19,11 @@ from pipelines.stage_io import read_splits, report_path, run_stage, write_atomic
 from tasks.config import Params
 from tasks.errors import ConfigError
 from tasks.files import replace_directory
-from tasks.finetune import FinetuneResult, build_training_data, calibrate, companion_for_candidate, finetune
+from tasks.finetune import FinetuneResult, build_training_data, calibrated_encoders, finetune, served_model
 from tasks.lexical import LexicalCompanion, write_companion
-from tasks.strategy import choose_strategy
-from tasks.models import model_origin, predict_proba
+from tasks.render import evidence_text
+from tasks.strategy import FROZEN_IS_ENOUGH, NEGATIVE_TRANSFER, choose_strategy
+from tasks.models import model_origin
 
 
 def file_md5(path: Path) -> str:
@@ -71,8 +72,7 @@ def model_card(result: FinetuneResult, params: Params, base: str, data_hashes: d
         f"`{result.strategy}` strategy.",
         "",
         f"- Why this strategy: {result.reason}",
-        *[f"  - {row['model']}: validation macro-F1 {row['validation_macro_f1']:.3f} ({row['how']}, {row['seconds']:.0f} s)"
-          for row in evidence],
+        *[f"  - {evidence_text(row)}" for row in evidence],
         f"- Trained on: {params.train.data} ({'target weight ' + str(params.train.target_weight) if params.train.data != 'target' else 'target only'})",
         f"- Hardware: {result.runtime.reason}; precision {result.runtime.precision}; {result.runtime.threads} threads; "
         f"{result.extra.get('world_size', 1)} process(es)",
@@ -140,10 +140,6 @@ def main(params: Params) -> int:
                              len(splits["target_train"]), read_shift_report(params), params.paths.checkpoints, features,
                              world=int(os.environ.get("WORLD_SIZE", "1")))
     strategy, reason = choice.strategy, choice.reason
-    if choice.negative_transfer_predicted:
-        print("finetune: warning: the evidence predicts negative transfer (TF-IDF + logistic regression is ahead of "
-              "every strategy on the validation rows); training goes on, and the gate compares with the baselines",
-              flush=True)
     print(f"finetune: {strategy} ({reason}); {len(train.texts)} train rows, {len(valid.texts)} validation rows",
           flush=True)
     # After a race the winner resumes from its checkpoint; otherwise this trains from the start.
@@ -152,14 +148,25 @@ def main(params: Params) -> int:
     result.reason = reason
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
-    calibration = calibrate(result, valid, params.model.max_length)
+    encoders, cross_fitted = calibrated_encoders(result, choice, valid, params.model.max_length)
+    served = served_model({name: proba for name, (_, _, proba) in encoders.items()}, train, valid,
+                          len(params.ingest.labels), params.train.lexical_weights, cross_fitted)
+    if served.encoder != result.strategy:
+        reason = (f"{FROZEN_IS_ENOUGH} after the long fit: the frozen encoder with its head is served "
+                  f"({served.report['served_as']}); {reason}")
+    result, calibration, _ = encoders[served.encoder]
+    result.reason = reason
+    companion, lexical = served.companion, served.report
     print(f"finetune: calibrated by temperature scaling: T = {calibration['temperature']:.3f}"
           + (f", validation ECE {calibration['validation_ece_before']:.3f} -> {calibration['validation_ece_after']:.3f}"
              if "validation_ece_after" in calibration else f" ({calibration.get('note')})"), flush=True)
-    encoder_valid = predict_proba(result.model, result.tokenizer, valid.texts, params.model.max_length,
-                                  runtime=result.runtime).numpy()
-    companion, lexical = companion_for_candidate(encoder_valid, train, valid, len(params.ingest.labels),
-                                                 params.train.lexical_weights)
+    cheap = params.train.strategy == "auto" and (result.strategy == "feature_extraction"
+                                                 or (companion is not None and companion.serves_alone))
+    if cheap and (companion is not None and companion.serves_alone) and NEGATIVE_TRANSFER not in reason:
+        reason = f"{NEGATIVE_TRANSFER}: the lexical model alone is served; {reason}"
+        result.reason = reason
+    if cheap:
+        print(f"finetune: {reason.split(' (')[0]}", flush=True)
     print(f"finetune: served as {lexical['served_as']}", flush=True)
     data_hashes = {name: file_md5(Path(path)) for name, path in params.paths.splits.model_dump().items()}
     save_model_dir(result, params.paths.model, model_card(result, params, base, data_hashes, choice.evidence, lexical),
@@ -171,6 +178,8 @@ def main(params: Params) -> int:
         "reason": result.reason,
         "strategy_evidence": choice.evidence,
         "negative_transfer_predicted": choice.negative_transfer_predicted,
+        "served_model": {"encoder": served.encoder, "lexical_weight": lexical.get("weight", 0.0),
+                         "cheap": cheap, "served_as": lexical["served_as"]},
         "base_model": model_origin(base),
         "init": params.train.init,
         "model_dir": str(params.paths.model),

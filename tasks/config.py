@@ -234,19 +234,19 @@ class TrainConfig(StrictModel):
     log_every: int = Field(ge=1, description="Optimiser steps between log lines.")
     nproc: int = Field(ge=1, description="Processes for data-parallel training (torchrun); one per GPU on GPU machines.")
     seed: int = Field(ge=0, description="Seed of data order, initialisation and dropout.")
-    auto_full_min_examples: int = Field(ge=1, description="auto without enough validation rows to compare strategies: "
-                                        "from this many target train rows on, train all layers.")
-    auto_full_min_domain_auc: float = Field(ge=0.5, le=1, description="auto without enough validation rows: "
-                                            "below auto_full_min_examples, train all layers when the shift stage's "
+    auto_full_min_examples: int = Field(ge=1, description="auto in a data-parallel run (which cannot race the "
+                                        "strategies): from this many target train rows on, train all layers.")
+    auto_full_min_domain_auc: float = Field(ge=0.5, le=1, description="auto in a data-parallel run: below "
+                                            "auto_full_min_examples, train all layers when the shift stage's "
                                             "domain classifier separates target from source with this AUC or more.")
     auto_race_epochs: int = Field(ge=1, description="auto: epochs lora and full each train before the one ahead on "
-                                  "validation finishes its schedule.")
-    auto_min_validation_rows: int = Field(ge=10, description="auto: fewest validation rows to race the strategies on; "
-                                          "with fewer, the rule on data size and shift verdict decides.")
+                                  "validation, if it is ahead of TF-IDF and the frozen encoder too, finishes its "
+                                  "schedule.")
     lexical_weights: list[Annotated[float, Field(ge=0, le=1)]] = Field(
         min_length=1, max_length=21, description="Weights w tried on the validation rows for pooling the encoder's "
         "probabilities with a lexical companion (TF-IDF + logistic regression): (1 - w) encoder + w lexical, the "
-        "best validation macro-F1 wins (ties: the lower log-loss); [0] serves the encoder alone.")
+        "best validation macro-F1 wins (ties: the lower log-loss); [0] serves the encoder alone, 1 the lexical model "
+        "alone.")
 
 
 class ShiftConfig(StrictModel):

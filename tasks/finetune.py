@@ -293,6 +293,45 @@ def calibrate(result: FinetuneResult, valid: TrainingData, max_length: int, bins
             "validation_ece_after": ece["after"], "method": "temperature scaling on the validation rows"}
 
 
+def calibrate_cross_fitted(result: FinetuneResult, crossed: dict, bins: int = 10) -> tuple[dict, np.ndarray]:
+    """Temperature scaling of the frozen encoder's head on its out-of-fold probabilities over every labelled target
+    row (cross_fitted_cheap): ten times the validation rows, and none scored by a head that early-stopped on it. With
+    the calibration report, the tempered out-of-fold probabilities."""
+    from tasks.evaluate import expected_calibration_error
+    from tasks.models import TEMPERATURE_KEY
+
+    logits = torch.log(torch.as_tensor(crossed["feature_extraction"], dtype=torch.float32).clamp_min(1e-12))
+    t = fit_temperature(logits, crossed["labels"])
+    setattr(result.model.config, TEMPERATURE_KEY, t)
+    tempered = torch.softmax(logits / t, dim=-1).numpy()
+    ece = {name: expected_calibration_error(torch.softmax(logits / scale, dim=-1).numpy(), crossed["labels"], bins)
+           for name, scale in (("before", 1.0), ("after", t))}
+    return {"temperature": t, "validation_rows": len(crossed["labels"]), "validation_ece_before": ece["before"],
+            "validation_ece_after": ece["after"],
+            "method": f"temperature scaling on {crossed['folds']}-fold cross-fitted probabilities of every target "
+                      "row"}, tempered
+
+
+def calibrated_encoders(result: FinetuneResult, choice, valid: TrainingData,
+                        max_length: int) -> tuple[dict[str, tuple], dict | None]:
+    """The trained encoders the candidate may serve, cheapest first, each calibrated: name -> (result, calibration
+    report, calibrated validation probabilities); and, under auto, the cross-fitted probabilities of every target
+    row that `served_model` weighs the frozen encoder on, so the adaptive one must still beat it after the long fit."""
+    from tasks.models import predict_proba
+
+    encoders, cross_fitted = {}, None
+    if choice.cheap is not None and choice.cross_fitted is not None:
+        calibration, tempered = calibrate_cross_fitted(choice.cheap, choice.cross_fitted)
+        encoders["feature_extraction"] = (choice.cheap, calibration, tempered[len(tempered) - len(valid.texts):])
+        cross_fitted = {"feature_extraction": tempered, "tfidf": choice.cross_fitted["tfidf"],
+                        "labels": choice.cross_fitted["labels"]}
+    if result is not choice.cheap:
+        calibration = calibrate(result, valid, max_length)
+        proba = predict_proba(result.model, result.tokenizer, valid.texts, max_length, runtime=result.runtime).numpy()
+        encoders[result.strategy] = (result, calibration, proba)
+    return encoders, cross_fitted
+
+
 def log_loss(proba: np.ndarray, labels: np.ndarray) -> float:
     return float(-np.mean(np.log(np.clip(proba[np.arange(len(labels)), labels], 1e-12, None))))
 
@@ -313,34 +352,90 @@ def choose_weight(encoder_proba: np.ndarray, lexical_proba: np.ndarray, labels: 
     return best["weight"], table
 
 
-def companion_for_candidate(encoder_valid: np.ndarray, train, valid, n_classes: int,
-                            grid: list[float]) -> tuple[LexicalCompanion | None, dict]:
-    """The finetune stage's companion: fit on the train rows, its pool weight chosen on the validation rows from
-    the encoder's calibrated probabilities there; None (the encoder alone) when w = 0 wins or cannot be chosen.
-    The report's `served_as` says which, in words, for the logs, reports and model cards."""
+@dataclass
+class ServedModel:
+    """What the candidate serves: which trained encoder, pooled with which lexical companion (None: the encoder
+    alone), and the report of how it was chosen."""
+
+    encoder: str
+    companion: LexicalCompanion | None
+    report: dict
+
+
+def served_model(encoders_valid: dict[str, np.ndarray], train, valid, n_classes: int, grid: list[float],
+                 cross_fitted: dict | None = None) -> ServedModel:
+    """The best served model: each trained encoder (calibrated validation probabilities, cheapest first) pooled with
+    the lexical companion fit on the train rows at the weight of `grid` with the best macro-F1 (1 serves the lexical
+    model alone), then the encoder whose pool scores best on the validation rows (ties: the cheaper).
+
+    With `cross_fitted` (the frozen encoder's tempered out-of-fold probabilities, TF-IDF's and the labels of every
+    target row, validation rows last), the frozen encoder's weight and temperature come from all the target rows
+    rather than the validation split alone: on the demo's 43 validation rows one split's noise (a standard error
+    near 0.07) is larger than the differences being chosen between. The winner's pool gets a last temperature, so
+    that what is served is calibrated, not only the encoder inside it."""
+    names = list(encoders_valid)
     n = len(valid.texts)
-    if max(grid) == 0:
-        return None, alone("train.lexical_weights is [0]")
-    if n < 10:
-        return None, alone(f"{n} validation rows: too few to weigh a lexical companion")
+    if max(grid) == 0 or n < 10:
+        why = "train.lexical_weights is [0]" if max(grid) == 0 else f"{n} validation rows: too few to choose among models"
+        return ServedModel(names[0], None, alone(why, names[0]))
     from tasks.baselines import fit_companion
 
     companion = fit_companion(train.texts, train.labels, train.weights, n_classes)
     if companion is None:
-        return None, alone("no lexical model fits the train rows (no word pair occurs twice)")
-    weight, table = choose_weight(encoder_valid, companion.proba(valid.texts), valid.labels, grid)
-    tried = ", ".join(f"w={row['weight']}: {row['macro_f1']:.3f}" for row in table)
-    report = {"weight": weight, "validation_rows": n, "features": len(companion.idf), "by_weight": table,
-              "method": "TF-IDF + logistic regression on the train rows; w by validation macro-F1, then log-loss"}
+        return ServedModel(names[0], None, alone("no lexical model fits the train rows (no word pair occurs twice)",
+                                                 names[0]))
+    lexical_valid = companion.proba(valid.texts)
+    # The rows each encoder's weight and temperature are chosen on: (encoder, lexical, labels), validation rows last.
+    scoring = {name: (proba, lexical_valid, valid.labels) for name, proba in encoders_valid.items()}
+    if cross_fitted is not None and "feature_extraction" in scoring:
+        scoring["feature_extraction"] = (cross_fitted["feature_extraction"], cross_fitted["tfidf"],
+                                         cross_fitted["labels"])
+    tried = {name: choose_weight(*rows, grid) for name, rows in scoring.items()}
+
+    def on_validation(name: str) -> float:
+        encoder_proba, lexical, labels = (rows[len(rows) - n:] for rows in scoring[name])
+        w = tried[name][0]
+        pooled = (1 - w) * encoder_proba + w * lexical
+        return float(metrics_from_confusion(confusion_counts(labels, pooled.argmax(axis=1), n_classes))["macro_f1"])
+
+    validation = {name: on_validation(name) for name in names}
+    encoder = min(names, key=lambda name: (-validation[name], names.index(name)))
+    weight, table = tried[encoder]
+    shown = "; ".join(f"{name} {validation[name]:.3f} at w={tried[name][0]}" for name in names)
+    report = {"encoder": encoder, "weight": weight, "validation_rows": n, "features": len(companion.idf),
+              "by_weight": table, "by_encoder": {name: {"validation_macro_f1": validation[name], "weight": tried[name][0],
+                                                        "rows": len(scoring[name][2]), "by_weight": tried[name][1]}
+                                                 for name in names},
+              "method": "TF-IDF + logistic regression on the train rows; each encoder's w by macro-F1 (then log-loss) "
+                        "on its rows (the frozen encoder's: every target row, cross-fitted), the encoder by validation "
+                        "macro-F1"}
     if weight == 0:
-        return None, {**report, "served_as": f"the encoder alone (best validation macro-F1 of {tried})"}
+        return ServedModel(encoder, None, {**report, "served_as": f"{encoder_words(encoder)} alone (validation "
+                                                                  f"macro-F1 {shown})"})
+    encoder_proba, lexical, labels = scoring[encoder]
+    pooled = (1 - weight) * encoder_proba + weight * lexical
+    temperature = fit_temperature(torch.as_tensor(np.log(np.clip(pooled, 1e-12, None))), labels)
+    if weight == 1:
+        # The lexical model alone: refit on every train row, unweighted, it is evaluate's TF-IDF baseline itself
+        # (the temperature stays the one fitted on rows that model had not seen).
+        companion = fit_companion(train.texts + valid.texts, np.concatenate([train.labels, valid.labels]),
+                                  np.ones(n + len(train.texts)), n_classes) or companion
     companion.weight = weight
-    return companion, {**report, "served_as": f"(1 - {weight}) x the encoder + {weight} x TF-IDF + logistic "
-                                              f"regression, {COMPANION_FILE} (best validation macro-F1 of {tried})"}
+    companion.temperature = report["pool_temperature"] = temperature
+    what = ("TF-IDF + logistic regression alone, the encoder's output weighted 0" if weight == 1 else
+            f"(1 - {weight}) x {encoder_words(encoder)} + {weight} x TF-IDF + logistic regression")
+    return ServedModel(encoder, companion, {
+        **report, "served_as": f"{what}, {COMPANION_FILE}, temperature {companion.temperature:.3f} on the pool "
+                               f"(validation macro-F1 {shown})"})
 
 
-def alone(why: str) -> dict:
-    return {"weight": 0.0, "served_as": f"the encoder alone ({why})"}
+def encoder_words(strategy: str) -> str:
+    return ("the frozen encoder with its trained head" if strategy == "feature_extraction"
+            else f"the encoder ({strategy})")
+
+
+def alone(why: str, strategy: str = "") -> dict:
+    return {"encoder": strategy, "weight": 0.0, "served_as": f"{encoder_words(strategy)} alone ({why})"}
 
 
 def score(model, tokenizer, data: TrainingData, max_length: int, runtime: Runtime) -> dict[str, float]:
@@ -732,30 +827,18 @@ def train_head(model, tokenizer, base, labels, train, valid, cfg, model_cfg, run
     started = time.perf_counter()
     features, hit = cached_features(model, tokenizer, base, train.texts, model_cfg.max_length, runtime, cache_dir)
     valid_features, _ = cached_features(model, tokenizer, base, valid.texts, model_cfg.max_length, runtime, cache_dir)
-    for p in model.parameters():
-        p.requires_grad = False
-    head_params = [p for m in head_modules(model) for p in m.parameters()]
-    for p in head_params:
-        p.requires_grad = True
-    optimizer = torch.optim.AdamW(head_params, lr=cfg.head_learning_rate, weight_decay=cfg.weight_decay)
-    loss_fn = torch.nn.CrossEntropyLoss(weight=class_weights(train.labels, len(labels), cfg.class_weights),
-                                        reduction="none")
+    initial = [copy.deepcopy(m.state_dict()) for m in head_modules(model)]  # cross-fitting starts each fold here
+    optimizer, loss_fn = head_optimiser(model, train, len(labels), cfg)
     labels_t, weights_t = torch.tensor(train.labels), torch.tensor(train.weights)
     generator = torch.Generator().manual_seed(cfg.seed)
     log, best, best_state, stale, step = [], {"macro_f1": -1.0, "epoch": 0, "metrics": {}}, None, 0, 0
     model.cpu()
     epochs_run = 0
     for epoch in range(cfg.head_epochs):
-        model.train()
-        t0, seen = time.perf_counter(), 0
-        for idx in torch.randperm(len(labels_t), generator=generator).split(cfg.batch_size * cfg.grad_accum):
-            loss = (loss_fn(head_forward(model, features[idx]), labels_t[idx]) * weights_t[idx]).sum() / weights_t[idx].sum()
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            seen += len(idx)
-        log.append({"step": step, "epoch": epoch + 1, "loss": float(loss.item()), "learning_rate": cfg.head_learning_rate,
+        t0 = time.perf_counter()
+        loss, steps, seen = head_epoch(model, optimizer, loss_fn, features, labels_t, weights_t, cfg, generator)
+        step += steps
+        log.append({"step": step, "epoch": epoch + 1, "loss": loss, "learning_rate": cfg.head_learning_rate,
                     "samples_per_second": seen / max(time.perf_counter() - t0, 1e-9)})
         model.eval()
         with torch.no_grad():
@@ -780,6 +863,89 @@ def train_head(model, tokenizer, base, labels, train, valid, cfg, model_cfg, run
         model=model, tokenizer=tokenizer, strategy="feature_extraction", reason=reason, runtime=runtime, log=log,
         metrics={"validation": best["metrics"]}, epochs_run=epochs_run, best_epoch=best["epoch"],
         resumed_from_step=None, train_seconds=seconds, samples_per_second=len(train.texts) * epochs_run / max(seconds, 1e-9),
-        extra={"features_cached": hit, "world_size": 1},
+        extra={"features_cached": hit, "world_size": 1, "head_features": (features, valid_features),
+               "head_initial": initial},
     )
+
+
+def head_optimiser(model, train: TrainingData, n_classes: int, cfg: TrainConfig):
+    """AdamW over the head's parameters only (the encoder frozen), and the class-weighted per-row loss."""
+    for p in model.parameters():
+        p.requires_grad = False
+    head_params = [p for m in head_modules(model) for p in m.parameters()]
+    for p in head_params:
+        p.requires_grad = True
+    optimizer = torch.optim.AdamW(head_params, lr=cfg.head_learning_rate, weight_decay=cfg.weight_decay)
+    loss_fn = torch.nn.CrossEntropyLoss(weight=class_weights(train.labels, n_classes, cfg.class_weights),
+                                        reduction="none")
+    return optimizer, loss_fn
+
+
+def head_epoch(model, optimizer, loss_fn, features, labels_t, weights_t, cfg: TrainConfig,
+               generator) -> tuple[float, int, int]:
+    """One epoch of the head on cached features: (last loss, optimiser steps, rows seen)."""
+    model.train()
+    steps = seen = 0
+    loss = torch.zeros(())
+    for idx in torch.randperm(len(labels_t), generator=generator).split(cfg.batch_size * cfg.grad_accum):
+        loss = (loss_fn(head_forward(model, features[idx]), labels_t[idx]) * weights_t[idx]).sum() / weights_t[idx].sum()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        steps += 1
+        seen += len(idx)
+    return float(loss.item()), steps, seen
+
+
+def target_rows(train: TrainingData, valid: TrainingData) -> tuple[np.ndarray, np.ndarray]:
+    """Every labelled target row the stage holds, as (indexes into train, then len(train) + indexes into valid): the
+    rows cross-fitting scores."""
+    return np.flatnonzero(train.domains == "target"), len(train.texts) + np.arange(len(valid.texts))
+
+
+def cross_fitted_cheap(result: FinetuneResult, train: TrainingData, valid: TrainingData, n_classes: int,
+                       cfg: TrainConfig, folds: int = 5) -> dict:
+    """Out-of-fold probabilities of the two cheap models on every labelled target row (train's target rows, then the
+    validation rows): each fold's rows are scored by a TF-IDF + logistic regression and a frozen-encoder head fit on
+    the source rows and the other folds, the head for the full model's best number of epochs, so no score comes
+    from a model that saw the row or stopped early on it. Ten times the rows the validation split alone would
+    score, and free of the selection bias of the head's early stopping on the validation rows."""
+    from sklearn.model_selection import StratifiedKFold
+
+    from tasks.baselines import tfidf_model
+    from tasks.lexical import full_proba
+
+    model = result.model
+    features = torch.cat(list(result.extra["head_features"]))
+    texts = np.asarray(train.texts + valid.texts, dtype=object)
+    labels = np.concatenate([train.labels, valid.labels])
+    weights = np.concatenate([train.weights, np.full(len(valid.texts), cfg.target_weight, dtype=np.float32)])
+    target = np.concatenate(target_rows(train, valid))
+    counts = np.bincount(labels[target], minlength=n_classes)
+    k = int(min(folds, counts[counts > 0].min()))
+    out = {"tfidf": np.zeros((len(target), n_classes)), "feature_extraction": np.zeros((len(target), n_classes)),
+           "rows": target, "labels": labels[target], "folds": k}
+    trained = [copy.deepcopy(m.state_dict()) for m in head_modules(model)]
+    epochs = max(result.best_epoch, 1)
+    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=cfg.seed) if k >= 2 else None
+    for fit_target, scored in (splitter.split(target, labels[target]) if splitter else []):
+        fit = np.concatenate([np.setdiff1d(np.arange(len(texts)), target), target[fit_target]])
+        rows = target[scored]
+        lexical = tfidf_model().fit(list(texts[fit]), labels[fit])
+        out["tfidf"][scored] = full_proba(lexical.predict_proba(list(texts[rows])), lexical.classes_, n_classes)
+        for module, state in zip(head_modules(model), result.extra["head_initial"], strict=True):
+            module.load_state_dict(state)
+        fold_data = TrainingData(list(texts[fit]), labels[fit], weights[fit], np.full(len(fit), "target", dtype=object))
+        optimizer, loss_fn = head_optimiser(model, fold_data, n_classes, cfg)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        labels_t, weights_t = torch.tensor(labels[fit]), torch.tensor(weights[fit])
+        for _ in range(epochs):
+            head_epoch(model, optimizer, loss_fn, features[fit], labels_t, weights_t, cfg, generator)
+        model.eval()
+        with torch.no_grad():
+            out["feature_extraction"][scored] = torch.softmax(head_forward(model, features[rows]).float(), -1).numpy()
+    for module, state in zip(head_modules(model), trained, strict=True):
+        module.load_state_dict(state)
+    model.eval()
+    return out
 

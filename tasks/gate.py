@@ -214,7 +214,20 @@ def baseline_checks(evidence: Evidence, cfg: GateConfig) -> list[Check]:
             f"baseline: candidate vs {model} target_holdout {metric}", (entry or {}).get("estimate"),
             evidence.samples(f"target_holdout|candidate-{model}|{key}"), -margin, ">=", cfg.alpha,
             detail=f"candidate - {description}" if entry else f"no comparison with {description} in the evaluation"))
-    return holm_decide(checks, cfg.alpha)
+    return [baseline_scores_higher(check) for check in holm_decide(checks, cfg.alpha)]
+
+
+BASELINE_SCORES_HIGHER = "the simple baseline scores higher"
+
+
+def baseline_scores_higher(check: Check) -> Check:
+    """A candidate whose point estimate is below a simple baseline's is never a silent PASS, whatever the margin: the
+    margin bounds how much worse the evidence may allow, not a licence to serve a model that scores lower."""
+    if check.status != PASS or check.value is None or check.value >= 0:
+        return check
+    check.status = INCONCLUSIVE
+    check.detail = f"{BASELINE_SCORES_HIGHER} ({check.detail}: {check.value:+.4f}); within the margin, so not a FAIL"
+    return check
 
 
 def baseline_notes(checks: list[Check], split: dict, metric: str) -> list[str]:

@@ -33,6 +33,7 @@ class LexicalCompanion:
     classes: list[int]  # the class index of each row of coef
     n_classes: int
     weight: float  # w of the pool
+    temperature: float = 1.0  # T on the pool: softmax(log(pool) / T), fitted on the validation rows
 
     def vectorizer(self):
         from sklearn.feature_extraction.text import TfidfVectorizer
@@ -48,15 +49,24 @@ class LexicalCompanion:
         return full_proba(scores / scores.sum(axis=1, keepdims=True), self.classes, self.n_classes)
 
     def pool(self, encoder_proba, texts: list[str]):
-        """The served probabilities: the encoder's (a tensor or array, rows in `texts` order) pooled with this
-        model's."""
+        """The served probabilities: the encoder's (a tensor, rows in `texts` order; None when the weight is 1 and
+        the encoder's are not needed) pooled with this model's, then tempered."""
         import torch
 
-        lexical = torch.as_tensor(self.proba(texts), dtype=encoder_proba.dtype)
-        return (1.0 - self.weight) * encoder_proba + self.weight * lexical
+        lexical = torch.as_tensor(self.proba(texts), dtype=torch.float32 if encoder_proba is None else encoder_proba.dtype)
+        pooled = lexical if self.weight >= 1.0 else (1.0 - self.weight) * encoder_proba + self.weight * lexical
+        if self.temperature == 1.0:
+            return pooled
+        return torch.softmax(torch.log(pooled.clamp_min(1e-12)) / self.temperature, dim=-1)
+
+    @property
+    def serves_alone(self) -> bool:
+        """The lexical model alone is served: the encoder's forward pass would be multiplied by zero."""
+        return self.weight >= 1.0
 
     def to_json(self) -> dict:
-        return {"format": FORMAT, "weight": self.weight, "n_classes": self.n_classes, "classes": self.classes,
+        return {"format": FORMAT, "weight": self.weight, "temperature": self.temperature,
+                "n_classes": self.n_classes, "classes": self.classes,
                 "vocabulary": self.vocabulary, "idf": self.idf.tolist(), "coef": self.coef.tolist(),
                 "intercept": self.intercept.tolist()}
 
@@ -82,7 +92,8 @@ def read_companion(folder: Path, n_classes: int) -> LexicalCompanion | None:
         companion = LexicalCompanion(
             {str(k): int(v) for k, v in raw["vocabulary"].items()}, np.asarray(raw["idf"], dtype=float),
             np.asarray(raw["coef"], dtype=float), np.asarray(raw["intercept"], dtype=float),
-            [int(c) for c in raw["classes"]], int(raw["n_classes"]), float(raw["weight"]))
+            [int(c) for c in raw["classes"]], int(raw["n_classes"]), float(raw["weight"]),
+            float(raw.get("temperature", 1.0)))  # companions written before the pool was tempered have none
         problem = companion_problem(companion, raw.get("format"), n_classes)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         problem = f"unreadable ({type(exc).__name__}: {exc})"
@@ -99,6 +110,8 @@ def companion_problem(c: LexicalCompanion, fmt, n_classes: int) -> str | None:
         return f"made for {c.n_classes} classes, the model has {n_classes}"
     if not 0.0 <= c.weight <= 1.0 or math.isnan(c.weight):
         return f"weight {c.weight} is not in [0, 1]"
+    if not (math.isfinite(c.temperature) and 0.01 <= c.temperature <= 100.0):
+        return f"temperature {c.temperature} is not in [0.01, 100]"
     if sorted(set(c.classes)) != sorted(c.classes) or not all(0 <= k < n_classes for k in c.classes) or not c.classes:
         return f"classes {c.classes} are not distinct class indexes below {n_classes}"
     if c.coef.shape != (len(c.classes), n) or c.intercept.shape != (len(c.classes),) or c.idf.ndim != 1:

@@ -205,9 +205,11 @@ def predict_proba(model, tokenizer, texts: list[str], max_length: int, batch_siz
                   runtime=None) -> torch.Tensor:
     """Class probabilities, calibrated by the model's own temperature and pooled with its lexical companion when
     it has one (serving, evaluate, shift and shift-watch all read probabilities through here)."""
+    companion = getattr(model, COMPANION_ATTRIBUTE, None)
+    if companion is not None and companion.serves_alone:
+        return companion.pool(None, texts)
     logits = predict_logits(model, tokenizer, texts, max_length, batch_size, runtime)
     proba = torch.softmax(logits / temperature(model), dim=-1)
-    companion = getattr(model, COMPANION_ATTRIBUTE, None)
     return proba if companion is None else companion.pool(proba, texts)
 
 

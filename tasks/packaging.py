@@ -55,8 +55,8 @@ packaged after the gate said **{{ verdict }}**{{ decision }}.
 
 {{ reason }}
 
-| tried | how | validation macro-F1 | seconds |
-|---|---|---:|---:|
+| tried | validation macro-F1 [95% interval]; paired difference from the best cheap model (how, seconds) |
+|---|---|
 {{ evidence_rows }}
 
 Served as: {{ served_as }}.
@@ -98,6 +98,7 @@ def model_card(params: Params, evaluation: dict, verdict: dict, decision: dict, 
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     from tasks.models import model_origin
+    from tasks.render import evidence_text
 
     target = (evaluation.get("splits") or {}).get("target_holdout") or {"models": {}}
     candidate = target["models"].get("candidate")
@@ -117,7 +118,7 @@ def model_card(params: Params, evaluation: dict, verdict: dict, decision: dict, 
             group_rows.append(f"| {column} = {value} | {group['n']} | {group['accuracy']:.3f} | "
                               f"{group['macro_f1']:.3f} {interval_text((group.get('intervals') or {}).get('macro_f1'))} |")
     strategy = finetune.get("strategy", "unknown")
-    evidence_rows = [f"| {row['model']} | {row['how']} | {row['validation_macro_f1']:.3f} | {row['seconds']:.0f} |"
+    evidence_rows = [f"| {row['model']} | {evidence_text(row).split(': ', 1)[1]} |"
                      for row in finetune.get("strategy_evidence") or []]
     base = model_origin(params.model.base)
     data = ModelCardData(base_model=base if "/" in base and not base.startswith("/") else None, library_name="transformers",
@@ -134,7 +135,7 @@ def model_card(params: Params, evaluation: dict, verdict: dict, decision: dict, 
         base_model=base, strategy=strategy, verdict=verdict["verdict"], decision=approved,
         reason=finetune.get("reason") or "not recorded",
         served_as=(finetune.get("lexical_companion") or {}).get("served_as", "not recorded"),
-        evidence_rows="\n".join(evidence_rows) or "| (no trials: the strategy was configured or chosen by rule) | | | |",
+        evidence_rows="\n".join(evidence_rows) or "| (no trials: the strategy was configured or chosen by rule) | |",
         overall_rows="\n".join(overall_rows) or "| (no evaluation report) | | |", group_rows="\n".join(group_rows) or "| (no groups) | | | |",
         transfer_gain=(f"{gain['estimate']:+.3f} {interval_text(gain.get('interval'))}" if gain.get("estimate") is not None
                        else "n/a"),

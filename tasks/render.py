@@ -103,13 +103,31 @@ def performance_markdown(performance: dict, history: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def evidence_text(row: dict) -> str:
+    """One model of auto's evidence, with its uncertainty, as the card and the run's report show it."""
+    low, high = row.get("interval") or (None, None)
+    interval = "" if low is None else f" [{low:.3f}, {high:.3f}]"
+    paired = next(((key.removeprefix("minus_"), value) for key, value in row.items() if key.startswith("minus_")),
+                  None)
+    versus = ""
+    if paired and paired[0] != row["model"] and paired[1]["interval"][0] is not None:
+        versus = (f"; minus {paired[0]} {paired[1]['estimate']:+.3f} "
+                  f"[{paired[1]['interval'][0]:+.3f}, {paired[1]['interval'][1]:+.3f}]")
+    crossed = row.get("cross_fitted")
+    across = "" if not crossed or crossed["interval"][0] is None else (
+        f"; on all {crossed['rows']} target rows {crossed['macro_f1']:.3f} "
+        f"[{crossed['interval'][0]:.3f}, {crossed['interval'][1]:.3f}]")
+    return (f"{row['model']}: validation macro-F1 {row['validation_macro_f1']:.3f}{interval}{versus}{across} "
+            f"({row['how']}, {row['seconds']:.0f} s)")
+
+
 def finetune_markdown(report: dict) -> str:
     """The finetune report as Markdown: strategy and why, hardware, speed, validation metrics."""
     validation = ", ".join(f"{k} {v:.3f}" for k, v in report.get("validation", {}).items())
     rows = [
         ("strategy", f"{report['strategy']}: {report['reason']}"),
-        *[(f"evidence: {row['model']}", f"validation macro-F1 {row['validation_macro_f1']:.3f} ({row['how']}, "
-                                        f"{row['seconds']:.0f} s)") for row in report.get("strategy_evidence") or []],
+        *[(f"evidence: {row['model']}", evidence_text(row).split(": ", 1)[1])
+          for row in report.get("strategy_evidence") or []],
         ("base model", report["base_model"]),
         ("hardware", f"{report['hardware']}, {report['precision']}, {report['threads']} threads, "
                      f"{report['processes']} process(es)"),

@@ -1,21 +1,22 @@
-"""`train.strategy: auto`: the transfer strategy chosen from evidence on the validation rows held out of
-target_train (never the holdouts), gathered on the way to the final model rather than beside it:
+"""`train.strategy: auto`: the candidate chosen on evidence from target_train (never the holdouts), at every size of
+target, gathered on the way to the final model rather than beside it:
 
-- the lexical baseline: TF-IDF + logistic regression fit on the train rows (what evaluate compares with);
-- feature_extraction: a head on the frozen encoder's cached features (cheap, so trained in full);
-- lora and full race: each trains its real schedule for `train.auto_race_epochs` epochs and pauses at its
-  checkpoint; the one ahead on validation macro-F1 then resumes and finishes, so the race costs the loser's
-  epochs only. (Measured on the demo: one-epoch trials on 512 rows ended at the majority class for both, so
-  shorter trials carry no signal there.)
+- the cheap models, TF-IDF + logistic regression and feature_extraction (a head on the frozen encoder's cached
+  features), cross-fitted: every labelled target row is scored by models fit on the source rows and the other
+  folds, so their evidence rests on all the target rows (ten times the validation split) and none of it on a row
+  the head early-stopped on;
+- the adaptive strategies, lora and full: each trains its real schedule for `train.auto_race_epochs` epochs and
+  pauses at its checkpoint, and is scored on the validation rows held out of target_train.
 
-The best validation macro-F1 wins (ties go to the cheaper strategy). When TF-IDF is ahead of every strategy at
-the race, the evidence predicts negative transfer, and the stage says so before the winner's remaining epochs.
+Each comes with a 95% bootstrap interval and its paired difference from the best cheap model on the same validation
+rows: the uncertainty the choice is made under, written to reports/finetune.json and the model card. When the best
+adaptive arm is clearly behind (the paired interval below zero) the candidate is the cheap model and no minute more
+goes to adaptation; otherwise that arm finishes its schedule, and the finetune stage serves it only if, finished, it
+beats the cheap model on the validation rows (tasks/finetune.py `served_model`). There is no row floor: on few rows
+the intervals are wide and say so, and the gate still judges the served model against both baselines.
 
-Fewer than `train.auto_min_validation_rows` validation rows, or a data-parallel run, fall back to the rule on data
-size, the shift stage's domain-classifier AUC and its verdict. Measured on the demo's 43 validation rows, the race
-picked full (0.612 against lora's 0.407 after two epochs), which then scored 0.484 target-holdout macro-F1 where
-the rule's lora scores 0.547: on so few rows the noise (a standard error near 0.07) is larger than the differences
-it must resolve.
+A data-parallel run (train.nproc > 1) cannot race in one process: the rule on data size and the shift stage's
+domain-classifier AUC decides there.
 """
 
 from __future__ import annotations
@@ -24,20 +25,27 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tasks.config import ModelConfig, TrainConfig
+import numpy as np
 
-# Cheapest first: a tie keeps the cheaper strategy.
-ARMS = ("feature_extraction", "lora", "full")
+from tasks.config import ModelConfig, TrainConfig
+from tasks.render import evidence_text
+
+CHEAP = ("tfidf", "feature_extraction")  # cheapest first: a tie keeps the cheaper model
+ADAPTIVE = ("lora", "full")
+NEGATIVE_TRANSFER = "negative transfer on this data: the pretrained encoder does not beat a lexical model"
+FROZEN_IS_ENOUGH = "negative transfer on this data: fine-tuning does not beat the frozen encoder with its head"
 
 
 @dataclass
 class StrategyChoice:
     strategy: str
     reason: str
-    evidence: list[dict] = field(default_factory=list)  # one row per model tried: what, how, validation macro-F1, seconds
+    evidence: list[dict] = field(default_factory=list)  # one row per model tried: macro-F1, interval, paired difference
     negative_transfer_predicted: bool | None = None
     trained: object | None = None  # the FinetuneResult of the chosen strategy when the race already finished it
     checkpoint_dir: Path | None = None  # where the chosen strategy trains (or resumes, after the race)
+    cheap: object | None = None  # the frozen encoder with its head, for the stage's last comparison after the long fit
+    cross_fitted: dict | None = None  # tasks.finetune.cross_fitted_cheap's out-of-fold probabilities
 
 
 def domain_auc(shift_report: dict | None) -> float | None:
@@ -52,7 +60,8 @@ def domain_auc(shift_report: dict | None) -> float | None:
 
 
 def rule_based(cfg: TrainConfig, n_target: int, shift_report: dict | None) -> tuple[str, str]:
-    """The configured strategy, or for `auto` one picked from the data size and the shift evidence."""
+    """The configured strategy, or for `auto` in a data-parallel run (which cannot race) one picked from the data size
+    and the shift evidence."""
     if cfg.strategy != "auto":
         return cfg.strategy, f"configured: train.strategy={cfg.strategy}"
     verdict = (shift_report or {}).get("verdict")
@@ -74,17 +83,31 @@ def rule_based(cfg: TrainConfig, n_target: int, shift_report: dict | None) -> tu
     return "feature_extraction", (f"{few} and {shift_note}: a frozen encoder with a trained head resists overfitting")
 
 
-def lexical_score(train, valid, n_classes: int) -> float:
-    """Validation macro-F1 of evaluate's lexical baseline (TF-IDF + logistic regression) fit on the train rows."""
-    import torch
+def macro_f1_evidence(labels: np.ndarray, predicted: dict[str, np.ndarray], n_classes: int, reference: str,
+                      resamples: int = 1000, seed: int = 0, confidence: float = 0.95) -> dict[str, dict]:
+    """Each model's validation macro-F1 with a percentile bootstrap interval, and its paired difference from
+    `reference` (the same resampled rows for every model), from the metrics function evaluate uses."""
+    from tasks.evaluate import confusion_counts, metrics_from_confusion, percentile_interval
 
-    from tasks.baselines import tfidf_model
-    from tasks.finetune import validation_metrics
-    from tasks.lexical import full_proba
+    labels = np.asarray(labels)
+    rows = np.random.default_rng(seed).integers(0, len(labels), size=(resamples, len(labels)))
+    point, samples = {}, {}
+    for name, pred in predicted.items():
+        point[name] = float(metrics_from_confusion(confusion_counts(labels, pred, n_classes))["macro_f1"])
+        samples[name] = metrics_from_confusion(confusion_counts(labels[rows], pred[rows], n_classes))["macro_f1"]
+    return {name: {"validation_macro_f1": point[name],
+                   "interval": percentile_interval(samples[name], confidence),
+                   f"minus_{reference}": {"estimate": point[name] - point[reference],
+                                          "interval": percentile_interval(samples[name] - samples[reference],
+                                                                          confidence)}}
+            for name in predicted}
 
-    model = tfidf_model().fit(train.texts, train.labels)
-    scores = full_proba(model.predict_proba(valid.texts), model.classes_, n_classes)
-    return validation_metrics(valid.labels, torch.as_tensor(scores))["macro_f1"]
+
+def encoder_predictions(result, valid, max_length: int) -> np.ndarray:
+    from tasks.models import predict_proba
+
+    return predict_proba(result.model, result.tokenizer, valid.texts, max_length,
+                         runtime=result.runtime).numpy().argmax(axis=1)
 
 
 def choose_strategy(base: str, labels: list[str], train, valid, cfg: TrainConfig, model_cfg: ModelConfig,
@@ -97,37 +120,57 @@ def choose_strategy(base: str, labels: list[str], train, valid, cfg: TrainConfig
     strategy, reason = rule_based(cfg, n_target, shift_report)
     if cfg.strategy != "auto":
         return StrategyChoice(strategy, reason, checkpoint_dir=checkpoints)
-    if world > 1 or len(valid.texts) < cfg.auto_min_validation_rows:
-        why = (f"{world} processes: the race runs in one" if world > 1
-               else f"{len(valid.texts)} validation rows are too few to compare strategies "
-                    f"(train.auto_min_validation_rows: {cfg.auto_min_validation_rows})")
-        return StrategyChoice(strategy, f"{reason} ({why})", checkpoint_dir=checkpoints)
+    if world > 1:
+        return StrategyChoice(strategy, f"{reason} ({world} processes: the race runs in one)", checkpoint_dir=checkpoints)
 
-    evidence, results = [], {}
+    from tasks.finetune import cross_fitted_cheap
+
+    n_classes, race = len(labels), min(cfg.auto_race_epochs, cfg.epochs)
     started = time.perf_counter()
-    lexical = lexical_score(train, valid, len(labels))
-    evidence.append({"model": "tfidf", "how": "TF-IDF + logistic regression on the train rows",
-                     "validation_macro_f1": lexical, "seconds": round(time.perf_counter() - started, 2)})
-    race = min(cfg.auto_race_epochs, cfg.epochs)
-    for name in ARMS:
+    cheap = finetune(base, labels, train, valid, cfg, model_cfg, "feature_extraction", "", cache_dir=cache_dir,
+                     progress=False)
+    crossed = cross_fitted_cheap(cheap, train, valid, n_classes, cfg)
+    cheap_seconds = time.perf_counter() - started
+    target_labels = np.concatenate([train.labels, valid.labels])[crossed["rows"]]
+    on_valid = slice(len(crossed["rows"]) - len(valid.texts), None)  # the validation rows come last
+    overall = macro_f1_evidence(target_labels, {name: crossed[name].argmax(axis=1) for name in CHEAP}, n_classes,
+                                "tfidf", seed=cfg.seed)
+    best_cheap = max(CHEAP, key=lambda name: (overall[name]["validation_macro_f1"], -CHEAP.index(name)))
+    predicted = {name: crossed[name][on_valid].argmax(axis=1) for name in CHEAP}
+    seconds, how = {name: cheap_seconds for name in CHEAP}, {
+        name: f"{crossed['folds']}-fold cross-fitted on {len(target_labels)} target rows" for name in CHEAP}
+    for name in ADAPTIVE:
         started = time.perf_counter()
-        if name == "feature_extraction":
-            results[name] = finetune(base, labels, train, valid, cfg, model_cfg, name, "", cache_dir=cache_dir,
-                                     progress=False)
-            how = "head on frozen features, the full schedule"
-        else:
-            results[name] = finetune(base, labels, train, valid, cfg, model_cfg, name, "", progress=False,
-                                     checkpoint_dir=checkpoints / name, stop_after_epochs=race)
-            how = f"first {race} of {cfg.epochs} epochs"
-        evidence.append({"model": name, "how": how,
-                         "validation_macro_f1": results[name].metrics["validation"].get("macro_f1", 0.0),
-                         "seconds": round(time.perf_counter() - started, 2)})
-    scored = {row["model"]: row["validation_macro_f1"] for row in evidence}
-    best = max(ARMS, key=lambda name: (scored[name], -ARMS.index(name)))
-    negative = scored["tfidf"] > scored[best]
-    table = ", ".join(f"{row['model']} {row['validation_macro_f1']:.3f}" for row in evidence)
-    reason = (f"ahead on validation macro-F1 ({len(valid.texts)} target rows: {table})"
-              + ("; TF-IDF is ahead of every strategy: the evidence predicts negative transfer" if negative else ""))
-    return StrategyChoice(best, reason, evidence, negative,
-                          trained=results[best] if best == "feature_extraction" else None,
-                          checkpoint_dir=checkpoints / best if best != "feature_extraction" else checkpoints)
+        arm = finetune(base, labels, train, valid, cfg, model_cfg, name, "", progress=False,
+                       checkpoint_dir=checkpoints / name, stop_after_epochs=race)
+        predicted[name] = encoder_predictions(arm, valid, model_cfg.max_length)
+        seconds[name], how[name] = time.perf_counter() - started, f"first {race} of {cfg.epochs} epochs"
+        del arm  # the winner resumes from its checkpoint
+
+    scored = macro_f1_evidence(valid.labels, predicted, n_classes, best_cheap, seed=cfg.seed)
+    evidence = []
+    for name in (*CHEAP, *ADAPTIVE):
+        row = {"model": name, "how": how[name], **scored[name], "seconds": round(seconds[name], 2)}
+        if name in CHEAP:
+            row["cross_fitted"] = {"rows": len(target_labels), "macro_f1": overall[name]["validation_macro_f1"],
+                                   "interval": overall[name]["interval"]}
+        evidence.append(row)
+    score = {name: row["validation_macro_f1"] for name, row in scored.items()}
+    best_adaptive = max(ADAPTIVE, key=lambda name: (score[name], -ADAPTIVE.index(name)))
+    gap = scored[best_adaptive][f"minus_{best_cheap}"]
+    table = "; ".join(evidence_text(row) for row in evidence)
+    where = f"{len(valid.texts)} validation rows, {len(target_labels)} cross-fitted: {table}"
+    versus = (f"{best_adaptive} - {best_cheap} on the validation rows {gap['estimate']:+.3f} "
+              f"[{gap['interval'][0]:+.3f}, {gap['interval'][1]:+.3f}]")
+    # Clearly behind (the paired interval below zero): no minute more goes to adaptation. Otherwise the best arm
+    # finishes, since two epochs are not its last word, and the finetune stage compares the finished model with the
+    # cheap one on the validation rows before either is served.
+    if gap["interval"][1] is not None and gap["interval"][1] < 0:
+        why = NEGATIVE_TRANSFER if best_cheap == "tfidf" else FROZEN_IS_ENOUGH
+        return StrategyChoice("feature_extraction", f"{why} ({versus}; {where}): the candidate is the cheap model, and "
+                              "no adaptive strategy trains on", evidence, best_cheap == "tfidf", trained=cheap,
+                              checkpoint_dir=checkpoints, cheap=cheap, cross_fitted=crossed)
+    return StrategyChoice(best_adaptive, f"{best_adaptive} is the adaptive strategy ahead, and not clearly behind the "
+                          f"best cheap model ({versus}; {where}): it finishes its schedule, then must beat the cheap "
+                          "model on the validation rows to be served", evidence, score["tfidf"] > score[best_adaptive],
+                          checkpoint_dir=checkpoints / best_adaptive, cheap=cheap, cross_fitted=crossed)

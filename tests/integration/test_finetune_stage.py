@@ -103,14 +103,17 @@ def test_stage_outputs_model_dir_card_and_log(tmp_path, tiny_bert):
     from tasks.models import load_classifier, load_tokenizer, predict_proba
 
     lexical = json.loads((project / "reports" / "finetune.json").read_text())["lexical_companion"]
-    assert lexical["weight"] > 0 and len(lexical["by_weight"]) == 4 and lexical["served_as"] in card
+    assert lexical["weight"] > 0 and len(lexical["by_weight"]) == 5 and lexical["served_as"] in card
     texts = pd.read_parquet(project / "data" / "target_holdout.parquet")["text"].tolist()[:20]
     labels = ["negative", "neutral", "positive"]
     served = classifier_probabilities(model_dir, {"holdout": texts}, labels, 64, "candidate")["holdout"]
     encoder = predict_proba(load_classifier(model_dir, labels), load_tokenizer(model_dir), texts, 64).numpy()
     companion = read_companion(model_dir, 3)
-    np.testing.assert_allclose(served, (1 - lexical["weight"]) * encoder + lexical["weight"] * companion.proba(texts),
-                               atol=1e-5)
+    # The pool, then its own temperature (fitted on the validation rows): what is served is calibrated as a whole.
+    assert companion.temperature == lexical["pool_temperature"]
+    pooled = (1 - lexical["weight"]) * encoder + lexical["weight"] * companion.proba(texts)
+    expected = np.exp(np.log(pooled) / companion.temperature)
+    np.testing.assert_allclose(served, expected / expected.sum(axis=1, keepdims=True), atol=1e-5)
 
 
 def test_champion_init_without_a_champion_is_explained(tmp_path, tiny_bert):

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tasks.config import load_params
-from tasks.finetune import build_training_data, class_weights, finetune, length_grouped_batches
-from tasks.strategy import ARMS, choose_strategy, rule_based
+from tasks.finetune import build_training_data, class_weights, cross_fitted_cheap, finetune, length_grouped_batches
+from tasks.strategy import ADAPTIVE, CHEAP, FROZEN_IS_ENOUGH, NEGATIVE_TRANSFER, choose_strategy, rule_based
 from tests.conftest import REPO, small_splits
 
 pytestmark = pytest.mark.model
@@ -289,34 +289,71 @@ def test_the_rule_when_strategies_cannot_be_compared(strategy, n_target, shift, 
         assert "domain classifier AUC" in reason and f">= {cfg.auto_full_min_domain_auc}" in reason
 
 
-def test_auto_races_the_strategies_on_validation_and_the_winner_finishes_from_its_checkpoint(tiny_bert, splits,
-                                                                                           tmp_path):
-    """TF-IDF and feature_extraction (in full) against lora and full after their first epoch, on the validation rows:
-    the best is chosen, negative transfer is called when TF-IDF is ahead of them all, and the winner resumes from
-    its race checkpoint (here: both arms, so the path is taken whichever wins)."""
-    cfg, model_cfg = train_config(strategy="auto", validation_fraction=0.4, auto_race_epochs=1,
-                                  auto_min_validation_rows=40)
-    train, valid = build_training_data(splits, LABELS, cfg)
-    assert len(valid.texts) >= 40
-    checkpoints = tmp_path / "ckpt"
-    choice = choose_strategy(str(tiny_bert), LABELS, train, valid, cfg, model_cfg, len(splits["target_train"]), None,
-                             checkpoints, tmp_path / "cache")
-    scored = {row["model"]: row["validation_macro_f1"] for row in choice.evidence}
-    assert list(scored) == ["tfidf", *ARMS]
-    assert choice.strategy == max(ARMS, key=lambda name: (scored[name], -ARMS.index(name)))
-    assert choice.negative_transfer_predicted is (scored["tfidf"] > scored[choice.strategy])
-    assert ("negative transfer" in choice.reason) is choice.negative_transfer_predicted
-    assert (choice.trained is not None) is (choice.strategy == "feature_extraction")
-    for arm in ("lora", "full"):
-        assert torch.load(checkpoints / arm / "checkpoint.pt", weights_only=True)["epoch"] == 1
-        finished = finetune(str(tiny_bert), LABELS, train, valid, cfg, model_cfg, arm, "test", progress=False,
-                            checkpoint_dir=checkpoints / arm)
-        assert finished.resumed_from_step and finished.epochs_run == cfg.epochs == 2
+def test_auto_races_at_every_size_and_serves_the_cheap_model_unless_adaptation_is_ahead(tiny_bert, splits, tmp_path):
+    """The cheap models cross-fitted on every target row, lora and full after their first epoch on the validation rows,
+    with no floor on their number: each with a bootstrap interval and its paired difference from the best cheap model.
+    An adaptive strategy clearly behind (paired interval below zero) is dropped and the candidate is the cheap model,
+    with negative transfer said plainly; otherwise it resumes from its race checkpoint."""
+    for fraction in (0.4, 0.1):  # 40 validation rows, then 10: the race runs at both sizes
+        cfg, model_cfg = train_config(strategy="auto", validation_fraction=fraction, auto_race_epochs=1)
+        train, valid = build_training_data(splits, LABELS, cfg)
+        checkpoints = tmp_path / f"ckpt-{fraction}"
+        choice = choose_strategy(str(tiny_bert), LABELS, train, valid, cfg, model_cfg, len(splits["target_train"]),
+                                 None, checkpoints, tmp_path / "cache")
+        rows = {row["model"]: row for row in choice.evidence}
+        assert list(rows) == [*CHEAP, *ADAPTIVE]
+        n_target = len(splits["target_train"])
+        crossed = {name: rows[name]["cross_fitted"]["macro_f1"] for name in CHEAP}
+        assert all(rows[name]["cross_fitted"]["rows"] == n_target for name in CHEAP)
+        assert choice.cross_fitted["rows"].size == n_target and choice.cross_fitted["feature_extraction"].shape == (
+            n_target, len(LABELS))
+        best_cheap = max(CHEAP, key=lambda name: (crossed[name], -CHEAP.index(name)))
+        score = {name: row["validation_macro_f1"] for name, row in rows.items()}
+        for row in rows.values():
+            low, high = row["interval"]
+            assert low <= row["validation_macro_f1"] <= high
+            assert row[f"minus_{best_cheap}"]["estimate"] == pytest.approx(row["validation_macro_f1"] - score[best_cheap])
+        adaptive = max(ADAPTIVE, key=lambda name: (score[name], -ADAPTIVE.index(name)))
+        if rows[adaptive][f"minus_{best_cheap}"]["interval"][1] < 0:
+            assert choice.strategy == "feature_extraction" and choice.trained is choice.cheap
+            assert (NEGATIVE_TRANSFER if best_cheap == "tfidf" else FROZEN_IS_ENOUGH) in choice.reason
+        else:
+            assert choice.strategy == adaptive and choice.trained is None and choice.cheap is not None
+            assert "must beat the cheap model" in choice.reason
+        for arm in ADAPTIVE:
+            assert torch.load(checkpoints / arm / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    finished = finetune(str(tiny_bert), LABELS, train, valid, cfg, model_cfg, "lora", "test", progress=False,
+                        checkpoint_dir=checkpoints / "lora")
+    assert finished.resumed_from_step and finished.epochs_run == cfg.epochs == 2
 
-    few_cfg, _ = train_config(strategy="auto", validation_fraction=0.2, auto_min_validation_rows=40)
-    few_train, few_valid = build_training_data(splits, LABELS, few_cfg)
-    fallback = choose_strategy(str(tiny_bert), LABELS, few_train, few_valid, few_cfg, model_cfg, 400, None, checkpoints)
-    assert fallback.strategy == "feature_extraction" and "too few to compare strategies" in fallback.reason
+
+def test_cross_fitting_scores_each_target_row_with_models_that_never_saw_it(tiny_bert, splits, tmp_path):
+    """On random labels a model that saw a row fits it (TF-IDF in-sample: most rows right), one that never saw it
+    is at chance: the out-of-fold scores are at chance, and the head trained on all rows is left as it was."""
+    from tasks.baselines import tfidf_model
+    from tasks.finetune import TrainingData
+
+    cfg, model_cfg = train_config(strategy="feature_extraction", head_epochs=3)
+    train, valid = build_training_data(splits, LABELS, cfg)
+    rng = np.random.default_rng(0)
+    train, valid = (TrainingData(d.texts, rng.integers(0, 3, len(d.texts)), d.weights, d.domains) for d in (train, valid))
+    fe = finetune(str(tiny_bert), LABELS, train, valid, cfg, model_cfg, "feature_extraction", "", progress=False)
+    head = {k: v.clone() for k, v in fe.model.classifier.state_dict().items()}
+    crossed = cross_fitted_cheap(fe, train, valid, len(LABELS), cfg)
+    assert all(torch.equal(v, fe.model.classifier.state_dict()[k]) for k, v in head.items())
+    assert crossed["folds"] == 5 and np.allclose(crossed["tfidf"].sum(axis=1), 1)
+    texts = np.asarray(train.texts + valid.texts, dtype=object)[crossed["rows"]].tolist()
+    in_sample = tfidf_model().fit(texts, crossed["labels"]).predict(texts)
+    assert (in_sample == crossed["labels"]).mean() > 0.8
+    for name in ("tfidf", "feature_extraction"):
+        assert (crossed[name].argmax(axis=1) == crossed["labels"]).mean() < 0.5
+
+
+def test_auto_in_a_data_parallel_run_falls_back_to_the_rule(tiny_bert, splits, tmp_path):
+    cfg, model_cfg = train_config(strategy="auto")
+    train, valid = build_training_data(splits, LABELS, cfg)
+    fallback = choose_strategy(str(tiny_bert), LABELS, train, valid, cfg, model_cfg, 400, None, tmp_path, world=2)
+    assert fallback.strategy == "feature_extraction" and "the race runs in one" in fallback.reason
     assert fallback.evidence == []
 
 

@@ -11,7 +11,7 @@ import torch
 
 from tasks.baselines import fit_companion, tfidf_model
 from tasks.errors import RegraftError
-from tasks.finetune import TrainingData, choose_weight, companion_for_candidate
+from tasks.finetune import TrainingData, choose_weight, served_model
 from tasks.lexical import COMPANION_FILE, full_proba, read_companion, write_companion
 
 GOOD = ["works well for me", "great relief fast", "really helped a lot", "works great no side effects"]
@@ -83,19 +83,64 @@ def test_candidate_gets_no_companion_when_off_or_validation_is_too_small():
     texts, labels = rows(3)
     train, valid = training_data(texts, labels), training_data(texts[:12], labels[:12])
     encoder = np.full((12, 3), 1 / 3)
-    companion, report = companion_for_candidate(encoder, train, valid, 3, [0.0])
-    assert companion is None and report["served_as"] == "the encoder alone (train.lexical_weights is [0])"
+    served = served_model({"lora": encoder}, train, valid, 3, [0.0])
+    assert served.companion is None and served.report["served_as"] == \
+        "the encoder (lora) alone (train.lexical_weights is [0])"
     small = training_data(texts[:6], labels[:6])
-    companion, report = companion_for_candidate(encoder[:6], train, small, 3, [0.0, 0.5])
-    assert companion is None and "too few" in report["served_as"]
-    companion, report = companion_for_candidate(encoder, train, valid, 3, [0.0, 0.5])
-    assert companion is not None and companion.weight == 0.5 and report["weight"] == 0.5  # a uniform encoder loses
-    assert report["served_as"].startswith("(1 - 0.5) x the encoder + 0.5 x TF-IDF")
+    served = served_model({"lora": encoder[:6]}, train, small, 3, [0.0, 0.5])
+    assert served.companion is None and "too few" in served.report["served_as"]
+    served = served_model({"lora": encoder}, train, valid, 3, [0.0, 0.5])
+    assert served.companion is not None and served.companion.weight == 0.5 == served.report["weight"]  # uniform loses
+    assert served.report["served_as"].startswith("(1 - 0.5) x the encoder (lora) + 0.5 x TF-IDF")
+
+
+def test_the_best_served_model_wins_cheapest_first_and_its_pool_is_calibrated(tmp_path):
+    """The frozen encoder with its head beats a fine-tuned encoder that is wrong on validation; a tie goes to the
+    cheaper encoder; when the lexical model alone is best, it is served alone (the encoder is not even run) with a
+    temperature fitted on the pool, which survives the round trip through the model directory."""
+    texts, labels = rows(3)
+    train, valid = training_data(texts, labels), training_data(texts, labels)
+    right = np.eye(3)[labels] * 0.6 + 0.4 / 3
+    wrong = np.eye(3)[(labels + 1) % 3] * 0.9 + 0.1 / 3
+    served = served_model({"feature_extraction": right, "full": wrong}, train, valid, 3, [0.0])
+    assert served.encoder == "feature_extraction" and served.companion is None  # [0]: the first encoder
+    served = served_model({"feature_extraction": right, "full": wrong}, train, valid, 3, [0.0, 0.5])
+    assert served.encoder == "feature_extraction" and "the frozen encoder with its trained head" in \
+        served.report["served_as"]
+    served = served_model({"feature_extraction": wrong, "full": wrong}, train, valid, 3, [0.0, 1.0])
+    assert served.encoder == "feature_extraction" and served.companion.serves_alone  # tie: the cheaper
+    assert served.report["served_as"].startswith("TF-IDF + logistic regression alone")
+    t = served.companion.temperature
+    assert t != 1.0 and served.report["pool_temperature"] == t
+    write_companion(served.companion, tmp_path)
+    again = read_companion(tmp_path, 3)
+    assert again.temperature == t and again.serves_alone
+    expected = torch.softmax(torch.log(torch.as_tensor(again.proba(texts[:3]), dtype=torch.float32)) / t, dim=-1)
+    np.testing.assert_allclose(again.pool(None, texts[:3]).numpy(), expected.numpy(), atol=1e-5)
+
+
+def test_the_frozen_encoders_weight_comes_from_every_cross_fitted_target_row():
+    """An encoder that happens to be right on the 12 validation rows but wrong on the other 36 target rows: on the
+    validation split alone it is served alone; with the cross-fitted rows the lexical model takes the weight."""
+    texts, labels = rows(3)
+    train, valid = training_data(texts, labels), training_data(texts[:12], labels[:12])
+    lucky = np.eye(3)[labels[:12]] * 0.8 + 0.2 / 3
+    alone_on_valid = served_model({"feature_extraction": lucky}, train, valid, 3, [0.0, 1.0])
+    assert alone_on_valid.companion is None
+    everywhere = np.vstack([np.eye(3)[(labels[12:] + 1) % 3] * 0.8 + 0.2 / 3, lucky])
+    lexical = np.eye(3)[np.concatenate([labels[12:], labels[:12]])] * 0.7 + 0.1
+    crossed = {"feature_extraction": everywhere, "tfidf": lexical,
+               "labels": np.concatenate([labels[12:], labels[:12]])}
+    served = served_model({"feature_extraction": lucky}, train, valid, 3, [0.0, 1.0], crossed)
+    assert served.companion is not None and served.companion.serves_alone
+    assert served.report["by_encoder"]["feature_extraction"]["rows"] == len(texts)
 
 
 @pytest.mark.parametrize("change, problem", [
     (lambda raw: raw.update(weight=1.5), "weight 1.5 is not in [0, 1]"),
     (lambda raw: raw.update(n_classes=5), "made for 5 classes"),
+    (lambda raw: raw.update(temperature=float("nan")), "temperature nan is not in"),
+    (lambda raw: raw.update(temperature=0), "temperature 0.0 is not in"),
     (lambda raw: raw.update(format="pickle"), "format 'pickle'"),
     (lambda raw: raw["coef"].pop(), "coefficient shapes"),
     (lambda raw: raw.update(classes=[0, 0, 1]), "not distinct class indexes"),
