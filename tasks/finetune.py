@@ -416,10 +416,11 @@ def served_model(encoders_valid: dict[str, np.ndarray], train, valid, n_classes:
     pooled = (1 - weight) * encoder_proba + weight * lexical
     temperature = fit_temperature(torch.as_tensor(np.log(np.clip(pooled, 1e-12, None))), labels)
     if weight == 1:
-        # The lexical model alone: refit on every train row, unweighted, it is evaluate's TF-IDF baseline itself
-        # (the temperature stays the one fitted on rows that model had not seen).
+        # The lexical model alone: refit on every train row, unweighted, and untempered, it is evaluate's TF-IDF
+        # baseline itself, so the gate compares the served model with exactly the model that won the evidence.
         companion = fit_companion(train.texts + valid.texts, np.concatenate([train.labels, valid.labels]),
                                   np.ones(n + len(train.texts)), n_classes) or companion
+        temperature = 1.0
     companion.weight = weight
     companion.temperature = report["pool_temperature"] = temperature
     what = ("TF-IDF + logistic regression alone, the encoder's output weighted 0" if weight == 1 else

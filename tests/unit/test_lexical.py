@@ -110,13 +110,27 @@ def test_the_best_served_model_wins_cheapest_first_and_its_pool_is_calibrated(tm
     served = served_model({"feature_extraction": wrong, "full": wrong}, train, valid, 3, [0.0, 1.0])
     assert served.encoder == "feature_extraction" and served.companion.serves_alone  # tie: the cheaper
     assert served.report["served_as"].startswith("TF-IDF + logistic regression alone")
+    # The lexical model alone is evaluate's baseline itself: refit on every row, untempered.
+    assert served.companion.temperature == 1.0 == served.report["pool_temperature"]
+    pipeline = tfidf_model().fit(texts + texts, np.concatenate([labels, labels]))
+    np.testing.assert_allclose(served.companion.proba(texts[:3]),
+                               full_proba(pipeline.predict_proba(texts[:3]), pipeline.classes_, 3), atol=1e-6)
+    # A blend keeps the temperature fitted on its pool, which survives the round trip through the model directory.
+    barely = np.eye(3)[labels] * 0.1 + 0.3  # right on every row, but barely: pooling lowers its log-loss
+    served = served_model({"feature_extraction": wrong, "full": barely}, train, valid, 3, [0.0, 0.5])
     t = served.companion.temperature
-    assert t != 1.0 and served.report["pool_temperature"] == t
+    assert served.encoder == "full" and t != 1.0 and served.report["pool_temperature"] == t
     write_companion(served.companion, tmp_path)
     again = read_companion(tmp_path, 3)
-    assert again.temperature == t and again.serves_alone
-    expected = torch.softmax(torch.log(torch.as_tensor(again.proba(texts[:3]), dtype=torch.float32)) / t, dim=-1)
-    np.testing.assert_allclose(again.pool(None, texts[:3]).numpy(), expected.numpy(), atol=1e-5)
+    assert again.temperature == t and not again.serves_alone
+    encoder = torch.as_tensor(barely[:3], dtype=torch.float32)
+    pooled = 0.5 * encoder + 0.5 * torch.as_tensor(again.proba(texts[:3]), dtype=torch.float32)
+    expected = torch.softmax(torch.log(pooled) / t, dim=-1)
+    np.testing.assert_allclose(again.pool(encoder, texts[:3]).numpy(), expected.numpy(), atol=1e-5)
+    lexical_only = type(again)(again.vocabulary, again.idf, again.coef, again.intercept, again.classes, 3, 1.0, t)
+    np.testing.assert_allclose(lexical_only.pool(None, texts[:3]).numpy(),
+                               torch.softmax(torch.log(torch.as_tensor(again.proba(texts[:3]), dtype=torch.float32))
+                                             / t, dim=-1).numpy(), atol=1e-5)
 
 
 def test_the_frozen_encoders_weight_comes_from_every_cross_fitted_target_row():
