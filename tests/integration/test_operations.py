@@ -410,7 +410,10 @@ def test_promote_then_shift_watch_on_degraded_traffic_starts_retrain_and_feedbac
     promoted = run_deployment_and_wait(api, "promote", {"tag": tag, "reason": "from the test"})
     assert promoted["state"]["type"] == "COMPLETED", log.read_text()[-3000:]
     message = notified(api, "regraft.model.promoted", promoted["id"])
-    assert tag in message["subject"] and "verdict: PASS" in message["body"]
+    # The browser's run of the tiny model may score below TF-IDF: the gate then says INCONCLUSIVE ("the simple
+    # baseline scores higher") and the person approved it; the notification carries whichever verdict it got.
+    verdict = json.loads((project / "reports" / "verdict.json").read_text())["verdict"]
+    assert tag in message["subject"] and f"verdict: {verdict}" in message["body"]
     assert read_record(project / "registry" / "registry.json")["production"] == tag
 
     target = pd.read_parquet(project / "data" / "target_train.parquet")
