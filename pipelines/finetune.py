@@ -22,7 +22,7 @@ from tasks.files import replace_directory
 from tasks.finetune import FinetuneResult, build_training_data, calibrated_encoders, finetune, served_model
 from tasks.lexical import LexicalCompanion, write_companion
 from tasks.render import evidence_text
-from tasks.strategy import FROZEN_IS_ENOUGH, NEGATIVE_TRANSFER, choose_strategy
+from tasks.strategy import choose_strategy, served_reason
 from tasks.models import model_origin
 
 
@@ -151,20 +151,15 @@ def main(params: Params) -> int:
     encoders, cross_fitted = calibrated_encoders(result, choice, valid, params.model.max_length)
     served = served_model({name: proba for name, (_, _, proba) in encoders.items()}, train, valid,
                           len(params.ingest.labels), params.train.lexical_weights, cross_fitted)
-    if served.encoder != result.strategy:
-        reason = (f"{FROZEN_IS_ENOUGH} after the long fit: the frozen encoder with its head is served "
-                  f"({served.report['served_as']}); {reason}")
+    reason, cheap = served_reason(reason, result.strategy, served.encoder, served.report["served_as"],
+                                  served.companion is not None and served.companion.serves_alone,
+                                  params.train.strategy == "auto")
     result, calibration, _ = encoders[served.encoder]
     result.reason = reason
     companion, lexical = served.companion, served.report
     print(f"finetune: calibrated by temperature scaling: T = {calibration['temperature']:.3f}"
           + (f", validation ECE {calibration['validation_ece_before']:.3f} -> {calibration['validation_ece_after']:.3f}"
              if "validation_ece_after" in calibration else f" ({calibration.get('note')})"), flush=True)
-    cheap = params.train.strategy == "auto" and (result.strategy == "feature_extraction"
-                                                 or (companion is not None and companion.serves_alone))
-    if cheap and (companion is not None and companion.serves_alone) and NEGATIVE_TRANSFER not in reason:
-        reason = f"{NEGATIVE_TRANSFER}: the lexical model alone is served; {reason}"
-        result.reason = reason
     if cheap:
         print(f"finetune: {reason.split(' (')[0]}", flush=True)
     print(f"finetune: served as {lexical['served_as']}", flush=True)

@@ -277,7 +277,6 @@ def calibrate(result: FinetuneResult, valid: TrainingData, max_length: int, bins
     """Temperature scaling on the validation rows held out of target_train (never the holdouts): the temperature
     goes into the model's config, so every reader of its probabilities gets calibrated ones; argmax, and so
     every label, is unchanged."""
-    from tasks.evaluate import expected_calibration_error
     from tasks.models import TEMPERATURE_KEY, predict_logits
 
     if len(valid.texts) < 10:
@@ -285,31 +284,30 @@ def calibrate(result: FinetuneResult, valid: TrainingData, max_length: int, bins
         return {"temperature": 1.0, "note": f"{len(valid.texts)} validation rows: too few to calibrate"}
     setattr(result.model.config, TEMPERATURE_KEY, None)  # the logits as trained (a champion's T is not ours)
     logits = predict_logits(result.model, result.tokenizer, valid.texts, max_length, runtime=result.runtime)
-    t = fit_temperature(logits, valid.labels)
+    return set_temperature(result, logits, valid.labels, bins, "temperature scaling on the validation rows")
+
+
+def set_temperature(result: FinetuneResult, logits: torch.Tensor, labels: np.ndarray, bins: int, method: str) -> dict:
+    """Fit T on (logits, labels), write it into the model's config, and report it with the ECE before and after."""
+    from tasks.evaluate import expected_calibration_error
+    from tasks.models import TEMPERATURE_KEY
+
+    t = fit_temperature(logits, labels)
     setattr(result.model.config, TEMPERATURE_KEY, t)
-    ece = {name: expected_calibration_error(torch.softmax(logits / scale, dim=-1).numpy(), valid.labels, bins)
+    ece = {name: expected_calibration_error(torch.softmax(logits / scale, dim=-1).numpy(), labels, bins)
            for name, scale in (("before", 1.0), ("after", t))}
-    return {"temperature": t, "validation_rows": len(valid.texts), "validation_ece_before": ece["before"],
-            "validation_ece_after": ece["after"], "method": "temperature scaling on the validation rows"}
+    return {"temperature": t, "validation_rows": len(labels), "validation_ece_before": ece["before"],
+            "validation_ece_after": ece["after"], "method": method}
 
 
 def calibrate_cross_fitted(result: FinetuneResult, crossed: dict, bins: int = 10) -> tuple[dict, np.ndarray]:
     """Temperature scaling of the frozen encoder's head on its out-of-fold probabilities over every labelled target
     row (cross_fitted_cheap): ten times the validation rows, and none scored by a head that early-stopped on it. With
     the calibration report, the tempered out-of-fold probabilities."""
-    from tasks.evaluate import expected_calibration_error
-    from tasks.models import TEMPERATURE_KEY
-
     logits = torch.log(torch.as_tensor(crossed["feature_extraction"], dtype=torch.float32).clamp_min(1e-12))
-    t = fit_temperature(logits, crossed["labels"])
-    setattr(result.model.config, TEMPERATURE_KEY, t)
-    tempered = torch.softmax(logits / t, dim=-1).numpy()
-    ece = {name: expected_calibration_error(torch.softmax(logits / scale, dim=-1).numpy(), crossed["labels"], bins)
-           for name, scale in (("before", 1.0), ("after", t))}
-    return {"temperature": t, "validation_rows": len(crossed["labels"]), "validation_ece_before": ece["before"],
-            "validation_ece_after": ece["after"],
-            "method": f"temperature scaling on {crossed['folds']}-fold cross-fitted probabilities of every target "
-                      "row"}, tempered
+    report = set_temperature(result, logits, crossed["labels"], bins, f"temperature scaling on {crossed['folds']}-fold "
+                             "cross-fitted probabilities of every target row")
+    return report, torch.softmax(logits / report["temperature"], dim=-1).numpy()
 
 
 def calibrated_encoders(result: FinetuneResult, choice, valid: TrainingData,
@@ -395,8 +393,7 @@ def served_model(encoders_valid: dict[str, np.ndarray], train, valid, n_classes:
     def on_validation(name: str) -> float:
         encoder_proba, lexical, labels = (rows[len(rows) - n:] for rows in scoring[name])
         w = tried[name][0]
-        pooled = (1 - w) * encoder_proba + w * lexical
-        return float(metrics_from_confusion(confusion_counts(labels, pooled.argmax(axis=1), n_classes))["macro_f1"])
+        return validation_metrics(labels, torch.as_tensor((1 - w) * encoder_proba + w * lexical))["macro_f1"]
 
     validation = {name: on_validation(name) for name in names}
     encoder = min(names, key=lambda name: (-validation[name], names.index(name)))
