@@ -145,8 +145,10 @@ def closed_loop(url: str, texts: list[str], concurrency: int, seconds: float) ->
 def serve_regraft(work: Path, folder: Path, port: int) -> subprocess.Popen:
     """Put the model into a scratch BentoML store and serve it pinned, with the project's params.yaml."""
     env = {**os.environ, "BENTOML_HOME": str(work / "bentoml")}
+    # Its files' sha256 recorded as the package stage records them: the service loads no model without them.
     code = ("import bentoml, shutil, sys\n"
-            "with bentoml.models.create('regraft-benchmark') as m:\n"
+            "from tasks.registry import file_digests\n"
+            f"with bentoml.models.create('regraft-benchmark', metadata={{'sha256': file_digests({str(folder)!r})}}) as m:\n"
             f"    shutil.copytree({str(folder)!r}, m.path, dirs_exist_ok=True)\n"
             "print(m.tag)")
     tag = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip()

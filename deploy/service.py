@@ -2,7 +2,9 @@
 
 Which model it serves: REGRAFT_MODEL_TAG when set (a Bento's smoke test pins its own model), else the
 registry's production model, re-read every serve.reload_seconds so a promotion or rollback switches
-models while serving without a failed request. Settings come from params.yaml (REGRAFT_PARAMS), whose
+models while serving without a failed request. Every model is loaded only when each of its files has the
+sha256 recorded for it; one that fails is refused (the current model keeps serving; at start the service
+stays unhealthy) and the log says which files differ. Settings come from params.yaml (REGRAFT_PARAMS), whose
 relative paths are read from REGRAFT_PROJECT (default: the working directory).
 """
 
@@ -17,8 +19,9 @@ from pathlib import Path
 
 import bentoml
 from tasks.config import Params, load_params, project_root
-from tasks.serving import (LoadedModel, ModelHolder, Prediction, PredictionLog, RequestRejected, load_model,
-                           parse_predict_request, predict_request_type)
+from tasks.serving import (ModelHolder, ModelRefused, Prediction, PredictionLog, RequestRejected, check_content_type,
+                           files_state, load_checked_model, parse_predict_request, predict_request_type,
+                           recorded_digests)
 from tasks.serving import predict as predict_texts
 from tasks.serving import production_tag
 
@@ -38,8 +41,8 @@ Texts = predict_request_type(SETTINGS.serve)
 
 class RequestGuard:
     """ASGI middleware in front of BentoML's routes. Answers GET /healthz from the loaded model (BentoML's
-    own /healthz only says the process is up), and checks a /predict body (size, JSON, shape, limits)
-    before BentoML sees it, so every bad request gets a 4xx that names the problem, never a 500.
+    own /healthz only says the process is up), and checks a /predict request (content type, size, JSON, shape,
+    limits) before BentoML sees it, so every bad request gets a 4xx that names the problem, never a 500.
 
     It also bounds what a flood can hold: at most `max_in_flight` /predict requests at once (body still
     arriving or being predicted; more get 429 at once), and each body must arrive within
@@ -54,11 +57,20 @@ class RequestGuard:
         if scope["type"] == "http" and path == "/healthz" and scope["method"] == "GET":
             loaded = HOLDER.current
             if loaded is None:
-                return await self.respond(send, 503, {"status": "loading"})
+                return await self.respond(send, 503, {"status": "unavailable", "error": HOLDER.unavailable}
+                                          if HOLDER.unavailable else {"status": "loading"})
             return await self.respond(send, 200, {"status": "ok", "model_version": loaded.version,
                                                   "labels": loaded.labels})
         if scope["type"] != "http" or path != "/predict" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
+        try:
+            check_content_type([value.decode("latin-1") for name, value in scope.get("headers", ())
+                                if name.lower() == b"content-type"])
+        except RequestRejected as rejected:
+            return await self.reject(send, rejected)
+        if HOLDER.current is None:
+            return await self.reject(send, RequestRejected(
+                503, f"no model is loaded: {HOLDER.unavailable or 'the service is starting'}"))
         if self.in_flight >= self.cfg.max_in_flight:
             return await self.reject(send, RequestRejected(
                 429, f"{self.in_flight} requests are in progress, the limit of this worker; try again shortly"))
@@ -129,14 +141,33 @@ class Classifier:
         # The package stage's smoke test logs elsewhere, so its requests do not look like traffic.
         log = os.environ.get("REGRAFT_PREDICTION_LOG") or root / params.serve.prediction_log
         self.log = PredictionLog(Path(log), params.serve.log_texts)
-        self.holder.swap(self.load(self.pinned or production_tag(self.registry)))
+        self.refused: tuple[str, tuple] | None = None  # the last refused model, and the state of its files then
+        self.switch_to(self.pinned or production_tag(self.registry))
         if not self.pinned:
             threading.Thread(target=self.follow_registry, name="registry-watch", daemon=True).start()
 
-    def load(self, tag: str) -> LoadedModel:
+    def switch_to(self, tag: str) -> bool:
+        """Load `tag` and swap it in. A model whose files fail their checksum is refused and logged once (checked
+        again only when its files change); whatever is loaded keeps serving, else /healthz says why."""
         model = bentoml.models.get(tag)
-        logger.info("loading model %s from %s", model.tag, model.path)
-        return load_model(Path(model.path), str(model.tag), self.max_length)
+        folder, version = Path(model.path), str(model.tag)
+        state = files_state(folder)
+        if self.refused == (version, state):
+            return False
+        expected = recorded_digests(self.registry, version, model.info.metadata)
+        logger.info("loading model %s from %s", version, folder)
+        try:
+            loaded = load_checked_model(folder, version, self.max_length, expected)
+        except ModelRefused as refused:
+            self.refused = (version, state)
+            serving = self.holder.current
+            if serving is None:
+                self.holder.unavailable = str(refused)
+            logger.error("%s; %s", refused, f"still serving {serving.version}" if serving else "serving nothing")
+            return False
+        self.refused = None
+        self.holder.swap(loaded)
+        return True
 
     def follow_registry(self) -> None:
         """Load the registry's production model when it changes, then swap it in."""
@@ -145,8 +176,7 @@ class Classifier:
             try:
                 tag = production_tag(self.registry)
                 current = self.holder.current
-                if current is None or tag != current.version:
-                    self.holder.swap(self.load(tag))
+                if (current is None or tag != current.version) and self.switch_to(tag):
                     logger.info("now serving %s", tag)
             except Exception:  # keep serving the current model; the next check tries again
                 logger.exception("could not switch to the registry's production model")

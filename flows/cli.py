@@ -42,13 +42,31 @@ def find_project(start: Path) -> Path:
     raise ConfigError(f"no regraft project (dvc.yaml + params.yaml) at or above {start}")
 
 
-def state_dir(project: Path) -> Path:
-    """paths.state from params.yaml, read leniently: a broken params.yaml is reported later, by the command."""
+def params_value(project: Path, section: str, key: str, default: str) -> str:
+    """One value of params.yaml, read leniently: a broken params.yaml is reported later, by the command."""
     try:
-        state = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))["paths"]["state"]
+        value = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))[section][key]
     except (OSError, yaml.YAMLError, KeyError, TypeError):
-        state = ".regraft"
-    return project / state
+        return default
+    return value if isinstance(value, str) else default
+
+
+def state_dir(project: Path) -> Path:
+    return project / params_value(project, "paths", "state", ".regraft")
+
+
+def make_private(project: Path) -> None:
+    """This process and all it starts (DVC, Prefect's server and workers, `bentoml serve`) create files for
+    the owner alone; what an older version left readable (the state folder with Prefect's database, the
+    reports, the prediction log) is made private too."""
+    from tasks.files import PRIVATE_UMASK, keep_private
+
+    os.umask(PRIVATE_UMASK)
+    named = [state_dir(project), project / params_value(project, "paths", "reports", "reports"),
+             project / params_value(project, "serve", "prediction_log", ".regraft/predictions.jsonl")]
+    # params.yaml is not validated yet: never touch a path it names outside the project.
+    root = project.resolve()
+    keep_private([path for path in named if root in path.resolve().parents])
 
 
 def prepare_environment(project: Path, command: str) -> None:
@@ -65,6 +83,29 @@ def prepare_environment(project: Path, command: str) -> None:
         # The first start migrates a new SQLite database; on a busy 2-core machine that can take
         # longer than Prefect's default 20 s.
         os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+
+def start_local_api() -> None:
+    """Start this process's temporary Prefect API now, one process of the project at a time. Its first start
+    creates the SQLite database in PREFECT_HOME and registers Prefect's block types: two first runs at once
+    would both create its tables (a server-startup traceback, `table artifact already exists`). The second
+    waits here, then finds the database made; the flow run that follows reuses the started server."""
+    import fcntl
+
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    home = Path(PREFECT_HOME.value())
+    home.mkdir(parents=True, exist_ok=True)
+    fd = os.open(home / "server-start.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # the kernel drops it if this process dies while starting
+        SubprocessASGIServer().start()
+    finally:
+        os.close(fd)
 
 
 def ui_home(project: Path) -> Path:
@@ -106,6 +147,7 @@ def command_run(args: argparse.Namespace, project: Path) -> int:
     # Every override is checked against params.yaml and the allow-list before anything runs (exit 2).
     check_overrides(project, dict(parse_override(item) for item in args.set))
     parameters = RetrainParameters(overrides=list(args.set), push=not args.no_push)
+    start_local_api()
     print_failures_once()
     print_summary(retrain(parameters=parameters))
     return EXIT_OK
@@ -251,14 +293,31 @@ def command_models(args: argparse.Namespace, project: Path) -> int:
     import json
 
     from tasks.config import load_params
-    from tasks.registry import sync_record
-    from tasks.remote import model_remote
+    from tasks.errors import EXIT_BUSY, EXIT_CHECK_FAILED
+    from tasks.promotion import interrupted_promotion
+    from tasks.registry import journal_file, read_record, sync_record
+    from tasks.remote import RemoteError, model_remote
     from tasks.render import models_text
 
     params = load_params(project / "params.yaml")
-    record = sync_record(params.paths.registry, model_remote(params))  # the shared remote's record, when there is one
-    print(json.dumps(record, indent=2) if args.json else models_text(record))
-    return EXIT_OK
+    unreachable = None
+    try:
+        record = sync_record(params.paths.registry, model_remote(params))  # the shared remote's record, when there is one
+    except RemoteError as exc:
+        if not journal_file(params.paths.registry).is_file():
+            raise
+        record, unreachable = read_record(params.paths.registry), exc  # an interruption is still worth reporting
+    interrupted = interrupted_promotion(params, record)
+    shown = {**record, "interrupted_promotion": interrupted} if interrupted else record
+    print(json.dumps(shown, indent=2) if args.json else models_text(record))
+    if unreachable:
+        print(f"warning: {unreachable}; shown above: this machine's copy of the record", file=sys.stderr)
+    if interrupted is None:
+        return EXIT_OK
+    print(f"error: {interrupted['message']}", file=sys.stderr)
+    # Under way: the project is busy (3). Interrupted: production cannot be trusted until someone finishes it, a
+    # check that says no (1), as evaluate says for the same state; nothing the user typed was wrong (not 2).
+    return EXIT_BUSY if interrupted["running"] else EXIT_CHECK_FAILED
 
 
 def command_promote(args: argparse.Namespace, project: Path) -> int:
@@ -270,6 +329,8 @@ def command_promote(args: argparse.Namespace, project: Path) -> int:
         record = promote_model(params, args.tag, args.reason, args.by)
     else:
         record = rollback(params, args.reason, args.by)
+    if record.get("finished"):
+        print(record["finished"])
     event = record["history"][-1]
     print(f"{event['action']}: {event['tag']} is now in production"
           + (f" (was {event['previous']})" if event.get("previous") else "") + f"; {record['versioning']}")
@@ -363,6 +424,10 @@ def command_ui(args: argparse.Namespace, project: Path) -> int:
     webhook = os.environ.get("REGRAFT_NOTIFY_WEBHOOK_URL") or params.notify.webhook_url
     if webhook and not webhook.startswith(("http://", "https://")):
         raise ConfigError(f"REGRAFT_NOTIFY_WEBHOOK_URL: {webhook!r} is not an http(s) URL")
+    from flows.notifications import GUARDED_SERVER, SERVER_DESTINATIONS_ENV, allowed_destinations
+
+    # Fixed now, for the server's whole life: its automations send nowhere else, whoever holds the credential.
+    destinations = allowed_destinations(params.notify, webhook)
 
     stop_on_signals()
     home = ui_home(project)
@@ -373,9 +438,10 @@ def command_ui(args: argparse.Namespace, project: Path) -> int:
     # from a browser, and state-changing calls need a CSRF token (the UI and Prefect's client fetch it).
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_UI_API_URL": f"{origin}/api", "PREFECT_SERVER_API_AUTH_STRING": credential,
-           "PREFECT_SERVER_CORS_ALLOWED_ORIGINS": origin, "PREFECT_SERVER_CSRF_PROTECTION_ENABLED": "true"}
+           "PREFECT_SERVER_CORS_ALLOWED_ORIGINS": origin, "PREFECT_SERVER_CSRF_PROTECTION_ENABLED": "true",
+           SERVER_DESTINATIONS_ENV: ",".join(destinations)}
     env.pop("PREFECT_API_URL", None)
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+    server = subprocess.Popen([sys.executable, "-c", GUARDED_SERVER, "server", "start", "--host", "127.0.0.1",
                                "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                               start_new_session=True)
     api = f"http://127.0.0.1:{port}/api"
@@ -460,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
                 "models": command_models, "promote": command_promote, "rollback": command_promote, "serve": command_serve, "ui": command_ui}
     try:
         project = find_project(Path.cwd())
+        make_private(project)
         prepare_environment(project, args.command)
         # Stage code resolves params.yaml paths against the project folder; flows, the served deployments
         # and the service work on this project and no other.

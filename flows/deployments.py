@@ -7,6 +7,9 @@ mirrored for a process work pool in deploy/prefect.yaml.
 - retrain-scheduled: the same flow on `schedule.retrain_cron`.
 - promote, rollback: a model tag / nothing.
 - shift-watch: on `schedule.shift_watch_cron`.
+
+Each deployment's parameter schema is enforced by the server and closed (no parameter its flow does not take),
+so a run with an unknown or malformed parameter is refused when it is created (409), never started.
 """
 
 from __future__ import annotations
@@ -19,6 +22,22 @@ RETRAIN_TRIGGERS = {"retrain when serving traffic shifts": SHIFT_DETECTED,
                     "retrain when production is estimated to have got worse": PERFORMANCE_DEGRADED}
 
 
+def closed_parameter_schema(deployment):
+    """The deployment with its parameter schema closed to the flow's own parameters: Prefect leaves a flow's
+    top-level schema open (`additionalProperties` unset), so with schema enforcement alone the server would take
+    `{"project": "/etc"}` and the run would crash at its start instead (SignatureMismatchError)."""
+    from prefect.utilities.callables import ParameterSchema
+
+    class ClosedParameterSchema(ParameterSchema):
+        additionalProperties: bool = False
+
+    schema = deployment._parameter_openapi_schema
+    # Set explicitly: the deployment sends its schema with `exclude_unset=True`.
+    deployment._parameter_openapi_schema = ClosedParameterSchema(**schema.model_dump(), additionalProperties=False)
+    deployment.enforce_parameter_schema = True
+    return deployment
+
+
 def build_deployments(params: Params) -> list:
     """RunnerDeployments for `prefect.serve`. Their flows work on the project `regraft ui` was started in
     (REGRAFT_PROJECT): it is fixed there, not a parameter of a run."""
@@ -29,7 +48,7 @@ def build_deployments(params: Params) -> list:
     from flows.retrain import retrain
 
     schedule = params.schedule
-    return [
+    deployments = [
         retrain.to_deployment(
             name="retrain", tags=["regraft"],
             description="Retrain on demand: every stage of dvc.yaml, all or nothing.",
@@ -49,3 +68,4 @@ def build_deployments(params: Params) -> list:
             description="Serving traffic vs the production model's training data, and its estimated performance on "
                         "that traffic; emits regraft.shift.detected and regraft.performance.degraded."),
     ]
+    return [closed_parameter_schema(deployment) for deployment in deployments]

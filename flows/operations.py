@@ -29,6 +29,8 @@ def promote(tag: str, reason: str = "promoted from Prefect", by: str = "prefect"
 
     root = in_project()
     record = promote_model(load_params(root / "params.yaml"), tag, reason, by)
+    if record.get("finished"):
+        print(record["finished"])
     print(f"{tag} is now in production; {record['versioning']}")
     announce(MODEL_PROMOTED, record)
     return record["history"][-1]
@@ -41,6 +43,8 @@ def rollback(reason: str = "rolled back from Prefect", by: str = "prefect") -> d
 
     root = in_project()
     record = rollback_model(load_params(root / "params.yaml"), reason, by)
+    if record.get("finished"):
+        print(record["finished"])
     print(f"{record['production']} is back in production; {record['versioning']}")
     announce(MODEL_ROLLED_BACK, record)
     return record["history"][-1]

@@ -34,7 +34,7 @@ from flows.notifications import GATE_PAUSED, RUN_FAILED, notify
 from flows.workspace import discard, prune_failed_runs, recover_interrupted, restore, take_snapshot
 from tasks.config import Params, config_field, load_params, parse_override, project_root, write_overrides
 from tasks.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, CheckFailed, DataError, InternalError, RegraftError
-from tasks.files import sha256_of, write_json
+from tasks.files import PRIVATE_UMASK, sha256_of, write_json
 from tasks.gate import INCONCLUSIVE, answer_file
 from tasks.locking import clear_stale_dvc_locks, project_lock
 from tasks.overrides import check_overrides
@@ -387,6 +387,10 @@ def retrain(parameters: RetrainParameters = RetrainParameters()) -> dict:
     """Run every stage of dvc.yaml in order; all or nothing; one run per project at a time. The project is
     where the run was started (tasks.config.project_root), not a parameter anyone can point elsewhere."""
     root = project_root()
+    # A worker may not have been started by `regraft`: what this run writes is the owner's alone all the same.
+    os.umask(PRIVATE_UMASK)
+    # Refuse a bad override now, not after waiting behind another run for the lock; checked again under it.
+    check_overrides(root, parameters.as_overrides())
     logger = get_run_logger()
     run_id = str(flow_run.get_id() or dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S"))
     current = load_params(root / "params.yaml")

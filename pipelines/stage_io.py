@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 import traceback
 from collections.abc import Callable
@@ -43,12 +44,20 @@ def report_path(params: Params, stage: str) -> Path:
 
 def run_stage(main: Callable[[Params], int]) -> None:
     """Entry point of a stage runner: load params.yaml and run. The exit code tells the flow what happened:
-    1 a check said no, 2 bad input or configuration (the message, no traceback), 70 a crash (with traceback)."""
+    1 a check said no, 2 bad input or configuration (the message, no traceback), 70 a crash (with traceback) or
+    a full disk (the message)."""
     try:
         code = main(load_params())
     except RegraftError as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = exc.exit_code
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            traceback.print_exc()
+        else:  # the machine's, not a bug: one line, and writes are atomic so nothing half-written was kept
+            print(f"error: the disk is full ({exc.strerror}{f': {exc.filename}' if exc.filename else ''}); "
+                  "this stage kept nothing it had half written; free space and run again", file=sys.stderr)
+        code = EXIT_INTERNAL
     except Exception:  # a bug: keep the traceback, and say so by the exit code
         traceback.print_exc()
         code = EXIT_INTERNAL

@@ -17,12 +17,15 @@ from pydantic.fields import FieldInfo
 from tasks.errors import ConfigError
 
 PARAMS_FILE = "params.yaml"
+# numpy and torch take seeds below 2**32.
+SEED_MAX = 2**32 - 1
 
 
 class StrictModel(BaseModel):
-    """Frozen, and rejects keys it does not know so a typo fails at load."""
+    """Frozen, rejects keys it does not know so a typo fails at load, and numbers must be finite (an `.inf`
+    weight or a `.nan` rate from a run's form is a typo or an attack, never a setting)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class SplitPaths(StrictModel):
@@ -109,7 +112,7 @@ class SplitConfig(StrictModel):
     source_values: list[str] = Field(default_factory=list, description="Values of `column` that mark source rows.")
     target_values: list[str] = Field(default_factory=list, description="Values of `column` that mark target rows.")
     holdout_fraction: float = Field(gt=0, lt=1, description="Share of each domain kept as its holdout split.")
-    seed: int = Field(ge=0, description="Seed of the stratified holdout split.")
+    seed: int = Field(ge=0, le=SEED_MAX, description="Seed of the stratified holdout split.")
 
     @model_validator(mode="after")
     def _complete(self) -> SplitConfig:
@@ -188,8 +191,9 @@ class ModelConfig(StrictModel):
 
 
 class LoraConfig(StrictModel):
-    r: int = Field(ge=1, description="Rank of the low-rank adapters.")
-    alpha: int = Field(ge=1, description="Scaling of the adapters (alpha / r).")
+    r: int = Field(ge=1, le=1024, description="Rank of the low-rank adapters (at most 1024: beyond any hidden size "
+                   "a bundled encoder has).")
+    alpha: int = Field(ge=1, le=65536, description="Scaling of the adapters (alpha / r).")
     dropout: float = Field(ge=0, lt=1, description="Dropout on the adapter input.")
     target_modules: list[str] = Field(min_length=1, description="Names of the linear layers that get adapters.")
     learning_rate: float = Field(gt=0, lt=1, description="Learning rate of the adapters (they start at zero and "
@@ -202,10 +206,14 @@ class TrainConfig(StrictModel):
         description="How much of the pretrained model adapts; auto picks from the data size and the shift report."
     )
     data: Literal["source_and_target", "target"] = Field(description="Which train splits to learn from.")
-    target_weight: float = Field(gt=0, description="Loss weight of a target row relative to a source row.")
+    target_weight: float = Field(gt=0, le=1000, description="Loss weight of a target row relative to a source row "
+                                 "(at most 1000: beyond that the source rows are noise; train on the target alone "
+                                 "with data: target).")
     epochs: int = Field(ge=1, le=1000, description="Passes over the training data (an upper bound with early stopping).")
-    batch_size: int = Field(ge=1, description="Examples per optimiser step and process, before accumulation.")
-    grad_accum: int = Field(ge=1, description="Batches whose gradients add up to one optimiser step.")
+    batch_size: int = Field(ge=1, le=4096, description="Examples per optimiser step and process, before accumulation "
+                            "(at most 4096: more than one device holds for a transformer).")
+    grad_accum: int = Field(ge=1, le=1024, description="Batches whose gradients add up to one optimiser step (at most "
+                            "1024: a larger step than that is one step per epoch for any dataset regraft trains on).")
     learning_rate: float = Field(gt=0, lt=1, description="Peak learning rate of the encoder (full, gradual_unfreeze, lora).")
     head_learning_rate: float = Field(gt=0, lt=1, description="Learning rate of the new classification head.")
     head_epochs: int = Field(ge=1, le=10000, description="feature_extraction: passes over the cached features.")
@@ -225,21 +233,23 @@ class TrainConfig(StrictModel):
         ge=0, lt=1, description="Dropout on attention probabilities while training; null keeps the model's own. "
         "On CPU it costs about as much as the rest of the forward pass."
     )
-    threads: int = Field(ge=0, description="CPU threads per process; 0: OMP_NUM_THREADS when set, else the usable "
-                         "cores divided among processes.")
+    threads: int = Field(ge=0, le=1024, description="CPU threads per process; 0: OMP_NUM_THREADS when set, else the "
+                         "usable cores divided among processes. A run may not ask for more than the machine's "
+                         "usable cores.")
     class_weights: Literal["balanced", "none"] = Field(description="Weigh the loss against class imbalance.")
     validation_fraction: float = Field(gt=0, lt=1, description="Share of the train rows held out for early stopping.")
-    early_stopping_patience: int = Field(ge=0, description="Epochs without a better validation macro-F1 before stopping; 0: off.")
-    checkpoint_every: int = Field(ge=1, description="Optimiser steps between checkpoints (a killed run resumes from the last).")
-    log_every: int = Field(ge=1, description="Optimiser steps between log lines.")
-    nproc: int = Field(ge=1, description="Processes for data-parallel training (torchrun); one per GPU on GPU machines.")
-    seed: int = Field(ge=0, description="Seed of data order, initialisation and dropout.")
-    auto_full_min_examples: int = Field(ge=1, description="auto in a data-parallel run (which cannot race the "
+    early_stopping_patience: int = Field(ge=0, le=1000, description="Epochs without a better validation macro-F1 before stopping; 0: off.")
+    checkpoint_every: int = Field(ge=1, le=10**9, description="Optimiser steps between checkpoints (a killed run resumes from the last).")
+    log_every: int = Field(ge=1, le=10**9, description="Optimiser steps between log lines.")
+    nproc: int = Field(ge=1, le=64, description="Processes for data-parallel training (torchrun); one per GPU on GPU "
+                       "machines. A run may not start more than the GPUs present, or the usable cores without one.")
+    seed: int = Field(ge=0, le=SEED_MAX, description="Seed of data order, initialisation and dropout.")
+    auto_full_min_examples: int = Field(ge=1, le=10**9, description="auto in a data-parallel run (which cannot race the "
                                         "strategies): from this many target train rows on, train all layers.")
     auto_full_min_domain_auc: float = Field(ge=0.5, le=1, description="auto in a data-parallel run: below "
                                             "auto_full_min_examples, train all layers when the shift stage's "
                                             "domain classifier separates target from source with this AUC or more.")
-    auto_race_epochs: int = Field(ge=1, description="auto: epochs lora and full each train before the one ahead on "
+    auto_race_epochs: int = Field(ge=1, le=1000, description="auto: epochs lora and full each train before the one ahead on "
                                   "validation, if it is ahead of TF-IDF and the frozen encoder too, finishes its "
                                   "schedule.")
     lexical_weights: list[Annotated[float, Field(ge=0, le=1)]] = Field(
@@ -389,6 +399,10 @@ class NotifyConfig(StrictModel):
     webhook_url: str = Field(description="Where `regraft ui`'s Prefect automation sends run failures, paused gates, "
                              "promotions, rollbacks and detected shifts (JSON POST: subject, body, text); empty: off. "
                              "REGRAFT_NOTIFY_WEBHOOK_URL, when set, wins (keeps a secret URL out of git).")
+    allowed_hosts: list[str] = Field(default_factory=list, description="The only hosts that the Prefect server of "
+                                     "`regraft ui` sends notifications and webhooks to, fixed when it starts (a "
+                                     "credential holder's own blocks and automations included); empty: the webhook "
+                                     "URL's host alone.")
 
     @field_validator("webhook_url")
     @classmethod

@@ -37,13 +37,22 @@ def cpu_has_native_bf16() -> bool:
     return bool(cpu_flags() & set(NATIVE_BF16_FLAGS)) and torch.backends.mkldnn.is_available()
 
 
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask, which containers and taskset narrow)."""
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def gpu_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def default_threads(processes: int = 1) -> int:
     """OMP_NUM_THREADS when set (the usual way to share a machine), else the CPUs this process may use,
     split between the training processes."""
     configured = os.environ.get("OMP_NUM_THREADS", "")
     if configured.isdigit() and int(configured) > 0:
         return int(configured)
-    return max(1, len(os.sched_getaffinity(0)) // processes)
+    return max(1, usable_cores() // processes)
 
 
 def choose_runtime(precision: str = "auto", threads: int = 0, processes: int = 1) -> Runtime:

@@ -6,6 +6,7 @@ beside its destination and swapped in with renames. Readers see the old version 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -24,6 +25,7 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        crash_point(f"write:{path.name}")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -35,11 +37,39 @@ def write_json(path: Path, payload: dict) -> None:
     write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+# What regraft's processes create is the owner's alone: the state folder holds Prefect's database (every run's
+# parameters and logs, and the key that decrypts its secret blocks) and the prediction log holds served texts.
+PRIVATE_UMASK = 0o077
+
+
+def keep_private(paths: list[Path]) -> list[Path]:
+    """Take group and other permissions off each path and everything under it (folders 0700, files 0600 at
+    most), so a project made before this rule, or a file copied in, is private too. Symlinks are left alone.
+    Returns what was changed."""
+    changed = []
+    for top in paths:
+        if not top.exists() or top.is_symlink():
+            continue
+        walked = [(top, [], [])] if top.is_file() else os.walk(top)
+        for folder, subfolders, files in walked:
+            for path in [Path(folder), *(Path(folder) / name for name in [*subfolders, *files])]:
+                if path.is_symlink():
+                    continue
+                mode = path.stat().st_mode & 0o7777
+                if mode & 0o077:
+                    os.chmod(path, mode & ~0o077)
+                    changed.append(path)
+    return changed
+
+
 def crash_point(name: str) -> None:
     """Fault injection for the crash tests: with REGRAFT_CRASH_AT=<name>, this process dies here at once, as it
-    would in a power cut (SIGKILL: no cleanup, no finally)."""
+    would in a power cut (SIGKILL: no cleanup, no finally); with REGRAFT_DISK_FULL_AT=<name>, the write here
+    fails as on a full disk (OSError ENOSPC), and the code's own error handling runs."""
     if os.environ.get("REGRAFT_CRASH_AT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("REGRAFT_DISK_FULL_AT") == name:
+        raise OSError(errno.ENOSPC, f"No space left on device (injected at {name})")
 
 
 def replace_directory(build: Callable[[Path], None], destination: Path) -> None:

@@ -102,6 +102,7 @@ def clean_text(value: object) -> object:
 def normalise(raw: pd.DataFrame, columns: Columns, origin: str, time_format: str | None) -> pd.DataFrame:
     """Map the input's columns onto the normalised schema. Columns absent from the input are
     left out (validation reports them); the row id defaults to `<origin>:<row number>`."""
+    refuse_nested_values(raw, [columns.text, columns.label, *columns.groups, columns.id], origin)
     out = pd.DataFrame(index=raw.index)
     if columns.id and columns.id in raw:
         out["id"] = raw[columns.id].astype("str")
@@ -119,6 +120,19 @@ def normalise(raw: pd.DataFrame, columns: Columns, origin: str, time_format: str
             out[group] = raw[group].astype("str").where(raw[group].notna())
     out["timestamp"] = parse_time(raw, columns.time, time_format, origin)
     return out.reset_index(drop=True)
+
+
+def refuse_nested_values(raw: pd.DataFrame, names: list[str | None], origin: str) -> None:
+    """A text, label, group or id that is a list or a mapping (JSONL allows both) is refused here, naming the
+    column, the row (1-based, a JSONL file's line) and the type: every later check hashes these values."""
+    for name in dict.fromkeys(n for n in names if n and n in raw):
+        nested = raw[name].map(lambda value: isinstance(value, (list, dict, tuple, set)))
+        if nested.any():
+            row = int(nested.to_numpy().argmax())
+            kind = type(raw[name].iloc[row]).__name__
+            others = f", as do {nested.sum() - 1} other rows" if nested.sum() > 1 else ""
+            raise DataError(f"{origin}: column {name!r} row {row + 1} holds a {kind}{others}; each value must be "
+                            "a single text or number")
 
 
 COLUMN_KEYS = ("text", "label", "groups", "time", "id")

@@ -57,7 +57,7 @@ def project_lock(state_dir: Path, what: str, timeout_seconds: float,
     state_dir.mkdir(parents=True, exist_ok=True)
     path = state_dir / LOCK_NAME
     # os.open descriptors are not inherited by subprocesses, so a stage never keeps the lock alive.
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -2,8 +2,12 @@
 allow-list, checked against the project's own params.yaml before anything runs.
 
 - Training knobs, the holdout split and the pretrained model's input length: any valid value.
-- The data files to ingest: any files inside the project (outside the state folder, the registry, the
-  production model and every stage output).
+- Training knobs within what this machine has: no more processes than its GPUs (or its usable cores
+  without one), no more threads than its usable cores; every number finite and within the bounds that
+  tasks/config.py gives with their reasons.
+- The data files to ingest: any files inside the project, outside git's and DVC's own folders (`.git/`,
+  `.dvc/`) and everything regraft writes or guards (the state folder, the registry, the production model,
+  every stage output).
 - Validation, shift and gate policies: only in the direction that makes the run stricter (a higher floor,
   a smaller allowed gap, blocking on a severe shift, rejecting an undecided verdict).
 Everything else (`paths.*`, `serve.*`, `package.*`, `schedule.*`, `evaluate.*`, the base model, ...) is a
@@ -46,6 +50,8 @@ def check_overrides(project: Path, overrides: dict[str, Any]) -> Params:
 
 def check_override(key: str, value: Any, current: Params, project: Path) -> None:
     if any(key == free or (free.endswith(".") and key.startswith(free)) for free in FREE):
+        if key in MACHINE_BOUND:
+            check_machine_bound(key, value)
         return
     if key in DATA_FILES:
         check_data_files(key, value, current, project)
@@ -67,6 +73,35 @@ def check_override(key: str, value: Any, current: Params, project: Path) -> None
         return
     raise ConfigError(f"{key}: not a key a run may change (allowed: training, the holdout split, the data files, "
                       "stricter validation, shift and gate policies); change params.yaml itself and commit it")
+
+
+def check_machine_bound(key: str, value: Any) -> None:
+    """A run asks for at most what the machine has: one UI user must not start 100,000 processes."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return  # the config's own type check names it
+    limit, what = MACHINE_BOUND[key]()
+    if value > limit:
+        raise ConfigError(f"{key}={value}: this machine has {limit} {what}; a run may ask for at most that many")
+
+
+def process_limit() -> tuple[int, str]:
+    # tasks.devices imports torch (seconds): paid only when a run asks for processes or threads.
+    from tasks.devices import gpu_count, usable_cores
+
+    gpus = gpu_count()
+    return (gpus, "GPUs") if gpus else (usable_cores(), "usable CPU cores (and no GPU)")
+
+
+def thread_limit() -> tuple[int, str]:
+    from tasks.devices import usable_cores
+
+    return usable_cores(), "usable CPU cores"
+
+
+# Training knobs whose sane maximum is the machine's own size, read when a run asks.
+MACHINE_BOUND = {"train.nproc": process_limit, "train.threads": thread_limit}
+# Folders no input file may come from: git's and DVC's own (their objects and caches are not data files).
+TOOL_FOLDERS = (".git", ".dvc")
 
 
 def current_value(params: Params, key: str) -> Any:
@@ -100,8 +135,8 @@ def check_data_files(key: str, value: Any, current: Params, project: Path) -> No
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ConfigError(f"{key}={value!r}: expected a list of file paths")
     root = project.resolve()
-    guarded = [current.paths.state, current.paths.registry, current.paths.champion, current.paths.bentoml_home,
-               current.paths.model, current.paths.reports, *current.paths.splits.model_dump().values()]
+    named = current.paths.model_dump()
+    guarded = [*TOOL_FOLDERS, *named.pop("splits").values(), *named.values()]
     for raw in value:
         path = (root / raw).resolve()
         if root not in path.parents:
@@ -109,4 +144,5 @@ def check_data_files(key: str, value: Any, current: Params, project: Path) -> No
         for inside in guarded:
             guard = (root / inside).resolve()
             if path == guard or guard in path.parents:
-                raise ConfigError(f"{key}: {raw} is inside {inside}, which regraft writes; keep inputs elsewhere")
+                owner = "git or DVC keeps" if str(inside) in TOOL_FOLDERS else "regraft writes"
+                raise ConfigError(f"{key}: {raw} is inside {inside}, which {owner}; keep inputs elsewhere")

@@ -14,6 +14,7 @@ import yaml
 
 from tasks.config import Params
 from tasks.errors import CheckFailed
+from tasks.files import crash_point
 from tasks.processes import NotHealthy, free_port, stop_process_group, wait_until_healthy
 
 
@@ -162,6 +163,7 @@ def save_model(params: Params, origin: dict, digests: dict[str, str], card: str 
     with bentoml.models.create(params.package.model_name, labels=labels,
                                metadata=store_safe({**origin, "sha256": digests})) as model:
         shutil.copytree(source, model.path, dirs_exist_ok=True)
+        crash_point("package:model-copied")
         if card is not None:  # the packaged model's card replaces the one finetune wrote
             Path(model.path, "README.md").write_text(card, encoding="utf-8")
     return str(model.tag)

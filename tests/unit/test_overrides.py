@@ -68,6 +68,18 @@ REFUSED = [
     ({"ingest.target_files": [".regraft/bentoml/x.csv"]}, "is inside .regraft, which regraft writes"),
     ({"ingest.target_files": ["../elsewhere.csv"]}, "is outside the project"),
     ({"train.epochs": 0}, "train.epochs: Input should be greater than or equal to 1"),
+    # Bounded by the machine and by the config, each with its reason; every number finite.
+    ({"train.nproc": 100000}, "train.nproc=100000: this machine has"),
+    ({"train.threads": 100000}, "train.threads=100000: this machine has"),
+    ({"train.batch_size": 100000000}, "train.batch_size: Input should be less than or equal to 4096"),
+    ({"train.grad_accum": 1000000000}, "train.grad_accum: Input should be less than or equal to 1024"),
+    ({"train.target_weight": float("inf")}, "train.target_weight: Input should be a finite number"),
+    ({"train.learning_rate": float("nan")}, "train.learning_rate: Input should be a finite number"),
+    ({"train.auto_race_epochs": 1000000}, "train.auto_race_epochs: Input should be less than or equal to 1000"),
+    ({"train.seed": 2**40}, "train.seed: Input should be less than or equal to 4294967295"),
+    ({"ingest.target_files": [".git/config"]}, "is inside .git, which git or DVC keeps"),
+    ({"ingest.target_files": [".dvc/cache/files/md5/ab/cdef"]}, "is inside .dvc, which git or DVC keeps"),
+    ({"ingest.target_files": ["reports/evaluate/confusion_target_holdout.csv"]}, "which regraft writes"),
 ]
 
 
@@ -92,3 +104,16 @@ def test_params_yaml_keeps_outputs_apart_from_what_regraft_guards(project, key, 
 
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_params(project / "params.yaml", {key: value})
+
+
+def test_a_bad_override_is_refused_at_once_while_another_run_holds_the_project(project, monkeypatch):
+    from flows.retrain import RetrainParameters, retrain
+    from tasks.config import load_params, write_overrides
+    from tasks.locking import project_lock
+
+    # Were the check behind the lock, this run would wait its 2 s and fail as busy instead.
+    write_overrides(project / "params.yaml", {"schedule.lock_timeout_seconds": 2})
+    monkeypatch.setenv("REGRAFT_PROJECT", str(project))
+    state = project / load_params(project / "params.yaml").paths.state
+    with project_lock(state, "retrain run holder", 5), pytest.raises(ConfigError, match="train.nproc=100000"):
+        retrain.fn(RetrainParameters(overrides=["train.nproc=100000"]))

@@ -1,5 +1,5 @@
-"""Request checks of the service (each bad request a 4xx with a message that names the problem) and the
-prediction log."""
+"""Request checks of the service (each bad request a 4xx with a message that names the problem), the check of a
+model's files against their recorded sha256 before it is served, and the prediction log."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import json
 import pytest
 
 from tasks.config import ServeConfig
-from tasks.serving import PredictionLog, RequestRejected, parse_predict_request
+from tasks.serving import (ModelRefused, PredictionLog, RequestRejected, check_content_type, load_checked_model,
+                           parse_predict_request, recorded_digests)
 
 pytestmark = pytest.mark.unit
 CFG = ServeConfig(host="127.0.0.1", port=3000, max_texts=3, max_chars=20, max_body_bytes=200, max_in_flight=4,
@@ -73,3 +74,111 @@ def test_loading_a_model_for_serving_leaves_the_process_able_to_train(tiny_bert,
     loaded = load_model(tmp_path, "v1", 32)
     assert predict(loaded, ["a review"])[0]["model_version"] == "v1"
     assert torch.is_grad_enabled()
+
+
+@pytest.mark.parametrize("content_types", [
+    ["multipart/form-data; boundary=----x"],
+    ["multipart/form-data"],  # no boundary: BentoML's form parser failed with a KeyError
+    ["text/plain"],
+    ["application/x-www-form-urlencoded"],  # curl -d without -H
+    ["application/vnd.bentoml+pickle"],
+    [""],
+    ["application/json", "text/plain"],
+])
+def test_a_body_that_is_not_json_is_a_415_that_says_what_is_accepted(content_types):
+    with pytest.raises(RequestRejected) as rejected:
+        check_content_type(content_types)
+    assert rejected.value.status == 415 and "send the body as application/json" in rejected.value.message
+
+
+@pytest.mark.parametrize("content_types", [["application/json"], ["Application/JSON; charset=utf-8"], []])
+def test_json_or_no_content_type_is_accepted(content_types):
+    check_content_type(content_types)
+
+
+def test_a_model_is_loaded_only_with_the_files_recorded_for_it(tiny_bert, tmp_path):
+    """The service's loading check: an intact model loads; a swapped label mapping, an added file or no recorded
+    checksums are refused before anything is loaded, naming the file."""
+    from tasks.models import load_classifier, load_tokenizer
+    from tasks.registry import file_digests
+
+    load_classifier(str(tiny_bert), ["negative", "positive"]).save_pretrained(tmp_path)
+    load_tokenizer(str(tiny_bert)).save_pretrained(tmp_path)
+    recorded = file_digests(tmp_path)
+    assert load_checked_model(tmp_path, "m:1", 32, recorded).labels == ["negative", "positive"]
+    config = tmp_path / "config.json"
+    original = config.read_text()
+    swapped = json.loads(original)
+    swapped["id2label"] = {"0": "positive", "1": "negative"}
+    config.write_text(json.dumps(swapped))
+    (tmp_path / "extra.bin").write_bytes(b"x")
+    for expected, problems in [(recorded, ["config.json: checksum differs", "extra.bin: not in the recorded model"]),
+                               ({}, ["no checksums recorded"])]:
+        with pytest.raises(ModelRefused) as refused:
+            load_checked_model(tmp_path, "m:1", 32, expected)
+        assert all(problem in str(refused.value) for problem in problems), str(refused.value)
+        assert str(refused.value).startswith("m:1: ")
+
+
+def test_recorded_checksums_come_from_the_registry_before_the_store(tmp_path):
+    from tasks.registry import write_record
+
+    registry = tmp_path / "registry.json"
+    write_record(registry, {"production": "m:1", "models": {"m:1": {"sha256": {"a": "1"}}}, "history": []})
+    store = {"sha256": {"a": "forged"}}
+    assert recorded_digests(registry, "m:1", store) == {"a": "1"}
+    assert recorded_digests(registry, "m:2", store) == {"a": "forged"}  # not registered yet: the smoke test
+    assert recorded_digests(tmp_path / "none.json", "m:2", {}) == {}
+
+
+def ask(guard, method: str, path: str, body: bytes = b"") -> tuple[int, dict]:
+    """One request through the service's ASGI guard, in this process: its status and JSON answer."""
+    import asyncio
+
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": path, "headers": [(b"content-type", b"application/json")]}
+    asyncio.run(guard(scope, receive, send))
+    return sent[0]["status"], json.loads(sent[1]["body"])
+
+
+def test_a_service_whose_model_fails_its_checksum_at_start_stays_unhealthy(tiny_bert, tmp_path, monkeypatch):
+    """The service's own start, in this process (the BentoML store stubbed): a tampered config.json leaves it serving
+    nothing, /healthz and /predict answer 503 naming the file; the intact files start it healthy."""
+    import importlib
+    from types import SimpleNamespace
+
+    from deploy import service
+    from tasks.models import load_classifier, load_tokenizer
+    from tasks.registry import file_digests
+    from tasks.serving import ModelHolder
+
+    folder = tmp_path / "store" / "m"
+    load_classifier(str(tiny_bert), ["negative", "positive"]).save_pretrained(folder)
+    load_tokenizer(str(tiny_bert)).save_pretrained(folder)
+    recorded = {"sha256": file_digests(folder)}
+    stored = SimpleNamespace(path=str(folder), tag="m:1", info=SimpleNamespace(metadata=recorded))
+    monkeypatch.setattr(importlib.import_module("bentoml.models"), "get", lambda tag: stored)
+    monkeypatch.setenv("REGRAFT_MODEL_TAG", "m:1")  # pinned: no registry to follow
+    monkeypatch.setenv("REGRAFT_PREDICTION_LOG", str(tmp_path / "predictions.jsonl"))
+    guard = service.RequestGuard(None, CFG)
+    config = folder / "config.json"
+    original = config.read_text()
+    config.write_text(original.replace('"negative"', '"NEGATIVE"'))
+    monkeypatch.setattr(service, "HOLDER", ModelHolder())
+    service.Classifier.inner()
+    status, health = ask(guard, "GET", "/healthz")
+    assert status == 503 and health["status"] == "unavailable" and "config.json: checksum differs" in health["error"]
+    status, answer = ask(guard, "POST", "/predict", b'{"texts": ["fine"]}')
+    assert status == 503 and "no model is loaded: m:1: files in" in answer["error"]
+    config.write_text(original)
+    monkeypatch.setattr(service, "HOLDER", ModelHolder())
+    service.Classifier.inner()
+    assert ask(guard, "GET", "/healthz") == (200, {"status": "ok", "model_version": "m:1",
+                                                   "labels": ["negative", "positive"]})
