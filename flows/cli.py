@@ -410,6 +410,49 @@ def ui_credential(home: Path) -> str:
     return credential
 
 
+def serve_deployments(params, webhook: str, where: str) -> None:
+    """This project's notification automation and deployments on the Prefect server in PREFECT_API_URL, served
+    from this process until it is stopped."""
+    from prefect import serve
+
+    from flows.deployments import KINDS, build_deployments, deployment_name
+    from flows.notifications import ensure_notifications
+
+    print(ensure_notifications(webhook, params.project.name), flush=True)
+    names = ", ".join(deployment_name(kind, params.project.name) for kind in KINDS)
+    print(f"{where}  (project {params.project.name}; deployments: {names}; Ctrl-C stops)", flush=True)
+    serve(*build_deployments(params), print_starting_message=False)
+
+
+def join_server(params, webhook: str) -> int:
+    """`regraft ui --join`: serve this project's deployments on a Prefect server that is already running (a
+    team's, shared by several projects) instead of starting one: PREFECT_API_URL and its credential in
+    PREFECT_API_AUTH_STRING. Its outbound requests are that server's operator's to limit."""
+    import httpx
+
+    from tasks.errors import ConfigError
+
+    api = os.environ.get("PREFECT_API_URL", "")
+    if not api.startswith(("http://", "https://")):
+        raise ConfigError("regraft ui --join: set PREFECT_API_URL to the shared Prefect server's API "
+                          "(and PREFECT_API_AUTH_STRING to its credential)")
+    user, _, password = os.environ.get("PREFECT_API_AUTH_STRING", "").partition(":")
+    try:
+        answer = httpx.get(f"{api.rstrip('/')}/health", auth=(user, password) if user else None, timeout=10)
+    except httpx.HTTPError as exc:
+        raise ConfigError(f"regraft ui --join: the Prefect server at {api} does not answer: {exc}") from None
+    if answer.status_code != 200:
+        raise ConfigError(f"regraft ui --join: the Prefect server at {api} answered {answer.status_code} "
+                          "(check PREFECT_API_AUTH_STRING)")
+    stop_on_signals()
+    try:
+        serve_deployments(params, webhook, f"joined the Prefect server at {api}")
+    except KeyboardInterrupt:
+        pass
+    print("stopped serving the deployments", flush=True)
+    return EXIT_OK
+
+
 def command_ui(args: argparse.Namespace, project: Path) -> int:
     """A Prefect server on 127.0.0.1 (state in the project), with the deployments served from here."""
     import subprocess
@@ -424,6 +467,8 @@ def command_ui(args: argparse.Namespace, project: Path) -> int:
     webhook = os.environ.get("REGRAFT_NOTIFY_WEBHOOK_URL") or params.notify.webhook_url
     if webhook and not webhook.startswith(("http://", "https://")):
         raise ConfigError(f"REGRAFT_NOTIFY_WEBHOOK_URL: {webhook!r} is not an http(s) URL")
+    if args.join:
+        return join_server(params, webhook)
     from flows.notifications import GUARDED_SERVER, SERVER_DESTINATIONS_ENV, allowed_destinations
 
     # Fixed now, for the server's whole life: its automations send nowhere else, whoever holds the credential.
@@ -456,17 +501,7 @@ def command_ui(args: argparse.Namespace, project: Path) -> int:
         os.environ["PREFECT_API_AUTH_STRING"] = credential
         os.environ["PREFECT_UI_URL"] = origin  # the links in notifications
         write_atomically(ui_address_file(project), lambda tmp: tmp.write_text(api, encoding="utf-8"))
-        from prefect import serve
-
-        from flows.notifications import ensure_notifications
-
-        print(ensure_notifications(webhook), flush=True)
-
-        from flows.deployments import build_deployments
-
-        print(f"Prefect UI: http://127.0.0.1:{port}  (deployments: retrain, retrain-scheduled, promote, rollback, "
-              "shift-watch; Ctrl-C stops)", flush=True)
-        serve(*build_deployments(params), print_starting_message=False)
+        serve_deployments(params, webhook, f"Prefect UI: http://127.0.0.1:{port}")
     except KeyboardInterrupt:
         pass
     finally:
@@ -514,6 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None, help="port (default serve.port)")
     ui = commands.add_parser("ui", help="start a Prefect server and UI on 127.0.0.1 and serve the deployments")
     ui.add_argument("--port", type=int, default=None, help="port (default schedule.ui_port, 4200)")
+    ui.add_argument("--join", action="store_true", help="serve this project's deployments on the Prefect server in "
+                    "PREFECT_API_URL (credential: PREFECT_API_AUTH_STRING) instead of starting one")
     return parser
 
 

@@ -32,6 +32,7 @@ SHIFT_DETECTED = "regraft.shift.detected"
 PERFORMANCE_DEGRADED = "regraft.performance.degraded"
 NOTIFIED_EVENTS = (RUN_FAILED, GATE_PAUSED, MODEL_PROMOTED, MODEL_ROLLED_BACK, SHIFT_DETECTED, PERFORMANCE_DEGRADED)
 
+# Per project (its name follows), so projects sharing a server keep their own destination and automation.
 BLOCK_NAME = "regraft-notifications"
 AUTOMATION_NAME = "regraft: notify"
 # The hosts the server may send to, handed by `regraft ui` to the Prefect server it starts (comma-separated).
@@ -41,7 +42,7 @@ SERVER_DESTINATIONS_ENV = "REGRAFT_SERVER_NOTIFY_HOSTS"
 GUARDED_SERVER = ("from flows.notifications import guard_server_destinations; guard_server_destinations(); "
                   "from prefect.cli import app; app()")
 # The automation fills these from the event; the webhook block puts subject and body into its JSON.
-SUBJECT = "regraft {{ event.event }}: {{ event.payload.summary }}"
+SUBJECT = "regraft {{ event.payload.project }}: {{ event.event }}: {{ event.payload.summary }}"
 BODY = "{{ event.payload.summary }}\nverdict: {{ event.payload.verdict }}\nrun: {{ event.payload.link }}"
 
 
@@ -54,15 +55,26 @@ def run_link() -> str:
     return f"{ui.rstrip('/')}/runs/flow-run/{run_id}" if run_id and ui else ""
 
 
+def project_resource(project: str) -> str:
+    """The resource id of a project's events: its triggers and its notifications match on it, and nothing else's."""
+    return f"regraft.project.{project}"
+
+
 def notify(event: str, subject: str, summary: str, verdict: str | None, **details: Any) -> None:
-    """Emit one regraft event about `subject` (a model tag or the project); the automation turns it into a message."""
+    """Emit one regraft event of this project (the flow's, REGRAFT_PROJECT), about `subject` (a model tag or the
+    project); its automation turns it into a message."""
     from prefect.events import emit_event
 
-    emit_event(event=event, resource={"prefect.resource.id": f"regraft.{subject}"},
-               payload={"summary": summary, "verdict": verdict or "none", "link": run_link(), **details})
+    from tasks.config import load_params, project_root
+
+    project = load_params(project_root() / "params.yaml").project.name
+    emit_event(event=event, resource={"prefect.resource.id": project_resource(project), "prefect.resource.name": project},
+               related=[{"prefect.resource.id": f"regraft.{subject}", "prefect.resource.role": "subject"}],
+               payload={"project": project, "summary": summary, "verdict": verdict or "none", "link": run_link(),
+                        **details})
 
 
-def ensure_notifications(webhook_url: str) -> str:
+def ensure_notifications(webhook_url: str, project: str) -> str:
     """Create or update the webhook block and the automation that sends every regraft event to it (idempotent:
     `regraft ui` calls it on each start). An empty URL removes the automation."""
     from prefect.automations import Automation
@@ -71,18 +83,19 @@ def ensure_notifications(webhook_url: str) -> str:
     from prefect.events.schemas.automations import EventTrigger
 
     try:
-        Automation.read(name=AUTOMATION_NAME).delete()
+        Automation.read(name=f"{AUTOMATION_NAME} {project}").delete()
     except ValueError:
         pass  # none yet
     if not webhook_url:
         return "notifications off (set notify.webhook_url)"
-    block = CustomWebhookNotificationBlock(name=BLOCK_NAME, url=webhook_url, method="POST",
+    block_name = f"{BLOCK_NAME}-{project}"
+    block = CustomWebhookNotificationBlock(name=block_name, url=webhook_url, method="POST",
                                            json_data={"subject": "{{subject}}", "body": "{{body}}", "text": "{{subject}}\n{{body}}"})
-    block_id = block.save(BLOCK_NAME, overwrite=True)
+    block_id = block.save(block_name, overwrite=True)
     Automation(
-        name=AUTOMATION_NAME,
+        name=f"{AUTOMATION_NAME} {project}",
         description="Send regraft's run, gate, promotion, shift and performance events to notify.webhook_url.",
-        trigger=EventTrigger(expect=set(NOTIFIED_EVENTS), match={"prefect.resource.id": "regraft.*"},
+        trigger=EventTrigger(expect=set(NOTIFIED_EVENTS), match={"prefect.resource.id": project_resource(project)},
                              posture="Reactive", threshold=1, within=0),
         actions=[SendNotification(block_document_id=block_id, subject=SUBJECT, body=BODY)],
     ).create()

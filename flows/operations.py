@@ -11,6 +11,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from flows.concurrency import project_slot
 from flows.notifications import MODEL_PROMOTED, MODEL_ROLLED_BACK, PERFORMANCE_DEGRADED, SHIFT_DETECTED, notify
 from tasks.config import load_params, project_root
 
@@ -28,7 +29,10 @@ def promote(tag: str, reason: str = "promoted from Prefect", by: str = "prefect"
     from tasks.promotion import promote_model
 
     root = in_project()
-    record = promote_model(load_params(root / "params.yaml"), tag, reason, by)
+    params = load_params(root / "params.yaml")
+    with project_slot(params.project.name, f"promote {tag}", params.schedule.lock_timeout_seconds,
+                      get_run_logger().warning):
+        record = promote_model(params, tag, reason, by)
     if record.get("finished"):
         print(record["finished"])
     print(f"{tag} is now in production; {record['versioning']}")
@@ -42,7 +46,9 @@ def rollback(reason: str = "rolled back from Prefect", by: str = "prefect") -> d
     from tasks.promotion import rollback as rollback_model
 
     root = in_project()
-    record = rollback_model(load_params(root / "params.yaml"), reason, by)
+    params = load_params(root / "params.yaml")
+    with project_slot(params.project.name, "rollback", params.schedule.lock_timeout_seconds, get_run_logger().warning):
+        record = rollback_model(params, reason, by)
     if record.get("finished"):
         print(record["finished"])
     print(f"{record['production']} is back in production; {record['versioning']}")

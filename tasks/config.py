@@ -412,9 +412,17 @@ class NotifyConfig(StrictModel):
         return value
 
 
+class ProjectConfig(StrictModel):
+    name: str = Field(pattern=r"^[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?$", description="Names this project on a "
+                      "shared Prefect server: its deployments (<name>-retrain, ...), the resource of its events "
+                      "(regraft.project.<name>), its triggers and its notifications. Lower-case letters, digits and "
+                      "hyphens, at most 40.")
+
+
 class Params(StrictModel):
     """The whole of `params.yaml`."""
 
+    project: ProjectConfig
     paths: Paths
     ingest: IngestConfig
     validate_: ValidateConfig = Field(alias="validate")

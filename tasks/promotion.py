@@ -16,10 +16,9 @@ import threading
 from pathlib import Path
 
 from tasks.config import Params
-from tasks.locking import project_lock
-from tasks.packaging import bentoml_environment
 from tasks.errors import RegraftError
-from tasks.locking import LOCK_NAME, describe_holder, read_holder
+from tasks.locking import LOCK_NAME, describe_holder, project_lock, read_holder
+from tasks.packaging import bentoml_environment
 from tasks.registry import (RegistryError, check_promotable, describe_interruption, empty_record, finish_promotion,
                             journal_file, locked_record, pending_promotion, previous_production, promote, read_record,
                             sync_record, verify_files)

@@ -90,7 +90,7 @@ def running_ui(base: Path, settings: dict | None = None, credential: str | None 
         try:
             if api is None and (credential or generated.is_file()):
                 api = api_client(f"http://127.0.0.1:{port}/api", credential or generated.read_text().strip())
-            if api is not None and len(api.post("/deployments/filter", json={}).json()) == 5:
+            if api is not None and len(api.post("/deployments/filter", json={}).json()) >= 5:
                 break
         except (httpx.TransportError, ValueError, KeyError):
             pass
@@ -156,6 +156,23 @@ def ui(tmp_path_factory, tiny_bert):
             yield served
 
 
+@pytest.fixture(scope="module")
+def dead_holder(ui):
+    """A run of the project `slot-killed` whose worker was killed outright while it held the project's slot on
+    the module's server. The module's first test asks for it, so that its lease runs out while the others run;
+    a later test takes the slot over."""
+    from tests.integration.test_project_slot import hold
+
+    api, _, _ = ui
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update({"PREFECT_API_URL": str(api.base_url).rstrip("/"), "PREFECT_API_AUTH_STRING": UI_CREDENTIAL})
+    dead = hold("slot-killed", 60, 600, env)
+    assert dead.stdout.readline().startswith("held"), dead.communicate()[0]
+    dead.kill()
+    dead.wait()
+    return time.time(), env
+
+
 def notified(api: httpx.Client, event: str, run_id: str, timeout: float = 90) -> dict:
     """The notification of `event` that links to the flow run `run_id` (waiting for it to arrive). regraft emits
     each event once, but Prefect's event delivery is at least once (a clean-clone run failed the exactly-once
@@ -163,16 +180,20 @@ def notified(api: httpx.Client, event: str, run_id: str, timeout: float = 90) ->
     link = f"{str(api.base_url).rstrip('/').removesuffix('/api')}/runs/flow-run/{run_id}"
     deadline, found = time.monotonic() + timeout, []
     while time.monotonic() < deadline and not found:
-        found = [n for n in NOTIFICATIONS if n["subject"].startswith(f"regraft {event}:") and link in n["body"]]
+        found = [n for n in NOTIFICATIONS if n["subject"].startswith(f"regraft demo: {event}:") and link in n["body"]]
         time.sleep(1)
     assert found, f"no {event} notification for {link}; received: {NOTIFICATIONS}"
     time.sleep(3)  # a repeat would come within moments
-    matching = [n for n in NOTIFICATIONS if n["subject"].startswith(f"regraft {event}:") and link in n["body"]]
+    matching = [n for n in NOTIFICATIONS if n["subject"].startswith(f"regraft demo: {event}:") and link in n["body"]]
     assert len(matching) <= 2 and all(n == matching[0] for n in matching), matching
     return matching[0]
 
 
-def deployment(api: httpx.Client, name: str) -> dict:
+def deployment(api: httpx.Client, kind: str, project: str = "demo") -> dict:
+    """A project's deployment by what it does (retrain, promote, ...): its name carries the project's."""
+    from flows.deployments import deployment_name
+
+    name = deployment_name(kind, project)
     return next(d for d in api.post("/deployments/filter", json={}).json() if d["name"] == name)
 
 
@@ -220,7 +241,7 @@ def cancel_run(api: httpx.Client, run_id: str, project: Path, may_finish_first: 
     assert not leftovers, f"the cancelled run left processes behind: {leftovers}"
 
 
-def test_the_api_asks_for_the_credential_and_answers_only_its_own_origin(ui):
+def test_the_api_asks_for_the_credential_and_answers_only_its_own_origin(ui, dead_holder):
     api, _, _ = ui
     base = str(api.base_url).rstrip("/")
     assert httpx.get(f"{base}/admin/version").status_code == 401  # no credential
@@ -239,8 +260,8 @@ def test_the_api_asks_for_the_credential_and_answers_only_its_own_origin(ui):
 
 def test_the_deployments_exist_with_schedules_and_a_typed_form(ui):
     api, _, _ = ui
-    names = {d["name"] for d in api.post("/deployments/filter", json={}).json()}
-    assert names == {"retrain", "retrain-scheduled", "promote", "rollback", "shift-watch"}
+    names = {d["name"] for d in api.post("/deployments/filter", json={}).json() if "demo" in d["tags"]}
+    assert names == {"demo-retrain", "demo-retrain-scheduled", "demo-promote", "demo-rollback", "demo-shift-watch"}
     scheduled = deployment(api, "retrain-scheduled")
     assert [s["schedule"]["cron"] for s in scheduled["schedules"]] == [QUIET_CRONS["schedule.retrain_cron"]]
     schema = deployment(api, "retrain")["parameter_openapi_schema"]
@@ -365,17 +386,17 @@ def test_a_person_runs_retrain_from_the_prefect_ui(ui):
     assert (ARTIFACTS / "prefect-ui-retrain-run.png").stat().st_size > 10_000
 
 
-def run_ids(api: httpx.Client, name: str) -> set[str]:
+def run_ids(api: httpx.Client, name: str, project: str = "demo") -> set[str]:
     """The flow runs of one deployment so far."""
-    runs = api.post("/flow_runs/filter", json={"deployments": {"id": {"any_": [deployment(api, name)["id"]]}}}).json()
+    runs = api.post("/flow_runs/filter", json={"deployments": {"id": {"any_": [deployment(api, name, project)["id"]]}}}).json()
     return {r["id"] for r in runs}
 
 
-def new_run_ids(api: httpx.Client, name: str, before: set[str], timeout: float) -> set[str]:
+def new_run_ids(api: httpx.Client, name: str, before: set[str], timeout: float, project: str = "demo") -> set[str]:
     """Runs of the deployment that were not there `before`, waiting up to `timeout` s for the first."""
     deadline, new = time.monotonic() + timeout, set()
     while time.monotonic() < deadline and not new:
-        new = run_ids(api, name) - before
+        new = run_ids(api, name, project) - before
         time.sleep(2)
     return new
 
@@ -549,8 +570,9 @@ def test_the_credential_cannot_make_the_server_post_elsewhere(ui):
         created.insert(0, f"/automations/{automation.json()['id']}")
         probe = f"ssrf probe {uuid.uuid4()}"
         sent = api.post("/events", json=[{"id": str(uuid.uuid4()), "occurred": dt.datetime.now(dt.UTC).isoformat(),
-                                          "event": "regraft.run.failed", "resource": {"prefect.resource.id": "regraft.probe"},
-                                          "payload": {"summary": probe, "verdict": "none", "link": ""}}])
+                                          "event": "regraft.run.failed", "resource": {"prefect.resource.id": "regraft.project.demo"},
+                                          "payload": {"project": "demo", "summary": probe, "verdict": "none",
+                                                      "link": ""}}])
         assert sent.status_code == 204, sent.text
         deadline, failures, delivered = time.monotonic() + 90, [], False
         while time.monotonic() < deadline and not (len(failures) == 2 and delivered):
@@ -567,6 +589,63 @@ def test_the_credential_cannot_make_the_server_post_elsewhere(ui):
         for path in created:
             api.delete(path)
         elsewhere.shutdown()
+
+
+def test_a_second_project_joins_the_server_and_each_answers_to_its_own_events(ui, tmp_path, tiny_bert):
+    """Many projects, one Prefect server: `regraft ui --join` in another project serves its deployments, named
+    for it, beside this one's; a shift event of that project starts its retrain and not this project's."""
+    from tasks.config import write_overrides
+
+    api, _, _ = ui
+    other = make_project(tmp_path / "other", tmp_path / "other-remote")
+    write_overrides(other / "params.yaml", {**QUICK_SETTINGS, "model.base": str(tiny_bert), **QUIET_CRONS,
+                                            "project.name": "other"})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update({"PREFECT_API_URL": str(api.base_url).rstrip("/"), "PREFECT_API_AUTH_STRING": UI_CREDENTIAL})
+    log = tmp_path / "join.log"
+    joined = subprocess.Popen([REGRAFT, "ui", "--join"], cwd=other, env=env, stdout=log.open("w"),
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    tags: list[list[str]] = []
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and joined.poll() is None:
+            tags = [d["tags"] for d in api.post("/deployments/filter", json={}).json()]
+            if sum("other" in t for t in tags) == 5:
+                break
+            time.sleep(1)
+        assert sum("demo" in t for t in tags) == 5 and sum("other" in t for t in tags) == 5, log.read_text()
+        assert "joined the Prefect server at" in log.read_text() and "other-retrain" in log.read_text()
+    finally:
+        os.killpg(joined.pid, signal.SIGINT)
+        joined.wait(timeout=60)
+    # The other project's shift (its runner stopped, so its run waits, scheduled): its retrain gets a run, ours none.
+    ours, theirs = run_ids(api, "retrain"), run_ids(api, "retrain", "other")
+    sent = api.post("/events", json=[{
+        "id": str(uuid.uuid4()), "occurred": dt.datetime.now(dt.UTC).isoformat(), "event": "regraft.shift.detected",
+        "resource": {"prefect.resource.id": "regraft.project.other", "prefect.resource.name": "other"},
+        "payload": {"project": "other", "summary": "a test shift", "verdict": "severe"}}])
+    assert sent.status_code == 204, sent.text
+    started = new_run_ids(api, "retrain", theirs, timeout=120, project="other")
+    assert len(started) == 1, "the other project's trigger did not start its retrain"
+    time.sleep(5)  # anything our own trigger would have started by now
+    assert run_ids(api, "retrain") == ours
+    for run_id in started:
+        api.post(f"/flow_runs/{run_id}/set_state", json={"state": {"type": "CANCELLED"}, "force": True})
+
+
+def test_a_holder_killed_mid_run_frees_the_project_slot_when_its_lease_expires(ui, dead_holder):
+    """A worker killed outright (SIGKILL: no cleanup) stops renewing its lease on the project's slot; the real
+    server's lease service frees it once the lease (60 s here, the server's least) has run out, and the next run
+    takes over."""
+    from tests.integration.test_project_slot import hold, stamp
+
+    killed_at, env = dead_holder
+    taker = hold("slot-killed", 240, 0, env)
+    output = taker.communicate(timeout=300)[0]
+    assert taker.returncode == 0, output
+    # Not before the lease ran out (nothing else could free it: the holder is dead), and not long after.
+    assert 60 <= stamp(output, "held") - killed_at, output
+    assert "wait:" not in output or stamp(output, "held") - killed_at < 60 + 15 + 15, output
 
 
 def test_a_run_from_the_terminal_shows_in_the_running_ui(ui):

@@ -13,16 +13,28 @@ pytestmark = pytest.mark.unit
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_prefect_yaml_mirrors_the_served_deployments():
+def test_prefect_yaml_mirrors_the_served_deployments(monkeypatch):
     from flows.deployments import build_deployments
 
-    declared = {d["name"]: d for d in yaml.safe_load((REPO / "deploy" / "prefect.yaml").read_text())["deployments"]}
-    served = {d.name: d for d in build_deployments(load_params(REPO / "params.yaml"))}
-    assert declared.keys() == served.keys()
+    from prefect.utilities.templating import apply_values
+
+    params = load_params(REPO / "params.yaml")
+    # `prefect deploy` fills {{ $REGRAFT_PROJECT_NAME }} from the environment, as here.
+    monkeypatch.setenv("REGRAFT_PROJECT_NAME", params.project.name)
+    document = apply_values(yaml.safe_load((REPO / "deploy" / "prefect.yaml").read_text()), {}, remove_notset=False)
+    declared = {d["name"]: d for d in document["deployments"]}
+    served = {d.name: d for d in build_deployments(params)}
+    assert declared.keys() == served.keys() == {f"demo-{kind}" for kind in
+                                                ("retrain", "retrain-scheduled", "promote", "rollback", "shift-watch")}
     for name, deployment in served.items():
         assert declared[name]["entrypoint"] == deployment.entrypoint
+        assert declared[name]["tags"] == deployment.tags == ["regraft", "demo"]
         assert [s["cron"] for s in declared[name].get("schedules", [])] == [s.schedule.cron for s in deployment.schedules]
         assert [t["expect"] for t in declared[name].get("triggers", [])] == [sorted(t.expect) for t in deployment.triggers]
+        # Each trigger answers to this project's events only.
+        assert [t["match"] for t in declared[name].get("triggers", [])] == [
+            {"prefect.resource.id": "regraft.project.demo"} for _ in deployment.triggers]
+        assert all(t.match.model_dump() == {"prefect.resource.id": "regraft.project.demo"} for t in deployment.triggers)
 
 
 def test_no_run_can_point_a_flow_at_another_project():
@@ -107,7 +119,7 @@ def test_the_server_refuses_a_run_whose_parameters_its_flow_does_not_take(name, 
     from flows.deployments import build_deployments
 
     served = {d.name: d for d in build_deployments(load_params(REPO / "params.yaml"))}
-    deployment = served[name]
+    deployment = served[f"demo-{name}"]
     schema = deployment._parameter_openapi_schema.model_dump(exclude_unset=True)
     assert deployment.enforce_parameter_schema and schema["additionalProperties"] is False
     validate({**deployment.parameters, **({"tag": "t"} if name == "promote" else {})}, schema,
