@@ -37,7 +37,7 @@ LONGEST_FIRST = [
     "tests/integration/test_retrain_flow.py", "tests/model/test_shift_power.py", "tests/integration/test_serving.py",
     "tests/integration/test_s3_remote.py", "tests/integration/test_finetune_stage.py",
     "tests/integration/test_run_recovery.py", "tests/integration/test_gate_decision.py",
-    "tests/integration/test_promotion_faults.py",
+    "tests/integration/test_promotion_faults.py", "tests/integration/test_project_slot.py",
 ]
 
 

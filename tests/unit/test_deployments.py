@@ -128,36 +128,6 @@ def test_the_server_refuses_a_run_whose_parameters_its_flow_does_not_take(name, 
         validate({**deployment.parameters, **parameters}, schema, raise_on_error=True)
 
 
-def test_first_runs_at_once_start_the_local_prefect_api_one_at_a_time(tmp_path):
-    """Two processes racing the start of the temporary Prefect API on one fresh PREFECT_HOME: the second starts
-    only after the first has (the first start creates the database). The server itself is a stub here; the real
-    one takes half a minute per start."""
-    import os
-    import subprocess
-    import sys
-
-    log = tmp_path / "starts.log"
-    child = ("import time\n"
-             "from prefect.server.api import server\n"
-             "def start(self, timeout=None):\n"
-             f"    with open({str(log)!r}, 'a') as f: f.write(f'begin {{time.time()}}\\n')\n"
-             "    time.sleep(1.5)\n"
-             f"    with open({str(log)!r}, 'a') as f: f.write(f'end {{time.time()}}\\n')\n"
-             "server.SubprocessASGIServer.start = start\n"
-             "from flows.cli import start_local_api\n"
-             "start_local_api()\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    racers = [subprocess.Popen([sys.executable, "-c", child], env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
-              for _ in range(2)]
-    for racer in racers:
-        assert racer.wait(timeout=120) == 0, racer.stderr.read()
-        assert "Traceback" not in racer.stderr.read()
-    events = [line.split() for line in log.read_text().splitlines()]
-    assert [kind for kind, _ in events] == ["begin", "end", "begin", "end"], events
-    assert float(events[2][1]) >= float(events[1][1])
-
-
 def test_automations_may_send_only_to_the_hosts_fixed_at_start():
     from prefect.blocks.notifications import CustomWebhookNotificationBlock, SlackWebhook
     from prefect.blocks.webhook import Webhook
