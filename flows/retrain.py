@@ -39,7 +39,7 @@ from tasks.files import PRIVATE_UMASK, sha256_of, write_json
 from tasks.gate import INCONCLUSIVE, answer_file
 from tasks.locking import clear_stale_dvc_locks, project_lock
 from tasks.overrides import check_overrides
-from tasks.promotion import finish_interrupted_promotion
+from tasks.promotion import finish_interrupted_promotion, install_champion_from_remote
 from tasks.processes import stop_process_group
 from tasks.render import render_report, verdict_markdown
 
@@ -405,6 +405,10 @@ def retrain(parameters: RetrainParameters = RetrainParameters()) -> dict:
         finished = finish_interrupted_promotion(load_params(root / "params.yaml"))
         if finished:
             logger.warning("recovered from an interrupted promotion: %s", finished)
+        # The gate's champion is the registry's production model in the remote, whatever this worker had.
+        installed = install_champion_from_remote(load_params(root / "params.yaml"))
+        if installed:
+            logger.warning("%s", installed)
         # Read after taking the lock: the run before may have changed params.yaml.
         return run_all_stages(root, parameters, run_id)
 

@@ -20,8 +20,8 @@ from tasks.errors import RegraftError
 from tasks.locking import LOCK_NAME, describe_holder, project_lock, read_holder
 from tasks.packaging import bentoml_environment
 from tasks.registry import (RegistryError, check_promotable, describe_interruption, empty_record, finish_promotion,
-                            journal_file, locked_record, pending_promotion, previous_production, promote, read_record,
-                            sync_record, verify_files)
+                            install_files, journal_file, locked_record, pending_promotion, previous_production, promote,
+                            read_record, sync_record, verify_files)
 from tasks.remote import download_archive, model_remote, scratch_folder
 
 
@@ -137,6 +137,32 @@ def rollback(params: Params, reason: str, by: str | None = None) -> dict:
                                 + (f"{current} is the first production model"
                                                                if current else "no model has been promoted"))
         return {**switch_production(params, target, reason, by, "rollback", remote), "finished": finished}
+
+
+def install_champion_from_remote(params: Params) -> str | None:
+    """Before a run compares its candidate with production: the remote's record mirrored here and, unless
+    paths.champion already holds exactly its production model's files, that model installed there from the
+    remote (archive and every file checked against their recorded sha256). So a worker that starts with an
+    old or no copy of the production model gates against the one the registry names. Call while holding the
+    project lock. Returns what it did, or None (no remote, nothing in production, or already in place)."""
+    remote = model_remote(params)
+    if remote is None:
+        return None
+    record = sync_record(params.paths.registry, remote)
+    tag = record.get("production")
+    if not tag:
+        return None
+    digests = (record["models"].get(tag) or {}).get("sha256") or {}
+    champion = params.paths.champion
+    if digests and champion.is_dir() and not verify_files(champion, digests):
+        return None
+    folder = stored_model_dir(params, tag, remote, record)
+    problems = verify_files(folder, digests) if digests else ["no checksums recorded"]
+    if problems:
+        raise RegistryError(f"{tag}: the production model's files fail their checksum, not used as the champion: "
+                            + "; ".join(problems[:5]))
+    install_files(folder, champion)
+    return f"installed the production model {tag} from the remote into {champion} (every file's sha256 checked)"
 
 
 def install_production_from(params: Params, remote, record: dict) -> str:

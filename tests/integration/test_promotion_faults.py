@@ -355,3 +355,28 @@ def test_the_remote_unreachable_mid_push_fails_the_push_and_the_next_push_comple
     assert push_outputs.fn(project) == "shared"
     done = subprocess.run(dvc_command("status", "--cloud", "--json"), cwd=project, capture_output=True, text=True)
     assert json.loads(done.stdout or "{}") == {}, done.stdout
+
+
+# What a retrain run does before its stages: the champion from the remote's record.
+INSTALL_CHAMPION = r"""
+from pathlib import Path
+from tasks.config import load_params
+from tasks.promotion import install_champion_from_remote
+print(install_champion_from_remote(load_params(Path("params.yaml"))))
+"""
+
+
+def test_a_worker_with_no_or_altered_production_files_gates_against_the_remotes_production_model(regraft, templates,
+                                                                                                 tmp_path):
+    folders, (a, b) = templates
+    shutil.copytree(folders["promote"], tmp_path / "case")  # A in production, in the remote's record too
+    project = tmp_path / "case" / "project"
+    shutil.rmtree(project / "models" / "production")  # a worker that never had it
+    (project / "registry" / "registry.json").unlink()  # nor this machine's copy of the record
+    done = regraft(project, code=INSTALL_CHAMPION)
+    assert done.returncode == 0 and f"installed the production model {a} from the remote" in done.stdout, done.stderr
+    assert state(project)["files"] == a and state(project)["record"] == a
+    (project / "models" / "production" / "config.json").write_text('{"name": "altered"}')
+    again = regraft(project, code=INSTALL_CHAMPION)
+    assert f"installed the production model {a}" in again.stdout and state(project)["files"] == a, again.stderr
+    assert regraft(project, code=INSTALL_CHAMPION).stdout.strip() == "None"  # in place: nothing to do
