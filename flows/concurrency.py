@@ -1,8 +1,8 @@
 """One run at a time per project on every worker that reports to the same Prefect server.
 
 The project's flock (tasks/locking.py) only sees runs on its own machine. Runs that a pool hands to workers on
-several machines meet at the server instead: retrain, promote and rollback each take the one slot of a Prefect
-global concurrency limit named for the project (`regraft-project-<project.name>`), so the server queues the
+several machines meet at the server instead: retrain, promote and rollback started by a deployment each take the
+one slot of a Prefect global concurrency limit named for the project (`regraft-project-<project.name>`), so the server queues the
 second run whichever worker holds it. The slot is a lease that the running flow renews in the background; a
 worker killed mid-run stops renewing it, and the server frees it when the lease expires, so the next run takes
 over. Each flow then takes the flock as well, for commands on this machine that no server sees.
@@ -19,6 +19,18 @@ from tasks.locking import ProjectBusy
 # after the last renewal; Prefect's server takes 60 s at least, and frees expired leases every 15 s. A run
 # cancelled from the UI is stopped before its slot is given back, so the next run waits up to this long too.
 LEASE_SECONDS = 60
+
+
+def run_slot(project: str, what: str, timeout_seconds: float, on_wait: Callable[[str], None]):
+    """What a flow run holds besides the flock: the project's slot when a deployment started it (a worker of a
+    pool, on any machine). A run started from a terminal (`regraft run`) has no slot: its machine's flock
+    serializes it, and its temporary local API runs no lease service, so a killed run's slot there would never
+    be given back."""
+    from prefect.runtime import deployment
+
+    if deployment.get_id() is None:
+        return contextlib.nullcontext()
+    return project_slot(project, what, timeout_seconds, on_wait)
 
 
 def project_limit_name(project: str) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows.concurrency import project_slot
+from flows.concurrency import run_slot
 from flows.notifications import MODEL_PROMOTED, MODEL_ROLLED_BACK, PERFORMANCE_DEGRADED, SHIFT_DETECTED, notify
 from tasks.config import load_params, project_root
 
@@ -30,7 +30,7 @@ def promote(tag: str, reason: str = "promoted from Prefect", by: str = "prefect"
 
     root = in_project()
     params = load_params(root / "params.yaml")
-    with project_slot(params.project.name, f"promote {tag}", params.schedule.lock_timeout_seconds,
+    with run_slot(params.project.name, f"promote {tag}", params.schedule.lock_timeout_seconds,
                       get_run_logger().warning):
         record = promote_model(params, tag, reason, by)
     if record.get("finished"):
@@ -47,7 +47,7 @@ def rollback(reason: str = "rolled back from Prefect", by: str = "prefect") -> d
 
     root = in_project()
     params = load_params(root / "params.yaml")
-    with project_slot(params.project.name, "rollback", params.schedule.lock_timeout_seconds, get_run_logger().warning):
+    with run_slot(params.project.name, "rollback", params.schedule.lock_timeout_seconds, get_run_logger().warning):
         record = rollback_model(params, reason, by)
     if record.get("finished"):
         print(record["finished"])

@@ -29,7 +29,7 @@ from prefect.input import RunInput
 from prefect.runtime import deployment, flow_run
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from flows.concurrency import project_slot
+from flows.concurrency import run_slot
 from flows.dag import stage_order, stage_outputs
 from flows.notifications import GATE_PAUSED, RUN_FAILED, notify
 from flows.workspace import discard, prune_failed_runs, recover_interrupted, restore, take_snapshot
@@ -396,7 +396,7 @@ def retrain(parameters: RetrainParameters = RetrainParameters()) -> dict:
     run_id = str(flow_run.get_id() or dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S"))
     current = load_params(root / "params.yaml")
     what, wait = f"retrain run {run_id}", current.schedule.lock_timeout_seconds
-    with project_slot(current.project.name, what, wait, logger.warning), \
+    with run_slot(current.project.name, what, wait, logger.warning), \
             project_lock(root / current.paths.state, what, wait, on_wait=logger.warning):
         for note in clear_stale_dvc_locks(root):
             logger.warning("removed a stale DVC lock record: %s", note)
