@@ -118,23 +118,27 @@ def ui_address_file(project: Path) -> Path:
     return ui_home(project) / "api-url"
 
 
+def api_status(api: str, credential: str, timeout: float) -> int | str:
+    """The HTTP status of a Prefect API's /health with `user:password`, or why it did not answer."""
+    import httpx
+
+    user, _, password = credential.partition(":")
+    try:
+        return httpx.get(f"{api.rstrip('/')}/health", auth=(user, password) if user else None, timeout=timeout).status_code
+    except httpx.HTTPError as exc:
+        return str(exc) or type(exc).__name__
+
+
 def join_running_ui(project: Path) -> None:
     """Point Prefect at this project's `regraft ui` when it answers, so runs started from the terminal (and
     `make demo`) appear in the same UI as the scheduled ones."""
-    import httpx
-
     address, auth = ui_address_file(project), ui_home(project) / "auth"
     try:
         api = address.read_text(encoding="utf-8").strip()
         credential = os.environ.get("PREFECT_SERVER_API_AUTH_STRING") or auth.read_text(encoding="utf-8").strip()
     except OSError:
         return
-    user, _, password = credential.partition(":")
-    try:
-        healthy = httpx.get(f"{api}/health", auth=(user, password), timeout=3).status_code == 200
-    except httpx.HTTPError:
-        healthy = False
-    if healthy:
+    if api_status(api, credential, timeout=3) == 200:
         os.environ["PREFECT_API_URL"], os.environ["PREFECT_API_AUTH_STRING"] = api, credential
         print(f"reporting to the Prefect server of `regraft ui` at {api.removesuffix('/api')}", flush=True)
 
@@ -428,21 +432,17 @@ def join_server(params, webhook: str) -> int:
     """`regraft ui --join`: serve this project's deployments on a Prefect server that is already running (a
     team's, shared by several projects) instead of starting one: PREFECT_API_URL and its credential in
     PREFECT_API_AUTH_STRING. Its outbound requests are that server's operator's to limit."""
-    import httpx
-
     from tasks.errors import ConfigError
 
     api = os.environ.get("PREFECT_API_URL", "")
     if not api.startswith(("http://", "https://")):
         raise ConfigError("regraft ui --join: set PREFECT_API_URL to the shared Prefect server's API "
                           "(and PREFECT_API_AUTH_STRING to its credential)")
-    user, _, password = os.environ.get("PREFECT_API_AUTH_STRING", "").partition(":")
-    try:
-        answer = httpx.get(f"{api.rstrip('/')}/health", auth=(user, password) if user else None, timeout=10)
-    except httpx.HTTPError as exc:
-        raise ConfigError(f"regraft ui --join: the Prefect server at {api} does not answer: {exc}") from None
-    if answer.status_code != 200:
-        raise ConfigError(f"regraft ui --join: the Prefect server at {api} answered {answer.status_code} "
+    status = api_status(api, os.environ.get("PREFECT_API_AUTH_STRING", ""), timeout=10)
+    if isinstance(status, str):
+        raise ConfigError(f"regraft ui --join: the Prefect server at {api} does not answer: {status}")
+    if status != 200:
+        raise ConfigError(f"regraft ui --join: the Prefect server at {api} answered {status} "
                           "(check PREFECT_API_AUTH_STRING)")
     stop_on_signals()
     try:

@@ -50,6 +50,19 @@ def describe_holder(holder: dict) -> str:
     return f"{holder.get('what', 'a run')} (PID {holder.get('pid', '?')}, since {holder.get('since', '?')})"
 
 
+def current_holder(state_dir: Path) -> str | None:
+    """Who holds the project's run lock at this moment (described), or None when nobody does."""
+    path = state_dir / LOCK_NAME
+    if not path.is_file():
+        return None
+    with open(path) as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return describe_holder(read_holder(path))
+    return None
+
+
 @contextmanager
 def project_lock(state_dir: Path, what: str, timeout_seconds: float,
                  on_wait: Callable[[str], None] = print, poll_seconds: float = 1.0) -> Iterator[None]:

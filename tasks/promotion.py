@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tasks.config import Params
 from tasks.errors import RegraftError
-from tasks.locking import LOCK_NAME, describe_holder, project_lock, read_holder
+from tasks.locking import current_holder, project_lock
 from tasks.packaging import bentoml_environment
 from tasks.registry import (RegistryError, check_promotable, describe_interruption, empty_record, finish_promotion,
                             install_files, journal_file, locked_record, pending_promotion, previous_production, promote,
@@ -66,28 +66,13 @@ def finish_interrupted_promotion(params: Params, remote=None) -> str | None:
                             lambda tag: stored_model_dir(params, tag, remote), remote)
 
 
-def promotion_holder(params: Params) -> str | None:
-    """Who holds the project's run lock now (a journal is then a change under way, not an interrupted one)."""
-    import fcntl
-
-    path = params.paths.state / LOCK_NAME
-    if not path.is_file():
-        return None
-    with open(path) as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return describe_holder(read_holder(path))
-    return None
-
-
 def interrupted_promotion(params: Params, record: dict) -> dict | None:
     """The promotion or rollback a journal says has not finished: its journal, whether it is still running
     (`running`: who holds the project) and, for a person, what is left and what the next command will do."""
     pending = pending_promotion(params.paths.registry)
     if pending is None:
         return None
-    holder = promotion_holder(params)
+    holder = current_holder(params.paths.state)
     if holder:
         return {**pending, "running": holder, "message": f"a {pending['action']} of {pending['tag']} is under way "
                 f"({holder}); the record and the production files change until it has finished"}

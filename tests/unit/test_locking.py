@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.locking import CLOCK_SLACK_SECONDS, ProjectBusy, clear_stale_dvc_locks, project_lock, stale_dvc_locks
+from tasks.locking import (CLOCK_SLACK_SECONDS, ProjectBusy, clear_stale_dvc_locks, current_holder, project_lock,
+                           stale_dvc_locks)
 
 pytestmark = pytest.mark.unit
 
@@ -43,6 +44,17 @@ def test_a_second_run_waits_and_says_for_whom(tmp_path):
     assert waited >= 1.0
     assert json.loads((tmp_path / "run.lock").read_text())["what"] == "second"
     assert len(waits) == 1 and f"retrain run holder (PID {holder.pid}" in waits[0]
+
+
+def test_who_holds_the_project_now(tmp_path):
+    assert current_holder(tmp_path) is None
+    holder = hold_lock(tmp_path, 30)
+    try:
+        assert f"retrain run holder (PID {holder.pid}" in current_holder(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert current_holder(tmp_path) is None  # the kernel let go with the process
 
 
 def test_waiting_too_long_fails_naming_the_holder(tmp_path):
