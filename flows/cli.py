@@ -146,10 +146,10 @@ def join_running_ui(project: Path) -> None:
 def command_run(args: argparse.Namespace, project: Path) -> int:
     from flows.retrain import RetrainParameters, retrain
     from tasks.config import parse_override
-    from tasks.overrides import check_overrides
+    from tasks.overrides import check_overrides_before_lock
 
     # Every override is checked against params.yaml and the allow-list before anything runs (exit 2).
-    check_overrides(project, dict(parse_override(item) for item in args.set))
+    check_overrides_before_lock(project, dict(parse_override(item) for item in args.set))
     parameters = RetrainParameters(overrides=list(args.set), push=not args.no_push)
     start_local_api()
     print_failures_once()

@@ -38,7 +38,7 @@ from tasks.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, CheckFailed, DataErr
 from tasks.files import PRIVATE_UMASK, sha256_of, write_json
 from tasks.gate import INCONCLUSIVE, answer_file
 from tasks.locking import clear_stale_dvc_locks, project_lock
-from tasks.overrides import check_overrides
+from tasks.overrides import check_overrides, check_overrides_before_lock
 from tasks.promotion import finish_interrupted_promotion, install_champion_from_remote
 from tasks.processes import stop_process_group
 from tasks.render import render_report, verdict_markdown
@@ -391,7 +391,7 @@ def retrain(parameters: RetrainParameters = RetrainParameters()) -> dict:
     # A worker may not have been started by `regraft`: what this run writes is the owner's alone all the same.
     os.umask(PRIVATE_UMASK)
     # Refuse a bad override now, not after waiting behind another run for the lock; checked again under it.
-    check_overrides(root, parameters.as_overrides())
+    check_overrides_before_lock(root, parameters.as_overrides())
     logger = get_run_logger()
     run_id = str(flow_run.get_id() or dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S"))
     current = load_params(root / "params.yaml")

@@ -21,6 +21,7 @@ from typing import Any
 
 from tasks.config import Params, load_params
 from tasks.errors import ConfigError
+from tasks.locking import current_holder
 
 # Keys (or sections, ending in ".") a run may set to any valid value.
 FREE = ("train.", "ingest.split.", "ingest.deduplicate", "model.max_length", "validate.examples")
@@ -37,18 +38,35 @@ STRICTER = {
 }
 # Choices a run may only move to the strict one.
 STRICT_CHOICE = {"shift.on_severe": "block", "gate.on_inconclusive": "reject"}
+# Keys judged against params.yaml's current values.
+RELATIVE = {*STRICTER, *STRICT_CHOICE, "gate.floors", "gate.worst_group.metrics"}
 
 
-def check_overrides(project: Path, overrides: dict[str, Any]) -> Params:
+def check_overrides(project: Path, overrides: dict[str, Any], relative: bool = True) -> Params:
     """The project's params with `overrides` applied, or ConfigError naming the first key a run may not set
-    (or may not set that way). Nothing is written."""
+    (or may not set that way). Nothing is written. With `relative` False, what depends on params.yaml's
+    current policy values (stricter-only keys) is left for a later check."""
     current = load_params(project / "params.yaml")
     for key, value in overrides.items():
-        check_override(key, value, current, project)
+        check_override(key, value, current, project, relative)
     return load_params(project / "params.yaml", overrides)
 
 
-def check_override(key: str, value: Any, current: Params, project: Path) -> None:
+def check_overrides_before_lock(project: Path, overrides: dict[str, Any]) -> None:
+    """Refuse a bad override before waiting for the project lock. A run that holds the lock has written its own
+    overrides into params.yaml (DVC's stages read them there), so while one does, "stricter than params.yaml"
+    would be judged against that run's values: then only what does not depend on them is checked here, and the
+    rest again under the lock."""
+    try:
+        check_overrides(project, overrides)
+    except ConfigError:
+        # Asked after the read: a run that changed params.yaml under us still holds the lock now.
+        if current_holder(project / load_params(project / "params.yaml").paths.state) is None:
+            raise
+        check_overrides(project, overrides, relative=False)
+
+
+def check_override(key: str, value: Any, current: Params, project: Path, relative: bool = True) -> None:
     if any(key == free or (free.endswith(".") and key.startswith(free)) for free in FREE):
         if key in MACHINE_BOUND:
             check_machine_bound(key, value)
@@ -56,6 +74,8 @@ def check_override(key: str, value: Any, current: Params, project: Path) -> None
     if key in DATA_FILES:
         check_data_files(key, value, current, project)
         return
+    if not relative and key in RELATIVE:
+        return  # types and bounds are still checked by load_params
     if key in STRICTER:
         check_stricter(key, value, current_value(current, key), STRICTER[key])
         return

@@ -117,3 +117,20 @@ def test_a_bad_override_is_refused_at_once_while_another_run_holds_the_project(p
     state = project / load_params(project / "params.yaml").paths.state
     with project_lock(state, "retrain run holder", 5), pytest.raises(ConfigError, match="train.nproc=100000"):
         retrain.fn(RetrainParameters(overrides=["train.nproc=100000"]))
+
+
+def test_a_run_holding_the_project_does_not_judge_the_next_runs_stricter_override_with_its_own(project):
+    from tasks.config import load_params, write_overrides
+    from tasks.locking import project_lock
+    from tasks.overrides import check_overrides_before_lock
+
+    state = project / load_params(project / "params.yaml").paths.state
+    with project_lock(state, "retrain run holder", 5):
+        # The holder tightened the gate in params.yaml for its own run; the file goes back when it ends.
+        write_overrides(project / "params.yaml", {"gate.forgetting.max_drop": 0.01})
+        check_overrides_before_lock(project, {"gate.forgetting.max_drop": 0.02})
+        with pytest.raises(ConfigError, match="train.nproc=100000"):
+            check_overrides_before_lock(project, {"train.nproc": 100000})
+    # Nobody holds it: params.yaml's values are the project's own, and a looser one is refused at once.
+    with pytest.raises(ConfigError, match="is higher than params.yaml's 0.01"):
+        check_overrides_before_lock(project, {"gate.forgetting.max_drop": 0.02})
