@@ -174,3 +174,52 @@ def test_a_malformed_companion_is_refused_by_name(tmp_path, change, problem):
 
 def test_no_file_means_no_companion(tmp_path):
     assert read_companion(tmp_path, 3) is None
+
+
+def predictions(labels: np.ndarray, right: int, last: bool = False) -> np.ndarray:
+    """Probabilities that are right on the first (or the last) `right` rows and one class off on the rest."""
+    rows = np.arange(len(labels))
+    predicted = np.where(rows >= len(labels) - right if last else rows < right, labels, (labels + 1) % 3)
+    return np.eye(3)[predicted] * 0.7 + 0.1
+
+
+def ladder_rows(n_valid: int, n_all: int = 240):
+    labels = np.arange(n_all) % 3
+    return labels, labels[-n_valid:]
+
+
+@pytest.mark.parametrize("fe_right, full_right, served", [
+    (150, 14, "tfidf"),                # neither costlier model clearly ahead: the lexical model alone
+    (150, 16, "tfidf"),                # fine-tuned right on 12 rows TF-IDF misses, wrong on 8 it gets: not clearly
+    (150, 24, "full"),                 # right on every validation row where TF-IDF is right on half: clearly ahead
+    (200, 0, "feature_extraction"),    # the frozen encoder clearly ahead on every cross-fitted row; full is not
+])
+def test_auto_serves_the_cheapest_model_no_costlier_one_clearly_beats(fe_right, full_right, served):
+    """The lexical model is right on the last 144 of 240 cross-fitted rows and the last 12 of the 24 validation rows,
+    each other model on its first rows; each costlier model must show a paired interval above zero over the one
+    below to be served."""
+    from tasks.finetune import evidence_ladder
+
+    labels, valid_labels = ladder_rows(24)
+    weights = [{"weight": w} for w in (0.0, 1.0)]
+    scoring = {"feature_extraction": (predictions(labels, fe_right), predictions(labels, 144, last=True), labels),
+               "full": (predictions(valid_labels, full_right), predictions(valid_labels, 12, last=True), valid_labels)}
+    tried = {name: (0.0, weights) for name in scoring}
+    encoder, ladder = evidence_ladder(["feature_extraction", "full"], scoring, tried, 24, 3)
+    assert ladder["served"] == served and encoder == (served if served != "tfidf" else "feature_extraction")
+    assert [step["rows"] for step in ladder["steps"]] == [240, 24]
+    assert all(step["taken"] == (step["interval"][0] > 0) for step in ladder["steps"])
+
+
+def test_auto_with_cross_fitted_rows_reports_the_ladder_and_serves_the_lexical_model_alone():
+    texts, labels = rows(3)
+    train, valid = training_data(texts, labels), training_data(texts[:12], labels[:12])
+    barely_ahead = np.eye(3)[labels[:12]] * 0.8 + 0.2 / 3  # right on the 12 validation rows: too few to be clear
+    crossed = {"feature_extraction": np.vstack([np.full((36, 3), 1 / 3), barely_ahead]),
+               "tfidf": np.vstack([np.eye(3)[labels[12:]] * 0.7 + 0.1, np.eye(3)[labels[:12]] * 0.7 + 0.1]),
+               "labels": np.concatenate([labels[12:], labels[:12]])}
+    served = served_model({"feature_extraction": barely_ahead, "full": barely_ahead}, train, valid, 3,
+                          [0.0, 0.5, 1.0], crossed)
+    assert served.companion is not None and served.companion.serves_alone
+    assert served.report["evidence_ladder"]["served"] == "tfidf"
+    assert [step["to"] for step in served.report["evidence_ladder"]["steps"]] == ["feature_extraction", "full"]
