@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import re
 import shutil
 import subprocess
 import sys
 import threading
 from collections import deque
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -31,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from flows.concurrency import run_slot
 from flows.dag import stage_order, stage_outputs
+from flows.dvc_output import DVC_GIT_HINTS, DVC_NOISE, is_transient, stage_exit_status
 from flows.notifications import GATE_PAUSED, RUN_FAILED, notify
 from flows.workspace import discard, prune_failed_runs, recover_interrupted, restore, take_snapshot
 from tasks.config import Params, config_field, load_params, parse_override, project_root, write_overrides
@@ -41,6 +40,7 @@ from tasks.locking import clear_stale_dvc_locks, project_lock
 from tasks.overrides import check_overrides, check_overrides_before_lock
 from tasks.promotion import finish_interrupted_promotion, install_champion_from_remote
 from tasks.processes import stop_process_group
+from tasks.progress import PROGRESS_FILE_ENV, read_progress
 from tasks.render import render_report, verdict_markdown
 
 # The fields of the UI's run form, each setting one params.yaml key. Type, bounds and help come from
@@ -94,44 +94,10 @@ RetrainParameters = create_model(
 )
 
 
-# DVC's advice on staging files in git: noise inside a flow run.
-DVC_GIT_HINTS = ("To track the changes with git", "git add ", "To enable auto staging", "dvc config core.autostage")
-# DVC's own lines around a failed stage: the stage's output says what went wrong.
-DVC_NOISE = ("Having any troubles", "ERROR: failed to reproduce", "Running stage ", "> python -m pipelines.")
-# What DVC prints when its locks are taken by another DVC command.
-BUSY_MARKERS = (re.compile(r"is busy, it is being blocked by"), re.compile(r"Unable to acquire lock"))
-EXIT_STATUS = re.compile(r"failed to run: .*, exited with (-?\d+)$")
-# The plain progress lines of the finetune stage (tasks/finetune.py), drawn as a bar on a terminal.
-PROGRESS_LINE = re.compile(r"^finetune: step (\d+)/(\d+) .* ([\d.]+) samples/s")
-
-
 class StageInterrupted(InternalError):
     """A stage that may succeed when run again: its process was killed (out of memory, preempted) or
     DVC found a path locked by another DVC command. The stage task retries these; finetune resumes
     from its last checkpoint."""
-
-
-def killed_by_signal(status: int) -> bool:
-    """DVC runs a stage's command through $SHELL (/bin/sh when unset). When the shell execs the command
-    (bash), a signal death shows as -N; when it forks (dash), the shell exits with 128+N."""
-    return status < 0 or 128 < status <= 128 + 64
-
-
-def stage_exit_status(lines: Iterable[str]) -> int | None:
-    """The exit status of the stage's command, as DVC reports it."""
-    for line in lines:
-        status = EXIT_STATUS.search(line)
-        if status:
-            return int(status.group(1))
-    return None
-
-
-def is_transient(lines: Iterable[str]) -> bool:
-    """Whether DVC's output says the stage was killed by a signal or blocked by another DVC command."""
-    lines = list(lines)
-    status = stage_exit_status(lines)
-    return (status is not None and killed_by_signal(status)) or any(
-        m.search(line) for line in lines for m in BUSY_MARKERS)
 
 
 def stage_error(lines: list[str]) -> type[RegraftError]:
@@ -167,25 +133,53 @@ def dvc_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "dvc", *args]
 
 
+def stage_progress_file(state_dir: Path, stage: str) -> Path:
+    """Where a stage appends its progress records (tasks/progress.py) while the flow runs it."""
+    return state_dir / "progress" / f"{stage}.jsonl"
+
+
 class TerminalProgress:
-    """A live bar with throughput and ETA on the terminal, drawn from the stage's plain progress lines."""
+    """A live bar with throughput and ETA on the terminal, drawn from the records the stage appends to its
+    progress file, polled while the stage runs."""
 
-    def __init__(self, enabled: bool):
-        self.enabled, self.bar = enabled, None
+    def __init__(self, enabled: bool, path: Path, name: str, interval: float = 0.5):
+        self.enabled, self.path, self.name, self.interval = enabled, path, name, interval
+        self.offset, self.bar = 0, None
+        self.stage_ended = threading.Event()
+        self.follower = threading.Thread(target=self.follow, daemon=True)
 
-    def feed(self, line: str) -> None:
-        match = PROGRESS_LINE.match(line) if self.enabled else None
-        if not match:
+    def start(self) -> None:
+        if self.enabled:
+            self.follower.start()
+
+    def poll(self) -> None:
+        """Show the records appended since the last poll."""
+        if not self.enabled:
             return
-        step, total, rate = int(match.group(1)), int(match.group(2)), float(match.group(3))
+        records, self.offset = read_progress(self.path, self.offset)
+        for record in records:
+            self.show(record)
+
+    def follow(self) -> None:
+        """Poll until the stage has ended, then once more for its last records."""
+        while not self.stage_ended.wait(self.interval):
+            self.poll()
+        self.poll()
+
+    def show(self, record: dict) -> None:
+        step, total, rate = record["step"], record["total"], record["samples_per_second"]
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=step, unit="step", desc="finetune", dynamic_ncols=True, leave=False)
+            self.bar = tqdm(total=total, initial=step, unit="step", desc=self.name, dynamic_ncols=True, leave=False)
         self.bar.update(step - self.bar.n)
-        self.bar.set_postfix(samples_per_s=f"{rate:.1f}")
+        if rate is not None:
+            self.bar.set_postfix(samples_per_s=f"{rate:.1f}")
 
     def close(self) -> None:
+        self.stage_ended.set()
+        if self.follower.is_alive():
+            self.follower.join()
         if self.bar is not None:
             self.bar.close()
 
@@ -195,18 +189,24 @@ class StageTimedOut(InternalError):
 
 
 @task(name="stage", task_run_name="{stage}", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient)
-def run_stage(stage: str, project_dir: Path, report_file: Path, timeout_seconds: float) -> dict:
+def run_stage(stage: str, project_dir: Path, report_file: Path, timeout_seconds: float, progress_file: Path) -> dict:
     """Run one dvc.yaml stage through DVC, stream its output into the Prefect log, publish its report.
-    A stage still running after `timeout_seconds` is stopped, with everything it started."""
+    A stage still running after `timeout_seconds` is stopped, with everything it started. The stage appends
+    its progress records to `progress_file`."""
     logger = get_run_logger()
+    # Emptied at the start: a retried stage's bar follows this attempt, not the records of the one before.
+    progress_file.parent.mkdir(parents=True, exist_ok=True)
+    progress_file.write_bytes(b"")
     # Its own process group, so that a cancelled or interrupted run stops DVC and the stage's command
     # (and torchrun's workers) instead of leaving them writing into a workspace that is being restored.
     process = subprocess.Popen(
-        dvc_command("repro", "--single-item", stage), cwd=project_dir, env=stage_environment(),
+        dvc_command("repro", "--single-item", stage), cwd=project_dir,
+        env={**stage_environment(), PROGRESS_FILE_ENV: str(progress_file)},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True,
     )
     tail: deque[str] = deque(maxlen=40)
-    progress = TerminalProgress(sys.stderr.isatty())
+    progress = TerminalProgress(sys.stderr.isatty(), progress_file, stage)
+    progress.start()
     expired = threading.Event()
 
     def expire() -> None:
@@ -222,7 +222,6 @@ def run_stage(stage: str, project_dir: Path, report_file: Path, timeout_seconds:
             line = line.rstrip()
             if line and not line.lstrip().startswith(DVC_GIT_HINTS):
                 logger.info(line)
-                progress.feed(line)
                 tail.append(line)
         returncode = process.wait()
     except BaseException:
@@ -432,8 +431,9 @@ def run_all_stages(root: Path, parameters: RetrainParameters, run_id: str) -> di
             started.append(stage)
             if stage == DECIDE_STAGE and "gate" in reports:
                 file_answer(reports["gate"], root, params)
-            reports[stage] = run_stage.with_options(name=stage)(stage, root, params.report_file(stage),
-                                                                params.schedule.stage_timeout_seconds)
+            reports[stage] = run_stage.with_options(name=stage)(
+                stage, root, params.report_file(stage), params.schedule.stage_timeout_seconds,
+                stage_progress_file(root / params.paths.state, stage))
         report_page = publish_html_report(root, params, stages, run_id)
         history = save_to_history(root, params, run_id, started)
         remote = push_outputs(root) if parameters.push else ""

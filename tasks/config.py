@@ -17,6 +17,9 @@ from pydantic.fields import FieldInfo
 from tasks.errors import ConfigError
 
 PARAMS_FILE = "params.yaml"
+# DVC's own folder at the project root (its config, cache and tmp/rwlock): DVC fixes it, so it is no regraft path
+# and not in params.yaml's `paths`. Code that looks inside it names it by this constant.
+DVC_DIR = Path(".dvc")
 # numpy and torch take seeds below 2**32.
 SEED_MAX = 2**32 - 1
 

@@ -40,6 +40,7 @@ from tasks.lexical import COMPANION_FILE, LexicalCompanion
 from tasks.models import (
     cached_tensor, load_classifier, load_tokenizer, map_batches, model_fingerprint, pad_batch, predict_proba, tokenize,
 )
+from tasks.progress import append_progress, progress_file
 
 CHECKPOINT_FILE = "checkpoint.pt"
 BEST_FILE = "best.pt"
@@ -492,13 +493,15 @@ def score(model, tokenizer, data: TrainingData, max_length: int, runtime: Runtim
 
 
 class Progress:
-    """Throughput and ETA: a tqdm bar on a terminal, plain lines otherwise (they reach Prefect's log)."""
+    """Throughput and ETA: a tqdm bar on a terminal, plain lines otherwise (they reach Prefect's log), and at
+    each progress point a record in the progress file when the flow names one (tasks/progress.py)."""
 
     def __init__(self, total: int, every: int, enabled: bool, done: int = 0):
         self.total, self.every, self.enabled = total, every, enabled
         self.started = time.perf_counter()
         self.start_step = done
         self.bar = None
+        self.records = progress_file() if enabled else None
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -510,13 +513,26 @@ class Progress:
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix(loss=f"{row['loss']:.3f}", sps=f"{row['samples_per_second']:.1f}")
+        if step % self.every != 0 and step != self.total:
             return
-        if step % self.every == 0 or step == self.total:
-            rate = (step - self.start_step) / max(time.perf_counter() - self.started, 1e-9)
-            eta = (self.total - step) / rate if rate > 0 else float("nan")
+        rate = (step - self.start_step) / max(time.perf_counter() - self.started, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else float("nan")
+        if self.records is not None:
+            self.record({"step": step, "total": self.total, "epoch": row["epoch"], "loss": row["loss"],
+                         "learning_rate": row["learning_rate"], "samples_per_second": row["samples_per_second"],
+                         "eta_seconds": eta})
+        if self.bar is None:
             print(f"finetune: step {step}/{self.total} epoch {row['epoch']} loss {row['loss']:.4f} "
                   f"lr {row['learning_rate']:.2e} {row['samples_per_second']:.1f} samples/s "
                   f"ETA {eta:.0f}s", flush=True)
+
+    def record(self, record: dict) -> None:
+        try:
+            append_progress(self.records, record)
+        except OSError as exc:
+            # The records are for watching the run: losing them must not cost the training.
+            print(f"finetune: no more progress records ({exc})", flush=True)
+            self.records = None
 
     def close(self) -> None:
         if self.bar is not None:

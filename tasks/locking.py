@@ -25,10 +25,11 @@ from pathlib import Path
 
 import psutil
 
+from tasks.config import DVC_DIR
 from tasks.errors import EXIT_BUSY, RegraftError
 
 LOCK_NAME = "run.lock"
-RWLOCK = Path(".dvc") / "tmp" / "rwlock"
+RWLOCK = DVC_DIR / "tmp" / "rwlock"
 
 
 class ProjectBusy(RegraftError):

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tasks.config import Params
+from tasks.config import DVC_DIR, Params
 from tasks.errors import DataError
 from tasks.files import text_sha256, write_atomically, write_json
 
@@ -85,7 +85,7 @@ def watch_traffic(params: Params, max_rows: int) -> dict:
     tag = production_tag(params.paths.registry)
     entry = read_record(params.paths.registry)["models"][tag]
     splits = params.paths.splits.model_dump()
-    cache = Path(".dvc") / "cache"
+    cache = DVC_DIR / "cache"
     source = training_data(entry, splits, cache)
     target = read_prediction_log(params.serve.prediction_log, max_rows)
     report = without_bulk(analyse_shift(source, target, params))

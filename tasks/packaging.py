@@ -26,10 +26,12 @@ def bentoml_environment(params: Params) -> dict[str, str]:
 def lineage(params: Params, verdict: dict, decision: dict) -> dict:
     """Where the model came from: data hashes from dvc.lock, git commit, parameters, metrics, verdict, decision."""
     lock = yaml.safe_load(Path("dvc.lock").read_text(encoding="utf-8")) if Path("dvc.lock").is_file() else {}
+    # The data files the model learned from and was judged on, where params.yaml puts them.
+    data_files = {str(path) for path in (*params.paths.splits.model_dump().values(), params.paths.shift_weights)}
     data = {}
     for stage in ("finetune", "evaluate"):
         for dep in (lock.get("stages", {}).get(stage, {}) or {}).get("deps", []):
-            if dep["path"].startswith("data/"):
+            if dep["path"] in data_files:
                 data[dep["path"]] = dep.get("md5")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
     metrics_file = params.paths.metrics

@@ -15,7 +15,7 @@ import sys
 import threading
 from pathlib import Path
 
-from tasks.config import Params
+from tasks.config import DVC_DIR, Params
 from tasks.errors import RegraftError
 from tasks.locking import current_holder, project_lock
 from tasks.packaging import bentoml_environment
@@ -47,7 +47,7 @@ def stored_model_dir(params: Params, tag: str, remote=None, record: dict | None 
 
 def version_with_dvc(params: Params) -> str:
     """`dvc add` the record and the production folder; a project without DVC just skips this."""
-    if not Path(".dvc").is_dir():
+    if not DVC_DIR.is_dir():
         return "not a DVC project: production files are not versioned"
     done = subprocess.run([sys.executable, "-m", "dvc", "add", "--quiet", str(params.paths.registry),
                            str(params.paths.champion)], capture_output=True, text=True)

@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from tasks.config import Params
+from tasks.config import DVC_DIR, Params
 from tasks.errors import RegraftError
 from tasks.files import sha256_of, write_json
 
@@ -178,7 +178,7 @@ def parse_record(data: bytes, url: str) -> dict:
 
 def dvc_default_remote(project: Path) -> dict | None:
     """The DVC default remote's settings (url, endpointurl, region, ...), or None without one."""
-    if not (project / ".dvc").is_dir():
+    if not (project / DVC_DIR).is_dir():
         return None
     try:
         from dvc.repo import Repo

@@ -180,10 +180,10 @@ def served_reason(reason: str, trained_strategy: str, served_encoder: str, serve
                   serves_lexical_alone: bool, auto: bool) -> tuple[str, bool]:
     """The candidate's reason once the finetune stage has chosen what to serve, and whether the evidence chose a cheap
     model over adaptation (auto only): said plainly when the frozen encoder or the lexical model won."""
-    if served_encoder != trained_strategy:
+    if serves_lexical_alone:
+        if NEGATIVE_TRANSFER not in reason:
+            reason = f"{NEGATIVE_TRANSFER}: the lexical model alone is served ({served_as}); {reason}"
+    elif served_encoder != trained_strategy:
         reason = (f"{FROZEN_IS_ENOUGH} after the long fit: the frozen encoder with its head is served ({served_as}); "
                   f"{reason}")
-    cheap = auto and (served_encoder == "feature_extraction" or serves_lexical_alone)
-    if cheap and serves_lexical_alone and NEGATIVE_TRANSFER not in reason:
-        reason = f"{NEGATIVE_TRANSFER}: the lexical model alone is served; {reason}"
-    return reason, cheap
+    return reason, auto and (served_encoder == "feature_extraction" or serves_lexical_alone)

@@ -144,7 +144,7 @@ def test_a_killed_training_process_is_retried_and_resumes_from_its_checkpoint(tm
 def test_a_stage_killed_by_a_signal_is_transient_whichever_shell_dvc_uses(tmp_path, shell):
     """bash execs a stage's command (DVC reports -9), dash forks it (DVC reports 137): both are a kill, which the
     stage task retries; a command that fails on its own (exit 3) is not retried."""
-    from flows.retrain import is_transient
+    from flows.dvc_output import is_transient
 
     run(["git", "init", "-q"], tmp_path)
     run(DVC + ["init", "-q"], tmp_path)

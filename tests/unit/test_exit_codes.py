@@ -46,17 +46,3 @@ def test_version_and_no_project(tmp_path):
     lost = subprocess.run([REGRAFT, "models"], cwd=tmp_path, capture_output=True, text=True)
     assert lost.returncode == EXIT_BAD_INPUT
     assert lost.stderr.count("error: no regraft project") == 1 and "Traceback" not in lost.stderr
-
-
-def test_the_terminal_progress_bar_follows_the_stages_plain_lines():
-    from flows.retrain import TerminalProgress
-
-    progress = TerminalProgress(enabled=True)
-    progress.feed("finetune: step 3/40 epoch 1 loss 1.0986 lr 1.00e-04 21.5 samples/s ETA 20s")
-    progress.feed("finetune: epoch 1 validation accuracy 0.500")  # not a progress line
-    progress.feed("finetune: step 7/40 epoch 1 loss 1.0501 lr 1.00e-04 22.0 samples/s ETA 18s")
-    assert (progress.bar.n, progress.bar.total) == (7, 40)
-    progress.close()
-    quiet = TerminalProgress(enabled=False)
-    quiet.feed("finetune: step 3/40 epoch 1 loss 1.0986 lr 1.00e-04 21.5 samples/s ETA 20s")
-    assert quiet.bar is None
