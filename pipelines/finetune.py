@@ -21,7 +21,7 @@ from tasks.errors import ConfigError
 from tasks.files import replace_directory
 from tasks.finetune import FinetuneResult, build_training_data, calibrated_encoders, finetune, served_model
 from tasks.lexical import LexicalCompanion, write_companion
-from tasks.render import evidence_text
+from tasks.render import evidence_text, ladder_text
 from tasks.strategy import choose_strategy, served_reason
 from tasks.models import model_origin
 
@@ -79,6 +79,7 @@ def model_card(result: FinetuneResult, params: Params, base: str, data_hashes: d
         f"- Epochs run: {result.epochs_run} (best validation epoch: {result.best_epoch})",
         "- Validation (held out of target_train): " + ", ".join(f"{k} {v:.3f}" for k, v in validation.items()),
         f"- Served as: {lexical['served_as']}",
+        *([f"  - {text}"] if (text := ladder_text(lexical.get("evidence_ladder"))) else []),
         "- Test metrics: see the evaluate stage's report (reports/evaluate.json) when it exists.",
         "",
         "## Data (md5 as recorded by DVC)",
@@ -163,6 +164,8 @@ def main(params: Params) -> int:
     if cheap:
         print(f"finetune: {reason.split(' (')[0]}", flush=True)
     print(f"finetune: served as {lexical['served_as']}", flush=True)
+    if ladder_text(lexical.get("evidence_ladder")):
+        print(f"finetune: {ladder_text(lexical['evidence_ladder'])}", flush=True)
     data_hashes = {name: file_md5(Path(path)) for name, path in params.paths.splits.model_dump().items()}
     save_model_dir(result, params.paths.model, model_card(result, params, base, data_hashes, choice.evidence, lexical),
                    companion)

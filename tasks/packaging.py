@@ -62,7 +62,7 @@ packaged after the gate said **{{ verdict }}**{{ decision }}.
 |---|---|
 {{ evidence_rows }}
 
-Served as: {{ served_as }}.
+Served as: {{ served_as }}.{{ ladder }}
 
 ## Target holdout
 
@@ -101,7 +101,7 @@ def model_card(params: Params, evaluation: dict, verdict: dict, decision: dict, 
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     from tasks.models import model_origin
-    from tasks.render import evidence_text
+    from tasks.render import evidence_text, ladder_text
 
     target = (evaluation.get("splits") or {}).get("target_holdout") or {"models": {}}
     candidate = target["models"].get("candidate")
@@ -138,6 +138,8 @@ def model_card(params: Params, evaluation: dict, verdict: dict, decision: dict, 
         base_model=base, strategy=strategy, verdict=verdict["verdict"], decision=approved,
         reason=finetune.get("reason") or "not recorded",
         served_as=(finetune.get("lexical_companion") or {}).get("served_as", "not recorded"),
+        ladder=(f" {text}." if (text := ladder_text((finetune.get("lexical_companion") or {}).get("evidence_ladder")))
+                else ""),
         evidence_rows="\n".join(evidence_rows) or "| (no trials: the strategy was configured or chosen by rule) | |",
         overall_rows="\n".join(overall_rows) or "| (no evaluation report) | | |", group_rows="\n".join(group_rows) or "| (no groups) | | | |",
         transfer_gain=(f"{gain['estimate']:+.3f} {interval_text(gain.get('interval'))}" if gain.get("estimate") is not None

@@ -103,6 +103,17 @@ def performance_markdown(performance: dict, history: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def ladder_text(ladder: dict | None) -> str:
+    """auto's last choice (tasks/finetune.py evidence_ladder): each step up from the lexical model, taken or not."""
+    if not ladder:
+        return ""
+    steps = "; ".join(f"{step['from']} -> {step['to']} on {step['rows']} rows {step['difference']:+.3f} "
+                      f"[{step['interval'][0]:+.3f}, {step['interval'][1]:+.3f}] {'taken' if step['taken'] else 'not taken'}"
+                      for step in ladder["steps"] if step["interval"][0] is not None)
+    return (f"Served the cheapest model no costlier one clearly beats ({ladder['confidence']:.0%} paired intervals of "
+            f"the macro-F1 gain): {ladder['served']}" + (f" ({steps})" if steps else ""))
+
+
 def evidence_text(row: dict) -> str:
     """One model of auto's evidence, with its uncertainty, as the card and the run's report show it."""
     low, high = row.get("interval") or (None, None)
