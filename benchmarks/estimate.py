@@ -67,11 +67,11 @@ def target_domains(people: pd.DataFrame) -> dict[str, pd.Series]:
 
 
 def production_model(embeddings: np.ndarray, labels: np.ndarray, train: np.ndarray, calibration: np.ndarray):
-    """A logistic head on the frozen embeddings, then temperature scaling (tasks.finetune.fit_temperature)."""
+    """A logistic head on the frozen embeddings, then temperature scaling (tasks.calibration.fit_temperature)."""
     import torch
     from sklearn.linear_model import LogisticRegression
 
-    from tasks.finetune import fit_temperature
+    from tasks.calibration import fit_temperature
 
     head = LogisticRegression(max_iter=5000).fit(embeddings[train], labels[train])
 

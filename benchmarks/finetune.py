@@ -68,7 +68,8 @@ def holdout_accuracy(model, tokenizer, frame, labels, max_length) -> float:
 
 
 def run_regraft(strategy, splits, params, cfg_changes, cache_dir: Path | None = None):
-    from tasks.finetune import build_training_data, finetune
+    from tasks.finetune import finetune
+    from tasks.training_data import build_training_data
     from tasks.models import tokenize
 
     cfg = params.train.model_copy(update={"strategy": strategy, **cfg_changes})
@@ -96,7 +97,7 @@ def run_trainer(splits, params, epochs: int, seed: int, tuned: bool):
     length-grouped batches and fused AdamW."""
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
-    from tasks.finetune import build_training_data
+    from tasks.training_data import build_training_data
     from tasks.models import load_classifier, load_tokenizer
 
     from tasks.devices import choose_runtime

@@ -231,7 +231,7 @@ def children_cpu_seconds() -> float:
 
 
 def run_dataset(name: str, base: Path, extra: dict) -> dict:
-    from flows.retrain import stage_environment
+    from flows.dvc_stage import stage_environment
     from tasks.config import write_overrides
 
     from tests.conftest import make_project  # the test suite's scratch project: a copy of the pipeline, git + DVC

@@ -74,6 +74,16 @@ def notify(event: str, subject: str, summary: str, verdict: str | None, **detail
                         **details})
 
 
+def tell(event: str, summary: str, verdict: str | None, **details: Any) -> None:
+    """Emit a notification event; a failure to emit is logged, never the reason a run fails."""
+    from prefect import get_run_logger
+
+    try:
+        notify(event, "project", summary, verdict, **details)
+    except Exception as exc:  # the event system is a side channel
+        get_run_logger().warning("could not emit %s: %s", event, exc)
+
+
 def ensure_notifications(webhook_url: str, project: str) -> str:
     """Create or update the webhook block and the automation that sends every regraft event to it (idempotent:
     `regraft ui` calls it on each start). An empty URL removes the automation."""

@@ -16,13 +16,16 @@ import sys
 from pathlib import Path
 
 from pipelines.stage_io import read_splits, report_path, run_stage, write_atomically, write_json
+from tasks.calibration import calibrated_encoders
 from tasks.config import Params
 from tasks.errors import ConfigError
 from tasks.files import replace_directory
-from tasks.finetune import FinetuneResult, build_training_data, calibrated_encoders, finetune, served_model
+from tasks.finetune import FinetuneResult, finetune
 from tasks.lexical import LexicalCompanion, write_companion
 from tasks.render import evidence_text, ladder_text
+from tasks.served_choice import served_model
 from tasks.strategy import choose_strategy, served_reason
+from tasks.training_data import build_training_data
 from tasks.models import model_origin
 
 

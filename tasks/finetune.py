@@ -11,6 +11,10 @@ Strategies:
 
 Training is resumable (a checkpoint every N optimiser steps restores weights, optimiser, scheduler,
 RNG and the position in the epoch's batch order) and data-parallel under torchrun (gloo on CPU).
+
+What it trains on is tasks/training_data.py's; which parameters train, tasks/trainable_parts.py's. After training,
+tasks/calibration.py tempers the encoders, tasks/served_choice.py chooses what the candidate serves, and
+tasks/cross_fitting.py scores the cheap models out of fold for auto.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ import copy
 import hashlib
 import math
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,31 +30,21 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
-from sklearn.model_selection import train_test_split
 
 from tasks.config import ModelConfig, TrainConfig
 from tasks.devices import Runtime, autocast, choose_runtime
-from tasks.errors import ConfigError, DataError
 from tasks.evaluate import confusion_counts, metrics_from_confusion
 from tasks.files import write_atomically
-from tasks.lexical import COMPANION_FILE, LexicalCompanion
 from tasks.models import (
     cached_tensor, load_classifier, load_tokenizer, map_batches, model_fingerprint, pad_batch, predict_proba, tokenize,
 )
-from tasks.progress import append_progress, progress_file
+from tasks.progress import Progress
+from tasks.trainable_parts import head_modules, param_groups, unfreeze_for_epoch, wrap_lora
+from tasks.training_data import TrainingData, class_weights, length_grouped_batches
 
 CHECKPOINT_FILE = "checkpoint.pt"
 BEST_FILE = "best.pt"
-
-
-@dataclass(frozen=True)
-class TrainingData:
-    texts: list[str]
-    labels: np.ndarray  # class index per row
-    weights: np.ndarray  # loss weight per row
-    domains: np.ndarray  # "source" | "target" per row
 
 
 @dataclass
@@ -69,64 +62,6 @@ class FinetuneResult:
     train_seconds: float
     samples_per_second: float
     extra: dict = field(default_factory=dict)
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def build_training_data(splits: dict[str, pd.DataFrame], labels: list[str], cfg: TrainConfig
-                        ) -> tuple[TrainingData, TrainingData]:
-    """Train and validation rows. Validation (for early stopping) is a stratified share of the
-    target train split: the target is what the model must get right; the holdouts stay untouched."""
-    index = {label: i for i, label in enumerate(labels)}
-    target = splits["target_train"]
-    unknown = sorted(set(target["label"]) - set(index))
-    if unknown:
-        raise DataError(f"target_train has labels {unknown} that are not in ingest.labels {labels}")
-    stratify = target["label"] if target["label"].value_counts().min() >= 2 else None
-    fit_idx, valid_idx = train_test_split(np.arange(len(target)), test_size=cfg.validation_fraction,
-                                          random_state=cfg.seed, stratify=stratify)
-    parts = [(target.iloc[np.sort(fit_idx)], "target", cfg.target_weight)]
-    if cfg.data == "source_and_target":
-        parts.append((splits["source_train"], "source", 1.0))
-    frames = []
-    for frame, domain, weight in parts:
-        frames.append(frame.assign(_domain=domain, _weight=weight))
-    train = pd.concat(frames, ignore_index=True)
-    train = train[train["label"].isin(index)]
-    valid = target.iloc[np.sort(valid_idx)]
-    return as_training_data(train, index), as_training_data(valid.assign(_domain="target", _weight=1.0), index)
-
-
-def as_training_data(frame: pd.DataFrame, index: dict[str, int]) -> TrainingData:
-    return TrainingData(
-        texts=frame["text"].astype("str").tolist(),
-        labels=frame["label"].map(index).to_numpy(dtype=np.int64),
-        weights=frame["_weight"].to_numpy(dtype=np.float32),
-        domains=frame["_domain"].to_numpy(dtype=object),
-    )
-
-
-def class_weights(labels: np.ndarray, n_classes: int, mode: str) -> torch.Tensor:
-    """'balanced': n / (k * count_c), as scikit-learn defines it; classes absent from train get 1."""
-    if mode == "none":
-        return torch.ones(n_classes)
-    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
-    weights = np.where(counts > 0, len(labels) / (n_classes * np.maximum(counts, 1)), 1.0)
-    return torch.tensor(weights, dtype=torch.float32)
-
-
-def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Shuffle, then sort by length inside windows of 50 batches, so each batch pads little while
-    the order stays random. Deterministic in (seed, epoch), which is what makes resuming exact."""
-    rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(lengths))
-    window = batch_size * 50
-    batches = []
-    for start in range(0, len(order), window):
-        chunk = sorted(order[start: start + window].tolist(), key=lambda i: lengths[i])
-        batches += [chunk[i: i + batch_size] for i in range(0, len(chunk), batch_size)]
-    return [batches[i] for i in rng.permutation(len(batches))]
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -157,82 +92,7 @@ def init_distributed(runtime: Runtime) -> Distributed:
     return Distributed(rank=torch.distributed.get_rank(), world=world)
 
 
-# ----------------------------------------------------------------------------- model parts
-
-
-def encoder_blocks(model) -> list[torch.nn.Module]:
-    base = model.base_model
-    encoder = getattr(base, "encoder", None)
-    layers = getattr(encoder, "layer", None)
-    if layers is None:
-        raise ConfigError(f"{type(model).__name__}: gradual_unfreeze and feature_extraction need a "
-                          "BERT-style encoder (base_model.encoder.layer); use full or lora")
-    return list(layers)
-
-
-def head_modules(model) -> list[torch.nn.Module]:
-    """What feature extraction trains: the pooler (if any) and the classifier."""
-    pooler = getattr(model.base_model, "pooler", None)
-    return [m for m in (pooler, model.classifier) if m is not None]
-
-
-def is_no_decay(name: str) -> bool:
-    return name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name
-
-
-def param_groups(model, strategy: str, cfg: TrainConfig) -> list[dict]:
-    """Optimiser groups: head at head_learning_rate; LoRA adapters at lora.learning_rate; encoder at
-    learning_rate, decayed per block downwards for gradual_unfreeze; no weight decay on biases and LayerNorm."""
-    head_ids = {id(p) for m in head_modules(model) for p in m.parameters()} if hasattr(model, "classifier") else set()
-    depth: dict[int, int] = {}
-    below_all = 0
-    if strategy == "gradual_unfreeze":
-        blocks = encoder_blocks(model)
-        below_all = len(blocks)  # the embeddings sit under the bottom block
-        for i, block in enumerate(blocks):
-            for p in block.parameters():
-                depth[id(p)] = len(blocks) - 1 - i
-    groups: dict[tuple[float, float], list] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad and strategy != "gradual_unfreeze":
-            continue
-        if id(p) in head_ids:
-            lr = cfg.head_learning_rate
-        elif strategy == "lora" and "lora_" in name:
-            lr = cfg.lora.learning_rate
-        elif strategy == "gradual_unfreeze":
-            lr = cfg.learning_rate * cfg.layer_lr_decay ** depth.get(id(p), below_all)
-        else:
-            lr = cfg.learning_rate
-        decay = 0.0 if is_no_decay(name) else cfg.weight_decay
-        groups.setdefault((lr, decay), []).append(p)
-    return [{"params": ps, "lr": lr, "initial_lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
-
-
-def unfreeze_for_epoch(model, epoch: int) -> int:
-    """gradual_unfreeze: head plus the top `epoch + 1` blocks train; embeddings join last."""
-    blocks = encoder_blocks(model)
-    for p in model.parameters():
-        p.requires_grad = False
-    for m in head_modules(model):
-        for p in m.parameters():
-            p.requires_grad = True
-    thawed = min(epoch + 1, len(blocks))
-    for block in blocks[len(blocks) - thawed:]:
-        for p in block.parameters():
-            p.requires_grad = True
-    if epoch + 1 > len(blocks):
-        for p in model.base_model.embeddings.parameters():
-            p.requires_grad = True
-    return thawed
-
-
-def wrap_lora(model, cfg: TrainConfig):
-    from peft import LoraConfig, TaskType, get_peft_model
-
-    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
-                        lora_dropout=cfg.lora.dropout, target_modules=list(cfg.lora.target_modules))
-    return get_peft_model(model, config)
+# ----------------------------------------------------------------------------- trained weights
 
 
 def plain_model(model):
@@ -262,281 +122,9 @@ def validation_metrics(labels: np.ndarray, scores: torch.Tensor) -> dict[str, fl
     return {"accuracy": float(metrics["accuracy"]), "macro_f1": float(metrics["macro_f1"])}
 
 
-def fit_temperature(logits: torch.Tensor, labels: np.ndarray) -> float:
-    """The temperature T that minimises the negative log-likelihood of softmax(logits / T) (Guo et al., 2017)."""
-    from scipy.optimize import minimize_scalar
-
-    target = torch.as_tensor(labels, dtype=torch.long)
-
-    def nll(log_t: float) -> float:
-        return float(torch.nn.functional.cross_entropy(logits / math.exp(log_t), target))
-
-    return float(math.exp(minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded").x))
-
-
-def calibrate(result: FinetuneResult, valid: TrainingData, max_length: int, bins: int = 10) -> dict:
-    """Temperature scaling on the validation rows held out of target_train (never the holdouts): the temperature
-    goes into the model's config, so every reader of its probabilities gets calibrated ones; argmax, and so
-    every label, is unchanged."""
-    from tasks.models import TEMPERATURE_KEY, predict_logits
-
-    if len(valid.texts) < 10:
-        setattr(result.model.config, TEMPERATURE_KEY, 1.0)
-        return {"temperature": 1.0, "note": f"{len(valid.texts)} validation rows: too few to calibrate"}
-    setattr(result.model.config, TEMPERATURE_KEY, None)  # the logits as trained (a champion's T is not ours)
-    logits = predict_logits(result.model, result.tokenizer, valid.texts, max_length, runtime=result.runtime)
-    return set_temperature(result, logits, valid.labels, bins, "temperature scaling on the validation rows")
-
-
-def set_temperature(result: FinetuneResult, logits: torch.Tensor, labels: np.ndarray, bins: int, method: str) -> dict:
-    """Fit T on (logits, labels), write it into the model's config, and report it with the ECE before and after."""
-    from tasks.evaluate import expected_calibration_error
-    from tasks.models import TEMPERATURE_KEY
-
-    t = fit_temperature(logits, labels)
-    setattr(result.model.config, TEMPERATURE_KEY, t)
-    ece = {name: expected_calibration_error(torch.softmax(logits / scale, dim=-1).numpy(), labels, bins)
-           for name, scale in (("before", 1.0), ("after", t))}
-    return {"temperature": t, "validation_rows": len(labels), "validation_ece_before": ece["before"],
-            "validation_ece_after": ece["after"], "method": method}
-
-
-def calibrate_cross_fitted(result: FinetuneResult, crossed: dict, bins: int = 10) -> tuple[dict, np.ndarray]:
-    """Temperature scaling of the frozen encoder's head on its out-of-fold probabilities over every labelled target
-    row (cross_fitted_cheap): ten times the validation rows, and none scored by a head that early-stopped on it. With
-    the calibration report, the tempered out-of-fold probabilities."""
-    logits = torch.log(torch.as_tensor(crossed["feature_extraction"], dtype=torch.float32).clamp_min(1e-12))
-    report = set_temperature(result, logits, crossed["labels"], bins, f"temperature scaling on {crossed['folds']}-fold "
-                             "cross-fitted probabilities of every target row")
-    return report, torch.softmax(logits / report["temperature"], dim=-1).numpy()
-
-
-def calibrated_encoders(result: FinetuneResult, choice, valid: TrainingData,
-                        max_length: int) -> tuple[dict[str, tuple], dict | None]:
-    """The trained encoders the candidate may serve, cheapest first, each calibrated: name -> (result, calibration
-    report, calibrated validation probabilities); and, under auto, the cross-fitted probabilities of every target
-    row that `served_model` weighs the frozen encoder on, so the adaptive one must still beat it after the long fit."""
-    from tasks.models import predict_proba
-
-    encoders, cross_fitted = {}, None
-    if choice.cheap is not None and choice.cross_fitted is not None:
-        calibration, tempered = calibrate_cross_fitted(choice.cheap, choice.cross_fitted)
-        encoders["feature_extraction"] = (choice.cheap, calibration, tempered[len(tempered) - len(valid.texts):])
-        cross_fitted = {"feature_extraction": tempered, "tfidf": choice.cross_fitted["tfidf"],
-                        "labels": choice.cross_fitted["labels"]}
-    if result is not choice.cheap:
-        calibration = calibrate(result, valid, max_length)
-        proba = predict_proba(result.model, result.tokenizer, valid.texts, max_length, runtime=result.runtime).numpy()
-        encoders[result.strategy] = (result, calibration, proba)
-    return encoders, cross_fitted
-
-
-def log_loss(proba: np.ndarray, labels: np.ndarray) -> float:
-    return float(-np.mean(np.log(np.clip(proba[np.arange(len(labels)), labels], 1e-12, None))))
-
-
-def choose_weight(encoder_proba: np.ndarray, lexical_proba: np.ndarray, labels: np.ndarray,
-                  grid: list[float]) -> tuple[float, list[dict]]:
-    """The pool weight with the best validation macro-F1, the metric the gate and the strategy race judge (ties:
-    the lower log-loss, then the smaller weight), and the table of every weight tried. Log-loss alone is not the
-    rule: on the demo's 43 validation rows it preferred w = 0.25 (0.768 against 0.786), whose macro-F1 there was
-    0.494 against the encoder's 0.619, and the pooled candidate lost 0.058 target-holdout macro-F1."""
-    table = []
-    for w in sorted(set(grid)):
-        pooled = (1 - w) * encoder_proba + w * lexical_proba
-        confusion = confusion_counts(labels, pooled.argmax(axis=1), pooled.shape[1])
-        table.append({"weight": w, "log_loss": round(log_loss(pooled, labels), 4),
-                      "macro_f1": round(float(metrics_from_confusion(confusion)["macro_f1"]), 4)})
-    best = min(table, key=lambda row: (-row["macro_f1"], row["log_loss"], row["weight"]))
-    return best["weight"], table
-
-
-@dataclass
-class ServedModel:
-    """What the candidate serves: which trained encoder, pooled with which lexical companion (None: the encoder
-    alone), and the report of how it was chosen."""
-
-    encoder: str
-    companion: LexicalCompanion | None
-    report: dict
-
-
-def served_model(encoders_valid: dict[str, np.ndarray], train, valid, n_classes: int, grid: list[float],
-                 cross_fitted: dict | None = None) -> ServedModel:
-    """The best served model: each trained encoder (calibrated validation probabilities, cheapest first) pooled with
-    the lexical companion fit on the train rows at the weight of `grid` with the best macro-F1 (1 serves the lexical
-    model alone), then the encoder whose pool scores best on the validation rows (ties: the cheaper).
-
-    With `cross_fitted` (the frozen encoder's tempered out-of-fold probabilities, TF-IDF's and the labels of every
-    target row, validation rows last), the frozen encoder's weight and temperature come from all the target rows
-    rather than the validation split alone: on the demo's 43 validation rows one split's noise (a standard error
-    near 0.07) is larger than the differences being chosen between. The winner's pool gets a last temperature, so
-    that what is served is calibrated, not only the encoder inside it."""
-    names = list(encoders_valid)
-    n = len(valid.texts)
-    if max(grid) == 0 or n < 10:
-        why = "train.lexical_weights is [0]" if max(grid) == 0 else f"{n} validation rows: too few to choose among models"
-        return ServedModel(names[0], None, alone(why, names[0]))
-    from tasks.baselines import fit_companion
-
-    companion = fit_companion(train.texts, train.labels, train.weights, n_classes)
-    if companion is None:
-        return ServedModel(names[0], None, alone("no lexical model fits the train rows (no word pair occurs twice)",
-                                                 names[0]))
-    lexical_valid = companion.proba(valid.texts)
-    # The rows each encoder's weight and temperature are chosen on: (encoder, lexical, labels), validation rows last.
-    scoring = {name: (proba, lexical_valid, valid.labels) for name, proba in encoders_valid.items()}
-    if cross_fitted is not None and "feature_extraction" in scoring:
-        scoring["feature_extraction"] = (cross_fitted["feature_extraction"], cross_fitted["tfidf"],
-                                         cross_fitted["labels"])
-    tried = {name: choose_weight(*rows, grid) for name, rows in scoring.items()}
-
-    def on_validation(name: str) -> float:
-        encoder_proba, lexical, labels = (rows[len(rows) - n:] for rows in scoring[name])
-        w = tried[name][0]
-        return validation_metrics(labels, torch.as_tensor((1 - w) * encoder_proba + w * lexical))["macro_f1"]
-
-    validation = {name: on_validation(name) for name in names}
-    if cross_fitted is not None:
-        encoder, ladder = evidence_ladder(names, scoring, tried, n, n_classes)
-    else:
-        encoder, ladder = min(names, key=lambda name: (-validation[name], names.index(name))), None
-    weight, table = tried[encoder]
-    if ladder is not None and ladder["served"] == "tfidf":
-        weight = 1.0
-    shown = "; ".join(f"{name} {validation[name]:.3f} at w={tried[name][0]}" for name in names)
-    report = {"encoder": encoder, "weight": weight, "validation_rows": n, "features": len(companion.idf),
-              "by_weight": table, "by_encoder": {name: {"validation_macro_f1": validation[name], "weight": tried[name][0],
-                                                        "rows": len(scoring[name][2]), "by_weight": tried[name][1]}
-                                                 for name in names},
-              "method": "TF-IDF + logistic regression on the train rows; each encoder's w by macro-F1 (then log-loss) "
-                        "on its rows (the frozen encoder's: every target row, cross-fitted), the encoder by validation "
-                        "macro-F1" + (", each costlier model only when clearly better (evidence_ladder)" if ladder else "")}
-    if ladder is not None:
-        report["evidence_ladder"] = ladder
-    if weight == 0:
-        return ServedModel(encoder, None, {**report, "served_as": f"{encoder_words(encoder)} alone (validation "
-                                                                  f"macro-F1 {shown})"})
-    encoder_proba, lexical, labels = scoring[encoder]
-    pooled = (1 - weight) * encoder_proba + weight * lexical
-    temperature = fit_temperature(torch.as_tensor(np.log(np.clip(pooled, 1e-12, None))), labels)
-    if weight == 1:
-        # The lexical model alone: refit on every train row, unweighted, and untempered, it is evaluate's TF-IDF
-        # baseline itself, so the gate compares the served model with exactly the model that won the evidence.
-        companion = fit_companion(train.texts + valid.texts, np.concatenate([train.labels, valid.labels]),
-                                  np.ones(n + len(train.texts)), n_classes) or companion
-        temperature = 1.0
-    companion.weight = weight
-    companion.temperature = report["pool_temperature"] = temperature
-    what = ("TF-IDF + logistic regression alone, the encoder's output weighted 0" if weight == 1 else
-            f"(1 - {weight}) x {encoder_words(encoder)} + {weight} x TF-IDF + logistic regression")
-    return ServedModel(encoder, companion, {
-        **report, "served_as": f"{what}, {COMPANION_FILE}, temperature {companion.temperature:.3f} on the pool "
-                               f"(validation macro-F1 {shown})"})
-
-
-def evidence_ladder(names: list[str], scoring: dict[str, tuple], tried: dict[str, tuple], n_valid: int,
-                    n_classes: int, confidence: float = 0.95) -> tuple[str, dict]:
-    """Under auto: the cheapest model the evidence cannot tell apart from a costlier one. Climb from the lexical model
-    alone (evaluate's TF-IDF baseline) to the frozen encoder's pool, judged on every cross-fitted target row, then to
-    each adaptive encoder's pool, judged on the validation rows; a step is taken only when the paired bootstrap
-    interval of the macro-F1 difference lies above zero. The point estimate alone is not the rule: on 24 validation
-    rows a fine-tuned model 0.209 ahead [-0.089, +0.476] of the cheap one scored 0.191 below TF-IDF on the holdout.
-    Returns the encoder whose pool is served (its weight is 1 when "tfidf" is served) and the steps as a report."""
-    from tasks.strategy import macro_f1_evidence
-
-    def pooled(name: str) -> np.ndarray:
-        encoder_proba, lexical, _ = scoring[name]
-        w = tried[name][0]
-        return (1 - w) * encoder_proba + w * lexical
-
-    grid_has_lexical = any(row["weight"] == 1.0 for row in tried[names[0]][1])
-    # Without 1 in train.lexical_weights the lexical model alone is never served: the cheapest encoder is the floor.
-    served = "tfidf" if grid_has_lexical else names[0]
-    steps = []
-    for name in names:
-        if name == served:
-            continue
-        # The frozen encoder's rows are every target row, cross-fitted; an adaptive one's the validation rows (last).
-        rows = len(scoring[name][2]) if name == "feature_extraction" else n_valid
-        labels = scoring[name][2][-rows:]
-        below = scoring[name][1][-rows:] if served == "tfidf" else pooled(served)[-rows:]
-        evidence = macro_f1_evidence(labels, {"below": below.argmax(axis=1), "next": pooled(name)[-rows:].argmax(axis=1)},
-                                     n_classes, "below", confidence=confidence)
-        gap = evidence["next"]["minus_below"]
-        taken = gap["interval"][0] is not None and gap["interval"][0] > 0
-        steps.append({"from": served, "to": name, "rows": rows, "difference": round(gap["estimate"], 4),
-                      "interval": [None if v is None else round(v, 4) for v in gap["interval"]], "taken": taken})
-        if taken:
-            served = name
-    served_name = names[0] if served == "tfidf" else served
-    return served_name, {"served": served, "confidence": confidence, "steps": steps,
-                         "rule": "each costlier model is served only when its paired macro-F1 difference from the "
-                                 "model below is above zero at this confidence"}
-
-
-def encoder_words(strategy: str) -> str:
-    return ("the frozen encoder with its trained head" if strategy == "feature_extraction"
-            else f"the encoder ({strategy})")
-
-
-def alone(why: str, strategy: str = "") -> dict:
-    return {"encoder": strategy, "weight": 0.0, "served_as": f"{encoder_words(strategy)} alone ({why})"}
-
-
 def score(model, tokenizer, data: TrainingData, max_length: int, runtime: Runtime) -> dict[str, float]:
     """The model's validation metrics on `data`."""
     return validation_metrics(data.labels, predict_proba(model, tokenizer, data.texts, max_length, runtime=runtime))
-
-
-# ----------------------------------------------------------------------------- progress
-
-
-class Progress:
-    """Throughput and ETA: a tqdm bar on a terminal, plain lines otherwise (they reach Prefect's log), and at
-    each progress point a record in the progress file when the flow names one (tasks/progress.py)."""
-
-    def __init__(self, total: int, every: int, enabled: bool, done: int = 0):
-        self.total, self.every, self.enabled = total, every, enabled
-        self.started = time.perf_counter()
-        self.start_step = done
-        self.bar = None
-        self.records = progress_file() if enabled else None
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=done, unit="step", desc="finetune", dynamic_ncols=True)
-
-    def update(self, step: int, row: dict) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(loss=f"{row['loss']:.3f}", sps=f"{row['samples_per_second']:.1f}")
-        if step % self.every != 0 and step != self.total:
-            return
-        rate = (step - self.start_step) / max(time.perf_counter() - self.started, 1e-9)
-        eta = (self.total - step) / rate if rate > 0 else float("nan")
-        if self.records is not None:
-            self.record({"step": step, "total": self.total, "epoch": row["epoch"], "loss": row["loss"],
-                         "learning_rate": row["learning_rate"], "samples_per_second": row["samples_per_second"],
-                         "eta_seconds": eta})
-        if self.bar is None:
-            print(f"finetune: step {step}/{self.total} epoch {row['epoch']} loss {row['loss']:.4f} "
-                  f"lr {row['learning_rate']:.2e} {row['samples_per_second']:.1f} samples/s "
-                  f"ETA {eta:.0f}s", flush=True)
-
-    def record(self, record: dict) -> None:
-        try:
-            append_progress(self.records, record)
-        except OSError as exc:
-            # The records are for watching the run: losing them must not cost the training.
-            print(f"finetune: no more progress records ({exc})", flush=True)
-            self.records = None
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -956,57 +544,3 @@ def head_epoch(model, optimizer, loss_fn, features, labels_t, weights_t, cfg: Tr
         steps += 1
         seen += len(idx)
     return float(loss.item()), steps, seen
-
-
-def target_rows(train: TrainingData, valid: TrainingData) -> tuple[np.ndarray, np.ndarray]:
-    """Every labelled target row the stage holds, as (indexes into train, then len(train) + indexes into valid): the
-    rows cross-fitting scores."""
-    return np.flatnonzero(train.domains == "target"), len(train.texts) + np.arange(len(valid.texts))
-
-
-def cross_fitted_cheap(result: FinetuneResult, train: TrainingData, valid: TrainingData, n_classes: int,
-                       cfg: TrainConfig, folds: int = 5) -> dict:
-    """Out-of-fold probabilities of the two cheap models on every labelled target row (train's target rows, then the
-    validation rows): each fold's rows are scored by a TF-IDF + logistic regression and a frozen-encoder head fit on
-    the source rows and the other folds, the head for the full model's best number of epochs, so no score comes
-    from a model that saw the row or stopped early on it. Ten times the rows the validation split alone would
-    score, and free of the selection bias of the head's early stopping on the validation rows."""
-    from sklearn.model_selection import StratifiedKFold
-
-    from tasks.baselines import tfidf_model
-    from tasks.lexical import full_proba
-
-    model = result.model
-    features = torch.cat(list(result.extra["head_features"]))
-    texts = np.asarray(train.texts + valid.texts, dtype=object)
-    labels = np.concatenate([train.labels, valid.labels])
-    weights = np.concatenate([train.weights, np.full(len(valid.texts), cfg.target_weight, dtype=np.float32)])
-    target = np.concatenate(target_rows(train, valid))
-    counts = np.bincount(labels[target], minlength=n_classes)
-    k = int(min(folds, counts[counts > 0].min()))
-    out = {"tfidf": np.zeros((len(target), n_classes)), "feature_extraction": np.zeros((len(target), n_classes)),
-           "rows": target, "labels": labels[target], "folds": k}
-    trained = [copy.deepcopy(m.state_dict()) for m in head_modules(model)]
-    epochs = max(result.best_epoch, 1)
-    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=cfg.seed) if k >= 2 else None
-    for fit_target, scored in (splitter.split(target, labels[target]) if splitter else []):
-        fit = np.concatenate([np.setdiff1d(np.arange(len(texts)), target), target[fit_target]])
-        rows = target[scored]
-        lexical = tfidf_model().fit(list(texts[fit]), labels[fit])
-        out["tfidf"][scored] = full_proba(lexical.predict_proba(list(texts[rows])), lexical.classes_, n_classes)
-        for module, state in zip(head_modules(model), result.extra["head_initial"], strict=True):
-            module.load_state_dict(state)
-        fold_data = TrainingData(list(texts[fit]), labels[fit], weights[fit], np.full(len(fit), "target", dtype=object))
-        optimizer, loss_fn = head_optimiser(model, fold_data, n_classes, cfg)
-        generator = torch.Generator().manual_seed(cfg.seed)
-        labels_t, weights_t = torch.tensor(labels[fit]), torch.tensor(weights[fit])
-        for _ in range(epochs):
-            head_epoch(model, optimizer, loss_fn, features[fit], labels_t, weights_t, cfg, generator)
-        model.eval()
-        with torch.no_grad():
-            out["feature_extraction"][scored] = torch.softmax(head_forward(model, features[rows]).float(), -1).numpy()
-    for module, state in zip(head_modules(model), trained, strict=True):
-        module.load_state_dict(state)
-    model.eval()
-    return out
-

@@ -2,6 +2,7 @@
 whoever runs the stage (the flow) reads the records back instead of parsing the printed progress line.
 
 The flow names the file through PROGRESS_FILE_ENV in the stage's environment; without it nothing is written.
+`Progress` is the training loop's side: its bar or printed lines, and the records at each progress point.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
+import time
 from pathlib import Path
 
 PROGRESS_FILE_ENV = "REGRAFT_PROGRESS_FILE"
@@ -50,3 +53,50 @@ def read_progress(path: Path, offset: int = 0) -> tuple[list[dict], int]:
         if isinstance(record, dict):
             records.append(record)
     return records, offset + complete
+
+
+class Progress:
+    """Throughput and ETA: a tqdm bar on a terminal, plain lines otherwise (they reach Prefect's log), and at
+    each progress point a record in the progress file when the flow names one."""
+
+    def __init__(self, total: int, every: int, enabled: bool, done: int = 0):
+        self.total, self.every, self.enabled = total, every, enabled
+        self.started = time.perf_counter()
+        self.start_step = done
+        self.bar = None
+        self.records = progress_file() if enabled else None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=done, unit="step", desc="finetune", dynamic_ncols=True)
+
+    def update(self, step: int, row: dict) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{row['loss']:.3f}", sps=f"{row['samples_per_second']:.1f}")
+        if step % self.every != 0 and step != self.total:
+            return
+        rate = (step - self.start_step) / max(time.perf_counter() - self.started, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else float("nan")
+        if self.records is not None:
+            self.record({"step": step, "total": self.total, "epoch": row["epoch"], "loss": row["loss"],
+                         "learning_rate": row["learning_rate"], "samples_per_second": row["samples_per_second"],
+                         "eta_seconds": eta})
+        if self.bar is None:
+            print(f"finetune: step {step}/{self.total} epoch {row['epoch']} loss {row['loss']:.4f} "
+                  f"lr {row['learning_rate']:.2e} {row['samples_per_second']:.1f} samples/s "
+                  f"ETA {eta:.0f}s", flush=True)
+
+    def record(self, record: dict) -> None:
+        try:
+            append_progress(self.records, record)
+        except OSError as exc:
+            # The records are for watching the run: losing them must not cost the training.
+            print(f"finetune: no more progress records ({exc})", flush=True)
+            self.records = None
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -104,7 +104,7 @@ def performance_markdown(performance: dict, history: list[dict]) -> str:
 
 
 def ladder_text(ladder: dict | None) -> str:
-    """auto's last choice (tasks/finetune.py evidence_ladder): each step up from the lexical model, taken or not."""
+    """auto's last choice (tasks/served_choice.py evidence_ladder): each step up from the lexical model, taken or not."""
     if not ladder:
         return ""
     steps = "; ".join(f"{step['from']} -> {step['to']} on {step['rows']} rows {step['difference']:+.3f} "

@@ -12,7 +12,7 @@ Each comes with a 95% bootstrap interval and its paired difference from the best
 rows: the uncertainty the choice is made under, written to reports/finetune.json and the model card. When the best
 adaptive arm is clearly behind (the paired interval below zero) the candidate is the cheap model and no minute more
 goes to adaptation; otherwise that arm finishes its schedule, and the finetune stage serves it only if, finished, it
-beats the cheap model on the validation rows (tasks/finetune.py `served_model`). There is no row floor: on few rows
+beats the cheap model on the validation rows (tasks/served_choice.py `served_model`). There is no row floor: on few rows
 the intervals are wide and say so, and the gate still judges the served model against both baselines.
 
 A data-parallel run (train.nproc > 1) cannot race in one process: the rule on data size and the shift stage's
@@ -45,7 +45,7 @@ class StrategyChoice:
     trained: object | None = None  # the FinetuneResult of the chosen strategy when the race already finished it
     checkpoint_dir: Path | None = None  # where the chosen strategy trains (or resumes, after the race)
     cheap: object | None = None  # the frozen encoder with its head, for the stage's last comparison after the long fit
-    cross_fitted: dict | None = None  # tasks.finetune.cross_fitted_cheap's out-of-fold probabilities
+    cross_fitted: dict | None = None  # tasks.cross_fitting.cross_fitted_cheap's out-of-fold probabilities
 
 
 def domain_auc(shift_report: dict | None) -> float | None:
@@ -123,7 +123,7 @@ def choose_strategy(base: str, labels: list[str], train, valid, cfg: TrainConfig
     if world > 1:
         return StrategyChoice(strategy, f"{reason} ({world} processes: the race runs in one)", checkpoint_dir=checkpoints)
 
-    from tasks.finetune import cross_fitted_cheap
+    from tasks.cross_fitting import cross_fitted_cheap
 
     n_classes, race = len(labels), min(cfg.auto_race_epochs, cfg.epochs)
     started = time.perf_counter()

@@ -16,7 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "requirements.lock", "pipelines", "tasks", "flows", "deploy"]
 
-from flows.cli import TELEMETRY_OFF  # noqa: E402
+from flows.cli_environment import TELEMETRY_OFF  # noqa: E402
 
 os.environ.update(TELEMETRY_OFF)
 
@@ -48,7 +48,7 @@ def pytest_collection_modifyitems(config, items):
 
 def run(cmd: list[str], cwd: Path, check: bool = True, env_update: dict[str, str] | None = None,
         **kwargs) -> subprocess.CompletedProcess:
-    from flows.retrain import stage_environment
+    from flows.dvc_stage import stage_environment
 
     env = stage_environment()
     env.pop("PREFECT_API_URL", None)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from flows.retrain import stage_environment
+from flows.dvc_stage import stage_environment
 from tasks.config import write_overrides
 from tests.conftest import make_project, run
 

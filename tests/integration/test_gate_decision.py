@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from prefect import flow
 
-from flows.retrain import ask_person
+from flows.gate_answer import ask_person
 
 pytestmark = pytest.mark.integration
 VERDICT = {"stage": "gate", "verdict": "INCONCLUSIVE", "criteria": [], "inconclusive": ["worst group: condition=A accuracy"],

@@ -209,7 +209,7 @@ def wait_for_state(api: httpx.Client, run_id: str, states: set[str], timeout: fl
 
 def server_picture(api: httpx.Client) -> str:
     """What every run on the server is doing, and who holds the run lock of each project it serves."""
-    from flows.cli import state_dir
+    from flows.cli_environment import state_dir
     from tasks.locking import LOCK_NAME, describe_holder, read_holder
 
     runs = api.post("/flow_runs/filter", json={"sort": "EXPECTED_START_TIME_DESC", "limit": 30}).json()

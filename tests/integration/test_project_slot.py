@@ -61,7 +61,7 @@ def test_two_runs_of_one_project_never_overlap_and_a_third_gives_up_as_busy(pref
 
 # A first run's start of its temporary Prefect API on a fresh project, then one call to it.
 FIRST_START = r"""
-from flows.cli import start_local_api
+from flows.cli_environment import start_local_api
 start_local_api()
 from prefect import get_client
 with get_client(sync_client=True) as client:

@@ -70,7 +70,7 @@ class Commands:
     """`regraft ...`, `python -m ...` or a snippet, each in a forked process with its own output files."""
 
     def __init__(self, folder: Path):
-        from flows.retrain import stage_environment
+        from flows.dvc_stage import stage_environment
 
         env = stage_environment()
         env.pop("PREFECT_API_URL", None)
@@ -330,7 +330,8 @@ def test_the_remote_unreachable_mid_push_fails_the_push_and_the_next_push_comple
     """The retrain flow's last step, `dvc push`, while the remote does not answer: the push (so the run) fails
     with DVC's own message, and nothing a run needs is only remote. The objects DVC keeps are content-addressed:
     the next push sends whatever did not arrive."""
-    from flows.retrain import dvc_command, push_outputs
+    from flows.dvc_stage import dvc_command
+    from flows.run_record import push_outputs
     from tasks.errors import InternalError
 
     for key, value in AWS.items():
@@ -351,7 +352,7 @@ def test_the_remote_unreachable_mid_push_fails_the_push_and_the_next_push_comple
     assert json.loads(local.stdout or "{}") == {}, local.stdout  # the workspace and the local cache hold it all
 
     subprocess.run(dvc_command("remote", "modify", "--local", "shared", "endpointurl", s3), cwd=project, check=True)
-    monkeypatch.setattr("flows.retrain.get_run_logger", lambda: __import__("logging").getLogger("push"))
+    monkeypatch.setattr("flows.run_record.get_run_logger", lambda: __import__("logging").getLogger("push"))
     assert push_outputs.fn(project) == "shared"
     done = subprocess.run(dvc_command("status", "--cloud", "--json"), cwd=project, capture_output=True, text=True)
     assert json.loads(done.stdout or "{}") == {}, done.stdout

@@ -43,7 +43,8 @@ def test_flow_order_is_dvcs_order(project):
 @pytest.fixture(scope="module")
 def flow_project(tmp_path_factory, tiny_bert, prefect_api):
     """A quick project after one run of the retrain flow in this process (another holdout split: seed 7)."""
-    from flows.retrain import RetrainParameters, retrain
+    from flows.retrain import retrain
+    from flows.run_form import RetrainParameters
 
     project = quick_project(tmp_path_factory.mktemp("flow"), tiny_bert)
     (project.parent / "params-before-run.yaml").write_bytes((project / "params.yaml").read_bytes())

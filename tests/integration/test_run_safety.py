@@ -24,7 +24,7 @@ DVC = [sys.executable, "-m", "dvc"]
 
 
 def regraft_env(prefect_env: dict[str, str]) -> dict[str, str]:
-    from flows.retrain import stage_environment
+    from flows.dvc_stage import stage_environment
 
     return {**stage_environment(), **prefect_env}  # runs report to one real Prefect API
 

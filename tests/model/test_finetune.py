@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from tasks.config import load_params
-from tasks.finetune import build_training_data, class_weights, cross_fitted_cheap, finetune, length_grouped_batches
+from tasks.cross_fitting import cross_fitted_cheap
+from tasks.finetune import finetune
 from tasks.strategy import ADAPTIVE, CHEAP, FROZEN_IS_ENOUGH, NEGATIVE_TRANSFER, choose_strategy, rule_based
+from tasks.training_data import build_training_data, class_weights, length_grouped_batches
 from tests.conftest import REPO, small_splits
 
 pytestmark = pytest.mark.model
@@ -121,7 +123,7 @@ def test_gradual_unfreeze_thaws_from_the_top(tiny_bert, splits, base_weights):
 
 
 def test_gradual_unfreeze_learning_rates_decay_downwards(tiny_bert):
-    from tasks.finetune import param_groups
+    from tasks.trainable_parts import param_groups
     from tasks.models import load_classifier
 
     cfg, _ = train_config(learning_rate=1e-4, layer_lr_decay=0.5)
@@ -331,7 +333,7 @@ def test_cross_fitting_scores_each_target_row_with_models_that_never_saw_it(tiny
     """On random labels a model that saw a row fits it (TF-IDF in-sample: most rows right), one that never saw it
     is at chance: the out-of-fold scores are at chance, and the head trained on all rows is left as it was."""
     from tasks.baselines import tfidf_model
-    from tasks.finetune import TrainingData
+    from tasks.training_data import TrainingData
 
     cfg, model_cfg = train_config(strategy="feature_extraction", head_epochs=3)
     train, valid = build_training_data(splits, LABELS, cfg)
@@ -420,7 +422,7 @@ def test_temperature_scaling_undoes_overconfidence():
     import torch
 
     from tasks.evaluate import expected_calibration_error
-    from tasks.finetune import fit_temperature
+    from tasks.calibration import fit_temperature
 
     rng = np.random.default_rng(0)
     torch.manual_seed(0)

@@ -50,7 +50,7 @@ def test_no_run_can_point_a_flow_at_another_project():
 
 
 def test_workers_get_the_commands_offline_and_telemetry_off_environment():
-    from flows.cli import TELEMETRY_OFF
+    from flows.cli_environment import TELEMETRY_OFF
 
     declared = yaml.safe_load((REPO / "deploy" / "prefect.yaml").read_text())
     for deployment in declared["deployments"]:

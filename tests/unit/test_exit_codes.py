@@ -24,7 +24,7 @@ def dvc_failure(status: int) -> list[str]:
     (-9, None, EXIT_INTERNAL), (137, None, EXIT_INTERNAL),
 ])
 def test_a_stages_exit_status_says_what_the_failure_means(status, error, code):
-    from flows.retrain import StageInterrupted, stage_error
+    from flows.dvc_stage import StageInterrupted, stage_error
 
     kind = stage_error(dvc_failure(status))
     assert kind.exit_code == code

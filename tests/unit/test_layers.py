@@ -20,7 +20,7 @@ def test_the_control_plane_imports_no_torch(module):
 
 
 def test_the_run_form_takes_type_bounds_and_help_from_the_config():
-    from flows.retrain import FORM_FIELDS, RetrainParameters
+    from flows.run_form import FORM_FIELDS, RetrainParameters
     from tasks.config import config_field
 
     schema = RetrainParameters.model_json_schema()["properties"]

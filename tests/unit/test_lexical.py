@@ -11,8 +11,9 @@ import torch
 
 from tasks.baselines import fit_companion, tfidf_model
 from tasks.errors import RegraftError
-from tasks.finetune import TrainingData, choose_weight, served_model
 from tasks.lexical import COMPANION_FILE, full_proba, read_companion, write_companion
+from tasks.served_choice import choose_weight, served_model
+from tasks.training_data import TrainingData
 
 GOOD = ["works well for me", "great relief fast", "really helped a lot", "works great no side effects"]
 BAD = ["terrible side effects", "made it worse", "awful headache all day", "side effects were awful"]
@@ -198,7 +199,7 @@ def test_auto_serves_the_cheapest_model_no_costlier_one_clearly_beats(fe_right, 
     """The lexical model is right on the last 144 of 240 cross-fitted rows and the last 12 of the 24 validation rows,
     each other model on its first rows; each costlier model must show a paired interval above zero over the one
     below to be served."""
-    from tasks.finetune import evidence_ladder
+    from tasks.served_choice import evidence_ladder
 
     labels, valid_labels = ladder_rows(24)
     weights = [{"weight": w} for w in (0.0, 1.0)]

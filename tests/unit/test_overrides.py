@@ -107,7 +107,8 @@ def test_params_yaml_keeps_outputs_apart_from_what_regraft_guards(project, key, 
 
 
 def test_a_bad_override_is_refused_at_once_while_another_run_holds_the_project(project, monkeypatch):
-    from flows.retrain import RetrainParameters, retrain
+    from flows.retrain import retrain
+    from flows.run_form import RetrainParameters
     from tasks.config import load_params, write_overrides
     from tasks.locking import project_lock
 

@@ -68,7 +68,7 @@ def test_the_file_comes_from_the_environment(monkeypatch, value, expected):
 
 
 def test_the_training_loop_appends_a_record_at_each_progress_point_and_still_prints(tmp_path, monkeypatch, capsys):
-    from tasks.finetune import Progress
+    from tasks.progress import Progress
 
     path = tmp_path / "finetune.jsonl"
     monkeypatch.setenv(PROGRESS_FILE_ENV, str(path))
@@ -86,7 +86,7 @@ def test_the_training_loop_appends_a_record_at_each_progress_point_and_still_pri
 
 
 def test_without_the_variable_or_off_rank_0_nothing_is_written(tmp_path, monkeypatch):
-    from tasks.finetune import Progress
+    from tasks.progress import Progress
 
     monkeypatch.delenv(PROGRESS_FILE_ENV, raising=False)
     Progress(total=2, every=1, enabled=True).update(1, row(1))
@@ -97,7 +97,7 @@ def test_without_the_variable_or_off_rank_0_nothing_is_written(tmp_path, monkeyp
 
 
 def test_an_unwritable_progress_file_does_not_stop_training(tmp_path, monkeypatch, capsys):
-    from tasks.finetune import Progress
+    from tasks.progress import Progress
 
     monkeypatch.setenv(PROGRESS_FILE_ENV, str(tmp_path / "missing" / "finetune.jsonl"))
     progress = Progress(total=3, every=1, enabled=True)
@@ -108,7 +108,7 @@ def test_an_unwritable_progress_file_does_not_stop_training(tmp_path, monkeypatc
 
 
 def test_the_flows_bar_follows_the_records(tmp_path):
-    from flows.retrain import TerminalProgress
+    from flows.dvc_stage import TerminalProgress
 
     path = tmp_path / "finetune.jsonl"
     progress = TerminalProgress(enabled=True, path=path, name="finetune")
@@ -129,7 +129,7 @@ def test_the_flows_bar_follows_the_records(tmp_path):
 
 
 def test_the_flows_bar_reads_the_last_records_when_the_stage_ends(tmp_path):
-    from flows.retrain import TerminalProgress
+    from flows.dvc_stage import TerminalProgress
 
     path = tmp_path / "finetune.jsonl"
     progress = TerminalProgress(enabled=True, path=path, name="finetune", interval=60)

@@ -1,0 +1,63 @@
+"""The commands on data files: `regraft validate` (the validation suite), `regraft shift` (shift between two files)
+and `regraft feedback` (labels for served texts, beside shift-watch's estimate)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tasks.errors import EXIT_OK
+
+
+def command_validate(args: argparse.Namespace, project: Path) -> int:
+    from tasks.config import load_params
+    from tasks.render import print_validation_outcome
+    from tasks.validate import validate_file
+
+    report = validate_file(load_params(project / "params.yaml"), Path(args.path).resolve(), args.columns)
+    print(f"columns from {report['columns']['from']}: text={report['columns']['text']!r}, "
+          f"label={report['columns']['label']!r}, groups={report['columns']['groups']}", flush=True)
+    return print_validation_outcome(report)
+
+
+def command_shift(args: argparse.Namespace, project: Path) -> int:
+    import json
+
+    from tasks.config import load_params
+    from tasks.errors import DataError
+    from tasks.ingest import read_with_columns
+    from tasks.render import shift_markdown
+    from tasks.shift import analyse_shift, without_bulk
+
+    params = load_params(project / "params.yaml")
+    frames = []
+    for raw in (args.source, args.target):
+        path = Path(raw).resolve()
+        frame, columns, _ = read_with_columns(path, params.ingest.columns, args.columns, params.ingest.time_format)
+        if "text" not in frame or frame.empty:
+            raise DataError(f"{path}: no rows with a {columns.text!r} column to compare")
+        frames.append(frame)
+    report = without_bulk(analyse_shift(frames[0], frames[1], params))
+    print(json.dumps(report, indent=2) if args.json else shift_markdown(report))
+    return EXIT_OK
+
+
+def command_feedback(args: argparse.Namespace, project: Path) -> int:
+    from tasks.config import load_params
+    from tasks.errors import DataError
+    from tasks.ingest import read_with_columns
+    from tasks.monitoring import record_feedback
+
+    params = load_params(project / "params.yaml")
+    path = Path(args.path).resolve()
+    frame, columns, _ = read_with_columns(path, params.ingest.columns, args.columns, params.ingest.time_format)
+    if frame.empty or "label" not in frame:
+        raise DataError(f"{path}: no rows with a {columns.text!r} and a {columns.label!r} column")
+    for row in record_feedback(params, frame, str(path)):
+        estimated, realized = row["estimated"]["accuracy"], row["realized"]["accuracy"]
+        low, high = estimated["interval"]
+        print(f"estimate {row['estimate_id'][:8]}: accuracy estimated {estimated['estimate']:.3f} "
+              f"[{low:.3f}, {high:.3f}], realized {realized:.3f} on {row['labelled_rows']} labelled served texts "
+              f"(error {row['error']['accuracy']:+.3f}; {'inside' if low <= realized <= high else 'outside'} the interval)")
+    print(f"recorded in {params.paths.performance_history}")
+    return EXIT_OK

@@ -1,0 +1,58 @@
+"""The commands on packaged models: `regraft models` lists them, `regraft promote` and `regraft rollback` change
+which one is in production."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tasks.errors import EXIT_OK
+
+
+def command_models(args: argparse.Namespace, project: Path) -> int:
+    import json
+
+    from tasks.config import load_params
+    from tasks.errors import EXIT_BUSY, EXIT_CHECK_FAILED
+    from tasks.promotion import interrupted_promotion
+    from tasks.registry import journal_file, read_record, sync_record
+    from tasks.remote import RemoteError, model_remote
+    from tasks.render import models_text
+
+    params = load_params(project / "params.yaml")
+    unreachable = None
+    try:
+        record = sync_record(params.paths.registry, model_remote(params))  # the shared remote's record, when there is one
+    except RemoteError as exc:
+        if not journal_file(params.paths.registry).is_file():
+            raise
+        record, unreachable = read_record(params.paths.registry), exc  # an interruption is still worth reporting
+    interrupted = interrupted_promotion(params, record)
+    shown = {**record, "interrupted_promotion": interrupted} if interrupted else record
+    print(json.dumps(shown, indent=2) if args.json else models_text(record))
+    if unreachable:
+        print(f"warning: {unreachable}; shown above: this machine's copy of the record", file=sys.stderr)
+    if interrupted is None:
+        return EXIT_OK
+    print(f"error: {interrupted['message']}", file=sys.stderr)
+    # Under way: the project is busy (3). Interrupted: production cannot be trusted until someone finishes it, a
+    # check that says no (1), as evaluate says for the same state; nothing the user typed was wrong (not 2).
+    return EXIT_BUSY if interrupted["running"] else EXIT_CHECK_FAILED
+
+
+def command_promote(args: argparse.Namespace, project: Path) -> int:
+    from tasks.config import load_params
+    from tasks.promotion import promote_model, rollback
+
+    params = load_params(project / "params.yaml")
+    if args.command == "promote":
+        record = promote_model(params, args.tag, args.reason, args.by)
+    else:
+        record = rollback(params, args.reason, args.by)
+    if record.get("finished"):
+        print(record["finished"])
+    event = record["history"][-1]
+    print(f"{event['action']}: {event['tag']} is now in production"
+          + (f" (was {event['previous']})" if event.get("previous") else "") + f"; {record['versioning']}")
+    return EXIT_OK
