@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from tasks.errors import EXIT_OK
+from tasks.render import interval_text
 
 
 def command_validate(args: argparse.Namespace, project: Path) -> int:
@@ -57,7 +58,7 @@ def command_feedback(args: argparse.Namespace, project: Path) -> int:
         estimated, realized = row["estimated"]["accuracy"], row["realized"]["accuracy"]
         low, high = estimated["interval"]
         print(f"estimate {row['estimate_id'][:8]}: accuracy estimated {estimated['estimate']:.3f} "
-              f"[{low:.3f}, {high:.3f}], realized {realized:.3f} on {row['labelled_rows']} labelled served texts "
+              f"{interval_text(estimated['interval'])}, realized {realized:.3f} on {row['labelled_rows']} labelled served texts "
               f"(error {row['error']['accuracy']:+.3f}; {'inside' if low <= realized <= high else 'outside'} the interval)")
     print(f"recorded in {params.paths.performance_history}")
     return EXIT_OK

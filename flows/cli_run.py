@@ -7,6 +7,7 @@ from pathlib import Path
 
 from flows.cli_environment import start_local_api
 from tasks.errors import EXIT_OK
+from tasks.render import interval_text
 
 
 def command_run(args: argparse.Namespace, project: Path) -> int:
@@ -80,14 +81,13 @@ def print_summary(result: dict) -> None:
         print("\nevaluation on target_holdout (95% bootstrap intervals):")
         for model, entry in evaluate["splits"]["target_holdout"]["models"].items():
             o = entry["overall"]
-            (a_lo, a_hi), (f_lo, f_hi) = o["intervals"]["accuracy"], o["intervals"]["macro_f1"]
-            print(f"  {model:15s} accuracy {o['accuracy']:.3f} [{a_lo:.3f}, {a_hi:.3f}]  "
-                  f"macro-F1 {o['macro_f1']:.3f} [{f_lo:.3f}, {f_hi:.3f}]")
+            print(f"  {model:15s} accuracy {o['accuracy']:.3f} {interval_text(o['intervals']['accuracy'])}  "
+                  f"macro-F1 {o['macro_f1']:.3f} {interval_text(o['intervals']['macro_f1'])}")
         gain = evaluate["transfer_gain"]
         if gain["estimate"] is not None:
-            lo, hi = gain["interval"]
             flag = "  NEGATIVE TRANSFER" if gain["negative_transfer"] else ""
-            print(f"  transfer gain (candidate - TF-IDF, macro-F1): {gain['estimate']:+.3f} [{lo:+.3f}, {hi:+.3f}]{flag}")
+            print(f"  transfer gain (candidate - TF-IDF, macro-F1): {gain['estimate']:+.3f} "
+                  f"{interval_text(gain['interval'], signed=True)}{flag}")
     verdict = result["reports"].get("gate")
     if verdict:
         from tasks.render import verdict_markdown

@@ -12,7 +12,7 @@ import pandas as pd
 from pipelines.stage_io import report_path, run_stage, write_json
 from tasks.config import Params
 from tasks.gate import FAIL, Evidence, judge
-from tasks.render import verdict_markdown
+from tasks.render import interval_text, verdict_markdown
 
 
 def read_evidence(params: Params) -> Evidence:
@@ -54,7 +54,7 @@ def main(params: Params) -> int:
 
 def failure_lines(verdict: dict) -> list[str]:
     return [f"{c['name']}: {c['detail'] or 'value ' + str(c['value'])}" + (
-        f" (value {c['value']:.3f}, interval [{c['interval'][0]:.3f}, {c['interval'][1]:.3f}], needs "
+        f" (value {c['value']:.3f}, interval {interval_text(c['interval'])}, needs "
         f"{c['direction']} {c['threshold']:.3f})" if c["value"] is not None and c["interval"][0] is not None else "")
         for c in verdict["criteria"] if c["status"] == FAIL]
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from tasks.evaluate import (confusion_counts, effective_sample_size, metrics_from_confusion, percentile_interval,
                             wilson_interval)
+from tasks.render import interval_text
 
 METHODS = ("atc", "expected_confusion", "importance_weighted")
 
@@ -192,7 +193,7 @@ def estimate_performance(val_proba: np.ndarray, val_labels: np.ndarray, target_p
     agree = combined["accuracy"]["methods_agree"] and combined["macro_f1"]["methods_agree"]
     if not agree:
         notes.append("the methods disagree by more than their intervals: " + ", ".join(
-            f"{m.method} {m.accuracy:.3f} [{fmt(m.accuracy_interval)}]" for m in used))
+            f"{m.method} {m.accuracy:.3f} {interval_text(m.accuracy_interval)}" for m in used))
     return {"verdict": "ESTIMATED" if agree else "INCONCLUSIVE", "confidence": confidence,
             "target_rows": len(target_proba), "validated": validated_performance(val_proba, val_labels, confidence),
             "methods": {m.method: asdict(m) for m in methods}, "estimate": combined, "notes": notes}
@@ -208,7 +209,3 @@ def performance_drop(estimate: dict, max_drop: float, metric: str = "accuracy") 
     entry = estimate["estimate"][metric]
     return {"metric": metric, "validated": validated, "estimated": entry["estimate"], "interval": entry["interval"],
             "drop": validated - entry["estimate"], "max_drop": max_drop, "degraded": bool(degraded)}
-
-
-def fmt(interval: list[float | None]) -> str:
-    return ", ".join("n/a" if v is None else f"{v:.3f}" for v in interval)

@@ -90,10 +90,6 @@ Data md5 (DVC): {{ data_md5 }}. Git commit: `{{ git_commit }}`.
 """
 
 
-def interval_text(values: list | None) -> str:
-    return f"[{values[0]:.3f}, {values[1]:.3f}]" if values and None not in values else "n/a"
-
-
 def model_card(params: Params, evaluation: dict, verdict: dict, decision: dict, origin: dict, finetune: dict) -> str:
     """The packaged model's README.md, through huggingface_hub's ModelCard: EvalResult entries (model-index) for the
     target holdout overall and per group, then tables of the strategy evidence, the baselines, the groups and the
@@ -101,7 +97,7 @@ def model_card(params: Params, evaluation: dict, verdict: dict, decision: dict, 
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     from tasks.models import model_origin
-    from tasks.render import evidence_text, ladder_text
+    from tasks.render import evidence_text, interval_text, ladder_text
 
     target = (evaluation.get("splits") or {}).get("target_holdout") or {"models": {}}
     candidate = target["models"].get("candidate")

@@ -103,12 +103,21 @@ def performance_markdown(performance: dict, history: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def interval_text(values: list | tuple | None, signed: bool = False, missing: str = "n/a") -> str:
+    """An interval as every report shows it: [low, high] to three decimals, signed for differences; `missing` when
+    either end is unknown."""
+    if not values or None in values:
+        return missing
+    spec = "+.3f" if signed else ".3f"
+    return f"[{values[0]:{spec}}, {values[1]:{spec}}]"
+
+
 def ladder_text(ladder: dict | None) -> str:
     """auto's last choice (tasks/served_choice.py evidence_ladder): each step up from the lexical model, taken or not."""
     if not ladder:
         return ""
     steps = "; ".join(f"{step['from']} -> {step['to']} on {step['rows']} rows {step['difference']:+.3f} "
-                      f"[{step['interval'][0]:+.3f}, {step['interval'][1]:+.3f}] {'taken' if step['taken'] else 'not taken'}"
+                      f"{interval_text(step['interval'], signed=True)} {'taken' if step['taken'] else 'not taken'}"
                       for step in ladder["steps"] if step["interval"][0] is not None)
     return (f"Served the cheapest model no costlier one clearly beats ({ladder['confidence']:.0%} paired intervals of "
             f"the macro-F1 gain): {ladder['served']}" + (f" ({steps})" if steps else ""))
@@ -116,18 +125,16 @@ def ladder_text(ladder: dict | None) -> str:
 
 def evidence_text(row: dict) -> str:
     """One model of auto's evidence, with its uncertainty, as the card and the run's report show it."""
-    low, high = row.get("interval") or (None, None)
-    interval = "" if low is None else f" [{low:.3f}, {high:.3f}]"
+    interval = interval_text(row.get("interval"), missing="")
+    interval = interval and f" {interval}"
     paired = next(((key.removeprefix("minus_"), value) for key, value in row.items() if key.startswith("minus_")),
                   None)
     versus = ""
     if paired and paired[0] != row["model"] and paired[1]["interval"][0] is not None:
-        versus = (f"; minus {paired[0]} {paired[1]['estimate']:+.3f} "
-                  f"[{paired[1]['interval'][0]:+.3f}, {paired[1]['interval'][1]:+.3f}]")
+        versus = f"; minus {paired[0]} {paired[1]['estimate']:+.3f} {interval_text(paired[1]['interval'], signed=True)}"
     crossed = row.get("cross_fitted")
     across = "" if not crossed or crossed["interval"][0] is None else (
-        f"; on all {crossed['rows']} target rows {crossed['macro_f1']:.3f} "
-        f"[{crossed['interval'][0]:.3f}, {crossed['interval'][1]:.3f}]")
+        f"; on all {crossed['rows']} target rows {crossed['macro_f1']:.3f} {interval_text(crossed['interval'])}")
     return (f"{row['model']}: validation macro-F1 {row['validation_macro_f1']:.3f}{interval}{versus}{across} "
             f"({row['how']}, {row['seconds']:.0f} s)")
 
@@ -159,7 +166,7 @@ def _interval(value, interval=None) -> str:
         return "-"
     text = f"{value:.3f}"
     if interval and interval[0] is not None:
-        text += f" [{interval[0]:.3f}, {interval[1]:.3f}]"
+        text += f" {interval_text(interval)}"
     return text
 
 
@@ -221,8 +228,7 @@ def verdict_markdown(verdict: dict) -> str:
                   f"{decision['by']} ({decision['reason']})", ""]
     lines += ["| criterion | status | value | interval | threshold | margin | detail |", "|---|---|---|---|---|---|---|"]
     for c in verdict["criteria"]:
-        low, high = c["interval"]
-        interval = "-" if low is None else f"[{low:.3f}, {high:.3f}]"
+        interval = interval_text(c["interval"], missing="-")
         threshold = "-" if c["threshold"] is None else f"{c['direction']} {c['threshold']:.3f}"
         lines.append(f"| {c['name']} | {c['status']} | {_signed(c['value'])} | {interval} | {threshold} | "
                      f"{_signed(c['margin'])} | {c['detail']} |")
