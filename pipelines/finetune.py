@@ -167,8 +167,8 @@ def main(params: Params) -> int:
     if cheap:
         print(f"finetune: {reason.split(' (')[0]}", flush=True)
     print(f"finetune: served as {lexical['served_as']}", flush=True)
-    if ladder_text(lexical.get("evidence_ladder")):
-        print(f"finetune: {ladder_text(lexical['evidence_ladder'])}", flush=True)
+    if ladder := ladder_text(lexical.get("evidence_ladder")):
+        print(f"finetune: {ladder}", flush=True)
     data_hashes = {name: file_md5(Path(path)) for name, path in params.paths.splits.model_dump().items()}
     save_model_dir(result, params.paths.model, model_card(result, params, base, data_hashes, choice.evidence, lexical),
                    companion)

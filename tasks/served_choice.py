@@ -48,7 +48,8 @@ def served_model(encoders_valid: dict[str, np.ndarray], train, valid, n_classes:
                  cross_fitted: dict | None = None) -> ServedModel:
     """The best served model: each trained encoder (calibrated validation probabilities, cheapest first) pooled with
     the lexical companion fit on the train rows at the weight of `grid` with the best macro-F1 (1 serves the lexical
-    model alone), then the encoder whose pool scores best on the validation rows (ties: the cheaper).
+    model alone); then, under auto (`cross_fitted` given), the cheapest model no costlier one clearly beats
+    (evidence_ladder), else the encoder whose pool scores best on the validation rows (ties: the cheaper).
 
     With `cross_fitted` (the frozen encoder's tempered out-of-fold probabilities, TF-IDF's and the labels of every
     target row, validation rows last), the frozen encoder's weight and temperature come from all the target rows
