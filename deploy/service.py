@@ -2,7 +2,9 @@
 
 Which model it serves: REGRAFT_MODEL_TAG when set (a Bento's smoke test pins its own model), else the
 registry's production model, re-read every serve.reload_seconds so a promotion or rollback switches
-models while serving without a failed request. Every model is loaded only when each of its files has the
+models while serving without a failed request. When the registry names a shadow candidate, it is loaded beside
+production and predicts every served text off the response path (tasks/serving.py ShadowPredictor); the answers
+stay production's. Every model is loaded only when each of its files has the
 sha256 recorded for it; one that fails is refused (the current model keeps serving; at start the service
 stays unhealthy) and the log says which files differ. Settings come from params.yaml (REGRAFT_PARAMS), whose
 relative paths are read from REGRAFT_PROJECT (default: the working directory).
@@ -19,9 +21,9 @@ from pathlib import Path
 
 import bentoml
 from tasks.config import Params, load_params, project_root
-from tasks.serving import (ModelHolder, ModelRefused, Prediction, PredictionLog, RequestRejected, check_content_type,
-                           files_state, load_checked_model, parse_predict_request, predict_request_type,
-                           recorded_digests)
+from tasks.serving import (LoadedModel, ModelHolder, ModelRefused, Prediction, PredictionLog, RequestRejected,
+                           ShadowPredictor, check_content_type, files_state, load_checked_model, parse_predict_request,
+                           predict_request_type, recorded_digests, served_tags)
 from tasks.serving import predict as predict_texts
 from tasks.serving import production_tag
 
@@ -36,6 +38,9 @@ def service_params() -> Params:
 SETTINGS = service_params()
 # One per worker process: the service instance swaps models in it, /healthz reads it.
 HOLDER = ModelHolder()
+# One per worker too, beside HOLDER's model: its thread starts with a first shadow candidate. Its log keeps hashes
+# only: the texts, when kept, are in the prediction log, under the same prediction_id.
+SHADOW = ShadowPredictor(PredictionLog(project_root() / SETTINGS.serve.shadow_log, "hash"), SETTINGS.serve.shadow_queue)
 Texts = predict_request_type(SETTINGS.serve)
 
 
@@ -59,8 +64,9 @@ class RequestGuard:
             if loaded is None:
                 return await self.respond(send, 503, {"status": "unavailable", "error": HOLDER.unavailable}
                                           if HOLDER.unavailable else {"status": "loading"})
-            return await self.respond(send, 200, {"status": "ok", "model_version": loaded.version,
-                                                  "labels": loaded.labels})
+            health = {"status": "ok", "model_version": loaded.version, "labels": loaded.labels}
+            shadow = SHADOW.status()
+            return await self.respond(send, 200, {**health, "shadow": shadow} if shadow else health)
         if scope["type"] != "http" or path != "/predict" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         try:
@@ -137,47 +143,81 @@ class Classifier:
         self.registry = root / params.paths.registry
         self.pinned = os.environ.get("REGRAFT_MODEL_TAG")
         self.reload_seconds = params.serve.reload_seconds
-        self.holder = HOLDER
+        self.holder, self.shadow = HOLDER, SHADOW
         # The package stage's smoke test logs elsewhere, so its requests do not look like traffic.
         log = os.environ.get("REGRAFT_PREDICTION_LOG") or root / params.serve.prediction_log
         self.log = PredictionLog(Path(log), params.serve.log_texts)
-        self.refused: tuple[str, tuple] | None = None  # the last refused model, and the state of its files then
+        self.refused: dict[str, tuple] = {}  # each refused model, and the state of its files then
+        self.shadow_problem: str | None = None  # why the shadow candidate is not loaded, logged once
         self.switch_to(self.pinned or production_tag(self.registry))
         if not self.pinned:
             threading.Thread(target=self.follow_registry, name="registry-watch", daemon=True).start()
 
-    def switch_to(self, tag: str) -> bool:
-        """Load `tag` and swap it in. A model whose files fail their checksum is refused and logged once (checked
-        again only when its files change); whatever is loaded keeps serving, else /healthz says why."""
+    def load_unless_refused(self, tag: str) -> LoadedModel | None:
+        """`tag` loaded, its files checked against their recorded sha256; ModelRefused when they fail (the model is
+        then checked again only when its files change: None until then)."""
         model = bentoml.models.get(tag)
         folder, version = Path(model.path), str(model.tag)
         state = files_state(folder)
-        if self.refused == (version, state):
-            return False
+        if self.refused.get(version) == state:
+            return None
         expected = recorded_digests(self.registry, version, model.info.metadata)
         logger.info("loading model %s from %s", version, folder)
         try:
             loaded = load_checked_model(folder, version, self.max_length, expected)
+        except ModelRefused:
+            self.refused[version] = state
+            raise
+        self.refused.pop(version, None)
+        return loaded
+
+    def switch_to(self, tag: str) -> bool:
+        """Load `tag` and swap it in. A model whose files fail their checksum is refused and logged once (checked
+        again only when its files change); whatever is loaded keeps serving, else /healthz says why."""
+        try:
+            loaded = self.load_unless_refused(tag)
         except ModelRefused as refused:
-            self.refused = (version, state)
             serving = self.holder.current
             if serving is None:
                 self.holder.unavailable = str(refused)
             logger.error("%s; %s", refused, f"still serving {serving.version}" if serving else "serving nothing")
             return False
-        self.refused = None
+        if loaded is None:
+            return False
         self.holder.swap(loaded)
         return True
 
+    def shadow_with(self, tag: str | None) -> None:
+        """Load the registry's shadow candidate beside production (its files checked as production's are), or end
+        the shadow. A candidate that cannot be loaded is logged once; production is never affected."""
+        from bentoml.exceptions import NotFound
+
+        current = self.shadow.model
+        if tag == (current.version if current else None):
+            return
+        try:
+            loaded = self.load_unless_refused(tag) if tag else None
+        except (ModelRefused, NotFound) as problem:
+            loaded = None
+            if str(problem) != self.shadow_problem:
+                logger.error("shadow candidate %s not loaded: %s; production is not affected", tag, problem)
+            self.shadow_problem = str(problem)
+        else:
+            self.shadow_problem = None
+        if loaded is not None or current is not None:
+            self.shadow.swap(loaded)
+            logger.info("shadow candidate: %s", loaded.version if loaded else "none")
+
     def follow_registry(self) -> None:
-        """Load the registry's production model when it changes, then swap it in."""
+        """Load the registry's production model and shadow candidate when they change, then swap them in."""
         stop = threading.Event()
         while not stop.wait(self.reload_seconds):
             try:
-                tag = production_tag(self.registry)
+                tag, shadow = served_tags(self.registry)
                 current = self.holder.current
                 if (current is None or tag != current.version) and self.switch_to(tag):
                     logger.info("now serving %s", tag)
+                self.shadow_with(shadow)
             except Exception:  # keep serving the current model; the next check tries again
                 logger.exception("could not switch to the registry's production model")
 
@@ -187,7 +227,8 @@ class Classifier:
         """Label, class probabilities and model version for each text."""
         loaded = self.holder.current
         results = predict_texts(loaded, texts)
-        self.log.append(texts, results)
+        ids = self.log.append(texts, results)
+        self.shadow.submit(texts, ids)  # never waits: the answer is production's alone
         return [Prediction(**result) for result in results]
 
 

@@ -51,9 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     feedback.add_argument("--columns", default=None, metavar="text=COL,label=COL", help=columns_help)
     models = commands.add_parser("models", help="list packaged models, their stages, metrics and history")
     models.add_argument("--json", action="store_true", help="print the registry record as JSON")
-    promote = commands.add_parser("promote", help="make a packaged model (PASS or approved) the production model")
-    promote.add_argument("tag", help="a model tag from `regraft models`, e.g. regraft-classifier:abc123")
-    promote.add_argument("--reason", default="promoted by hand", help="why (kept in the history)")
+    promote = commands.add_parser("promote", help="make a packaged model (PASS or approved) the production model, "
+                                  "or its shadow candidate")
+    promote.add_argument("tag", nargs="?", help="a model tag from `regraft models`, e.g. regraft-classifier:abc123")
+    rollout = promote.add_mutually_exclusive_group()
+    rollout.add_argument("--shadow", action="store_true", help="run TAG beside the production model on every serving "
+                         "host instead: it predicts each served text off the response path (logged in serve.shadow_log) "
+                         "while production answers; a promotion or rollback ends it")
+    rollout.add_argument("--shadow-off", action="store_true", help="end the shadow without promoting it (TAG, when "
+                         "given, must be the shadow candidate)")
+    promote.add_argument("--reason", default=None, help="why (kept in the history)")
     promote.add_argument("--by", default=None, help="who (default: the user name)")
     back = commands.add_parser("rollback", help="put the previous production model back")
     back.add_argument("--reason", default="rollback", help="why (kept in the history)")

@@ -43,16 +43,29 @@ def command_models(args: argparse.Namespace, project: Path) -> int:
 
 def command_promote(args: argparse.Namespace, project: Path) -> int:
     from tasks.config import load_params
-    from tasks.promotion import promote_model, rollback
+    from tasks.errors import RegraftError
+    from tasks.promotion import end_shadow, promote_model, rollback, shadow_model
+    from tasks.render import shadow_change_text
 
     params = load_params(project / "params.yaml")
-    if args.command == "promote":
-        record = promote_model(params, args.tag, args.reason, args.by)
-    else:
+    if args.command == "rollback":
         record = rollback(params, args.reason, args.by)
+    elif args.shadow_off:
+        record = end_shadow(params, args.tag, args.reason or "shadow ended by hand", args.by)
+    elif not args.tag:
+        raise RegraftError("regraft promote: name the model TAG (or end the shadow with --shadow-off)")
+    elif args.shadow:
+        record = shadow_model(params, args.tag, args.reason or "shadow started by hand", args.by)
+    else:
+        record = promote_model(params, args.tag, args.reason or "promoted by hand", args.by)
     if record.get("finished"):
         print(record["finished"])
-    event = record["history"][-1]
+    *earlier, event = record["history"]
+    if event["action"] in ("shadow", "shadow-off"):
+        print(shadow_change_text(event))
+        return EXIT_OK
+    if earlier and earlier[-1]["action"] == "shadow-off" and earlier[-1]["at"] == event["at"]:
+        print(shadow_change_text(earlier[-1]))  # the promotion or rollback ended the shadow
     print(f"{event['action']}: {event['tag']} is now in production"
           + (f" (was {event['previous']})" if event.get("previous") else "") + f"; {record['versioning']}")
     return EXIT_OK

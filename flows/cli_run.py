@@ -47,6 +47,8 @@ def print_failures_once() -> None:
 
 
 def print_summary(result: dict) -> None:
+    from tasks.reports import Decision, EvaluateReport, Verdict, parse_report
+
     print("\nregraft run finished: " + " -> ".join(result["stages"]))
     ingest = result["reports"].get("ingest")
     if ingest:
@@ -76,26 +78,25 @@ def print_summary(result: dict) -> None:
             print(f"  {finetune['reason'].split(' (')[0]}")
         print(f"served as: {served.get('served_as', 'not recorded')}")
         print(f"model: {finetune['model_dir']} (model card: {finetune['model_dir']}/README.md)")
-    evaluate = result["reports"].get("evaluate")
-    if evaluate:
+    if result["reports"].get("evaluate"):
+        evaluate = parse_report(EvaluateReport, result["reports"]["evaluate"], "the evaluate report")
         print("\nevaluation on target_holdout (95% bootstrap intervals):")
-        for model, entry in evaluate["splits"]["target_holdout"]["models"].items():
-            o = entry["overall"]
-            print(f"  {model:15s} accuracy {o['accuracy']:.3f} {interval_text(o['intervals']['accuracy'])}  "
-                  f"macro-F1 {o['macro_f1']:.3f} {interval_text(o['intervals']['macro_f1'])}")
-        gain = evaluate["transfer_gain"]
-        if gain["estimate"] is not None:
-            flag = "  NEGATIVE TRANSFER" if gain["negative_transfer"] else ""
-            print(f"  transfer gain (candidate - TF-IDF, macro-F1): {gain['estimate']:+.3f} "
-                  f"{interval_text(gain['interval'], signed=True)}{flag}")
-    verdict = result["reports"].get("gate")
-    if verdict:
+        for model, entry in evaluate.splits["target_holdout"].models.items():
+            o = entry.overall
+            print(f"  {model:15s} accuracy {o.accuracy:.3f} {interval_text(o.intervals['accuracy'])}  "
+                  f"macro-F1 {o.macro_f1:.3f} {interval_text(o.intervals['macro_f1'])}")
+        gain = evaluate.transfer_gain
+        if gain.estimate is not None:
+            flag = "  NEGATIVE TRANSFER" if gain.negative_transfer else ""
+            print(f"  transfer gain (candidate - TF-IDF, macro-F1): {gain.estimate:+.3f} "
+                  f"{interval_text(gain.interval, signed=True)}{flag}")
+    if result["reports"].get("gate"):
         from tasks.render import verdict_markdown
 
-        print("\n" + verdict_markdown(verdict))
-    decision = result["reports"].get("decide")
-    if decision:
-        print(f"decision: {'approved' if decision['approved'] else 'rejected'} by {decision['by']} ({decision['reason']})\n")
+        print("\n" + verdict_markdown(parse_report(Verdict, result["reports"]["gate"], "the verdict")))
+    if result["reports"].get("decide"):
+        decision = parse_report(Decision, result["reports"]["decide"], "the decision")
+        print(f"decision: {'approved' if decision.approved else 'rejected'} by {decision.by} ({decision.reason})\n")
     if package:
         smoke = package["smoke_test"]
         print(f"packaged {package['model']} (Bento {package['bento']}); smoke test: {smoke['examples']} served "

@@ -32,7 +32,7 @@ def command_serve(args: argparse.Namespace, project: Path) -> int:
     from tasks.config import load_params
     from tasks.packaging import bentoml_environment
     from tasks.processes import stop_process_group
-    from tasks.promotion import follow_remote, install_production_from
+    from tasks.promotion import follow_remote, install_served_models
     from tasks.remote import model_remote
     from tasks.serving import production_tag
 
@@ -40,8 +40,15 @@ def command_serve(args: argparse.Namespace, project: Path) -> int:
     remote = model_remote(params)
     if remote is not None:
         record, _ = remote.read_record()
-        tag = install_production_from(params, remote, record) if record else production_tag(params.paths.registry)
+        served = (install_served_models(params, remote, record) if record else
+                  {"production": production_tag(params.paths.registry), "shadow": None, "problem": None})
+        tag = served["production"]
         print(f"following promotions in {remote.url}", flush=True)
+        if served["shadow"]:  # a host started while a shadow runs joins it
+            print(f"shadow candidate {served['shadow']}: predicts every served text too, off the response path",
+                  flush=True)
+        if served["problem"]:
+            print(f"warning: {served['problem']}", file=sys.stderr, flush=True)
     else:
         tag = production_tag(params.paths.registry)
     host, port = args.host or params.serve.host, args.port or params.serve.port
@@ -55,7 +62,7 @@ def command_serve(args: argparse.Namespace, project: Path) -> int:
     server = subprocess.Popen(command, cwd=project, env=env, start_new_session=True)
     stop = threading.Event()
     if remote is not None:
-        threading.Thread(target=follow_remote, args=(params, remote, tag, stop), name="remote-follower",
+        threading.Thread(target=follow_remote, args=(params, remote, served, stop), name="remote-follower",
                          daemon=True).start()
     try:
         return server.wait()

@@ -9,7 +9,8 @@ the retrain triggers answer only to events whose resource is this project (`regr
   `regraft.shift.detected` and `regraft.performance.degraded` events that shift-watch emits (the closed loop
   serve -> watch -> retrain), one trigger each, so a run shows which one started it.
 - retrain-scheduled: the same flow on `schedule.retrain_cron`.
-- promote, rollback: a model tag / nothing.
+- promote: a model tag and its rollout (`full`; `shadow`: beside production, off the response path; `shadow-off`).
+- rollback: nothing.
 - shift-watch: on `schedule.shift_watch_cron`.
 
 Each deployment's parameter schema is enforced by the server and closed (no parameter its flow does not take),

@@ -19,6 +19,7 @@ from tasks.config import Params
 from tasks.files import sha256_of, write_json
 from tasks.gate import INCONCLUSIVE, answer_file
 from tasks.render import verdict_markdown
+from tasks.reports import Verdict, read_report
 
 
 class GateDecision(RunInput):
@@ -39,14 +40,14 @@ def decision_mode() -> str:
     return "policy"
 
 
-def ask_person(verdict: dict, timeout_seconds: int, mode: str) -> dict | None:
+def ask_person(verdict: Verdict, timeout_seconds: int, mode: str) -> dict | None:
     """A person's answer to an INCONCLUSIVE verdict ({approved, by, reason}), or None when there is nobody
     to ask or nobody answers in time."""
     logger = get_run_logger()
     if mode == "pause":
         logger.warning("gate INCONCLUSIVE: waiting up to %s s for a decision (resume this run in the Prefect UI)",
                        timeout_seconds)
-        tell(GATE_PAUSED, f"gate INCONCLUSIVE on {', '.join(verdict.get('inconclusive') or []) or 'some criteria'}: "
+        tell(GATE_PAUSED, f"gate INCONCLUSIVE on {', '.join(verdict.inconclusive) or 'some criteria'}: "
              f"the run waits up to {timeout_seconds} s for a decision (Resume in the Prefect UI)", INCONCLUSIVE)
         try:
             answer = pause_flow_run(wait_for_input=GateDecision, timeout=timeout_seconds, key="gate-decision")
@@ -63,9 +64,11 @@ def ask_person(verdict: dict, timeout_seconds: int, mode: str) -> dict | None:
 
 
 @task(name="ask-about-verdict")
-def file_answer(verdict: dict, root: Path, params: Params) -> dict | None:
-    """Ask whoever can answer about an INCONCLUSIVE verdict; file the answer for the decide stage."""
-    if verdict.get("verdict") != INCONCLUSIVE:
+def file_answer(root: Path, params: Params) -> dict | None:
+    """Ask whoever can answer about an INCONCLUSIVE verdict (the gate's file, which the answer is filed for by its
+    sha256); file the answer for the decide stage."""
+    verdict = read_report(root / params.paths.verdict, Verdict)
+    if verdict.verdict != INCONCLUSIVE:
         return None
     answer = ask_person(verdict, params.gate.decision_timeout_seconds, decision_mode())
     if answer is not None:

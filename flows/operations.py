@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -24,17 +25,25 @@ def in_project() -> Path:
 
 
 @flow(name="promote", log_prints=True)
-def promote(tag: str, reason: str = "promoted from Prefect", by: str = "prefect") -> dict:
-    """Make a packaged model (PASS or approved) the production model."""
-    from tasks.promotion import promote_model
+def promote(tag: str, reason: str = "promoted from Prefect", by: str = "prefect",
+            rollout: Literal["full", "shadow", "shadow-off"] = "full") -> dict:
+    """Make a packaged model (PASS or approved) the production model; with rollout `shadow`, its shadow candidate
+    instead (every serving host predicts each served text with it too, off the response path); `shadow-off` ends
+    that shadow (tag: the shadow candidate) without promoting it."""
+    from tasks.promotion import end_shadow, promote_model, shadow_model
+    from tasks.render import shadow_change_text
 
     root = in_project()
     params = load_params(root / "params.yaml")
-    with run_slot(params.project.name, f"promote {tag}", params.schedule.lock_timeout_seconds,
-                      get_run_logger().warning):
-        record = promote_model(params, tag, reason, by)
+    change = {"full": promote_model, "shadow": shadow_model, "shadow-off": end_shadow}[rollout]
+    with run_slot(params.project.name, f"promote {tag} ({rollout})", params.schedule.lock_timeout_seconds,
+                  get_run_logger().warning):
+        record = change(params, tag, reason, by)
     if record.get("finished"):
         print(record["finished"])
+    if rollout != "full":
+        print(shadow_change_text(record["history"][-1]))
+        return record["history"][-1]
     print(f"{tag} is now in production; {record['versioning']}")
     announce(MODEL_PROMOTED, record)
     return record["history"][-1]

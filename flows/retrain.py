@@ -22,18 +22,19 @@ from prefect.runtime import flow_run
 
 from flows.concurrency import run_slot
 from flows.dag import stage_order, stage_outputs
-from flows.dvc_stage import json_file, run_stage, stage_progress_file
+from flows.dvc_stage import run_stage, stage_progress_file
 from flows.gate_answer import file_answer
 from flows.notifications import RUN_FAILED, tell
 from flows.run_form import RetrainParameters
 from flows.run_record import publish_html_report, push_outputs, record_run, save_to_history
 from flows.workspace import discard, prune_failed_runs, recover_interrupted, restore, take_snapshot
 from tasks.config import Params, load_params, project_root, write_overrides
-from tasks.errors import RegraftError
+from tasks.errors import RegraftError, ReportError
 from tasks.files import PRIVATE_UMASK
 from tasks.locking import clear_stale_dvc_locks, project_lock
 from tasks.overrides import check_overrides, check_overrides_before_lock
 from tasks.promotion import finish_interrupted_promotion, install_champion_from_remote
+from tasks.reports import Verdict, read_report
 
 # The stage before which an INCONCLUSIVE verdict is put to a person.
 DECIDE_STAGE = "decide"
@@ -43,10 +44,10 @@ SNAPSHOT = "before"
 
 
 def gate_verdict(path: Path) -> str | None:
-    """PASS, FAIL or INCONCLUSIVE from a verdict file, or None when there is no readable one."""
+    """PASS, FAIL or INCONCLUSIVE from a verdict file, or None when there is no valid one."""
     try:
-        return json_file(path).get("verdict")
-    except (OSError, ValueError, AttributeError):
+        return read_report(path, Verdict).verdict
+    except ReportError:
         return None
 
 
@@ -107,7 +108,7 @@ def run_all_stages(root: Path, parameters: RetrainParameters, run_id: str) -> di
         for stage in stages:
             started.append(stage)
             if stage == DECIDE_STAGE and "gate" in reports:
-                file_answer(reports["gate"], root, params)
+                file_answer(root, params)
             reports[stage] = run_stage.with_options(name=stage)(
                 stage, root, params.report_file(stage), params.schedule.stage_timeout_seconds,
                 stage_progress_file(root / params.paths.state, stage))

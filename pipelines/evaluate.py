@@ -13,9 +13,11 @@ from pipelines.stage_io import read_splits, report_path, run_stage, save_figure,
 from tasks.config import Params
 from tasks.baselines import baseline_probabilities, classifier_probabilities, train_frame
 from tasks.errors import CheckFailed
-from tasks.evaluate import evaluate_split, transfer_gain, weighted_split
+from tasks.evaluate import bootstrap_table, evaluate_split, transfer_gain, weighted_split
 from tasks.registry import production_problems
 from tasks.render import evaluate_markdown
+from tasks.reports import (BootstrapKey, EvaluateReport, GroupMetrics, SplitReport, WeightedSplit, WeightedUnavailable,
+                           write_report)
 
 HOLDOUTS = ("target_holdout", "source_holdout")
 WEIGHTED = "source_holdout_weighted"
@@ -39,71 +41,72 @@ def main(params: Params) -> int:
     probas.update(baseline_probabilities(train_frame(splits, params.train.data), texts, labels, params.model.base,
                                          max_length, params.paths.cache / "embeddings"))
 
-    report = {"stage": "evaluate", "labels": params.ingest.labels, "champion": str(champion) if has_champion else None,
-              "models": {
-                  "candidate": f"fine-tuned model at {params.paths.model}",
-                  "champion": f"production model at {champion}" if has_champion else None,
-                  "frozen_encoder": f"{params.model.base} frozen, mean-pooled, logistic-regression head",
-                  "tfidf": "TF-IDF (1-2 grams) + logistic regression",
-              },
-              "bootstrap": params.evaluate.bootstrap, "confidence": params.evaluate.confidence, "splits": {}}
-    samples: dict[str, np.ndarray] = {}
+    evaluated: dict[str, SplitReport] = {}
+    samples: dict[BootstrapKey, np.ndarray] = {}
     for split in HOLDOUTS:
         per_model = {model: by_split[split] for model, by_split in probas.items()}
-        report["splits"][split], split_samples = evaluate_split(
+        evaluated[split], split_samples = evaluate_split(
             splits[split], per_model, params.ingest.labels, params.ingest.columns.groups, params.evaluate, split)
         samples.update(split_samples)
-    report["transfer_gain"] = transfer_gain(report)
-    report["weighted"], weighted_samples = weighted_source_holdout(params, splits["source_holdout"],
-                                                                   {m: p["source_holdout"] for m, p in probas.items()})
+    weighted, weighted_samples = weighted_source_holdout(params, splits["source_holdout"],
+                                                         {m: p["source_holdout"] for m, p in probas.items()})
     samples.update(weighted_samples)
-    report["bootstrap_file"] = str(params.paths.bootstrap)
-    write_parquet(params.paths.bootstrap, pd.DataFrame(samples))
-    report["plots"] = save_plots(report, params.paths.evaluation)
+    report = EvaluateReport(
+        labels=params.ingest.labels, champion=str(champion) if has_champion else None,
+        models={
+            "candidate": f"fine-tuned model at {params.paths.model}",
+            "champion": f"production model at {champion}" if has_champion else None,
+            "frozen_encoder": f"{params.model.base} frozen, mean-pooled, logistic-regression head",
+            "tfidf": "TF-IDF (1-2 grams) + logistic regression",
+        },
+        bootstrap=params.evaluate.bootstrap, confidence=params.evaluate.confidence, splits=evaluated,
+        transfer_gain=transfer_gain(evaluated), weighted=weighted, bootstrap_file=str(params.paths.bootstrap))
+    write_parquet(params.paths.bootstrap, bootstrap_table(samples))
+    report.plots = save_plots(report, params.paths.evaluation)
     write_confusion_rows(params.paths.confusion_rows, splits["target_holdout"], probas["candidate"]["target_holdout"],
                          params.ingest.labels)
-    write_json(report_path(params, "evaluate"), report)
+    write_report(report_path(params, "evaluate"), report)
     write_json(params.paths.metrics, headline_metrics(report))
     print(evaluate_markdown(report))
     return 0
 
 
-def weighted_source_holdout(params: Params, frame: pd.DataFrame, probas: dict[str, np.ndarray]) -> tuple[dict, dict]:
+def weighted_source_holdout(params: Params, frame: pd.DataFrame, probas: dict[str, np.ndarray]
+                            ) -> tuple[WeightedSplit | WeightedUnavailable, dict[BootstrapKey, np.ndarray]]:
     """The source holdout weighted by the shift stage's importance weights (target/source density ratio), so that
     forgetting can be judged on source rows that look like the target. Rows the shift stage did not weigh (it
     samples beyond shift.max_rows) are left out, and said so."""
     weights_file = params.paths.shift_weights
     by_id = pd.read_parquet(weights_file).drop_duplicates("id").set_index("id")["weight"] if weights_file.is_file() else None
     if by_id is None or by_id.empty or "id" not in frame:
-        return {"split": WEIGHTED, "problem": f"no importance weights in {weights_file}"}, {}
+        return WeightedUnavailable(split=WEIGHTED, problem=f"no importance weights in {weights_file}"), {}
     weights = frame["id"].astype("str").map(by_id).to_numpy(dtype=float)
     weighed = ~np.isnan(weights)
     if not weighed.any():
-        return {"split": WEIGHTED, "problem": f"{weights_file} weighs none of the source_holdout rows"}, {}
+        return WeightedUnavailable(split=WEIGHTED, problem=f"{weights_file} weighs none of the source_holdout rows"), {}
     index = {label: i for i, label in enumerate(params.ingest.labels)}
     entry, samples = weighted_split(frame["label"].map(index).to_numpy()[weighed],
                                     {m: p[weighed] for m, p in probas.items()}, weights[weighed],
                                     params.ingest.labels, params.evaluate, WEIGHTED)
-    return {"split": WEIGHTED, "rows_without_weight": int((~weighed).sum()), **entry}, samples
+    return entry.model_copy(update={"rows_without_weight": int((~weighed).sum())}), samples
 
 
-def headline_metrics(report: dict) -> dict:
+def headline_metrics(report: EvaluateReport) -> dict:
     """The few numbers `dvc metrics show/diff` and `dvc exp show` compare across runs, each with its interval
     (`<metric>_low`, `<metric>_high`)."""
     out = {}
-    for split, entry in report["splits"].items():
-        for model, result in entry["models"].items():
-            overall, row = result["overall"], {}
-            for metric in ("accuracy", "macro_f1", "ece"):
-                row[metric] = overall[metric]
-                interval = (overall.get("intervals") or {}).get(metric)
+    for split, entry in report.splits.items():
+        for model, result in entry.models.items():
+            overall, row = result.overall, {}
+            for metric, value in (("accuracy", overall.accuracy), ("macro_f1", overall.macro_f1), ("ece", overall.ece)):
+                row[metric] = value
+                interval = overall.intervals.get(metric)
                 if interval:
                     row[f"{metric}_low"], row[f"{metric}_high"] = interval
             out.setdefault(split, {})[model] = row
-    gain = report["transfer_gain"]
-    out["transfer_gain_macro_f1"] = gain["estimate"]
-    if gain.get("interval"):
-        out["transfer_gain_macro_f1_low"], out["transfer_gain_macro_f1_high"] = gain["interval"]
+    gain = report.transfer_gain
+    out["transfer_gain_macro_f1"] = gain.estimate
+    out["transfer_gain_macro_f1_low"], out["transfer_gain_macro_f1_high"] = gain.interval
     return out
 
 
@@ -113,7 +116,7 @@ def write_confusion_rows(path: Path, frame: pd.DataFrame, proba: np.ndarray, lab
     write_atomically(path, lambda tmp: rows.to_csv(tmp, index=False))
 
 
-def save_plots(report: dict, folder: Path) -> list[str]:
+def save_plots(report: EvaluateReport, folder: Path) -> list[str]:
     """Per-group bars with interval whiskers (candidate vs champion and baselines), confusion matrices."""
     import matplotlib
 
@@ -122,46 +125,47 @@ def save_plots(report: dict, folder: Path) -> list[str]:
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    split = report["splits"]["target_holdout"]
-    models = list(split["models"])
-    for column in split["group_columns"]:
+    split = report.splits["target_holdout"]
+    models = list(split.models)
+    for column in split.group_columns:
         for metric in ("accuracy", "macro_f1"):
-            groups = list(split["models"]["candidate"]["groups"][column]["groups"])
+            groups = list(split.models["candidate"].groups[column].groups)
             fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) * len(models) / 2), 4))
             width = 0.8 / len(models)
             for j, model in enumerate(models):
-                entries = split["models"][model]["groups"][column]["groups"]
-                values = np.array([entries[g][metric] if entries[g][metric] is not None else np.nan for g in groups])
+                entries = split.models[model].groups[column].groups
+                values = np.array([np.nan if entries[g].metric(metric) is None else entries[g].metric(metric)
+                                   for g in groups])
                 low = np.array([_bound(entries[g], metric, 0, values[i]) for i, g in enumerate(groups)])
                 high = np.array([_bound(entries[g], metric, 1, values[i]) for i, g in enumerate(groups)])
                 x = np.arange(len(groups)) + (j - (len(models) - 1) / 2) * width
                 ax.bar(x, values, width=width, label=model,
                        yerr=[np.clip(values - low, 0, None), np.clip(high - values, 0, None)], capsize=2)
-            sizes = split["group_columns"][column]["sizes"]
+            sizes = split.group_columns[column].sizes
             ax.set_xticks(np.arange(len(groups)), [f"{g}\n(n={sizes.get(g, 0)})" for g in groups], fontsize=8)
-            ax.set(title=f"target_holdout: {metric} by {column} ({report['confidence']:.0%} intervals)",
+            ax.set(title=f"target_holdout: {metric} by {column} ({report.confidence:.0%} intervals)",
                    ylabel=metric, ylim=(0, 1.05))
             ax.legend(fontsize=8)
             written.append(save_figure(fig, folder / f"groups_{_slug(column)}_{metric}.png"))
-    for split_name, entry in report["splits"].items():
+    for split_name, entry in report.splits.items():
         fig, axes = plt.subplots(1, len(models), figsize=(3.4 * len(models), 3.4))
         for ax, model in zip(np.atleast_1d(axes), models):
-            matrix = np.asarray(entry["models"][model]["overall"]["confusion"])
+            matrix = np.asarray(entry.models[model].overall.confusion)
             ax.imshow(matrix, cmap="Blues")
             for (r, c), v in np.ndenumerate(matrix):
                 ax.text(c, r, str(v), ha="center", va="center", fontsize=8)
-            ticks = np.arange(len(report["labels"]))
-            ax.set_xticks(ticks, report["labels"], fontsize=7)
-            ax.set_yticks(ticks, report["labels"], fontsize=7)
+            ticks = np.arange(len(report.labels))
+            ax.set_xticks(ticks, report.labels, fontsize=7)
+            ax.set_yticks(ticks, report.labels, fontsize=7)
             ax.set(title=model, xlabel="predicted", ylabel="true")
         fig.suptitle(f"Confusion matrices, {split_name}")
         written.append(save_figure(fig, folder / f"confusion_{split_name}.png"))
     return written
 
 
-def _bound(entry: dict, metric: str, side: int, value: float) -> float:
-    """The interval the gate uses: Wilson for a small group's accuracy, else the bootstrap."""
-    interval = entry["intervals"].get(f"{metric}_wilson") or entry["intervals"].get(metric) or [None, None]
+def _bound(entry: GroupMetrics, metric: str, side: int, value: float) -> float:
+    """One end of the interval the gate uses (GroupMetrics.judged_interval); the value itself where it is unknown."""
+    interval = entry.judged_interval(metric)
     return value if interval[side] is None else interval[side]
 
 

@@ -22,7 +22,8 @@ from tasks.errors import ConfigError
 from tasks.files import replace_directory
 from tasks.finetune import FinetuneResult, finetune
 from tasks.lexical import LexicalCompanion, write_companion
-from tasks.render import evidence_text, ladder_text
+from tasks.model_card import model_card
+from tasks.render import calibration_text, ladder_text
 from tasks.served_choice import served_model
 from tasks.strategy import choose_strategy, served_reason
 from tasks.training_data import build_training_data
@@ -47,56 +48,6 @@ def initial_model(params: Params) -> str:
 def read_shift_report(params: Params) -> dict | None:
     path = report_path(params, "shift")
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def model_card(result: FinetuneResult, params: Params, base: str, data_hashes: dict[str, str],
-               evidence: list[dict], lexical: dict) -> str:
-    """README.md in Hugging Face conventions: YAML front matter, then what, from what, how, how well."""
-    labels = params.ingest.labels
-    validation = result.metrics.get("validation", {})
-    lines = [
-        "---",
-        f"base_model: {model_origin(base)}",
-        "library_name: transformers",
-        "pipeline_tag: text-classification",
-        f"tags: [regraft, text-classification, {result.strategy}]",
-        "model-index:",
-        "- name: regraft-candidate",
-        "  results:",
-        "  - task: {type: text-classification}",
-        "    dataset: {name: target validation split, type: regraft}",
-        "    metrics:",
-        *[f"    - {{type: {k}, value: {v:.4f}}}" for k, v in validation.items()],
-        "---",
-        "",
-        "# regraft candidate model",
-        "",
-        f"A text classifier over {labels}, adapted from `{model_origin(base)}` by regraft's "
-        f"`{result.strategy}` strategy.",
-        "",
-        f"- Why this strategy: {result.reason}",
-        *[f"  - {evidence_text(row)}" for row in evidence],
-        f"- Trained on: {params.train.data} ({'target weight ' + str(params.train.target_weight) if params.train.data != 'target' else 'target only'})",
-        f"- Hardware: {result.runtime.reason}; precision {result.runtime.precision}; {result.runtime.threads} threads; "
-        f"{result.extra.get('world_size', 1)} process(es)",
-        f"- Epochs run: {result.epochs_run} (best validation epoch: {result.best_epoch})",
-        "- Validation (held out of target_train): " + ", ".join(f"{k} {v:.3f}" for k, v in validation.items()),
-        f"- Served as: {lexical['served_as']}",
-        *([f"  - {text}"] if (text := ladder_text(lexical.get("evidence_ladder"))) else []),
-        "- Test metrics: see the evaluate stage's report (reports/evaluate.json) when it exists.",
-        "",
-        "## Data (md5 as recorded by DVC)",
-        "",
-        *[f"- `{name}`: `{digest}`" for name, digest in data_hashes.items()],
-        "",
-        "## Parameters",
-        "",
-        "```json",
-        json.dumps({"model": params.model.model_dump(mode="json"), "train": params.train.model_dump(mode="json")}, indent=2),
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
 
 
 def save_model_dir(result: FinetuneResult, destination: Path, card: str, companion: LexicalCompanion | None) -> None:
@@ -161,19 +112,14 @@ def main(params: Params) -> int:
     result, calibration, _ = encoders[served.encoder]
     result.reason = reason
     companion, lexical = served.companion, served.report
-    print(f"finetune: calibrated by temperature scaling: T = {calibration['temperature']:.3f}"
-          + (f", validation ECE {calibration['validation_ece_before']:.3f} -> {calibration['validation_ece_after']:.3f}"
-             if "validation_ece_after" in calibration else f" ({calibration.get('note')})"), flush=True)
+    print(f"finetune: calibrated by temperature scaling: {calibration_text(calibration)}", flush=True)
     if cheap:
         print(f"finetune: {reason.split(' (')[0]}", flush=True)
     print(f"finetune: served as {lexical['served_as']}", flush=True)
     if ladder := ladder_text(lexical.get("evidence_ladder")):
         print(f"finetune: {ladder}", flush=True)
     data_hashes = {name: file_md5(Path(path)) for name, path in params.paths.splits.model_dump().items()}
-    save_model_dir(result, params.paths.model, model_card(result, params, base, data_hashes, choice.evidence, lexical),
-                   companion)
-    write_log(params.paths.train_log, result.log)
-    write_json(report_path(params, "finetune"), {
+    report = {
         "stage": "finetune",
         "strategy": result.strategy,
         "reason": result.reason,
@@ -201,7 +147,11 @@ def main(params: Params) -> int:
         "lexical_companion": lexical,
         "data_md5": data_hashes,
         **({"rank_weight_sha256": result.extra["rank_weight_sha256"]} if "rank_weight_sha256" in result.extra else {}),
-    })
+    }
+    # The card starts from the report's facts; the package stage completes it from the same function.
+    save_model_dir(result, params.paths.model, model_card(params, report), companion)
+    write_log(params.paths.train_log, result.log)
+    write_json(report_path(params, "finetune"), report)
     # A finished run's checkpoints must not be resumed by the next one.
     shutil.rmtree(params.paths.checkpoints, ignore_errors=True)
     validation = result.metrics.get("validation", {})

@@ -9,30 +9,24 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipelines.stage_io import report_path, run_stage, write_json
+from pipelines.stage_io import report_path, run_stage
 from tasks.config import Params
+from tasks.errors import ReportError
 from tasks.gate import FAIL, Evidence, judge
 from tasks.render import interval_text, verdict_markdown
+from tasks.reports import EvaluateReport, Verdict, read_report, write_report
 
 
 def read_evidence(params: Params) -> Evidence:
-    """Read what the gate judges; every missing or unreadable file is named, never skipped."""
+    """Read what the gate judges; every missing, unreadable or malformed evaluation file is named, never skipped."""
     problems: list[str] = []
-
-    def read_json(path: Path) -> dict | None:
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            problems.append(f"{path}: not found")
-        except (OSError, ValueError) as exc:
-            problems.append(f"{path}: unreadable ({exc})")
-        return None
-
-    evaluation = read_json(report_path(params, "evaluate"))
-    shift_problems = len(problems)
-    shift = read_json(report_path(params, "shift"))
+    try:
+        evaluation = read_report(report_path(params, "evaluate"), EvaluateReport)
+    except ReportError as exc:
+        evaluation = None
+        problems.append(str(exc))
     # The shift report's absence is its own criterion; only evaluation files make the whole verdict void.
-    del problems[shift_problems:]
+    shift = read_shift(report_path(params, "shift"))
     bootstrap = None
     if evaluation is not None:
         try:
@@ -42,21 +36,29 @@ def read_evidence(params: Params) -> Evidence:
     return Evidence(evaluation=evaluation, bootstrap=bootstrap, shift=shift, problems=problems)
 
 
+def read_shift(path: Path) -> dict | None:
+    """The shift report, or None when it is missing or unreadable (the shift criterion then fails)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def main(params: Params) -> int:
     verdict = judge(read_evidence(params), params.gate, params.evaluate.small_n)
-    write_json(params.paths.verdict, verdict)
+    write_report(params.paths.verdict, verdict)
     print(verdict_markdown(verdict))
-    if verdict["verdict"] == FAIL:
+    if verdict.verdict == FAIL:
         print("error: gate FAIL:\n  " + "\n  ".join(failure_lines(verdict)), file=sys.stderr)
         return 1
     return 0
 
 
-def failure_lines(verdict: dict) -> list[str]:
-    return [f"{c['name']}: {c['detail'] or 'value ' + str(c['value'])}" + (
-        f" (value {c['value']:.3f}, interval {interval_text(c['interval'])}, needs "
-        f"{c['direction']} {c['threshold']:.3f})" if c["value"] is not None and c["interval"][0] is not None else "")
-        for c in verdict["criteria"] if c["status"] == FAIL]
+def failure_lines(verdict: Verdict) -> list[str]:
+    return [f"{c.name}: {c.detail or 'value ' + str(c.value)}" + (
+        f" (value {c.value:.3f}, interval {interval_text(c.interval)}, needs "
+        f"{c.direction} {c.threshold:.3f})" if c.value is not None and c.interval[0] is not None else "")
+        for c in verdict.criteria if c.status == FAIL]
 
 
 if __name__ == "__main__":

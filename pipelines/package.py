@@ -17,28 +17,30 @@ import pandas as pd
 
 from pipelines.stage_io import report_path, run_stage, write_json
 from tasks.config import Params
-from tasks.errors import CheckFailed
+from tasks.errors import CheckFailed, ReportError
 from tasks.files import sha256_of
 from tasks.gate import promotable
-from tasks.packaging import (bentoml_environment, build_bento, export_to_remote, lineage, model_card, offline_labels,
-                             save_model, smoke_test)
+from tasks.model_card import Packaged, model_card
+from tasks.packaging import (bentoml_environment, build_bento, export_to_remote, lineage, offline_labels, save_model,
+                             smoke_test)
 from tasks.remote import model_remote
 from tasks.registry import file_digests, register
+from tasks.reports import Decision, EvaluateReport, Verdict, read_report
 
 
-def read_decision(params: Params) -> tuple[dict, dict]:
+def read_decision(params: Params) -> tuple[Verdict, Decision]:
     """The verdict and the decision on exactly that verdict; anything missing, stale or not approved refuses."""
     verdict_file, decision_file = params.paths.verdict, params.paths.decision
     try:
-        verdict = json.loads(verdict_file.read_text(encoding="utf-8"))
-        decision = json.loads(decision_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        verdict = read_report(verdict_file, Verdict)
+        decision = read_report(decision_file, Decision)
+    except ReportError as exc:
         raise CheckFailed(f"no readable gate verdict and decision ({exc}); nothing is packaged without them") from None
-    if decision.get("verdict_sha256") != sha256_of(verdict_file):
+    if decision.verdict_sha256 != sha256_of(verdict_file):
         raise CheckFailed(f"{decision_file} decides about another verdict than {verdict_file}; run the decide stage again")
-    if not promotable(verdict.get("verdict"), decision):
-        raise CheckFailed(f"gate verdict {verdict.get('verdict')}, {'approved' if decision.get('approved') else 'not approved'} "
-                          f"by {decision.get('by')}; only a PASS or an approved INCONCLUSIVE candidate is packaged")
+    if not promotable(verdict.verdict, decision.approved):
+        raise CheckFailed(f"gate verdict {verdict.verdict}, {'approved' if decision.approved else 'not approved'} "
+                          f"by {decision.by}; only a PASS or an approved INCONCLUSIVE candidate is packaged")
     return verdict, decision
 
 
@@ -48,9 +50,12 @@ def main(params: Params) -> int:
     origin = lineage(params, verdict, decision)
     finetune = report_path(params, "finetune")
     evaluation = report_path(params, "evaluate")
-    card = model_card(params, json.loads(evaluation.read_text(encoding="utf-8")) if evaluation.is_file() else {},
-                      verdict, decision, origin, json.loads(finetune.read_text(encoding="utf-8")) if finetune.is_file() else {})
-    # The checksums are of the files as packaged: the card replaces finetune's README.md.
+    # The model card still reads these reports as plain JSON (tasks/model_card.py): it is given them as dumped.
+    card = model_card(params, json.loads(finetune.read_text(encoding="utf-8")) if finetune.is_file() else {},
+                      Packaged(params.package.model_name,
+                               read_report(evaluation, EvaluateReport).model_dump() if evaluation.is_file() else {},
+                               verdict.model_dump(), decision.model_dump(), origin))
+    # The checksums are of the files as packaged: the completed card replaces finetune's README.md.
     digests = {**file_digests(params.paths.model), "README.md": hashlib.sha256(card.encode("utf-8")).hexdigest()}
     model_tag = save_model(params, origin, digests, card)
     bento_tag = build_bento(params, model_tag)
@@ -63,11 +68,11 @@ def main(params: Params) -> int:
     remote = model_remote(params)
     exported = export_to_remote(remote, model_tag, bento_tag) if remote is not None else None
     register(params.paths.registry, model_tag, {
-        "bento": bento_tag, "verdict": verdict["verdict"], "decision": decision, "sha256": digests,
+        "bento": bento_tag, "verdict": verdict.verdict, "decision": decision.model_dump(), "sha256": digests,
         "metrics": origin["metrics"], "data_md5": origin["data_md5"], "git_commit": origin["git_commit"],
         "smoke_test": smoke, "remote": exported,
     }, remote=remote)
-    report = {"stage": "package", "model": model_tag, "bento": bento_tag, "verdict": verdict["verdict"],
+    report = {"stage": "package", "model": model_tag, "bento": bento_tag, "verdict": verdict.verdict,
               "smoke_test": smoke, "registry": str(params.paths.registry), "remote": exported, "lineage": origin,
               "promote": f"regraft promote {model_tag}"}
     write_json(report_path(params, "package"), report)

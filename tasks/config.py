@@ -362,6 +362,10 @@ class ServeConfig(StrictModel):
     log_texts: Literal["hash", "text"] = Field(description="Prediction log keeps each text's sha256, or the text itself "
                                                 "(needed for shift monitoring on the log).")
     prediction_log: Path = Field(description="JSON-lines log of every prediction.")
+    shadow_log: Path = Field(description="JSON-lines log of the shadow candidate's predictions (`regraft promote TAG "
+                             "--shadow`), each with the prediction_id of production's row for the same text.")
+    shadow_queue: int = Field(ge=1, le=10_000, description="Most batches waiting for the shadow candidate; more are shed "
+                              "(counted in /healthz), never waited for. Bounded so a slow candidate cannot hold memory.")
     reload_seconds: float = Field(gt=0, description="How often the service checks the registry for a new production model.")
 
 

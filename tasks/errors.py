@@ -35,3 +35,8 @@ class InternalError(RegraftError):
     """Something failed that no input explains (a stage crashed); the message carries its own traceback."""
 
     exit_code = EXIT_INTERNAL
+
+
+class ReportError(DataError):
+    """A stage's report (reports/*.json, the verdict, the decision) is missing, unreadable or does not fit its
+    model; the message names the file and the field."""

@@ -8,6 +8,7 @@ every model is scored on the *same* resamples, so a difference between two model
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +16,9 @@ import pandas as pd
 from scipy import stats
 
 from tasks.config import EvaluateConfig
+from tasks.reports import (OVERALL, BootstrapKey, Comparison, Comparisons, Disparity, GroupBreakdown, GroupColumnInfo,
+                           GroupMetrics, Interval, ModelResult, OverallMetrics, SplitReport, TransferGain,
+                           WeightedModelResult, WeightedOverall, WeightedSplit, pair_name)
 
 OTHER = "other"
 SUMMARY_METRICS = ("accuracy", "macro_f1")
@@ -155,7 +159,7 @@ def group_columns(frame: pd.DataFrame, columns: list[str], intersections: bool, 
     raw: dict[str, pd.Series] = {}
     for column in columns:
         if column in frame:
-            # "|" separates the parts of a statistic's key in the bootstrap table.
+            # "|" separates the parts of a statistic's key in the bootstrap table (BootstrapKey.to_str).
             raw[column] = frame[column].astype("str").where(frame[column].notna(), "(missing)").str.replace("|", "/")
     if intersections and len(raw) > 1:
         name = " x ".join(raw)
@@ -200,42 +204,59 @@ def metric_frame_table(y_true: np.ndarray, y_pred: np.ndarray, groups: GroupColu
 
 
 def bootstrap_statistics(y_true: np.ndarray, probas: dict[str, np.ndarray], columns: list[GroupColumn],
-                         labels: list[str], cfg: EvaluateConfig, split: str, reference: str) -> dict[str, np.ndarray]:
-    """One array of resampled values per statistic, keyed `split|model|slice|metric`; the difference
-    `reference - other` of every model pair shares the resamples. NaN where a resample has no such slice."""
+                         labels: list[str], cfg: EvaluateConfig, split: str,
+                         reference: str) -> dict[BootstrapKey, np.ndarray]:
+    """One array of resampled values per statistic; the difference `reference - other` of every model pair shares
+    the resamples. NaN where a resample has no such slice."""
     k = len(labels)
     strata = columns[0].values if columns else np.zeros(len(y_true), dtype=int)
     idx = stratified_resamples(strata, cfg.bootstrap, cfg.seed)
     y_boot = y_true[idx]
-    out: dict[str, np.ndarray] = {}
+    out: dict[BootstrapKey, np.ndarray] = {}
     for model, proba in probas.items():
         pred_boot = proba.argmax(axis=1)[idx]
         overall = metrics_from_confusion(confusion_counts(y_boot, pred_boot, k))
         for metric in SUMMARY_METRICS:
-            out[f"{split}|{model}|overall|{metric}"] = overall[metric]
+            out[BootstrapKey.overall(split, model, metric)] = overall[metric]
         for column in columns:
             per_group = {}
             for group in column.eligible:
                 member = (column.values == group).astype(float)[idx]
                 m = metrics_from_confusion(confusion_counts(y_boot, pred_boot, k, weights=member))
                 for metric in SUMMARY_METRICS:
-                    out[f"{split}|{model}|{column.name}={group}|{metric}"] = m[metric]
+                    out[BootstrapKey.of_group(split, model, column.name, group, metric)] = m[metric]
                     per_group.setdefault(metric, []).append(m[metric])
             for metric, rows in per_group.items():
-                out[f"{split}|{model}|{column.name}|gap:{metric}"] = largest_gap(np.vstack(rows))
+                out[BootstrapKey.gap(split, model, column.name, metric)] = largest_gap(np.vstack(rows))
     add_paired_differences(out, list(probas), split, reference)
     return out
 
 
-def add_paired_differences(out: dict[str, np.ndarray], models: list[str], split: str, reference: str) -> None:
+def add_paired_differences(out: dict[BootstrapKey, np.ndarray], models: list[str], split: str, reference: str) -> None:
     """`reference - other` for every statistic both models have, resample by resample (the paired interval)."""
     for model in models:
         if model == reference:
             continue
-        for key in [key for key in out if key.startswith(f"{split}|{reference}|")]:
-            other = key.replace(f"|{reference}|", f"|{model}|", 1)
+        for key in [key for key in out if key.split == split and key.model == reference]:
+            other = key.for_model(model)
             if other in out:
-                out[key.replace(f"|{reference}|", f"|{reference}-{model}|", 1)] = out[key] - out[other]
+                out[key.for_model(pair_name(reference, model))] = out[key] - out[other]
+
+
+def bootstrap_table(samples: dict[BootstrapKey, np.ndarray]) -> pd.DataFrame:
+    """The resamples as the bootstrap file keeps them: one column per statistic, named by its key's string form."""
+    return pd.DataFrame({key.to_str(): values for key, values in samples.items()})
+
+
+def comparisons_from(interval: dict[BootstrapKey, Interval],
+                     estimate: Callable[[BootstrapKey], float | None]) -> Comparisons:
+    """Every paired statistic's point estimate and interval, by pair and then by `scope|metric`."""
+    comparisons: Comparisons = {}
+    for key, value in interval.items():
+        if key.pair is not None:
+            comparisons.setdefault(key.model, {})[key.comparison_name] = Comparison(estimate=estimate(key),
+                                                                                   interval=value)
+    return comparisons
 
 
 def effective_sample_size(weights: np.ndarray) -> float:
@@ -245,34 +266,29 @@ def effective_sample_size(weights: np.ndarray) -> float:
 
 
 def weighted_split(y_true: np.ndarray, probas: dict[str, np.ndarray], weights: np.ndarray, labels: list[str],
-                   cfg: EvaluateConfig, split: str, reference: str = "candidate") -> tuple[dict, dict[str, np.ndarray]]:
+                   cfg: EvaluateConfig, split: str,
+                   reference: str = "candidate") -> tuple[WeightedSplit, dict[BootstrapKey, np.ndarray]]:
     """Every model's overall metrics on rows weighted by importance (the source holdout made to look like the
     target), with bootstrap intervals on shared resamples, paired differences, and the effective sample size."""
     k = len(labels)
     idx = stratified_resamples(np.zeros(len(y_true), dtype=int), cfg.bootstrap, cfg.seed)
-    samples: dict[str, np.ndarray] = {}
+    samples: dict[BootstrapKey, np.ndarray] = {}
     points = {}
     for model, proba in probas.items():
         predicted = proba.argmax(axis=1)
         points[model] = metrics_from_confusion(confusion_counts(y_true, predicted, k, weights))
         resampled = metrics_from_confusion(confusion_counts(y_true[idx], predicted[idx], k, weights[idx]))
         for metric in SUMMARY_METRICS:
-            samples[f"{split}|{model}|overall|{metric}"] = resampled[metric]
+            samples[BootstrapKey.overall(split, model, metric)] = resampled[metric]
     add_paired_differences(samples, list(probas), split, reference)
     interval = {key: percentile_interval(value, cfg.confidence) for key, value in samples.items()}
-    models = {model: {"overall": {**{m: _num(point[m]) for m in SUMMARY_METRICS},
-                                  "intervals": {m: interval[f"{split}|{model}|overall|{m}"] for m in SUMMARY_METRICS}}}
+    models = {model: WeightedModelResult(overall=WeightedOverall(
+                  **{m: _num(point[m]) for m in SUMMARY_METRICS},
+                  intervals={m: interval[BootstrapKey.overall(split, model, m)] for m in SUMMARY_METRICS}))
               for model, point in points.items()}
-    comparisons = {}
-    for key, value in interval.items():
-        _, pair, scope, metric = key.split("|")
-        if "-" in pair:
-            a, b = pair.split("-", 1)
-            estimate = None if models[a]["overall"][metric] is None or models[b]["overall"][metric] is None else (
-                models[a]["overall"][metric] - models[b]["overall"][metric])
-            comparisons.setdefault(pair, {})[f"{scope}|{metric}"] = {"estimate": estimate, "interval": value}
-    return {"n": int(len(y_true)), "effective_sample_size": effective_sample_size(weights), "models": models,
-            "comparisons": comparisons}, samples
+    return WeightedSplit(split=split, n=int(len(y_true)), effective_sample_size=effective_sample_size(weights),
+                         models=models, comparisons=comparisons_from(interval, lambda key: point_difference(models, key))
+                         ), samples
 
 
 def largest_gap(values: np.ndarray) -> np.ndarray:
@@ -288,53 +304,48 @@ def largest_gap(values: np.ndarray) -> np.ndarray:
 
 
 def evaluate_split(frame: pd.DataFrame, probas: dict[str, np.ndarray], labels: list[str], group_names: list[str],
-                   cfg: EvaluateConfig, split: str, reference: str = "candidate") -> tuple[dict, dict[str, np.ndarray]]:
+                   cfg: EvaluateConfig, split: str,
+                   reference: str = "candidate") -> tuple[SplitReport, dict[BootstrapKey, np.ndarray]]:
     """Metrics, per-group tables, disparities and bootstrap intervals of every model on one split."""
     index = {label: i for i, label in enumerate(labels)}
     y_true = frame["label"].map(index).to_numpy()
     columns = group_columns(frame, group_names, cfg.intersections, cfg.min_group_size)
     samples = bootstrap_statistics(y_true, probas, columns, labels, cfg, split, reference)
     interval = {key: percentile_interval(value, cfg.confidence) for key, value in samples.items()}
-    models = {}
+    models: dict[str, ModelResult] = {}
     for model, proba in probas.items():
         overall = slice_metrics(y_true, proba, labels, cfg.ece_bins)
-        overall["intervals"] = {m: interval[f"{split}|{model}|overall|{m}"] for m in SUMMARY_METRICS}
+        overall["intervals"] = {m: interval[BootstrapKey.overall(split, model, m)] for m in SUMMARY_METRICS}
         overall["intervals"]["accuracy_wilson"] = wilson_interval(overall["accuracy"] * overall["n"], overall["n"],
                                                                   cfg.confidence)
         y_pred = proba.argmax(axis=1)
         groups = {}
         for column in columns:
             table = metric_frame_table(y_true, y_pred, column, labels)
-            groups[column.name] = {
-                "groups": {
-                    str(group): group_entry(row, column, str(group), labels, cfg,
-                                            {m: interval.get(f"{split}|{model}|{column.name}={group}|{m}", [None, None])
-                                             for m in SUMMARY_METRICS})
+            groups[column.name] = GroupBreakdown(
+                groups={
+                    str(group): group_entry(
+                        row, column, str(group), labels, cfg,
+                        {m: interval.get(BootstrapKey.of_group(split, model, column.name, str(group), m), [None, None])
+                         for m in SUMMARY_METRICS})
                     for group, row in table.iterrows()
                 },
-                "disparity": disparity(table, column, interval, f"{split}|{model}|{column.name}"),
-            }
-        models[model] = {"overall": overall, "groups": groups}
-    comparisons = {}
-    for key, value in interval.items():
-        _, pair, scope, metric = key.split("|")
-        if "-" in pair:
-            a, b = pair.split("-", 1)
-            comparisons.setdefault(pair, {})[f"{scope}|{metric}"] = {
-                "estimate": point_difference(models, a, b, f"{scope}|{metric}"), "interval": value}
-    report = {
-        "n": int(len(frame)),
-        "models": models,
-        "comparisons": comparisons,
-        "group_columns": {c.name: {"sizes": c.sizes, "eligible": c.eligible, "merged_into_other": c.merged,
-                                   "min_group_size": cfg.min_group_size} for c in columns},
-        "missing_group_columns": [c for c in group_names if c not in frame],
-    }
+                disparity=disparity(table, column, interval, split, model),
+            )
+        models[model] = ModelResult(overall=OverallMetrics(**overall), groups=groups)
+    report = SplitReport(
+        n=int(len(frame)),
+        models=models,
+        comparisons=comparisons_from(interval, lambda key: point_difference(models, key)),
+        group_columns={c.name: GroupColumnInfo(sizes=c.sizes, eligible=c.eligible, merged_into_other=c.merged,
+                                               min_group_size=cfg.min_group_size) for c in columns},
+        missing_group_columns=[c for c in group_names if c not in frame],
+    )
     return report, samples
 
 
 def group_entry(row: pd.Series, column: GroupColumn, group: str, labels: list[str], cfg: EvaluateConfig,
-                intervals: dict) -> dict:
+                intervals: dict) -> GroupMetrics:
     n = column.sizes.get(group, 0)
     accuracy = _num(row["accuracy"])
     entry = {
@@ -349,54 +360,58 @@ def group_entry(row: pd.Series, column: GroupColumn, group: str, labels: list[st
     }
     if accuracy is not None and n < cfg.small_n:
         entry["intervals"]["accuracy_wilson"] = wilson_interval(accuracy * n, n, cfg.confidence)
-    return entry
+    return GroupMetrics(**entry)
 
 
-def disparity(table: pd.DataFrame, column: GroupColumn, interval: dict, prefix: str) -> dict:
+def disparity(table: pd.DataFrame, column: GroupColumn, interval: dict[BootstrapKey, Interval], split: str,
+              model: str) -> dict[str, Disparity]:
     """Largest gap, smallest ratio and worst group among the groups large enough to judge."""
     eligible = table.loc[[g for g in table.index if str(g) in column.eligible]]
     out = {}
     for metric in SUMMARY_METRICS:
         values = eligible[metric].dropna()
         if len(values) < 2:
-            out[metric] = {"groups": len(values), "gap": None, "ratio": None, "worst_group": None, "worst_value": None,
-                           "gap_interval": [None, None]}
+            out[metric] = Disparity(groups=len(values), gap=None, ratio=None, worst_group=None, worst_value=None,
+                                    gap_interval=[None, None])
             continue
-        out[metric] = {
-            "groups": int(len(values)),
-            "gap": float(values.max() - values.min()),
-            "ratio": float(values.min() / values.max()) if values.max() > 0 else None,
-            "worst_group": str(values.idxmin()),
-            "worst_value": float(values.min()),
-            "gap_interval": interval.get(f"{prefix}|gap:{metric}", [None, None]),
-        }
+        out[metric] = Disparity(
+            groups=int(len(values)),
+            gap=float(values.max() - values.min()),
+            ratio=float(values.min() / values.max()) if values.max() > 0 else None,
+            worst_group=str(values.idxmin()),
+            worst_value=float(values.min()),
+            gap_interval=interval.get(BootstrapKey.gap(split, model, column.name, metric), [None, None]),
+        )
     return out
 
 
-def point_difference(models: dict, a: str, b: str, scope_metric: str) -> float | None:
-    """The point estimate of model a minus model b for a `slice|metric` key of the bootstrap."""
-    scope, metric = scope_metric.split("|")
-
-    def value(model: str):
-        entry = models[model]
-        if scope == "overall":
-            return entry["overall"][metric]
-        if "=" in scope:
-            column, group = scope.split("=", 1)
-            return entry["groups"][column]["groups"].get(group, {}).get(metric)
-        return entry["groups"][scope]["disparity"][metric.removeprefix("gap:")]["gap"]
-
-    va, vb = value(a), value(b)
+def point_difference(models: dict[str, ModelResult] | dict[str, WeightedModelResult],
+                     key: BootstrapKey) -> float | None:
+    """The point estimate behind a paired key: model a's value minus model b's on the key's slice."""
+    a, b = key.pair
+    va, vb = slice_value(models[a], key), slice_value(models[b], key)
     return None if va is None or vb is None else float(va - vb)
 
 
-def transfer_gain(report: dict, metric: str = "macro_f1") -> dict:
+def slice_value(result: ModelResult | WeightedModelResult, key: BootstrapKey) -> float | None:
+    """One model's value of the statistic a key names: overall, in one group, or a column's gap."""
+    if key.scope == OVERALL:
+        return result.overall.metric(key.metric)
+    if key.group is not None:
+        column, group = key.group
+        entry = result.groups[column].groups.get(group)
+        return None if entry is None else entry.metric(key.metric)
+    return result.groups[key.scope].disparity[key.gap_metric].gap
+
+
+def transfer_gain(splits: dict[str, SplitReport], metric: str = "macro_f1") -> TransferGain:
     """Candidate minus TF-IDF on target_holdout: what transfer learning bought over a bag of words."""
-    entry = report["splits"]["target_holdout"]["comparisons"].get("candidate-tfidf", {}).get(f"overall|{metric}")
-    if not entry:
-        return {"metric": metric, "estimate": None, "interval": [None, None], "negative_transfer": None}
-    high = entry["interval"][1]
-    return {"metric": metric, "estimate": entry["estimate"], "interval": entry["interval"],
-            # Called out when the whole interval is below zero: the fine-tuned model is worse than TF-IDF.
-            "negative_transfer": bool(high is not None and high < 0),
-            "below_zero": bool(entry["estimate"] is not None and entry["estimate"] < 0)}
+    entry = splits["target_holdout"].comparison(
+        BootstrapKey.overall("target_holdout", pair_name("candidate", "tfidf"), metric))
+    if entry is None:
+        return TransferGain(metric=metric, estimate=None, interval=[None, None], negative_transfer=None)
+    high = entry.interval[1]
+    return TransferGain(metric=metric, estimate=entry.estimate, interval=entry.interval,
+                        # Called out when the whole interval is below zero: the fine-tuned model is worse than TF-IDF.
+                        negative_transfer=bool(high is not None and high < 0),
+                        below_zero=bool(entry.estimate is not None and entry.estimate < 0))

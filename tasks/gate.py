@@ -10,7 +10,7 @@ too little data to judge is INCONCLUSIVE; nothing missing ever passes.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,24 +19,8 @@ from scipy import stats
 
 from tasks.config import GateConfig
 from tasks.evaluate import percentile_interval, wilson_interval
-
-PASS, FAIL, INCONCLUSIVE, NOT_APPLICABLE = "PASS", "FAIL", "INCONCLUSIVE", "N/A"
-
-
-@dataclass
-class Check:
-    """One decision: is `value` on the right side of `threshold`?"""
-
-    name: str
-    status: str
-    value: float | None = None
-    interval: list[float | None] = field(default_factory=lambda: [None, None])
-    threshold: float | None = None
-    direction: str = ">="          # ">=": higher is better; "<=": lower is better
-    margin: float | None = None    # how far the interval's worse bound is on the good side (negative: short)
-    p_meets: float | None = None
-    p_violates: float | None = None
-    detail: str = ""
+from tasks.reports import (FAIL, INCONCLUSIVE, NOT_APPLICABLE, PASS, BootstrapKey, Check, Comparison, Decision,
+                           EvaluateReport, InsufficientGroup, SplitReport, Verdict, WeightedUnavailable, pair_name)
 
 
 def bootstrap_p_values(samples: np.ndarray, threshold: float, direction: str) -> tuple[float, float] | None:
@@ -110,18 +94,19 @@ def threshold_check(name: str, value, samples: np.ndarray | None, threshold: flo
 class Evidence:
     """What the gate reads: the evaluation report, its bootstrap table, the shift report."""
 
-    evaluation: dict | None
+    evaluation: EvaluateReport | None
     bootstrap: pd.DataFrame | None
     shift: dict | None
     problems: list[str] = field(default_factory=list)  # unreadable or missing files, said plainly
 
-    def samples(self, key: str) -> np.ndarray | None:
-        if self.bootstrap is None or key not in self.bootstrap:
+    def samples(self, key: BootstrapKey) -> np.ndarray | None:
+        column = key.to_str()
+        if self.bootstrap is None or column not in self.bootstrap:
             return None
-        return self.bootstrap[key].to_numpy(dtype=float)
+        return self.bootstrap[column].to_numpy(dtype=float)
 
 
-def judge(evidence: Evidence, cfg: GateConfig, small_n: int) -> dict:
+def judge(evidence: Evidence, cfg: GateConfig, small_n: int) -> Verdict:
     """The verdict: every criterion's checks, the overall status, and what could not be judged."""
     checks: list[Check] = []
     notes: list[str] = []
@@ -131,26 +116,25 @@ def judge(evidence: Evidence, cfg: GateConfig, small_n: int) -> dict:
         checks.append(shift_check(evidence.shift))
         return verdict_from(checks, notes, champion=False, insufficient=[])
     evaluation = evidence.evaluation
-    splits = evaluation.get("splits", {})
-    champion = evaluation.get("champion") is not None
+    champion = evaluation.champion is not None
     if not champion:
         notes.append("No champion in production yet: only the absolute criteria apply "
                      "(floors, worst group, disparity gap, shift); non-inferiority, forgetting and the "
                      "disparity increase are not applicable.")
 
     for floor in cfg.floors:
-        overall = _get(splits, floor.split, "models", "candidate", "overall")
+        split = evaluation.splits.get(floor.split)
+        candidate = None if split is None else split.models.get("candidate")
         checks.append(threshold_check(
-            f"floor: {floor.split} {floor.metric}", (overall or {}).get(floor.metric),
-            evidence.samples(f"{floor.split}|candidate|overall|{floor.metric}"), floor.min, ">=", cfg.alpha,
-            detail="" if overall else f"no candidate metrics for {floor.split} in the evaluation report"))
+            f"floor: {floor.split} {floor.metric}", None if candidate is None else candidate.overall.metric(floor.metric),
+            evidence.samples(BootstrapKey.overall(floor.split, "candidate", floor.metric)), floor.min, ">=", cfg.alpha,
+            detail="" if candidate is not None else f"no candidate metrics for {floor.split} in the evaluation report"))
 
     ni = cfg.non_inferiority
     if champion:
-        key = f"overall|{ni.metric}"
-        entry = _get(splits, "target_holdout", "comparisons", "candidate-champion", key) or {}
+        key = BootstrapKey.overall("target_holdout", pair_name("candidate", "champion"), ni.metric)
         checks.append(threshold_check(f"non-inferiority to champion: target_holdout {ni.metric}",
-                                      entry.get("estimate"), evidence.samples(f"target_holdout|candidate-champion|{key}"),
+                                      _estimate(evaluation.comparison(key)), evidence.samples(key),
                                       -ni.delta, ">=", cfg.alpha, detail="candidate - champion"))
         checks.append(forgetting_check(evidence, cfg))
     else:
@@ -159,7 +143,7 @@ def judge(evidence: Evidence, cfg: GateConfig, small_n: int) -> dict:
 
     baselines = baseline_checks(evidence, cfg)
     checks += baselines
-    notes += baseline_notes(baselines, splits.get("target_holdout") or {}, cfg.baselines.metric)
+    notes += baseline_notes(baselines, evaluation.splits.get("target_holdout"), cfg.baselines.metric)
 
     group_checks, insufficient = worst_group_checks(evidence, cfg, small_n)
     checks += group_checks
@@ -176,23 +160,22 @@ def forgetting_check(evidence: Evidence, cfg: GateConfig) -> Check:
     """candidate - champion on the source domain, raw or importance-weighted; weighted evidence too thin to judge
     (effective rows below the floor) is INCONCLUSIVE, missing weighted evidence a FAIL."""
     fg, name = cfg.forgetting, forgetting_name(cfg.forgetting)
-    key = f"overall|{fg.metric}"
+    versus_champion = pair_name("candidate", "champion")
     if fg.weighting == "none":
-        entry = _get(evidence.evaluation, "splits", "source_holdout", "comparisons", "candidate-champion", key) or {}
-        return threshold_check(name, entry.get("estimate"), evidence.samples(f"source_holdout|candidate-champion|{key}"),
+        key = BootstrapKey.overall("source_holdout", versus_champion, fg.metric)
+        return threshold_check(name, _estimate(evidence.evaluation.comparison(key)), evidence.samples(key),
                                -fg.max_drop, ">=", cfg.alpha, detail="candidate - champion on the source domain")
-    weighted = evidence.evaluation.get("weighted") or {}
-    if "effective_sample_size" not in weighted:
+    weighted = evidence.evaluation.weighted
+    if isinstance(weighted, WeightedUnavailable):
         return Check(name=name, status=FAIL, detail="no importance-weighted evaluation of the source holdout: "
-                     + weighted.get("problem", "evaluate did not write one"))
-    ess = weighted["effective_sample_size"]
+                     + weighted.problem)
+    ess = weighted.effective_sample_size
     if ess < fg.min_effective_rows:
         return Check(name=name, status=INCONCLUSIVE, value=None, threshold=-fg.max_drop, direction=">=",
                      detail=f"the importance weights leave {ess:.1f} effective source rows (< {fg.min_effective_rows:g}): "
                             "too few to judge forgetting on what the target still needs")
-    entry = _get(weighted, "comparisons", "candidate-champion", key) or {}
-    return threshold_check(name, entry.get("estimate"),
-                           evidence.samples(f"{weighted['split']}|candidate-champion|{key}"), -fg.max_drop, ">=",
+    key = BootstrapKey.overall(weighted.split, versus_champion, fg.metric)
+    return threshold_check(name, _estimate(weighted.comparison(key)), evidence.samples(key), -fg.max_drop, ">=",
                            cfg.alpha, detail=f"candidate - champion on the source domain weighted to the target "
                                              f"({ess:.0f} effective rows)")
 
@@ -205,14 +188,13 @@ def baseline_checks(evidence: Evidence, cfg: GateConfig) -> list[Check]:
     """The candidate against each simple baseline on target_holdout, Holm-corrected as one family: worse by more
     than `gate.baselines.margin` fails; a baseline missing from the evaluation fails (fail closed)."""
     metric, margin = cfg.baselines.metric, cfg.baselines.margin
-    split = _get(evidence.evaluation["splits"], "target_holdout") or {}
     checks = []
     for model, description in BASELINES.items():
-        key = f"overall|{metric}"
-        entry = _get(split, "comparisons", f"candidate-{model}", key)
+        key = BootstrapKey.overall("target_holdout", pair_name("candidate", model), metric)
+        entry = evidence.evaluation.comparison(key)
         checks.append(threshold_check(
-            f"baseline: candidate vs {model} target_holdout {metric}", (entry or {}).get("estimate"),
-            evidence.samples(f"target_holdout|candidate-{model}|{key}"), -margin, ">=", cfg.alpha,
+            f"baseline: candidate vs {model} target_holdout {metric}", _estimate(entry),
+            evidence.samples(key), -margin, ">=", cfg.alpha,
             detail=f"candidate - {description}" if entry else f"no comparison with {description} in the evaluation"))
     return [baseline_scores_higher(check) for check in holm_decide(checks, cfg.alpha)]
 
@@ -230,13 +212,13 @@ def baseline_scores_higher(check: Check) -> Check:
     return check
 
 
-def baseline_notes(checks: list[Check], split: dict, metric: str) -> list[str]:
+def baseline_notes(checks: list[Check], split: SplitReport | None, metric: str) -> list[str]:
     """Said plainly when a simple baseline beats the candidate, or may."""
     notes = []
     for check, (model, description) in zip(checks, BASELINES.items()):
         if check.value is None or check.status not in (FAIL, INCONCLUSIVE) or check.value >= 0:
             continue
-        scores = {name: _get(split, "models", name, "overall", metric) for name in ("candidate", model)}
+        scores = {name: _overall_score(split, name, metric) for name in ("candidate", model)}
         low, high = check.interval
         score = "" if None in scores.values() else f"{scores[model]:.3f} against {scores['candidate']:.3f}; "
         evidence = (f"{score}difference {check.value:+.3f}" + ("" if low is None else f" [{low:+.3f}, {high:+.3f}]")
@@ -252,44 +234,46 @@ def baseline_notes(checks: list[Check], split: dict, metric: str) -> list[str]:
     return notes
 
 
-def worst_group_checks(evidence: Evidence, cfg: GateConfig, small_n: int) -> tuple[list[Check], list[dict]]:
+def worst_group_checks(evidence: Evidence, cfg: GateConfig,
+                       small_n: int) -> tuple[list[Check], list[InsufficientGroup]]:
     """Every judged group x metric against the floor, Holm-corrected as one family."""
     wg = cfg.worst_group
-    split = _get(evidence.evaluation["splits"], "target_holdout") or {}
-    configured = _configured_columns(split)
-    candidate_groups = _get(split, "models", "candidate", "groups") or {}
+    split = evidence.evaluation.splits.get("target_holdout")
+    configured = [] if split is None else split.configured_columns()
+    candidate_groups = _candidate_groups(split)
     checks: list[Check] = []
-    insufficient: list[dict] = []
+    insufficient: list[InsufficientGroup] = []
     for column in configured:
-        info = split.get("group_columns", {}).get(column)
-        entries = (candidate_groups.get(column) or {}).get("groups")
-        if info is None or entries is None:
+        info = split.group_columns.get(column)
+        breakdown = candidate_groups.get(column)
+        if info is None or breakdown is None:
             checks.append(Check(name=f"worst group: {column}", status=FAIL,
                                 detail=f"group column {column!r} is missing from the evaluation"))
             continue
-        for group, n in info.get("merged_into_other", {}).items():
-            insufficient.append({"column": column, "group": group, "n": n,
-                                 "detail": f"fewer than {info['min_group_size']} rows: merged into \"other\""})
-        for group, size in info["sizes"].items():
-            if group not in info["eligible"]:
-                insufficient.append({"column": column, "group": group, "n": size,
-                                     "detail": f"fewer than {info['min_group_size']} rows: not judged on its own"})
-        for group in info["eligible"]:
-            entry = entries.get(group)
+        for group, n in info.merged_into_other.items():
+            insufficient.append(InsufficientGroup(column=column, group=group, n=n, detail=(
+                f"fewer than {info.min_group_size} rows: merged into \"other\"")))
+        for group, size in info.sizes.items():
+            if group not in info.eligible:
+                insufficient.append(InsufficientGroup(column=column, group=group, n=size, detail=(
+                    f"fewer than {info.min_group_size} rows: not judged on its own")))
+        for group in info.eligible:
+            entry = breakdown.groups.get(group)
             for metric in wg.metrics:
                 name = f"worst group: {column}={group} {metric}"
-                value = None if entry is None else entry.get(metric)
+                value = None if entry is None else entry.metric(metric)
                 if entry is None or value is None:
                     checks.append(Check(name=name, status=FAIL, threshold=wg.floor,
                                         detail=f"group {group!r} or its {metric} is missing from the evaluation"))
                     continue
-                n = int(entry["n"])
+                n = entry.n
                 if metric == "accuracy" and n < small_n:
                     check = Check(name=name, status=FAIL, value=float(value), threshold=wg.floor,
                                   interval=_wilson(value, n, cfg.alpha), detail=f"n={n}, Wilson score test")
                     check.p_meets, check.p_violates = score_test_p_values(value, n, wg.floor, ">=")
                 else:
-                    samples = evidence.samples(f"target_holdout|candidate|{column}={group}|{metric}")
+                    samples = evidence.samples(BootstrapKey.of_group("target_holdout", "candidate", column, group,
+                                                                     metric))
                     check = Check(name=name, status=FAIL, value=float(value), threshold=wg.floor,
                                   interval=interval_of(samples, cfg.alpha), detail=f"n={n}, bootstrap")
                     p = None if samples is None else bootstrap_p_values(samples, wg.floor, ">=")
@@ -305,28 +289,29 @@ def worst_group_checks(evidence: Evidence, cfg: GateConfig, small_n: int) -> tup
 def disparity_checks(evidence: Evidence, cfg: GateConfig, champion: bool) -> list[Check]:
     """Largest between-group gap of the candidate, and its increase over the champion's, per group column."""
     d = cfg.disparity
-    split = _get(evidence.evaluation["splits"], "target_holdout") or {}
+    split = evidence.evaluation.splits.get("target_holdout")
+    candidate_groups = _candidate_groups(split)
     checks: list[Check] = []
-    for column in _configured_columns(split):
-        entry = _get(split, "models", "candidate", "groups", column, "disparity", d.metric)
+    for column in [] if split is None else split.configured_columns():
+        breakdown = candidate_groups.get(column)
+        entry = None if breakdown is None else breakdown.disparity.get(d.metric)
         if entry is None:
             checks.append(Check(name=f"disparity: {column} {d.metric} gap", status=FAIL,
                                 detail=f"group column {column!r} is missing from the evaluation"))
             continue
-        if entry["groups"] < 2:
+        if entry.groups < 2:
             checks.append(Check(name=f"disparity: {column} {d.metric} gap", status=INCONCLUSIVE,
-                                detail=f"{entry['groups']} group(s) large enough to compare; a gap needs two"))
+                                detail=f"{entry.groups} group(s) large enough to compare; a gap needs two"))
             continue
         checks.append(threshold_check(
-            f"disparity: {column} {d.metric} gap", entry["gap"],
-            evidence.samples(f"target_holdout|candidate|{column}|gap:{d.metric}"), d.max_gap, "<=", cfg.alpha,
-            detail=f"worst group {entry['worst_group']} ({entry['worst_value']:.3f}), ratio {entry['ratio'] or 0:.3f}"))
+            f"disparity: {column} {d.metric} gap", entry.gap,
+            evidence.samples(BootstrapKey.gap("target_holdout", "candidate", column, d.metric)), d.max_gap, "<=",
+            cfg.alpha, detail=f"worst group {entry.worst_group} ({entry.worst_value:.3f}), ratio {entry.ratio or 0:.3f}"))
         if champion:
-            diff = _get(split, "comparisons", "candidate-champion", f"{column}|gap:{d.metric}") or {}
+            key = BootstrapKey.gap("target_holdout", pair_name("candidate", "champion"), column, d.metric)
             checks.append(threshold_check(
-                f"disparity: {column} {d.metric} gap vs champion", diff.get("estimate"),
-                evidence.samples(f"target_holdout|candidate-champion|{column}|gap:{d.metric}"), d.max_increase, "<=",
-                cfg.alpha, detail="candidate gap - champion gap"))
+                f"disparity: {column} {d.metric} gap vs champion", _estimate(split.comparison(key)),
+                evidence.samples(key), d.max_increase, "<=", cfg.alpha, detail="candidate gap - champion gap"))
     return holm_decide(checks, cfg.alpha)
 
 
@@ -349,27 +334,28 @@ def shift_check(shift: dict | None) -> Check:
                         + (": severe shift blocks promotion" if blocked else ""))
 
 
-def verdict_from(checks: list[Check], notes: list[str], champion: bool, insufficient: list[dict]) -> dict:
+def verdict_from(checks: list[Check], notes: list[str], champion: bool,
+                 insufficient: list[InsufficientGroup]) -> Verdict:
     statuses = {c.status for c in checks}
     verdict = FAIL if FAIL in statuses else INCONCLUSIVE if INCONCLUSIVE in statuses else PASS
-    return {
-        "stage": "gate",
-        "verdict": verdict,
-        "champion": champion,
-        "criteria": [asdict(c) for c in checks],
-        "failed": [c.name for c in checks if c.status == FAIL],
-        "inconclusive": [c.name for c in checks if c.status == INCONCLUSIVE],
-        "insufficient_data": insufficient,
-        "notes": notes,
-    }
+    return Verdict(
+        verdict=verdict,
+        champion=champion,
+        criteria=checks,
+        failed=[c.name for c in checks if c.status == FAIL],
+        inconclusive=[c.name for c in checks if c.status == INCONCLUSIVE],
+        insufficient_data=insufficient,
+        notes=notes,
+    )
 
 
-def decide_on_verdict(verdict: dict, verdict_sha256: str, on_inconclusive: str, answer: dict | None = None) -> dict:
+def decide_on_verdict(verdict: Verdict, verdict_sha256: str, on_inconclusive: str,
+                      answer: dict | None = None) -> Decision:
     """The decision on a verdict, as its own record: PASS and FAIL decide themselves; an INCONCLUSIVE
     verdict takes a person's answer when one was given for exactly this verdict, else gate.on_inconclusive."""
     import datetime as dt
 
-    name = verdict.get("verdict")
+    name = verdict.verdict
     if name == INCONCLUSIVE and answer is not None:
         approved, by, reason = answer["approved"], answer["by"], answer["reason"]
     elif name == INCONCLUSIVE:
@@ -377,11 +363,10 @@ def decide_on_verdict(verdict: dict, verdict_sha256: str, on_inconclusive: str, 
         reason = f"gate.on_inconclusive={on_inconclusive} (nobody answered)"
     else:
         approved, by = name == PASS, "gate"
-        reason = "every criterion passed" if approved else f"gate {name or 'missing'}: " + ", ".join(
-            verdict.get("failed") or ["no verdict"])
-    return {"verdict": name, "verdict_sha256": verdict_sha256, "approved": bool(approved) and name in (PASS, INCONCLUSIVE),
-            "by": by, "reason": reason, "undecided": list(verdict.get("inconclusive") or []),
-            "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+        reason = "every criterion passed" if approved else f"gate {name}: " + ", ".join(verdict.failed or ["no verdict"])
+    return Decision(verdict=name, verdict_sha256=verdict_sha256, approved=bool(approved) and name in (PASS, INCONCLUSIVE),
+                    by=by, reason=reason, undecided=list(verdict.inconclusive),
+                    at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
 
 
 def answer_file(folder: Path, verdict_sha256: str) -> Path:
@@ -408,23 +393,26 @@ def read_answer(path: Path) -> dict | None:
     return answer
 
 
-def promotable(verdict: str | None, decision: dict | None) -> bool:
+def promotable(verdict: str | None, approved: bool) -> bool:
     """PASS, or INCONCLUSIVE approved by a recorded decision; anything else, including nothing, is not."""
-    approved = (decision or {}).get("approved") is True
-    return verdict == PASS or (verdict == INCONCLUSIVE and approved)
+    return verdict == PASS or (verdict == INCONCLUSIVE and approved is True)
 
 
-def _configured_columns(split: dict) -> list[str]:
-    return list(split.get("group_columns", {})) + list(split.get("missing_group_columns", []))
+def _estimate(comparison: Comparison | None) -> float | None:
+    """A comparison's point estimate; None when the evaluation has no such comparison (a check then fails closed)."""
+    return None if comparison is None else comparison.estimate
+
+
+def _overall_score(split: SplitReport | None, model: str, metric: str) -> float | None:
+    result = None if split is None else split.models.get(model)
+    return None if result is None else result.overall.metric(metric)
+
+
+def _candidate_groups(split: SplitReport | None) -> dict:
+    """The candidate's per-group breakdowns by column; empty when the split or the candidate is missing."""
+    candidate = None if split is None else split.models.get("candidate")
+    return {} if candidate is None else candidate.groups
 
 
 def _wilson(rate: float, n: int, alpha: float) -> list[float | None]:
     return wilson_interval(rate * n, n, 1 - alpha)
-
-
-def _get(node, *keys):
-    for key in keys:
-        if not isinstance(node, dict) or key not in node:
-            return None
-        node = node[key]
-    return node

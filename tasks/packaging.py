@@ -16,6 +16,7 @@ from tasks.config import Params
 from tasks.errors import CheckFailed
 from tasks.files import crash_point
 from tasks.processes import NotHealthy, free_port, stop_process_group, wait_until_healthy
+from tasks.reports import Decision, Verdict
 
 
 def bentoml_environment(params: Params) -> dict[str, str]:
@@ -23,7 +24,7 @@ def bentoml_environment(params: Params) -> dict[str, str]:
     return {"BENTOML_HOME": str(Path(params.paths.bentoml_home).resolve()), "BENTOML_DO_NOT_TRACK": "true"}
 
 
-def lineage(params: Params, verdict: dict, decision: dict) -> dict:
+def lineage(params: Params, verdict: Verdict, decision: Decision) -> dict:
     """Where the model came from: data hashes from dvc.lock, git commit, parameters, metrics, verdict, decision."""
     lock = yaml.safe_load(Path("dvc.lock").read_text(encoding="utf-8")) if Path("dvc.lock").is_file() else {}
     # The data files the model learned from and was judged on, where params.yaml puts them.
@@ -40,112 +41,9 @@ def lineage(params: Params, verdict: dict, decision: dict) -> dict:
         "git_commit": commit.stdout.strip() if commit.returncode == 0 else None,
         "params": {"model": params.model.model_dump(mode="json"), "train": params.train.model_dump(mode="json")},
         "metrics": json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.is_file() else None,
-        "verdict": {"verdict": verdict["verdict"], "decision": decision,
-                    "failed": verdict.get("failed"), "inconclusive": verdict.get("inconclusive")},
+        "verdict": {"verdict": verdict.verdict, "decision": decision.model_dump(),
+                    "failed": verdict.failed, "inconclusive": verdict.inconclusive},
     }
-
-
-CARD_TEMPLATE = """---
-{{ card_data }}
----
-
-# {{ model_name }}
-
-A text classifier over {{ labels }}, adapted from `{{ base_model }}` by regraft's `{{ strategy }}` strategy,
-packaged after the gate said **{{ verdict }}**{{ decision }}.
-
-## Why this strategy
-
-{{ reason }}
-
-| tried | validation macro-F1 [95% interval]; paired difference from the best cheap model (how, seconds) |
-|---|---|
-{{ evidence_rows }}
-
-Served as: {{ served_as }}.{{ ladder }}
-
-## Target holdout
-
-| model | accuracy | macro-F1 (95% interval) |
-|---|---:|---|
-{{ overall_rows }}
-
-Transfer gain (candidate minus TF-IDF + logistic regression, macro-F1): {{ transfer_gain }}.
-
-## Per group (candidate, target holdout)
-
-| group | n | accuracy | macro-F1 (95% interval) |
-|---|---:|---:|---|
-{{ group_rows }}
-
-## Gate
-
-| criterion | status | value | interval |
-|---|---|---:|---|
-{{ criteria_rows }}
-
-## Lineage
-
-Data md5 (DVC): {{ data_md5 }}. Git commit: `{{ git_commit }}`.
-"""
-
-
-def model_card(params: Params, evaluation: dict, verdict: dict, decision: dict, origin: dict, finetune: dict) -> str:
-    """The packaged model's README.md, through huggingface_hub's ModelCard: EvalResult entries (model-index) for the
-    target holdout overall and per group, then tables of the strategy evidence, the baselines, the groups and the
-    gate's criteria."""
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
-    from tasks.models import model_origin
-    from tasks.render import evidence_text, interval_text, ladder_text
-
-    target = (evaluation.get("splits") or {}).get("target_holdout") or {"models": {}}
-    candidate = target["models"].get("candidate")
-    results = [EvalResult(task_type="text-classification", dataset_type="regraft", dataset_name="target holdout",
-                          dataset_split="target_holdout", metric_type=metric, metric_name=name,
-                          metric_value=round(float(candidate["overall"][metric]), 4))
-               for metric, name in (("accuracy", "accuracy"), ("macro_f1", "macro-F1")) if candidate]
-    group_rows = []
-    for column, entry in ((candidate or {}).get("groups") or {}).items():
-        for value, group in entry.get("groups", {}).items():
-            if group.get("macro_f1") is None:
-                continue
-            results.append(EvalResult(task_type="text-classification", dataset_type="regraft",
-                                      dataset_name=f"target holdout, {column} = {value}", dataset_split="target_holdout",
-                                      dataset_config=f"{column}={value}", metric_type="macro_f1", metric_name="macro-F1",
-                                      metric_value=round(float(group["macro_f1"]), 4)))
-            group_rows.append(f"| {column} = {value} | {group['n']} | {group['accuracy']:.3f} | "
-                              f"{group['macro_f1']:.3f} {interval_text((group.get('intervals') or {}).get('macro_f1'))} |")
-    strategy = finetune.get("strategy", "unknown")
-    evidence_rows = [f"| {row['model']} | {evidence_text(row).split(': ', 1)[1]} |"
-                     for row in finetune.get("strategy_evidence") or []]
-    base = model_origin(params.model.base)
-    data = ModelCardData(base_model=base if "/" in base and not base.startswith("/") else None, library_name="transformers",
-                         pipeline_tag="text-classification", tags=["regraft", "text-classification", strategy],
-                         model_name=params.package.model_name, eval_results=results or None)
-    overall_rows = [f"| {name} | {model['overall']['accuracy']:.3f} | {model['overall']['macro_f1']:.3f} "
-                    f"{interval_text((model['overall'].get('intervals') or {}).get('macro_f1'))} |"
-                    for name, model in target["models"].items()]
-    gain = evaluation.get("transfer_gain") or {}
-    approved = f", approved by {decision.get('by')}: {decision.get('reason')}" if decision.get("approved") and \
-        verdict["verdict"] != "PASS" else ""
-    card = ModelCard.from_template(
-        data, template_str=CARD_TEMPLATE, model_name=params.package.model_name, labels=params.ingest.labels,
-        base_model=base, strategy=strategy, verdict=verdict["verdict"], decision=approved,
-        reason=finetune.get("reason") or "not recorded",
-        served_as=(finetune.get("lexical_companion") or {}).get("served_as", "not recorded"),
-        ladder=(f" {text}." if (text := ladder_text((finetune.get("lexical_companion") or {}).get("evidence_ladder")))
-                else ""),
-        evidence_rows="\n".join(evidence_rows) or "| (no trials: the strategy was configured or chosen by rule) | |",
-        overall_rows="\n".join(overall_rows) or "| (no evaluation report) | | |", group_rows="\n".join(group_rows) or "| (no groups) | | | |",
-        transfer_gain=(f"{gain['estimate']:+.3f} {interval_text(gain.get('interval'))}" if gain.get("estimate") is not None
-                       else "n/a"),
-        criteria_rows="\n".join(f"| {c['name']} | {c['status']} | "
-                                f"{'' if c.get('value') is None else format(c['value'], '.3f')} | "
-                                f"{interval_text(c.get('interval'))} |" for c in verdict.get("criteria", [])),
-        data_md5=", ".join(f"`{k}` {v}" for k, v in (origin.get("data_md5") or {}).items()) or "n/a",
-        git_commit=origin.get("git_commit") or "none")
-    return str(card)
 
 
 def save_model(params: Params, origin: dict, digests: dict[str, str], card: str | None = None) -> str:
@@ -164,7 +62,7 @@ def save_model(params: Params, origin: dict, digests: dict[str, str], card: str 
                                metadata=store_safe({**origin, "sha256": digests})) as model:
         shutil.copytree(source, model.path, dirs_exist_ok=True)
         crash_point("package:model-copied")
-        if card is not None:  # the packaged model's card replaces the one finetune wrote
+        if card is not None:  # finetune's card, completed by the package stage (tasks/model_card.py)
             Path(model.path, "README.md").write_text(card, encoding="utf-8")
     return str(model.tag)
 

@@ -19,9 +19,10 @@ from tasks.config import DVC_DIR, Params
 from tasks.errors import RegraftError
 from tasks.locking import current_holder, project_lock
 from tasks.packaging import bentoml_environment
-from tasks.registry import (RegistryError, check_promotable, describe_interruption, empty_record, finish_promotion,
-                            install_files, journal_file, locked_record, pending_promotion, previous_production, promote,
-                            read_record, sync_record, verify_files)
+from tasks.registry import (RegistryError, check_files, check_promotable, describe_interruption, empty_record,
+                            finish_promotion, install_files, journal_file, locked_record, pending_promotion,
+                            previous_production, promote, read_record, shadow_of, start_shadow, stop_shadow,
+                            sync_record, verify_files)
 from tasks.remote import download_archive, model_remote, scratch_folder
 
 
@@ -124,6 +125,26 @@ def rollback(params: Params, reason: str, by: str | None = None) -> dict:
         return {**switch_production(params, target, reason, by, "rollback", remote), "finished": finished}
 
 
+def shadow_model(params: Params, tag: str, reason: str, by: str | None = None) -> dict:
+    """`tag` becomes the shadow candidate: every serving host that follows the registry predicts each served text
+    with it too, off the response path, and logs its predictions beside production's. Refused (nothing changed)
+    for a model that could not be promoted, the production model itself, or while another shadow runs."""
+    with project_lock(params.paths.state, f"shadow {tag}", params.schedule.lock_timeout_seconds):
+        remote = model_remote(params)
+        finished = finish_interrupted_promotion(params, remote)  # the shadow runs beside a trusted production model
+        record = sync_record(params.paths.registry, remote)
+        check_promotable(record["models"].get(tag), tag)  # before touching the store
+        record = start_shadow(params.paths.registry, tag, stored_model_dir(params, tag, remote, record),
+                              by or getpass.getuser(), reason, remote)
+        return {**record, "finished": finished}
+
+
+def end_shadow(params: Params, tag: str | None, reason: str, by: str | None = None) -> dict:
+    """End the running shadow without promoting it (`tag`, when given, must be the shadow candidate)."""
+    with project_lock(params.paths.state, "end the shadow", params.schedule.lock_timeout_seconds):
+        return stop_shadow(params.paths.registry, tag, by or getpass.getuser(), reason, model_remote(params))
+
+
 def install_champion_from_remote(params: Params) -> str | None:
     """Before a run compares its candidate with production: the remote's record mirrored here and, unless
     paths.champion already holds exactly its production model's files, that model installed there from the
@@ -150,21 +171,30 @@ def install_champion_from_remote(params: Params) -> str | None:
     return f"installed the production model {tag} from the remote into {champion} (every file's sha256 checked)"
 
 
-def install_production_from(params: Params, remote, record: dict) -> str:
-    """On a serving host: make this machine's store hold the record's production model (imported from the
-    remote, every file checked against its sha256), then mirror the record, which the service follows."""
+def install_served_models(params: Params, remote, record: dict) -> dict:
+    """On a serving host: make this machine's store hold the record's production model and its shadow candidate
+    (imported from the remote, every file checked against its sha256), then mirror the record, which the service
+    follows. A production model that fails is an error (nothing mirrored); a shadow that fails is only reported in
+    `problem`, so production is served all the same. Returns {"production", "shadow", "problem"}."""
     record = {**empty_record(), **record}
     tag = record.get("production")
     if not tag:
         raise RegistryError(f"{remote.url}: no production model yet; promote one with `regraft promote TAG`")
-    entry = record["models"].get(tag) or {}
-    folder = stored_model_dir(params, tag, remote, record)
-    problems = verify_files(folder, entry.get("sha256", {}))
-    if not entry.get("sha256") or problems:
-        raise RegistryError(f"{tag}: the imported files fail their checksum, not served: "
-                            + ("; ".join(problems[:5]) or "no checksums recorded"))
+    install_checked(params, remote, record, tag, "not served")
+    shadow, problem = shadow_of(record), None
+    if shadow:
+        try:
+            install_checked(params, remote, record, shadow, "not shadowed")
+        except RegraftError as exc:
+            shadow, problem = None, f"the shadow candidate is not loaded here: {exc}"
     mirror_record(params.paths.registry, record)  # only now: the service follows this file
-    return tag
+    return {"production": tag, "shadow": shadow, "problem": problem}
+
+
+def install_checked(params: Params, remote, record: dict, tag: str, consequence: str) -> None:
+    """A model of the record in this machine's store, its files checked against their recorded sha256."""
+    folder = stored_model_dir(params, tag, remote, record)
+    check_files(record["models"].get(tag) or {}, folder, tag, consequence)
 
 
 def mirror_record(path: Path, record: dict) -> None:
@@ -172,14 +202,27 @@ def mirror_record(path: Path, record: dict) -> None:
         update.apply(lambda local: (local.clear(), local.update(record)))
 
 
-def follow_remote(params: Params, remote, served: str, stop: threading.Event) -> None:
-    """Poll the remote's record; when another host promotes or rolls back, import and check that model, then
-    mirror the record, and the service swaps to it without dropping a request. Errors keep the current model."""
+def follow_remote(params: Params, remote, served: dict, stop: threading.Event) -> None:
+    """Poll the remote's record; when another host promotes, rolls back or starts or ends a shadow, import and check
+    those models, then mirror the record, and the service swaps to them without dropping a request. Errors keep the
+    current models and are told once each. `served` is what install_served_models returned at start."""
+    told = served.get("problem")
     while not stop.wait(params.serve.reload_seconds):
         try:
             record, _ = remote.read_record()
-            if record and record.get("production") and record["production"] != served:
-                served = install_production_from(params, remote, record)
-                print(f"the remote's production model is now {served}: switching to it", flush=True)
+            if not record or not record.get("production"):
+                continue
+            wanted = {"production": record["production"], "shadow": shadow_of(record)}
+            if wanted == {"production": served["production"], "shadow": served["shadow"]}:
+                continue
+            installed = install_served_models(params, remote, record)
+            if installed["production"] != served["production"]:
+                print(f"the remote's production model is now {installed['production']}: switching to it", flush=True)
+            if installed["shadow"] != served["shadow"]:
+                print(f"the remote's shadow candidate is now {installed['shadow'] or 'none'}", flush=True)
+            served, problem = installed, installed["problem"]
         except RegraftError as exc:
-            print(f"warning: still serving {served}: {exc}", file=sys.stderr, flush=True)
+            problem = f"still serving {served['production']}: {exc}"
+        if problem and problem != told:
+            print(f"warning: {problem}", file=sys.stderr, flush=True)
+        told = problem

@@ -6,7 +6,12 @@ candidate, sha256 of every file in its metadata). Stages and history live in one
 
     {"production": tag | null,
      "models": {tag: {"stage": candidate | production | archived, "verdict": ..., "metrics": ..., ...}},
-     "history": [{"at", "action": register | promote | rollback, "tag", "previous", "by", "reason"}]}
+     "history": [{"at", "action": register | promote | rollback | shadow | shadow-off, "tag", "previous", "by",
+                  "reason"}],
+     "shadow": {"tag", "beside", "since", "by", "reason"} | null}   (absent until a first shadow)
+
+A shadow candidate predicts beside the production model on every serving host, off the response path; any change
+of production (a promotion, the shadow's own included, or a rollback) ends it.
 
 With a shared remote (tasks/remote.py), the remote's copy of the record is the truth and `paths.registry`
 is this machine's mirror of it: every change is written to the remote first, conditionally.
@@ -141,11 +146,19 @@ def check_promotable(entry: dict | None, tag: str) -> None:
     if entry is None:
         raise RegistryError(f"{tag}: no such model in the registry (see `regraft models`)")
     verdict = entry.get("verdict")
-    if promotable(verdict, entry.get("decision")):
+    if promotable(verdict, (entry.get("decision") or {}).get("approved") is True):
         return
     raise RegistryError(f"{tag}: its gate verdict is {verdict or 'missing'}"
                         + (" and was not approved" if verdict == "INCONCLUSIVE" else "")
                         + "; only a PASS (or an approved INCONCLUSIVE) model can be promoted")
+
+
+def check_files(entry: dict, model_dir: Path, tag: str, consequence: str) -> None:
+    """Every file of a packaged model must have the sha256 recorded for it at packaging."""
+    problems = verify_files(model_dir, entry.get("sha256", {}))
+    if not entry.get("sha256") or problems:
+        raise RegistryError(f"{tag}: model files fail their checksum, {consequence}: "
+                            + ("; ".join(problems[:5]) or "no checksums recorded"))
 
 
 def install_files(source: Path, destination: Path) -> None:
@@ -167,10 +180,7 @@ def promote(path: Path, tag: str, model_dir: Path, champion: Path, by: str, reas
         record = update.record
         entry = record["models"].get(tag)
         check_promotable(entry, tag)
-        problems = verify_files(model_dir, entry.get("sha256", {}))
-        if not entry.get("sha256") or problems:
-            raise RegistryError(f"{tag}: model files fail their checksum, not promoted: "
-                                + ("; ".join(problems[:5]) or "no checksums recorded"))
+        check_files(entry, model_dir, tag, "not promoted")
         previous = record["production"]
         if previous == tag:
             raise RegistryError(f"{tag} is already the production model")
@@ -199,6 +209,11 @@ def promotion(tag: str, action: str, by: str, reason: str) -> Callable[[dict], N
 
 def record_promotion(record: dict, tag: str, previous: str | None, action: str, by: str, reason: str,
                      at: str) -> None:
+    # A shadow is compared with the production model it was started beside: a new production model ends it.
+    shadow = shadow_of(record)
+    if shadow:
+        why = "promoted to production" if shadow == tag else f"{action} of {tag}"
+        record_shadow_end(record, by, f"{why}: {reason}", at)
     entry = record["models"][tag]
     if previous and previous in record["models"]:
         record["models"][previous]["stage"] = ARCHIVED
@@ -207,6 +222,68 @@ def record_promotion(record: dict, tag: str, previous: str | None, action: str, 
     record["production"] = tag
     record["history"].append({"at": at, "action": action, "tag": tag, "previous": previous,
                               "verdict": entry.get("verdict"), "by": by, "reason": reason})
+
+
+def shadow_of(record: dict) -> str | None:
+    """The shadow candidate the record names, or None."""
+    return (record.get("shadow") or {}).get("tag")
+
+
+def start_shadow(path: Path, tag: str, model_dir: Path, by: str, reason: str, remote=None) -> dict:
+    """Make `tag` the shadow candidate beside the production model, after the checks of a promotion (verdict, every
+    file's sha256); it may be neither the production model nor displace a running shadow. Returns the record."""
+    with locked_record(path, remote) as update:
+        record = update.record
+        entry = record["models"].get(tag)
+        check_promotable(entry, tag)
+        check_files(entry, model_dir, tag, "not shadowed")
+        production, running = record["production"], record.get("shadow")
+        if not production:
+            raise RegistryError(f"{tag}: there is no production model to shadow; promote one first")
+        if production == tag:
+            raise RegistryError(f"{tag} is the production model itself; a shadow runs a candidate beside it")
+        if running:
+            raise RegistryError(f"{running['tag']} is already the shadow candidate (since {running['since']}); "
+                                "end it first with `regraft promote --shadow-off`")
+        update.apply(shadow_started(tag, by, reason))
+    if shadow_of(update.record) != tag:  # another host changed production or the shadow in between
+        raise RegistryError(f"{tag}: the registry changed while starting the shadow; see `regraft models`")
+    return json.loads(json.dumps(update.record))
+
+
+def shadow_started(tag: str, by: str, reason: str) -> Callable[[dict], None]:
+    at = now()
+
+    def change(record: dict) -> None:
+        if record.get("shadow") or record["production"] in (None, tag):
+            return  # already started (a retried write), or another host changed production or the shadow
+        beside = record["production"]
+        record["shadow"] = {"tag": tag, "beside": beside, "since": at, "by": by, "reason": reason}
+        record["history"].append({"at": at, "action": "shadow", "tag": tag, "previous": None, "beside": beside,
+                                  "verdict": record["models"][tag].get("verdict"), "by": by, "reason": reason})
+
+    return change
+
+
+def stop_shadow(path: Path, tag: str | None, by: str, reason: str, remote=None) -> dict:
+    """End the running shadow (`tag`, when given, must be it) without promoting it. Returns the record."""
+    at = now()
+    with locked_record(path, remote) as update:
+        running = shadow_of(update.record)
+        if running is None:
+            raise RegistryError("no shadow candidate is running; nothing to end")
+        if tag and tag != running:
+            raise RegistryError(f"{tag} is not the shadow candidate; {running} is")
+        update.apply(lambda record: record_shadow_end(record, by, reason, at))
+    return json.loads(json.dumps(update.record))
+
+
+def record_shadow_end(record: dict, by: str, reason: str, at: str) -> None:
+    tag = shadow_of(record)
+    if tag:  # else already ended (a retried write, or another host)
+        record["shadow"] = None
+        record["history"].append({"at": at, "action": "shadow-off", "tag": tag, "previous": None, "by": by,
+                                  "reason": reason})
 
 
 def pending_promotion(path: Path) -> dict | None:

@@ -10,6 +10,8 @@ import json
 import sys
 from collections.abc import Callable
 
+from tasks.reports import Decision, EvaluateReport, Verdict, parse_report
+
 
 def ingest_markdown(report: dict) -> str:
     """The ingest report as a Markdown table: rows and label mix per split."""
@@ -123,6 +125,15 @@ def ladder_text(ladder: dict | None) -> str:
             f"the macro-F1 gain): {ladder['served']}" + (f" ({steps})" if steps else ""))
 
 
+def calibration_text(calibration: dict) -> str:
+    """The served model's temperature (tasks/calibration.py), with the validation ECE before and after or why not."""
+    text = f"T = {calibration['temperature']:.3f}"
+    if "validation_ece_after" in calibration:
+        return text + (f", validation ECE {calibration['validation_ece_before']:.3f} -> "
+                       f"{calibration['validation_ece_after']:.3f}")
+    return text + f" ({calibration.get('note')})"
+
+
 def evidence_text(row: dict) -> str:
     """One model of auto's evidence, with its uncertainty, as the card and the run's report show it."""
     interval = interval_text(row.get("interval"), missing="")
@@ -170,47 +181,46 @@ def _interval(value, interval=None) -> str:
     return text
 
 
-def evaluate_markdown(report: dict) -> str:
+def evaluate_markdown(report: EvaluateReport) -> str:
     """Models x splits with intervals, the transfer gain, and the per-group table of the decision split."""
-    lines = ["# Evaluate", "", f"{report['confidence']:.0%} bootstrap intervals ({report['bootstrap']} resamples, "
+    lines = ["# Evaluate", "", f"{report.confidence:.0%} bootstrap intervals ({report.bootstrap} resamples, "
              "stratified by group; Wilson for small groups' accuracy).", ""]
-    for split, entry in report["splits"].items():
-        lines += [f"## {split} ({entry['n']} rows)", "", "| model | accuracy | macro-F1 | ECE |", "|---|---|---|---|"]
-        for model, result in entry["models"].items():
-            o = result["overall"]
-            lines.append(f"| {model} | {_interval(o['accuracy'], o['intervals']['accuracy'])} | "
-                         f"{_interval(o['macro_f1'], o['intervals']['macro_f1'])} | {_interval(o['ece'])} |")
+    for split, entry in report.splits.items():
+        lines += [f"## {split} ({entry.n} rows)", "", "| model | accuracy | macro-F1 | ECE |", "|---|---|---|---|"]
+        for model, result in entry.models.items():
+            o = result.overall
+            lines.append(f"| {model} | {_interval(o.accuracy, o.intervals['accuracy'])} | "
+                         f"{_interval(o.macro_f1, o.intervals['macro_f1'])} | {_interval(o.ece)} |")
         lines.append("")
-    gain = report["transfer_gain"]
-    lines.append(f"**Transfer gain** (candidate - TF-IDF, {gain['metric']}, target_holdout): "
-                 f"{_interval(gain['estimate'], gain['interval'])}")
-    if gain.get("negative_transfer"):
+    gain = report.transfer_gain
+    lines.append(f"**Transfer gain** (candidate - TF-IDF, {gain.metric}, target_holdout): "
+                 f"{_interval(gain.estimate, gain.interval)}")
+    if gain.negative_transfer:
         lines.append("\n**Negative transfer:** the fine-tuned model is worse than TF-IDF + logistic regression.")
-    elif gain.get("below_zero"):
+    elif gain.below_zero:
         lines.append("\nThe candidate scores below TF-IDF here, though the interval includes zero.")
-    decision = report["splits"]["target_holdout"]
-    for column, info in decision["group_columns"].items():
+    decision = report.splits["target_holdout"]
+    for column, info in decision.group_columns.items():
         lines += ["", f"## Groups by {column} (target_holdout)", "",
                   "| group | n | model | accuracy | macro-F1 | judged |", "|---|---|---|---|---|---|"]
-        for group in sorted(info["sizes"], key=lambda g: -info["sizes"][g]):
-            for model, result in decision["models"].items():
-                g = result["groups"][column]["groups"][group]
-                interval = g["intervals"].get("accuracy_wilson") or g["intervals"]["accuracy"]
-                judged = "yes" if g["eligible"] else f"insufficient data (n < {info['min_group_size']})"
-                label = f"{group} (merged)" if g["merged"] else group
-                lines.append(f"| {label} | {g['n']} | {model} | {_interval(g['accuracy'], interval)} | "
-                             f"{_interval(g['macro_f1'], g['intervals']['macro_f1'])} | {judged} |")
-        if info["merged_into_other"]:
-            shown = ", ".join(f"{g} ({n})" for g, n in list(info["merged_into_other"].items())[:12])
-            more = len(info["merged_into_other"]) - 12
-            lines.append(f"\nInsufficient data: {len(info['merged_into_other'])} groups with fewer than "
-                         f"{info['min_group_size']} rows were merged into \"other\": {shown}"
+        for group in sorted(info.sizes, key=lambda g: -info.sizes[g]):
+            for model, result in decision.models.items():
+                g = result.groups[column].groups[group]
+                judged = "yes" if g.eligible else f"insufficient data (n < {info.min_group_size})"
+                label = f"{group} (merged)" if g.merged else group
+                lines.append(f"| {label} | {g.n} | {model} | {_interval(g.accuracy, g.judged_interval('accuracy'))} | "
+                             f"{_interval(g.macro_f1, g.intervals['macro_f1'])} | {judged} |")
+        if info.merged_into_other:
+            shown = ", ".join(f"{g} ({n})" for g, n in list(info.merged_into_other.items())[:12])
+            more = len(info.merged_into_other) - 12
+            lines.append(f"\nInsufficient data: {len(info.merged_into_other)} groups with fewer than "
+                         f"{info.min_group_size} rows were merged into \"other\": {shown}"
                          + (f" and {more} more" if more > 0 else "") + ".")
-        for model, result in decision["models"].items():
-            d = result["groups"][column]["disparity"]["accuracy"]
-            if d["gap"] is not None:
-                lines.append(f"- {model}: accuracy gap {_interval(d['gap'], d['gap_interval'])}, ratio {_interval(d['ratio'])}, "
-                             f"worst group {d['worst_group']} ({_interval(d['worst_value'])})")
+        for model, result in decision.models.items():
+            d = result.groups[column].disparity["accuracy"]
+            if d.gap is not None:
+                lines.append(f"- {model}: accuracy gap {_interval(d.gap, d.gap_interval)}, ratio {_interval(d.ratio)}, "
+                             f"worst group {d.worst_group} ({_interval(d.worst_value)})")
     return "\n".join(lines) + "\n"
 
 
@@ -219,30 +229,24 @@ def _signed(value) -> str:
     return "-" if value is None else f"{value:+.3f}" if value < 0 else f"{value:.3f}"
 
 
-def verdict_markdown(verdict: dict) -> str:
+def verdict_markdown(verdict: Verdict) -> str:
     """The verdict as a Markdown table: one row per criterion with value, interval, threshold, margin."""
-    lines = [f"# Gate: {verdict['verdict']}", ""]
-    decision = verdict.get("decision")
-    if decision:
-        lines += [f"Decision on INCONCLUSIVE: {'approved' if decision['approved'] else 'rejected'} by "
-                  f"{decision['by']} ({decision['reason']})", ""]
-    lines += ["| criterion | status | value | interval | threshold | margin | detail |", "|---|---|---|---|---|---|---|"]
-    for c in verdict["criteria"]:
-        interval = interval_text(c["interval"], missing="-")
-        threshold = "-" if c["threshold"] is None else f"{c['direction']} {c['threshold']:.3f}"
-        lines.append(f"| {c['name']} | {c['status']} | {_signed(c['value'])} | {interval} | {threshold} | "
-                     f"{_signed(c['margin'])} | {c['detail']} |")
-    insufficient = verdict.get("insufficient_data") or []
-    if insufficient:
-        by_column: dict[str, list[dict]] = {}
-        for row in insufficient:
-            by_column.setdefault(row["column"], []).append(row)
-        for column, rows in by_column.items():
-            shown = ", ".join(f"{r['group']} (n={r['n']})" for r in rows[:8])
-            more = f" and {len(rows) - 8} more" if len(rows) > 8 else ""
-            lines.append(f"| worst group: {column}, {len(rows)} small groups | insufficient data | - | - | - | - | "
-                         f"{shown}{more}: {rows[0]['detail']} |")
-    lines += [""] + [f"- {note}" for note in verdict.get("notes", [])]
+    lines = [f"# Gate: {verdict.verdict}", "",
+             "| criterion | status | value | interval | threshold | margin | detail |", "|---|---|---|---|---|---|---|"]
+    for c in verdict.criteria:
+        interval = interval_text(c.interval, missing="-")
+        threshold = "-" if c.threshold is None else f"{c.direction} {c.threshold:.3f}"
+        lines.append(f"| {c.name} | {c.status} | {_signed(c.value)} | {interval} | {threshold} | "
+                     f"{_signed(c.margin)} | {c.detail} |")
+    by_column: dict[str, list] = {}
+    for row in verdict.insufficient_data:
+        by_column.setdefault(row.column, []).append(row)
+    for column, rows in by_column.items():
+        shown = ", ".join(f"{r.group} (n={r.n})" for r in rows[:8])
+        more = f" and {len(rows) - 8} more" if len(rows) > 8 else ""
+        lines.append(f"| worst group: {column}, {len(rows)} small groups | insufficient data | - | - | - | - | "
+                     f"{shown}{more}: {rows[0].detail} |")
+    lines += [""] + [f"- {note}" for note in verdict.notes]
     return "\n".join(lines) + "\n"
 
 
@@ -259,8 +263,11 @@ def package_markdown(report: dict) -> str:
 
 def models_text(record: dict) -> str:
     """Versions, stages, headline metrics and history, for the terminal."""
-    lines = [f"production: {record.get('production') or '(none)'}", "",
-             f"{'model':40s} {'stage':11s} {'verdict':13s} {'target macro-F1':>15s}  registered"]
+    shadow = record.get("shadow")
+    lines = [f"production: {record.get('production') or '(none)'}"]
+    if shadow:
+        lines.append(f"shadow:     {shadow['tag']} (beside {shadow['beside']} since {shadow['since']})")
+    lines += ["", f"{'model':40s} {'stage':11s} {'verdict':13s} {'target macro-F1':>15s}  registered"]
     for tag, entry in sorted(record["models"].items(), key=lambda kv: kv[1].get("registered", "")):
         metric = ((entry.get("metrics") or {}).get("target_holdout") or {}).get("candidate", {}).get("macro_f1")
         verdict = entry.get("verdict") or "-"
@@ -276,11 +283,19 @@ def models_text(record: dict) -> str:
     return "\n".join(lines)
 
 
-def decision_markdown(decision: dict) -> str:
+def shadow_change_text(event: dict) -> str:
+    """A shadow's start or end (a history entry), for the terminal and the promote flow's log."""
+    if event["action"] == "shadow":
+        return (f"shadow: {event['tag']} now predicts beside {event['beside']} on every serving host that follows the "
+                "registry, off the response path (its predictions: serve.shadow_log)")
+    return f"shadow-off: {event['tag']} no longer shadows production ({event['reason']})"
+
+
+def decision_markdown(decision: Decision) -> str:
     """Who decided what about a verdict, and why."""
-    state = "approved" if decision["approved"] else "rejected"
-    return (f"# Decision: {state}\n\nThe gate's {decision['verdict']} was {state} by {decision['by']}: "
-            f"{decision['reason']} ({decision['at']}).\n")
+    state = "approved" if decision.approved else "rejected"
+    return (f"# Decision: {state}\n\nThe gate's {decision.verdict} was {state} by {decision.by}: "
+            f"{decision.reason} ({decision.at}).\n")
 
 
 RENDERERS: dict[str, Callable[[dict], str]] = {
@@ -288,15 +303,22 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
     "validate": validate_markdown,
     "shift": shift_markdown,
     "finetune": finetune_markdown,
-    "evaluate": evaluate_markdown,
-    "verdict": verdict_markdown,
-    "decision": decision_markdown,
     "package": package_markdown,
+}
+# Reports with a model (tasks/reports.py): checked against it, then rendered from its attributes.
+TYPED_RENDERERS: dict[str, tuple[type, Callable]] = {
+    "evaluate": (EvaluateReport, evaluate_markdown),
+    "verdict": (Verdict, verdict_markdown),
+    "decision": (Decision, decision_markdown),
 }
 
 
 def render_report(name: str, report: dict) -> str:
-    """The Markdown of a stage's report; a report without its own renderer is shown as JSON."""
+    """The Markdown of a stage's report as read from its JSON file; a report without its own renderer is shown as
+    JSON. A typed report that does not fit its model is a ReportError."""
+    if name in TYPED_RENDERERS:
+        kind, render = TYPED_RENDERERS[name]
+        return render(parse_report(kind, report, f"the {name} report"))
     render = RENDERERS.get(name)
     if render is None:
         return f"# {name}\n\n```json\n{json.dumps(report, indent=2)[:20000]}\n```\n"

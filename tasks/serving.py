@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
+import queue
 import threading
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from tasks.config import ServeConfig
 from tasks.errors import RegraftError
 from tasks.files import text_sha256
+
+logger = logging.getLogger("regraft.service")
 
 
 class RequestRejected(Exception):
@@ -178,20 +183,24 @@ class ModelHolder:
 
 
 class PredictionLog:
-    """Appends one JSON line per prediction: time, text or its sha256 (serve.log_texts), label,
-    confidence, model version. The file is later read as target data by shift monitoring."""
+    """Appends one JSON line per prediction: time, prediction id, text or its sha256 (serve.log_texts), label,
+    confidence, probabilities, model version. The file is later read as target data by shift monitoring; the
+    shadow candidate's log gives each of its rows the id of production's row for the same text."""
 
     def __init__(self, path: Path, log_texts: str):
         self.path = Path(path)
         self.log_texts = log_texts
         self._lock = threading.Lock()
 
-    def append(self, texts: list[str], results: list[dict]) -> None:
+    def append(self, texts: list[str], results: list[dict], ids: list[str] | None = None) -> list[str]:
+        """Log one batch; new prediction ids unless given (a shadow's rows take production's). Returns the ids."""
         at = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+        ids = ids or [uuid.uuid4().hex for _ in texts]
         lines = []
-        for text, result in zip(texts, results):
-            row = {"time": at, "label": result["label"],
-                   "confidence": max(result["probabilities"].values()), "model_version": result["model_version"]}
+        for text, result, prediction_id in zip(texts, results, ids):
+            row = {"time": at, "prediction_id": prediction_id, "label": result["label"],
+                   "confidence": max(result["probabilities"].values()), "probabilities": result["probabilities"],
+                   "model_version": result["model_version"]}
             if self.log_texts == "text":
                 row["text"] = text
             else:
@@ -203,13 +212,79 @@ class PredictionLog:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             with open(fd, "a", encoding="utf-8") as handle:
                 handle.write("\n".join(lines) + "\n")
+        return ids
+
+
+class ShadowPredictor:
+    """The shadow candidate beside the production model: it predicts the texts production answered, off the
+    response path. `submit` only enqueues (a bounded queue, never waited on: a batch that finds it full is shed and
+    counted); one background thread predicts and logs. Counts are per candidate version."""
+
+    def __init__(self, log: PredictionLog, capacity: int):
+        self.log = log
+        self.model: LoadedModel | None = None
+        self.counts: dict[str, dict[str, int]] = {}
+        self._queue: queue.Queue = queue.Queue(maxsize=capacity)
+        self._lock = threading.Lock()
+        self._worker: threading.Thread | None = None
+
+    def swap(self, loaded: LoadedModel | None) -> None:
+        """Shadow with `loaded` from now on (None: no shadow); batches already queued finish on the model they
+        were queued for."""
+        if loaded is not None and self._worker is None:
+            self._worker = threading.Thread(target=self.work, name="shadow-predictor", daemon=True)
+            self._worker.start()
+        self.model = loaded
+
+    def submit(self, texts: list[str], ids: list[str]) -> bool:
+        """Queue a served batch for the shadow candidate; False when there is none or the batch was shed."""
+        model = self.model
+        if model is None:
+            return False
+        try:
+            self._queue.put_nowait((model, texts, ids))
+        except queue.Full:
+            self.count(model.version, "shed", len(texts))
+            return False
+        return True
+
+    def work(self) -> None:
+        while True:
+            model, texts, ids = self._queue.get()
+            try:
+                self.log.append(texts, predict(model, texts), ids)
+                self.count(model.version, "predicted", len(texts))
+            except Exception:  # a failing candidate must not stop the worker; production is not affected
+                logger.exception("the shadow candidate %s failed on a batch of %d texts", model.version, len(texts))
+                self.count(model.version, "failed", len(texts))
+            finally:
+                self._queue.task_done()
+
+    def count(self, version: str, outcome: str, texts: int) -> None:
+        with self._lock:
+            counts = self.counts.setdefault(version, {"predicted": 0, "shed": 0, "failed": 0})
+            counts[outcome] += texts
+
+    def status(self) -> dict | None:
+        """The shadow candidate and its counts of texts (predicted, shed, failed) and queued batches, or None."""
+        model = self.model
+        if model is None:
+            return None
+        with self._lock:
+            counts = dict(self.counts.get(model.version, {"predicted": 0, "shed": 0, "failed": 0}))
+        return {"model_version": model.version, **counts, "queued_batches": self._queue.qsize()}
+
+
+def served_tags(registry: Path) -> tuple[str, str | None]:
+    """The production model and the shadow candidate (or None) the registry names, from one read of the record."""
+    from tasks.registry import read_record, shadow_of
+
+    record = read_record(registry)
+    if not record.get("production"):
+        raise RegraftError(f"{registry}: no production model yet; promote one with `regraft promote TAG`")
+    return record["production"], shadow_of(record)
 
 
 def production_tag(registry: Path) -> str:
     """The tag the registry names as production; a clear error when there is none."""
-    from tasks.registry import read_record
-
-    tag = read_record(registry).get("production")
-    if not tag:
-        raise RegraftError(f"{registry}: no production model yet; promote one with `regraft promote TAG`")
-    return tag
+    return served_tags(registry)[0]

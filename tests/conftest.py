@@ -177,9 +177,10 @@ def save_candidate(project: Path, tiny_bert: Path, seed: int) -> None:
 
 def write_verdict(project: Path, verdict: str) -> None:
     """A verdict as the gate writes it, then the decide stage's decision on it (INCONCLUSIVE: the policy, reject)."""
-    (project / "reports").mkdir(exist_ok=True)
-    (project / "reports" / "verdict.json").write_text(json.dumps(
-        {"stage": "gate", "verdict": verdict, "failed": [], "inconclusive": [], "criteria": []}))
+    from tasks.reports import Verdict, write_report
+
+    write_report(project / "reports" / "verdict.json", Verdict(
+        verdict=verdict, champion=False, criteria=[], failed=[], inconclusive=[], insufficient_data=[], notes=[]))
     decided = run([sys.executable, "-m", "pipelines.decide"], project, check=False)
     assert decided.returncode == (0 if verdict == "PASS" else 1), decided.stderr
 

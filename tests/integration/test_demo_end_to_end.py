@@ -17,15 +17,16 @@ pytestmark = pytest.mark.integration
 @pytest.mark.timeout(1800)
 def test_the_demo_runs_end_to_end_with_the_bundled_model(tmp_path):
     """`make demo`'s path: the real all-MiniLM-L6-v2 on the demo data, every stage, a temporary Prefect API.
-    Cheaper than the demo where it changes no wiring: one epoch of 96-token texts (fp32 LoRA on a CPU without
+    Cheaper than the demo where it changes no wiring: one epoch of 64-token texts (fp32 LoRA on a CPU without
     bf16 takes 80 s an epoch at 256 tokens on two threads; shift, evaluate and package embed and predict at the
-    same length), fewer null splits and resamples, and gate criteria
+    same length), fewer null splits, permutations and resamples, and gate criteria
     that do not depend on how far one epoch gets (the baselines' margin among them)."""
     from tasks.config import write_overrides
 
     project = make_project(tmp_path / "demo", tmp_path / "remote")
     write_overrides(project / "params.yaml", {
-        "train.epochs": 1, "model.max_length": 96, "shift.null_splits": 5, "shift.bootstrap": 50, "evaluate.bootstrap": 200,
+        "train.epochs": 1, "model.max_length": 64, "shift.null_splits": 5, "shift.bootstrap": 50, "shift.permutations": 50,
+        "evaluate.bootstrap": 200,
         "gate.floors": [], "gate.worst_group.floor": 0.0, "gate.disparity.max_gap": 1.0, "gate.baselines.margin": 1.0})
     done = run([REGRAFT, "run"], project)
     assert "regraft run finished: " + " -> ".join(STAGES) in done.stdout

@@ -73,7 +73,8 @@ def test_two_gloo_processes_end_with_identical_weights(tmp_path, tiny_bert):
     digests = report["rank_weight_sha256"]
     assert len(digests) == 2 and digests[0] == digests[1]
     card = (project / "models" / "candidate" / "README.md").read_text()
-    assert card.startswith("---\nbase_model: ")
+    # A local base is named in the text; the front matter's base_model is for hub ids only.
+    assert card.startswith("---\n") and f"adapted from `{tiny_bert}`" in card
     assert "2 process(es)" in card
 
 

@@ -12,10 +12,11 @@ import pytest
 from prefect import flow
 
 from flows.gate_answer import ask_person
+from tasks.reports import Verdict
 
 pytestmark = pytest.mark.integration
-VERDICT = {"stage": "gate", "verdict": "INCONCLUSIVE", "criteria": [], "inconclusive": ["worst group: condition=A accuracy"],
-           "insufficient_data": [], "notes": [], "failed": [], "champion": False}
+VERDICT = Verdict(verdict="INCONCLUSIVE", criteria=[], inconclusive=["worst group: condition=A accuracy"],
+                  insufficient_data=[], notes=[], failed=[], champion=False)
 
 
 @flow

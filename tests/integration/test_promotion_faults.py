@@ -300,6 +300,7 @@ def test_a_full_disk_while_packaging_leaves_the_store_the_record_and_the_reports
                                                                                              tmp_path):
     from tasks.files import sha256_of, write_json
     from tasks.gate import decide_on_verdict
+    from tasks.reports import Verdict, read_report, write_report
     from tests.conftest import tree_digest
 
     folders, (a, b) = templates
@@ -310,9 +311,10 @@ def test_a_full_disk_while_packaging_leaves_the_store_the_record_and_the_reports
     (candidate / "config.json").write_text("{}")
     (candidate / "model.safetensors").write_bytes(b"c" * 4096)
     verdict = project / "reports" / "verdict.json"
-    write_json(verdict, {"stage": "gate", "verdict": "PASS", "failed": [], "inconclusive": [], "criteria": []})
-    write_json(project / "reports" / "decision.json", decide_on_verdict(json.loads(verdict.read_text()),
-                                                                         sha256_of(verdict), "reject"))
+    write_report(verdict, Verdict(verdict="PASS", champion=False, criteria=[], failed=[], inconclusive=[],
+                                  insufficient_data=[], notes=[]))
+    write_report(project / "reports" / "decision.json", decide_on_verdict(read_report(verdict, Verdict),
+                                                                           sha256_of(verdict), "reject"))
     write_json(project / "reports" / "package.json", {"stage": "package", "model": b})  # an earlier result
     kept = ("reports", "registry", "models", ".regraft/bentoml")
     before, records = tree_digest(project, kept), state(project)
@@ -356,6 +358,86 @@ def test_the_remote_unreachable_mid_push_fails_the_push_and_the_next_push_comple
     assert push_outputs.fn(project) == "shared"
     done = subprocess.run(dvc_command("status", "--cloud", "--json"), cwd=project, capture_output=True, text=True)
     assert json.loads(done.stdout or "{}") == {}, done.stdout
+
+
+# A model whose gate said FAIL, registered beside the two (promotion never reaches its files).
+REGISTER_FAILED = r"""
+from pathlib import Path
+from tasks.config import load_params
+from tasks.registry import register
+from tasks.remote import model_remote
+params = load_params(Path("params.yaml"))
+register(params.paths.registry, "regraft-classifier:failed", {"verdict": "FAIL", "sha256": {}}, remote=model_remote(params))
+"""
+
+# What `regraft serve` does first on a host: the remote's production model and shadow candidate in its store.
+JOIN_AS_A_SERVING_HOST = r"""
+import json
+from pathlib import Path
+from tasks.config import load_params
+from tasks.promotion import install_served_models
+from tasks.remote import model_remote
+params = load_params(Path("params.yaml"))
+remote = model_remote(params)
+print(json.dumps(install_served_models(params, remote, remote.read_record()[0])))
+"""
+
+
+def test_a_bad_shadow_exits_2_naming_the_problem_with_the_registry_byte_identical(regraft, templates, tmp_path):
+    """`regraft promote TAG --shadow` refuses, before anything changes (this machine's record and the remote's byte for
+    byte), a model without a PASS, one whose files fail their sha256, the production model itself and a second
+    shadow; `--shadow-off` with no shadow running. A host started while the shadow runs joins it; promoting the
+    shadow candidate ends the shadow, both steps in the history."""
+    from tasks.config import write_overrides
+    from tasks.registry import read_record
+
+    folders, (a, b) = templates
+    shutil.copytree(folders["promote"], tmp_path / "case")  # A in production
+    project = tmp_path / "case" / "project"
+    assert regraft(project, code=REGISTER_FAILED).returncode == 0
+    records = [project / "registry" / "registry.json", project.parent / "remote" / "registry.json"]
+    name, version = b.split(":")
+    weights = project / ".regraft" / "bentoml" / "models" / name / version / "model.safetensors"
+
+    def refused(argv: list[str], message: str) -> None:
+        before = [path.read_bytes() for path in records]
+        done = regraft(project, "promote", *argv)
+        assert done.returncode == 2 and message in done.stderr, (argv, done.stdout, done.stderr)
+        assert done.stderr.count("error:") == 1 and "Traceback" not in done.stderr
+        assert [path.read_bytes() for path in records] == before, argv
+
+    refused(["regraft-classifier:failed", "--shadow"], "its gate verdict is FAIL")
+    refused([a, "--shadow"], f"{a} is the production model itself")
+    refused(["--shadow-off"], "no shadow candidate is running")
+    refused(["--shadow"], "name the model TAG")
+    original = weights.read_bytes()
+    weights.write_bytes(original[:-8] + b"tampered")
+    try:
+        refused([b, "--shadow"], "model.safetensors: checksum differs")
+    finally:
+        weights.write_bytes(original)
+
+    started = regraft(project, "promote", b, "--shadow")
+    assert started.returncode == 0 and f"shadow: {b} now predicts beside {a}" in started.stdout, started.stderr
+    refused([b, "--shadow"], f"{b} is already the shadow candidate")
+    refused([a, "--shadow-off"], f"{a} is not the shadow candidate; {b} is")
+
+    # A second serving host: no record of its own, the models already in its store (importing them from the remote's
+    # archives is test_s3_remote's), the remote's record to follow.
+    host = tmp_path / "host" / "project"
+    shutil.copytree(project / ".regraft" / "bentoml", host / ".regraft" / "bentoml")
+    shutil.copy2(project / "params.yaml", host / "params.yaml")
+    write_overrides(host / "params.yaml", {"package.remote": str(project.parent / "remote")})
+    joined = regraft(host, code=JOIN_AS_A_SERVING_HOST)
+    assert json.loads(joined.stdout) == {"production": a, "shadow": b, "problem": None}, joined.stderr
+    assert read_record(host / "registry" / "registry.json")["shadow"]["tag"] == b  # what its service follows
+
+    promoted = regraft(project, "promote", b, "--reason", "held up on live traffic")
+    assert promoted.returncode == 0, promoted.stderr
+    assert (f"shadow-off: {b} no longer shadows production (promoted to production: held up on live traffic)\n"
+            f"promote: {b} is now in production (was {a})") in promoted.stdout
+    assert state(project)["history"][-3:] == [("shadow", b), ("shadow-off", b), ("promote", b)]
+    assert read_record(records[1])["shadow"] is None
 
 
 # What a retrain run does before its stages: the champion from the remote's record.

@@ -63,7 +63,9 @@ def test_package_refuses_a_candidate_without_a_pass(tmp_path, tiny_bert):
         assert f"gate verdict {verdict}, not approved by " in failed.stderr
     # A decision is about one verdict: a verdict changed after the decision packages nothing.
     write_verdict(project, "PASS")
-    (project / "reports" / "verdict.json").write_text(json.dumps({"stage": "gate", "verdict": "PASS", "criteria": []}))
+    (project / "reports" / "verdict.json").write_text(json.dumps(
+        {"stage": "gate", "verdict": "PASS", "champion": False, "criteria": [], "failed": [], "inconclusive": [],
+         "insufficient_data": [], "notes": ["a verdict written after the decision"]}))
     stale = run([sys.executable, "-m", "pipelines.package"], project, check=False)
     assert stale.returncode == 1 and "decides about another verdict" in stale.stderr
     assert not (project / "registry" / "registry.json").exists()
@@ -201,6 +203,57 @@ def test_promote_refuses_unknown_and_tampered_models(served_project):
         weights.write_bytes(original)
     assert tampered.returncode == 2 and "model.safetensors: checksum differs" in tampered.stderr
     assert httpx.get(f"{url}/healthz").json()["model_version"] == tags[0]
+
+
+def wait_until(condition, seconds: float = 60):
+    """The first true value of `condition()`, polled until `seconds` pass."""
+    deadline = time.monotonic() + seconds
+    while not (value := condition()):
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.1)
+    return value
+
+
+def test_a_shadow_candidate_changes_no_answer_and_predicts_every_served_text_off_the_response_path(served_project):
+    """`regraft promote B --shadow` beside production A on the running server: every answer is byte for byte the one
+    A gave without a shadow; B predicts each served text after the answer, logged under the prediction id of A's row,
+    or the text is counted as shed in /healthz. `--shadow-off` ends it, and the history keeps both steps."""
+    project, url, tags = served_project
+    requests = [[f"shadow check {i}", "it helped"][: 1 + i % 2] for i in range(20)]
+    served_log, shadow_log = project / ".regraft" / "predictions.jsonl", project / ".regraft" / "shadow-predictions.jsonl"
+
+    def answers() -> list[bytes]:
+        with httpx.Client(base_url=url, timeout=30) as http:  # one at a time: each answer from a batch of its own
+            return [http.post("/predict", json={"texts": texts}).content for texts in requests]
+
+    def shadow_health() -> dict:
+        return httpx.get(f"{url}/healthz").json().get("shadow") or {}
+
+    without_shadow = answers()
+    started = run([REGRAFT, "promote", tags[1], "--shadow", "--reason", "live check"], project)
+    assert f"shadow: {tags[1]} now predicts beside {tags[0]}" in started.stdout
+    wait_until(lambda: shadow_health().get("model_version") == tags[1])
+    offset = len(served_log.read_text().splitlines())
+    assert answers() == without_shadow
+    texts = sum(len(batch) for batch in requests)
+    health = wait_until(lambda: (h := shadow_health()) and h["predicted"] + h["shed"] + h["failed"] == texts and h)
+    assert health["failed"] == 0 and health["queued_batches"] == 0
+    served = [json.loads(line) for line in served_log.read_text().splitlines()[offset:]]
+    assert len(served) == texts and {row["model_version"] for row in served} == {tags[0]}
+    shadowed = {row["prediction_id"]: row for row in map(json.loads, shadow_log.read_text().splitlines())}
+    missing = [row for row in served if row["prediction_id"] not in shadowed]
+    assert len(missing) == health["shed"], (len(missing), health)
+    for row in served:
+        if row["prediction_id"] in shadowed:
+            twin = shadowed[row["prediction_id"]]
+            assert (twin["model_version"], twin["text_sha256"]) == (tags[1], row["text_sha256"])
+            assert twin["label"] in LABELS and abs(sum(twin["probabilities"].values()) - 1) < 1e-3
+
+    ended = run([REGRAFT, "promote", "--shadow-off", "--reason", "seen enough"], project)
+    assert f"shadow-off: {tags[1]} no longer shadows production (seen enough)" in ended.stdout
+    wait_until(lambda: "shadow" not in httpx.get(f"{url}/healthz").json())
+    history = run([REGRAFT, "models"], project).stdout
+    assert f"shadow    {tags[1]}  by" in history and f"shadow-off {tags[1]}  by" in history, history
 
 
 def stored_files(project: Path, tag: str) -> Path:

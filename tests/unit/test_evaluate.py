@@ -12,6 +12,7 @@ from tasks.evaluate import (
     bootstrap_statistics, confusion_counts, evaluate_split, expected_calibration_error, group_columns,
     metrics_from_confusion, percentile_interval, stratified_resamples, wilson_interval,
 )
+from tasks.reports import BootstrapKey
 
 pytestmark = pytest.mark.unit
 LABELS = ["negative", "neutral", "positive"]
@@ -100,12 +101,12 @@ def test_a_resample_that_misses_a_group_does_not_crash():
     probas = {"candidate": proba_from(rng.integers(0, 3, n)), "tfidf": proba_from(rng.integers(0, 3, n))}
     cfg = config(min_group_size=1)
     report, samples = evaluate_split(frame, probas, LABELS, ["condition", "site"], cfg, "target_holdout")
-    site_y = samples["target_holdout|candidate|site=y|accuracy"]
+    site_y = samples[BootstrapKey.of_group("target_holdout", "candidate", "site", "y", "accuracy")]
     assert np.isnan(site_y).any() and not np.isnan(site_y).all()
-    lo, hi = report["models"]["candidate"]["groups"]["site"]["groups"]["y"]["intervals"]["accuracy"]
+    lo, hi = report.models["candidate"].groups["site"].groups["y"].intervals["accuracy"]
     assert 0 <= lo <= hi <= 1
-    assert report["missing_group_columns"] == []
-    gap = samples["target_holdout|candidate-tfidf|site|gap:accuracy"]
+    assert report.missing_group_columns == []
+    gap = samples[BootstrapKey.gap("target_holdout", "candidate-tfidf", "site", "accuracy")]
     assert gap.shape == (cfg.bootstrap,)
 
 
@@ -113,17 +114,17 @@ def test_single_class_and_single_row_groups():
     frame = pd.DataFrame({"label": ["positive"] * 20 + ["negative"], "condition": ["A"] * 20 + ["B"]})
     probas = {"candidate": proba_from(np.array([2] * 20 + [0]))}
     report, _ = evaluate_split(frame, probas, LABELS, ["condition"], config(min_group_size=1), "target_holdout")
-    groups = report["models"]["candidate"]["groups"]["condition"]["groups"]
-    assert groups["A"]["accuracy"] == 1.0 and groups["A"]["macro_f1"] == 1.0
-    assert groups["A"]["recall"]["neutral"] is None  # no neutral rows: undefined, not 0
-    assert groups["B"]["intervals"]["accuracy_wilson"][0] > 0  # Wilson is not the degenerate [1, 1]
+    groups = report.models["candidate"].groups["condition"].groups
+    assert groups["A"].accuracy == 1.0 and groups["A"].macro_f1 == 1.0
+    assert groups["A"].recall["neutral"] is None  # no neutral rows: undefined, not 0
+    assert groups["B"].intervals["accuracy_wilson"][0] > 0  # Wilson is not the degenerate [1, 1]
 
 
 def test_missing_group_column_is_reported():
     frame = pd.DataFrame({"label": ["positive", "negative"] * 10})
     report, _ = evaluate_split(frame, {"candidate": proba_from(np.array([2, 0] * 10))}, LABELS, ["condition"],
                                config(), "target_holdout")
-    assert report["missing_group_columns"] == ["condition"]
+    assert report.missing_group_columns == ["condition"]
 
 
 def test_bootstrap_intervals_cover_the_true_value_at_about_the_stated_rate():
@@ -140,9 +141,9 @@ def test_bootstrap_intervals_cover_the_true_value_at_about_the_stated_rate():
         champion = np.where(u < 0.65, y, (y + 2) % 3)
         samples = bootstrap_statistics(y, {"candidate": proba_from(candidate), "champion": proba_from(champion)}, [],
                                        LABELS, cfg.model_copy(update={"seed": sim}), "t", "candidate")
-        lo, hi = percentile_interval(samples["t|candidate|overall|accuracy"], 0.95)
+        lo, hi = percentile_interval(samples[BootstrapKey.overall("t", "candidate", "accuracy")], 0.95)
         covered_accuracy += lo <= 0.70 <= hi
-        lo, hi = percentile_interval(samples["t|candidate-champion|overall|accuracy"], 0.95)
+        lo, hi = percentile_interval(samples[BootstrapKey.overall("t", "candidate-champion", "accuracy")], 0.95)
         covered_difference += lo <= 0.05 <= hi
     # Binomial(300, 0.95) lies within [0.91, 0.98] with probability > 0.99.
     assert 0.91 <= covered_accuracy / sims <= 0.98

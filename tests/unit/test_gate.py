@@ -12,8 +12,10 @@ import pandas as pd
 import pytest
 
 from tasks.config import EvaluateConfig, GateConfig, load_params
-from tasks.evaluate import evaluate_split
+from tasks.evaluate import bootstrap_table, evaluate_split, transfer_gain
 from tasks.gate import FAIL, INCONCLUSIVE, NOT_APPLICABLE, PASS, Evidence, holm, judge, promotable
+from tasks.reports import (BootstrapKey, Check, Decision, EvaluateReport, Verdict, WeightedUnavailable, read_report,
+                           write_report)
 
 pytestmark = pytest.mark.unit
 REPO = Path(__file__).resolve().parents[2]
@@ -71,14 +73,19 @@ def build_evidence(champion: bool = True, shift: dict | None = None,
     target, target_probas = split_frame({"A": (300, 0.9, 0.85), "B": (280, 0.5, 0.85), "C": (8, 0.75, 0.75),
                                          "D": (6, 0.83, 0.83), "E": (4, 0.75, 0.75)}, seed=1, baselines=baselines)
     source, source_probas = split_frame({"A": (200, 0.7, 0.85), "B": (200, 0.7, 0.85)}, seed=2, baselines=baselines)
-    evaluation = {"champion": "models/production" if champion else None, "splits": {}}
-    samples: dict[str, np.ndarray] = {}
+    splits, samples = {}, {}
     for name, frame, probas in (("target_holdout", target, target_probas), ("source_holdout", source, source_probas)):
         if not champion:
             probas = {model: proba for model, proba in probas.items() if model != "champion"}
-        evaluation["splits"][name], split_samples = evaluate_split(frame, probas, LABELS, ["condition"], EVAL_CFG, name)
+        splits[name], split_samples = evaluate_split(frame, probas, LABELS, ["condition"], EVAL_CFG, name)
         samples.update(split_samples)
-    return Evidence(evaluation=evaluation, bootstrap=pd.DataFrame(samples),
+    evaluation = EvaluateReport(
+        labels=LABELS, champion="models/production" if champion else None,
+        models={model: model for model in target_probas if champion or model != "champion"},
+        bootstrap=EVAL_CFG.bootstrap, confidence=EVAL_CFG.confidence, splits=splits, transfer_gain=transfer_gain(splits),
+        weighted=WeightedUnavailable(split="source_holdout_weighted", problem="no importance weights in this test"),
+        bootstrap_file="reports/evaluate/bootstrap.parquet")
+    return Evidence(evaluation=evaluation, bootstrap=bootstrap_table(samples),
                     shift=shift if shift is not None else {"verdict": "moderate", "on_severe": "warn"})
 
 
@@ -97,14 +104,14 @@ def gate_config(**changes) -> GateConfig:
     return GateConfig(**{**copy.deepcopy(LENIENT), **changes})
 
 
-def criterion(verdict: dict, prefix: str) -> list[dict]:
-    rows = [c for c in verdict["criteria"] if c["name"].startswith(prefix)]
-    assert rows, f"no criterion {prefix!r} in {[c['name'] for c in verdict['criteria']]}"
+def criterion(verdict: Verdict, prefix: str) -> list[Check]:
+    rows = [c for c in verdict.criteria if c.name.startswith(prefix)]
+    assert rows, f"no criterion {prefix!r} in {[c.name for c in verdict.criteria]}"
     return rows
 
 
-def status_of(rows: list[dict]) -> str:
-    statuses = {r["status"] for r in rows}
+def status_of(rows: list[Check]) -> str:
+    statuses = {r.status for r in rows}
     return FAIL if FAIL in statuses else INCONCLUSIVE if INCONCLUSIVE in statuses else PASS
 
 
@@ -145,28 +152,28 @@ CASES = [
 def test_a_candidate_below_a_baseline_never_passes(beaten_evidence, margin, expected, reason):
     verdict = judge(beaten_evidence, gate_config(baselines={"metric": "accuracy", "margin": margin}), small_n=30)
     row = criterion(verdict, "baseline: candidate vs tfidf")[0]
-    assert row["status"] == expected and reason in row["detail"], row
-    assert criterion(verdict, "baseline: candidate vs frozen_encoder")[0]["status"] == PASS
-    assert verdict["verdict"] == expected
+    assert row.status == expected and reason in row.detail, row
+    assert criterion(verdict, "baseline: candidate vs frozen_encoder")[0].status == PASS
+    assert verdict.verdict == expected
 
 
 @pytest.mark.parametrize("prefix,changes,expected", CASES, ids=[f"{c[0]}-{c[2]}" for c in CASES])
 def test_each_criterion_passes_fails_or_is_inconclusive(evidence, prefix, changes, expected):
     verdict = judge(evidence, gate_config(**changes), small_n=30)
-    assert status_of(criterion(verdict, prefix)) == expected, json.dumps(criterion(verdict, prefix), indent=1)
+    assert status_of(criterion(verdict, prefix)) == expected, criterion(verdict, prefix)
     # Every other criterion is lenient, so the verdict is this criterion's status.
-    assert verdict["verdict"] == expected
-    assert promotable(verdict["verdict"], None) is (expected == PASS)
+    assert verdict.verdict == expected
+    assert promotable(verdict.verdict, approved=False) is (expected == PASS)
 
 
 def test_lenient_gate_passes_and_lists_small_groups_as_insufficient_data(evidence):
     verdict = judge(evidence, gate_config(), small_n=30)
-    assert verdict["verdict"] == PASS
-    assert {(r["group"], r["n"]) for r in verdict["insufficient_data"]} == {("C", 8), ("D", 6), ("E", 4)}
-    names = [c["name"] for c in verdict["criteria"]]
+    assert verdict.verdict == PASS
+    assert {(r.group, r.n) for r in verdict.insufficient_data} == {("C", 8), ("D", 6), ("E", 4)}
+    names = [c.name for c in verdict.criteria]
     assert "worst group: condition=other accuracy" in names  # 18 merged rows are judged together
-    other = next(c for c in verdict["criteria"] if c["name"] == "worst group: condition=other accuracy")
-    assert "Wilson" in other["detail"]
+    other = next(c for c in verdict.criteria if c.name == "worst group: condition=other accuracy")
+    assert "Wilson" in other.detail
 
 
 @pytest.mark.parametrize("shift,expected", [
@@ -177,16 +184,16 @@ def test_lenient_gate_passes_and_lists_small_groups_as_insufficient_data(evidenc
 ])
 def test_shift_criterion(shift, expected):
     verdict = judge(build_evidence(shift=shift), gate_config(), small_n=30)
-    assert criterion(verdict, "shift")[0]["status"] == expected
+    assert criterion(verdict, "shift")[0].status == expected
 
 
 def test_no_champion_applies_only_absolute_criteria():
     verdict = judge(build_evidence(champion=False), gate_config(), small_n=30)
-    assert verdict["verdict"] == PASS and verdict["champion"] is False
-    assert criterion(verdict, "non-inferiority")[0]["status"] == NOT_APPLICABLE
-    assert criterion(verdict, "forgetting")[0]["status"] == NOT_APPLICABLE
-    assert not [c for c in verdict["criteria"] if c["name"].endswith("vs champion")]
-    assert "only the absolute criteria apply" in verdict["notes"][0]
+    assert verdict.verdict == PASS and verdict.champion is False
+    assert criterion(verdict, "non-inferiority")[0].status == NOT_APPLICABLE
+    assert criterion(verdict, "forgetting")[0].status == NOT_APPLICABLE
+    assert not [c for c in verdict.criteria if c.name.endswith("vs champion")]
+    assert "only the absolute criteria apply" in verdict.notes[0]
 
 
 def damaged(evidence: Evidence, damage) -> Evidence:
@@ -196,25 +203,25 @@ def damaged(evidence: Evidence, damage) -> Evidence:
 
 
 def drop_group_column(e: Evidence):
-    split = e.evaluation["splits"]["target_holdout"]
-    del split["group_columns"]["condition"]
-    split["missing_group_columns"] = ["condition"]
+    split = e.evaluation.splits["target_holdout"]
+    del split.group_columns["condition"]
+    split.missing_group_columns = ["condition"]
 
 
 def drop_group(e: Evidence):
-    del e.evaluation["splits"]["target_holdout"]["models"]["candidate"]["groups"]["condition"]["groups"]["B"]
+    del e.evaluation.splits["target_holdout"].models["candidate"].groups["condition"].groups["B"]
 
 
 def nan_metric(e: Evidence):
-    e.evaluation["splits"]["target_holdout"]["models"]["candidate"]["overall"]["accuracy"] = None
+    e.evaluation.splits["target_holdout"].models["candidate"].overall.accuracy = None
 
 
 def nan_resamples(e: Evidence):
-    e.bootstrap["target_holdout|candidate|overall|accuracy"] = np.nan
+    e.bootstrap[BootstrapKey.overall("target_holdout", "candidate", "accuracy").to_str()] = np.nan
 
 
 def drop_resamples(e: Evidence):
-    e.bootstrap = e.bootstrap.drop(columns=["target_holdout|candidate-champion|overall|accuracy"])
+    e.bootstrap = e.bootstrap.drop(columns=[BootstrapKey.overall("target_holdout", "candidate-champion", "accuracy").to_str()])
 
 
 FAIL_CLOSED = [
@@ -229,29 +236,29 @@ FAIL_CLOSED = [
 @pytest.mark.parametrize("case,damage,failed", FAIL_CLOSED, ids=[c[0] for c in FAIL_CLOSED])
 def test_missing_or_nan_evidence_fails_closed(evidence, case, damage, failed):
     verdict = judge(damaged(evidence, damage), gate_config(), small_n=30)
-    assert verdict["verdict"] == FAIL
-    assert any(name.startswith(failed) for name in verdict["failed"]), verdict["failed"]
+    assert verdict.verdict == FAIL
+    assert any(name.startswith(failed) for name in verdict.failed), verdict.failed
 
 
 def test_missing_evaluation_fails_closed():
     verdict = judge(Evidence(None, None, {"verdict": "none"}, problems=["reports/evaluate.json: not found"]),
                     gate_config(), small_n=30)
-    assert verdict["verdict"] == FAIL and verdict["failed"] == ["evidence"]
-    assert "reports/evaluate.json: not found" in verdict["criteria"][0]["detail"]
+    assert verdict.verdict == FAIL and verdict.failed == ["evidence"]
+    assert "reports/evaluate.json: not found" in verdict.criteria[0].detail
 
 
 def test_groups_too_small_to_judge_are_inconclusive_not_passed(evidence):
     tiny = EvaluateConfig(**{**EVAL_CFG.model_dump(), "min_group_size": 10_000})
     frame, probas = split_frame({"A": (30, 0.9, 0.9), "B": (30, 0.9, 0.9)}, seed=3)
     evaluation = copy.deepcopy(evidence.evaluation)
-    evaluation["splits"]["target_holdout"], samples = evaluate_split(frame, probas, LABELS, ["condition"], tiny, "target_holdout")
+    evaluation.splits["target_holdout"], samples = evaluate_split(frame, probas, LABELS, ["condition"], tiny, "target_holdout")
     bootstrap = evidence.bootstrap.copy()
     for key, value in samples.items():
-        bootstrap[key] = value
+        bootstrap[key.to_str()] = value
     verdict = judge(Evidence(evaluation, bootstrap, {"verdict": "none"}), gate_config(), small_n=30)
-    assert criterion(verdict, "worst group")[0]["status"] == INCONCLUSIVE
-    assert criterion(verdict, "disparity")[0]["status"] == INCONCLUSIVE
-    assert verdict["verdict"] == INCONCLUSIVE
+    assert criterion(verdict, "worst group")[0].status == INCONCLUSIVE
+    assert criterion(verdict, "disparity")[0].status == INCONCLUSIVE
+    assert verdict.verdict == INCONCLUSIVE
 
 
 def test_holm_matches_statsmodels():
@@ -269,31 +276,30 @@ def gate_workspace(tmp_path, monkeypatch, evidence):
     reports = tmp_path / "reports"
     (reports / "evaluate").mkdir(parents=True)
     evidence.bootstrap.to_parquet(reports / "evaluate" / "bootstrap.parquet")
-    evaluation = dict(evidence.evaluation, bootstrap_file="reports/evaluate/bootstrap.parquet")
-    (reports / "evaluate.json").write_text(json.dumps(evaluation))
+    write_report(reports / "evaluate.json", evidence.evaluation)
     (reports / "shift.json").write_text(json.dumps(evidence.shift))
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
 
-def run_gate(workspace: Path, **gate) -> tuple[int, dict]:
+def run_gate(workspace: Path, **gate) -> tuple[int, Verdict]:
     from pipelines.gate import main
     from tasks.config import write_overrides
 
     write_overrides(workspace / "params.yaml", {f"gate.{k}": v for k, v in {**LENIENT, **gate}.items()})
     code = main(load_params(workspace / "params.yaml"))
-    return code, json.loads((workspace / "reports" / "verdict.json").read_text())
+    return code, read_report(workspace / "reports" / "verdict.json", Verdict)
 
 
 def test_stage_exits_zero_on_pass_and_one_on_fail(gate_workspace, capsys):
     code, verdict = run_gate(gate_workspace)
-    assert code == 0 and verdict["verdict"] == PASS
+    assert code == 0 and verdict.verdict == PASS
     code, verdict = run_gate(gate_workspace, worst_group={"metrics": ["accuracy"], "floor": 0.7})
-    assert code == 1 and verdict["verdict"] == FAIL
+    assert code == 1 and verdict.verdict == FAIL
     assert "worst group: condition=B accuracy" in capsys.readouterr().err
 
 
-def run_decide(workspace: Path, answer: dict | None = None, **gate) -> tuple[int, dict]:
+def run_decide(workspace: Path, answer: dict | None = None, **gate) -> tuple[int, Decision]:
     """The decide stage on the verdict in the workspace, with a person's answer filed for it when given."""
     from pipelines.decide import main
     from tasks.config import write_overrides
@@ -306,7 +312,7 @@ def run_decide(workspace: Path, answer: dict | None = None, **gate) -> tuple[int
     if answer is not None:
         write_json(answer_file(params.paths.gate_answers, sha256_of(params.paths.verdict)), answer)
     code = main(params)
-    return code, json.loads(params.paths.decision.read_text())
+    return code, read_report(params.paths.decision, Decision)
 
 
 UNDECIDED = {"worst_group": {"metrics": ["accuracy"], "floor": 0.5}}
@@ -315,12 +321,12 @@ UNDECIDED = {"worst_group": {"metrics": ["accuracy"], "floor": 0.5}}
 @pytest.mark.parametrize("policy,code", [("reject", 1), ("approve", 0)])
 def test_inconclusive_with_nobody_to_ask_follows_the_policy(gate_workspace, policy, code):
     returned, verdict = run_gate(gate_workspace, **UNDECIDED)
-    assert returned == 0 and verdict["verdict"] == INCONCLUSIVE and "decision" not in verdict
+    assert returned == 0 and verdict.verdict == INCONCLUSIVE and "decision" not in verdict.model_dump()
     before = (gate_workspace / "reports" / "verdict.json").read_bytes()
     returned, decision = run_decide(gate_workspace, on_inconclusive=policy)
-    assert returned == code and decision["approved"] is (policy == "approve") and decision["by"] == "policy"
-    assert decision["undecided"] == verdict["inconclusive"]
-    assert promotable(verdict["verdict"], decision) is (policy == "approve")
+    assert returned == code and decision.approved is (policy == "approve") and decision.by == "policy"
+    assert decision.undecided == verdict.inconclusive
+    assert promotable(verdict.verdict, decision.approved) is (policy == "approve")
     # The verdict is the gate's alone: deciding never rewrites it.
     assert (gate_workspace / "reports" / "verdict.json").read_bytes() == before
 
@@ -329,21 +335,22 @@ def test_a_persons_answer_decides_only_the_verdict_it_was_given_for(gate_workspa
     run_gate(gate_workspace, **UNDECIDED)
     code, decision = run_decide(gate_workspace, answer={"approved": True, "by": "ana", "reason": "groups checked"},
                                 on_inconclusive="reject")
-    assert code == 0 and decision["approved"] is True and decision["by"] == "ana"
+    assert code == 0 and decision.approved is True and decision.by == "ana"
     # A new verdict (other evidence) is not covered by that answer: the policy decides again.
     run_gate(gate_workspace, worst_group={"metrics": ["accuracy"], "floor": 0.51})
     code, decision = run_decide(gate_workspace)
-    assert code == 1 and decision["by"] == "policy"
+    assert code == 1 and decision.by == "policy"
 
 
 def test_pass_and_fail_decide_themselves(gate_workspace):
     run_gate(gate_workspace)
-    assert run_decide(gate_workspace)[1] | {"at": None} == run_decide(gate_workspace)[1] | {"at": None}
+    timeless = [run_decide(gate_workspace)[1].model_copy(update={"at": ""}) for _ in range(2)]
+    assert timeless[0] == timeless[1]
     code, decision = run_decide(gate_workspace, answer={"approved": False, "by": "x", "reason": "ignored"})
-    assert code == 0 and decision["approved"] is True and decision["by"] == "gate"
+    assert code == 0 and decision.approved is True and decision.by == "gate"
     run_gate(gate_workspace, worst_group={"metrics": ["accuracy"], "floor": 0.7})
     code, decision = run_decide(gate_workspace, answer={"approved": True, "by": "x", "reason": "ignored"})
-    assert code == 1 and decision["approved"] is False and decision["by"] == "gate"
+    assert code == 1 and decision.approved is False and decision.by == "gate"
 
 
 def test_a_malformed_answer_is_refused(gate_workspace):
@@ -357,25 +364,25 @@ def test_a_malformed_answer_is_refused(gate_workspace):
 def test_missing_evaluation_file_writes_a_failing_verdict(gate_workspace):
     (gate_workspace / "reports" / "evaluate.json").unlink()
     code, verdict = run_gate(gate_workspace)
-    assert code == 1 and verdict["verdict"] == FAIL
-    assert "evaluate.json: not found" in verdict["criteria"][0]["detail"]
+    assert code == 1 and verdict.verdict == FAIL
+    assert "evaluate.json: not found" in verdict.criteria[0].detail
 
 
 @pytest.mark.parametrize("margin,said", [(0.0, "A simple baseline wins: TF-IDF + logistic regression beats the candidate"),
                                          (0.09, "A simple baseline may win: TF-IDF + logistic regression scores higher")])
 def test_a_baseline_that_wins_is_said_plainly(beaten_evidence, margin, said):
     verdict = judge(beaten_evidence, gate_config(baselines={"metric": "accuracy", "margin": margin}), small_n=30)
-    notes = [n for n in verdict["notes"] if "baseline" in n]
+    notes = [n for n in verdict.notes if "baseline" in n]
     assert len(notes) == 1 and notes[0].startswith(said), notes  # the frozen encoder is behind: not mentioned
     assert "(0.799 against 0.709; difference -0.090 [-0.134, -0.047]" in notes[0]
 
 
 def test_a_missing_baseline_fails_closed(evidence):
     bare = copy.deepcopy(evidence)
-    del bare.evaluation["splits"]["target_holdout"]["comparisons"]["candidate-tfidf"]
+    del bare.evaluation.splits["target_holdout"].comparisons["candidate-tfidf"]
     verdict = judge(bare, gate_config(), small_n=30)
     row = criterion(verdict, "baseline: candidate vs tfidf")[0]
-    assert row["status"] == FAIL and "no comparison with TF-IDF" in row["detail"] and verdict["verdict"] == FAIL
+    assert row.status == FAIL and "no comparison with TF-IDF" in row.detail and verdict.verdict == FAIL
 
 
 def with_weighted_source(evidence: Evidence, weights: np.ndarray | None) -> Evidence:
@@ -384,13 +391,13 @@ def with_weighted_source(evidence: Evidence, weights: np.ndarray | None) -> Evid
 
     broken = Evidence(copy.deepcopy(evidence.evaluation), evidence.bootstrap.copy(), dict(evidence.shift))
     if weights is None:
-        broken.evaluation["weighted"] = {"split": "source_holdout_weighted", "problem": "no importance weights in x"}
+        broken.evaluation.weighted = WeightedUnavailable(split="source_holdout_weighted",
+                                                         problem="no importance weights in x")
         return broken
     source, probas = split_frame({"A": (200, 0.7, 0.85), "B": (200, 0.7, 0.85)}, seed=2)
     y = source["label"].map({label: i for i, label in enumerate(LABELS)}).to_numpy()
-    entry, samples = weighted_split(y, probas, weights, LABELS, EVAL_CFG, "source_holdout_weighted")
-    broken.evaluation["weighted"] = {"split": "source_holdout_weighted", **entry}
-    broken.bootstrap = pd.concat([broken.bootstrap, pd.DataFrame(samples)], axis=1)
+    broken.evaluation.weighted, samples = weighted_split(y, probas, weights, LABELS, EVAL_CFG, "source_holdout_weighted")
+    broken.bootstrap = pd.concat([broken.bootstrap, bootstrap_table(samples)], axis=1)
     return broken
 
 
@@ -404,4 +411,4 @@ def test_forgetting_on_the_importance_weighted_source_holdout(evidence, weights,
     forgetting = {"metric": "accuracy", "max_drop": max_drop, "weighting": "importance", "min_effective_rows": 30}
     verdict = judge(with_weighted_source(evidence, weights), gate_config(forgetting=forgetting), small_n=30)
     [row] = criterion(verdict, "forgetting: source_holdout_weighted accuracy")
-    assert row["status"] == expected, row
+    assert row.status == expected, row

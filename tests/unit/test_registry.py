@@ -89,6 +89,90 @@ def test_rollback_target_is_the_previous_production_model(registry):
     assert previous_production(record) == "b"
 
 
+def shadow_entries(record: dict) -> list[tuple]:
+    return [(e["action"], e["tag"], e.get("beside")) for e in record["history"] if e["action"].startswith("shadow")]
+
+
+def test_a_shadow_is_recorded_beside_production_and_ended_in_the_history(registry, tmp_path):
+    from tasks.registry import shadow_of, start_shadow, stop_shadow
+    from tasks.remote import DirectoryRemote
+
+    record_path, models, champion = registry
+    remote = DirectoryRemote(tmp_path / "shared")  # every serving host reads the remote's record
+    promote(record_path, "a", models["a"], champion, "ana", "first", remote=remote)
+    start_shadow(record_path, "b", models["b"], "ana", "try it on live traffic", remote=remote)
+    shared = remote.read_record()[0]
+    assert shadow_of(shared) == "b" and shared["shadow"]["beside"] == "a" and shared["production"] == "a"
+    assert shared["models"]["b"]["stage"] == CANDIDATE and file_digests(champion) == file_digests(models["a"])
+    assert shared["history"][-1] | {"at": None} == {"at": None, "action": "shadow", "tag": "b", "previous": None,
+                                                     "beside": "a", "verdict": "PASS", "by": "ana",
+                                                     "reason": "try it on live traffic"}
+    assert read_record(record_path) == shared  # this machine's mirror
+    with pytest.raises(RegistryError, match="a is not the shadow candidate; b is"):
+        stop_shadow(record_path, "a", "ana", "x", remote=remote)
+    record = stop_shadow(record_path, "b", "ana", "enough", remote=remote)
+    assert shadow_of(record) is None and record["production"] == "a"
+    assert shadow_entries(record) == [("shadow", "b", "a"), ("shadow-off", "b", None)]
+    with pytest.raises(RegistryError, match="no shadow candidate is running"):
+        stop_shadow(record_path, None, "ana", "again", remote=remote)
+
+
+@pytest.mark.parametrize("ending", ["promote the shadow", "promote another", "rollback"])
+def test_a_change_of_production_ends_the_shadow_first_in_the_history(registry, ending):
+    from tasks.registry import shadow_of, start_shadow
+
+    record_path, models, champion = registry
+    promote(record_path, "a", models["a"], champion, "ana", "first")
+    start_shadow(record_path, "b", models["b"], "ana", "live")
+    if ending == "promote the shadow":
+        record = promote(record_path, "b", models["b"], champion, "ana", "it held up")
+        reason = "promoted to production: it held up"
+    elif ending == "promote another":
+        record = promote(record_path, "approved", models["approved"], champion, "ana", "other")
+        reason = "promote of approved: other"
+    else:
+        promote(record_path, "approved", models["approved"], champion, "ana", "other")
+        start_shadow(record_path, "b", models["b"], "ana", "again, beside the new one")
+        record = promote(record_path, "a", models["a"], champion, "ana", "undo", action="rollback")
+        reason = "rollback of a: undo"
+    assert shadow_of(record) is None
+    # The promotion stays the last entry (what `regraft promote` reports); the end of the shadow comes just before it.
+    ended, changed = record["history"][-2:]
+    assert (ended["action"], ended["tag"], ended["reason"], ended["at"]) == ("shadow-off", "b", reason, changed["at"])
+    assert changed["action"] in ("promote", "rollback")
+
+
+@pytest.mark.parametrize("tag,message", [
+    ("failed", "its gate verdict is FAIL"),
+    ("unsure", "INCONCLUSIVE and was not approved"),
+    ("nope", "no such model in the registry"),
+    ("a", "a is the production model itself"),
+    ("b", "model.safetensors: checksum differs"),
+    ("approved", "b is already the shadow candidate"),
+])
+def test_a_shadow_is_refused_with_the_problem_named_and_the_record_unchanged(registry, tag, message):
+    from tasks.registry import start_shadow
+
+    record_path, models, champion = registry
+    promote(record_path, "a", models["a"], champion, "ana", "first")
+    if tag == "approved":
+        start_shadow(record_path, "b", models["b"], "ana", "live")
+    else:
+        (models["b"] / "model.safetensors").write_bytes(b"tampered")
+    before = record_path.read_bytes()
+    with pytest.raises(RegistryError, match=message):
+        start_shadow(record_path, tag, models.get(tag, models["a"]), "ana", "try")
+    assert record_path.read_bytes() == before
+
+
+def test_a_shadow_needs_a_production_model(registry):
+    from tasks.registry import start_shadow
+
+    record_path, models, _ = registry
+    with pytest.raises(RegistryError, match="there is no production model to shadow"):
+        start_shadow(record_path, "b", models["b"], "ana", "try")
+
+
 def test_a_promotion_on_one_host_reaches_another_through_a_directory_remote(registry, tmp_path):
     """Host A adopts a remote (its existing record is published on the first write), promotes, and host B,
     with an empty registry of its own, sees the remote's record; B's rollback is seen by A in turn."""

@@ -11,13 +11,16 @@ ATTACK = "<img src=x onerror=alert(1)>"
 def test_group_values_and_a_reviewers_reason_are_escaped(tmp_path):
     from tasks.report import html_report
 
-    verdict = {"verdict": "INCONCLUSIVE", "criteria": [
-        {"name": f"worst group: condition={ATTACK} accuracy", "status": "INCONCLUSIVE", "value": 0.5,
-         "interval": [0.3, 0.7], "threshold": 0.5, "direction": ">=", "margin": -0.2, "detail": "n=12"}],
+    criterion = f"worst group: condition={ATTACK} accuracy"
+    verdict = {"stage": "gate", "verdict": "INCONCLUSIVE", "champion": False, "criteria": [
+        {"name": criterion, "status": "INCONCLUSIVE", "value": 0.5, "interval": [0.3, 0.7], "threshold": 0.5,
+         "direction": ">=", "margin": -0.2, "p_meets": 0.2, "p_violates": 0.3, "detail": "n=12"}],
+        "failed": [], "inconclusive": [criterion],
         "insufficient_data": [{"column": "condition", "group": ATTACK, "n": 3, "detail": "fewer than 10 rows"}],
         "notes": [f"note {ATTACK}"]}
-    decision = {"verdict": "INCONCLUSIVE", "approved": True, "by": "<script>alert(2)</script>",
-                "reason": f"looked fine {ATTACK}", "at": "2026-11-25T00:00:00+00:00"}
+    decision = {"verdict": "INCONCLUSIVE", "verdict_sha256": "0" * 64, "approved": True,
+                "by": "<script>alert(2)</script>", "reason": f"looked fine {ATTACK}", "undecided": [criterion],
+                "at": "2026-11-25T00:00:00+00:00"}
     page = html_report([("verdict", verdict), ("decision", decision)], {}, f"run {ATTACK}", tmp_path / "no-log.csv")
     assert "<img" not in page and "<script>" not in page
     assert "&lt;img src=x onerror=alert(1)&gt;" in page and "&lt;script&gt;" in page

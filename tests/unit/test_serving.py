@@ -14,7 +14,8 @@ from tasks.serving import (ModelRefused, PredictionLog, RequestRejected, check_c
 pytestmark = pytest.mark.unit
 CFG = ServeConfig(host="127.0.0.1", port=3000, max_texts=3, max_chars=20, max_body_bytes=200, max_in_flight=4,
                   body_timeout_seconds=5, max_batch_size=8,
-                  max_latency_ms=10, workers=1, log_texts="hash", prediction_log="p.jsonl", reload_seconds=1)
+                  max_latency_ms=10, workers=1, log_texts="hash", prediction_log="p.jsonl", shadow_log="s.jsonl",
+                  shadow_queue=2, reload_seconds=1)
 
 BAD = [
     (b"not json", 400, "request body is not valid JSON"),
@@ -55,10 +56,50 @@ def test_a_good_request_gives_its_texts():
 def test_prediction_log_keeps_the_text_or_only_its_hash(tmp_path, mode):
     log = PredictionLog(tmp_path / "log.jsonl", mode)
     results = [{"label": "positive", "probabilities": {"negative": 0.1, "positive": 0.9}, "model_version": "m:1"}]
-    log.append(["great drug"], results)
+    ids = log.append(["great drug"], results)
     row = json.loads((tmp_path / "log.jsonl").read_text())
     assert row["label"] == "positive" and row["confidence"] == 0.9 and row["model_version"] == "m:1" and row["time"]
+    assert row["prediction_id"] == ids[0] and row["probabilities"] == results[0]["probabilities"]
     assert ("text" in row) is (mode == "text") and ("text_sha256" in row) is (mode == "hash")
+
+
+def test_the_shadow_queue_is_bounded_sheds_what_does_not_fit_and_counts_it(tmp_path, monkeypatch):
+    """The shadow candidate never holds up a request: with its worker busy and its queue full, a served batch is
+    shed at once and counted; the queued batches are predicted and logged with production's prediction ids."""
+    import threading
+    import time
+
+    from tasks import serving
+    from tasks.serving import LoadedModel, ShadowPredictor
+
+    busy, release = threading.Event(), threading.Event()
+
+    def slow_predict(loaded, texts, runtime=None):
+        busy.set()
+        release.wait(10)
+        return [{"label": "positive", "probabilities": {"negative": 0.25, "positive": 0.75},
+                 "model_version": loaded.version} for _ in texts]
+
+    monkeypatch.setattr(serving, "predict", slow_predict)
+    shadow = ShadowPredictor(PredictionLog(tmp_path / "shadow.jsonl", "hash"), capacity=2)
+    assert shadow.submit(["before"], ["id-0"]) is False and shadow.status() is None  # no shadow: nothing queued
+    shadow.swap(LoadedModel("cand:1", None, None, ["negative", "positive"], 64))
+    assert shadow.submit(["first"], ["id-1"])
+    assert busy.wait(10)  # the worker holds the first batch; the queue is empty again
+    assert shadow.submit(["second", "third"], ["id-2", "id-3"]) and shadow.submit(["fourth"], ["id-4"])
+    assert shadow.submit(["fifth", "sixth"], ["id-5", "id-6"]) is False  # full: shed, not waited for
+    assert shadow.status() == {"model_version": "cand:1", "predicted": 0, "shed": 2, "failed": 0, "queued_batches": 2}
+    release.set()
+    deadline = time.monotonic() + 10
+    while shadow.status()["predicted"] < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert shadow.status() == {"model_version": "cand:1", "predicted": 4, "shed": 2, "failed": 0, "queued_batches": 0}
+    rows = [json.loads(line) for line in (tmp_path / "shadow.jsonl").read_text().splitlines()]
+    assert [row["prediction_id"] for row in rows] == ["id-1", "id-2", "id-3", "id-4"]
+    assert rows[0]["probabilities"] == {"negative": 0.25, "positive": 0.75} and rows[0]["model_version"] == "cand:1"
+    assert "text" not in rows[0] and rows[0]["text_sha256"]
+    shadow.swap(None)
+    assert shadow.status() is None and shadow.submit(["later"], ["id-7"]) is False
 
 
 def test_loading_a_model_for_serving_leaves_the_process_able_to_train(tiny_bert, tmp_path):

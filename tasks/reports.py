@@ -1,0 +1,377 @@
+"""The reports stages hand each other, typed: the evaluation (reports/evaluate.json), the gate's verdict
+(paths.verdict) and the decision on it (paths.decision).
+
+One pair of functions writes and reads them (`write_report`, `read_report`), validating on both sides, so readers
+use attributes instead of spelling chains of keys, and a file that does not fit its model is refused with the
+file's name and the field. The JSON keeps the keys and nesting that `dvc metrics show` and `dvc exp show` read:
+what is keyed by a name from the data or the run (models, splits, groups, labels, metrics) stays a mapping.
+
+`BootstrapKey` is the one place that builds and parses the name of a bootstrap statistic
+(`split|model|scope|metric`, a column of the bootstrap table; `scope|metric` names a comparison in evaluate.json).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, NamedTuple, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tasks.errors import ReportError
+from tasks.files import write_json
+
+PASS, FAIL, INCONCLUSIVE, NOT_APPLICABLE = "PASS", "FAIL", "INCONCLUSIVE", "N/A"
+VerdictName = Literal["PASS", "FAIL", "INCONCLUSIVE"]
+Status = Literal["PASS", "FAIL", "INCONCLUSIVE", "N/A"]
+
+# [low, high]; an end is None where the statistic does not exist (no rows, no resamples).
+Interval = Annotated[list[float | None], Field(min_length=2, max_length=2)]
+
+
+def no_interval() -> list[float | None]:
+    return [None, None]
+
+
+# ----------------------------------------------------------------------------- bootstrap statistics
+
+OVERALL = "overall"
+GAP_PREFIX = "gap:"
+KEY_SEPARATOR = "|"
+
+
+class BootstrapKey(NamedTuple):
+    """Which statistic a set of bootstrap resamples belongs to."""
+
+    split: str
+    model: str   # a model, or a pair "a-b" (see `pair_name`): a minus b, resample by resample
+    scope: str   # "overall", "<column>=<group>" for one group, or "<column>" for the gap between its groups
+    metric: str  # "accuracy" or "macro_f1"; "gap:<metric>" when the scope is a column
+
+    @classmethod
+    def overall(cls, split: str, model: str, metric: str) -> BootstrapKey:
+        return cls(split, model, OVERALL, metric)
+
+    @classmethod
+    def of_group(cls, split: str, model: str, column: str, group: str, metric: str) -> BootstrapKey:
+        return cls(split, model, f"{column}={group}", metric)
+
+    @classmethod
+    def gap(cls, split: str, model: str, column: str, metric: str) -> BootstrapKey:
+        """The largest difference of `metric` between the column's judged groups."""
+        return cls(split, model, column, f"{GAP_PREFIX}{metric}")
+
+    @classmethod
+    def from_str(cls, text: str) -> BootstrapKey:
+        parts = text.split(KEY_SEPARATOR)
+        if len(parts) != len(cls._fields):
+            raise ValueError(f"{text!r} is not a bootstrap key (split|model|scope|metric)")
+        return cls(*parts)
+
+    def to_str(self) -> str:
+        """The column name in the bootstrap table (group names never hold the separator: evaluate replaces it)."""
+        return KEY_SEPARATOR.join(self)
+
+    @property
+    def comparison_name(self) -> str:
+        """The key of this statistic under its pair in a split's `comparisons`."""
+        return f"{self.scope}{KEY_SEPARATOR}{self.metric}"
+
+    @property
+    def pair(self) -> tuple[str, str] | None:
+        """(a, b) when this is the paired difference a - b, else None."""
+        reference, dash, other = self.model.partition("-")
+        return (reference, other) if dash else None
+
+    @property
+    def group(self) -> tuple[str, str] | None:
+        """(column, group) when the scope is one group, else None."""
+        column, equals, group = self.scope.partition("=")
+        return (column, group) if equals else None
+
+    @property
+    def gap_metric(self) -> str | None:
+        """The metric whose between-group gap this is, or None when it is not a gap."""
+        return self.metric.removeprefix(GAP_PREFIX) if self.metric.startswith(GAP_PREFIX) else None
+
+    def for_model(self, model: str) -> BootstrapKey:
+        return self._replace(model=model)
+
+
+def pair_name(reference: str, other: str) -> str:
+    """The model part of a paired difference's key: reference minus other."""
+    return f"{reference}-{other}"
+
+
+# ----------------------------------------------------------------------------- the evaluation
+
+
+class ReportPart(BaseModel):
+    """Keys a reader does not use are kept as they are (so a round trip loses nothing); those it uses are typed."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class Comparison(ReportPart):
+    """Model a minus model b on one statistic, with its paired bootstrap interval."""
+
+    estimate: float | None
+    interval: Interval
+
+
+# pair ("candidate-champion") -> comparison name ("overall|macro_f1", "condition=A|accuracy", "condition|gap:accuracy")
+Comparisons = dict[str, dict[str, Comparison]]
+
+
+class ClassMetrics(ReportPart):
+    precision: float | None
+    recall: float | None
+    f1: float | None
+    support: int
+    selection_rate: float | None
+
+
+class OverallMetrics(ReportPart):
+    """One model on a whole split."""
+
+    n: int
+    accuracy: float | None
+    macro_f1: float | None
+    ece: float | None
+    per_class: dict[str, ClassMetrics]
+    confusion: list[list[int]]
+    intervals: dict[str, Interval]  # accuracy and macro_f1 (bootstrap), accuracy_wilson
+
+    def metric(self, name: str) -> float | None:
+        return getattr(self, name)
+
+
+class GroupMetrics(ReportPart):
+    """One model on the rows of one group."""
+
+    n: int
+    eligible: bool  # large enough to be judged on its own
+    merged: bool    # the "other" group that rare groups were merged into
+    accuracy: float | None
+    macro_f1: float | None
+    recall: dict[str, float | None]
+    selection_rate: dict[str, float | None]
+    intervals: dict[str, Interval]  # accuracy and macro_f1 (bootstrap); accuracy_wilson for a small group
+
+    def metric(self, name: str) -> float | None:
+        return getattr(self, name)
+
+    def judged_interval(self, metric: str) -> list[float | None]:
+        """The interval the gate uses: Wilson for a small group's accuracy, else the bootstrap."""
+        return self.intervals.get(f"{metric}_wilson") or self.intervals.get(metric) or no_interval()
+
+
+class Disparity(ReportPart):
+    """Between the judged groups of one column: largest gap, smallest ratio, worst group."""
+
+    groups: int
+    gap: float | None
+    ratio: float | None
+    worst_group: str | None
+    worst_value: float | None
+    gap_interval: Interval
+
+
+class GroupBreakdown(ReportPart):
+    """One model on every group of one column."""
+
+    groups: dict[str, GroupMetrics]
+    disparity: dict[str, Disparity]  # by metric
+
+
+class ModelResult(ReportPart):
+    overall: OverallMetrics
+    groups: dict[str, GroupBreakdown]  # by group column
+
+
+class GroupColumnInfo(ReportPart):
+    sizes: dict[str, int]
+    eligible: list[str]
+    merged_into_other: dict[str, int]
+    min_group_size: int
+
+
+class SplitReport(ReportPart):
+    """Every model on one holdout split."""
+
+    n: int
+    models: dict[str, ModelResult]
+    comparisons: Comparisons
+    group_columns: dict[str, GroupColumnInfo]
+    missing_group_columns: list[str]
+
+    def comparison(self, key: BootstrapKey) -> Comparison | None:
+        return self.comparisons.get(key.model, {}).get(key.comparison_name)
+
+    def configured_columns(self) -> list[str]:
+        """Every group column the configuration asked for, present in the data or not."""
+        return list(self.group_columns) + list(self.missing_group_columns)
+
+
+class WeightedOverall(ReportPart):
+    accuracy: float | None
+    macro_f1: float | None
+    intervals: dict[str, Interval]
+
+    def metric(self, name: str) -> float | None:
+        return getattr(self, name)
+
+
+class WeightedModelResult(ReportPart):
+    overall: WeightedOverall
+
+
+class WeightedSplit(ReportPart):
+    """The source holdout weighted by the shift stage's importance weights, to look like the target."""
+
+    split: str
+    rows_without_weight: int = 0
+    n: int
+    effective_sample_size: float
+    models: dict[str, WeightedModelResult]
+    comparisons: Comparisons
+
+    def comparison(self, key: BootstrapKey) -> Comparison | None:
+        return self.comparisons.get(key.model, {}).get(key.comparison_name)
+
+
+class WeightedUnavailable(ReportPart):
+    """Why there is no weighted evaluation (no importance weights, or none for these rows)."""
+
+    split: str
+    problem: str
+
+
+class TransferGain(ReportPart):
+    """Candidate minus TF-IDF on target_holdout."""
+
+    metric: str
+    estimate: float | None
+    interval: Interval
+    negative_transfer: bool | None  # the whole interval below zero; None without the comparison
+    below_zero: bool | None = None
+
+
+class EvaluateReport(ReportPart):
+    """reports/evaluate.json."""
+
+    stage: Literal["evaluate"] = "evaluate"
+    labels: list[str]
+    champion: str | None  # the production model's folder, None when there is none
+    models: dict[str, str | None]  # what each model is, in words
+    bootstrap: int
+    confidence: float
+    splits: dict[str, SplitReport]
+    transfer_gain: TransferGain
+    weighted: WeightedSplit | WeightedUnavailable
+    bootstrap_file: str
+    plots: list[str] = Field(default_factory=list)
+
+    def comparison(self, key: BootstrapKey) -> Comparison | None:
+        """A comparison on one of the holdout splits; None when the split or the comparison is missing."""
+        split = self.splits.get(key.split)
+        return None if split is None else split.comparison(key)
+
+
+# ----------------------------------------------------------------------------- the verdict and the decision
+
+
+class Check(ReportPart):
+    """One criterion of the gate: is `value` on the right side of `threshold`?"""
+
+    name: str
+    status: Status
+    value: float | None = None
+    interval: Interval = Field(default_factory=no_interval)
+    threshold: float | None = None
+    direction: Literal[">=", "<="] = ">="  # ">=": higher is better; "<=": lower is better
+    margin: float | None = None  # how far the interval's worse bound is on the good side (negative: short)
+    p_meets: float | None = None
+    p_violates: float | None = None
+    detail: str = ""
+
+
+class InsufficientGroup(ReportPart):
+    """A group too small to be judged on its own."""
+
+    column: str
+    group: str
+    n: int
+    detail: str
+
+
+class Verdict(ReportPart):
+    """The gate's verdict (paths.verdict): written once per run, never changed; its sha256 names it."""
+
+    stage: Literal["gate"] = "gate"
+    verdict: VerdictName
+    champion: bool
+    criteria: list[Check]
+    failed: list[str]
+    inconclusive: list[str]
+    insufficient_data: list[InsufficientGroup]
+    notes: list[str]
+
+
+class Decision(ReportPart):
+    """What became of one verdict (paths.decision), and who decided."""
+
+    verdict: VerdictName
+    verdict_sha256: str
+    approved: bool
+    by: str
+    reason: str
+    undecided: list[str]
+    at: str  # ISO 8601, UTC
+
+
+# ----------------------------------------------------------------------------- writing and reading
+
+ReportModel = TypeVar("ReportModel", bound=BaseModel)
+SHOWN_MISMATCHES = 5
+
+
+def write_report(path: Path, report: BaseModel) -> None:
+    """Check the report against its model (attribute assignments are not checked when made), then write it
+    atomically as JSON."""
+    # Serialising a misfit warns; it is refused just below, with the file and the field named.
+    checked = parse_report(type(report), report.model_dump(warnings=False), str(path))
+    # Python mode keeps NaN a float, written as the JSON readers have always read.
+    write_json(path, checked.model_dump())
+
+
+def read_report(path: Path, kind: type[ReportModel]) -> ReportModel:
+    """The report at `path` as a `kind`; missing, unreadable or not fitting the model is a ReportError."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ReportError(f"{path}: not found") from None
+    except (OSError, ValueError) as exc:
+        raise ReportError(f"{path}: unreadable ({exc})") from None
+    return parse_report(kind, data, str(path))
+
+
+def parse_report(kind: type[ReportModel], data: Any, source: str) -> ReportModel:
+    """`data` (a report as JSON gives it) as a `kind`, or a ReportError naming `source` and each field that does not
+    fit. For a report already read as plain JSON; files go through `read_report`."""
+    try:
+        return kind.model_validate(data)
+    except ValidationError as exc:
+        problems = [mismatch_text(error) for error in exc.errors()]
+        more = f"; and {len(problems) - SHOWN_MISMATCHES} more" if len(problems) > SHOWN_MISMATCHES else ""
+        raise ReportError(f"{source}: not a valid {kind.__name__}: "
+                          + "; ".join(problems[:SHOWN_MISMATCHES]) + more) from None
+
+
+def mismatch_text(error: dict) -> str:
+    """One field that does not fit, as `splits.target_holdout.n: Input should be a valid integer (got 'ten')`."""
+    field = ".".join(str(part) for part in error["loc"]) or "the whole report"
+    given = error.get("input")
+    shown = (f" (got {given!r})" if error["type"] != "missing" and isinstance(given, str | int | float | bool)
+             else "")
+    return f"{field}: {error['msg']}{shown}"
