@@ -70,12 +70,22 @@ def expected_calibration_error(proba: np.ndarray, y_true: np.ndarray, bins: int)
     """ECE: the row-weighted gap between confidence and accuracy over equal-width confidence bins."""
     if len(y_true) == 0:
         return float("nan")
+    return float(resampled_calibration_error(proba, y_true, np.arange(len(y_true))[None, :], bins)[0])
+
+
+def resampled_calibration_error(proba: np.ndarray, y_true: np.ndarray, idx: np.ndarray, bins: int) -> np.ndarray:
+    """The ECE of each resample (rows of `idx`, indexes into the rows): on a holdout of a few dozen rows one row
+    crossing a bin edge moves the ECE by a hundredth (the commons-speeches holdout, 58 rows: 0.146 at T = 0.3058,
+    0.160 at T = 0.3060), so it is reported with its bootstrap interval like every other metric."""
     confidence = proba.max(axis=1)
-    correct = proba.argmax(axis=1) == y_true
+    correct = (proba.argmax(axis=1) == y_true).astype(float)
     which = np.minimum((confidence * bins).astype(int), bins - 1)
-    count = np.bincount(which, minlength=bins)
-    gap = np.abs(np.bincount(which, weights=confidence, minlength=bins) - np.bincount(which, weights=correct, minlength=bins))
-    return float(gap.sum() / count.sum())
+    resamples, n = idx.shape
+    # One bin index per (resample, bin), so one bincount gives every resample's bins.
+    flat = (which[idx] + bins * np.arange(resamples)[:, None]).ravel()
+    sums = [np.bincount(flat, weights=values[idx].ravel(), minlength=resamples * bins).reshape(resamples, bins)
+            for values in (confidence, correct)]
+    return np.abs(sums[0] - sums[1]).sum(axis=1) / n
 
 
 def slice_metrics(y_true: np.ndarray, proba: np.ndarray, labels: list[str], ece_bins: int) -> dict:
@@ -218,6 +228,7 @@ def bootstrap_statistics(y_true: np.ndarray, probas: dict[str, np.ndarray], colu
         overall = metrics_from_confusion(confusion_counts(y_boot, pred_boot, k))
         for metric in SUMMARY_METRICS:
             out[BootstrapKey.overall(split, model, metric)] = overall[metric]
+        out[BootstrapKey.overall(split, model, "ece")] = resampled_calibration_error(proba, y_true, idx, cfg.ece_bins)
         for column in columns:
             per_group = {}
             for group in column.eligible:
@@ -315,7 +326,7 @@ def evaluate_split(frame: pd.DataFrame, probas: dict[str, np.ndarray], labels: l
     models: dict[str, ModelResult] = {}
     for model, proba in probas.items():
         overall = slice_metrics(y_true, proba, labels, cfg.ece_bins)
-        overall["intervals"] = {m: interval[BootstrapKey.overall(split, model, m)] for m in SUMMARY_METRICS}
+        overall["intervals"] = {m: interval[BootstrapKey.overall(split, model, m)] for m in (*SUMMARY_METRICS, "ece")}
         overall["intervals"]["accuracy_wilson"] = wilson_interval(overall["accuracy"] * overall["n"], overall["n"],
                                                                   cfg.confidence)
         y_pred = proba.argmax(axis=1)

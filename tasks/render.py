@@ -190,7 +190,7 @@ def evaluate_markdown(report: EvaluateReport) -> str:
         for model, result in entry.models.items():
             o = result.overall
             lines.append(f"| {model} | {_interval(o.accuracy, o.intervals['accuracy'])} | "
-                         f"{_interval(o.macro_f1, o.intervals['macro_f1'])} | {_interval(o.ece)} |")
+                         f"{_interval(o.macro_f1, o.intervals['macro_f1'])} | {_interval(o.ece, o.intervals.get('ece'))} |")
         lines.append("")
     gain = report.transfer_gain
     lines.append(f"**Transfer gain** (candidate - TF-IDF, {gain.metric}, target_holdout): "

@@ -140,7 +140,7 @@ class OverallMetrics(ReportPart):
     ece: float | None
     per_class: dict[str, ClassMetrics]
     confusion: list[list[int]]
-    intervals: dict[str, Interval]  # accuracy and macro_f1 (bootstrap), accuracy_wilson
+    intervals: dict[str, Interval]  # accuracy, macro_f1 and ece (bootstrap), accuracy_wilson
 
     def metric(self, name: str) -> float | None:
         return getattr(self, name)

@@ -10,7 +10,7 @@ from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_sc
 from tasks.config import EvaluateConfig
 from tasks.evaluate import (
     bootstrap_statistics, confusion_counts, evaluate_split, expected_calibration_error, group_columns,
-    metrics_from_confusion, percentile_interval, stratified_resamples, wilson_interval,
+    metrics_from_confusion, percentile_interval, resampled_calibration_error, stratified_resamples, wilson_interval,
 )
 from tasks.reports import BootstrapKey
 
@@ -63,6 +63,27 @@ def test_expected_calibration_error_of_a_perfectly_calibrated_and_an_overconfide
     assert expected_calibration_error(calibrated, y, 10) == pytest.approx(0.0)
     overconfident = np.tile([1.0, 0.0], (10, 1))
     assert expected_calibration_error(overconfident, y, 10) == pytest.approx(0.2)
+
+
+def test_each_resample_has_the_ece_of_its_rows_and_the_split_reports_its_interval_and_the_paired_difference():
+    """The resampled ECE is the ECE of the resample's rows (one bincount for all resamples must not mix them up),
+    and evaluate reports the ECE's interval and the candidate-minus-baseline ECE difference with its interval."""
+    rng = np.random.default_rng(3)
+    proba = rng.dirichlet(np.ones(3), size=60)
+    y = rng.integers(0, 3, size=60)
+    idx = rng.integers(0, 60, size=(25, 60))
+    by_resample = resampled_calibration_error(proba, y, idx, 10)
+    assert by_resample == pytest.approx([expected_calibration_error(proba[rows], y[rows], 10) for rows in idx])
+
+    frame = pd.DataFrame({"label": [LABELS[i] for i in y], "condition": ["a"] * 60})
+    probas = {"candidate": proba, "tfidf": np.eye(3)[y] * 0.5 + 0.5 / 3}
+    report, samples = evaluate_split(frame, probas, LABELS, ["condition"], config(), "target_holdout")
+    low, high = report.models["candidate"].overall.intervals["ece"]
+    assert low <= report.models["candidate"].overall.ece <= high
+    difference = report.comparison(BootstrapKey.overall("target_holdout", "candidate-tfidf", "ece"))
+    assert difference.estimate == pytest.approx(report.models["candidate"].overall.ece
+                                                - report.models["tfidf"].overall.ece)
+    assert difference.interval[0] <= difference.estimate <= difference.interval[1]
 
 
 # Reference values from statsmodels 0.15 `proportion_confint(successes, n, 0.05, "wilson")`
