@@ -5,7 +5,8 @@ several machines meet at the server instead: retrain, promote and rollback start
 one slot of a Prefect global concurrency limit named for the project (`regraft-project-<project.name>`), so the server queues the
 second run whichever worker holds it. The slot is a lease that the running flow renews in the background; a
 worker killed mid-run stops renewing it, and the server frees it when the lease expires, so the next run takes
-over. Each flow then takes the flock as well, for commands on this machine that no server sees.
+over. Each flow then takes the flock as well, for commands on this machine that no server sees, and a retrain the
+project's lease in the shared remote (tasks/lease.py), for runs on other machines that no server sees.
 """
 
 from __future__ import annotations
@@ -31,6 +32,19 @@ def run_slot(project: str, what: str, timeout_seconds: float, on_wait: Callable[
     if deployment.get_id() is None:
         return contextlib.nullcontext()
     return project_slot(project, what, timeout_seconds, on_wait)
+
+
+def project_lease(params, what: str, timeout_seconds: float, on_wait: Callable[[str], None]):
+    """What a retrain holds besides its slot and flock: the project's lease in the shared remote (tasks/lease.py),
+    so that runs no server sees (a `regraft run` from a terminal on another machine) take turns too; nothing to
+    hold for a project without a remote."""
+    from tasks.lease import remote_lease
+    from tasks.remote import model_remote
+
+    remote = model_remote(params)
+    if remote is None:
+        return contextlib.nullcontext()
+    return remote_lease(remote, params.project.name, what, timeout_seconds, on_wait)
 
 
 def project_limit_name(project: str) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from flows.concurrency import run_slot
+from flows.concurrency import project_lease, run_slot
 from flows.dag import stage_order, stage_outputs
 from flows.dvc_stage import run_stage, stage_progress_file
 from flows.gate_answer import file_answer
@@ -74,7 +74,8 @@ def retrain(parameters: RetrainParameters = RetrainParameters()) -> dict:
     current = load_params(root / "params.yaml")
     what, wait = f"retrain run {run_id}", current.schedule.lock_timeout_seconds
     with run_slot(current.project.name, what, wait, logger.warning), \
-            project_lock(root / current.paths.state, what, wait, on_wait=logger.warning):
+            project_lock(root / current.paths.state, what, wait, on_wait=logger.warning), \
+            project_lease(current, what, wait, logger.warning):
         for note in clear_stale_dvc_locks(root):
             logger.warning("removed a stale DVC lock record: %s", note)
         for note in recover_interrupted(root, root / current.paths.state / "runs", SNAPSHOT):

@@ -37,15 +37,24 @@ class RemoteError(RegraftError):
 
 
 class ConditionalRecord:
-    """Read-modify-write of the remote's registry record, for remotes that can write conditionally."""
+    """Read-modify-write of the remote's registry record (and of any small JSON object, such as the project's run
+    lease in tasks/lease.py), for remotes that can write conditionally."""
 
     url: str
 
-    def read_record(self) -> tuple[dict | None, str | None]:
+    def read_object(self, name: str) -> tuple[dict | None, str | None]:
+        """The JSON object `name` and its version (None, None when there is none)."""
         raise NotImplementedError
 
-    def write_record(self, record: dict, version: str | None) -> bool:
+    def write_object(self, name: str, data: dict, version: str | None) -> bool:
+        """Write `name` only if its version is still `version` (None: only if it does not exist); False if not."""
         raise NotImplementedError
+
+    def read_record(self) -> tuple[dict | None, str | None]:
+        return self.read_object(RECORD)
+
+    def write_record(self, record: dict, version: str | None) -> bool:
+        return self.write_object(RECORD, record, version)
 
     def update_record(self, mutate: Callable[[dict], None], empty: dict) -> dict:
         """Read the record, apply `mutate` (a function of the record alone, so it can run again), write it back
@@ -79,20 +88,21 @@ class DirectoryRemote(ConditionalRecord):
             raise RemoteError(f"{self.url}: {key} is missing from the remote")
         shutil.copyfile(self.root / key, local)
 
-    def read_record(self) -> tuple[dict | None, str | None]:
-        path = self.root / RECORD
+    def read_object(self, name: str) -> tuple[dict | None, str | None]:
+        path = self.root / name
         if not path.is_file():
             return None, None
         data = path.read_bytes()
-        return parse_record(data, self.url), hashlib.sha256(data).hexdigest()
+        return parse_record(data, f"{self.url}/{name}"), hashlib.sha256(data).hexdigest()
 
-    def write_record(self, record: dict, version: str | None) -> bool:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / f".{RECORD}.lock", "w") as lock:
+    def write_object(self, name: str, data: dict, version: str | None) -> bool:
+        path = self.root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(f".{path.name}.lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            if self.read_record()[1] != version:
+            if self.read_object(name)[1] != version:
                 return False
-            write_json(self.root / RECORD, record)
+            write_json(path, data)
             return True
 
 
@@ -135,44 +145,47 @@ class S3Remote(ConditionalRecord):
             for chunk in iter(lambda: body.read(1 << 20), b""):
                 out.write(chunk)
 
-    def read_record(self) -> tuple[dict | None, str | None]:
+    def read_object(self, name: str) -> tuple[dict | None, str | None]:
         from botocore.exceptions import ClientError
 
         try:
-            with self.errors("reading the registry record"):
-                answer = self.client.get_object(Bucket=self.bucket, Key=self.key(RECORD))
+            with self.errors(f"reading {name}"):
+                answer = self.client.get_object(Bucket=self.bucket, Key=self.key(name))
                 data = answer["Body"].read()
         except RemoteError as exc:
             if isinstance(exc.__context__, ClientError) and exc.__context__.response["Error"]["Code"] in ("NoSuchKey", "404"):
                 return None, None
             raise
-        return parse_record(data, self.url), answer["ETag"]
+        return parse_record(data, f"{self.url}/{name}"), answer["ETag"]
 
-    def write_record(self, record: dict, version: str | None) -> bool:
+    def write_object(self, name: str, data: dict, version: str | None) -> bool:
         from botocore.exceptions import ClientError
 
         condition = {"IfMatch": version} if version else {"IfNoneMatch": "*"}
-        body = (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
+        body = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
         try:
-            self.client.put_object(Bucket=self.bucket, Key=self.key(RECORD), Body=body,
+            self.client.put_object(Bucket=self.bucket, Key=self.key(name), Body=body,
                                    ContentType="application/json", **condition)
         except ClientError as exc:
             if exc.response["Error"]["Code"] in ("PreconditionFailed", "ConditionalRequestConflict") \
                     or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
                 return False  # another host wrote first
-            raise RemoteError(f"{self.url}: writing the registry record failed: {exc}") from None
+            raise RemoteError(f"{self.url}: writing {name} failed: {exc}") from None
         return True
 
 
-def parse_record(data: bytes, url: str) -> dict:
+def parse_record(data: bytes, where: str) -> dict:
+    """A JSON object from the remote (someone else's input: checked); the registry record must also look like one."""
     try:
         record = json.loads(data)
     except ValueError as exc:
-        raise RemoteError(f"{url}/{RECORD}: the registry record in the remote is not valid JSON ({exc})") from None
-    if not isinstance(record, dict) or not isinstance(record.get("models", {}), dict) \
-            or not isinstance(record.get("history", []), list):
-        raise RemoteError(f"{url}/{RECORD}: the registry record in the remote is not a registry "
+        raise RemoteError(f"{where}: the object in the remote is not valid JSON ({exc})") from None
+    if where.endswith(f"/{RECORD}") and (not isinstance(record, dict) or not isinstance(record.get("models", {}), dict)
+                                         or not isinstance(record.get("history", []), list)):
+        raise RemoteError(f"{where}: the registry record in the remote is not a registry "
                           "(expected an object with production, models and history)")
+    if not isinstance(record, dict):
+        raise RemoteError(f"{where}: the object in the remote is not a JSON object")
     return record
 
 
