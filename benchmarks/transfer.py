@@ -235,7 +235,7 @@ def children_cpu_seconds() -> float:
 def run_dataset(name: str, base: Path, extra: dict) -> dict:
     from flows.dvc_stage import stage_environment
     from tasks.config import write_overrides
-    from tasks.reports import PASS, BootstrapKey, EvaluateReport, Verdict, read_report
+    from tasks.reports import PASS, BootstrapKey, EvaluateReport, FinetuneReport, Verdict, read_report
 
     from tests.conftest import make_project  # the test suite's scratch project: a copy of the pipeline, git + DVC
 
@@ -256,7 +256,7 @@ def run_dataset(name: str, base: Path, extra: dict) -> dict:
     verdict_path = project / "reports" / "verdict.json"
     verdict = read_report(verdict_path, Verdict) if verdict_path.is_file() else None
     evaluation = read_report(project / "reports" / "evaluate.json", EvaluateReport)
-    finetune = json.loads((project / "reports" / "finetune.json").read_text())
+    finetune = read_report(project / "reports" / "finetune.json", FinetuneReport)
     target = evaluation.splits["target_holdout"]
     scores = {model: {"macro_f1": round(entry.overall.macro_f1, 4),
                       "interval": [round(v, 4) for v in entry.overall.intervals["macro_f1"]],
@@ -271,11 +271,10 @@ def run_dataset(name: str, base: Path, extra: dict) -> dict:
                 into[key.pair[1]] = {"estimate": round(entry.estimate, 4),
                                      "interval": [round(v, 4) for v in entry.interval]}
     return {"dataset": name, **data, "seed": extra.get("train.seed"), "target_holdout_rows": target.n,
-            "strategy": finetune.get("strategy"), "lexical_weight": finetune.get("lexical_companion", {}).get("weight"),
-            "served_cheap": bool((finetune.get("served_model") or {}).get("cheap")),
-            "served_as": (finetune.get("served_model") or {}).get("served_as"),
-            "evidence": {row["model"]: round(row["validation_macro_f1"], 4) for row in finetune.get("strategy_evidence") or []},
-            "strategy_reason": finetune.get("reason"), "macro_f1": scores, "gain": gains,
+            "strategy": finetune.strategy, "lexical_weight": finetune.lexical_companion.weight,
+            "served_cheap": finetune.served_model.cheap, "served_as": finetune.served_model.served_as,
+            "evidence": {row.model: round(row.validation_macro_f1, 4) for row in finetune.strategy_evidence},
+            "strategy_reason": finetune.reason, "macro_f1": scores, "gain": gains,
             "ece_difference": ece_differences,
             "gate": {"verdict": verdict.verdict if verdict else "missing",
                      "not_passed": {c.name: c.status for c in verdict.criteria if c.status != PASS} if verdict else {}},

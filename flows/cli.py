@@ -9,7 +9,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from flows.cli_data import command_feedback, command_shift, command_validate
+from flows.cli_data import command_feedback, command_shadow, command_shift, command_validate
 from flows.cli_environment import find_project, make_private, prepare_environment
 from flows.cli_models import command_models, command_promote
 from flows.cli_run import command_run
@@ -49,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "performance next to shift-watch's estimate for the same traffic")
     feedback.add_argument("path", help="a labelled file (CSV, Parquet, JSON lines) of served texts")
     feedback.add_argument("--columns", default=None, metavar="text=COL,label=COL", help=columns_help)
+    shadow = commands.add_parser("shadow", help="compare the shadow candidate with production on the texts both "
+                                 "predicted: not worse, worse (exit 1) or not enough evidence yet; writes reports/shadow.json")
+    shadow.add_argument("--json", action="store_true", help="print the report as JSON (top-level key: verdict)")
+    shadow.add_argument("--feedback", default=None, metavar="PATH", help="labels for served texts (the file given to "
+                        "`regraft feedback`): realized metrics for both models, and the verdict on them when enough")
+    shadow.add_argument("--columns", default=None, metavar="text=COL,label=COL", help=columns_help)
     models = commands.add_parser("models", help="list packaged models, their stages, metrics and history")
     models.add_argument("--json", action="store_true", help="print the registry record as JSON")
     promote = commands.add_parser("promote", help="make a packaged model (PASS or approved) the production model, "
@@ -81,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     handlers = {"run": command_run, "validate": command_validate, "shift": command_shift, "feedback": command_feedback,
-                "models": command_models, "promote": command_promote, "rollback": command_promote, "serve": command_serve, "ui": command_ui}
+                "shadow": command_shadow, "models": command_models, "promote": command_promote,
+                "rollback": command_promote, "serve": command_serve, "ui": command_ui}
     try:
         project = find_project(Path.cwd())
         make_private(project)

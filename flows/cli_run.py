@@ -47,37 +47,36 @@ def print_failures_once() -> None:
 
 
 def print_summary(result: dict) -> None:
-    from tasks.reports import Decision, EvaluateReport, Verdict, parse_report
+    from tasks.reports import (Decision, EvaluateReport, FinetuneReport, IngestReport, PackageReport, ShiftReport, Verdict,
+                               parse_report)
 
     print("\nregraft run finished: " + " -> ".join(result["stages"]))
-    ingest = result["reports"].get("ingest")
-    if ingest:
+    if result["reports"].get("ingest"):
+        ingest = parse_report(IngestReport, result["reports"]["ingest"], "the ingest report")
         print(f"\n{'split':16s}{'rows':>6s}  labels")
-        for name, split in ingest["splits"].items():
-            mix = ", ".join(f"{k} {v}" for k, v in split["labels"].items())
-            print(f"{name:16s}{split['rows']:6d}  {mix}")
+        for name, split in ingest.splits.items():
+            mix = ", ".join(f"{k} {v}" for k, v in split.labels.items())
+            print(f"{name:16s}{split.rows:6d}  {mix}")
     validate = result["reports"].get("validate")
     if validate:
         total = sum(s["expectations"] for s in validate["splits"].values())
         state = "passed" if validate["success"] else "FAILED"
         print(f"\nvalidation {state}: {total} expectations on {len(validate['splits'])} splits")
         print(f"Data Docs: {validate['data_docs']}")
-    shift = result["reports"].get("shift")
-    if shift:
-        print(f"\ndomain shift: {shift['verdict']}")
-        for reason in shift["reasons"]:
+    if result["reports"].get("shift"):
+        shift = parse_report(ShiftReport, result["reports"]["shift"], "the shift report")
+        print(f"\ndomain shift: {shift.verdict}")
+        for reason in shift.reasons:
             print(f"  - {reason}")
-    finetune = result["reports"].get("finetune")
-    package = result["reports"].get("package")
-    if finetune:
-        validation = ", ".join(f"{k} {v:.3f}" for k, v in finetune["validation"].items())
-        print(f"\nfinetune: {finetune['strategy']} on {finetune['hardware']} ({finetune['precision']}), "
-              f"{finetune['train_seconds']} s; validation {validation}")
-        served = finetune.get("served_model") or {}
-        if served.get("cheap"):  # said plainly: the evidence chose a cheap model over adaptation
-            print(f"  {finetune['reason'].split(' (')[0]}")
-        print(f"served as: {served.get('served_as', 'not recorded')}")
-        print(f"model: {finetune['model_dir']} (model card: {finetune['model_dir']}/README.md)")
+    if result["reports"].get("finetune"):
+        finetune = parse_report(FinetuneReport, result["reports"]["finetune"], "the finetune report")
+        validation = ", ".join(f"{k} {v:.3f}" for k, v in finetune.validation.items())
+        print(f"\nfinetune: {finetune.strategy} on {finetune.hardware} ({finetune.precision}), "
+              f"{finetune.train_seconds} s; validation {validation}")
+        if finetune.served_model.cheap:  # said plainly: the evidence chose a cheap model over adaptation
+            print(f"  {finetune.reason.split(' (')[0]}")
+        print(f"served as: {finetune.served_model.served_as}")
+        print(f"model: {finetune.model_dir} (model card: {finetune.model_dir}/README.md)")
     if result["reports"].get("evaluate"):
         evaluate = parse_report(EvaluateReport, result["reports"]["evaluate"], "the evaluate report")
         print("\nevaluation on target_holdout (95% bootstrap intervals):")
@@ -97,11 +96,11 @@ def print_summary(result: dict) -> None:
     if result["reports"].get("decide"):
         decision = parse_report(Decision, result["reports"]["decide"], "the decision")
         print(f"decision: {'approved' if decision.approved else 'rejected'} by {decision.by} ({decision.reason})\n")
-    if package:
-        smoke = package["smoke_test"]
-        print(f"packaged {package['model']} (Bento {package['bento']}); smoke test: {smoke['examples']} served "
+    if result["reports"].get("package"):
+        package = parse_report(PackageReport, result["reports"]["package"], "the package report")
+        print(f"packaged {package.model} (Bento {package.bento}); smoke test: {package.smoke_test.examples} served "
               f"labels equal to offline predictions")
-        print(f"promote it with: {package['promote']}")
+        print(f"promote it with: {package.promote}")
     print(f"reports: {result['reports_dir']} (all on one page: {result['html_report']})")
     if result.get("pushed_to"):
         print(f"data pushed to DVC remote {result['pushed_to']!r}")

@@ -83,6 +83,7 @@ def shift_watch(max_rows: int = 2000) -> dict:
     from tasks.registry import read_record
     from tasks.render import performance_markdown, shift_markdown
     from tasks.report import performance_history_plot, png_data_uri
+    from tasks.reports import ShiftAnalysis, parse_report
 
     root = in_project()
     params = load_params(root / "params.yaml")
@@ -92,7 +93,8 @@ def shift_watch(max_rows: int = 2000) -> dict:
         return {"verdict": "skipped", "reasons": ["no production model"]}
     report = watch_traffic(params, max_rows)
     performance, model, served = report["performance"], report["production_model"], report["served_rows"]
-    create_markdown_artifact(key="shift-watch-report", markdown=shift_markdown(report),
+    create_markdown_artifact(key="shift-watch-report",
+                             markdown=shift_markdown(parse_report(ShiftAnalysis, report, "the shift-watch report")),
                              description="serving traffic vs the production model's training data")
     history = read_history(params.paths.performance_history)
     plot = performance_history_plot(history)

@@ -8,22 +8,22 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from pipelines.stage_io import read_splits, report_path, run_stage, write_atomically, write_json
+from pipelines.stage_io import read_splits, report_path, run_stage, write_atomically
 from tasks.calibration import calibrated_encoders
 from tasks.config import Params
-from tasks.errors import ConfigError
+from tasks.errors import ConfigError, ReportError
 from tasks.files import replace_directory
 from tasks.finetune import FinetuneResult, finetune
 from tasks.lexical import LexicalCompanion, write_companion
 from tasks.model_card import model_card
 from tasks.render import calibration_text, ladder_text
+from tasks.reports import Calibration, FinetuneReport, ServedChoice, ShiftReport, read_report, write_report
 from tasks.served_choice import served_model
 from tasks.strategy import choose_strategy, served_reason
 from tasks.training_data import build_training_data
@@ -45,9 +45,12 @@ def initial_model(params: Params) -> str:
     return str(champion)
 
 
-def read_shift_report(params: Params) -> dict | None:
-    path = report_path(params, "shift")
-    return json.loads(path.read_text()) if path.is_file() else None
+def read_shift_report(params: Params) -> ShiftReport | None:
+    """The shift report for `auto`'s rule; none when it is missing or malformed (the rule then goes by data size)."""
+    try:
+        return read_report(report_path(params, "shift"), ShiftReport)
+    except ReportError:
+        return None
 
 
 def save_model_dir(result: FinetuneResult, destination: Path, card: str, companion: LexicalCompanion | None) -> None:
@@ -106,52 +109,53 @@ def main(params: Params) -> int:
     encoders, cross_fitted = calibrated_encoders(result, choice, valid, params.model.max_length)
     served = served_model({name: proba for name, (_, _, proba) in encoders.items()}, train, valid,
                           len(params.ingest.labels), params.train.lexical_weights, cross_fitted)
-    reason, cheap = served_reason(reason, result.strategy, served.encoder, served.report["served_as"],
+    lexical = ServedChoice.model_validate(served.report)
+    reason, cheap = served_reason(reason, result.strategy, served.encoder, lexical.served_as,
                                   served.companion is not None and served.companion.serves_alone,
                                   params.train.strategy == "auto")
-    result, calibration, _ = encoders[served.encoder]
+    result, fitted, _ = encoders[served.encoder]
     result.reason = reason
-    companion, lexical = served.companion, served.report
+    companion, calibration = served.companion, Calibration.model_validate(fitted)
     print(f"finetune: calibrated by temperature scaling: {calibration_text(calibration)}", flush=True)
     if cheap:
         print(f"finetune: {reason.split(' (')[0]}", flush=True)
-    print(f"finetune: served as {lexical['served_as']}", flush=True)
-    if ladder := ladder_text(lexical.get("evidence_ladder")):
+    print(f"finetune: served as {lexical.served_as}", flush=True)
+    if ladder := ladder_text(lexical.evidence_ladder):
         print(f"finetune: {ladder}", flush=True)
     data_hashes = {name: file_md5(Path(path)) for name, path in params.paths.splits.model_dump().items()}
-    report = {
-        "stage": "finetune",
-        "strategy": result.strategy,
-        "reason": result.reason,
-        "strategy_evidence": choice.evidence,
-        "negative_transfer_predicted": choice.negative_transfer_predicted,
-        "served_model": {"encoder": served.encoder, "lexical_weight": lexical.get("weight", 0.0),
-                         "cheap": cheap, "served_as": lexical["served_as"]},
-        "base_model": model_origin(base),
-        "init": params.train.init,
-        "model_dir": str(params.paths.model),
-        "device": str(result.runtime.device),
-        "precision": result.runtime.precision,
-        "hardware": result.runtime.reason,
-        "threads": result.runtime.threads,
-        "processes": result.extra.get("world_size", 1),
-        "train_rows": len(train.texts),
-        "validation_rows": len(valid.texts),
-        "epochs_run": result.epochs_run,
-        "best_epoch": result.best_epoch,
-        "resumed_from_step": result.resumed_from_step,
-        "train_seconds": round(result.train_seconds, 2),
-        "samples_per_second": round(result.samples_per_second, 2),
-        "validation": result.metrics.get("validation", {}),
-        "calibration": calibration,
-        "lexical_companion": lexical,
-        "data_md5": data_hashes,
+    report = FinetuneReport(
+        stage="finetune",
+        strategy=result.strategy,
+        reason=result.reason,
+        strategy_evidence=choice.evidence,
+        negative_transfer_predicted=choice.negative_transfer_predicted,
+        served_model={"encoder": served.encoder, "lexical_weight": lexical.weight, "cheap": cheap,
+                      "served_as": lexical.served_as},
+        base_model=model_origin(base),
+        init=params.train.init,
+        model_dir=str(params.paths.model),
+        device=str(result.runtime.device),
+        precision=result.runtime.precision,
+        hardware=result.runtime.reason,
+        threads=result.runtime.threads,
+        processes=result.extra.get("world_size", 1),
+        train_rows=len(train.texts),
+        validation_rows=len(valid.texts),
+        epochs_run=result.epochs_run,
+        best_epoch=result.best_epoch,
+        resumed_from_step=result.resumed_from_step,
+        train_seconds=round(result.train_seconds, 2),
+        samples_per_second=round(result.samples_per_second, 2),
+        validation=result.metrics.get("validation", {}),
+        calibration=calibration,
+        lexical_companion=lexical,
+        data_md5=data_hashes,
         **({"rank_weight_sha256": result.extra["rank_weight_sha256"]} if "rank_weight_sha256" in result.extra else {}),
-    }
+    )
     # The card starts from the report's facts; the package stage completes it from the same function.
     save_model_dir(result, params.paths.model, model_card(params, report), companion)
     write_log(params.paths.train_log, result.log)
-    write_json(report_path(params, "finetune"), report)
+    write_report(report_path(params, "finetune"), report)
     # A finished run's checkpoints must not be resumed by the next one.
     shutil.rmtree(params.paths.checkpoints, ignore_errors=True)
     validation = result.metrics.get("validation", {})

@@ -3,7 +3,6 @@ never changed afterwards; exit 1 on FAIL. What becomes of an INCONCLUSIVE verdic
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from tasks.config import Params
 from tasks.errors import ReportError
 from tasks.gate import FAIL, Evidence, judge
 from tasks.render import interval_text, verdict_markdown
-from tasks.reports import EvaluateReport, Verdict, read_report, write_report
+from tasks.reports import EvaluateReport, ShiftReport, Verdict, read_report, write_report
 
 
 def read_evidence(params: Params) -> Evidence:
@@ -36,11 +35,11 @@ def read_evidence(params: Params) -> Evidence:
     return Evidence(evaluation=evaluation, bootstrap=bootstrap, shift=shift, problems=problems)
 
 
-def read_shift(path: Path) -> dict | None:
-    """The shift report, or None when it is missing or unreadable (the shift criterion then fails)."""
+def read_shift(path: Path) -> ShiftReport | None:
+    """The shift report, or None when it is missing, unreadable or malformed (the shift criterion then fails)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_report(path, ShiftReport)
+    except ReportError:
         return None
 
 

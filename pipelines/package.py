@@ -9,13 +9,12 @@ predictions differ from its offline ones is not registered, so it cannot be prom
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
 import pandas as pd
 
-from pipelines.stage_io import report_path, run_stage, write_json
+from pipelines.stage_io import report_path, run_stage
 from tasks.config import Params
 from tasks.errors import CheckFailed, ReportError
 from tasks.files import sha256_of
@@ -25,7 +24,7 @@ from tasks.packaging import (bentoml_environment, build_bento, export_to_remote,
                              smoke_test)
 from tasks.remote import model_remote
 from tasks.registry import file_digests, register
-from tasks.reports import Decision, EvaluateReport, Verdict, read_report
+from tasks.reports import Decision, EvaluateReport, FinetuneReport, PackageReport, Verdict, read_report, write_report
 
 
 def read_decision(params: Params) -> tuple[Verdict, Decision]:
@@ -50,11 +49,10 @@ def main(params: Params) -> int:
     origin = lineage(params, verdict, decision)
     finetune = report_path(params, "finetune")
     evaluation = report_path(params, "evaluate")
-    # The model card still reads these reports as plain JSON (tasks/model_card.py): it is given them as dumped.
-    card = model_card(params, json.loads(finetune.read_text(encoding="utf-8")) if finetune.is_file() else {},
+    card = model_card(params, read_report(finetune, FinetuneReport) if finetune.is_file() else None,
                       Packaged(params.package.model_name,
-                               read_report(evaluation, EvaluateReport).model_dump() if evaluation.is_file() else {},
-                               verdict.model_dump(), decision.model_dump(), origin))
+                               read_report(evaluation, EvaluateReport) if evaluation.is_file() else None,
+                               verdict, decision, origin))
     # The checksums are of the files as packaged: the completed card replaces finetune's README.md.
     digests = {**file_digests(params.paths.model), "README.md": hashlib.sha256(card.encode("utf-8")).hexdigest()}
     model_tag = save_model(params, origin, digests, card)
@@ -72,10 +70,10 @@ def main(params: Params) -> int:
         "metrics": origin["metrics"], "data_md5": origin["data_md5"], "git_commit": origin["git_commit"],
         "smoke_test": smoke, "remote": exported,
     }, remote=remote)
-    report = {"stage": "package", "model": model_tag, "bento": bento_tag, "verdict": verdict.verdict,
-              "smoke_test": smoke, "registry": str(params.paths.registry), "remote": exported, "lineage": origin,
-              "promote": f"regraft promote {model_tag}"}
-    write_json(report_path(params, "package"), report)
+    report = PackageReport(stage="package", model=model_tag, bento=bento_tag, verdict=verdict.verdict, smoke_test=smoke,
+                           registry=str(params.paths.registry), remote=exported, lineage=origin,
+                           promote=f"regraft promote {model_tag}")
+    write_report(report_path(params, "package"), report)
     print(f"packaged {model_tag} as Bento {bento_tag}; smoke test on {smoke['url']}: {smoke['examples']} "
           f"examples, labels equal to offline predictions, {smoke['seconds']} s")
     print(f"exported model and Bento to {exported['url']} (sha256 in the registry record there)" if exported

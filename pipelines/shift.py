@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipelines.stage_io import read_splits, report_path, run_stage, save_figure, write_json, write_parquet
+from pipelines.stage_io import read_splits, report_path, run_stage, save_figure, write_parquet
 from tasks.config import Params
 from tasks.render import shift_markdown
+from tasks.reports import ShiftReport, write_report
 from tasks.shift import analyse_shift
 
 
@@ -69,13 +70,12 @@ def main(params: Params) -> int:
     weights = pd.DataFrame({"id": report.pop("source_ids") or [], "weight": report.pop("source_importance_weights")})
     write_parquet(params.paths.shift_weights, weights)
     report.pop("embeddings_2d")
-    report["stage"] = "shift"
-    report["on_severe"] = params.shift.on_severe
-    write_json(report_path(params, "shift"), report)
-    print(shift_markdown(report))
-    if report["verdict"] == "severe" and params.shift.on_severe == "block":
+    shift = ShiftReport.model_validate({**report, "stage": "shift", "on_severe": params.shift.on_severe})
+    write_report(report_path(params, "shift"), shift)
+    print(shift_markdown(shift))
+    if shift.verdict == "severe" and shift.on_severe == "block":
         print("error: severe domain shift and shift.on_severe=block, so training does not start:\n  "
-              + "\n  ".join(report["reasons"]), file=sys.stderr)
+              + "\n  ".join(shift.reasons), file=sys.stderr)
         return 1
     return 0
 

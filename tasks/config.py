@@ -400,6 +400,8 @@ class MonitorConfig(StrictModel):
     draws: int = Field(ge=100, le=10000, description="Simulated labellings behind each estimate's interval.")
     min_effective_rows: float = Field(ge=1, description="Importance-weighted validation takes part only with at least this "
                                       "many effective rows (Kish); fewer: reported, not used.")
+    min_shadow_rows: int = Field(ge=1, description="`regraft shadow` judges the shadow candidate only on at least this "
+                                 "many served texts that both models predicted; fewer: not enough evidence yet.")
 
 
 class NotifyConfig(StrictModel):

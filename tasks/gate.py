@@ -20,7 +20,8 @@ from scipy import stats
 from tasks.config import GateConfig
 from tasks.evaluate import percentile_interval, wilson_interval
 from tasks.reports import (FAIL, INCONCLUSIVE, NOT_APPLICABLE, PASS, BootstrapKey, Check, Comparison, Decision,
-                           EvaluateReport, InsufficientGroup, SplitReport, Verdict, WeightedUnavailable, pair_name)
+                           EvaluateReport, InsufficientGroup, ShiftReport, SplitReport, Verdict, WeightedUnavailable,
+                           pair_name)
 
 
 def bootstrap_p_values(samples: np.ndarray, threshold: float, direction: str) -> tuple[float, float] | None:
@@ -96,7 +97,7 @@ class Evidence:
 
     evaluation: EvaluateReport | None
     bootstrap: pd.DataFrame | None
-    shift: dict | None
+    shift: ShiftReport | None
     problems: list[str] = field(default_factory=list)  # unreadable or missing files, said plainly
 
     def samples(self, key: BootstrapKey) -> np.ndarray | None:
@@ -324,13 +325,13 @@ def holm_decide(checks: list[Check], alpha: float) -> list[Check]:
     return [decide(c, alpha) if c.p_meets is not None else c for c in checks]
 
 
-def shift_check(shift: dict | None) -> Check:
+def shift_check(shift: ShiftReport | None) -> Check:
     """The shift stage's decision must not be to block (missing report: fail closed)."""
-    if shift is None or "verdict" not in shift:
+    if shift is None:
         return Check(name="shift", status=FAIL, detail="no shift report (reports/shift.json) to read")
-    blocked = shift["verdict"] == "severe" and shift.get("on_severe") == "block"
+    blocked = shift.verdict == "severe" and shift.on_severe == "block"
     return Check(name="shift", status=FAIL if blocked else PASS,
-                 detail=f"verdict {shift['verdict']}, on_severe={shift.get('on_severe', 'warn')}"
+                 detail=f"verdict {shift.verdict}, on_severe={shift.on_severe}"
                         + (": severe shift blocks promotion" if blocked else ""))
 
 

@@ -63,7 +63,7 @@ def recorded_split(entry: dict, name: str, splits: dict[str, Path], cache: Path)
     """One split as a packaged model saw it, read from the DVC cache by the md5 in its lineage."""
     md5 = (entry.get("data_md5") or {}).get(str(splits[name]))
     if not md5:
-        raise DataError(f"the production model's lineage has no md5 for {splits[name]}")
+        raise DataError(f"the model's lineage has no md5 for {splits[name]} (was it packaged without a dvc.lock?)")
     path = dvc_cache_file(cache, md5)
     if not path.is_file():
         raise DataError(f"{splits[name]} (md5 {md5}) is not in the DVC cache {cache}; `dvc pull` it first")
@@ -171,16 +171,54 @@ def served_predictions(path: Path) -> pd.DataFrame:
     """Every logged prediction: time, text sha256 (logged, or computed from a logged text), label, model version."""
     rows = json_lines(path, "no prediction log; nothing was served to compare labels with")
     frame = pd.DataFrame(rows)
-    if "text_sha256" not in frame:
-        frame["text_sha256"] = None
-    if "text" in frame:
-        hashed = frame["text"].map(lambda t: text_sha256(t) if isinstance(t, str) else None)
-        frame["text_sha256"] = frame["text_sha256"].fillna(hashed)
+    frame["text_sha256"] = [logged_text_sha256(row) for row in rows]
     missing = [c for c in ("time", "label", "model_version") if c not in frame]
     if missing:
         raise DataError(f"{path}: prediction log lines lack {missing}")
     frame["time"] = pd.to_datetime(frame["time"], utc=True, errors="coerce")
     return frame.dropna(subset=["text_sha256", "time"])
+
+
+LOGGED_FIELDS = {"prediction_id": str, "label": str, "probabilities": dict, "model_version": str, "time": str}
+
+
+def logged_predictions(path: Path, missing: str) -> pd.DataFrame:
+    """Every line of a prediction log (production's or the shadow candidate's) with the fields a comparison reads,
+    each checked: the logs come from serving hosts, so a line that lacks a field or holds the wrong type is refused
+    with the file and line named. Columns: LOGGED_FIELDS, `time` parsed, and `text_sha256` (logged, or computed from
+    a logged text; None when neither is there)."""
+    rows = json_lines(path, missing)
+    for number, row in enumerate(rows, start=1):
+        wrong = [name for name, kind in LOGGED_FIELDS.items() if not isinstance(row.get(name), kind)]
+        probabilities = row.get("probabilities")
+        if not wrong and not all(isinstance(p, (int, float)) and not isinstance(p, bool)
+                                 for p in probabilities.values()):
+            wrong = ["probabilities"]
+        if wrong:
+            raise DataError(f"{path}:{number}: {', '.join(wrong)} missing or not of the logged type")
+    frame = pd.DataFrame({name: [row[name] for row in rows] for name in LOGGED_FIELDS})
+    frame["time"] = pd.to_datetime(frame["time"], utc=True, errors="coerce", format="ISO8601")
+    if frame["time"].isna().any():
+        raise DataError(f"{path}:{int(frame['time'].isna().to_numpy().argmax()) + 1}: time is not an ISO timestamp")
+    frame["text_sha256"] = [logged_text_sha256(row) for row in rows]
+    return frame
+
+
+def logged_text_sha256(row: dict) -> str | None:
+    """A logged prediction's text sha256: logged (serve.log_texts: hash), else computed from the logged text."""
+    if isinstance(row.get("text_sha256"), str):
+        return row["text_sha256"]
+    return text_sha256(row["text"]) if isinstance(row.get("text"), str) else None
+
+
+def feedback_truth(feedback: pd.DataFrame, labels: list[str], origin: str) -> pd.DataFrame:
+    """Labels that arrived for served texts, by text sha256 (the last label of a text wins), checked against
+    ingest.labels: what `regraft feedback` and `regraft shadow --feedback` join to the logged predictions."""
+    unknown = sorted(set(feedback["label"].astype("str")) - set(labels))
+    if unknown:
+        raise DataError(f"{origin}: labels {unknown[:5]} are not in ingest.labels {labels}")
+    return pd.DataFrame({"text_sha256": feedback["text"].astype("str").map(text_sha256),
+                         "truth": feedback["label"].astype("str")}).drop_duplicates("text_sha256", keep="last")
 
 
 def record_feedback(params: Params, feedback: pd.DataFrame, origin: str) -> list[dict]:
@@ -190,11 +228,7 @@ def record_feedback(params: Params, feedback: pd.DataFrame, origin: str) -> list
 
     labels = params.ingest.labels
     index = {label: i for i, label in enumerate(labels)}
-    unknown = sorted(set(feedback["label"].astype("str")) - set(index))
-    if unknown:
-        raise DataError(f"{origin}: labels {unknown[:5]} are not in ingest.labels {labels}")
-    truth = pd.DataFrame({"text_sha256": feedback["text"].astype("str").map(text_sha256),
-                          "truth": feedback["label"].astype("str")}).drop_duplicates("text_sha256", keep="last")
+    truth = feedback_truth(feedback, labels, origin)
     served = served_predictions(params.serve.prediction_log).merge(truth, on="text_sha256")
     if served.empty:
         raise DataError(f"{origin}: none of its {len(truth)} texts is in the prediction log "

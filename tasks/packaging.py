@@ -16,7 +16,7 @@ from tasks.config import Params
 from tasks.errors import CheckFailed
 from tasks.files import crash_point
 from tasks.processes import NotHealthy, free_port, stop_process_group, wait_until_healthy
-from tasks.reports import Decision, Verdict
+from tasks.reports import Decision, FinetuneReport, Verdict, read_report
 
 
 def bentoml_environment(params: Params) -> dict[str, str]:
@@ -57,7 +57,7 @@ def save_model(params: Params, origin: dict, digests: dict[str, str], card: str 
         raise CheckFailed(f"{source}: no model.safetensors; refusing to package a model in another format")
     finetune = params.report_file("finetune")
     labels = {"verdict": origin["verdict"]["verdict"], "git_commit": origin["git_commit"] or "none",
-              "strategy": json.loads(finetune.read_text())["strategy"] if finetune.is_file() else "unknown"}
+              "strategy": read_report(finetune, FinetuneReport).strategy if finetune.is_file() else "unknown"}
     with bentoml.models.create(params.package.model_name, labels=labels,
                                metadata=store_safe({**origin, "sha256": digests})) as model:
         shutil.copytree(source, model.path, dirs_exist_ok=True)

@@ -10,16 +10,18 @@ import json
 import sys
 from collections.abc import Callable
 
-from tasks.reports import Decision, EvaluateReport, Verdict, parse_report
+from tasks.reports import (LABEL_SHIFT, Calibration, Decision, EvaluateReport, EvidenceLadder, FinetuneReport,
+                           IngestReport, PackageReport, ShiftAnalysis, ShiftReport, StrategyEvidence, Verdict,
+                           parse_report)
 
 
-def ingest_markdown(report: dict) -> str:
+def ingest_markdown(report: IngestReport) -> str:
     """The ingest report as a Markdown table: rows and label mix per split."""
     lines = ["# Ingest", "", "| split | rows | labels | time range |", "|---|---:|---|---|"]
-    for name, split in report["splits"].items():
-        labels = ", ".join(f"{k}: {v}" for k, v in split["labels"].items())
-        span = " to ".join(split["time_range"]) if split["time_range"] else "-"
-        lines.append(f"| {name} | {split['rows']} | {labels} | {span} |")
+    for name, split in report.splits.items():
+        labels = ", ".join(f"{k}: {v}" for k, v in split.labels.items())
+        span = " to ".join(split.time_range) if split.time_range else "-"
+        lines.append(f"| {name} | {split.rows} | {labels} | {span} |")
     return "\n".join(lines) + "\n"
 
 
@@ -47,29 +49,29 @@ def print_validation_outcome(report: dict) -> int:
     return 1
 
 
-def shift_markdown(report: dict) -> str:
+def shift_markdown(report: ShiftAnalysis) -> str:
     """The shift report as Markdown: verdict, reasons, one row per test."""
-    lines = [f"# Domain shift: {report['verdict']}", "", *[f"- {r}" for r in report["reasons"]], "",
+    lines = [f"# Domain shift: {report.verdict}", "", *[f"- {r}" for r in report.reasons], "",
              "| test | effect | cut-off | p-value | flagged |", "|---|---:|---:|---:|---|"]
-    for t in report["tests"]:
-        cutoff = "-" if t["cutoff"] is None else f"{t['cutoff']:.3g}"
-        flag = "severe" if t["severe"] else ("yes" if t["flagged"] else "no")
-        lines.append(f"| {t['name']} ({t['effect_name']}) | {t['effect']:.3g} | {cutoff} | {t['p_value']:.3g} | {flag} |")
-    label = next((t for t in report["tests"] if t["name"] == "label_shift"), None)
+    for t in report.tests:
+        cutoff = "-" if t.cutoff is None else f"{t.cutoff:.3g}"
+        flag = "severe" if t.severe else ("yes" if t.flagged else "no")
+        lines.append(f"| {t.name} ({t.effect_name}) | {t.effect:.3g} | {cutoff} | {t.p_value:.3g} | {flag} |")
+    label = report.test(LABEL_SHIFT)
     if label:
-        d = label["detail"]
+        d = label.priors
         lines += ["", "| class | source prior | target (labelled) | target (estimated, 95% interval) |", "|---|---:|---:|---:|"]
-        for i, name in enumerate(d["labels"]):
-            labelled = d.get("labelled_target_prior")
-            lines.append(f"| {name} | {d['source_prior'][i]:.3f} | {labelled[i]:.3f} | " if labelled else
-                         f"| {name} | {d['source_prior'][i]:.3f} | - | ")
-            if "estimated_target_prior" in d:
-                lines[-1] += (f"{d['estimated_target_prior'][i]:.3f} ({d['estimated_interval_95'][0][i]:.3f}-"
-                              f"{d['estimated_interval_95'][1][i]:.3f}) |")
+        for i, name in enumerate(d.labels):
+            labelled = d.labelled_target_prior
+            lines.append(f"| {name} | {d.source_prior[i]:.3f} | {labelled[i]:.3f} | " if labelled else
+                         f"| {name} | {d.source_prior[i]:.3f} | - | ")
+            if d.estimated_target_prior is not None:
+                lines[-1] += (f"{d.estimated_target_prior[i]:.3f} ({d.estimated_interval_95[0][i]:.3f}-"
+                              f"{d.estimated_interval_95[1][i]:.3f}) |")
             else:
                 lines[-1] += "- |"
-        if d.get("note"):
-            lines += ["", f"Estimated target priors: {d['note']}."]
+        if d.note:
+            lines += ["", f"Estimated target priors: {d.note}."]
     return "\n".join(lines) + "\n"
 
 
@@ -114,59 +116,56 @@ def interval_text(values: list | tuple | None, signed: bool = False, missing: st
     return f"[{values[0]:{spec}}, {values[1]:{spec}}]"
 
 
-def ladder_text(ladder: dict | None) -> str:
+def ladder_text(ladder: EvidenceLadder | None) -> str:
     """auto's last choice (tasks/served_choice.py evidence_ladder): each step up from the lexical model, taken or not."""
     if not ladder:
         return ""
-    steps = "; ".join(f"{step['from']} -> {step['to']} on {step['rows']} rows {step['difference']:+.3f} "
-                      f"{interval_text(step['interval'], signed=True)} {'taken' if step['taken'] else 'not taken'}"
-                      for step in ladder["steps"] if step["interval"][0] is not None)
-    return (f"Served the cheapest model no costlier one clearly beats ({ladder['confidence']:.0%} paired intervals of "
-            f"the macro-F1 gain): {ladder['served']}" + (f" ({steps})" if steps else ""))
+    steps = "; ".join(f"{step.below} -> {step.to} on {step.rows} rows {step.difference:+.3f} "
+                      f"{interval_text(step.interval, signed=True)} {'taken' if step.taken else 'not taken'}"
+                      for step in ladder.steps if step.interval[0] is not None)
+    return (f"Served the cheapest model no costlier one clearly beats ({ladder.confidence:.0%} paired intervals of "
+            f"the macro-F1 gain): {ladder.served}" + (f" ({steps})" if steps else ""))
 
 
-def calibration_text(calibration: dict) -> str:
+def calibration_text(calibration: Calibration) -> str:
     """The served model's temperature (tasks/calibration.py), with the validation ECE before and after or why not."""
-    text = f"T = {calibration['temperature']:.3f}"
-    if "validation_ece_after" in calibration:
-        return text + (f", validation ECE {calibration['validation_ece_before']:.3f} -> "
-                       f"{calibration['validation_ece_after']:.3f}")
-    return text + f" ({calibration.get('note')})"
+    text = f"T = {calibration.temperature:.3f}"
+    if calibration.validation_ece_after is not None:
+        return text + (f", validation ECE {calibration.validation_ece_before:.3f} -> "
+                       f"{calibration.validation_ece_after:.3f}")
+    return text + f" ({calibration.note})"
 
 
-def evidence_text(row: dict) -> str:
+def evidence_text(row: StrategyEvidence) -> str:
     """One model of auto's evidence, with its uncertainty, as the card and the run's report show it."""
-    interval = interval_text(row.get("interval"), missing="")
+    interval = interval_text(row.interval, missing="")
     interval = interval and f" {interval}"
-    paired = next(((key.removeprefix("minus_"), value) for key, value in row.items() if key.startswith("minus_")),
-                  None)
     versus = ""
-    if paired and paired[0] != row["model"] and paired[1]["interval"][0] is not None:
-        versus = f"; minus {paired[0]} {paired[1]['estimate']:+.3f} {interval_text(paired[1]['interval'], signed=True)}"
-    crossed = row.get("cross_fitted")
-    across = "" if not crossed or crossed["interval"][0] is None else (
-        f"; on all {crossed['rows']} target rows {crossed['macro_f1']:.3f} {interval_text(crossed['interval'])}")
-    return (f"{row['model']}: validation macro-F1 {row['validation_macro_f1']:.3f}{interval}{versus}{across} "
-            f"({row['how']}, {row['seconds']:.0f} s)")
+    if (paired := row.paired) and paired[0] != row.model and paired[1].interval[0] is not None:
+        versus = f"; minus {paired[0]} {paired[1].estimate:+.3f} {interval_text(paired[1].interval, signed=True)}"
+    crossed = row.cross_fitted
+    across = "" if not crossed or crossed.interval[0] is None else (
+        f"; on all {crossed.rows} target rows {crossed.macro_f1:.3f} {interval_text(crossed.interval)}")
+    return (f"{row.model}: validation macro-F1 {row.validation_macro_f1:.3f}{interval}{versus}{across} "
+            f"({row.how}, {row.seconds:.0f} s)")
 
 
-def finetune_markdown(report: dict) -> str:
+def finetune_markdown(report: FinetuneReport) -> str:
     """The finetune report as Markdown: strategy and why, hardware, speed, validation metrics."""
-    validation = ", ".join(f"{k} {v:.3f}" for k, v in report.get("validation", {}).items())
+    validation = ", ".join(f"{k} {v:.3f}" for k, v in report.validation.items())
     rows = [
-        ("strategy", f"{report['strategy']}: {report['reason']}"),
-        *[(f"evidence: {row['model']}", evidence_text(row).split(": ", 1)[1])
-          for row in report.get("strategy_evidence") or []],
-        ("base model", report["base_model"]),
-        ("hardware", f"{report['hardware']}, {report['precision']}, {report['threads']} threads, "
-                     f"{report['processes']} process(es)"),
-        ("data", f"{report['train_rows']} train rows, {report['validation_rows']} validation rows"),
-        ("epochs", f"{report['epochs_run']} run, best {report['best_epoch']}"),
-        ("speed", f"{report['samples_per_second']} samples/s, {report['train_seconds']} s"),
+        ("strategy", f"{report.strategy}: {report.reason}"),
+        *[(f"evidence: {row.model}", evidence_text(row).split(": ", 1)[1]) for row in report.strategy_evidence],
+        ("base model", report.base_model),
+        ("hardware", f"{report.hardware}, {report.precision}, {report.threads} threads, "
+                     f"{report.processes} process(es)"),
+        ("data", f"{report.train_rows} train rows, {report.validation_rows} validation rows"),
+        ("epochs", f"{report.epochs_run} run, best {report.best_epoch}"),
+        ("speed", f"{report.samples_per_second} samples/s, {report.train_seconds} s"),
         ("validation", validation or "-"),
-        ("served as", (report.get("lexical_companion") or {}).get("served_as", "-")),
-        ("resumed", str(report.get("resumed_from_step") or "no")),
-        ("model", f"`{report['model_dir']}`"),
+        ("served as", report.lexical_companion.served_as),
+        ("resumed", str(report.resumed_from_step or "no")),
+        ("model", f"`{report.model_dir}`"),
     ]
     return "# Finetune\n\n| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows) + "\n"
 
@@ -250,14 +249,14 @@ def verdict_markdown(verdict: Verdict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def package_markdown(report: dict) -> str:
+def package_markdown(report: PackageReport) -> str:
     """The packaged model, its Bento, the smoke test and how to promote it."""
-    smoke = report["smoke_test"]
-    rows = [("model", f"`{report['model']}`"), ("Bento", f"`{report['bento']}`"), ("verdict", report["verdict"]),
-            ("smoke test", f"{smoke['examples']} target_holdout texts served on {smoke['url']}: labels equal to "
-                           f"offline predictions ({smoke['seconds']} s)"),
-            ("git commit", str(report["lineage"].get("git_commit"))),
-            ("promote", f"`{report['promote']}`")]
+    smoke = report.smoke_test
+    rows = [("model", f"`{report.model}`"), ("Bento", f"`{report.bento}`"), ("verdict", report.verdict),
+            ("smoke test", f"{smoke.examples} target_holdout texts served on {smoke.url}: labels equal to "
+                           f"offline predictions ({smoke.seconds} s)"),
+            ("git commit", str(report.lineage.git_commit)),
+            ("promote", f"`{report.promote}`")]
     return "# Package\n\n| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows) + "\n"
 
 
@@ -291,6 +290,42 @@ def shadow_change_text(event: dict) -> str:
     return f"shadow-off: {event['tag']} no longer shadows production ({event['reason']})"
 
 
+def shadow_markdown(report: dict) -> str:
+    """`regraft shadow`: the shadow candidate against production on the same served texts, and the verdict."""
+    pct, rows, labels = f"{report['confidence']:.0%}", report["served"], report["labels"]
+    lines = [f"# Shadow {report['candidate']} beside {report['production_model']}: {report['verdict']}", "",
+             f"- {report['reason']}",
+             f"- served since {report['since']}: {rows['served']} texts, {rows['joined']} predicted by both; "
+             f"{rows['without_shadow']} without the candidate's prediction (shed, failed or queued) left out",
+             *[f"- {note}" for note in report["notes"]]]
+    agreement = report["agreement"]
+    if agreement:
+        lines.append(f"- agreement: {_interval(agreement['share'], agreement['interval'])} ({pct} interval), "
+                     f"{agreement['agreeing']} of {report['rows']} texts")
+        lines += ["", "| production \\ candidate | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+        lines += [f"| {label} | " + " | ".join(str(n) for n in row) + " |"
+                  for label, row in zip(labels, report["confusion"])]
+    if report["estimated"]:
+        realized = report["realized"] or {}
+        lines += ["", "| model | estimated accuracy | estimated macro-F1 | realized accuracy | realized macro-F1 |",
+                  "|---|---|---|---|---|"]
+        for role in ("production", "candidate"):
+            estimate, truth = report["estimated"][role]["estimate"], realized.get(role)
+            lines.append(f"| {role} | {_interval(estimate['accuracy']['estimate'], estimate['accuracy']['interval'])} | "
+                         f"{_interval(estimate['macro_f1']['estimate'], estimate['macro_f1']['interval'])} | "
+                         + (f"{_interval(truth['accuracy'], truth['accuracy_interval'])} ({truth['rows']} labelled) | "
+                            f"{truth['macro_f1']:.3f} |" if truth else "no labels | no labels |"))
+        lines.append("")
+        for basis in ("estimated", "realized"):
+            gap = report["difference"][basis]
+            if gap:
+                f1, accuracy = gap["macro_f1"], gap["accuracy"]
+                lines.append(f"- {basis} macro-F1, candidate minus production: {f1['estimate']:+.3f} "
+                             f"{interval_text(f1['interval'], signed=True)} (paired, {pct}); accuracy "
+                             f"{accuracy['estimate']:+.3f} {interval_text(accuracy['interval'], signed=True)}")
+    return "\n".join(lines) + "\n"
+
+
 def decision_markdown(decision: Decision) -> str:
     """Who decided what about a verdict, and why."""
     state = "approved" if decision.approved else "rejected"
@@ -299,17 +334,17 @@ def decision_markdown(decision: Decision) -> str:
 
 
 RENDERERS: dict[str, Callable[[dict], str]] = {
-    "ingest": ingest_markdown,
     "validate": validate_markdown,
-    "shift": shift_markdown,
-    "finetune": finetune_markdown,
-    "package": package_markdown,
 }
 # Reports with a model (tasks/reports.py): checked against it, then rendered from its attributes.
 TYPED_RENDERERS: dict[str, tuple[type, Callable]] = {
+    "ingest": (IngestReport, ingest_markdown),
+    "shift": (ShiftReport, shift_markdown),
+    "finetune": (FinetuneReport, finetune_markdown),
     "evaluate": (EvaluateReport, evaluate_markdown),
     "verdict": (Verdict, verdict_markdown),
     "decision": (Decision, decision_markdown),
+    "package": (PackageReport, package_markdown),
 }
 
 

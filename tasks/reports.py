@@ -1,10 +1,12 @@
-"""The reports stages hand each other, typed: the evaluation (reports/evaluate.json), the gate's verdict
-(paths.verdict) and the decision on it (paths.decision).
+"""The reports stages hand each other, typed: ingest's, shift's, finetune's, the evaluation (reports/evaluate.json),
+the gate's verdict (paths.verdict), the decision on it (paths.decision) and package's.
 
 One pair of functions writes and reads them (`write_report`, `read_report`), validating on both sides, so readers
 use attributes instead of spelling chains of keys, and a file that does not fit its model is refused with the
 file's name and the field. The JSON keeps the keys and nesting that `dvc metrics show` and `dvc exp show` read:
-what is keyed by a name from the data or the run (models, splits, groups, labels, metrics) stays a mapping.
+what is keyed by a name from the data or the run (models, splits, groups, labels, metrics) stays a mapping. The
+stage reports (`OrderedPart`) are written with their keys in the order the stage gave them, typed or not, so the
+file is byte for byte the one the stage wrote before its keys were typed.
 
 `BootstrapKey` is the one place that builds and parses the name of a bootstrap statistic
 (`split|model|scope|metric`, a column of the bootstrap table; `scope|metric` names a comparison in evaluate.json).
@@ -16,7 +18,8 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_serializer,
+                      model_validator)
 
 from tasks.errors import ReportError
 from tasks.files import write_json
@@ -328,6 +331,286 @@ class Decision(ReportPart):
     reason: str
     undecided: list[str]
     at: str  # ISO 8601, UTC
+
+
+# ----------------------------------------------------------------------------- the finetune report
+
+
+class OrderedPart(ReportPart):
+    """A report part written with its keys in the order the stage gave them, typed or not, so typing a key that a
+    reader uses does not move it in the file; an optional key the stage did not give (left at None) is not written."""
+
+    _given: tuple[str, ...] = PrivateAttr(default=())
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _remember_order(cls, data: Any, handler):
+        part = handler(data)
+        if isinstance(data, dict):
+            part._given = tuple(data)
+        return part
+
+    @model_serializer(mode="wrap")
+    def _in_given_order(self, handler) -> dict[str, Any]:
+        dumped = handler(self)
+        left_out = {name for name in type(self).model_fields
+                    if name not in self.model_fields_set and dumped.get(name) is None}
+        given = [key for key in self._given if key in dumped and key not in left_out]
+        return {**{key: dumped[key] for key in given},
+                **{key: value for key, value in dumped.items() if key not in given and key not in left_out}}
+
+
+def validated_under(key: str, kind: type[BaseModel], value: Any, owner: BaseModel) -> BaseModel:
+    """`value` (the `key` of `owner`, checked by `owner`'s own validator) as a `kind`; a misfit is said under `key`, as
+    a declared field's would be."""
+    try:
+        return kind.model_validate(value)
+    except ValidationError as exc:
+        raise ValidationError.from_exception_data(type(owner).__name__, [
+            {"type": error["type"], "loc": (key, *error["loc"]), "input": error["input"],
+             **({"ctx": error["ctx"]} if "ctx" in error else {})} for error in exc.errors()]) from None
+
+
+class CrossFitted(OrderedPart):
+    """A cheap model scored on every labelled target row, out of fold."""
+
+    rows: int
+    macro_f1: float | None
+    interval: Interval
+
+
+PAIRED_PREFIX = "minus_"
+
+
+class StrategyEvidence(OrderedPart):
+    """One model that `auto` tried (tasks/strategy.py): its validation macro-F1 with its interval, and under the key
+    `minus_<reference>` its paired difference from the reference model on the same rows."""
+
+    model: str
+    how: str
+    validation_macro_f1: float | None
+    interval: Interval
+    seconds: float
+    cross_fitted: CrossFitted | None = None
+
+    @model_validator(mode="after")
+    def _paired_differences_are_comparisons(self) -> StrategyEvidence:
+        for key, value in (self.model_extra or {}).items():
+            if key.startswith(PAIRED_PREFIX) and not isinstance(value, Comparison):
+                self.model_extra[key] = validated_under(key, Comparison, value, self)
+        return self
+
+    @property
+    def paired(self) -> tuple[str, Comparison] | None:
+        """(reference, this model minus the reference), or None without a paired difference."""
+        return next(((key.removeprefix(PAIRED_PREFIX), value) for key, value in (self.model_extra or {}).items()
+                     if key.startswith(PAIRED_PREFIX)), None)
+
+
+class LadderStep(OrderedPart):
+    """One step up auto's evidence ladder (tasks/served_choice.py `evidence_ladder`): from a model to a costlier one."""
+
+    model_config = ConfigDict(extra="allow", validate_by_name=True, serialize_by_alias=True)
+
+    below: str = Field(alias="from")
+    to: str
+    rows: int
+    difference: float | None
+    interval: Interval
+    taken: bool
+
+
+class EvidenceLadder(OrderedPart):
+    served: str
+    confidence: float
+    steps: list[LadderStep]
+
+
+class ServedChoice(OrderedPart):
+    """How the served model was chosen (tasks/served_choice.py `served_model`): the encoder, the lexical companion's
+    weight in the pool, and in words what is served."""
+
+    encoder: str
+    weight: float
+    served_as: str
+    evidence_ladder: EvidenceLadder | None = None
+
+
+class ServedSummary(OrderedPart):
+    """What the candidate serves, and whether the evidence chose a cheap model over adaptation (auto only)."""
+
+    encoder: str
+    lexical_weight: float
+    cheap: bool
+    served_as: str
+
+
+class Calibration(OrderedPart):
+    """The served encoder's temperature (tasks/calibration.py): with the validation ECE before and after, or with a
+    note saying why it was not fitted."""
+
+    temperature: float
+    validation_rows: int | None = None
+    validation_ece_before: float | None = None
+    validation_ece_after: float | None = None
+    method: str | None = None
+    note: str | None = None
+
+
+class FinetuneReport(OrderedPart):
+    """reports/finetune.json: what trained and why, what is served, on which rows, on what hardware, how it scored on
+    the validation rows held out of target_train."""
+
+    stage: Literal["finetune"] = "finetune"
+    strategy: str
+    reason: str
+    strategy_evidence: list[StrategyEvidence]  # empty when the strategy was configured or chosen by rule
+    negative_transfer_predicted: bool | None
+    served_model: ServedSummary
+    base_model: str
+    init: str
+    model_dir: str
+    device: str
+    precision: str
+    hardware: str
+    threads: int
+    processes: int
+    train_rows: int
+    validation_rows: int
+    epochs_run: int
+    best_epoch: int
+    resumed_from_step: int | None
+    train_seconds: float
+    samples_per_second: float
+    validation: dict[str, float]  # by metric
+    calibration: Calibration
+    lexical_companion: ServedChoice
+    data_md5: dict[str, str]  # by split, as DVC records it
+
+
+# ----------------------------------------------------------------------------- the shift report
+
+ShiftVerdictName = Literal["none", "moderate", "severe"]
+
+
+class LabelPriors(OrderedPart):
+    """The label-shift test's class priors: the source's, the labelled target's, and the target's estimated from
+    unlabelled rows with its 95% interval, or a note saying why there is no estimate."""
+
+    labels: list[str]
+    source_prior: list[float]
+    labelled_target_prior: list[float] | None = None
+    estimated_target_prior: list[float] | None = None
+    estimated_interval_95: list[list[float]] | None = None  # [lows, highs], one per label
+    note: str | None = None
+
+
+LABEL_SHIFT = "label_shift"
+
+
+class ShiftTest(OrderedPart):
+    """One two-sample test (tasks/shift.py `TestResult`): its effect against the source-vs-source null cut-off. A
+    statistic that is not finite is None."""
+
+    name: str  # "mmd", "classifier", "label_shift", ..., "group_mix:<column>"
+    statistic: float | None
+    p_value: float | None
+    effect: float | None
+    effect_name: str
+    detail: dict[str, Any]  # by test; the label-shift test's is `priors`
+    cutoff: float | None
+    flagged: bool
+    severe: bool
+
+    @model_validator(mode="after")
+    def _label_priors_fit(self) -> ShiftTest:
+        if self.name == LABEL_SHIFT:
+            validated_under("detail", LabelPriors, self.detail, self)
+        return self
+
+    @property
+    def priors(self) -> LabelPriors | None:
+        """The class priors, for the label-shift test; None for every other test."""
+        return LabelPriors.model_validate(self.detail) if self.name == LABEL_SHIFT else None
+
+
+class ShiftAnalysis(OrderedPart):
+    """Source against target (tasks/shift.py `analyse_shift`, its per-row arrays left out): the verdict, why, and
+    every test. What the shift stage, `regraft shift` and shift-watch report."""
+
+    verdict: ShiftVerdictName
+    reasons: list[str]
+    alpha: float
+    tests: list[ShiftTest]
+    null_cutoffs: dict[str, float]  # by test
+    n_source: int
+    n_target: int
+    most_target_specific: list[dict[str, Any]]  # text, target_score, label
+
+    def test(self, name: str) -> ShiftTest | None:
+        return next((test for test in self.tests if test.name == name), None)
+
+
+class ShiftReport(ShiftAnalysis):
+    """reports/shift.json: the analysis, its plots, and what the stage did about a severe shift."""
+
+    stage: Literal["shift"] = "shift"
+    on_severe: Literal["warn", "block"]
+    plots: list[str]
+
+
+# ----------------------------------------------------------------------------- the ingest and package reports
+
+
+class SplitSummary(OrderedPart):
+    """One split as ingest wrote it."""
+
+    rows: int
+    labels: dict[str, int]  # rows by label
+    time_range: list[str] | None  # [first day, last day], None without timestamps
+    groups: dict[str, int]  # distinct values by group column
+
+
+class IngestReport(OrderedPart):
+    """reports/ingest.json: what came in (files with sha256, the split rule) and what went into each split."""
+
+    stage: Literal["ingest"] = "ingest"
+    inputs: list[dict[str, Any]]
+    split: dict[str, Any]  # the split rule as configured (ingest.split)
+    duplicates_dropped: int
+    texts_in_both_domains: int
+    splits: dict[str, SplitSummary]
+
+
+class SmokeTest(OrderedPart):
+    """The built Bento served for real: on which URL, how many texts, how long (tasks/packaging.py `smoke_test`)."""
+
+    url: str
+    examples: int
+    mismatches: int
+    model_version: str
+    seconds: float
+
+
+class Lineage(OrderedPart):
+    """Where the packaged model came from (tasks/packaging.py `lineage`); the keys no report reader uses stay open."""
+
+    data_md5: dict[str, str | None]
+    git_commit: str | None
+
+
+class PackageReport(OrderedPart):
+    """reports/package.json: the packaged model and its Bento, the smoke test, the export and how to promote it."""
+
+    stage: Literal["package"] = "package"
+    model: str  # the tag in the BentoML model store
+    bento: str
+    verdict: VerdictName
+    smoke_test: SmokeTest
+    registry: str
+    remote: dict[str, Any] | None  # the archives exported to the shared remote; None without one
+    lineage: Lineage
+    promote: str  # the command that promotes it
 
 
 # ----------------------------------------------------------------------------- writing and reading

@@ -29,6 +29,7 @@ import numpy as np
 
 from tasks.config import ModelConfig, TrainConfig
 from tasks.render import evidence_text
+from tasks.reports import ShiftReport, StrategyEvidence
 
 CHEAP = ("tfidf", "feature_extraction")  # cheapest first: a tie keeps the cheaper model
 ADAPTIVE = ("lora", "full")
@@ -48,23 +49,19 @@ class StrategyChoice:
     cross_fitted: dict | None = None  # tasks.cross_fitting.cross_fitted_cheap's out-of-fold probabilities
 
 
-def domain_auc(shift_report: dict | None) -> float | None:
+def domain_auc(shift_report: ShiftReport | None) -> float | None:
     """The shift stage's domain-classifier AUC (source against target on the frozen embeddings), if it has one."""
-    tests = (shift_report or {}).get("tests")
-    for test in tests if isinstance(tests, list) else []:
-        if isinstance(test, dict) and test.get("name") == "classifier":
-            auc = test.get("statistic")
-            if isinstance(auc, int | float) and not isinstance(auc, bool) and 0.0 <= auc <= 1.0:
-                return float(auc)
-    return None
+    test = shift_report.test("classifier") if shift_report else None
+    auc = test.statistic if test else None
+    return auc if auc is not None and 0.0 <= auc <= 1.0 else None
 
 
-def rule_based(cfg: TrainConfig, n_target: int, shift_report: dict | None) -> tuple[str, str]:
+def rule_based(cfg: TrainConfig, n_target: int, shift_report: ShiftReport | None) -> tuple[str, str]:
     """The configured strategy, or for `auto` in a data-parallel run (which cannot race) one picked from the data size
     and the shift evidence."""
     if cfg.strategy != "auto":
         return cfg.strategy, f"configured: train.strategy={cfg.strategy}"
-    verdict = (shift_report or {}).get("verdict")
+    verdict = shift_report.verdict if shift_report else None
     if n_target >= cfg.auto_full_min_examples:
         return "full", (f"{n_target} labelled target examples >= {cfg.auto_full_min_examples}: "
                         "enough to adapt every layer")
@@ -111,7 +108,7 @@ def encoder_predictions(result, valid, max_length: int) -> np.ndarray:
 
 
 def choose_strategy(base: str, labels: list[str], train, valid, cfg: TrainConfig, model_cfg: ModelConfig,
-                    n_target: int, shift_report: dict | None, checkpoints: Path, cache_dir: Path | None = None,
+                    n_target: int, shift_report: ShiftReport | None, checkpoints: Path, cache_dir: Path | None = None,
                     world: int = 1) -> StrategyChoice:
     """The strategy to train: the configured one, or for `auto` the one ahead on the validation evidence, with the
     race's arms checkpointed under `checkpoints/<strategy>`; the caller then trains (or finishes) the winner."""
@@ -158,7 +155,7 @@ def choose_strategy(base: str, labels: list[str], train, valid, cfg: TrainConfig
     score = {name: row["validation_macro_f1"] for name, row in scored.items()}
     best_adaptive = max(ADAPTIVE, key=lambda name: (score[name], -ADAPTIVE.index(name)))
     gap = scored[best_adaptive][f"minus_{best_cheap}"]
-    table = "; ".join(evidence_text(row) for row in evidence)
+    table = "; ".join(evidence_text(StrategyEvidence.model_validate(row)) for row in evidence)
     where = f"{len(valid.texts)} validation rows, {len(target_labels)} cross-fitted: {table}"
     versus = (f"{best_adaptive} - {best_cheap} on the validation rows {gap['estimate']:+.3f} "
               f"[{gap['interval'][0]:+.3f}, {gap['interval'][1]:+.3f}]")

@@ -249,6 +249,13 @@ def test_a_shadow_candidate_changes_no_answer_and_predicts_every_served_text_off
             assert (twin["model_version"], twin["text_sha256"]) == (tags[1], row["text_sha256"])
             assert twin["label"] in LABELS and abs(sum(twin["probabilities"].values()) - 1) < 1e-3
 
+    # `regraft shadow` reads and joins the real service's logs (a line it could not read would be named here); these
+    # models were packaged without a dvc.lock, so no holdout rows are on record to estimate from: it refuses, naming
+    # what is missing, and writes no report (fail closed).
+    compared = run([REGRAFT, "shadow", "--json"], project, check=False)
+    assert compared.returncode == 2 and "lineage has no md5" in compared.stderr, compared.stderr
+    assert not (project / "reports" / "shadow.json").exists()
+
     ended = run([REGRAFT, "promote", "--shadow-off", "--reason", "seen enough"], project)
     assert f"shadow-off: {tags[1]} no longer shadows production (seen enough)" in ended.stdout
     wait_until(lambda: "shadow" not in httpx.get(f"{url}/healthz").json())

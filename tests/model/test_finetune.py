@@ -12,6 +12,7 @@ from tasks.finetune import finetune
 from tasks.strategy import ADAPTIVE, CHEAP, FROZEN_IS_ENOUGH, NEGATIVE_TRANSFER, choose_strategy, rule_based
 from tasks.training_data import build_training_data, class_weights, length_grouped_batches
 from tests.conftest import REPO, small_splits
+from tests.unit.test_gate import shift_report
 
 pytestmark = pytest.mark.model
 LABELS = ["negative", "neutral", "positive"]
@@ -270,21 +271,20 @@ def test_token_budget_batches_keep_rows_and_results(tiny_bert, monkeypatch):
 
 @pytest.mark.parametrize(
     ("strategy", "n_target", "shift", "expected"),
-    [("auto", 400, None, "feature_extraction"), ("auto", 400, {"verdict": "severe"}, "lora"),
-     ("auto", 400, {"verdict": "moderate"}, "feature_extraction"), ("auto", 5000, None, "full"),
-     ("auto", 50000, {"verdict": "severe"}, "full"), ("gradual_unfreeze", 10, None, "gradual_unfreeze"),
+    [("auto", 400, None, "feature_extraction"), ("auto", 400, ("severe",), "lora"),
+     ("auto", 400, ("moderate",), "feature_extraction"), ("auto", 5000, None, "full"),
+     ("auto", 50000, ("severe",), "full"), ("gradual_unfreeze", 10, None, "gradual_unfreeze"),
      # The domain classifier's AUC (an effect size) picks full for a new domain, lora for a shift within reach
-     ("auto", 300, {"verdict": "severe", "tests": [{"name": "classifier", "statistic": 0.88}]}, "full"),
-     ("auto", 300, {"verdict": "severe", "tests": [{"name": "classifier", "statistic": 0.63}]}, "lora"),
-     ("auto", 300, {"verdict": "moderate", "tests": [{"name": "classifier", "statistic": 0.8}]}, "full"),
-     # ... and a malformed report is no evidence: the verdict alone decides
-     ("auto", 300, {"verdict": "severe", "tests": [{"name": "classifier", "statistic": "0.9"}]}, "lora"),
-     ("auto", 300, {"verdict": "severe", "tests": [{"name": "classifier", "statistic": 1.7}]}, "lora"),
-     ("auto", 300, {"verdict": "severe", "tests": {"classifier": 0.9}}, "lora")],
+     ("auto", 300, ("severe", "warn", 0.88), "full"),
+     ("auto", 300, ("severe", "warn", 0.63), "lora"),
+     ("auto", 300, ("moderate", "warn", 0.8), "full"),
+     # ... and a statistic that is not an AUC is no evidence: the verdict alone decides
+     ("auto", 300, ("severe", "warn", None), "lora"),
+     ("auto", 300, ("severe", "warn", 1.7), "lora")],
 )
 def test_the_rule_when_strategies_cannot_be_compared(strategy, n_target, shift, expected):
     cfg, _ = train_config(strategy=strategy)
-    chosen, reason = rule_based(cfg, n_target, shift)
+    chosen, reason = rule_based(cfg, n_target, shift_report(*shift) if shift else None)
     assert chosen == expected
     assert reason
     if expected == "full" and n_target < cfg.auto_full_min_examples:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 from pathlib import Path
 
@@ -14,8 +13,8 @@ import pytest
 from tasks.config import EvaluateConfig, GateConfig, load_params
 from tasks.evaluate import bootstrap_table, evaluate_split, transfer_gain
 from tasks.gate import FAIL, INCONCLUSIVE, NOT_APPLICABLE, PASS, Evidence, holm, judge, promotable
-from tasks.reports import (BootstrapKey, Check, Decision, EvaluateReport, Verdict, WeightedUnavailable, read_report,
-                           write_report)
+from tasks.reports import (BootstrapKey, Check, Decision, EvaluateReport, ShiftReport, Verdict, WeightedUnavailable,
+                           read_report, write_report)
 
 pytestmark = pytest.mark.unit
 REPO = Path(__file__).resolve().parents[2]
@@ -66,7 +65,39 @@ def split_frame(groups: dict[str, tuple[int, float, float]], seed: int,
     return pd.concat(frames, ignore_index=True), {model: np.vstack(rows) for model, rows in probas.items()}
 
 
-def build_evidence(champion: bool = True, shift: dict | None = None,
+def shift_report(verdict: str = "moderate", on_severe: str = "warn", auc: float | None = 0.625) -> ShiftReport:
+    """reports/shift.json with the verdict and the policy the gate reads, and the domain classifier's AUC that
+    finetune's rule reads (None: not finite)."""
+    return ShiftReport.model_validate(shift_json(verdict, on_severe, auc))
+
+
+def shift_json(verdict: str = "moderate", on_severe: str = "warn", auc: float | None = 0.625) -> dict:
+    """reports/shift.json as the shift stage writes it, keys in its order (its per-row scores cut short)."""
+    flagged = verdict != "none"
+    reason = "classifier: AUC - 0.5 0.125 > null cut-off 0.0446 (p = 8.9e-12)" + " - severe" * (verdict == "severe")
+    return {
+        "verdict": verdict,
+        "reasons": [reason] if flagged else ["no test found a shift larger than source-vs-source noise"],
+        "alpha": 0.05,
+        "tests": [
+            {"name": "classifier", "statistic": auc, "p_value": 8.87e-12, "effect": None if auc is None else auc - 0.5,
+             "effect_name": "AUC - 0.5", "detail": {"folds": 5, "auc": auc}, "cutoff": 0.0446, "flagged": flagged,
+             "severe": verdict == "severe"},
+            {"name": "label_shift", "statistic": 48.3, "p_value": 3.3e-11, "effect": 0.197,
+             "effect_name": "total variation of class priors",
+             "detail": {"labels": LABELS, "source_prior": [0.157, 0.089, 0.754],
+                        "estimated_target_prior": [0.186, 0.144, 0.67],
+                        "estimated_interval_95": [[0.101, 0.032, 0.613], [0.261, 0.218, 0.808]],
+                        "method": "EM / maximum-likelihood label shift", "labelled_target_prior": [0.348, 0.095, 0.557],
+                        "assumption_check": {"checked": True, "holds": True}, "identifiable": True},
+             "cutoff": 0.1, "flagged": False, "severe": False}],
+        "null_cutoffs": {"classifier": 0.0446, "label_shift": 0.1}, "n_source": 440, "n_target": 538,
+        "most_target_specific": [{"text": "a review unlike the source's", "target_score": 0.97, "label": "negative"}],
+        "domain_scores": {"source": [0.31, 0.42], "target": [0.97, 0.55]},
+        "plots": ["reports/shift/embeddings_pca.png"], "stage": "shift", "on_severe": on_severe}
+
+
+def build_evidence(champion: bool = True, shift: ShiftReport | None = None,
                    baselines: dict[str, float] = BASELINE_ACCURACY) -> Evidence:
     """Candidate: 0.9 in group A, 0.5 in B (gap 0.4), worse than the champion overall (0.85 flat) and on
     the source domain (0.70 vs 0.85); 18 rows in three small groups merged into "other"."""
@@ -86,7 +117,7 @@ def build_evidence(champion: bool = True, shift: dict | None = None,
         weighted=WeightedUnavailable(split="source_holdout_weighted", problem="no importance weights in this test"),
         bootstrap_file="reports/evaluate/bootstrap.parquet")
     return Evidence(evaluation=evaluation, bootstrap=bootstrap_table(samples),
-                    shift=shift if shift is not None else {"verdict": "moderate", "on_severe": "warn"})
+                    shift=shift if shift is not None else shift_report())
 
 
 @pytest.fixture(scope="module")
@@ -177,13 +208,15 @@ def test_lenient_gate_passes_and_lists_small_groups_as_insufficient_data(evidenc
 
 
 @pytest.mark.parametrize("shift,expected", [
-    ({"verdict": "severe", "on_severe": "warn"}, PASS),
-    ({"verdict": "severe", "on_severe": "block"}, FAIL),
-    ({"verdict": "none", "on_severe": "block"}, PASS),
-    ({}, FAIL),
+    (("severe", "warn"), PASS),
+    (("severe", "block"), FAIL),
+    (("none", "block"), PASS),
+    (None, FAIL),  # no readable shift report: fail closed
 ])
 def test_shift_criterion(shift, expected):
-    verdict = judge(build_evidence(shift=shift), gate_config(), small_n=30)
+    evidence = build_evidence()
+    evidence.shift = shift_report(*shift) if shift else None
+    verdict = judge(evidence, gate_config(), small_n=30)
     assert criterion(verdict, "shift")[0].status == expected
 
 
@@ -197,7 +230,7 @@ def test_no_champion_applies_only_absolute_criteria():
 
 
 def damaged(evidence: Evidence, damage) -> Evidence:
-    broken = Evidence(copy.deepcopy(evidence.evaluation), evidence.bootstrap.copy(), dict(evidence.shift))
+    broken = Evidence(copy.deepcopy(evidence.evaluation), evidence.bootstrap.copy(), evidence.shift.model_copy())
     damage(broken)
     return broken
 
@@ -241,7 +274,7 @@ def test_missing_or_nan_evidence_fails_closed(evidence, case, damage, failed):
 
 
 def test_missing_evaluation_fails_closed():
-    verdict = judge(Evidence(None, None, {"verdict": "none"}, problems=["reports/evaluate.json: not found"]),
+    verdict = judge(Evidence(None, None, shift_report("none"), problems=["reports/evaluate.json: not found"]),
                     gate_config(), small_n=30)
     assert verdict.verdict == FAIL and verdict.failed == ["evidence"]
     assert "reports/evaluate.json: not found" in verdict.criteria[0].detail
@@ -255,7 +288,7 @@ def test_groups_too_small_to_judge_are_inconclusive_not_passed(evidence):
     bootstrap = evidence.bootstrap.copy()
     for key, value in samples.items():
         bootstrap[key.to_str()] = value
-    verdict = judge(Evidence(evaluation, bootstrap, {"verdict": "none"}), gate_config(), small_n=30)
+    verdict = judge(Evidence(evaluation, bootstrap, shift_report("none")), gate_config(), small_n=30)
     assert criterion(verdict, "worst group")[0].status == INCONCLUSIVE
     assert criterion(verdict, "disparity")[0].status == INCONCLUSIVE
     assert verdict.verdict == INCONCLUSIVE
@@ -277,7 +310,7 @@ def gate_workspace(tmp_path, monkeypatch, evidence):
     (reports / "evaluate").mkdir(parents=True)
     evidence.bootstrap.to_parquet(reports / "evaluate" / "bootstrap.parquet")
     write_report(reports / "evaluate.json", evidence.evaluation)
-    (reports / "shift.json").write_text(json.dumps(evidence.shift))
+    write_report(reports / "shift.json", evidence.shift)
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -389,7 +422,7 @@ def with_weighted_source(evidence: Evidence, weights: np.ndarray | None) -> Evid
     """The evidence plus evaluate's importance-weighted source holdout (None: evaluate wrote no weighted entry)."""
     from tasks.evaluate import weighted_split
 
-    broken = Evidence(copy.deepcopy(evidence.evaluation), evidence.bootstrap.copy(), dict(evidence.shift))
+    broken = Evidence(copy.deepcopy(evidence.evaluation), evidence.bootstrap.copy(), evidence.shift.model_copy())
     if weights is None:
         broken.evaluation.weighted = WeightedUnavailable(split="source_holdout_weighted",
                                                          problem="no importance weights in x")

@@ -225,6 +225,7 @@ def test_auto_with_cross_fitted_rows_reports_the_ladder_and_serves_the_lexical_m
     assert served.report["evidence_ladder"]["served"] == "tfidf"
     assert [step["to"] for step in served.report["evidence_ladder"]["steps"]] == ["feature_extraction", "full"]
     from tasks.render import ladder_text
+    from tasks.reports import ServedChoice
 
-    shown = ladder_text(served.report["evidence_ladder"])  # the model card's and the run's line
+    shown = ladder_text(ServedChoice.model_validate(served.report).evidence_ladder)  # the model card's and the run's line
     assert shown.startswith("Served the cheapest model no costlier one clearly beats") and "tfidf -> full on 12 rows" in shown

@@ -14,9 +14,12 @@ import pytest
 from tasks.errors import EXIT_BAD_INPUT, CheckFailed, ReportError
 from tasks.evaluate import bootstrap_table, weighted_split
 from tasks.gate import decide_on_verdict, judge
-from tasks.reports import (BootstrapKey, Decision, EvaluateReport, Verdict, pair_name, parse_report, read_report,
-                           write_report)
-from tests.unit.test_gate import EVAL_CFG, LABELS, build_evidence, gate_config, split_frame
+from tasks.files import write_json
+from tasks.render import render_report
+from tasks.reports import (BootstrapKey, Decision, EvaluateReport, FinetuneReport, IngestReport, PackageReport,
+                           ShiftReport, Verdict, pair_name, parse_report, read_report, write_report)
+from tests.unit.test_gate import EVAL_CFG, LABELS, build_evidence, gate_config, shift_json, split_frame
+from tests.unit.test_model_card import FINETUNE_JSON
 
 pytestmark = pytest.mark.unit
 REPO = Path(__file__).resolve().parents[2]
@@ -33,10 +36,37 @@ def reports() -> dict:
     evaluation = evidence.evaluation.model_copy(update={"weighted": weighted.model_copy(
         update={"rows_without_weight": 2})})
     verdict = judge(evidence, gate_config(), small_n=30)
-    return {"evaluate": evaluation, "verdict": verdict, "decision": decide_on_verdict(verdict, "0" * 64, "reject")}
+    return {"evaluate": evaluation, "verdict": verdict, "decision": decide_on_verdict(verdict, "0" * 64, "reject"),
+            "finetune": FinetuneReport.model_validate(FINETUNE_JSON), "shift": ShiftReport.model_validate(shift_json()),
+            "ingest": IngestReport.model_validate(INGEST_JSON), "package": PackageReport.model_validate(PACKAGE_JSON)}
 
 
-@pytest.mark.parametrize("name", ["evaluate", "verdict", "decision"])
+# reports/ingest.json and reports/package.json as the stages write them, keys in their order.
+INGEST_JSON = {
+    "stage": "ingest", "inputs": [{"path": "inputs/reviews.csv", "sha256": "3f" * 32}],
+    "split": {"by": "time", "time_cutoff": "2015-01-01", "column": None, "source_values": [], "target_values": [],
+              "holdout_fraction": 0.2, "seed": 42},
+    "duplicates_dropped": 1, "texts_in_both_domains": 0,
+    "splits": {"source_train": {"rows": 352, "labels": {"negative": 55, "neutral": 31, "positive": 266},
+                                "time_range": ["2008-02-25", "2014-12-30"], "groups": {"condition": 100}},
+               "target_holdout": {"rows": 108, "labels": {"negative": 38, "neutral": 10, "positive": 60},
+                                  "time_range": None, "groups": {}}},
+}
+PACKAGE_JSON = {
+    "stage": "package", "model": "regraft-classifier:5kuwmixok26vuax4", "bento": "regraft:5llonchok26vuax4",
+    "verdict": "PASS", "smoke_test": {"url": "http://127.0.0.1:43029", "examples": 32, "mismatches": 0,
+                                      "model_version": "regraft-classifier:5kuwmixok26vuax4", "seconds": 10.8},
+    "registry": "registry/registry.json",
+    "remote": {"url": "/srv/remote/regraft-models", "model": {"key": "models/regraft-classifier/5kuwmixok26vuax4.tar",
+                                                              "sha256": "3d" * 32, "bytes": 92600320}},
+    "lineage": {"data_md5": {"data/target_holdout.parquet": "b5" * 16}, "git_commit": None,
+                "params": {"train": {"strategy": "auto"}}, "metrics": None,
+                "verdict": {"verdict": "PASS", "failed": [], "inconclusive": []}},
+    "promote": "regraft promote regraft-classifier:5kuwmixok26vuax4",
+}
+
+
+@pytest.mark.parametrize("name", ["evaluate", "verdict", "decision", "finetune", "shift", "ingest", "package"])
 def test_a_report_reads_back_as_it_was_written(tmp_path, reports, name):
     report = reports[name]
     path = tmp_path / f"{name}.json"
@@ -60,6 +90,51 @@ def test_the_evaluation_keeps_the_keys_dvc_and_readers_of_the_json_use(tmp_path,
     assert data["transfer_gain"]["metric"] == "macro_f1"
     assert data["weighted"]["split"] == "source_holdout_weighted" and data["weighted"]["rows_without_weight"] == 2
     assert "problem" not in data["weighted"]  # the other shape of `weighted` adds none of its keys
+
+
+def finetune_without_options() -> dict:
+    """A finetune report of the other shapes: strategy by rule (no evidence), too few rows to calibrate or to pool the
+    lexical model, one process."""
+    data = copy.deepcopy(FINETUNE_JSON)
+    del data["rank_weight_sha256"]
+    served_as = "the encoder (full) alone (8 validation rows: too few to choose among models)"
+    data.update(strategy="full", reason="configured: train.strategy=full", strategy_evidence=[],
+                negative_transfer_predicted=None, resumed_from_step=120,
+                served_model={"encoder": "full", "lexical_weight": 0.0, "cheap": False, "served_as": served_as},
+                calibration={"temperature": 1.0, "note": "8 validation rows: too few to calibrate"},
+                lexical_companion={"encoder": "full", "weight": 0.0, "served_as": served_as})
+    return data
+
+
+WRITTEN_BEFORE = [("finetune", FinetuneReport, FINETUNE_JSON), ("finetune", FinetuneReport, finetune_without_options()),
+                  ("shift", ShiftReport, shift_json("severe", "block")), ("ingest", IngestReport, INGEST_JSON),
+                  ("package", PackageReport, PACKAGE_JSON)]
+
+
+@pytest.mark.parametrize("name,kind,data", WRITTEN_BEFORE,
+                         ids=["finetune-auto", "finetune-configured", "shift", "ingest", "package"])
+def test_a_stage_report_is_the_file_the_stage_wrote_before_it_was_typed(tmp_path, name, kind, data):
+    """Typing the keys that readers use moves, adds and drops none: the bytes are what write_json made of the plain
+    dict, so `dvc metrics` and every reader of the JSON see the same file; and its Markdown renders from it."""
+    typed, plain = tmp_path / "typed.json", tmp_path / "plain.json"
+    report = kind.model_validate(data)
+    write_report(typed, report)
+    write_json(plain, data)
+    assert typed.read_bytes() == plain.read_bytes()
+    assert read_report(typed, kind) == report
+    assert render_report(name, json.loads(typed.read_text())).startswith("# ")
+
+
+def test_a_finetune_report_says_what_its_readers_use(reports):
+    report = reports["finetune"]
+    tfidf, lora = report.strategy_evidence
+    assert tfidf.cross_fitted.rows == 120 and lora.cross_fitted is None
+    assert lora.paired[0] == "tfidf" and lora.paired[1].estimate == 0.05 and lora.paired[1].interval == [-0.07, 0.18]
+    assert [(step.below, step.to, step.taken) for step in report.lexical_companion.evidence_ladder.steps] == [
+        ("tfidf", "feature_extraction", True), ("feature_extraction", "lora", False)]
+    assert report.served_model.cheap and report.calibration.method == "temperature scaling on the validation rows"
+    assert report.calibration.note is None  # an optional key the stage did not give: None here, no key in the file
+    assert report.model_extra == {"rank_weight_sha256": ["e" * 64, "e" * 64]}  # kept, though no reader uses it
 
 
 def test_keys_a_reader_does_not_use_are_kept(tmp_path, reports):
@@ -94,6 +169,19 @@ MISFITS = [
     ("decision", "approved", "yes please", "approved: Input should be a valid boolean, unable to interpret input "
                                            "(got 'yes please')"),
     ("decision", "verdict_sha256", KeyError, "verdict_sha256: Field required"),
+    ("finetune", "train_rows", "many", "train_rows: Input should be a valid integer"),
+    ("finetune", "served_model.cheap", "maybe", "served_model.cheap: Input should be a valid boolean"),
+    ("finetune", "calibration.temperature", KeyError, "calibration.temperature: Field required"),
+    ("finetune", "strategy_evidence.1.minus_tfidf.interval", [0.1],
+     "strategy_evidence.1.minus_tfidf.interval: List should have at least 2"),
+    ("finetune", "lexical_companion.evidence_ladder.steps.0.from", KeyError,
+     "lexical_companion.evidence_ladder.steps.0.from: Field required"),
+    ("shift", "verdict", "huge", "verdict: Input should be 'none', 'moderate' or 'severe' (got 'huge')"),
+    ("shift", "on_severe", KeyError, "on_severe: Field required"),
+    ("shift", "tests.0.flagged", "perhaps", "tests.0.flagged: Input should be a valid boolean"),
+    ("shift", "tests.1.detail.source_prior", KeyError, "tests.1.detail.source_prior: Field required"),
+    ("ingest", "splits.source_train.rows", "many", "splits.source_train.rows: Input should be a valid integer"),
+    ("package", "smoke_test.examples", KeyError, "smoke_test.examples: Field required"),
 ]
 
 

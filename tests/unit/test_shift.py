@@ -114,6 +114,7 @@ def test_label_shift_estimates_are_withdrawn_when_the_classes_themselves_moved(m
 
     from tasks.config import load_params
     from tasks.render import shift_markdown
+    from tasks.reports import ShiftAnalysis, parse_report
     from tasks.shift import detect_shift, source_classifier_probabilities
 
     cfg = load_params(Path(__file__).resolve().parents[2] / "params.yaml").shift.model_copy(
@@ -132,7 +133,7 @@ def test_label_shift_estimates_are_withdrawn_when_the_classes_themselves_moved(m
     else:
         assert label["identifiable"] is False and "estimated_target_prior" not in label
         assert label["note"].startswith("not identifiable under this shift")
-        assert "not identifiable under this shift" in shift_markdown(report)
+        assert "not identifiable under this shift" in shift_markdown(parse_report(ShiftAnalysis, report, "the analysis"))
 
 
 def test_label_shift_interval_covers_the_truth_without_target_labels():

@@ -1,0 +1,192 @@
+"""tasks/shadow.py on constructed prediction logs: a calibrated production model, a shadow candidate that is the same
+model, or the same model with its answers shuffled on most rows; the logs written as the service writes them."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tasks.config import MonitorConfig, load_params
+from tasks.errors import DataError
+from tasks.estimate import expected_confusion
+from tasks.monitoring import feedback_truth, logged_predictions
+from tasks.render import shadow_markdown
+from tasks.serving import PredictionLog
+from tasks.shadow import (NOT_ENOUGH, NOT_WORSE, WORSE, HoldoutProbabilities, compare_shadow, expected_confusions,
+                          join_shadow, shadow_report)
+
+REPO = Path(__file__).resolve().parents[2]
+LABELS = ["negative", "neutral", "positive"]
+PRODUCTION, CANDIDATE, SINCE = "regraft-classifier:a", "regraft-classifier:b", "2000-01-01T00:00:00+00:00"
+CFG = MonitorConfig(metric="accuracy", max_drop=0.05, confidence=0.9, draws=200, min_effective_rows=30,
+                    min_shadow_rows=100)
+
+
+def calibrated(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities from a Dirichlet and labels drawn from them: a calibrated model."""
+    proba = rng.dirichlet(np.full(len(LABELS), 0.4), size=n)
+    return proba, np.array([rng.choice(len(LABELS), p=p) for p in proba])
+
+
+def results(proba: np.ndarray, version: str) -> list[dict]:
+    return [{"label": LABELS[int(row.argmax())], "probabilities": dict(zip(LABELS, map(float, row))),
+             "model_version": version} for row in proba]
+
+
+def write_logs(folder, texts: list[str], production: np.ndarray, candidate: np.ndarray, shadowed: np.ndarray):
+    """Production's log of every text (with the text, as serve.log_texts: text keeps it) and the shadow log of the
+    rows `shadowed` selects, under production's prediction ids, as tasks/serving.py writes them."""
+    served, shadow = PredictionLog(folder / "predictions.jsonl", "text"), PredictionLog(folder / "shadow.jsonl", "hash")
+    ids = served.append(texts, results(production, PRODUCTION))
+    keep = np.flatnonzero(shadowed)
+    if keep.size:
+        shadow.append([texts[i] for i in keep], results(candidate[keep], CANDIDATE), [ids[i] for i in keep])
+    else:
+        shadow.path.touch()  # the service has not logged a shadow prediction yet
+    return served.path, shadow.path
+
+
+def compared(tmp_path, production, candidate, shadowed=None, truth=None, seed=0):
+    rng = np.random.default_rng(seed)
+    holdout_proba, holdout_labels = calibrated(300, rng)
+    texts = [f"served text {i}" for i in range(len(production))]
+    shadowed = np.ones(len(texts), dtype=bool) if shadowed is None else shadowed
+    served_path, shadow_path = write_logs(tmp_path, texts, production, candidate, shadowed)
+    joined, rows = join_shadow(logged_predictions(served_path, "none"), logged_predictions(shadow_path, "none"),
+                               PRODUCTION, CANDIDATE, SINCE)
+    feedback = None
+    if truth is not None:
+        feedback = pd.DataFrame({"text": texts, "label": [LABELS[i] for i in truth]})
+    holdout = HoldoutProbabilities(holdout_labels, holdout_proba, holdout_proba)
+    report = compare_shadow(joined, LABELS, CFG, holdout=holdout,
+                            truth=feedback_truth(feedback, LABELS, "feedback.csv") if feedback is not None else None)
+    return report, rows
+
+
+def test_the_same_model_in_shadow_agrees_everywhere_and_is_not_worse(tmp_path):
+    proba, _ = calibrated(400, np.random.default_rng(1))
+    report, rows = compared(tmp_path, proba, proba)
+    assert rows == {"served": 400, "joined": 400, "without_shadow": 0, "shadow_without_production": 0}
+    assert report["agreement"]["share"] == 1.0 and report["agreement"]["interval"][1] == pytest.approx(1.0)
+    assert np.trace(np.array(report["confusion"])) == 400
+    assert report["difference"]["basis"] == "estimated"
+    assert report["difference"]["estimated"]["macro_f1"]["interval"] == [0.0, 0.0]
+    assert report["verdict"] == NOT_WORSE, report["reason"]
+    assert report["estimated"]["production"]["estimate"] == report["estimated"]["candidate"]["estimate"]
+
+
+def test_a_candidate_shuffled_on_most_rows_is_shown_worse_by_the_labels_that_came_back(tmp_path):
+    rng = np.random.default_rng(2)
+    proba, truth = calibrated(500, rng)
+    candidate = proba.copy()
+    shuffled = rng.random(len(proba)) < 0.7
+    candidate[shuffled] = rng.permutation(proba[shuffled])
+    report, _ = compared(tmp_path, proba, candidate, truth=truth)
+    assert report["agreement"]["share"] < 0.7
+    assert report["difference"]["basis"] == "realized"
+    assert report["realized"]["candidate"]["accuracy"] < report["realized"]["production"]["accuracy"] - 0.2
+    assert report["difference"]["realized"]["macro_f1"]["interval"][1] < -CFG.max_drop
+    assert report["verdict"] == WORSE, report["reason"]
+
+
+def test_few_joined_rows_are_not_enough_evidence_yet(tmp_path):
+    proba, _ = calibrated(20, np.random.default_rng(3))
+    report, _ = compared(tmp_path, proba, proba)
+    assert report["verdict"] == NOT_ENOUGH and "min_shadow_rows" in report["reason"]
+
+
+def test_nothing_joined_yet_is_not_enough_evidence(tmp_path):
+    proba, _ = calibrated(10, np.random.default_rng(4))
+    report, rows = compared(tmp_path, proba, proba, shadowed=np.zeros(10, dtype=bool))
+    assert rows["joined"] == 0 and rows["without_shadow"] == 10
+    assert report["verdict"] == NOT_ENOUGH and report["agreement"] is None
+
+
+def test_served_texts_the_candidate_shed_are_counted_and_left_out(tmp_path):
+    proba, _ = calibrated(300, np.random.default_rng(5))
+    shadowed = np.arange(300) % 3 != 0
+    report, rows = compared(tmp_path, proba, proba, shadowed=shadowed)
+    assert rows == {"served": 300, "joined": 200, "without_shadow": 100, "shadow_without_production": 0}
+    assert report["rows"] == 200 and report["agreement"]["agreeing"] == 200
+
+
+def test_rows_of_other_models_or_before_the_shadow_started_are_not_joined(tmp_path):
+    proba, _ = calibrated(10, np.random.default_rng(6))
+    served_path, shadow_path = write_logs(tmp_path, [f"t{i}" for i in range(10)], proba, proba, np.ones(10, bool))
+    production, shadowed = logged_predictions(served_path, "none"), logged_predictions(shadow_path, "none")
+    assert join_shadow(production, shadowed, "another:tag", CANDIDATE, SINCE)[1]["served"] == 0
+    assert join_shadow(production, shadowed, PRODUCTION, CANDIDATE, "2999-01-01T00:00:00+00:00")[1]["served"] == 0
+
+
+def test_the_estimators_per_row_contributions_add_up_to_their_expected_confusion():
+    proba, _ = calibrated(50, np.random.default_rng(7))
+    correct = proba.max(axis=1)
+    single = expected_confusions(correct[None, :], proba, np.ones((1, 50)))[0]
+    assert np.allclose(single, expected_confusion(correct, proba))
+
+
+LINE = {"time": "2026-12-02T18:00:00.000+00:00", "prediction_id": "p1", "label": "positive", "confidence": 0.9,
+        "probabilities": {"negative": 0.05, "neutral": 0.05, "positive": 0.9}, "model_version": PRODUCTION,
+        "text_sha256": "ab"}
+
+
+@pytest.mark.parametrize("bad, problem", [
+    ("not json at all", "not a JSON line"),
+    (json.dumps([1, 2]), "not a JSON line"),
+    (json.dumps({k: v for k, v in LINE.items() if k != "prediction_id"}), "prediction_id"),
+    (json.dumps({**LINE, "probabilities": {"positive": "high"}}), "probabilities"),
+    (json.dumps({**LINE, "probabilities": [0.1, 0.9]}), "probabilities"),
+    (json.dumps({**LINE, "time": "yesterday"}), "time"),
+])
+def test_a_malformed_log_line_is_refused_with_its_file_and_line(tmp_path, bad, problem):
+    path = tmp_path / "shadow.jsonl"
+    path.write_text(json.dumps(LINE) + "\n" + bad + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=problem) as refused:
+        logged_predictions(path, "none")
+    assert f"{path}:2:" in str(refused.value)
+
+
+def test_probabilities_of_another_label_set_name_the_model_and_the_prediction(tmp_path):
+    proba, _ = calibrated(5, np.random.default_rng(8))
+    served_path, shadow_path = write_logs(tmp_path, [f"t{i}" for i in range(5)], proba, proba, np.ones(5, bool))
+    joined, _ = join_shadow(logged_predictions(served_path, "none"), logged_predictions(shadow_path, "none"),
+                            PRODUCTION, CANDIDATE, SINCE)
+    joined["probabilities_candidate"] = [{"yes": 0.5, "no": 0.5}, *joined["probabilities_candidate"][1:]]
+    holdout = HoldoutProbabilities(np.zeros(3, dtype=int), proba[:3], proba[:3])
+    with pytest.raises(DataError, match=f"candidate's prediction {joined.loc[0, 'prediction_id']}"):
+        compare_shadow(joined, LABELS, CFG, holdout=holdout)
+
+
+def with_paths(tmp_path, shadow: dict | None):
+    """The shipped params with the registry (naming `shadow`) and the logs in tmp_path."""
+    params = load_params(REPO / "params.yaml")
+    registry = tmp_path / "registry.json"
+    registry.write_text(json.dumps({"production": PRODUCTION, "models": {}, "history": [], "shadow": shadow}))
+    serve = params.serve.model_copy(update={"prediction_log": tmp_path / "predictions.jsonl",
+                                            "shadow_log": tmp_path / "shadow.jsonl"})
+    return params.model_copy(update={"paths": params.paths.model_copy(update={"registry": registry}), "serve": serve})
+
+
+@pytest.mark.parametrize("shadow, problem", [
+    (None, "no shadow running"),
+    ({"tag": CANDIDATE, "beside": PRODUCTION, "since": SINCE, "by": "me", "reason": "try"}, "no prediction log yet"),
+])
+def test_no_shadow_or_no_log_is_refused_naming_the_problem(tmp_path, shadow, problem):
+    with pytest.raises(DataError, match=problem):
+        shadow_report(with_paths(tmp_path, shadow))
+
+
+def test_the_summary_shows_the_verdict_the_counts_and_both_differences(tmp_path):
+    rng = np.random.default_rng(9)
+    proba, truth = calibrated(300, rng)
+    report, rows = compared(tmp_path, proba, proba, truth=truth)
+    report.update({"candidate": CANDIDATE, "production_model": PRODUCTION, "since": SINCE, "served": rows})
+    text = shadow_markdown(report)
+    assert text.startswith(f"# Shadow {CANDIDATE} beside {PRODUCTION}: {NOT_WORSE}")
+    assert "300 texts, 300 predicted by both" in text and "no per-group comparison" in text
+    assert "estimated macro-F1, candidate minus production: +0.000" in text and "realized macro-F1" in text
+    json.dumps(report)  # what --json prints and reports/shadow.json holds
+    empty = {**report, "agreement": None, "estimated": None, "verdict": NOT_ENOUGH}
+    assert NOT_ENOUGH in shadow_markdown(empty)
