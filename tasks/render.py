@@ -54,9 +54,10 @@ def shift_markdown(report: ShiftAnalysis) -> str:
     lines = [f"# Domain shift: {report.verdict}", "", *[f"- {r}" for r in report.reasons], "",
              "| test | effect | cut-off | p-value | flagged |", "|---|---:|---:|---:|---|"]
     for t in report.tests:
-        cutoff = "-" if t.cutoff is None else f"{t.cutoff:.3g}"
+        # A statistic that is not finite is None in the report: shown as "-", like a missing cut-off.
+        effect, cutoff, p_value = ("-" if v is None else f"{v:.3g}" for v in (t.effect, t.cutoff, t.p_value))
         flag = "severe" if t.severe else ("yes" if t.flagged else "no")
-        lines.append(f"| {t.name} ({t.effect_name}) | {t.effect:.3g} | {cutoff} | {t.p_value:.3g} | {flag} |")
+        lines.append(f"| {t.name} ({t.effect_name}) | {effect} | {cutoff} | {p_value} | {flag} |")
     label = report.test(LABEL_SHIFT)
     if label:
         d = label.priors

@@ -202,3 +202,14 @@ def test_group_mix_is_skipped_when_only_one_side_has_the_column():
     results, _ = distribution_tests(sample({"condition": np.array(["a", "b"] * 30)}), sample({}), cfg,
                                     ["negative", "neutral", "positive"], seed=0)
     assert not [r for r in results if r.name.startswith("group_mix")]
+
+
+def test_the_shift_markdown_shows_a_statistic_that_is_not_finite_as_a_dash():
+    from tasks.render import shift_markdown
+    from tasks.reports import ShiftAnalysis, parse_report
+
+    report = {"verdict": "none", "reasons": [], "alpha": 0.05, "null_cutoffs": {}, "n_source": 10, "n_target": 10,
+              "most_target_specific": [],
+              "tests": [{"name": "mmd", "statistic": None, "p_value": None, "effect": None, "effect_name": "MMD^2",
+                         "detail": {}, "cutoff": None, "flagged": False, "severe": False}]}
+    assert "| mmd (MMD^2) | - | - | - | no |" in shift_markdown(parse_report(ShiftAnalysis, report, "the analysis"))
