@@ -149,7 +149,7 @@ class S3Remote(ConditionalRecord):
         from botocore.exceptions import ClientError
 
         try:
-            with self.errors(f"reading {name}"):
+            with self.errors("reading the registry record" if name == RECORD else f"reading {name}"):
                 answer = self.client.get_object(Bucket=self.bucket, Key=self.key(name))
                 data = answer["Body"].read()
         except RemoteError as exc:
@@ -170,7 +170,8 @@ class S3Remote(ConditionalRecord):
             if exc.response["Error"]["Code"] in ("PreconditionFailed", "ConditionalRequestConflict") \
                     or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
                 return False  # another host wrote first
-            raise RemoteError(f"{self.url}: writing {name} failed: {exc}") from None
+            what = "the registry record" if name == RECORD else name
+            raise RemoteError(f"{self.url}: writing {what} failed: {exc}") from None
         return True
 
 
