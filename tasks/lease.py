@@ -47,14 +47,14 @@ def describe(lease: dict) -> str:
            f"since {lease.get('acquired_at', '?')})"
 
 
-def why_free(lease: dict | None, now: float) -> str | None:
+def why_free(lease: dict | None, now: float, where: str) -> str | None:
     """Why the lease can be taken (None: someone holds it): nobody holds it, it expired, or its holder's process on
     this machine is gone. A lease that is not a lease is refused: it is someone else's input."""
     if lease is None or lease.get("released_at"):
         return "free"
     expires = lease.get("expires_at")
     if not isinstance(expires, int | float) or not isinstance(lease.get("token"), str):
-        raise RemoteError(f"{lease.get('_where', 'the lease')}: not a run lease (expected expires_at and token); "
+        raise RemoteError(f"{where}: not a run lease (expected expires_at and token); "
                           "delete it if no run holds the project")
     if expires < now:
         return f"it expired at {iso(expires)} (not renewed: its run was killed or lost its connection)"
@@ -88,7 +88,7 @@ def remote_lease(remote, project: str, what: str, timeout_seconds: float, on_wai
     while True:
         lease, version = remote.read_object(name)
         now = time.time()
-        why = why_free(None if lease is None else {**lease, "_where": where}, now)
+        why = why_free(lease, now, where)
         if why is not None:
             mine = {**me, "acquired_at": iso(now), "expires_at": now + lease_seconds}
             if remote.write_object(name, mine, version):
