@@ -2,7 +2,7 @@
 timing: a kill -9 at every step of promote and rollback, the remote unreachable mid-promotion, a full disk
 while packaging. Each test checks what is left (registry record, journal, production files, store) and what the
 next command does: `regraft models` reports it and exits 1, the next promote or rollback finishes it and says so.
-These rows are the README's fault table.
+These rows are the fault table of docs/operations.md.
 
 Every command runs as `regraft` in its own process, forked from one driver that has imported regraft once
 (a fresh `regraft` pays 2-3 s of imports; a fork, a fraction of that): a kill at a crash point kills only it."""
