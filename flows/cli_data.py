@@ -17,8 +17,9 @@ def command_validate(args: argparse.Namespace, project: Path) -> int:
     from tasks.validate import validate_file
 
     report = validate_file(load_params(project / "params.yaml"), Path(args.path).resolve(), args.columns)
-    print(f"columns from {report['columns']['from']}: text={report['columns']['text']!r}, "
-          f"label={report['columns']['label']!r}, groups={report['columns']['groups']}", flush=True)
+    columns = report.columns
+    print(f"columns from {columns['from']}: text={columns['text']!r}, label={columns['label']!r}, "
+          f"groups={columns['groups']}", flush=True)
     return print_validation_outcome(report)
 
 

@@ -47,8 +47,8 @@ def print_failures_once() -> None:
 
 
 def print_summary(result: dict) -> None:
-    from tasks.reports import (Decision, EvaluateReport, FinetuneReport, IngestReport, PackageReport, ShiftReport, Verdict,
-                               parse_report)
+    from tasks.reports import (Decision, EvaluateReport, FinetuneReport, IngestReport, PackageReport, ShiftReport,
+                               ValidateReport, Verdict, parse_report)
 
     print("\nregraft run finished: " + " -> ".join(result["stages"]))
     if result["reports"].get("ingest"):
@@ -57,12 +57,11 @@ def print_summary(result: dict) -> None:
         for name, split in ingest.splits.items():
             mix = ", ".join(f"{k} {v}" for k, v in split.labels.items())
             print(f"{name:16s}{split.rows:6d}  {mix}")
-    validate = result["reports"].get("validate")
-    if validate:
-        total = sum(s["expectations"] for s in validate["splits"].values())
-        state = "passed" if validate["success"] else "FAILED"
-        print(f"\nvalidation {state}: {total} expectations on {len(validate['splits'])} splits")
-        print(f"Data Docs: {validate['data_docs']}")
+    if result["reports"].get("validate"):
+        validate = parse_report(ValidateReport, result["reports"]["validate"], "the validate report")
+        state = "passed" if validate.success else "FAILED"
+        print(f"\nvalidation {state}: {validate.expectation_count} expectations on {len(validate.splits)} splits")
+        print(f"Data Docs: {validate.data_docs}")
     if result["reports"].get("shift"):
         shift = parse_report(ShiftReport, result["reports"]["shift"], "the shift report")
         print(f"\ndomain shift: {shift.verdict}")

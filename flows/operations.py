@@ -83,7 +83,6 @@ def shift_watch(max_rows: int = 2000) -> dict:
     from tasks.registry import read_record
     from tasks.render import performance_markdown, shift_markdown
     from tasks.report import performance_history_plot, png_data_uri
-    from tasks.reports import ShiftAnalysis, parse_report
 
     root = in_project()
     params = load_params(root / "params.yaml")
@@ -92,9 +91,8 @@ def shift_watch(max_rows: int = 2000) -> dict:
         get_run_logger().info("no production model yet (%s): nothing is served, nothing to watch", params.paths.registry)
         return {"verdict": "skipped", "reasons": ["no production model"]}
     report = watch_traffic(params, max_rows)
-    performance, model, served = report["performance"], report["production_model"], report["served_rows"]
-    create_markdown_artifact(key="shift-watch-report",
-                             markdown=shift_markdown(parse_report(ShiftAnalysis, report, "the shift-watch report")),
+    performance, model, served = report.performance, report.production_model, report.served_rows
+    create_markdown_artifact(key="shift-watch-report", markdown=shift_markdown(report),
                              description="serving traffic vs the production model's training data")
     history = read_history(params.paths.performance_history)
     plot = performance_history_plot(history)
@@ -102,19 +100,19 @@ def shift_watch(max_rows: int = 2000) -> dict:
                              markdown=performance_markdown(performance, history)
                              + (f"\n![estimated and realized accuracy over time]({png_data_uri(plot)})\n" if plot else ""),
                              description="the production model's estimated performance on serving traffic, and its history")
-    if report["verdict"] in ("moderate", "severe"):
+    if report.verdict in ("moderate", "severe"):
         notify(SHIFT_DETECTED, f"model.{model}",
-               f"{report['verdict']} shift in the last {served} served texts of {model}: " + "; ".join(report["reasons"]),
-               report["verdict"], reasons=report["reasons"], production_model=model, served_rows=served)
-        get_run_logger().warning("shift %s in serving traffic: event %s emitted", report["verdict"], SHIFT_DETECTED)
-    drop = performance["drop"]
-    if drop["degraded"]:
+               f"{report.verdict} shift in the last {served} served texts of {model}: " + "; ".join(report.reasons),
+               report.verdict, reasons=report.reasons, production_model=model, served_rows=served)
+        get_run_logger().warning("shift %s in serving traffic: event %s emitted", report.verdict, SHIFT_DETECTED)
+    drop = performance.drop
+    if drop.degraded:
         notify(PERFORMANCE_DEGRADED, f"model.{model}",
-               f"{model} is estimated at {drop['metric']} {drop['estimated']:.3f} on its last {served} served texts, "
-               f"{drop['drop']:.3f} below its validated {drop['validated']:.3f} (limit {drop['max_drop']:.3f})",
-               "degraded", production_model=model, served_rows=served, metric=drop["metric"],
-               estimated=drop["estimated"], interval=drop["interval"], validated=drop["validated"])
-        get_run_logger().warning("estimated %s drop %.3f: event %s emitted", drop["metric"], drop["drop"],
+               f"{model} is estimated at {drop.metric} {drop.estimated:.3f} on its last {served} served texts, "
+               f"{drop.drop:.3f} below its validated {drop.validated:.3f} (limit {drop.max_drop:.3f})",
+               "degraded", production_model=model, served_rows=served, metric=drop.metric,
+               estimated=drop.estimated, interval=drop.interval, validated=drop.validated)
+        get_run_logger().warning("estimated %s drop %.3f: event %s emitted", drop.metric, drop.drop,
                                  PERFORMANCE_DEGRADED)
-    return {"verdict": report["verdict"], "reasons": report["reasons"], "performance": performance["verdict"],
-            "estimated": drop["estimated"], "degraded": drop["degraded"]}
+    return {"verdict": report.verdict, "reasons": report.reasons, "performance": performance.verdict,
+            "estimated": drop.estimated, "degraded": drop.degraded}

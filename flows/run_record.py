@@ -13,7 +13,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from flows.dvc_stage import dvc_command, json_file, stage_environment
 from tasks.config import Params
 from tasks.errors import DataError, InternalError
-from tasks.files import write_json
+from tasks.reports import RunRecord, write_report
 
 
 @task(name="dvc-push", retries=2, retry_delay_seconds=5)
@@ -83,8 +83,8 @@ def publish_html_report(root: Path, params: Params, stages: list[str], run_id: s
 
 def record_run(root: Path, params: Params, run_id: str, overrides: dict[str, Any]) -> None:
     """reports/run.json: this run's id, its overrides and every parameter in force; also a Prefect artifact."""
-    write_json(root / params.paths.run_record, {"run_id": run_id, "overrides": overrides,
-                                                "params": params.model_dump(mode="json", by_alias=True)})
+    write_report(root / params.paths.run_record, RunRecord(run_id=run_id, overrides=overrides,
+                                                           params=params.model_dump(mode="json", by_alias=True)))
     rows = "\n".join(f"| `{key}` | `{value}` |" for key, value in overrides.items()) or "| (none) | |"
     create_markdown_artifact(key="run-parameters", description="what this run changed in params.yaml",
                              markdown=f"# Overrides of this run\n\n| key | value |\n|---|---|\n{rows}\n\n"

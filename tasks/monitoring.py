@@ -17,6 +17,7 @@ import pandas as pd
 from tasks.config import DVC_DIR, Params
 from tasks.errors import DataError
 from tasks.files import text_sha256, write_atomically, write_json
+from tasks.reports import ShiftWatchReport, parse_report, write_report
 
 TRAIN_SPLITS = ("source_train", "target_train")
 HOLDOUT_SPLITS = ("source_holdout", "target_holdout")
@@ -75,7 +76,7 @@ def training_data(entry: dict, splits: dict[str, Path], cache: Path) -> pd.DataF
     return pd.concat([recorded_split(entry, name, splits, cache) for name in TRAIN_SPLITS], ignore_index=True)
 
 
-def watch_traffic(params: Params, max_rows: int) -> dict:
+def watch_traffic(params: Params, max_rows: int) -> ShiftWatchReport:
     """Run the shift tests on (production training data, recent served texts) and estimate the production model's
     performance on those texts; write reports/shift-watch.json and add the estimate to the performance history."""
     from tasks.registry import read_record
@@ -94,7 +95,8 @@ def watch_traffic(params: Params, max_rows: int) -> dict:
     holdouts = {name: recorded_split(entry, name, splits, cache) for name in HOLDOUT_SPLITS}
     report["performance"] = served_performance(params, holdouts, target)
     report["performance"]["window"] = window_of(target)
-    write_json(params.report_file("shift-watch"), report)
+    report = parse_report(ShiftWatchReport, report, "the shift-watch report")
+    write_report(params.report_file("shift-watch"), report)
     write_history(params.paths.performance_history,
                   read_history(params.paths.performance_history) + [estimate_record(report)])
     return report
@@ -144,16 +146,15 @@ def window_of(served: pd.DataFrame) -> dict:
     return {"from": served["timestamp"].min().isoformat(), "to": served["timestamp"].max().isoformat()}
 
 
-def estimate_record(report: dict) -> dict:
+def estimate_record(report: ShiftWatchReport) -> dict:
     """One line of the performance history: what shift-watch estimated, for which model and traffic."""
-    performance = report["performance"]
+    performance = report.performance
     return {"kind": "estimate", "id": uuid.uuid4().hex, "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "production_model": report["production_model"], "window": performance["window"],
-            "served_rows": report["served_rows"], "verdict": performance["verdict"],
-            "validated": {m: performance["validated"][m] for m in ("accuracy", "macro_f1")},
-            "estimated": {m: {"estimate": e["estimate"], "interval": e["interval"]}
-                          for m, e in performance["estimate"].items()},
-            "degraded": performance["drop"]["degraded"]}
+            "production_model": report.production_model, "window": performance.window,
+            "served_rows": report.served_rows, "verdict": performance.verdict,
+            "validated": {m: performance.validated[m] for m in ("accuracy", "macro_f1")},
+            "estimated": {m: {"estimate": e.estimate, "interval": e.interval} for m, e in performance.estimate.items()},
+            "degraded": performance.drop.degraded}
 
 
 def read_history(path: Path) -> list[dict]:

@@ -11,8 +11,8 @@ import sys
 from collections.abc import Callable
 
 from tasks.reports import (LABEL_SHIFT, Calibration, Decision, EvaluateReport, EvidenceLadder, FinetuneReport,
-                           IngestReport, PackageReport, ShiftAnalysis, ShiftReport, StrategyEvidence, Verdict,
-                           parse_report)
+                           IngestReport, PackageReport, ShiftAnalysis, ShiftReport, StrategyEvidence,
+                           ServedPerformance, ValidateReport, Verdict, parse_report)
 
 
 def ingest_markdown(report: IngestReport) -> str:
@@ -25,27 +25,27 @@ def ingest_markdown(report: IngestReport) -> str:
     return "\n".join(lines) + "\n"
 
 
-def validate_markdown(report: dict) -> str:
+def validate_markdown(report: ValidateReport) -> str:
     """The validation result as Markdown: one row per split, then every failure in plain words."""
-    verdict = "passed" if report["success"] else "FAILED"
+    verdict = "passed" if report.success else "FAILED"
     lines = [f"# Validation {verdict}", "", "| split | rows | expectations | failed |", "|---|---:|---:|---:|"]
-    for name, split in report["splits"].items():
-        lines.append(f"| {name} | {split['rows']} | {split['expectations']} | {split['failed']} |")
-    if report["failures"]:
-        lines += ["", "## Failures", ""] + [f"- {m}" for m in report["failures"]]
-    lines += ["", f"Data Docs: `{report['data_docs']}`"]
+    for name, split in report.splits.items():
+        lines.append(f"| {name} | {split.rows} | {split.expectations} | {split.failed} |")
+    if report.failures:
+        lines += ["", "## Failures", ""] + [f"- {m}" for m in report.failures]
+    lines += ["", f"Data Docs: `{report.data_docs}`"]
     return "\n".join(lines) + "\n"
 
 
-def print_validation_outcome(report: dict) -> int:
+def print_validation_outcome(report: ValidateReport) -> int:
     """Print the outcome in plain words; failures go to stderr and return 1 (the suite said no)."""
-    if report["success"]:
+    if report.success:
         print(validate_markdown(report))
         return 0
     print("validation failed:", file=sys.stderr)
-    for message in report["failures"]:
+    for message in report.failures:
         print(f"  - {message}", file=sys.stderr)
-    print(f"details: {report['data_docs']}", file=sys.stderr)
+    print(f"details: {report.data_docs}", file=sys.stderr)
     return 1
 
 
@@ -76,24 +76,24 @@ def shift_markdown(report: ShiftAnalysis) -> str:
     return "\n".join(lines) + "\n"
 
 
-def performance_markdown(performance: dict, history: list[dict]) -> str:
+def performance_markdown(performance: ServedPerformance, history: list[dict]) -> str:
     """The production model's estimated performance on serving traffic, each method's estimate, and the history of
     estimates with the realized performance where labels have arrived."""
-    drop = performance["drop"]
-    pct = f"{performance['confidence']:.0%}"
-    lines = [f"# Estimated performance on serving traffic: {performance['verdict']}", "",
-             f"- validated {drop['metric']}: {drop['validated']:.3f} on {performance['validated']['rows']} holdout rows",
-             f"- estimated on {performance['target_rows']} served texts: {_interval(drop['estimated'], drop['interval'])} "
-             f"({pct} interval); drop {drop['drop']:+.3f}, limit {drop['max_drop']:.3f}: "
-             + ("**degraded**" if drop["degraded"] else "not shown to exceed the limit"),
-             *[f"- {note}" for note in performance["notes"]], "",
+    drop = performance.drop
+    pct = f"{performance.confidence:.0%}"
+    lines = [f"# Estimated performance on serving traffic: {performance.verdict}", "",
+             f"- validated {drop.metric}: {drop.validated:.3f} on {performance.validated['rows']} holdout rows",
+             f"- estimated on {performance.target_rows} served texts: {_interval(drop.estimated, drop.interval)} "
+             f"({pct} interval); drop {drop.drop:+.3f}, limit {drop.max_drop:.3f}: "
+             + ("**degraded**" if drop.degraded else "not shown to exceed the limit"),
+             *[f"- {note}" for note in performance.notes], "",
              f"| method | accuracy ({pct} interval) | macro-F1 ({pct} interval) | note |", "|---|---|---|---|"]
-    for name, m in performance["methods"].items():
-        detail = m.get("detail") or {}
+    for name, m in performance.methods.items():
+        detail = m.detail
         note = (f"effective rows {detail['effective_sample_size']:.0f}" + ("" if detail.get("used") else ", not used")
                 if "effective_sample_size" in detail else "")
-        lines.append(f"| {name} | {_interval(m['accuracy'], m['accuracy_interval'])} | "
-                     f"{_interval(m['macro_f1'], m['macro_f1_interval'])} | {note} |")
+        lines.append(f"| {name} | {_interval(m.accuracy, m.accuracy_interval)} | "
+                     f"{_interval(m.macro_f1, m.macro_f1_interval)} | {note} |")
     realized = {row["estimate_id"]: row for row in history if row.get("kind") == "realized"}
     estimates = [row for row in history if row.get("kind") == "estimate"][-20:]
     if estimates:
@@ -334,12 +334,10 @@ def decision_markdown(decision: Decision) -> str:
             f"{decision.reason} ({decision.at}).\n")
 
 
-RENDERERS: dict[str, Callable[[dict], str]] = {
-    "validate": validate_markdown,
-}
-# Reports with a model (tasks/reports.py): checked against it, then rendered from its attributes.
-TYPED_RENDERERS: dict[str, tuple[type, Callable]] = {
+# Each report's model (tasks/reports.py) and renderer: checked against the model, then rendered from its attributes.
+RENDERERS: dict[str, tuple[type, Callable]] = {
     "ingest": (IngestReport, ingest_markdown),
+    "validate": (ValidateReport, validate_markdown),
     "shift": (ShiftReport, shift_markdown),
     "finetune": (FinetuneReport, finetune_markdown),
     "evaluate": (EvaluateReport, evaluate_markdown),
@@ -352,10 +350,7 @@ TYPED_RENDERERS: dict[str, tuple[type, Callable]] = {
 def render_report(name: str, report: dict) -> str:
     """The Markdown of a stage's report as read from its JSON file; a report without its own renderer is shown as
     JSON. A typed report that does not fit its model is a ReportError."""
-    if name in TYPED_RENDERERS:
-        kind, render = TYPED_RENDERERS[name]
-        return render(parse_report(kind, report, f"the {name} report"))
-    render = RENDERERS.get(name)
-    if render is None:
+    if name not in RENDERERS:
         return f"# {name}\n\n```json\n{json.dumps(report, indent=2)[:20000]}\n```\n"
-    return render(report)
+    kind, render = RENDERERS[name]
+    return render(parse_report(kind, report, f"the {name} report"))

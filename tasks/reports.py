@@ -1,5 +1,6 @@
-"""The reports stages hand each other, typed: ingest's, shift's, finetune's, the evaluation (reports/evaluate.json),
-the gate's verdict (paths.verdict), the decision on it (paths.decision) and package's.
+"""The reports stages hand each other, typed: ingest's, validate's, shift's, finetune's, the evaluation
+(reports/evaluate.json), the gate's verdict (paths.verdict), the decision on it (paths.decision), package's, the run's
+record (paths.run_record) and shift-watch's.
 
 One pair of functions writes and reads them (`write_report`, `read_report`), validating on both sides, so readers
 use attributes instead of spelling chains of keys, and a file that does not fit its model is refused with the
@@ -557,6 +558,118 @@ class ShiftReport(ShiftAnalysis):
     stage: Literal["shift"] = "shift"
     on_severe: Literal["warn", "block"]
     plots: list[str]
+
+
+# ----------------------------------------------------------------------------- the validation report
+
+
+class ExpectationResult(OrderedPart):
+    """One expectation on one split (tasks/validate.py `describe_result`), with a sentence a person can act on."""
+
+    split: str
+    expectation: str  # the GX expectation type
+    column: str | list[str] | None  # a column, or the columns of a compound expectation
+    kwargs: dict[str, Any]
+    success: bool
+    observed: Any
+    unexpected_count: int | None
+    unexpected_percent: float | None
+    examples: list[Any]
+    input_column: str | None  # the data's own column behind a derived one (a text's hash, its length)
+    message: str
+    error: str | None = None  # why the expectation could not run
+
+
+class SplitValidation(OrderedPart):
+    rows: int
+    success: bool
+    failed: int
+    expectations: int
+
+
+class ValidateReport(OrderedPart):
+    """reports/validate.json (and `regraft validate FILE`): every expectation on every split, the failures in words."""
+
+    stage: Literal["validate"] = "validate"
+    success: bool
+    splits: dict[str, SplitValidation]
+    failures: list[str]
+    data_docs: str
+    expectations: list[ExpectationResult]
+    columns: dict[str, Any] | None = None  # `regraft validate FILE`: which columns were read as what, and from where
+
+    @property
+    def expectation_count(self) -> int:
+        return sum(split.expectations for split in self.splits.values())
+
+
+# ----------------------------------------------------------------------------- shift-watch's report
+
+
+class MethodEstimate(OrderedPart):
+    """One label-free estimator's accuracy and macro-F1 on the traffic (tasks/estimate.py `MethodEstimate`)."""
+
+    method: str
+    accuracy: float | None
+    accuracy_interval: Interval
+    macro_f1: float | None
+    macro_f1_interval: Interval
+    detail: dict[str, Any]
+
+
+class CombinedEstimate(OrderedPart):
+    estimate: float | None
+    interval: Interval
+    methods_agree: bool
+
+
+class PerformanceDrop(OrderedPart):
+    """Has the model got worse than validated by more than monitor.max_drop (tasks/estimate.py `performance_drop`)."""
+
+    metric: str
+    validated: float
+    estimated: float | None
+    interval: Interval
+    drop: float | None
+    max_drop: float
+    degraded: bool
+
+
+class ServedPerformance(OrderedPart):
+    """The production model's estimated performance on served texts (tasks/monitoring.py `served_performance`)."""
+
+    verdict: Literal["ESTIMATED", "INCONCLUSIVE"]
+    confidence: float
+    target_rows: int
+    validated: dict[str, Any]  # accuracy, macro_f1 and their intervals on the holdout rows; rows
+    methods: dict[str, MethodEstimate]
+    estimate: dict[str, CombinedEstimate]  # by metric
+    notes: list[str]
+    validation: dict[str, int]  # holdout rows learned from, by split
+    drop: PerformanceDrop
+    window: dict[str, str]  # from, to: the served time span
+
+
+class ShiftWatchReport(ShiftAnalysis):
+    """reports/shift-watch.json: the production model's training data against the latest served texts, and its
+    estimated performance on them."""
+
+    stage: Literal["shift-watch"] = "shift-watch"
+    production_model: str
+    served_rows: int
+    log: str
+    performance: ServedPerformance
+
+
+# ----------------------------------------------------------------------------- the run's record
+
+
+class RunRecord(OrderedPart):
+    """paths.run_record: this run's id, its overrides and every parameter in force (params.yaml as the run used it)."""
+
+    run_id: str
+    overrides: dict[str, Any]
+    params: dict[str, Any]
 
 
 # ----------------------------------------------------------------------------- the ingest and package reports

@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from tasks.config import Columns, Params, ValidateConfig
+from tasks.reports import ValidateReport
 
 SCHEMA_TYPES = {"id": "str", "text": "str", "label": "str"}
 UNDECODABLE = "\ufffd"
@@ -282,7 +283,7 @@ def explain(entry: dict) -> str:
 
 def validate_splits(splits: dict[str, pd.DataFrame], cfg: ValidateConfig, columns: Columns,
                     labels: list[str], gx_dir: Path, docs_dir: Path,
-                    rules: list[SplitRules] | None = None) -> dict:
+                    rules: list[SplitRules] | None = None) -> ValidateReport:
     """Validate every split with its own Checkpoint; returns the report (success, one entry per expectation)."""
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
     context = open_context(gx_dir, docs_dir)
@@ -295,17 +296,17 @@ def validate_splits(splits: dict[str, pd.DataFrame], cfg: ValidateConfig, column
         entries += results
         summary[rule.name] = {"rows": len(frame), "success": all(r["success"] for r in results),
                               "failed": sum(not r["success"] for r in results), "expectations": len(results)}
-    return {
+    return ValidateReport.model_validate({
         "stage": "validate",
         "success": all(s["success"] for s in summary.values()),
         "splits": summary,
         "failures": [e["message"] for e in entries if not e["success"]],
         "data_docs": str(docs_dir / "index.html"),
         "expectations": entries,
-    }
+    })
 
 
-def validate_file(params: Params, path: Path, columns_spec: str | None = None) -> dict:
+def validate_file(params: Params, path: Path, columns_spec: str | None = None) -> ValidateReport:
     """`regraft validate PATH [--columns ...]`: the same suite on one file (column mapping: see
     tasks.ingest.columns_for_file). It is checked as a train split (no holdout, so no leakage check)."""
     from tasks.ingest import read_with_columns
@@ -317,4 +318,4 @@ def validate_file(params: Params, path: Path, columns_spec: str | None = None) -
         gx_dir=params.paths.state / "gx-file", docs_dir=params.paths.state / "data_docs_file",
         rules=[SplitRules(name, params.validate_.rows.train_min)],
     )
-    return {**report, "columns": {"from": origin, **columns.model_dump()}}
+    return report.model_copy(update={"columns": {"from": origin, **columns.model_dump()}})

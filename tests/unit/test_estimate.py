@@ -105,6 +105,7 @@ def test_bad_inputs_are_refused(val_shape, labels, target_shape):
 
 def test_the_estimate_renders_with_its_history():
     from tasks.render import performance_markdown
+    from tasks.reports import ServedPerformance
     from tests.unit.test_monitoring import estimated
 
     rng = np.random.default_rng(5)
@@ -114,7 +115,8 @@ def test_the_estimate_renders_with_its_history():
     found["drop"] = performance_drop(found, 0.05)
     history = [estimated((0, 9)), {"kind": "realized", "estimate_id": "e0", "labelled_rows": 10,
                                    "realized": {"accuracy": 0.75}}]
-    page = performance_markdown(found, history)
+    found.update(validation={"target_holdout": 300}, window={"from": "2026-01-01", "to": "2026-01-02"})
+    page = performance_markdown(ServedPerformance.model_validate(found), history)
     assert f"# Estimated performance on serving traffic: {found['verdict']}" in page
     assert "| importance_weighted |" in page and "effective rows 300" in page
     assert "| 0.800 [0.700, 0.900] | 0.750 (10) |" in page

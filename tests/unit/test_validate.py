@@ -76,12 +76,12 @@ def run(splits, tmp_path):
 
 def test_clean_splits_pass_and_build_data_docs(tmp_path):
     report = run(good_splits(), tmp_path)
-    assert report["success"], report["failures"]
-    assert report["failures"] == []
+    assert report.success, report.failures
+    assert report.failures == []
     assert (tmp_path / "docs" / "index.html").is_file()
-    assert all(e["success"] for e in report["expectations"])
-    assert {e["split"] for e in report["expectations"]} == set(good_splits())
-    json.dumps(report)  # the report must be plain JSON
+    assert all(e.success for e in report.expectations)
+    assert {e.split for e in report.expectations} == set(good_splits())
+    json.dumps(report.model_dump())  # the report must be plain JSON
     assert "Validation passed" in validate_markdown(report)
 
 
@@ -90,9 +90,9 @@ def test_bad_input_fails_with_a_plain_message(tmp_path, case):
     splits = good_splits()
     corrupt(case, splits)
     report = run(splits, tmp_path)
-    assert not report["success"]
-    assert any(BAD_CASES[case] in m for m in report["failures"]), report["failures"]
-    failed_splits = {name for name, s in report["splits"].items() if not s["success"]}
+    assert not report.success
+    assert any(BAD_CASES[case] in m for m in report.failures), report.failures
+    failed_splits = {name for name, s in report.splits.items() if not s.success}
     assert failed_splits == {BAD_CASES[case].split(":")[0]}
 
 
@@ -104,7 +104,7 @@ def test_rare_class_and_null_groups(tmp_path):
     splits["source_train"] = splits["source_train"].assign(label="positive")
     splits["target_holdout"].loc[[0, 1, 2], "condition"] = None
     report = run(splits, tmp_path)
-    messages = "\n".join(report["failures"])
+    messages = "\n".join(report.failures)
     assert "source_train: labels ['negative', 'neutral'] have no rows" in messages
     assert "target_holdout: column 'condition' has 3 missing values (50.0%; allowed 20.0%)" in messages
     assert "target_train: 1 rows belong to a label with fewer than 2 rows; e.g. [{'id': 'tt0', 'label': 'neutral'" in messages
