@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from tasks.reports import (LABEL_SHIFT, Calibration, Decision, EvaluateReport, EvidenceLadder, FinetuneReport,
                            IngestReport, PackageReport, ShiftAnalysis, ShiftReport, StrategyEvidence,
-                           ServedPerformance, ValidateReport, Verdict, parse_report)
+                           ServedPerformance, ShadowReport, ValidateReport, Verdict, parse_report)
 
 
 def ingest_markdown(report: IngestReport) -> str:
@@ -291,39 +291,39 @@ def shadow_change_text(event: dict) -> str:
     return f"shadow-off: {event['tag']} no longer shadows production ({event['reason']})"
 
 
-def shadow_markdown(report: dict) -> str:
+def shadow_markdown(report: ShadowReport) -> str:
     """`regraft shadow`: the shadow candidate against production on the same served texts, and the verdict."""
-    pct, rows, labels = f"{report['confidence']:.0%}", report["served"], report["labels"]
-    lines = [f"# Shadow {report['candidate']} beside {report['production_model']}: {report['verdict']}", "",
-             f"- {report['reason']}",
-             f"- served since {report['since']}: {rows['served']} texts, {rows['joined']} predicted by both; "
+    pct, rows, labels = f"{report.confidence:.0%}", report.served, report.labels
+    lines = [f"# Shadow {report.candidate} beside {report.production_model}: {report.verdict}", "",
+             f"- {report.reason}",
+             f"- served since {report.since}: {rows['served']} texts, {rows['joined']} predicted by both; "
              f"{rows['without_shadow']} without the candidate's prediction (shed, failed or queued) left out",
-             *[f"- {note}" for note in report["notes"]]]
-    agreement = report["agreement"]
+             *[f"- {note}" for note in report.notes]]
+    agreement = report.agreement
     if agreement:
-        lines.append(f"- agreement: {_interval(agreement['share'], agreement['interval'])} ({pct} interval), "
-                     f"{agreement['agreeing']} of {report['rows']} texts")
+        lines.append(f"- agreement: {_interval(agreement.share, agreement.interval)} ({pct} interval), "
+                     f"{agreement.agreeing} of {report.rows} texts")
         lines += ["", "| production \\ candidate | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
         lines += [f"| {label} | " + " | ".join(str(n) for n in row) + " |"
-                  for label, row in zip(labels, report["confusion"])]
-    if report["estimated"]:
-        realized = report["realized"] or {}
+                  for label, row in zip(labels, report.confusion or [])]
+    if report.estimated:
+        realized = report.realized or {}
         lines += ["", "| model | estimated accuracy | estimated macro-F1 | realized accuracy | realized macro-F1 |",
                   "|---|---|---|---|---|"]
         for role in ("production", "candidate"):
-            estimate, truth = report["estimated"][role]["estimate"], realized.get(role)
-            lines.append(f"| {role} | {_interval(estimate['accuracy']['estimate'], estimate['accuracy']['interval'])} | "
-                         f"{_interval(estimate['macro_f1']['estimate'], estimate['macro_f1']['interval'])} | "
-                         + (f"{_interval(truth['accuracy'], truth['accuracy_interval'])} ({truth['rows']} labelled) | "
-                            f"{truth['macro_f1']:.3f} |" if truth else "no labels | no labels |"))
+            estimate, truth = report.estimated[role].estimate, realized.get(role)
+            lines.append(f"| {role} | {_interval(estimate['accuracy'].estimate, estimate['accuracy'].interval)} | "
+                         f"{_interval(estimate['macro_f1'].estimate, estimate['macro_f1'].interval)} | "
+                         + (f"{_interval(truth.accuracy, truth.accuracy_interval)} ({truth.rows} labelled) | "
+                            f"{truth.macro_f1:.3f} |" if truth else "no labels | no labels |"))
         lines.append("")
         for basis in ("estimated", "realized"):
-            gap = report["difference"][basis]
+            gap = getattr(report.difference, basis)
             if gap:
-                f1, accuracy = gap["macro_f1"], gap["accuracy"]
-                lines.append(f"- {basis} macro-F1, candidate minus production: {f1['estimate']:+.3f} "
-                             f"{interval_text(f1['interval'], signed=True)} (paired, {pct}); accuracy "
-                             f"{accuracy['estimate']:+.3f} {interval_text(accuracy['interval'], signed=True)}")
+                f1, accuracy = gap.macro_f1, gap.accuracy
+                lines.append(f"- {basis} macro-F1, candidate minus production: {f1.estimate:+.3f} "
+                             f"{interval_text(f1.interval, signed=True)} (paired, {pct}); accuracy "
+                             f"{accuracy.estimate:+.3f} {interval_text(accuracy.interval, signed=True)}")
     return "\n".join(lines) + "\n"
 
 

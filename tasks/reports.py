@@ -635,8 +635,8 @@ class PerformanceDrop(OrderedPart):
     degraded: bool
 
 
-class ServedPerformance(OrderedPart):
-    """The production model's estimated performance on served texts (tasks/monitoring.py `served_performance`)."""
+class PerformanceEstimate(OrderedPart):
+    """A model's label-free estimated performance on texts without labels (tasks/estimate.py `estimate_performance`)."""
 
     verdict: Literal["ESTIMATED", "INCONCLUSIVE"]
     confidence: float
@@ -645,6 +645,11 @@ class ServedPerformance(OrderedPart):
     methods: dict[str, MethodEstimate]
     estimate: dict[str, CombinedEstimate]  # by metric
     notes: list[str]
+
+
+class ServedPerformance(PerformanceEstimate):
+    """The production model's estimated performance on served texts (tasks/monitoring.py `served_performance`)."""
+
     validation: dict[str, int]  # holdout rows learned from, by split
     drop: PerformanceDrop
     window: dict[str, str]  # from, to: the served time span
@@ -659,6 +664,70 @@ class ShiftWatchReport(ShiftAnalysis):
     served_rows: int
     log: str
     performance: ServedPerformance
+
+
+# ----------------------------------------------------------------------------- the shadow comparison
+
+
+class Agreement(OrderedPart):
+    share: float
+    agreeing: int
+    interval: Interval  # Wilson
+
+
+class MeasuredPerformance(OrderedPart):
+    """Realized metrics on labelled rows (tasks/estimate.py `measured_performance`)."""
+
+    accuracy: float
+    macro_f1: float
+    rows: int
+    accuracy_interval: Interval  # Wilson
+
+
+class PairedDifference(OrderedPart):
+    """The candidate minus production on one metric, with its paired interval."""
+
+    estimate: float | None
+    interval: Interval
+
+
+class MetricDifferences(OrderedPart):
+    """Both metrics' differences (an estimated one also keeps each estimator's, under `methods`)."""
+
+    accuracy: PairedDifference
+    macro_f1: PairedDifference
+
+
+class ShadowDifference(OrderedPart):
+    metric: str  # the one the verdict reads
+    basis: Literal["estimated", "realized"] | None  # which difference decided
+    estimated: MetricDifferences | None
+    realized: MetricDifferences | None
+
+
+class ShadowReport(OrderedPart):
+    """reports/shadow.json (`regraft shadow`): the shadow candidate against production on the texts both predicted
+    (tasks/shadow.py `compare_shadow`), and the three-way verdict."""
+
+    stage: Literal["shadow"] = "shadow"
+    production_model: str
+    candidate: str
+    since: str
+    logs: dict[str, str]  # production, shadow
+    served: dict[str, int]  # served, joined, without_shadow
+    rows: int
+    labels: list[str]
+    confidence: float
+    max_drop: float
+    min_rows: int
+    notes: list[str]
+    agreement: Agreement | None
+    confusion: list[list[int]] | None  # rows: production's label; columns: the candidate's
+    estimated: dict[str, PerformanceEstimate] | None  # by role
+    realized: dict[str, MeasuredPerformance] | None  # by role
+    difference: ShadowDifference
+    verdict: str
+    reason: str
 
 
 # ----------------------------------------------------------------------------- the run's record

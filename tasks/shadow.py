@@ -31,7 +31,7 @@ from tasks.errors import DataError
 from tasks.estimate import (POINT_METHODS, MethodEstimate, atc_threshold, combine, estimate_performance,
                             measured_performance, wrong_class_distribution)
 from tasks.evaluate import confusion_counts, metrics_from_confusion, percentile_interval, wilson_interval
-from tasks.files import write_json
+from tasks.reports import ShadowReport, write_report
 from tasks.monitoring import HOLDOUT_SPLITS, feedback_truth, logged_predictions, recorded_split
 
 NOT_WORSE, WORSE, NOT_ENOUGH = "not worse", "worse", "not enough evidence yet"
@@ -237,7 +237,7 @@ def holdout_probabilities(params: Params, record: dict, candidate: str) -> Holdo
     return HoldoutProbabilities(holdout["label"].astype("str").map(index).to_numpy(), **proba)
 
 
-def shadow_report(params: Params, feedback: pd.DataFrame | None = None, origin: str = "") -> dict:
+def shadow_report(params: Params, feedback: pd.DataFrame | None = None, origin: str = "") -> ShadowReport:
     """Compare the running shadow candidate with production on the traffic both predicted, and write
     reports/shadow.json. `feedback`: labelled served texts (the file given to `regraft feedback`)."""
     from tasks.registry import read_record
@@ -252,10 +252,10 @@ def shadow_report(params: Params, feedback: pd.DataFrame | None = None, origin: 
     joined, rows = join_shadow(production, shadowed, shadow["beside"], shadow["tag"], shadow["since"])
     truth = feedback_truth(feedback, params.ingest.labels, origin) if feedback is not None else None
     holdout = holdout_probabilities(params, record, shadow["tag"]) if len(joined) else None
-    report = {"stage": "shadow", "production_model": shadow["beside"], "candidate": shadow["tag"],
+    report = ShadowReport.model_validate({"stage": "shadow", "production_model": shadow["beside"], "candidate": shadow["tag"],
               "since": shadow["since"], "logs": {"production": str(params.serve.prediction_log),
                                                  "shadow": str(params.serve.shadow_log)}, "served": rows,
               **compare_shadow(joined, params.ingest.labels, params.monitor, holdout=holdout, truth=truth,
-                               seed=params.shift.seed)}
-    write_json(params.report_file("shadow"), report)
+                               seed=params.shift.seed)})
+    write_report(params.report_file("shadow"), report)
     return report

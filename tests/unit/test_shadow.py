@@ -13,6 +13,7 @@ from tasks.errors import DataError
 from tasks.estimate import expected_confusion
 from tasks.monitoring import feedback_truth, logged_predictions
 from tasks.render import shadow_markdown
+from tasks.reports import ShadowReport
 from tasks.serving import PredictionLog
 from tasks.shadow import (NOT_ENOUGH, NOT_WORSE, WORSE, HoldoutProbabilities, compare_shadow, expected_confusions,
                           join_shadow, shadow_report)
@@ -182,11 +183,12 @@ def test_the_summary_shows_the_verdict_the_counts_and_both_differences(tmp_path)
     rng = np.random.default_rng(9)
     proba, truth = calibrated(300, rng)
     report, rows = compared(tmp_path, proba, proba, truth=truth)
-    report.update({"candidate": CANDIDATE, "production_model": PRODUCTION, "since": SINCE, "served": rows})
-    text = shadow_markdown(report)
+    report.update({"candidate": CANDIDATE, "production_model": PRODUCTION, "since": SINCE, "served": rows,
+                   "logs": {"production": "predictions.jsonl", "shadow": "shadow.jsonl"}})
+    text = shadow_markdown(ShadowReport.model_validate(report))
     assert text.startswith(f"# Shadow {CANDIDATE} beside {PRODUCTION}: {NOT_WORSE}")
     assert "300 texts, 300 predicted by both" in text and "no per-group comparison" in text
     assert "estimated macro-F1, candidate minus production: +0.000" in text and "realized macro-F1" in text
     json.dumps(report)  # what --json prints and reports/shadow.json holds
     empty = {**report, "agreement": None, "estimated": None, "verdict": NOT_ENOUGH}
-    assert NOT_ENOUGH in shadow_markdown(empty)
+    assert NOT_ENOUGH in shadow_markdown(ShadowReport.model_validate(empty))
