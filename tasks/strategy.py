@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.config import ModelConfig, TrainConfig
-from tasks.render import evidence_text
+from tasks.render import evidence_text, interval_text
 from tasks.reports import ShiftReport, StrategyEvidence
 
 CHEAP = ("tfidf", "feature_extraction")  # cheapest first: a tie keeps the cheaper model
@@ -158,7 +158,7 @@ def choose_strategy(base: str, labels: list[str], train, valid, cfg: TrainConfig
     table = "; ".join(evidence_text(StrategyEvidence.model_validate(row)) for row in evidence)
     where = f"{len(valid.texts)} validation rows, {len(target_labels)} cross-fitted: {table}"
     versus = (f"{best_adaptive} - {best_cheap} on the validation rows {gap['estimate']:+.3f} "
-              f"[{gap['interval'][0]:+.3f}, {gap['interval'][1]:+.3f}]")
+              f"{interval_text(gap['interval'], signed=True)}")
     # Clearly behind (the paired interval below zero): no minute more goes to adaptation. Otherwise the best arm
     # finishes, since two epochs are not its last word, and the finetune stage compares the finished model with the
     # cheap one on the validation rows before either is served.
