@@ -6,7 +6,10 @@ one text per request, from a closed-loop load generator (each client sends its n
 last one answered) at concurrency 1, 4, 16 and 32.
 
 - regraft: `bentoml serve deploy.service:Classifier` (adaptive batching, tokenisation and batching
-  from tasks/, bf16 autocast where the CPU has native bf16), one worker.
+  from tasks/, bf16 autocast where the CPU has native bf16), one worker, following a registry record that names
+  the model as production.
+- regraft with shadow (`--shadow`): the same, with the record also naming a shadow candidate (the same weights under
+  a second tag), which predicts every served batch off the response path (tasks/serving.py `ShadowPredictor`).
 - baseline: a minimal single-threaded HTTP endpoint that calls `transformers.pipeline` on each request,
   one request at a time (what a first prototype of a model server looks like).
 
@@ -17,9 +20,12 @@ second is the most any service could answer at one text per request on this mach
 Prints a table, then one JSON object last with top-level keys speedup_c16 (regraft / baseline
 requests per second at concurrency 16), errors (regraft's failed requests, all levels), limit_fraction
 (regraft's requests per second at concurrency 16 over the limit) and max_speedup_c16 (the limit over the
-baseline's requests per second at concurrency 16: the most any service could reach against it here).
+baseline's requests per second at concurrency 16: the most any service could reach against it here). With
+`--shadow`: shadow_p99_ratio_c16 (regraft's p99 latency at concurrency 16 with the shadow on over off; goal at most
+1.2), shadow_throughput_ratio_c16, shadow_counts (texts the candidate predicted, shed, failed) and
+shadow_responses_unchanged (the answers to the same 64 reviews, labels and probabilities, equal with and without).
 
-    python benchmarks/serving.py [--seconds 10] [--levels 1,4,16,32]
+    python benchmarks/serving.py [--seconds 10] [--levels 1,4,16,32] [--shadow]
 """
 
 from __future__ import annotations
@@ -142,21 +148,68 @@ def closed_loop(url: str, texts: list[str], concurrency: int, seconds: float) ->
             "p99_ms": round(float(np.percentile(ms, 99)), 1) if len(ms) else None, "errors": errors[0]}
 
 
-def serve_regraft(work: Path, folder: Path, port: int) -> subprocess.Popen:
-    """Put the model into a scratch BentoML store and serve it pinned, with the project's params.yaml."""
+def store_models(work: Path, folder: Path) -> dict[str, dict]:
+    """The model in a scratch BentoML store twice (production and a shadow candidate with the same weights), each
+    with its files' sha256 as the package stage records them: the service loads no model without them."""
     env = {**os.environ, "BENTOML_HOME": str(work / "bentoml")}
-    # Its files' sha256 recorded as the package stage records them: the service loads no model without them.
-    code = ("import bentoml, shutil, sys\n"
+    code = ("import bentoml, json, shutil\n"
             "from tasks.registry import file_digests\n"
-            f"with bentoml.models.create('regraft-benchmark', metadata={{'sha256': file_digests({str(folder)!r})}}) as m:\n"
-            f"    shutil.copytree({str(folder)!r}, m.path, dirs_exist_ok=True)\n"
-            "print(m.tag)")
-    tag = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip()
-    env.update({"REGRAFT_MODEL_TAG": tag, "REGRAFT_PROJECT": str(ROOT),
-                "REGRAFT_PREDICTION_LOG": str(work / "predictions.jsonl")})
+            "tags = {}\n"
+            "for name in ('regraft-benchmark', 'regraft-benchmark-shadow'):\n"
+            f"    with bentoml.models.create(name, metadata={{'sha256': file_digests({str(folder)!r})}}) as m:\n"
+            f"        shutil.copytree({str(folder)!r}, m.path, dirs_exist_ok=True)\n"
+            "    tags[name] = {'tag': str(m.tag), 'sha256': file_digests(m.path)}\n"
+            "print(json.dumps(tags))")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def serve_regraft(work: Path, models: dict[str, dict], port: int, shadow: bool) -> subprocess.Popen:
+    """Serve the stored model as the production model of a scratch registry record (the project's params.yaml;
+    state, logs and record in `work`); with `shadow`, the record also names the shadow candidate, and this returns
+    once the service has loaded it."""
+    from tasks.config import load_params
+
+    params = load_params(ROOT / "params.yaml")
+    production, candidate = models["regraft-benchmark"], models["regraft-benchmark-shadow"]
+    record = {"production": production["tag"], "history": [],
+              "models": {entry["tag"]: {"sha256": entry["sha256"], "verdict": "PASS"} for entry in models.values()}}
+    if shadow:
+        record["shadow"] = {"tag": candidate["tag"], "beside": production["tag"],
+                            "since": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())}
+    registry = work / params.paths.registry
+    registry.parent.mkdir(parents=True, exist_ok=True)
+    registry.write_text(json.dumps(record))
+    for log in (work / params.serve.shadow_log, work / "predictions.jsonl"):
+        log.unlink(missing_ok=True)
+    env = {**os.environ, "BENTOML_HOME": str(work / "bentoml"), "REGRAFT_PROJECT": str(work),
+           "REGRAFT_PARAMS": str(ROOT / "params.yaml"), "REGRAFT_PREDICTION_LOG": str(work / "predictions.jsonl")}
     command = [sys.executable, "-m", "bentoml", "serve", "deploy.service:Classifier", "--host", "127.0.0.1",
                "--port", str(port)]
-    return start(command, env, f"http://127.0.0.1:{port}/healthz", work / "regraft.log")
+    server = start(command, env, f"http://127.0.0.1:{port}/healthz", work / "regraft.log")
+    deadline = time.monotonic() + 120
+    while shadow and shadow_status(port) is None:  # the service picks the shadow up on its next registry check
+        if time.monotonic() > deadline:
+            stop_process_group(server)
+            raise SystemExit(f"the shadow candidate was not loaded within 120 s; see {work / 'regraft.log'}")
+        time.sleep(0.5)
+    return server
+
+
+def shadow_status(port: int) -> dict | None:
+    """The service's shadow counts from /healthz, None while it runs no shadow."""
+    import httpx
+
+    return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).json().get("shadow")
+
+
+def answers(url: str, texts: list[str]) -> list[dict]:
+    """The service's labels and probabilities for `texts`, one request per text."""
+    import httpx
+
+    with httpx.Client(timeout=120) as http:
+        return [{key: row[key] for key in ("label", "probabilities")}
+                for text in texts for row in http.post(url, json={"texts": [text]}).json()]
 
 
 def in_process_limit(folder: Path, texts: list[str], seconds: float) -> dict:
@@ -184,17 +237,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="load per level and server")
     parser.add_argument("--levels", default="1,4,16,32", help="concurrency levels")
+    parser.add_argument("--shadow", action="store_true", help="also serve with a shadow candidate and compare")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     texts = review_texts()
     work = Path(tempfile.mkdtemp(prefix="regraft-serving-bench-"))
-    results: dict[str, dict] = {"regraft": {}, "baseline": {}}
+    servers = ("baseline", "regraft", "regraft-shadow") if args.shadow else ("baseline", "regraft")
+    results: dict[str, dict] = {name: {} for name in servers}
+    responses, shadow_counts = {}, None
     try:
         folder, described = model_dir(work)
-        for name in ("baseline", "regraft"):
+        models = store_models(work, folder)
+        for name in servers:
             port = free_port()
-            if name == "regraft":
-                server = serve_regraft(work, folder, port)
+            if name.startswith("regraft"):
+                server = serve_regraft(work, models, port, shadow=name == "regraft-shadow")
                 url = f"http://127.0.0.1:{port}/predict"
             else:
                 script = work / "baseline_server.py"
@@ -204,11 +261,16 @@ def main() -> None:
                 url = f"http://127.0.0.1:{port}/"
             try:
                 closed_loop(url, texts, 4, 2.0)  # warm-up: first batches, thread pools, caches
+                if name.startswith("regraft") and args.shadow:
+                    responses[name] = answers(url, texts[:64])
                 for level in levels:
                     results[name][level] = closed_loop(url, texts, level, args.seconds)
                     r = results[name][level]
-                    print(f"{name:9s} c={level:<3d} {r['requests_per_second']:8.1f} req/s  p50 {r['p50_ms']} ms  "
+                    print(f"{name:14s} c={level:<3d} {r['requests_per_second']:8.1f} req/s  p50 {r['p50_ms']} ms  "
                           f"p99 {r['p99_ms']} ms  errors {r['errors']}", flush=True)
+                if name == "regraft-shadow":
+                    time.sleep(2.0)  # what is still queued for the candidate is counted, not waited for
+                    shadow_counts = shadow_status(port)
             finally:
                 stop_process_group(server, grace_seconds=30)
         limit = in_process_limit(folder, texts, args.seconds)
@@ -232,6 +294,18 @@ def main() -> None:
         "seconds_per_level": args.seconds,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
     }
+    if args.shadow:
+        on, off = results["regraft-shadow"].get(16, {}), results["regraft"].get(16, {})
+        summary.update({
+            "shadow_p99_ratio_c16": round(on["p99_ms"] / off["p99_ms"], 2) if on.get("p99_ms") and off.get("p99_ms")
+            else None,
+            "shadow_throughput_ratio_c16": round(on["requests_per_second"] / off["requests_per_second"], 2)
+            if on and off else None,
+            "shadow_errors": sum(r["errors"] for r in results["regraft-shadow"].values()),
+            "shadow_counts": shadow_counts,
+            "shadow_responses_unchanged": responses.get("regraft") == responses.get("regraft-shadow"),
+            "shadow_levels": {str(level): results["regraft-shadow"][level] for level in levels},
+        })
     print(json.dumps(summary))
 
 
