@@ -62,7 +62,8 @@ def main(params: Params) -> int:
     import bentoml
 
     stored = Path(bentoml.models.get(model_tag).path)
-    smoke = smoke_test(params, bento_tag, model_tag, texts, offline_labels(stored, texts, params.model.max_length))
+    smoke = smoke_test(params, bento_tag, model_tag, texts,
+                       lambda: offline_labels(stored, texts, params.model.max_length))
     remote = model_remote(params)
     exported = export_to_remote(remote, model_tag, bento_tag) if remote is not None else None
     register(params.paths.registry, model_tag, {

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -106,9 +107,10 @@ def export_to_remote(remote, model_tag: str, bento_tag: str) -> dict:
     return exported
 
 
-def smoke_test(params: Params, bento_tag: str, model_tag: str, texts: list[str], expected: list[str]) -> dict:
+def smoke_test(params: Params, bento_tag: str, model_tag: str, texts: list[str],
+               expected_labels: Callable[[], list[str]]) -> dict:
     """Serve the built Bento on a free loopback port, check /healthz and that served labels equal the
-    offline ones, then stop the server."""
+    offline ones (`expected_labels()`, computed while the server starts), then stop the server."""
     import httpx
 
     port = free_port()
@@ -122,6 +124,7 @@ def smoke_test(params: Params, bento_tag: str, model_tag: str, texts: list[str],
     server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
+        expected = expected_labels()
         try:
             health = json.loads(wait_until_healthy(f"{url}/healthz", server, params.package.smoke_timeout_seconds,
                                                    state / "server.log"))
