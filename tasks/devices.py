@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
+import platform
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# bf16 costs precision: on a CPU it is used only where it is clearly faster. Measured on a 2-core Xeon with
+# AVX512-BF16 and no AMX: bf16 autocast at 0.6-0.85x fp32 for MiniLM-sized blocks, training and inference alike.
+BF16_MIN_SPEEDUP = 1.25
 
 
 @dataclass(frozen=True)
@@ -32,9 +39,68 @@ def cpu_flags() -> set[str]:
 
 
 def cpu_has_native_bf16() -> bool:
-    """True when the CPU has bf16 matrix instructions (AVX512-BF16 or AMX): there bf16 autocast is
-    faster than fp32; elsewhere PyTorch emulates bf16 and it is slower."""
+    """True when the CPU has bf16 matrix instructions (AVX512-BF16 or AMX); without them PyTorch emulates bf16 and
+    it is slower. With them it may still be slower (bf16_speedup says)."""
     return bool(cpu_flags() & set(NATIVE_BF16_FLAGS)) and torch.backends.mkldnn.is_available()
+
+
+def cpu_name() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
+                platform.processor() or "unknown CPU")
+
+
+def precision_cache_file() -> Path:
+    """Where the measured bf16 speedup of this machine is kept: a fact of the machine, not of a project."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "regraft" / "cpu-precision.json"
+
+
+def measure_bf16_speedup(repeats: int = 3) -> float:
+    """fp32 time over bf16-autocast time of one transformer block's feed-forward layers (MiniLM's width),
+    forward and backward, at the current thread count; the best of `repeats` each."""
+    generator = torch.Generator().manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(384, 1536), torch.nn.GELU(), torch.nn.Linear(1536, 384))
+    x = torch.randn(256, 384, generator=generator)
+
+    def timed(bf16: bool) -> float:
+        best = float("inf")
+        with torch.enable_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            for attempt in range(repeats + 1):  # the first is a warm-up
+                started = time.perf_counter()
+                block(x).float().square().mean().backward()
+                if attempt:
+                    best = min(best, time.perf_counter() - started)
+        return best
+
+    return timed(False) / timed(True)
+
+
+def bf16_speedup(threads: int) -> float:
+    """How much faster bf16 autocast runs than fp32 on this CPU at `threads` threads: measured once per machine,
+    torch version and thread count, then read from precision_cache_file(), so every process of a project (the
+    package stage's offline predictions and the service that must equal them) makes the same choice."""
+    key = hashlib.sha256(f"{cpu_name()}|{sorted(cpu_flags())}|{torch.__version__}|{threads}".encode()).hexdigest()[:16]
+    path = precision_cache_file()
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known, dict) and isinstance(known.get(key), dict) and isinstance(known[key].get("bf16_speedup"), float):
+        return known[key]["bf16_speedup"]
+    speedup = round(measure_bf16_speedup(), 3)
+    known = {**(known if isinstance(known, dict) else {}),
+             key: {"bf16_speedup": speedup, "cpu": cpu_name(), "torch": torch.__version__, "threads": threads}}
+    try:  # a cache that cannot be written costs a measurement per process, nothing else
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{path.name}.{os.getpid()}")
+        staging.write_text(json.dumps(known, indent=1), encoding="utf-8")
+        staging.replace(path)
+    except OSError:
+        pass
+    return speedup
 
 
 def usable_cores() -> int:
@@ -64,16 +130,26 @@ def choose_runtime(precision: str = "auto", threads: int = 0, processes: int = 1
         reason = f"CUDA device {torch.cuda.get_device_name(device)}"
     else:
         device = torch.device("cpu")
-        if precision == "auto":
-            precision = "bf16" if cpu_has_native_bf16() else "fp32"
         if precision == "fp16":
             precision = "fp32"  # fp16 autocast on CPU is slow and needs loss scaling: not worth it
-        native = "with" if cpu_has_native_bf16() else "without"
-        reason = f"CPU {native} native bf16 instructions"
+        reason = f"CPU {'with' if cpu_has_native_bf16() else 'without'} native bf16 instructions"
     threads = threads or default_threads(processes)
     if device.type == "cpu":
         torch.set_num_threads(threads)
+        if precision == "auto":
+            precision, reason = cpu_precision(threads)
     return Runtime(device=device, precision=precision, threads=threads, reason=reason)
+
+
+def cpu_precision(threads: int) -> tuple[str, str]:
+    """bf16 where the CPU has native bf16 instructions and bf16 measures at least BF16_MIN_SPEEDUP times fp32 here;
+    else fp32. With the reason, for the reports."""
+    if not cpu_has_native_bf16():
+        return "fp32", "CPU without native bf16 instructions"
+    speedup = bf16_speedup(threads)
+    chosen = "bf16" if speedup >= BF16_MIN_SPEEDUP else "fp32"
+    return chosen, (f"CPU with native bf16 instructions; bf16 measured {speedup:.2f}x fp32 here at {threads} "
+                    f"thread(s), so {chosen} (bf16 from {BF16_MIN_SPEEDUP}x)")
 
 
 def autocast(runtime: Runtime):

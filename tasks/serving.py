@@ -215,6 +215,19 @@ class PredictionLog:
         return ids
 
 
+SHADOW_NICENESS = 19
+
+
+def yield_the_cpu() -> None:
+    """Give this thread (and the torch threads it starts, which inherit it) the lowest CPU priority, so that the shadow
+    candidate predicts on what production leaves idle: under load its queue fills and batches are shed, rather than
+    production's answers waiting. Linux scheduling is per thread; elsewhere this does nothing."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SHADOW_NICENESS)
+    except (AttributeError, OSError):
+        pass
+
+
 class ShadowPredictor:
     """The shadow candidate beside the production model: it predicts the texts production answered, off the
     response path. `submit` only enqueues (a bounded queue, never waited on: a batch that finds it full is shed and
@@ -249,6 +262,7 @@ class ShadowPredictor:
         return True
 
     def work(self) -> None:
+        yield_the_cpu()
         while True:
             model, texts, ids = self._queue.get()
             try:

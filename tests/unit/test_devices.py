@@ -1,0 +1,48 @@
+"""The CPU's precision is measured, not assumed from its flags: bf16 only where it is clearly faster here."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tasks import devices
+
+
+@pytest.fixture
+def native_bf16(monkeypatch, tmp_path):
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.parametrize("measured, expected", [(0.6, "fp32"), (1.2, "fp32"), (1.25, "bf16"), (3.0, "bf16")])
+def test_auto_takes_bf16_only_where_it_measures_faster(native_bf16, monkeypatch, measured, expected):
+    monkeypatch.setattr(devices, "measure_bf16_speedup", lambda: measured)
+    runtime = devices.choose_runtime("auto", threads=1)
+    assert runtime.precision == expected
+    assert f"bf16 measured {measured:.2f}x fp32 here at 1 thread(s), so {expected}" in runtime.reason
+
+
+def test_without_native_bf16_nothing_is_measured(monkeypatch):
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(devices, "measure_bf16_speedup", lambda: pytest.fail("measured without native bf16"))
+    assert devices.choose_runtime("auto", threads=1).precision == "fp32"
+
+
+def test_the_speedup_is_measured_once_per_machine_and_thread_count(native_bf16, monkeypatch):
+    calls = []
+    monkeypatch.setattr(devices, "measure_bf16_speedup", lambda: calls.append(1) or 0.7)
+    assert devices.bf16_speedup(1) == devices.bf16_speedup(1) == 0.7
+    assert devices.bf16_speedup(2) == 0.7
+    assert len(calls) == 2  # one per thread count; the second read came from the cache file
+    cache = native_bf16 / "regraft" / "cpu-precision.json"
+    assert {entry["threads"] for entry in json.loads(cache.read_text()).values()} == {1, 2}
+    cache.write_text("{not json")  # a damaged cache is measured again and rewritten
+    assert devices.bf16_speedup(1) == 0.7 and len(calls) == 3
+    assert len(json.loads(cache.read_text())) == 1
+
+
+def test_the_measurement_compares_the_two_precisions_on_this_cpu():
+    speedup = devices.measure_bf16_speedup(repeats=1)
+    assert 0.05 < speedup < 50
