@@ -88,4 +88,4 @@ def command_shadow(args: argparse.Namespace, project: Path) -> int:
     feedback, path = read_feedback(args.feedback, args.columns, params) if args.feedback else (None, None)
     report = shadow_report(params, feedback, str(path or ""))
     print(json.dumps(report.model_dump(), indent=2) if args.json else shadow_markdown(report))
-    return EXIT_CHECK_FAILED if report["verdict"] == WORSE else EXIT_OK
+    return EXIT_CHECK_FAILED if report.verdict == WORSE else EXIT_OK

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import functools
 import hashlib
 import json
 import os
 import platform
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,15 +31,16 @@ class Runtime:
     reason: str
 
 
-def cpu_flags() -> set[str]:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return frozenset()
     for line in text.splitlines():
         if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
 
 
 def cpu_has_native_bf16() -> bool:
@@ -44,6 +49,7 @@ def cpu_has_native_bf16() -> bool:
     return bool(cpu_flags() & set(NATIVE_BF16_FLAGS)) and torch.backends.mkldnn.is_available()
 
 
+@functools.cache
 def cpu_name() -> str:
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -53,17 +59,24 @@ def cpu_name() -> str:
                 platform.processor() or "unknown CPU")
 
 
-def precision_cache_file() -> Path:
-    """Where the measured bf16 speedup of this machine is kept: a fact of the machine, not of a project."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "regraft" / "cpu-precision.json"
+def precision_cache_file() -> Path | None:
+    """Where the measured bf16 speedup of this machine is kept (a fact of the machine, not of a project); None
+    where the user has no home to keep it in."""
+    try:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    except RuntimeError:  # no HOME and no passwd entry (an arbitrary uid in a container)
+        return None
+    return base / "regraft" / "cpu-precision.json"
 
 
 def measure_bf16_speedup(repeats: int = 3) -> float:
     """fp32 time over bf16-autocast time of one transformer block's feed-forward layers (MiniLM's width),
-    forward and backward, at the current thread count; the best of `repeats` each."""
-    generator = torch.Generator().manual_seed(0)
-    block = torch.nn.Sequential(torch.nn.Linear(384, 1536), torch.nn.GELU(), torch.nn.Linear(1536, 384))
-    x = torch.randn(256, 384, generator=generator)
+    forward and backward, at the current thread count; the best of `repeats` each. Leaves torch's random state as
+    it found it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        block = torch.nn.Sequential(torch.nn.Linear(384, 1536), torch.nn.GELU(), torch.nn.Linear(1536, 384))
+        x = torch.randn(256, 384)
 
     def timed(bf16: bool) -> float:
         best = float("inf")
@@ -78,29 +91,47 @@ def measure_bf16_speedup(repeats: int = 3) -> float:
     return timed(False) / timed(True)
 
 
+_MEASURING = threading.Lock()
+
+
+@functools.cache
 def bf16_speedup(threads: int) -> float:
-    """How much faster bf16 autocast runs than fp32 on this CPU at `threads` threads: measured once per machine,
-    torch version and thread count, then read from precision_cache_file(), so every process of a project (the
-    package stage's offline predictions and the service that must equal them) makes the same choice."""
+    """How much faster bf16 autocast runs than fp32 on this CPU at `threads` threads. Measured once per machine,
+    torch version and thread count, under a file lock, and kept in precision_cache_file(): every process of the
+    machine (the package stage's offline predictions and the service that must equal them) reads the same value;
+    within a process it is remembered."""
     key = hashlib.sha256(f"{cpu_name()}|{sorted(cpu_flags())}|{torch.__version__}|{threads}".encode()).hexdigest()[:16]
     path = precision_cache_file()
+    with _MEASURING, contextlib.ExitStack() as stack:
+        if path is not None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                lock = stack.enter_context(path.with_name(path.name + ".lock").open("a"))
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            except OSError:
+                path = None  # a cache that cannot be kept costs a measurement per process, nothing else
+        known = read_precision_cache(path)
+        if isinstance(known.get(key), dict) and isinstance(known[key].get("bf16_speedup"), float):
+            return known[key]["bf16_speedup"]
+        speedup = round(measure_bf16_speedup(), 3)
+        if path is not None:
+            known[key] = {"bf16_speedup": speedup, "cpu": cpu_name(), "torch": torch.__version__, "threads": threads}
+            try:
+                handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+                with os.fdopen(handle, "w", encoding="utf-8") as out:
+                    json.dump(known, out, indent=1)
+                os.replace(staging, path)
+            except OSError:
+                pass
+        return speedup
+
+
+def read_precision_cache(path: Path | None) -> dict:
     try:
-        known = json.loads(path.read_text(encoding="utf-8"))
+        known = json.loads(path.read_text(encoding="utf-8")) if path is not None else {}
     except (OSError, ValueError):
-        known = {}
-    if isinstance(known, dict) and isinstance(known.get(key), dict) and isinstance(known[key].get("bf16_speedup"), float):
-        return known[key]["bf16_speedup"]
-    speedup = round(measure_bf16_speedup(), 3)
-    known = {**(known if isinstance(known, dict) else {}),
-             key: {"bf16_speedup": speedup, "cpu": cpu_name(), "torch": torch.__version__, "threads": threads}}
-    try:  # a cache that cannot be written costs a measurement per process, nothing else
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_name(f".{path.name}.{os.getpid()}")
-        staging.write_text(json.dumps(known, indent=1), encoding="utf-8")
-        staging.replace(path)
-    except OSError:
-        pass
-    return speedup
+        return {}
+    return known if isinstance(known, dict) else {}
 
 
 def usable_cores() -> int:

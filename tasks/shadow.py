@@ -31,7 +31,7 @@ from tasks.errors import DataError
 from tasks.estimate import (POINT_METHODS, MethodEstimate, atc_threshold, combine, estimate_performance,
                             measured_performance, wrong_class_distribution)
 from tasks.evaluate import confusion_counts, metrics_from_confusion, percentile_interval, wilson_interval
-from tasks.reports import ShadowReport, write_report
+from tasks.reports import ShadowReport, parse_report, write_report
 from tasks.monitoring import HOLDOUT_SPLITS, feedback_truth, logged_predictions, recorded_split
 
 NOT_WORSE, WORSE, NOT_ENOUGH = "not worse", "worse", "not enough evidence yet"
@@ -252,10 +252,10 @@ def shadow_report(params: Params, feedback: pd.DataFrame | None = None, origin: 
     joined, rows = join_shadow(production, shadowed, shadow["beside"], shadow["tag"], shadow["since"])
     truth = feedback_truth(feedback, params.ingest.labels, origin) if feedback is not None else None
     holdout = holdout_probabilities(params, record, shadow["tag"]) if len(joined) else None
-    report = ShadowReport.model_validate({"stage": "shadow", "production_model": shadow["beside"], "candidate": shadow["tag"],
+    report = parse_report(ShadowReport, {"stage": "shadow", "production_model": shadow["beside"], "candidate": shadow["tag"],
               "since": shadow["since"], "logs": {"production": str(params.serve.prediction_log),
                                                  "shadow": str(params.serve.shadow_log)}, "served": rows,
               **compare_shadow(joined, params.ingest.labels, params.monitor, holdout=holdout, truth=truth,
-                               seed=params.shift.seed)})
+                               seed=params.shift.seed)}, "the shadow report")
     write_report(params.report_file("shadow"), report)
     return report

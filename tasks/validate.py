@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 
 from tasks.config import Columns, Params, ValidateConfig
-from tasks.reports import ValidateReport
+from tasks.reports import ValidateReport, parse_report
 
 SCHEMA_TYPES = {"id": "str", "text": "str", "label": "str"}
 UNDECODABLE = "\ufffd"
@@ -296,14 +296,14 @@ def validate_splits(splits: dict[str, pd.DataFrame], cfg: ValidateConfig, column
         entries += results
         summary[rule.name] = {"rows": len(frame), "success": all(r["success"] for r in results),
                               "failed": sum(not r["success"] for r in results), "expectations": len(results)}
-    return ValidateReport.model_validate({
+    return parse_report(ValidateReport, {
         "stage": "validate",
         "success": all(s["success"] for s in summary.values()),
         "splits": summary,
         "failures": [e["message"] for e in entries if not e["success"]],
         "data_docs": str(docs_dir / "index.html"),
         "expectations": entries,
-    })
+    }, "the validation report")
 
 
 def validate_file(params: Params, path: Path, columns_spec: str | None = None) -> ValidateReport:

@@ -13,7 +13,9 @@ from tasks import devices
 def native_bf16(monkeypatch, tmp_path):
     monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    return tmp_path
+    devices.bf16_speedup.cache_clear()  # a new process, as far as the measurement knows
+    yield tmp_path
+    devices.bf16_speedup.cache_clear()
 
 
 @pytest.mark.parametrize("measured, expected", [(0.6, "fp32"), (1.2, "fp32"), (1.25, "bf16"), (3.0, "bf16")])
@@ -35,14 +37,35 @@ def test_the_speedup_is_measured_once_per_machine_and_thread_count(native_bf16, 
     monkeypatch.setattr(devices, "measure_bf16_speedup", lambda: calls.append(1) or 0.7)
     assert devices.bf16_speedup(1) == devices.bf16_speedup(1) == 0.7
     assert devices.bf16_speedup(2) == 0.7
-    assert len(calls) == 2  # one per thread count; the second read came from the cache file
+    assert len(calls) == 2  # one per thread count
+    devices.bf16_speedup.cache_clear()  # another process reads the file
+    assert devices.bf16_speedup(1) == 0.7 and len(calls) == 2
     cache = native_bf16 / "regraft" / "cpu-precision.json"
     assert {entry["threads"] for entry in json.loads(cache.read_text()).values()} == {1, 2}
     cache.write_text("{not json")  # a damaged cache is measured again and rewritten
+    devices.bf16_speedup.cache_clear()
     assert devices.bf16_speedup(1) == 0.7 and len(calls) == 3
     assert len(json.loads(cache.read_text())) == 1
 
 
-def test_the_measurement_compares_the_two_precisions_on_this_cpu():
+def test_without_a_home_it_measures_and_keeps_nothing(monkeypatch):
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr(devices.Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError("no home"))))
+    monkeypatch.setattr(devices, "measure_bf16_speedup", lambda: 0.5)
+    devices.bf16_speedup.cache_clear()
+    try:
+        assert devices.choose_runtime("auto", threads=1).precision == "fp32"
+    finally:
+        devices.bf16_speedup.cache_clear()
+
+
+def test_the_measurement_compares_the_two_precisions_on_this_cpu_and_leaves_the_random_state():
+    import torch
+
+    torch.manual_seed(3)
+    expected = torch.rand(3)
+    torch.manual_seed(3)
     speedup = devices.measure_bf16_speedup(repeats=1)
     assert 0.05 < speedup < 50
+    assert torch.equal(torch.rand(3), expected)

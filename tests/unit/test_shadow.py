@@ -192,3 +192,25 @@ def test_the_summary_shows_the_verdict_the_counts_and_both_differences(tmp_path)
     json.dumps(report)  # what --json prints and reports/shadow.json holds
     empty = {**report, "agreement": None, "estimated": None, "verdict": NOT_ENOUGH}
     assert NOT_ENOUGH in shadow_markdown(ShadowReport.model_validate(empty))
+
+
+@pytest.mark.parametrize("verdict, code", [(NOT_WORSE, 0), (NOT_ENOUGH, 0), (WORSE, 1)])
+def test_the_shadow_command_prints_the_report_and_exits_by_its_verdict(tmp_path, monkeypatch, capsys, verdict, code):
+    """`regraft shadow [--json]` on the typed report that tasks.shadow.shadow_report returns: the JSON is the
+    report's, and a candidate shown worse exits 1."""
+    import argparse
+
+    from flows.cli_data import command_shadow
+
+    rng = np.random.default_rng(9)
+    proba, truth = calibrated(300, rng)
+    report, rows = compared(tmp_path, proba, proba, truth=truth)
+    report.update({"candidate": CANDIDATE, "production_model": PRODUCTION, "since": SINCE, "served": rows,
+                   "logs": {"production": "predictions.jsonl", "shadow": "shadow.jsonl"}, "verdict": verdict})
+    monkeypatch.setattr("tasks.shadow.shadow_report", lambda *args: ShadowReport.model_validate(report))
+    monkeypatch.setattr("tasks.config.load_params", lambda path: None)
+    for as_json in (True, False):
+        args = argparse.Namespace(feedback=None, columns=None, json=as_json)
+        assert command_shadow(args, tmp_path) == code
+        shown = capsys.readouterr().out
+        assert (json.loads(shown)["verdict"] if as_json else shown.split("\n")[0].split(": ")[-1]) == verdict
