@@ -82,7 +82,8 @@ def shift_watch(max_rows: int = 2000) -> dict:
     from tasks.monitoring import read_history, watch_traffic
     from tasks.registry import read_record
     from tasks.render import performance_markdown, shift_markdown
-    from tasks.report import performance_history_plot, png_data_uri
+    from tasks.figures import performance_history_plot
+    from tasks.report import png_data_uri
 
     root = in_project()
     params = load_params(root / "params.yaml")

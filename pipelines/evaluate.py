@@ -9,14 +9,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipelines.stage_io import read_splits, report_path, run_stage, save_figure, write_atomically, write_json, write_parquet
+from pipelines.stage_io import read_splits, report_path, run_stage, write_atomically, write_json, write_parquet
 from tasks.config import Params
 from tasks.baselines import baseline_probabilities, classifier_probabilities, train_frame
 from tasks.errors import CheckFailed
 from tasks.evaluate import bootstrap_table, evaluate_split, transfer_gain, weighted_split
+from tasks.figures import evaluate_figures
 from tasks.registry import production_problems
 from tasks.render import evaluate_markdown
-from tasks.reports import (BootstrapKey, EvaluateReport, GroupMetrics, SplitReport, WeightedSplit, WeightedUnavailable,
+from tasks.reports import (BootstrapKey, EvaluateReport, SplitReport, WeightedSplit, WeightedUnavailable,
                            write_report)
 
 HOLDOUTS = ("target_holdout", "source_holdout")
@@ -62,7 +63,7 @@ def main(params: Params) -> int:
         bootstrap=params.evaluate.bootstrap, confidence=params.evaluate.confidence, splits=evaluated,
         transfer_gain=transfer_gain(evaluated), weighted=weighted, bootstrap_file=str(params.paths.bootstrap))
     write_parquet(params.paths.bootstrap, bootstrap_table(samples))
-    report.plots = save_plots(report, params.paths.evaluation)
+    report.plots = evaluate_figures(report, params.paths.evaluation)
     write_confusion_rows(params.paths.confusion_rows, splits["target_holdout"], probas["candidate"]["target_holdout"],
                          params.ingest.labels)
     write_report(report_path(params, "evaluate"), report)
@@ -114,64 +115,6 @@ def write_confusion_rows(path: Path, frame: pd.DataFrame, proba: np.ndarray, lab
     """actual/predicted per row, for DVC's confusion-matrix plot template."""
     rows = pd.DataFrame({"actual": frame["label"].astype("str"), "predicted": [labels[i] for i in proba.argmax(axis=1)]})
     write_atomically(path, lambda tmp: rows.to_csv(tmp, index=False))
-
-
-def save_plots(report: EvaluateReport, folder: Path) -> list[str]:
-    """Per-group bars with interval whiskers (candidate vs champion and baselines), confusion matrices."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    split = report.splits["target_holdout"]
-    models = list(split.models)
-    for column in split.group_columns:
-        for metric in ("accuracy", "macro_f1"):
-            groups = list(split.models["candidate"].groups[column].groups)
-            fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) * len(models) / 2), 4))
-            width = 0.8 / len(models)
-            for j, model in enumerate(models):
-                entries = split.models[model].groups[column].groups
-                values = np.array([np.nan if entries[g].metric(metric) is None else entries[g].metric(metric)
-                                   for g in groups])
-                low = np.array([_bound(entries[g], metric, 0, values[i]) for i, g in enumerate(groups)])
-                high = np.array([_bound(entries[g], metric, 1, values[i]) for i, g in enumerate(groups)])
-                x = np.arange(len(groups)) + (j - (len(models) - 1) / 2) * width
-                ax.bar(x, values, width=width, label=model,
-                       yerr=[np.clip(values - low, 0, None), np.clip(high - values, 0, None)], capsize=2)
-            sizes = split.group_columns[column].sizes
-            ax.set_xticks(np.arange(len(groups)), [f"{g}\n(n={sizes.get(g, 0)})" for g in groups], fontsize=8)
-            ax.set(title=f"target_holdout: {metric} by {column} ({report.confidence:.0%} intervals)",
-                   ylabel=metric, ylim=(0, 1.05))
-            ax.legend(fontsize=8)
-            written.append(save_figure(fig, folder / f"groups_{_slug(column)}_{metric}.png"))
-    for split_name, entry in report.splits.items():
-        fig, axes = plt.subplots(1, len(models), figsize=(3.4 * len(models), 3.4))
-        for ax, model in zip(np.atleast_1d(axes), models):
-            matrix = np.asarray(entry.models[model].overall.confusion)
-            ax.imshow(matrix, cmap="Blues")
-            for (r, c), v in np.ndenumerate(matrix):
-                ax.text(c, r, str(v), ha="center", va="center", fontsize=8)
-            ticks = np.arange(len(report.labels))
-            ax.set_xticks(ticks, report.labels, fontsize=7)
-            ax.set_yticks(ticks, report.labels, fontsize=7)
-            ax.set(title=model, xlabel="predicted", ylabel="true")
-        fig.suptitle(f"Confusion matrices, {split_name}")
-        written.append(save_figure(fig, folder / f"confusion_{split_name}.png"))
-    return written
-
-
-def _bound(entry: GroupMetrics, metric: str, side: int, value: float) -> float:
-    """One end of the interval the gate uses (GroupMetrics.judged_interval); the value itself where it is unknown."""
-    interval = entry.judged_interval(metric)
-    return value if interval[side] is None else interval[side]
-
-
-def _slug(name: str) -> str:
-    return "".join(ch if ch.isalnum() else "_" for ch in name)
-
 
 
 if __name__ == "__main__":

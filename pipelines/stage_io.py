@@ -28,16 +28,6 @@ def read_splits(params: Params) -> dict[str, pd.DataFrame]:
     return splits
 
 
-def save_figure(fig, path: Path) -> str:
-    """Save a matplotlib figure as PNG and free it."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
-
-
 def report_path(params: Params, stage: str) -> Path:
     return params.report_file(stage)
 

@@ -16,7 +16,7 @@ import pandas as pd
 
 from tasks.config import DVC_DIR, Params
 from tasks.errors import DataError
-from tasks.files import text_sha256, write_atomically, write_json
+from tasks.files import text_sha256, write_atomically
 from tasks.reports import ShiftWatchReport, parse_report, write_report
 
 TRAIN_SPLITS = ("source_train", "target_train")

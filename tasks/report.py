@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 from pathlib import Path
+
+from tasks.figures import performance_history_plot, training_curves
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.8em 0}td,th{border:1px solid #ccc;padding:.25em .5em;font-size:.9em}
@@ -15,65 +16,6 @@ th{background:#f3f3f3}img{max-width:100%;margin:.5em 0}section{border-top:2px so
 
 def png_data_uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
-
-
-def training_curves(log: Path) -> bytes | None:
-    """Loss and learning rate against the optimiser step, from the finetune stage's log."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import pandas as pd
-
-    if not log.is_file():
-        return None
-    frame = pd.read_csv(log)
-    if frame.empty or "step" not in frame:
-        return None
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    axes[0].plot(frame["step"], frame["loss"])
-    axes[0].set(title="training loss", xlabel="step")
-    axes[1].plot(frame["step"], frame["learning_rate"])
-    axes[1].set(title="learning rate", xlabel="step")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
-
-
-def performance_history_plot(history: list[dict]) -> bytes | None:
-    """shift-watch's estimated accuracy of the production model over time (interval bars), the realized accuracy
-    where labels arrived (`regraft feedback`), and the validated accuracy each estimate started from."""
-    estimates = [row for row in history if row.get("kind") == "estimate"]
-    if not estimates:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import pandas as pd
-
-    realized = {row["estimate_id"]: row["realized"]["accuracy"] for row in history if row.get("kind") == "realized"}
-    when = pd.to_datetime([row["time"] for row in estimates], utc=True)
-    value = [row["estimated"]["accuracy"]["estimate"] for row in estimates]
-    low = [v - (row["estimated"]["accuracy"]["interval"][0] or v) for v, row in zip(value, estimates)]
-    high = [(row["estimated"]["accuracy"]["interval"][1] or v) - v for v, row in zip(value, estimates)]
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.errorbar(when, value, yerr=[low, high], fmt="o", capsize=3, label="estimated (interval)")
-    ax.plot(when, [row["validated"]["accuracy"] for row in estimates], "_", markersize=14, color="grey",
-            label="validated on holdout")
-    labelled = [(t, realized[row["id"]]) for t, row in zip(when, estimates) if row["id"] in realized]
-    if labelled:
-        ax.plot(*zip(*labelled), "x", markersize=9, color="tab:red", label="realized (labels arrived)")
-    ax.set(title="Production model accuracy on serving traffic", ylabel="accuracy", ylim=(0, 1.02))
-    ax.legend(fontsize=8)
-    fig.autofmt_xdate()
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
 
 
 def html_report(sections: list[tuple[str, dict]], figures: dict[str, list[Path]], title: str, train_log: Path,
