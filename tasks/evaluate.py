@@ -8,12 +8,13 @@ every model is scored on the *same* resamples, so a difference between two model
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from tasks.config import EvaluateConfig
 from tasks.reports import (OVERALL, BootstrapKey, Comparison, Comparisons, Disparity, GroupBreakdown, GroupColumnInfo,
@@ -127,11 +128,17 @@ def percentile_interval(samples: np.ndarray, confidence: float) -> list[float | 
     return [float(low), float(high)]
 
 
+def normal_sf(z: float) -> float:
+    """P(Z > z) for a standard normal, accurate far into the tail (erfc, not 1 - cdf). The standard library's, so
+    the gate and decide stages need no scipy (about a second of import each)."""
+    return 0.5 * math.erfc(float(z) / math.sqrt(2.0))
+
+
 def wilson_interval(successes: float, n: int, confidence: float) -> list[float | None]:
     """Wilson score interval for a proportion: sensible at small n and at 0 or 1, unlike the bootstrap."""
     if n <= 0:
         return [None, None]
-    z = stats.norm.ppf(1 - (1 - confidence) / 2)
+    z = NormalDist().inv_cdf(1 - (1 - confidence) / 2)
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from tasks.config import GateConfig
-from tasks.evaluate import percentile_interval, wilson_interval
+from tasks.evaluate import normal_sf, percentile_interval, wilson_interval
 from tasks.reports import (FAIL, INCONCLUSIVE, NOT_APPLICABLE, PASS, BootstrapKey, Check, Comparison, Decision,
                            EvaluateReport, InsufficientGroup, ShiftReport, SplitReport, Verdict, WeightedUnavailable,
                            pair_name)
@@ -43,7 +42,7 @@ def score_test_p_values(rate: float, n: int, threshold: float, direction: str) -
     z = (rate - threshold) / np.sqrt(threshold * (1 - threshold) / n)
     if direction == "<=":
         z = -z
-    return float(stats.norm.sf(z)), float(stats.norm.cdf(z))
+    return normal_sf(z), normal_sf(-z)
 
 
 def holm(p_values: list[float]) -> list[float]:
