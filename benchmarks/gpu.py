@@ -82,12 +82,6 @@ class MemorySampler:
         self._thread.join()
 
 
-def run(command: list[str], cwd: Path, env: dict | None = None) -> None:
-    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-
-
 def trained_tokens_per_sample(project: Path, max_length: int) -> float:
     """Mean tokens per training text at the run's max length: what one sample costs the model."""
     import pandas as pd
@@ -118,7 +112,7 @@ def main() -> None:
     from benchmarks.serving import closed_loop, review_texts, serve_regraft, store_models
     from tasks.config import load_params, write_overrides
     from tasks.processes import free_port, stop_process_group
-    from tests.conftest import make_project
+    from tests.conftest import make_project, run  # the suite's scratch project and its command runner
 
     device = "cpu (wiring check)" if on_cpu else torch.cuda.get_device_name(0)
     work = Path(tempfile.mkdtemp(prefix="regraft-gpu-bench-"))
@@ -128,12 +122,11 @@ def main() -> None:
                     "train.precision": "auto" if on_cpu else "bf16"}
         write_overrides(project / "params.yaml", settings)
         params = load_params(project / "params.yaml")
-        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-        run([sys.executable, "-m", "dvc", "repro", "shift"], project, env)
+        run([sys.executable, "-m", "dvc", "repro", "shift"], project)
         started = time.perf_counter()
         with MemorySampler() as memory:
             run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-                 "-m", "pipelines.finetune"], project, env)
+                 "-m", "pipelines.finetune"], project)
         wall = time.perf_counter() - started
         report = json.loads((project / "reports" / "finetune.json").read_text())
         from tasks.models import load_classifier

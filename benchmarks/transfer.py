@@ -330,6 +330,8 @@ def summary(scored: list[dict]) -> dict:
 
 
 def main() -> None:
+    from tasks.devices import cpu_has_native_bf16, cpu_name
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=["demo", "drug-conditions", "census", *list(FILE_DATASETS)[1:]])
     parser.add_argument("--seeds", nargs="+", type=int, default=[],
@@ -373,20 +375,8 @@ def main() -> None:
         **summary(scored), "failed": [r["dataset"] for r in results if "error" in r], "seeds": args.seeds or None,
         "overrides": extra, "results": results,
         "machine": {"cpus": os.cpu_count(), "processor": cpu_name(), "python": platform.python_version(),
-                    "bf16": cpu_has_bf16()},
+                    "bf16": cpu_has_native_bf16()},
     }))
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def cpu_has_bf16() -> bool:
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 if __name__ == "__main__":

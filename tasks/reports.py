@@ -617,9 +617,16 @@ class MethodEstimate(OrderedPart):
     detail: dict[str, Any]
 
 
-class CombinedEstimate(OrderedPart):
+class PointAndInterval(OrderedPart):
+    """A statistic's estimate and its interval."""
+
     estimate: float | None
     interval: Interval
+
+
+class CombinedEstimate(PointAndInterval):
+    """The label-free estimators together (tasks/estimate.py `combine`)."""
+
     methods_agree: bool
 
 
@@ -684,11 +691,8 @@ class MeasuredPerformance(OrderedPart):
     accuracy_interval: Interval  # Wilson
 
 
-class PairedDifference(OrderedPart):
+class PairedDifference(PointAndInterval):
     """The candidate minus production on one metric, with its paired interval."""
-
-    estimate: float | None
-    interval: Interval
 
 
 class MetricDifferences(OrderedPart):
