@@ -165,8 +165,8 @@ def command_ui(args: argparse.Namespace, project: Path) -> int:
            "PREFECT_SERVER_CORS_ALLOWED_ORIGINS": origin, "PREFECT_SERVER_CSRF_PROTECTION_ENABLED": "true",
            SERVER_DESTINATIONS_ENV: ",".join(destinations)}
     env.pop("PREFECT_API_URL", None)
-    # The server's own log (refused API calls, database errors) is kept beside its database: what the UI shows a
-    # person as "Something went wrong" is explained there.
+    # The server's own log (its warnings and errors: database errors, a failed call's traceback) is kept beside its
+    # database: what the UI shows a person as "Something went wrong" is explained there.
     with (home / "server.log").open("w", encoding="utf-8") as server_log:
         server = subprocess.Popen([sys.executable, "-c", GUARDED_SERVER, "server", "start", "--host", "127.0.0.1",
                                    "--port", str(port)], env=env, stdout=server_log, stderr=subprocess.STDOUT,
