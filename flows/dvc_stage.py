@@ -15,6 +15,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.dvc_output import DVC_GIT_HINTS, DVC_NOISE, is_transient, stage_exit_status
+from tasks.config import hermetic_checkout
 from tasks.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, CheckFailed, InternalError, RegraftError
 from tasks.processes import stop_process_group
 from tasks.progress import PROGRESS_FILE_ENV, read_progress
@@ -50,6 +51,13 @@ def stage_environment() -> dict[str, str]:
 
 def dvc_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "dvc", *args]
+
+
+def repro_command(stage: str) -> list[str]:
+    """`dvc repro` of one stage. In a fresh clone (a work pool's job) with `--pull`: what the stage needs and what
+    it made before (by dvc.lock) comes from the DVC remote, so an unchanged stage is skipped as in a long-lived
+    checkout, and a changed one runs."""
+    return dvc_command("repro", *(["--pull"] if hermetic_checkout() else []), "--single-item", stage)
 
 
 def stage_progress_file(state_dir: Path, stage: str) -> Path:
@@ -119,7 +127,7 @@ def run_stage(stage: str, project_dir: Path, report_file: Path, timeout_seconds:
     # Its own process group, so that a cancelled or interrupted run stops DVC and the stage's command
     # (and torchrun's workers) instead of leaving them writing into a workspace that is being restored.
     process = subprocess.Popen(
-        dvc_command("repro", "--single-item", stage), cwd=project_dir,
+        repro_command(stage), cwd=project_dir,
         env={**stage_environment(), PROGRESS_FILE_ENV: str(progress_file)},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True,
     )

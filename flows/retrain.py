@@ -28,7 +28,7 @@ from flows.notifications import RUN_FAILED, tell
 from flows.run_form import RetrainParameters
 from flows.run_record import publish_html_report, push_outputs, record_run, save_to_history
 from flows.workspace import discard, prune_failed_runs, recover_interrupted, restore, take_snapshot
-from tasks.config import Params, load_params, project_root, write_overrides
+from tasks.config import Params, hermetic_checkout, load_params, project_root, write_overrides
 from tasks.errors import RegraftError, ReportError
 from tasks.files import PRIVATE_UMASK
 from tasks.locking import clear_stale_dvc_locks, project_lock
@@ -115,7 +115,8 @@ def run_all_stages(root: Path, parameters: RetrainParameters, run_id: str) -> di
                 stage_progress_file(root / params.paths.state, stage))
         report_page = publish_html_report(root, params, stages, run_id)
         history = save_to_history(root, params, run_id, started)
-        remote = push_outputs(root) if parameters.push else ""
+        # A run whose checkout dies with it pushes whatever the form said: nothing may stay only on the worker.
+        remote = push_outputs(root) if parameters.push or hermetic_checkout() else ""
     except BaseException as exc:
         # Keep what the failed run wrote for inspection, then put the last good state back.
         kept = runs / run_id / "failed-reports"

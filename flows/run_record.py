@@ -11,7 +11,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from flows.dvc_stage import dvc_command, json_file, stage_environment
-from tasks.config import Params
+from tasks.config import Params, hermetic_checkout
 from tasks.errors import DataError, InternalError
 from tasks.reports import RunRecord, write_report
 
@@ -45,6 +45,8 @@ def save_to_history(project_dir: Path, params: Params, run_id: str, stages: list
         return ""
     kept = [params.paths.metrics, params.paths.verdict, params.paths.decision, params.paths.train_log,
             params.paths.confusion_rows, params.paths.run_record]
+    if hermetic_checkout():  # the page dies with this checkout otherwise; the experiment carries it to the git remote
+        kept.append(params.paths.html_report)
     name = f"run-{run_id[:8]}"
     include = [arg for path in kept if (project_dir / path).is_file() for arg in ("--include-untracked", str(path))]
     # Only the stages this run ran are committed into the experiment's dvc.lock: a run that stopped at the gate
@@ -56,7 +58,22 @@ def save_to_history(project_dir: Path, params: Params, run_id: str, stages: list
                        saved.stderr.strip() or saved.stdout.strip())
         return ""
     logger.info("recorded as DVC experiment %s (dvc exp show; dvc metrics diff %s <other>)", name, name)
+    if hermetic_checkout():
+        push_history(project_dir, name)
     return name
+
+
+def push_history(project_dir: Path, name: str) -> None:
+    """A run in a checkout that dies with it: its experiment goes to the project's git remote (`origin`, where the
+    run's code came from), with the data its dvc.lock names to the DVC remote, so any machine lists it
+    (`dvc exp list origin`) and gets it back (`dvc exp pull origin <name>`, then `dvc pull`)."""
+    pushed = subprocess.run(dvc_command("exp", "push", "origin", name), cwd=project_dir, env=stage_environment(),
+                            capture_output=True, text=True)
+    if pushed.returncode != 0:
+        get_run_logger().warning("could not push the run's history to the git remote (dvc exp push origin %s): %s",
+                                 name, pushed.stderr.strip() or pushed.stdout.strip())
+    else:
+        get_run_logger().info("pushed experiment %s to the git remote origin", name)
 
 
 def publish_html_report(root: Path, params: Params, stages: list[str], run_id: str) -> Path:

@@ -560,6 +560,18 @@ def project_root() -> Path:
     return Path(os.environ.get("REGRAFT_PROJECT") or ".").resolve()
 
 
+# Set by a deployment whose runs start in a fresh clone that dies with the run (deploy/prefect.yaml's pull steps).
+HERMETIC_ENV = "REGRAFT_HERMETIC"
+
+
+def hermetic_checkout() -> bool:
+    """Whether this run's checkout is thrown away when it ends (a work pool's job): its stages then pull what
+    they need from the DVC remote, and everything the run makes goes to the remotes before it ends."""
+    import os
+
+    return os.environ.get(HERMETIC_ENV, "").strip().lower() in {"1", "true", "yes"}
+
+
 def load_params(path: Path | str = PARAMS_FILE, overrides: dict[str, Any] | None = None) -> Params:
     """Load and validate `params.yaml`, with optional dotted-key overrides applied first."""
     path = Path(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -100,6 +101,31 @@ def make_project(dest: Path, remote: Path) -> Path:
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     return make_project(tmp_path / "project", tmp_path / "remote")
+
+
+# moto accepts any credentials; boto (dvc-s3, tasks/remote.py) reads them from the environment as on a real machine.
+AWS = {"AWS_ACCESS_KEY_ID": "regraft-test", "AWS_SECRET_ACCESS_KEY": "regraft-test", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@contextlib.contextmanager
+def moto_s3(log: Path, bucket: str):
+    """A local S3 API (moto_server) on loopback with one empty bucket; yields its URL."""
+    import boto3
+
+    from tasks.processes import free_port, stop_process_group, wait_until_healthy
+
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(f"{url}/moto-api/", server, 60, log)
+        boto3.client("s3", endpoint_url=url, aws_access_key_id=AWS["AWS_ACCESS_KEY_ID"],
+                     aws_secret_access_key=AWS["AWS_SECRET_ACCESS_KEY"], region_name=AWS["AWS_DEFAULT_REGION"]
+                     ).create_bucket(Bucket=bucket)
+        yield url
+    finally:
+        stop_process_group(server, grace_seconds=10)
 
 
 @pytest.fixture(scope="session")

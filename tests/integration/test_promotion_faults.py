@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.processes import free_port, stop_process_group, wait_until_healthy
-from tests.conftest import REPO
+from tasks.processes import free_port
+from tests.conftest import AWS as S3_CREDENTIALS
+from tests.conftest import REPO, moto_s3
 
 pytestmark = pytest.mark.integration
 
@@ -61,8 +62,7 @@ for line in sys.stdin:
 KILLED = -9
 PROMOTE_STEPS = ["promote:journaled", "replace:built", "replace:old-moved-away", "promote:installed",
                  "record:remote-written", "promote:recorded"]
-AWS = {"AWS_ACCESS_KEY_ID": "regraft-test", "AWS_SECRET_ACCESS_KEY": "regraft-test", "AWS_DEFAULT_REGION": "us-east-1",
-       "AWS_MAX_ATTEMPTS": "1"}  # one attempt: an unreachable remote fails at once, not after retries
+AWS = {**S3_CREDENTIALS, "AWS_MAX_ATTEMPTS": "1"}  # one attempt: an unreachable remote fails at once, not after retries
 BUCKET = "regraft-faults"
 
 
@@ -219,21 +219,8 @@ def test_a_kill_mid_promotion_then_a_rollback_finishes_it_and_puts_the_old_model
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """A local S3 API (moto) on loopback, with one bucket."""
-    import boto3
-
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    port = free_port()
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_healthy(f"{url}/moto-api/", server, 60, log)
-        boto3.client("s3", endpoint_url=url, aws_access_key_id=AWS["AWS_ACCESS_KEY_ID"],
-                     aws_secret_access_key=AWS["AWS_SECRET_ACCESS_KEY"], region_name=AWS["AWS_DEFAULT_REGION"]
-                     ).create_bucket(Bucket=BUCKET)
+    with moto_s3(tmp_path_factory.mktemp("moto") / "moto.log", BUCKET) as url:
         yield url
-    finally:
-        stop_process_group(server, grace_seconds=10)
 
 
 # `regraft promote B` whose S3 remote stops answering at a step (every request from then on goes to a closed

@@ -1,6 +1,7 @@
-"""A DVC remote on S3 (dvc-s3) against a local S3 API server (moto) on loopback: a run pushes its data
-and model from one clone, a fresh clone pulls them, and the bytes are identical; a serving host with only
-the code and the remote follows the trainer's promotions; two hosts write the remote record at once."""
+"""A DVC remote on S3 (dvc-s3) against a local S3 API server (moto) on loopback: a work pool's run starts in an
+empty folder with only git and the remote, and everything it made is in the remotes afterwards (a fresh clone
+gets it back byte for byte); a serving host with only the code and the remote follows the trainer's promotions;
+two hosts write the remote record at once."""
 
 from __future__ import annotations
 
@@ -17,60 +18,97 @@ import httpx
 import pytest
 
 from tasks.processes import free_port, stop_process_group, wait_until_healthy
-from tests.conftest import make_project, package, quick_project, run
+from tests.conftest import AWS, make_project, moto_s3, package, quick_project, run
 
 pytestmark = pytest.mark.integration
 REGRAFT = str(Path(sys.executable).parent / "regraft")
+PREFECT = str(Path(sys.executable).parent / "prefect")
 DVC = [sys.executable, "-m", "dvc"]
 BUCKET = "regraft-artifacts"
-# moto accepts any credentials; dvc-s3 (boto) reads them from the environment as on a real machine.
-AWS = {"AWS_ACCESS_KEY_ID": "regraft-test", "AWS_SECRET_ACCESS_KEY": "regraft-test", "AWS_DEFAULT_REGION": "us-east-1"}
+GIT = ["git", "-c", "user.name=regraft", "-c", "user.email=regraft@localhost"]
 
 
 @pytest.fixture
 def s3_endpoint(tmp_path):
-    port = free_port()
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=(tmp_path / "moto.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    wait_until_healthy(f"{url}/moto-api/", server, 60, tmp_path / "moto.log")
-    import boto3
-
-    boto3.client("s3", endpoint_url=url, **{k.lower(): v for k, v in AWS.items() if k != "AWS_DEFAULT_REGION"},
-                 region_name=AWS["AWS_DEFAULT_REGION"]).create_bucket(Bucket=BUCKET)
-    yield url
-    stop_process_group(server, grace_seconds=30)
+    with moto_s3(tmp_path / "moto.log", BUCKET) as url:
+        yield url
 
 
-def digests(project: Path, folders: list[str]) -> dict[str, str]:
-    return {str(path.relative_to(project)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for folder in folders for path in sorted((project / folder).rglob("*")) if path.is_file()}
+def test_a_work_pool_run_needs_only_git_and_the_remote_and_leaves_everything_there(tmp_path, tiny_bert, s3_endpoint,
+                                                                                  prefect_env, monkeypatch):
+    """deploy/prefect.yaml deployed by `prefect deploy` (repository and branch fixed then), one `prefect worker` of a
+    process pool started in an empty folder with no project: the run clones the project from a bare git
+    repository, pulls and pushes through the S3 remote, packages its model into the remote's registry, and pushes
+    its run to git as a DVC experiment. Afterwards no clone is left on the worker, and a fresh clone gets the
+    run back: its record, its dvc.lock, and the model's bytes the registry recorded."""
+    from prefect.deployments import run_deployment
 
+    from tasks.config import write_overrides
+    from tasks.remote import S3Remote
 
-def test_push_from_one_clone_and_pull_into_a_fresh_clone_gives_identical_model_bytes(tmp_path, tiny_bert, s3_endpoint,
-                                                                                    prefect_env, monkeypatch):
     for key, value in AWS.items():
         monkeypatch.setenv(key, value)
-    project = quick_project(tmp_path / "first", tiny_bert)
-    # The S3 remote is the project's default: the flow's dvc-push task sends everything there.
-    run(DVC + ["remote", "add", "--force", "-d", "s3", f"s3://{BUCKET}/regraft"], project)
-    run(DVC + ["remote", "modify", "s3", "endpointurl", s3_endpoint], project)
-    finished = run([REGRAFT, "run"], project, env_update=prefect_env)
-    assert "data pushed to DVC remote 's3'" in finished.stdout, finished.stdout[-3000:]
+    team = quick_project(tmp_path / "team", tiny_bert)
+    write_overrides(team / "params.yaml", {"project.name": "pool"})
+    use_s3_remote(team, s3_endpoint)
+    run([*GIT, "add", "-A"], team)
+    run([*GIT, "commit", "-qm", "the project"], team)
+    branch = run(["git", "rev-parse", "--abbrev-ref", "HEAD"], team).stdout.strip()
+    bare = tmp_path / "git-server" / "pool.git"
+    run(["git", "clone", "-q", "--bare", str(team), str(bare)], tmp_path)
 
-    git = ["git", "-c", "user.name=regraft", "-c", "user.email=regraft@localhost"]
-    run([*git, "add", "-A"], project)
-    run([*git, "commit", "-qm", "a retrained model"], project)
+    run([PREFECT, "work-pool", "create", "regraft-process", "--type", "process", "--overwrite"], team,
+        env_update=prefect_env)
+    deploy_env = {**prefect_env, "REGRAFT_PROJECT_NAME": "pool", "REGRAFT_GIT_URL": bare.as_uri(),
+                  "REGRAFT_GIT_BRANCH": branch}
+    # The retrain deployment alone (by its name in the file): the scheduled ones would start runs of their own.
+    run([PREFECT, "--no-prompt", "deploy", "--prefect-file", "deploy/prefect.yaml",
+         "--name", "{{ $REGRAFT_PROJECT_NAME }}-retrain"], team, env_update=deploy_env)
+
+    empty, scratch = tmp_path / "worker", tmp_path / "worker-tmp"
+    empty.mkdir()
+    scratch.mkdir()
+    worker_env = {k: v for k, v in os.environ.items() if not k.startswith(("REGRAFT_", "PREFECT_"))}
+    worker_env.update(prefect_env, TMPDIR=str(scratch), PATH=os.pathsep.join([str(Path(sys.executable).parent),
+                                                                            os.environ["PATH"]]))
+    log = tmp_path / "worker.log"
+    worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "regraft-process"], cwd=empty, env=worker_env,
+                              stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        flow_run = run_deployment("retrain/pool-retrain", parameters={"parameters": {"push": False}}, timeout=900,
+                                  poll_interval=3)
+    finally:
+        stop_process_group(worker, grace_seconds=30)
+    assert flow_run.state.is_completed(), (flow_run.state, log.read_text()[-6000:])
+    # Nothing of the run is left on the worker: its folder untouched, the clone gone with the job's folder.
+    assert list(empty.iterdir()) == []
+    assert not list(scratch.rglob("dvc.yaml")) and not list(scratch.rglob("*.safetensors")), list(scratch.rglob("*"))[:20]
+
+    # The registry record in the remote holds the run's packaged model.
+    remote = S3Remote(f"s3://{BUCKET}/regraft/regraft-models", s3_endpoint)
+    record, _ = remote.read_record()
+    assert len(record["models"]) == 1, record
+    # The project's lease in the remote (one run at a time across workers) was held by the run, and given back.
+    lease, _ = remote.read_object("leases/pool.json")
+    assert lease["what"] == f"retrain run {flow_run.id}" and lease["released_at"], lease
+
+    # A fresh clone lists the run in git (the form's push=False does not keep a hermetic run's work local) ...
     fresh = tmp_path / "fresh"
-    run(["git", "clone", "-q", str(project), str(fresh)], tmp_path)
-    assert not (fresh / "models" / "candidate").exists()  # git carries only the pointers (dvc.lock)
-
+    run(["git", "clone", "-q", bare.as_uri(), str(fresh)], tmp_path)
+    experiment = f"run-{str(flow_run.id)[:8]}"
+    assert experiment in run(DVC + ["exp", "list", "origin"], fresh).stdout
+    run(DVC + ["exp", "pull", "origin", experiment], fresh)
+    run(DVC + ["exp", "apply", experiment], fresh)
+    assert json.loads((fresh / "reports" / "run.json").read_text())["run_id"] == str(flow_run.id)
+    assert (fresh / "reports" / "report.html").is_file()
+    # ... and gets the data and the model back from the DVC remote, in sync with it.
     pulled = run(DVC + ["pull"], fresh)
     assert "failed" not in pulled.stdout.lower(), pulled.stdout
-    folders = ["data", "models/candidate"]
-    original, copy = digests(project, folders), digests(fresh, folders)
-    assert any(name.endswith("model.safetensors") for name in copy)
-    assert copy == original
+    model = fresh / "models" / "candidate" / "model.safetensors"
+    assert model.is_file() and (fresh / "data").is_dir()
+    (entry,) = record["models"].values()
+    recorded = [digest for name, digest in entry["sha256"].items() if name.endswith("model.safetensors")]
+    assert recorded == [hashlib.sha256(model.read_bytes()).hexdigest()], entry["sha256"]
     assert "Cache and remote 's3' are in sync" in run(DVC + ["status", "--cloud"], fresh).stdout
 
 

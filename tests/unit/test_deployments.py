@@ -56,7 +56,28 @@ def test_workers_get_the_commands_offline_and_telemetry_off_environment():
     for deployment in declared["deployments"]:
         env = deployment["work_pool"]["job_variables"]["env"]
         assert {k: env[k] for k in TELEMETRY_OFF} == TELEMETRY_OFF, deployment["name"]
-        assert env["REGRAFT_PROJECT"] == "{{ $REGRAFT_PROJECT }}"
+        # Hermetic: the project is the clone the pull steps make, not a checkout the worker names.
+        assert env["REGRAFT_HERMETIC"] == "1" and "REGRAFT_PROJECT" not in env, deployment["name"]
+
+
+def test_a_work_pool_run_clones_the_repository_the_deployment_fixed_and_works_in_that_clone(monkeypatch):
+    """`prefect deploy` stores the repository and branch from its own environment (never a run parameter); the
+    run then works in the clone, where a hermetic run's stages pull from the DVC remote."""
+    from prefect.utilities.templating import apply_values
+
+    from flows.dvc_stage import repro_command
+    from tasks.config import HERMETIC_ENV, hermetic_checkout
+
+    monkeypatch.setenv("REGRAFT_GIT_URL", "https://git.example/team/demo.git")
+    monkeypatch.setenv("REGRAFT_GIT_BRANCH", "main")
+    pull = apply_values(yaml.safe_load((REPO / "deploy" / "prefect.yaml").read_text())["pull"], {}, remove_notset=False)
+    clone, cwd = pull[0]["prefect.deployments.steps.git_clone"], pull[1]["prefect.deployments.steps.set_working_directory"]
+    assert (clone["repository"], clone["branch"]) == ("https://git.example/team/demo.git", "main")
+    assert cwd["directory"] == "{{ %s.directory }}" % clone["id"]
+    monkeypatch.setenv(HERMETIC_ENV, "1")
+    assert hermetic_checkout() and repro_command("shift")[-4:] == ["repro", "--pull", "--single-item", "shift"]
+    monkeypatch.setenv(HERMETIC_ENV, "0")
+    assert not hermetic_checkout() and repro_command("shift")[-3:] == ["repro", "--single-item", "shift"]
 
 
 def test_the_kubernetes_work_pool_template_is_valid_and_renders_a_gpu_job_with_the_remote_secret():
@@ -86,7 +107,9 @@ def test_the_kubernetes_work_pool_template_is_valid_and_renders_a_gpu_job_with_t
     container = pod["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 2 == container["resources"]["requests"]["nvidia.com/gpu"]
     assert container["envFrom"] == [{"secretRef": {"name": "regraft-remote"}}]
-    assert container["env"]["REGRAFT_PROJECT"] == "/srv/regraft" and "AWS_SECRET_ACCESS_KEY" not in container["env"]
+    # Hermetic: the job has no project of its own (the pull steps clone it); credentials only from the secret.
+    assert container["env"]["REGRAFT_HERMETIC"] == "1" and "REGRAFT_PROJECT" not in container["env"]
+    assert "AWS_SECRET_ACCESS_KEY" not in container["env"]
     assert "{{" not in json.dumps(job)
 
 
