@@ -34,80 +34,112 @@ def s3_endpoint(tmp_path):
         yield url
 
 
-def test_a_work_pool_run_needs_only_git_and_the_remote_and_leaves_everything_there(tmp_path, tiny_bert, s3_endpoint,
-                                                                                  prefect_env, monkeypatch):
-    """deploy/prefect.yaml deployed by `prefect deploy` (repository and branch fixed then), one `prefect worker` of a
-    process pool started in an empty folder with no project: the run clones the project from a bare git
-    repository, pulls and pushes through the S3 remote, packages its model into the remote's registry, and pushes
-    its run to git as a DVC experiment. Afterwards no clone is left on the worker, and a fresh clone gets the
-    run back: its record, its dvc.lock, and the model's bytes the registry recorded."""
-    from prefect.deployments import run_deployment
-
+def hermetic_project(base: Path, name: str, tiny_bert: Path, s3_endpoint: str, prefect_env: dict) -> Path:
+    """A project in its own bare git repository (the team's git server) with its own prefix of the S3 bucket as
+    its DVC remote, and its retrain deployment created by `prefect deploy` from deploy/prefect.yaml."""
     from tasks.config import write_overrides
-    from tasks.remote import S3Remote
 
-    for key, value in AWS.items():
-        monkeypatch.setenv(key, value)
-    team = quick_project(tmp_path / "team", tiny_bert)
-    write_overrides(team / "params.yaml", {"project.name": "pool"})
-    use_s3_remote(team, s3_endpoint)
+    team = quick_project(base / name, tiny_bert)
+    write_overrides(team / "params.yaml", {"project.name": name})
+    run(DVC + ["remote", "add", "--force", "-d", "s3", f"s3://{BUCKET}/{name}"], team)
+    run(DVC + ["remote", "modify", "s3", "endpointurl", s3_endpoint], team)
     run([*GIT, "add", "-A"], team)
     run([*GIT, "commit", "-qm", "the project"], team)
     branch = run(["git", "rev-parse", "--abbrev-ref", "HEAD"], team).stdout.strip()
-    bare = tmp_path / "git-server" / "pool.git"
-    run(["git", "clone", "-q", "--bare", str(team), str(bare)], tmp_path)
-
-    run([PREFECT, "work-pool", "create", "regraft-process", "--type", "process", "--overwrite"], team,
-        env_update=prefect_env)
-    deploy_env = {**prefect_env, "REGRAFT_PROJECT_NAME": "pool", "REGRAFT_GIT_URL": bare.as_uri(),
+    bare = base / "git-server" / f"{name}.git"
+    run(["git", "clone", "-q", "--bare", str(team), str(bare)], base)
+    deploy_env = {**prefect_env, "REGRAFT_PROJECT_NAME": name, "REGRAFT_GIT_URL": bare.as_uri(),
                   "REGRAFT_GIT_BRANCH": branch}
     # The retrain deployment alone (by its name in the file): the scheduled ones would start runs of their own.
     run([PREFECT, "--no-prompt", "deploy", "--prefect-file", "deploy/prefect.yaml",
          "--name", "{{ $REGRAFT_PROJECT_NAME }}-retrain"], team, env_update=deploy_env)
+    return bare
 
-    empty, scratch = tmp_path / "worker", tmp_path / "worker-tmp"
-    empty.mkdir()
-    scratch.mkdir()
-    worker_env = {k: v for k, v in os.environ.items() if not k.startswith(("REGRAFT_", "PREFECT_"))}
-    worker_env.update(prefect_env, TMPDIR=str(scratch), PATH=os.pathsep.join([str(Path(sys.executable).parent),
-                                                                            os.environ["PATH"]]))
-    log = tmp_path / "worker.log"
-    worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "regraft-process"], cwd=empty, env=worker_env,
-                              stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+def start_worker(folder: Path, prefect_env: dict) -> subprocess.Popen:
+    """`prefect worker start` of the process pool in an empty folder, with no project and no REGRAFT_ setting; its
+    jobs' folders under folder/tmp."""
+    (folder / "cwd").mkdir(parents=True)
+    (folder / "tmp").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REGRAFT_", "PREFECT_"))}
+    env.update(prefect_env, TMPDIR=str(folder / "tmp"),
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
+    return subprocess.Popen([PREFECT, "worker", "start", "--pool", "regraft-process"], cwd=folder / "cwd", env=env,
+                            stdout=(folder / "worker.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def test_work_pool_runs_of_two_projects_need_only_git_and_the_remote_and_leave_everything_there(
+        tmp_path, tiny_bert, s3_endpoint, prefect_env, monkeypatch):
+    """Two projects deployed from deploy/prefect.yaml by `prefect deploy` (each with its repository and branch fixed
+    then) on one Prefect server, two `prefect worker`s of one process pool started in empty folders: both retrains
+    at once, each cloning its project from a bare git repository and pulling and pushing through its S3 prefix.
+    Afterwards no clone is left on either worker; each project's registry record holds its own run's model only;
+    and a fresh clone gets a run back from git and the remote: its record, its dvc.lock, and the model's bytes the
+    registry recorded."""
+    import asyncio
+
+    from prefect import get_client
+    from prefect.deployments import run_deployment
+
+    from tasks.remote import S3Remote
+
+    for key, value in AWS.items():
+        monkeypatch.setenv(key, value)
+    run([PREFECT, "work-pool", "create", "regraft-process", "--type", "process", "--overwrite"], tmp_path,
+        env_update=prefect_env)
+    projects = ("pool-a", "pool-b")
+    bare = {name: hermetic_project(tmp_path, name, tiny_bert, s3_endpoint, prefect_env) for name in projects}
+    workers = [start_worker(tmp_path / f"worker-{n}", prefect_env) for n in (1, 2)]
     try:
-        flow_run = run_deployment("retrain/pool-retrain", parameters={"parameters": {"push": False}}, timeout=900,
-                                  poll_interval=3)
+        # The form's push=False does not keep a hermetic run's work on the worker.
+        runs = {name: run_deployment(f"retrain/{name}-retrain", parameters={"parameters": {"push": False}}, timeout=0)
+                for name in projects}
+
+        async def final_states():
+            async with get_client() as client:
+                while True:
+                    states = {name: (await client.read_flow_run(r.id)).state for name, r in runs.items()}
+                    if all(state.is_final() for state in states.values()):
+                        return states
+                    await asyncio.sleep(3)
+
+        states = asyncio.run(asyncio.wait_for(final_states(), 900))
     finally:
-        stop_process_group(worker, grace_seconds=30)
-    assert flow_run.state.is_completed(), (flow_run.state, log.read_text()[-6000:])
-    # Nothing of the run is left on the worker: its folder untouched, the clone gone with the job's folder.
-    assert list(empty.iterdir()) == []
-    assert not list(scratch.rglob("dvc.yaml")) and not list(scratch.rglob("*.safetensors")), list(scratch.rglob("*"))[:20]
+        for worker in workers:
+            stop_process_group(worker, grace_seconds=30)
+    logs = "\n".join((tmp_path / f"worker-{n}" / "worker.log").read_text()[-4000:] for n in (1, 2))
+    assert all(state.is_completed() for state in states.values()), (states, logs)
+    for n in (1, 2):  # nothing of either run is left on a worker: the clone went with the job's folder
+        folder = tmp_path / f"worker-{n}"
+        assert list((folder / "cwd").iterdir()) == []
+        assert not [p for p in (folder / "tmp").rglob("*") if p.name in ("dvc.yaml", "model.safetensors")]
 
-    # The registry record in the remote holds the run's packaged model.
-    remote = S3Remote(f"s3://{BUCKET}/regraft/regraft-models", s3_endpoint)
-    record, _ = remote.read_record()
-    assert len(record["models"]) == 1, record
-    # The project's lease in the remote (one run at a time across workers) was held by the run, and given back.
-    lease, _ = remote.read_object("leases/pool.json")
-    assert lease["what"] == f"retrain run {flow_run.id}" and lease["released_at"], lease
+    for name, flow_run in runs.items():
+        # Each project's registry record in its remote holds its own run's packaged model only.
+        remote = S3Remote(f"s3://{BUCKET}/{name}/regraft-models", s3_endpoint)
+        record, _ = remote.read_record()
+        assert len(record["models"]) == 1 and [e["action"] for e in record["history"]] == ["register"], record
+        # The project's lease in the remote (one run at a time across workers) was held by its run and given back.
+        lease, _ = remote.read_object(f"leases/{name}.json")
+        assert lease["what"] == f"retrain run {flow_run.id}" and lease["released_at"], lease
 
-    # A fresh clone lists the run in git (the form's push=False does not keep a hermetic run's work local) ...
+    # A fresh clone lists the run in git and gets it back, with the data and the model from the DVC remote.
+    name, flow_run = "pool-a", runs["pool-a"]
     fresh = tmp_path / "fresh"
-    run(["git", "clone", "-q", bare.as_uri(), str(fresh)], tmp_path)
+    run(["git", "clone", "-q", bare[name].as_uri(), str(fresh)], tmp_path)
     experiment = f"run-{str(flow_run.id)[:8]}"
     assert experiment in run(DVC + ["exp", "list", "origin"], fresh).stdout
     run(DVC + ["exp", "pull", "origin", experiment], fresh)
     run(DVC + ["exp", "apply", experiment], fresh)
     assert json.loads((fresh / "reports" / "run.json").read_text())["run_id"] == str(flow_run.id)
     assert (fresh / "reports" / "report.html").is_file()
-    # ... and gets the data and the model back from the DVC remote, in sync with it.
     pulled = run(DVC + ["pull"], fresh)
     assert "failed" not in pulled.stdout.lower(), pulled.stdout
     model = fresh / "models" / "candidate" / "model.safetensors"
     assert model.is_file() and (fresh / "data").is_dir()
+    record, _ = S3Remote(f"s3://{BUCKET}/{name}/regraft-models", s3_endpoint).read_record()
     (entry,) = record["models"].values()
-    recorded = [digest for name, digest in entry["sha256"].items() if name.endswith("model.safetensors")]
+    recorded = [digest for path, digest in entry["sha256"].items() if path.endswith("model.safetensors")]
     assert recorded == [hashlib.sha256(model.read_bytes()).hexdigest()], entry["sha256"]
     assert "Cache and remote 's3' are in sync" in run(DVC + ["status", "--cloud"], fresh).stdout
 
