@@ -64,7 +64,9 @@ def start_worker(folder: Path, prefect_env: dict) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("REGRAFT_", "PREFECT_"))}
     env.update(prefect_env, TMPDIR=str(folder / "tmp"),
                PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
-    return subprocess.Popen([PREFECT, "worker", "start", "--pool", "regraft-process"], cwd=folder / "cwd", env=env,
+    # One job at a time per worker, so two runs take both workers.
+    return subprocess.Popen([PREFECT, "worker", "start", "--pool", "regraft-process", "--limit", "1"], cwd=folder / "cwd",
+                            env=env,
                             stdout=(folder / "worker.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -109,6 +111,8 @@ def test_work_pool_runs_of_two_projects_need_only_git_and_the_remote_and_leave_e
             stop_process_group(worker, grace_seconds=30)
     logs = "\n".join((tmp_path / f"worker-{n}" / "worker.log").read_text()[-4000:] for n in (1, 2))
     assert all(state.is_completed() for state in states.values()), (states, logs)
+    for n in (1, 2):  # each worker ran one of them
+        assert (tmp_path / f"worker-{n}" / "worker.log").read_text().count("pushed experiment run-") == 1, logs
     for n in (1, 2):  # nothing of either run is left on a worker: the clone went with the job's folder
         folder = tmp_path / f"worker-{n}"
         assert list((folder / "cwd").iterdir()) == []
