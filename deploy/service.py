@@ -21,9 +21,10 @@ from pathlib import Path
 
 import bentoml
 from tasks.config import Params, load_params, project_root
-from tasks.serving import (LoadedModel, ModelHolder, ModelRefused, Prediction, PredictionLog, RequestRejected,
-                           ShadowPredictor, check_content_type, files_state, load_checked_model, parse_predict_request,
-                           predict_request_type, recorded_digests, served_tags)
+from tasks.serving import (CanaryRoute, LoadedModel, ModelHolder, ModelRefused, Prediction, PredictionLog,
+                           RequestRejected, ShadowPredictor, answer_with_canary, check_content_type, files_state,
+                           load_checked_model, parse_predict_request, predict_request_type, recorded_digests,
+                           served_models)
 from tasks.serving import predict as predict_texts
 from tasks.serving import production_tag
 
@@ -42,6 +43,15 @@ HOLDER = ModelHolder()
 # only: the texts, when kept, are in the prediction log, under the same prediction_id.
 SHADOW = ShadowPredictor(PredictionLog(project_root() / SETTINGS.serve.shadow_log, "hash"), SETTINGS.serve.shadow_queue)
 Texts = predict_request_type(SETTINGS.serve)
+
+
+class CanaryHolder:
+    """The canary a worker routes to (None: production answers everything); swapped as one reference."""
+
+    current: CanaryRoute | None = None
+
+
+CANARY = CanaryHolder()
 
 
 class RequestGuard:
@@ -65,8 +75,14 @@ class RequestGuard:
                 return await self.respond(send, 503, {"status": "unavailable", "error": HOLDER.unavailable}
                                           if HOLDER.unavailable else {"status": "loading"})
             health = {"status": "ok", "model_version": loaded.version, "labels": loaded.labels}
-            shadow = SHADOW.status()
-            return await self.respond(send, 200, {**health, "shadow": shadow} if shadow else health)
+            shadow, canary = SHADOW.status(), CANARY.current
+            if shadow:
+                health["shadow"] = shadow
+            if canary:
+                health["canary"] = {"model_version": canary.model.version, "fraction": canary.fraction,
+                                    "off_path": {version: SHADOW.counts_of(version)
+                                                 for version in (loaded.version, canary.model.version)}}
+            return await self.respond(send, 200, health)
         if scope["type"] != "http" or path != "/predict" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         try:
@@ -143,12 +159,12 @@ class Classifier:
         self.registry = root / params.paths.registry
         self.pinned = os.environ.get("REGRAFT_MODEL_TAG")
         self.reload_seconds = params.serve.reload_seconds
-        self.holder, self.shadow = HOLDER, SHADOW
+        self.holder, self.shadow, self.canary = HOLDER, SHADOW, CANARY
         # The package stage's smoke test logs elsewhere, so its requests do not look like traffic.
         log = os.environ.get("REGRAFT_PREDICTION_LOG") or root / params.serve.prediction_log
         self.log = PredictionLog(Path(log), params.serve.log_texts)
         self.refused: dict[str, tuple] = {}  # each refused model, and the state of its files then
-        self.shadow_problem: str | None = None  # why the shadow candidate is not loaded, logged once
+        self.problems: dict[str, str] = {}  # why the shadow candidate or the canary is not loaded, logged once
         self.switch_to(self.pinned or production_tag(self.registry))
         if not self.pinned:
             threading.Thread(target=self.follow_registry, name="registry-watch", daemon=True).start()
@@ -187,37 +203,52 @@ class Classifier:
         self.holder.swap(loaded)
         return True
 
-    def shadow_with(self, tag: str | None) -> None:
-        """Load the registry's shadow candidate beside production (its files checked as production's are), or end
-        the shadow. A candidate that cannot be loaded is logged once; production is never affected."""
+    def load_beside(self, tag: str | None, role: str) -> LoadedModel | None:
+        """A shadow candidate or canary loaded beside production, its files checked as production's are; None for
+        none, or for one that cannot be loaded (logged once: production is never affected)."""
         from bentoml.exceptions import NotFound
 
-        current = self.shadow.model
-        if tag == (current.version if current else None):
-            return
         try:
             loaded = self.load_unless_refused(tag) if tag else None
         except (ModelRefused, NotFound) as problem:
-            loaded = None
-            if str(problem) != self.shadow_problem:
-                logger.error("shadow candidate %s not loaded: %s; production is not affected", tag, problem)
-            self.shadow_problem = str(problem)
-        else:
-            self.shadow_problem = None
+            if str(problem) != self.problems.get(role):
+                logger.error("%s %s not loaded: %s; production is not affected", role, tag, problem)
+            self.problems[role] = str(problem)
+            return None
+        self.problems.pop(role, None)
+        return loaded
+
+    def shadow_with(self, tag: str | None) -> None:
+        """Load the registry's shadow candidate beside production, or end the shadow."""
+        current = self.shadow.model
+        if tag == (current.version if current else None):
+            return
+        loaded = self.load_beside(tag, "shadow candidate")
         if loaded is not None or current is not None:
             self.shadow.swap(loaded)
             logger.info("shadow candidate: %s", loaded.version if loaded else "none")
 
+    def canary_with(self, tag: str | None, fraction: float | None) -> None:
+        """Route the registry's canary share of the texts to its model, or end the canary."""
+        current = self.canary.current
+        if (tag, fraction) == ((current.model.version, current.fraction) if current else (None, None)):
+            return
+        loaded = current.model if current and current.model.version == tag else self.load_beside(tag, "canary")
+        if loaded is not None or current is not None:
+            self.canary.current = CanaryRoute(loaded, fraction) if loaded is not None else None
+            logger.info("canary: %s", f"{tag} answers {fraction:g} of the texts" if loaded else "none")
+
     def follow_registry(self) -> None:
-        """Load the registry's production model and shadow candidate when they change, then swap them in."""
+        """Load the registry's production model, shadow candidate and canary when they change, then swap them in."""
         stop = threading.Event()
         while not stop.wait(self.reload_seconds):
             try:
-                tag, shadow = served_tags(self.registry)
+                served = served_models(self.registry)
                 current = self.holder.current
-                if (current is None or tag != current.version) and self.switch_to(tag):
-                    logger.info("now serving %s", tag)
-                self.shadow_with(shadow)
+                if (current is None or served.production != current.version) and self.switch_to(served.production):
+                    logger.info("now serving %s", served.production)
+                self.shadow_with(served.shadow)
+                self.canary_with(served.canary, served.canary_fraction)
             except Exception:  # keep serving the current model; the next check tries again
                 logger.exception("could not switch to the registry's production model")
 
@@ -225,7 +256,9 @@ class Classifier:
                  max_latency_ms=SETTINGS.serve.max_latency_ms)
     def predict(self, texts: Texts) -> list[Prediction]:
         """Label, class probabilities and model version for each text."""
-        loaded = self.holder.current
+        loaded, canary = self.holder.current, self.canary.current
+        if canary is not None:  # the canary answers its share; each model predicts the other's texts off the path
+            return [Prediction(**result) for result in answer_with_canary(loaded, canary, texts, self.log, self.shadow)]
         results = predict_texts(loaded, texts)
         ids = self.log.append(texts, results)
         self.shadow.submit(texts, ids)  # never waits: the answer is production's alone

@@ -9,7 +9,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from flows.cli_data import command_feedback, command_shadow, command_shift, command_validate
+from flows.cli_data import command_canary, command_feedback, command_shadow, command_shift, command_validate
 from flows.cli_environment import find_project, make_private, prepare_environment
 from flows.cli_models import command_models, command_promote
 from flows.cli_run import command_run
@@ -55,10 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     shadow.add_argument("--feedback", default=None, metavar="PATH", help="labels for served texts (the file given to "
                         "`regraft feedback`): realized metrics for both models, and the verdict on them when enough")
     shadow.add_argument("--columns", default=None, metavar="text=COL,label=COL", help=columns_help)
+    canary = commands.add_parser("canary", help="judge one window of the running canary against production on the "
+                                 "texts both predicted: shown worse, it is rolled back (exit 1); shown not worse, the "
+                                 "window counts, and after monitor.canary_windows it is promoted; writes reports/canary.json")
+    canary.add_argument("--json", action="store_true", help="print the report as JSON (top-level key: verdict)")
+    canary.add_argument("--feedback", default=None, metavar="PATH", help="labels for served texts: realized metrics "
+                        "for both models, and the verdict on them when enough")
+    canary.add_argument("--columns", default=None, metavar="text=COL,label=COL", help=columns_help)
     models = commands.add_parser("models", help="list packaged models, their stages, metrics and history")
     models.add_argument("--json", action="store_true", help="print the registry record as JSON")
     promote = commands.add_parser("promote", help="make a packaged model (PASS or approved) the production model, "
-                                  "or its shadow candidate")
+                                  "or its shadow candidate or canary")
     promote.add_argument("tag", nargs="?", help="a model tag from `regraft models`, e.g. regraft-classifier:abc123")
     rollout = promote.add_mutually_exclusive_group()
     rollout.add_argument("--shadow", action="store_true", help="run TAG beside the production model on every serving "
@@ -66,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "while production answers; a promotion or rollback ends it")
     rollout.add_argument("--shadow-off", action="store_true", help="end the shadow without promoting it (TAG, when "
                          "given, must be the shadow candidate)")
+    rollout.add_argument("--canary", type=float, default=None, metavar="FRACTION", help="let TAG answer this share of "
+                         "the requests (0 < FRACTION < 1; the same texts on every serving host) while production answers "
+                         "the rest; `regraft canary` (and each shift-watch) judges it, promoting or rolling it back")
+    rollout.add_argument("--canary-off", action="store_true", help="end the canary without promoting it (TAG, when "
+                         "given, must be the canary)")
     promote.add_argument("--reason", default=None, help="why (kept in the history)")
     promote.add_argument("--by", default=None, help="who (default: the user name)")
     back = commands.add_parser("rollback", help="put the previous production model back")
@@ -87,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     handlers = {"run": command_run, "validate": command_validate, "shift": command_shift, "feedback": command_feedback,
-                "shadow": command_shadow, "models": command_models, "promote": command_promote,
+                "shadow": command_shadow, "canary": command_canary, "models": command_models, "promote": command_promote,
                 "rollback": command_promote, "serve": command_serve, "ui": command_ui}
     try:
         project = find_project(Path.cwd())

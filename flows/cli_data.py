@@ -5,6 +5,7 @@ candidate against production on the prediction logs)."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from tasks.errors import EXIT_OK
@@ -89,3 +90,28 @@ def command_shadow(args: argparse.Namespace, project: Path) -> int:
     report = shadow_report(params, feedback, str(path or ""))
     print(json.dumps(report.model_dump(), indent=2) if args.json else shadow_markdown(report))
     return EXIT_CHECK_FAILED if report.verdict == WORSE else EXIT_OK
+
+
+def command_canary(args: argparse.Namespace, project: Path) -> int:
+    """One judged window of the running canary; exit 1 when it was shown worse and rolled back."""
+    import json
+
+    from tasks.config import load_params
+    from tasks.errors import EXIT_CHECK_FAILED
+    from tasks.promotion import ROLLED_BACK, judge_canary
+    from tasks.render import canary_change_text, shadow_markdown
+    from tasks.shadow import canary_report
+
+    params = load_params(project / "params.yaml")
+    feedback, path = read_feedback(args.feedback, args.columns, params) if args.feedback else (None, None)
+    report = canary_report(params, feedback, str(path or ""))
+    outcome, record = judge_canary(params, report)
+    print(json.dumps({**report.model_dump(), "outcome": outcome}, indent=2) if args.json else shadow_markdown(report))
+    window = next(event for event in reversed(record["history"]) if event["action"] == "canary-window")
+    print(canary_change_text(window), file=sys.stderr if args.json else sys.stdout)
+    last = record["history"][-1]
+    if last is not window:
+        print(canary_change_text(last) if last["action"].startswith("canary") else
+              f"{last['action']}: {last['tag']} is now in production (was {last['previous']}); {record['versioning']}",
+              file=sys.stderr if args.json else sys.stdout)
+    return EXIT_CHECK_FAILED if outcome == ROLLED_BACK else EXIT_OK

@@ -44,7 +44,7 @@ def command_models(args: argparse.Namespace, project: Path) -> int:
 def command_promote(args: argparse.Namespace, project: Path) -> int:
     from tasks.config import load_params
     from tasks.errors import RegraftError
-    from tasks.promotion import end_shadow, promote_model, rollback, shadow_model
+    from tasks.promotion import canary_model, end_canary, end_shadow, promote_model, rollback, shadow_model
     from tasks.render import shadow_change_text
 
     params = load_params(project / "params.yaml")
@@ -52,20 +52,25 @@ def command_promote(args: argparse.Namespace, project: Path) -> int:
         record = rollback(params, args.reason, args.by)
     elif args.shadow_off:
         record = end_shadow(params, args.tag, args.reason or "shadow ended by hand", args.by)
+    elif args.canary_off:
+        record = end_canary(params, args.tag, args.reason or "canary ended by hand", args.by)
     elif not args.tag:
-        raise RegraftError("regraft promote: name the model TAG (or end the shadow with --shadow-off)")
+        raise RegraftError("regraft promote: name the model TAG (or end the shadow or canary with --shadow-off, "
+                           "--canary-off)")
     elif args.shadow:
         record = shadow_model(params, args.tag, args.reason or "shadow started by hand", args.by)
+    elif args.canary is not None:
+        record = canary_model(params, args.tag, args.canary, args.reason or "canary started by hand", args.by)
     else:
         record = promote_model(params, args.tag, args.reason or "promoted by hand", args.by)
     if record.get("finished"):
         print(record["finished"])
     *earlier, event = record["history"]
-    if event["action"] in ("shadow", "shadow-off"):
+    if event["action"] in ("shadow", "shadow-off", "canary", "canary-off"):
         print(shadow_change_text(event))
         return EXIT_OK
-    if earlier and earlier[-1]["action"] == "shadow-off" and earlier[-1]["at"] == event["at"]:
-        print(shadow_change_text(earlier[-1]))  # the promotion or rollback ended the shadow
+    if earlier and earlier[-1]["action"] in ("shadow-off", "canary-off") and earlier[-1]["at"] == event["at"]:
+        print(shadow_change_text(earlier[-1]))  # the promotion or rollback ended the shadow or canary
     print(f"{event['action']}: {event['tag']} is now in production"
           + (f" (was {event['previous']})" if event.get("previous") else "") + f"; {record['versioning']}")
     return EXIT_OK

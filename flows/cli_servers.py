@@ -41,12 +41,15 @@ def command_serve(args: argparse.Namespace, project: Path) -> int:
     if remote is not None:
         record, _ = remote.read_record()
         served = (install_served_models(params, remote, record) if record else
-                  {"production": production_tag(params.paths.registry), "shadow": None, "problem": None})
+                  {"production": production_tag(params.paths.registry), "shadow": None, "canary": None,
+                   "problem": None})
         tag = served["production"]
         print(f"following promotions in {remote.url}", flush=True)
         if served["shadow"]:  # a host started while a shadow runs joins it
             print(f"shadow candidate {served['shadow']}: predicts every served text too, off the response path",
                   flush=True)
+        if served["canary"]:  # and one started while a canary runs applies the same split
+            print(f"canary {served['canary'][0]}: answers {served['canary'][1]:g} of the requests", flush=True)
         if served["problem"]:
             print(f"warning: {served['problem']}", file=sys.stderr, flush=True)
     else:

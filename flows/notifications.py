@@ -8,7 +8,10 @@ Events (payload: summary, verdict, link to the flow run in the UI, and what the 
 - regraft.model.promoted, regraft.model.rolled-back: production changed;
 - regraft.shift.detected: shift-watch found a moderate or severe shift in serving traffic;
 - regraft.performance.degraded: shift-watch estimates, with confidence, that the production model does worse on
-  serving traffic than validated, by more than monitor.max_drop.
+  serving traffic than validated, by more than monitor.max_drop;
+- regraft.canary.started, regraft.canary.rolled-back, regraft.canary.promoted: a canary answers a share of the
+  requests; it was shown worse and production answers everything again; it was shown not worse in its windows and
+  is production now.
 
 Where the server may send: the Prefect server of `regraft ui` runs its automations' notification and webhook
 actions only to the hosts fixed when `regraft ui` started (notify.allowed_hosts, by default the host of the
@@ -30,7 +33,11 @@ MODEL_PROMOTED = "regraft.model.promoted"
 MODEL_ROLLED_BACK = "regraft.model.rolled-back"
 SHIFT_DETECTED = "regraft.shift.detected"
 PERFORMANCE_DEGRADED = "regraft.performance.degraded"
-NOTIFIED_EVENTS = (RUN_FAILED, GATE_PAUSED, MODEL_PROMOTED, MODEL_ROLLED_BACK, SHIFT_DETECTED, PERFORMANCE_DEGRADED)
+CANARY_STARTED = "regraft.canary.started"
+CANARY_ROLLED_BACK = "regraft.canary.rolled-back"
+CANARY_PROMOTED = "regraft.canary.promoted"
+NOTIFIED_EVENTS = (RUN_FAILED, GATE_PAUSED, MODEL_PROMOTED, MODEL_ROLLED_BACK, SHIFT_DETECTED, PERFORMANCE_DEGRADED,
+                   CANARY_STARTED, CANARY_ROLLED_BACK, CANARY_PROMOTED)
 
 # Per project (its name follows), so projects sharing a server keep their own destination and automation.
 BLOCK_NAME = "regraft-notifications"

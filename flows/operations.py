@@ -13,7 +13,8 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.concurrency import run_slot
-from flows.notifications import MODEL_PROMOTED, MODEL_ROLLED_BACK, PERFORMANCE_DEGRADED, SHIFT_DETECTED, notify
+from flows.notifications import (CANARY_PROMOTED, CANARY_ROLLED_BACK, CANARY_STARTED, MODEL_PROMOTED, MODEL_ROLLED_BACK,
+                                 PERFORMANCE_DEGRADED, SHIFT_DETECTED, notify)
 from tasks.config import load_params, project_root
 
 
@@ -26,24 +27,31 @@ def in_project() -> Path:
 
 @flow(name="promote", log_prints=True)
 def promote(tag: str, reason: str = "promoted from Prefect", by: str = "prefect",
-            rollout: Literal["full", "shadow", "shadow-off"] = "full") -> dict:
+            rollout: Literal["full", "shadow", "shadow-off", "canary", "canary-off"] = "full",
+            fraction: float | None = None) -> dict:
     """Make a packaged model (PASS or approved) the production model; with rollout `shadow`, its shadow candidate
     instead (every serving host predicts each served text with it too, off the response path); `shadow-off` ends
-    that shadow (tag: the shadow candidate) without promoting it."""
-    from tasks.promotion import end_shadow, promote_model, shadow_model
+    that shadow (tag: the shadow candidate) without promoting it; `canary` lets it answer `fraction` of the requests
+    (0 < fraction < 1) until shift-watch's judged windows promote or roll it back; `canary-off` ends the canary."""
+    from tasks.promotion import canary_model, end_canary, end_shadow, promote_model, shadow_model
     from tasks.render import shadow_change_text
 
     root = in_project()
     params = load_params(root / "params.yaml")
-    change = {"full": promote_model, "shadow": shadow_model, "shadow-off": end_shadow}[rollout]
+    change = {"full": promote_model, "shadow": shadow_model, "shadow-off": end_shadow, "canary-off": end_canary,
+              "canary": lambda params, tag, reason, by: canary_model(params, tag, fraction, reason, by)}[rollout]
     with run_slot(params.project.name, f"promote {tag} ({rollout})", params.schedule.lock_timeout_seconds,
                   get_run_logger().warning):
         record = change(params, tag, reason, by)
     if record.get("finished"):
         print(record["finished"])
     if rollout != "full":
-        print(shadow_change_text(record["history"][-1]))
-        return record["history"][-1]
+        event = record["history"][-1]
+        print(shadow_change_text(event))
+        if rollout == "canary":
+            notify(CANARY_STARTED, f"model.{tag}", shadow_change_text(event), event.get("verdict"), tag=tag,
+                   fraction=fraction, beside=event["beside"], by=event["by"], reason=event["reason"])
+        return event
     print(f"{tag} is now in production; {record['versioning']}")
     announce(MODEL_PROMOTED, record)
     return record["history"][-1]
@@ -115,5 +123,31 @@ def shift_watch(max_rows: int = 2000) -> dict:
                estimated=drop.estimated, interval=drop.interval, validated=drop.validated)
         get_run_logger().warning("estimated %s drop %.3f: event %s emitted", drop.metric, drop.drop,
                                  PERFORMANCE_DEGRADED)
+    outcome = judge_running_canary(params)
     return {"verdict": report.verdict, "reasons": report.reasons, "performance": performance.verdict,
-            "estimated": drop.estimated, "degraded": drop.degraded}
+            "estimated": drop.estimated, "degraded": drop.degraded, "canary": outcome}
+
+
+def judge_running_canary(params) -> str | None:
+    """Each shift-watch is a window of the running canary (none: None): judged on the texts both models predicted,
+    as `regraft canary` does; a rollback or a promotion emits its event."""
+    from tasks.promotion import PROMOTED, ROLLED_BACK, judge_canary
+    from tasks.registry import canary_of, read_record
+    from tasks.render import canary_change_text, shadow_markdown
+    from tasks.shadow import canary_report
+
+    if not canary_of(read_record(params.paths.registry)):
+        return None
+    report = canary_report(params)
+    create_markdown_artifact(key="canary-report", markdown=shadow_markdown(report),
+                             description="the canary against production on the texts both predicted")
+    outcome, record = judge_canary(params, report, "shift-watch")
+    change, tag = record["history"][-1], report.candidate
+    print(canary_change_text(change) if change["action"].startswith("canary") else f"{tag} is now in production")
+    if outcome == ROLLED_BACK:
+        notify(CANARY_ROLLED_BACK, f"model.{tag}", canary_change_text(change), report.verdict, tag=tag,
+               beside=report.production_model, reason=report.reason)
+    elif outcome == PROMOTED:
+        notify(CANARY_PROMOTED, f"model.{tag}", f"{tag} promoted to production after its canary: {change['reason']}",
+               report.verdict, tag=tag, previous=change.get("previous"), reason=change["reason"])
+    return outcome

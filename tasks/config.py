@@ -402,6 +402,9 @@ class MonitorConfig(StrictModel):
                                       "many effective rows (Kish); fewer: reported, not used.")
     min_shadow_rows: int = Field(ge=1, description="`regraft shadow` judges the shadow candidate only on at least this "
                                  "many served texts that both models predicted; fewer: not enough evidence yet.")
+    canary_windows: int = Field(ge=1, le=1000, description="A canary (`regraft promote TAG --canary FRACTION`) is "
+                                "promoted after this many judged windows show it not worse than production; the first "
+                                "that shows it worse rolls it back.")
 
 
 class NotifyConfig(StrictModel):

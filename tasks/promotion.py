@@ -21,8 +21,8 @@ from tasks.locking import current_holder, project_lock
 from tasks.packaging import bentoml_environment
 from tasks.registry import (RegistryError, check_files, check_promotable, describe_interruption, empty_record,
                             finish_promotion, install_files, journal_file, locked_record, pending_promotion,
-                            previous_production, promote, read_record, shadow_of, start_shadow, stop_shadow,
-                            sync_record, verify_files)
+                            previous_production, promote, read_record, record_canary_window, shadow_of, canary_of,
+                            start_canary, start_shadow, stop_canary, stop_shadow, sync_record, verify_files)
 from tasks.remote import download_archive, model_remote, scratch_folder
 
 
@@ -145,6 +145,62 @@ def end_shadow(params: Params, tag: str | None, reason: str, by: str | None = No
         return stop_shadow(params.paths.registry, tag, by or getpass.getuser(), reason, model_remote(params))
 
 
+def canary_model(params: Params, tag: str, fraction: float, reason: str, by: str | None = None) -> dict:
+    """`tag` becomes the canary: it answers `fraction` of the requests on every serving host that follows the
+    registry (the same texts everywhere), production the rest. Refused (nothing changed) for a model that could not
+    be promoted, a fraction outside (0, 1), the production model itself, or while another canary or a shadow runs."""
+    from tasks.registry import check_fraction
+
+    check_fraction(fraction)
+    with project_lock(params.paths.state, f"canary {tag}", params.schedule.lock_timeout_seconds):
+        remote = model_remote(params)
+        finished = finish_interrupted_promotion(params, remote)  # the canary runs beside a trusted production model
+        record = sync_record(params.paths.registry, remote)
+        check_promotable(record["models"].get(tag), tag)  # before touching the store
+        record = start_canary(params.paths.registry, tag, stored_model_dir(params, tag, remote, record), fraction,
+                              params.monitor.canary_windows, by or getpass.getuser(), reason, remote)
+        return {**record, "finished": finished}
+
+
+def end_canary(params: Params, tag: str | None, reason: str, by: str | None = None) -> dict:
+    """End the running canary by hand without promoting it (`tag`, when given, must be the canary)."""
+    with project_lock(params.paths.state, "end the canary", params.schedule.lock_timeout_seconds):
+        return stop_canary(params.paths.registry, tag, by or getpass.getuser(), reason, model_remote(params))
+
+
+# What a judged window did to the canary.
+CONTINUES, ROLLED_BACK, PROMOTED = "continues", "rolled back", "promoted"
+
+
+def judge_canary(params: Params, report, by: str | None = None) -> tuple[str, dict]:
+    """Act on one window's comparison (tasks/shadow.py canary_report) of the running canary: shown worse by more
+    than monitor.max_drop, it is rolled back (production answers everything again); shown not worse, the window
+    counts, and once monitor.canary_windows have, it is promoted; otherwise it keeps running. Every judged window
+    is a history entry with its evidence. Returns what happened and the record."""
+    from tasks.shadow import NOT_WORSE, WORSE
+
+    by = by or getpass.getuser()
+    difference = report.difference
+    gap = getattr(difference, difference.basis or "estimated", None)
+    evidence = {"basis": difference.basis, "rows": report.rows,
+                "agreement": report.agreement.share if report.agreement else None,
+                "macro_f1_difference": gap.macro_f1.estimate if gap else None,
+                "interval": gap.macro_f1.interval if gap else None, "max_drop": report.max_drop}
+    with project_lock(params.paths.state, f"judge the canary {report.candidate}", params.schedule.lock_timeout_seconds):
+        remote = model_remote(params)
+        record = record_canary_window(params.paths.registry, report.candidate, report.since, report.verdict,
+                                      report.reason, evidence, report.verdict == WORSE, report.verdict == NOT_WORSE,
+                                      by, remote)
+        if record["history"][-1]["action"] == "canary-rolled-back":
+            return ROLLED_BACK, record
+        canary = record.get("canary") or {}
+        if canary.get("tag") == report.candidate and canary["passed"] >= canary["windows"]:
+            reason = (f"canary: shown not worse than {canary['beside']} in {canary['passed']} judged windows "
+                      f"({report.reason})")
+            return PROMOTED, switch_production(params, report.candidate, reason, by, "promote", remote)
+        return CONTINUES, record
+
+
 def install_champion_from_remote(params: Params) -> str | None:
     """Before a run compares its candidate with production: the remote's record mirrored here and, unless
     paths.champion already holds exactly its production model's files, that model installed there from the
@@ -181,14 +237,24 @@ def install_served_models(params: Params, remote, record: dict) -> dict:
     if not tag:
         raise RegistryError(f"{remote.url}: no production model yet; promote one with `regraft promote TAG`")
     install_checked(params, remote, record, tag, "not served")
-    shadow, problem = shadow_of(record), None
+    shadow, canary, problem = shadow_of(record), canary_of(record), None
     if shadow:
         try:
             install_checked(params, remote, record, shadow, "not shadowed")
         except RegraftError as exc:
             shadow, problem = None, f"the shadow candidate is not loaded here: {exc}"
+    if canary:
+        try:
+            install_checked(params, remote, record, canary["tag"], "not in canary here")
+        except RegraftError as exc:
+            canary, problem = None, f"the canary is not loaded here (production answers everything): {exc}"
     mirror_record(params.paths.registry, record)  # only now: the service follows this file
-    return {"production": tag, "shadow": shadow, "problem": problem}
+    return {"production": tag, "shadow": shadow, "canary": canary_route(canary), "problem": problem}
+
+
+def canary_route(canary: dict | None) -> tuple[str, float] | None:
+    """What a serving host needs of a running canary: its tag and the share of requests it answers."""
+    return (canary["tag"], canary["fraction"]) if canary else None
 
 
 def install_checked(params: Params, remote, record: dict, tag: str, consequence: str) -> None:
@@ -212,14 +278,17 @@ def follow_remote(params: Params, remote, served: dict, stop: threading.Event) -
             record, _ = remote.read_record()
             if not record or not record.get("production"):
                 continue
-            wanted = {"production": record["production"], "shadow": shadow_of(record)}
-            if wanted == {"production": served["production"], "shadow": served["shadow"]}:
+            wanted = {"production": record["production"], "shadow": shadow_of(record),
+                      "canary": canary_route(canary_of(record))}
+            if wanted == {key: served.get(key) for key in wanted}:
                 continue
             installed = install_served_models(params, remote, record)
             if installed["production"] != served["production"]:
                 print(f"the remote's production model is now {installed['production']}: switching to it", flush=True)
             if installed["shadow"] != served["shadow"]:
                 print(f"the remote's shadow candidate is now {installed['shadow'] or 'none'}", flush=True)
+            if installed["canary"] != served.get("canary"):
+                print(f"the remote's canary is now {installed['canary'] or 'none'}", flush=True)
             served, problem = installed, installed["problem"]
         except RegraftError as exc:
             problem = f"still serving {served['production']}: {exc}"

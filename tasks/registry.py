@@ -6,12 +6,16 @@ candidate, sha256 of every file in its metadata). Stages and history live in one
 
     {"production": tag | null,
      "models": {tag: {"stage": candidate | production | archived, "verdict": ..., "metrics": ..., ...}},
-     "history": [{"at", "action": register | promote | rollback | shadow | shadow-off, "tag", "previous", "by",
-                  "reason"}],
-     "shadow": {"tag", "beside", "since", "by", "reason"} | null}   (absent until a first shadow)
+     "history": [{"at", "action": register | promote | rollback | shadow | shadow-off | canary | canary-window |
+                            canary-rolled-back | canary-off, "tag", "previous", "by", "reason"}],
+     "shadow": {"tag", "beside", "since", "by", "reason"} | null,   (absent until a first shadow)
+     "canary": {"tag", "beside", "fraction", "since", "windows", "passed", "by", "reason"} | null}   (likewise)
 
-A shadow candidate predicts beside the production model on every serving host, off the response path; any change
-of production (a promotion, the shadow's own included, or a rollback) ends it.
+A shadow candidate predicts beside the production model on every serving host, off the response path. A canary
+answers a share of the requests (`fraction`, the same texts on every host) while production answers the rest, each
+model predicting the other's texts off the response path; each judged window that shows it not worse counts
+towards `windows`, after which it is promoted, and one that shows it worse ends it (rolled back). One of the two
+runs at a time; any change of production (a promotion, their own included, or a rollback) ends either.
 
 With a shared remote (tasks/remote.py), the remote's copy of the record is the truth and `paths.registry`
 is this machine's mirror of it: every change is written to the remote first, conditionally.
@@ -209,11 +213,11 @@ def promotion(tag: str, action: str, by: str, reason: str) -> Callable[[dict], N
 
 def record_promotion(record: dict, tag: str, previous: str | None, action: str, by: str, reason: str,
                      at: str) -> None:
-    # A shadow is compared with the production model it was started beside: a new production model ends it.
-    shadow = shadow_of(record)
-    if shadow:
-        why = "promoted to production" if shadow == tag else f"{action} of {tag}"
-        record_shadow_end(record, by, f"{why}: {reason}", at)
+    # A shadow or canary is compared with the production model it was started beside: a new production model ends it.
+    for running, end in ((shadow_of(record), record_shadow_end), ((canary_of(record) or {}).get("tag"), record_canary_end)):
+        if running:
+            why = "promoted to production" if running == tag else f"{action} of {tag}"
+            end(record, by, f"{why}: {reason}", at)
     entry = record["models"][tag]
     if previous and previous in record["models"]:
         record["models"][previous]["stage"] = ARCHIVED
@@ -237,25 +241,34 @@ def start_shadow(path: Path, tag: str, model_dir: Path, by: str, reason: str, re
         entry = record["models"].get(tag)
         check_promotable(entry, tag)
         check_files(entry, model_dir, tag, "not shadowed")
-        production, running = record["production"], record.get("shadow")
-        if not production:
-            raise RegistryError(f"{tag}: there is no production model to shadow; promote one first")
-        if production == tag:
-            raise RegistryError(f"{tag} is the production model itself; a shadow runs a candidate beside it")
-        if running:
-            raise RegistryError(f"{running['tag']} is already the shadow candidate (since {running['since']}); "
-                                "end it first with `regraft promote --shadow-off`")
+        check_beside_production(record, tag, "shadow")
         update.apply(shadow_started(tag, by, reason))
     if shadow_of(update.record) != tag:  # another host changed production or the shadow in between
         raise RegistryError(f"{tag}: the registry changed while starting the shadow; see `regraft models`")
     return json.loads(json.dumps(update.record))
 
 
+def check_beside_production(record: dict, tag: str, rollout: str) -> None:
+    """A shadow or a canary runs a candidate beside the production model: there must be one, it must not be the
+    candidate, and no other shadow or canary may be running."""
+    production, shadow, canary = record["production"], record.get("shadow"), record.get("canary")
+    if not production:
+        raise RegistryError(f"{tag}: there is no production model to {rollout} beside; promote one first")
+    if production == tag:
+        raise RegistryError(f"{tag} is the production model itself; a {rollout} runs a candidate beside it")
+    if shadow:
+        raise RegistryError(f"{shadow['tag']} is already the shadow candidate (since {shadow['since']}); "
+                            "end it first with `regraft promote --shadow-off`")
+    if canary:
+        raise RegistryError(f"{canary['tag']} is already in canary (since {canary['since']}, {canary['fraction']:g} of "
+                            "the requests); one canary at a time: end it first with `regraft promote --canary-off`")
+
+
 def shadow_started(tag: str, by: str, reason: str) -> Callable[[dict], None]:
     at = now()
 
     def change(record: dict) -> None:
-        if record.get("shadow") or record["production"] in (None, tag):
+        if record.get("shadow") or record.get("canary") or record["production"] in (None, tag):
             return  # already started (a retried write), or another host changed production or the shadow
         beside = record["production"]
         record["shadow"] = {"tag": tag, "beside": beside, "since": at, "by": by, "reason": reason}
@@ -284,6 +297,108 @@ def record_shadow_end(record: dict, by: str, reason: str, at: str) -> None:
         record["shadow"] = None
         record["history"].append({"at": at, "action": "shadow-off", "tag": tag, "previous": None, "by": by,
                                   "reason": reason})
+
+
+def canary_of(record: dict) -> dict | None:
+    """The running canary the record names ({tag, beside, fraction, since, windows, passed, ...}), or None."""
+    return record.get("canary") or None
+
+
+def check_fraction(fraction: float) -> None:
+    import math
+
+    if not isinstance(fraction, (int, float)) or not math.isfinite(fraction) or not 0 < fraction < 1:
+        raise RegistryError(f"canary fraction {fraction!r}: the share of requests the candidate answers must lie "
+                            "strictly between 0 and 1 (0.1 for a tenth)")
+
+
+def start_canary(path: Path, tag: str, model_dir: Path, fraction: float, windows: int, by: str, reason: str,
+                 remote=None) -> dict:
+    """Make `tag` the canary: it answers `fraction` of the requests on every serving host, after the checks of a
+    promotion (verdict, every file's sha256); not the production model, not beside another shadow or canary."""
+    check_fraction(fraction)
+    if not isinstance(windows, int) or windows < 1:
+        raise RegistryError(f"canary windows {windows!r}: at least 1 judged window before a full promotion")
+    with locked_record(path, remote) as update:
+        record = update.record
+        entry = record["models"].get(tag)
+        check_promotable(entry, tag)
+        check_files(entry, model_dir, tag, "not put in canary")
+        check_beside_production(record, tag, "canary")
+        update.apply(canary_started(tag, float(fraction), windows, by, reason))
+    if (canary_of(update.record) or {}).get("tag") != tag:  # another host changed production or started one
+        raise RegistryError(f"{tag}: the registry changed while starting the canary; see `regraft models`")
+    return json.loads(json.dumps(update.record))
+
+
+def canary_started(tag: str, fraction: float, windows: int, by: str, reason: str) -> Callable[[dict], None]:
+    at = now()
+
+    def change(record: dict) -> None:
+        if record.get("shadow") or record.get("canary") or record["production"] in (None, tag):
+            return  # already started (a retried write), or another host changed production or started one
+        beside = record["production"]
+        record["canary"] = {"tag": tag, "beside": beside, "fraction": fraction, "since": at, "windows": windows,
+                            "passed": 0, "by": by, "reason": reason}
+        record["history"].append({"at": at, "action": "canary", "tag": tag, "previous": None, "beside": beside,
+                                  "fraction": fraction, "windows": windows,
+                                  "verdict": record["models"][tag].get("verdict"), "by": by, "reason": reason})
+
+    return change
+
+
+def record_canary_window(path: Path, tag: str, since: str, verdict: str, reason: str, evidence: dict, worse: bool,
+                         not_worse: bool, by: str, remote=None) -> dict:
+    """One judged window of the running canary `tag` (started at `since`): shown worse ends it (canary-rolled-back,
+    production untouched); shown not worse counts towards its windows; neither is recorded and changes nothing else.
+    Returns the record; RegistryError when the canary is no longer the one judged (another host ended it)."""
+    import uuid
+
+    at, window = now(), uuid.uuid4().hex
+
+    def change(record: dict) -> None:
+        canary = canary_of(record)
+        if not canary or (canary["tag"], canary["since"]) != (tag, since) or canary.get("last_window") == window:
+            return  # ended meanwhile (by another host), or this window's write retried
+        canary["last_window"] = window
+        if not_worse:
+            canary["passed"] += 1
+        record["history"].append({"at": at, "action": "canary-window", "tag": tag, "previous": None,
+                                  "verdict": verdict, "passed": canary["passed"], "windows": canary["windows"],
+                                  "evidence": evidence, "by": by, "reason": reason})
+        if worse:
+            record_canary_end(record, by, f"shown worse: {reason}", at, action="canary-rolled-back",
+                              evidence=evidence)
+
+    with locked_record(path, remote) as update:
+        canary = canary_of(update.record)
+        if not canary or (canary["tag"], canary["since"]) != (tag, since):
+            raise RegistryError(f"{tag}: the canary judged is no longer running; see `regraft models`")
+        update.apply(change)
+    return json.loads(json.dumps(update.record))
+
+
+def stop_canary(path: Path, tag: str | None, by: str, reason: str, remote=None) -> dict:
+    """End the running canary by hand without promoting it (`tag`, when given, must be it). Returns the record."""
+    at = now()
+    with locked_record(path, remote) as update:
+        running = (canary_of(update.record) or {}).get("tag")
+        if running is None:
+            raise RegistryError("no canary is running; nothing to end")
+        if tag and tag != running:
+            raise RegistryError(f"{tag} is not the canary; {running} is")
+        update.apply(lambda record: record_canary_end(record, by, reason, at))
+    return json.loads(json.dumps(update.record))
+
+
+def record_canary_end(record: dict, by: str, reason: str, at: str, action: str = "canary-off",
+                      evidence: dict | None = None) -> None:
+    canary = canary_of(record)
+    if canary:  # else already ended (a retried write, or another host)
+        record["canary"] = None
+        entry = {"at": at, "action": action, "tag": canary["tag"], "previous": None, "beside": canary["beside"],
+                 "passed": canary["passed"], "windows": canary["windows"], "by": by, "reason": reason}
+        record["history"].append({**entry, "evidence": evidence} if evidence else entry)
 
 
 def pending_promotion(path: Path) -> dict | None:

@@ -267,6 +267,11 @@ def models_text(record: dict) -> str:
     lines = [f"production: {record.get('production') or '(none)'}"]
     if shadow:
         lines.append(f"shadow:     {shadow['tag']} (beside {shadow['beside']} since {shadow['since']})")
+    canary = record.get("canary")
+    if canary:
+        lines.append(f"canary:     {canary['tag']} answers {canary['fraction']:g} of the requests (beside "
+                     f"{canary['beside']} since {canary['since']}; {canary['passed']} of {canary['windows']} windows "
+                     "shown not worse)")
     lines += ["", f"{'model':40s} {'stage':11s} {'verdict':13s} {'target macro-F1':>15s}  registered"]
     for tag, entry in sorted(record["models"].items(), key=lambda kv: kv[1].get("registered", "")):
         metric = ((entry.get("metrics") or {}).get("target_holdout") or {}).get("candidate", {}).get("macro_f1")
@@ -288,13 +293,30 @@ def shadow_change_text(event: dict) -> str:
     if event["action"] == "shadow":
         return (f"shadow: {event['tag']} now predicts beside {event['beside']} on every serving host that follows the "
                 "registry, off the response path (its predictions: serve.shadow_log)")
-    return f"shadow-off: {event['tag']} no longer shadows production ({event['reason']})"
+    if event["action"] == "shadow-off":
+        return f"shadow-off: {event['tag']} no longer shadows production ({event['reason']})"
+    return canary_change_text(event)
+
+
+def canary_change_text(event: dict) -> str:
+    """A canary's start, judged window or end (a history entry), for the terminal and the flows' logs."""
+    action, tag = event["action"], event["tag"]
+    if action == "canary":
+        return (f"canary: {tag} now answers {event['fraction']:g} of the requests (the same texts on every serving "
+                f"host that follows the registry), {event['beside']} the rest; promoted after {event['windows']} "
+                "judged windows that show it not worse, rolled back at the first that shows it worse")
+    if action == "canary-window":
+        return (f"canary {tag}: {event['verdict']} ({event['reason']}); {event['passed']} of {event['windows']} "
+                "windows shown not worse")
+    if action == "canary-rolled-back":
+        return f"canary-rolled-back: {tag} answers nothing any more, {event['beside']} answers all ({event['reason']})"
+    return f"canary-off: {tag} answers nothing any more ({event['reason']})"
 
 
 def shadow_markdown(report: ShadowReport) -> str:
     """`regraft shadow`: the shadow candidate against production on the same served texts, and the verdict."""
     pct, rows, labels = f"{report.confidence:.0%}", report.served, report.labels
-    lines = [f"# Shadow {report.candidate} beside {report.production_model}: {report.verdict}", "",
+    lines = [f"# {report.stage.capitalize()} {report.candidate} beside {report.production_model}: {report.verdict}", "",
              f"- {report.reason}",
              f"- served since {report.since}: {rows['served']} texts, {rows['joined']} predicted by both; "
              f"{rows['without_shadow']} without the candidate's prediction (shed, failed or queued) left out",

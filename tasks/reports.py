@@ -713,7 +713,7 @@ class ShadowReport(OrderedPart):
     """reports/shadow.json (`regraft shadow`): the shadow candidate against production on the texts both predicted
     (tasks/shadow.py `compare_shadow`), and the three-way verdict."""
 
-    stage: Literal["shadow"] = "shadow"
+    stage: Literal["shadow", "canary"] = "shadow"  # a canary is judged the same way (tasks/shadow.py canary_report)
     production_model: str
     candidate: str
     since: str

@@ -245,15 +245,23 @@ class ShadowPredictor:
         """Shadow with `loaded` from now on (None: no shadow); batches already queued finish on the model they
         were queued for."""
         if loaded is not None and self._worker is None:
-            self._worker = threading.Thread(target=self.work, name="shadow-predictor", daemon=True)
-            self._worker.start()
+            self.start()
         self.model = loaded
 
-    def submit(self, texts: list[str], ids: list[str]) -> bool:
-        """Queue a served batch for the shadow candidate; False when there is none or the batch was shed."""
-        model = self.model
+    def start(self) -> None:
+        with self._lock:
+            if self._worker is None:
+                self._worker = threading.Thread(target=self.work, name="shadow-predictor", daemon=True)
+                self._worker.start()
+
+    def submit(self, texts: list[str], ids: list[str], model: LoadedModel | None = None) -> bool:
+        """Queue a served batch for the shadow candidate (or for `model`: a canary's texts for production, and the
+        other way round); False when there is none or the batch was shed."""
+        model = model or self.model
         if model is None:
             return False
+        if self._worker is None:
+            self.start()
         try:
             self._queue.put_nowait((model, texts, ids))
         except queue.Full:
@@ -289,16 +297,67 @@ class ShadowPredictor:
         return {"model_version": model.version, **counts, "queued_batches": self._queue.qsize()}
 
 
-def served_tags(registry: Path) -> tuple[str, str | None]:
-    """The production model and the shadow candidate (or None) the registry names, from one read of the record."""
-    from tasks.registry import read_record, shadow_of
+    def counts_of(self, version: str) -> dict[str, int]:
+        with self._lock:
+            return dict(self.counts.get(version, {"predicted": 0, "shed": 0, "failed": 0}))
+
+
+@dataclass(frozen=True)
+class CanaryRoute:
+    """A canary being served: the model that answers `fraction` of the texts."""
+
+    model: LoadedModel
+    fraction: float
+
+
+def canary_share(text: str) -> float:
+    """Where a text falls in [0, 1): from its sha256, so the same text goes to the same model on every host and at
+    every request while the canary runs (a request carries no id that every client would send), and texts spread
+    evenly over the interval."""
+    return int(text_sha256(text)[:15], 16) / 16 ** 15
+
+
+def answer_with_canary(production: LoadedModel, route: CanaryRoute, texts: list[str], log: PredictionLog,
+                       off_path: ShadowPredictor, runtime=None) -> list[dict]:
+    """Answer each text with the canary when its share falls below the canary's fraction, else with production; log
+    every answer; then queue each text for the model that did not answer it, off the response path (shed under load,
+    never waited for), so both models' predictions on the same texts can be compared (tasks/shadow.py)."""
+    to_canary = [canary_share(text) < route.fraction for text in texts]
+    results: list[dict] = [{} for _ in texts]
+    for model, chosen in ((route.model, True), (production, False)):
+        rows = [i for i, flag in enumerate(to_canary) if flag is chosen]
+        if rows:
+            for i, result in zip(rows, predict(model, [texts[i] for i in rows], runtime)):
+                results[i] = result
+    ids = log.append(texts, results)
+    for model, chosen in ((production, True), (route.model, False)):
+        rows = [i for i, flag in enumerate(to_canary) if flag is chosen]
+        if rows:
+            off_path.submit([texts[i] for i in rows], [ids[i] for i in rows], model=model)
+    return results
+
+
+@dataclass(frozen=True)
+class ServedModels:
+    """What the registry asks a serving host to run: production, and a shadow candidate or a canary beside it."""
+
+    production: str
+    shadow: str | None
+    canary: str | None
+    canary_fraction: float | None
+
+
+def served_models(registry: Path) -> ServedModels:
+    """The production model, shadow candidate and canary the registry names, from one read of the record."""
+    from tasks.registry import canary_of, read_record, shadow_of
 
     record = read_record(registry)
     if not record.get("production"):
         raise RegraftError(f"{registry}: no production model yet; promote one with `regraft promote TAG`")
-    return record["production"], shadow_of(record)
+    canary = canary_of(record) or {}
+    return ServedModels(record["production"], shadow_of(record), canary.get("tag"), canary.get("fraction"))
 
 
 def production_tag(registry: Path) -> str:
     """The tag the registry names as production; a clear error when there is none."""
-    return served_tags(registry)[0]
+    return served_models(registry).production

@@ -22,6 +22,7 @@ decide the verdict.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -250,12 +251,44 @@ def shadow_report(params: Params, feedback: pd.DataFrame | None = None, origin: 
     shadowed = logged_predictions(params.serve.shadow_log, "no shadow prediction log yet; serve traffic while the "
                                   "shadow runs (`regraft serve`)")
     joined, rows = join_shadow(production, shadowed, shadow["beside"], shadow["tag"], shadow["since"])
+    return compared_report("shadow", params, record, shadow, joined, rows, feedback, origin)
+
+
+def canary_report(params: Params, feedback: pd.DataFrame | None = None, origin: str = "") -> ShadowReport:
+    """Compare the running canary with production on the served texts both predicted (each answered by one, the
+    other predicting it off the response path: the two logs together), and write reports/canary.json."""
+    from tasks.registry import canary_of, read_record
+
+    record = read_record(params.paths.registry)
+    canary = canary_of(record)
+    if not canary:
+        raise DataError(f"{params.paths.registry}: no canary running; start one with `regraft promote TAG --canary "
+                        "FRACTION`")
+    answered = logged_predictions(params.serve.prediction_log, "no prediction log yet; serve with `regraft serve`")
+    logs = [answered]
+    if Path(params.serve.shadow_log).is_file():  # absent until the first text predicted off the response path
+        logs.append(logged_predictions(params.serve.shadow_log, ""))
+    both = pd.concat(logs, ignore_index=True)
+    joined, _ = join_shadow(both, both, canary["beside"], canary["tag"], canary["since"])
+    served = answered[answered["model_version"].isin([canary["beside"], canary["tag"]])
+                      & (answered["time"] >= pd.Timestamp(canary["since"]))]["prediction_id"].nunique()
+    by_candidate = int(((answered["model_version"] == canary["tag"])
+                        & (answered["time"] >= pd.Timestamp(canary["since"]))).sum())
+    rows = {"served": int(served), "answered_by_candidate": by_candidate, "joined": len(joined),
+            "without_shadow": int(served) - len(joined)}
+    return compared_report("canary", params, record, canary, joined, rows, feedback, origin)
+
+
+def compared_report(stage: str, params: Params, record: dict, rollout: dict, joined: pd.DataFrame, rows: dict,
+                    feedback: pd.DataFrame | None, origin: str) -> ShadowReport:
+    """The comparison of a shadow's or canary's candidate with production on the joined rows, written as
+    reports/<stage>.json."""
     truth = feedback_truth(feedback, params.ingest.labels, origin) if feedback is not None else None
-    holdout = holdout_probabilities(params, record, shadow["tag"]) if len(joined) else None
-    report = parse_report(ShadowReport, {"stage": "shadow", "production_model": shadow["beside"], "candidate": shadow["tag"],
-              "since": shadow["since"], "logs": {"production": str(params.serve.prediction_log),
-                                                 "shadow": str(params.serve.shadow_log)}, "served": rows,
-              **compare_shadow(joined, params.ingest.labels, params.monitor, holdout=holdout, truth=truth,
-                               seed=params.shift.seed)}, "the shadow report")
-    write_report(params.report_file("shadow"), report)
+    holdout = holdout_probabilities(params, record, rollout["tag"]) if len(joined) else None
+    report = parse_report(ShadowReport, {
+        "stage": stage, "production_model": rollout["beside"], "candidate": rollout["tag"], "since": rollout["since"],
+        "logs": {"production": str(params.serve.prediction_log), "shadow": str(params.serve.shadow_log)},
+        "served": rows, **compare_shadow(joined, params.ingest.labels, params.monitor, holdout=holdout, truth=truth,
+                                         seed=params.shift.seed)}, f"the {stage} report")
+    write_report(params.report_file(stage), report)
     return report

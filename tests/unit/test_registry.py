@@ -242,3 +242,94 @@ def test_the_remote_is_package_remote_else_the_dvc_default_remote(tmp_path):
     subprocess.run([sys.executable, "-m", "dvc", "remote", "add", "-d", "s3", "s3://bucket/data"], cwd=tmp_path, check=True)
     remote = open_remote("", tmp_path)
     assert isinstance(remote, S3Remote) and (remote.bucket, remote.prefix) == ("bucket", "data/regraft-models")
+
+
+def window(record_path, verdict: str, remote=None) -> dict:
+    """One judged window of the running canary, as tasks/promotion.judge_canary records it."""
+    from tasks.registry import canary_of, record_canary_window
+
+    canary = canary_of(read_record(record_path))
+    return record_canary_window(record_path, canary["tag"], canary["since"], verdict, f"{verdict} on 300 rows",
+                                {"rows": 300}, verdict == "worse", verdict == "not worse", "shift-watch", remote)
+
+
+def test_a_canary_counts_its_windows_and_a_worse_one_rolls_it_back_with_the_evidence(registry, tmp_path):
+    from tasks.registry import canary_of, start_canary, stop_canary
+    from tasks.remote import DirectoryRemote
+
+    record_path, models, champion = registry
+    remote = DirectoryRemote(tmp_path / "shared")  # every serving host reads the remote's record
+    promote(record_path, "a", models["a"], champion, "ana", "first", remote=remote)
+    start_canary(record_path, "b", models["b"], 0.25, 3, "ana", "a quarter of the traffic", remote=remote)
+    shared = remote.read_record()[0]
+    assert {k: shared["canary"][k] for k in ("tag", "beside", "fraction", "windows", "passed")} == {
+        "tag": "b", "beside": "a", "fraction": 0.25, "windows": 3, "passed": 0}
+    assert shared["history"][-1]["action"] == "canary" and read_record(record_path) == shared
+    window(record_path, "not worse", remote)
+    window(record_path, "not enough evidence yet", remote)  # recorded, not counted
+    record = window(record_path, "not worse", remote)
+    assert canary_of(record)["passed"] == 2 and record["production"] == "a"
+    record = window(record_path, "worse", remote)
+    assert canary_of(record) is None and record["production"] == "a" and file_digests(champion) == file_digests(models["a"])
+    judged, ended = record["history"][-2:]
+    assert (judged["action"], judged["verdict"], judged["passed"]) == ("canary-window", "worse", 2)
+    assert (ended["action"], ended["tag"], ended["evidence"]) == ("canary-rolled-back", "b", {"rows": 300})
+    assert ended["reason"] == "shown worse: worse on 300 rows" and remote.read_record()[0] == record
+    with pytest.raises(RegistryError, match="no canary is running"):
+        stop_canary(record_path, None, "ana", "again", remote=remote)
+
+
+def test_a_promotion_ends_the_canary_and_a_canary_ended_meanwhile_is_not_judged(registry):
+    from tasks.registry import canary_of, record_canary_window, start_canary, stop_canary
+
+    record_path, models, champion = registry
+    promote(record_path, "a", models["a"], champion, "ana", "first")
+    start_canary(record_path, "b", models["b"], 0.5, 1, "ana", "half")
+    since = canary_of(read_record(record_path))["since"]
+    record = promote(record_path, "b", models["b"], champion, "shift-watch", "canary: not worse in 1 window")
+    ended, changed = record["history"][-2:]
+    assert (ended["action"], ended["reason"], changed["action"]) == (
+        "canary-off", "promoted to production: canary: not worse in 1 window", "promote")
+    with pytest.raises(RegistryError, match="the canary judged is no longer running"):
+        record_canary_window(record_path, "b", since, "worse", "late", {}, True, False, "shift-watch")
+    start_canary(record_path, "a", models["a"], 0.5, 1, "ana", "the old one back, by half")
+    with pytest.raises(RegistryError, match="b is not the canary; a is"):
+        stop_canary(record_path, "b", "ana", "x")
+    assert canary_of(stop_canary(record_path, "a", "ana", "enough")) is None
+
+
+@pytest.mark.parametrize("tag,fraction,message", [
+    ("b", 0.0, "must lie strictly between 0 and 1"),
+    ("b", 1.0, "must lie strictly between 0 and 1"),
+    ("b", 1.5, "must lie strictly between 0 and 1"),
+    ("b", float("nan"), "must lie strictly between 0 and 1"),
+    ("failed", 0.1, "its gate verdict is FAIL"),
+    ("unsure", 0.1, "INCONCLUSIVE and was not approved"),
+    ("a", 0.1, "a is the production model itself"),
+    ("approved", 0.1, "b is already in canary"),
+    ("shadowed", 0.1, "b is already the shadow candidate"),
+])
+def test_a_canary_is_refused_with_the_problem_named_and_the_record_unchanged(registry, tag, fraction, message):
+    from tasks.registry import start_canary, start_shadow
+
+    record_path, models, champion = registry
+    promote(record_path, "a", models["a"], champion, "ana", "first")
+    if tag == "approved":
+        start_canary(record_path, "b", models["b"], 0.1, 3, "ana", "a tenth")
+    elif tag == "shadowed":
+        start_shadow(record_path, "b", models["b"], "ana", "live")
+        tag = "approved"
+    before = record_path.read_bytes()
+    with pytest.raises(RegistryError, match=message):
+        start_canary(record_path, tag, models.get(tag, models["a"]), fraction, 3, "ana", "try")
+    assert record_path.read_bytes() == before
+
+
+def test_a_shadow_is_refused_while_a_canary_runs(registry):
+    from tasks.registry import start_canary, start_shadow
+
+    record_path, models, champion = registry
+    promote(record_path, "a", models["a"], champion, "ana", "first")
+    start_canary(record_path, "b", models["b"], 0.1, 3, "ana", "a tenth")
+    with pytest.raises(RegistryError, match="b is already in canary"):
+        start_shadow(record_path, "approved", models["approved"], "ana", "both at once")

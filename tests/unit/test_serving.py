@@ -102,6 +102,46 @@ def test_the_shadow_queue_is_bounded_sheds_what_does_not_fit_and_counts_it(tmp_p
     assert shadow.status() is None and shadow.submit(["later"], ["id-7"]) is False
 
 
+def test_a_canary_answers_its_share_of_texts_the_same_on_every_call_and_the_other_model_predicts_off_the_path(
+        tmp_path, monkeypatch):
+    """Each text goes to the canary when its hash falls below the fraction: the same text to the same model at every
+    call (and on every host: nothing but the text decides), about `fraction` of distinct texts; every answer is
+    logged, and the model that did not answer a text predicts it off the response path under the same id."""
+    import time
+
+    from tasks import serving
+    from tasks.serving import CanaryRoute, LoadedModel, ShadowPredictor, answer_with_canary, canary_share
+
+    def fake_predict(loaded, texts, runtime=None):
+        return [{"label": "positive", "probabilities": {"negative": 0.2, "positive": 0.8},
+                 "model_version": loaded.version} for _ in texts]
+
+    monkeypatch.setattr(serving, "predict", fake_predict)
+    texts = [f"served text {i}" for i in range(2000)]
+    shares = [canary_share(text) for text in texts]
+    assert all(0 <= share < 1 for share in shares) and shares == [canary_share(text) for text in texts]
+    assert abs(sum(share < 0.2 for share in shares) / len(texts) - 0.2) < 0.03  # about the fraction, by hash alone
+    production, candidate = (LoadedModel(tag, None, None, ["negative", "positive"], 64) for tag in ("prod:1", "cand:1"))
+    log, off_path = PredictionLog(tmp_path / "p.jsonl", "hash"), PredictionLog(tmp_path / "s.jsonl", "hash")
+    other = ShadowPredictor(off_path, capacity=100)
+    batch = texts[:40]
+    answers = answer_with_canary(production, CanaryRoute(candidate, 0.2), batch, log, other)
+    again = answer_with_canary(production, CanaryRoute(candidate, 0.2), list(reversed(batch)), log, other)
+    expected = ["cand:1" if canary_share(text) < 0.2 else "prod:1" for text in batch]
+    assert [a["model_version"] for a in answers] == expected == [a["model_version"] for a in reversed(again)]
+    assert 0 < expected.count("cand:1") < len(batch)
+    deadline = time.monotonic() + 10
+    while sum(sum(other.counts_of(tag).values()) for tag in ("prod:1", "cand:1")) < 80 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    served = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    twins = {row["prediction_id"]: row for row in map(json.loads, (tmp_path / "s.jsonl").read_text().splitlines())}
+    assert len(served) == len(twins) == 80
+    for row in served:  # each text predicted by both models: the answer logged, the other off the path
+        twin = twins[row["prediction_id"]]
+        assert {row["model_version"], twin["model_version"]} == {"prod:1", "cand:1"}
+        assert twin["text_sha256"] == row["text_sha256"]
+
+
 def test_loading_a_model_for_serving_leaves_the_process_able_to_train(tiny_bert, tmp_path):
     """A served model predicts under no_grad without switching gradients off for the whole process: a suite worker
     (or any process) that served a model and then trained once failed with "does not require grad"."""

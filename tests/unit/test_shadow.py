@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 LABELS = ["negative", "neutral", "positive"]
 PRODUCTION, CANDIDATE, SINCE = "regraft-classifier:a", "regraft-classifier:b", "2000-01-01T00:00:00+00:00"
 CFG = MonitorConfig(metric="accuracy", max_drop=0.05, confidence=0.9, draws=200, min_effective_rows=30,
-                    min_shadow_rows=100)
+                    min_shadow_rows=100, canary_windows=3)
 
 
 def calibrated(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
