@@ -4,7 +4,9 @@ Which model it serves: REGRAFT_MODEL_TAG when set (a Bento's smoke test pins its
 registry's production model, re-read every serve.reload_seconds so a promotion or rollback switches
 models while serving without a failed request. When the registry names a shadow candidate, it is loaded beside
 production and predicts every served text off the response path (tasks/serving.py ShadowPredictor); the answers
-stay production's. Every model is loaded only when each of its files has the
+stay production's. When it names a canary, the canary answers the texts whose hash falls below its fraction and
+each model predicts the other's texts off the response path (tasks/serving.py answer_with_canary). Every model is
+loaded only when each of its files has the
 sha256 recorded for it; one that fails is refused (the current model keeps serving; at start the service
 stays unhealthy) and the log says which files differ. Settings come from params.yaml (REGRAFT_PARAMS), whose
 relative paths are read from REGRAFT_PROJECT (default: the working directory).

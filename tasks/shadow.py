@@ -161,11 +161,13 @@ def shadow_verdict(interval: list[float | None] | None, rows: int, cfg: MonitorC
 
 
 def compare_shadow(joined: pd.DataFrame, labels: list[str], cfg: MonitorConfig, *,
-                   holdout: HoldoutProbabilities | None, truth: pd.DataFrame | None = None, seed: int = 0) -> dict:
+                   holdout: HoldoutProbabilities | None, truth: pd.DataFrame | None = None, seed: int = 0,
+                   no_estimate: str | None = None) -> dict:
     """The comparison on the joined rows (join_shadow): agreement with its Wilson interval, the confusion of the two
     models' labels, each model's label-free estimate and the paired difference, realized metrics on the rows `truth`
     (feedback_truth) labels, and the verdict: on realized macro-F1 with at least monitor.min_shadow_rows labelled
-    rows, else on estimated macro-F1. `holdout` may be None only when nothing was joined."""
+    rows, else on estimated macro-F1. Without `holdout` (no labelled rows to estimate from: `no_estimate` says why)
+    only labels can decide; without enough of them the evidence is not enough yet."""
     k, index = len(labels), {label: i for i, label in enumerate(labels)}
     report = {"rows": len(joined), "labels": labels, "confidence": cfg.confidence, "max_drop": cfg.max_drop,
               "min_rows": cfg.min_shadow_rows, "groups": None, "notes": [NO_GROUPS], "agreement": None,
@@ -182,13 +184,17 @@ def compare_shadow(joined: pd.DataFrame, labels: list[str], cfg: MonitorConfig, 
                            "interval": wilson_interval(agreeing, len(joined), cfg.confidence)}
     # Rows: production's label; columns: the candidate's.
     report["confusion"] = confusion_counts(predicted["production"], predicted["candidate"], k).astype(int).tolist()
-    report["estimated"] = {role: estimate_performance(getattr(holdout, role), holdout.labels, served[role],
-                                                      confidence=cfg.confidence, draws=cfg.draws,
-                                                      min_effective_rows=cfg.min_effective_rows, seed=seed)
-                           for role in ROLES}
-    difference = report["difference"]
-    difference["estimated"] = estimated_difference(holdout, served, cfg, seed)
-    difference["basis"], interval, rows = "estimated", difference["estimated"][VERDICT_METRIC]["interval"], len(joined)
+    difference, interval, rows = report["difference"], None, len(joined)
+    if holdout is not None:
+        report["estimated"] = {role: estimate_performance(getattr(holdout, role), holdout.labels, served[role],
+                                                          confidence=cfg.confidence, draws=cfg.draws,
+                                                          min_effective_rows=cfg.min_effective_rows, seed=seed)
+                               for role in ROLES}
+        difference["estimated"] = estimated_difference(holdout, served, cfg, seed)
+        difference["basis"], interval = "estimated", difference["estimated"][VERDICT_METRIC]["interval"]
+    else:
+        report["notes"].append(f"no label-free estimate ({no_estimate}): only labels for served texts "
+                               f"(--feedback, at least {cfg.min_shadow_rows}) can decide")
     labelled = joined["text_sha256"].map(truth.set_index("text_sha256")["truth"]) if truth is not None else None
     if labelled is not None and labelled.notna().any():
         known = labelled.notna().to_numpy()
@@ -202,6 +208,10 @@ def compare_shadow(joined: pd.DataFrame, labels: list[str], cfg: MonitorConfig, 
             interval = difference["realized"][VERDICT_METRIC]["interval"]
     elif truth is not None:
         report["notes"].append("none of the feedback's texts is among the joined served texts")
+    if difference["basis"] is None:
+        report["verdict"] = NOT_ENOUGH
+        report["reason"] = f"no label-free estimate and labels for fewer than {cfg.min_shadow_rows} of the texts"
+        return report
     report["verdict"], why = shadow_verdict(interval, rows, cfg)
     report["reason"] = f"{difference['basis']} macro-F1 difference on {rows} rows: {why}"
     return report
@@ -284,11 +294,16 @@ def compared_report(stage: str, params: Params, record: dict, rollout: dict, joi
     """The comparison of a shadow's or canary's candidate with production on the joined rows, written as
     reports/<stage>.json."""
     truth = feedback_truth(feedback, params.ingest.labels, origin) if feedback is not None else None
-    holdout = holdout_probabilities(params, record, rollout["tag"]) if len(joined) else None
+    holdout, no_estimate = None, None
+    if len(joined):
+        try:
+            holdout = holdout_probabilities(params, record, rollout["tag"])
+        except DataError as exc:  # said in the report; labels may still decide, nothing else does
+            no_estimate = str(exc)
     report = parse_report(ShadowReport, {
         "stage": stage, "production_model": rollout["beside"], "candidate": rollout["tag"], "since": rollout["since"],
         "logs": {"production": str(params.serve.prediction_log), "shadow": str(params.serve.shadow_log)},
         "served": rows, **compare_shadow(joined, params.ingest.labels, params.monitor, holdout=holdout, truth=truth,
-                                         seed=params.shift.seed)}, f"the {stage} report")
+                                         seed=params.shift.seed, no_estimate=no_estimate)}, f"the {stage} report")
     write_report(params.report_file(stage), report)
     return report

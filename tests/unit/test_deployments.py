@@ -134,6 +134,8 @@ def test_the_serving_requirements_are_pinned_and_leave_the_control_plane_out():
     ("rollback", {"project_dir": "/tmp"}),
     ("shift-watch", {"max_rows": "all"}),
     ("promote", {"tag": "regraft-classifier:x", "project": "/etc"}),
+    ("promote", {"tag": "regraft-classifier:x", "rollout": "canary", "fraction": "half"}),
+    ("promote", {"tag": "regraft-classifier:x", "rollout": "everyone"}),
 ])
 def test_the_server_refuses_a_run_whose_parameters_its_flow_does_not_take(name, parameters):
     """What the server checks when a run is created (enforce_parameter_schema), with the schema it is sent."""

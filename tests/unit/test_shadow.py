@@ -214,3 +214,36 @@ def test_the_shadow_command_prints_the_report_and_exits_by_its_verdict(tmp_path,
         assert command_shadow(args, tmp_path) == code
         shown = capsys.readouterr().out
         assert (json.loads(shown)["verdict"] if as_json else shown.split("\n")[0].split(": ")[-1]) == verdict
+
+
+@pytest.mark.parametrize("outcome,last,event", [
+    ("rolled back", {"action": "canary-rolled-back", "tag": "c:1", "beside": "p:1", "reason": "shown worse: x"},
+     "regraft.canary.rolled-back"),
+    ("promoted", {"action": "promote", "tag": "c:1", "previous": "p:1", "reason": "canary: not worse"},
+     "regraft.canary.promoted"),
+    ("continues", {"action": "canary-window", "tag": "c:1", "verdict": "not worse", "reason": "x", "passed": 1,
+                   "windows": 3}, None),
+])
+def test_each_shift_watch_judges_the_running_canary_and_tells_a_rollback_or_promotion(monkeypatch, outcome, last,
+                                                                                      event):
+    """flows/operations.py: a shift-watch run is a window of the running canary; what the judgement did (rolled back,
+    promoted) is emitted as its event, naming the canary; a window that changes nothing emits nothing."""
+    from types import SimpleNamespace
+
+    from flows import operations
+
+    sent, judged = [], []
+    report = SimpleNamespace(candidate="c:1", production_model="p:1", verdict="worse", reason="realized ...")
+    monkeypatch.setattr("tasks.registry.read_record", lambda path: {"canary": {"tag": "c:1"}})
+    monkeypatch.setattr("tasks.shadow.canary_report", lambda params: report)
+    monkeypatch.setattr("tasks.render.shadow_markdown", lambda report: "# canary")
+    monkeypatch.setattr("tasks.promotion.judge_canary",
+                        lambda params, report, by: judged.append(by) or (outcome, {"history": [last]}))
+    monkeypatch.setattr(operations, "create_markdown_artifact", lambda **kwargs: None)
+    monkeypatch.setattr(operations, "notify", lambda name, subject, summary, verdict, **details:
+                        sent.append((name, subject, details["tag"])))
+    params = SimpleNamespace(paths=SimpleNamespace(registry="registry.json"))
+    assert operations.judge_running_canary(params) == outcome and judged == ["shift-watch"]
+    assert sent == ([(event, "model.c:1", "c:1")] if event else [])
+    monkeypatch.setattr("tasks.registry.read_record", lambda path: {"canary": None})
+    assert operations.judge_running_canary(params) is None  # no canary: nothing judged
