@@ -6,8 +6,9 @@ one text per request, from a closed-loop load generator (each client sends its n
 last one answered) at concurrency 1, 4, 16 and 32.
 
 - regraft: `bentoml serve deploy.service:Classifier` (adaptive batching, tokenisation and batching
-  from tasks/, bf16 autocast where the CPU has native bf16), one worker, following a registry record that names
-  the model as production.
+  from tasks/), one worker, following a registry record that names the model as production, in the precision the
+  package stage's check chose for it (tasks/variants.py: bf16 or int8 only when faithful to fp32 on the demo's
+  target holdout and clearly faster here, else fp32), run here on the same model first.
 - regraft with shadow (`--shadow`): the same, with the record also naming a shadow candidate (the same weights under
   a second tag), which predicts every served batch off the response path (tasks/serving.py `ShadowPredictor`).
 - baseline: a minimal single-threaded HTTP endpoint that calls `transformers.pipeline` on each request,
@@ -20,7 +21,10 @@ second is the most any service could answer at one text per request on this mach
 Prints a table, then one JSON object last with top-level keys speedup_c16 (regraft / baseline
 requests per second at concurrency 16), errors (regraft's failed requests, all levels), limit_fraction
 (regraft's requests per second at concurrency 16 over the limit) and max_speedup_c16 (the limit over the
-baseline's requests per second at concurrency 16: the most any service could reach against it here). With
+baseline's requests per second at concurrency 16: the most any service could reach against it here),
+served_precision with served_precision_why (the variant the service chose, and why), variant_speedup (the limit in
+that precision over the fp32 limit, measured in the same run; 1.0 when fp32 serves) and variants (each checked
+variant's agreement, macro-F1 difference and speed against fp32). With
 `--shadow`: shadow_p99_ratio_c16 (regraft's p99 latency at concurrency 16 with the shadow on over off; goal at most
 1.2), shadow_throughput_ratio_c16, shadow_counts (texts the candidate predicted, shed, failed) and
 shadow_responses_unchanged (the answers to the same 64 reviews, labels and probabilities, equal with and without).
@@ -148,17 +152,19 @@ def closed_loop(url: str, texts: list[str], concurrency: int, seconds: float) ->
             "p99_ms": round(float(np.percentile(ms, 99)), 1) if len(ms) else None, "errors": errors[0]}
 
 
-def store_models(work: Path, folder: Path) -> dict[str, dict]:
+def store_models(work: Path, folder: Path, serving: dict) -> dict[str, dict]:
     """The model in a scratch BentoML store twice (production and a shadow candidate with the same weights), each
     with its files' sha256 as the package stage records them: the service loads no model without them."""
     env = {**os.environ, "BENTOML_HOME": str(work / "bentoml")}
     code = ("import bentoml, json, shutil\n"
+            "from tasks.packaging import store_safe\n"
             "from tasks.registry import file_digests\n"
             "tags = {}\n"
             "for name in ('regraft-benchmark', 'regraft-benchmark-shadow'):\n"
-            f"    with bentoml.models.create(name, metadata={{'sha256': file_digests({str(folder)!r})}}) as m:\n"
+            f"    with bentoml.models.create(name, metadata={{'sha256': file_digests({str(folder)!r}), "
+            f"'serving': store_safe(json.loads({json.dumps(json.dumps(serving))}))}}) as m:\n"
             f"        shutil.copytree({str(folder)!r}, m.path, dirs_exist_ok=True)\n"
-            "    tags[name] = {'tag': str(m.tag), 'sha256': file_digests(m.path)}\n"
+            "    tags[name] = {'tag': str(m.tag), 'sha256': file_digests(m.path), 'serving': m.info.metadata['serving']}\n"
             "print(json.dumps(tags))")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -173,7 +179,8 @@ def serve_regraft(work: Path, models: dict[str, dict], port: int, shadow: bool) 
     params = load_params(ROOT / "params.yaml")
     production, candidate = models["regraft-benchmark"], models["regraft-benchmark-shadow"]
     record = {"production": production["tag"], "history": [],
-              "models": {entry["tag"]: {"sha256": entry["sha256"], "verdict": "PASS"} for entry in models.values()}}
+              "models": {entry["tag"]: {"sha256": entry["sha256"], "verdict": "PASS", "serving": entry["serving"]}
+                         for entry in models.values()}}
     if shadow:
         record["shadow"] = {"tag": candidate["tag"], "beside": production["tag"],
                             "since": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())}
@@ -212,21 +219,35 @@ def answers(url: str, texts: list[str]) -> list[dict]:
                 for text in texts for row in http.post(url, json={"texts": [text]}).json()]
 
 
-def in_process_limit(folder: Path, texts: list[str], seconds: float) -> dict:
-    """Texts per second of the service's predict path in this process, per batch size, and the best of them."""
+def checked_variant(folder: Path) -> dict:
+    """The package stage's check of the model's reduced-precision variants (tasks/variants.py) against fp32 on the
+    demo's target holdout: the record the service then serves from, as it would for a packaged model."""
     from tasks.config import load_params
-    from tasks.devices import choose_runtime
+    from tasks.ingest import ingest
+    from tasks.variants import check_variants
+
+    params = load_params(ROOT / "params.yaml")
+    holdout = ingest(params.ingest).splits["target_holdout"]
+    holdout = holdout[holdout["label"].astype("str").isin(params.ingest.labels)]
+    return check_variants(folder, holdout["text"].astype("str").tolist(), holdout["label"].astype("str").tolist(),
+                          params.ingest.labels, params.model.max_length, params.gate.non_inferiority.delta,
+                          params.evaluate.confidence, params.evaluate.seed)
+
+
+def in_process_limit(folder: Path, texts: list[str], seconds: float, precision: str = "fp32") -> dict:
+    """Texts per second of the service's predict path in this process, per batch size, and the best of them, with
+    the model in `precision` as the service loads it."""
+    from tasks.config import load_params
     from tasks.serving import load_model, predict
 
-    loaded = load_model(folder, "benchmark", load_params(ROOT / "params.yaml").model.max_length)
-    runtime = choose_runtime()
-    predict(loaded, texts[:16], runtime)  # warm-up
+    loaded = load_model(folder, "benchmark", load_params(ROOT / "params.yaml").model.max_length, precision)
+    predict(loaded, texts[:16])  # warm-up
     by_batch = {}
     for size in (1, 4, 16, 64):
         done, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
             batch = [texts[(done + i) % len(texts)] for i in range(size)]
-            predict(loaded, batch, runtime)
+            predict(loaded, batch)
             done += size
         by_batch[str(size)] = round(done / (time.perf_counter() - start), 1)
     best = max(by_batch, key=by_batch.get)
@@ -247,7 +268,9 @@ def main() -> None:
     responses, shadow_counts = {}, None
     try:
         folder, described = model_dir(work)
-        models = store_models(work, folder)
+        serving = checked_variant(folder)
+        print(f"serving precision: {serving['reason']}", flush=True)
+        models = store_models(work, folder, serving)
         for name in servers:
             port = free_port()
             if name.startswith("regraft"):
@@ -273,7 +296,11 @@ def main() -> None:
                     shadow_counts = shadow_status(port)
             finally:
                 stop_process_group(server, grace_seconds=30)
-        limit = in_process_limit(folder, texts, args.seconds)
+        from tasks.serving import serving_precision
+
+        served_in, why = serving_precision(serving)  # what the service chose, as it decides
+        limit = in_process_limit(folder, texts, args.seconds, served_in)
+        fp32_limit = limit if served_in == "fp32" else in_process_limit(folder, texts, args.seconds)
         print(f"limit     in-process {limit['texts_per_second']:8.1f} texts/s at batch {limit['best_batch_size']} "
               f"({limit['texts_per_second_by_batch']})", flush=True)
     finally:
@@ -285,6 +312,9 @@ def main() -> None:
         "limit_fraction": round(ours16 / limit["texts_per_second"], 3),
         "max_speedup_c16": round(limit["texts_per_second"] / base16, 2),
         "limit": limit,
+        "served_precision": served_in, "served_precision_why": why,
+        "variant_speedup": round(limit["texts_per_second"] / fp32_limit["texts_per_second"], 2),
+        "fp32_limit": fp32_limit, "variants": serving["variants"],
         "errors": sum(r["errors"] for r in results["regraft"].values()),
         "baseline_errors": sum(r["errors"] for r in results["baseline"].values()),
         "p99_ms_c16": results["regraft"].get(16, {}).get("p99_ms"),

@@ -26,7 +26,7 @@ from tasks.config import Params, load_params, project_root
 from tasks.serving import (CanaryRoute, LoadedModel, ModelHolder, ModelRefused, Prediction, PredictionLog,
                            RequestRejected, ShadowPredictor, answer_with_canary, check_content_type, files_state,
                            load_checked_model, parse_predict_request, predict_request_type, recorded_digests,
-                           served_models)
+                           recorded_serving, served_models, serving_precision)
 from tasks.serving import predict as predict_texts
 from tasks.serving import production_tag
 
@@ -76,7 +76,8 @@ class RequestGuard:
             if loaded is None:
                 return await self.respond(send, 503, {"status": "unavailable", "error": HOLDER.unavailable}
                                           if HOLDER.unavailable else {"status": "loading"})
-            health = {"status": "ok", "model_version": loaded.version, "labels": loaded.labels}
+            health = {"status": "ok", "model_version": loaded.version, "labels": loaded.labels,
+                      "precision": loaded.precision}
             shadow, canary = SHADOW.status(), CANARY.current
             if shadow:
                 health["shadow"] = shadow
@@ -180,9 +181,10 @@ class Classifier:
         if self.refused.get(version) == state:
             return None
         expected = recorded_digests(self.registry, version, model.info.metadata)
-        logger.info("loading model %s from %s", version, folder)
+        precision, why = serving_precision(recorded_serving(self.registry, version, model.info.metadata))
+        logger.info("loading model %s from %s, serving it in %s: %s", version, folder, precision, why)
         try:
-            loaded = load_checked_model(folder, version, self.max_length, expected)
+            loaded = load_checked_model(folder, version, self.max_length, expected, precision)
         except ModelRefused:
             self.refused[version] = state
             raise

@@ -20,10 +20,11 @@ from tasks.errors import CheckFailed, ReportError
 from tasks.files import sha256_of
 from tasks.gate import promotable
 from tasks.model_card import Packaged, model_card
-from tasks.packaging import (bentoml_environment, build_bento, export_to_remote, lineage, offline_labels, save_model,
-                             smoke_test)
+from tasks.packaging import (bentoml_environment, build_bento, check_serving_variants, export_to_remote, lineage,
+                             offline_labels, save_model, smoke_test)
 from tasks.remote import model_remote
 from tasks.registry import file_digests, register
+from tasks.serving import serving_precision
 from tasks.reports import Decision, EvaluateReport, FinetuneReport, PackageReport, Verdict, read_report, write_report
 
 
@@ -47,29 +48,33 @@ def main(params: Params) -> int:
     os.environ.update(bentoml_environment(params))
     verdict, decision = read_decision(params)
     origin = lineage(params, verdict, decision)
+    # Which precision it may serve in, checked against fp32 before anything is packaged (tasks/variants.py).
+    serving = check_serving_variants(params)
+    print(f"serving precision: {serving['reason']}")
     finetune = report_path(params, "finetune")
     evaluation = report_path(params, "evaluate")
     card = model_card(params, read_report(finetune, FinetuneReport) if finetune.is_file() else None,
                       Packaged(params.package.model_name,
                                read_report(evaluation, EvaluateReport) if evaluation.is_file() else None,
-                               verdict, decision, origin))
+                               verdict, decision, origin, serving))
     # The checksums are of the files as packaged: the completed card replaces finetune's README.md.
     digests = {**file_digests(params.paths.model), "README.md": hashlib.sha256(card.encode("utf-8")).hexdigest()}
-    model_tag = save_model(params, origin, digests, card)
+    model_tag = save_model(params, origin, digests, card, serving)
     bento_tag = build_bento(params, model_tag)
     holdout = pd.read_parquet(params.paths.splits.target_holdout).head(params.package.smoke_examples)
     texts = holdout["text"].astype("str").tolist()
     import bentoml
 
     stored = Path(bentoml.models.get(model_tag).path)
+    precision, _ = serving_precision(serving)  # as the smoke test's service decides from the same record
     smoke = smoke_test(params, bento_tag, model_tag, texts,
-                       lambda: offline_labels(stored, texts, params.model.max_length))
+                       lambda: offline_labels(stored, texts, params.model.max_length, precision))
     remote = model_remote(params)
     exported = export_to_remote(remote, model_tag, bento_tag) if remote is not None else None
     register(params.paths.registry, model_tag, {
         "bento": bento_tag, "verdict": verdict.verdict, "decision": decision.model_dump(), "sha256": digests,
         "metrics": origin["metrics"], "data_md5": origin["data_md5"], "git_commit": origin["git_commit"],
-        "smoke_test": smoke, "remote": exported,
+        "smoke_test": smoke, "remote": exported, "serving": serving,
     }, remote=remote)
     report = PackageReport(stage="package", model=model_tag, bento=bento_tag, verdict=verdict.verdict, smoke_test=smoke,
                            registry=str(params.paths.registry), remote=exported, lineage=origin,

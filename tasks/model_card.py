@@ -26,6 +26,7 @@ class Packaged:
     verdict: Verdict
     decision: Decision
     origin: dict
+    serving: dict | None = None  # the checked serving precision (tasks/variants.py check_variants)
 
 
 def model_card(params: Params, finetune: FinetuneReport | None, packaged: Packaged | None = None) -> str:
@@ -57,6 +58,7 @@ def model_card(params: Params, finetune: FinetuneReport | None, packaged: Packag
         *([f"- `{name}`: `{digest}`" for name, digest in (finetune.data_md5 if finetune else {}).items()]
           or ["- not recorded"]), "",
         *(lineage_section(packaged.origin) if packaged else []),
+        *(serving_section(packaged.serving) if packaged and packaged.serving else []),
         "## Parameters", "", "```json",
         json.dumps({"model": params.model.model_dump(mode="json"), "train": params.train.model_dump(mode="json")},
                    indent=2),
@@ -161,6 +163,19 @@ def evaluation_sections(packaged: Packaged) -> list[str]:
         *[f"| {c.name} | {c.status} | {'' if c.value is None else format(c.value, '.3f')} | "
           f"{interval_text(c.interval)} |" for c in packaged.verdict.criteria], "",
     ]
+
+
+def serving_section(serving: dict) -> list[str]:
+    """The precision it serves in, and each reduced-precision variant checked against fp32 on the target holdout."""
+    rows = [f"| {name} | {v['agreement']:.1%} | {v['macro_f1_difference']:+.3f} {interval_text(v['interval'], signed=True)} "
+            f"| {v['speedup']:.2f}x | {'yes' if v['faithful'] else 'no: ' + '; '.join(v['problems'])} |"
+            for name, v in serving["variants"].items()]
+    checked = (f" Checked on {serving['rows']} target-holdout texts on {serving['machine']}." if serving["rows"]
+               else "")
+    return ["## Serving precision", "", f"Served in **{serving['precision']}** where the serving machine runs it too "
+            f"(else fp32): {serving['reason']}.{checked}",
+            "", "| variant | agreement with fp32 | macro-F1 minus fp32 | speed vs fp32 | faithful |",
+            "|---|---:|---|---:|---|", *(rows or ["| (none offered here) | | | | |"]), ""]
 
 
 def lineage_section(origin: dict) -> list[str]:

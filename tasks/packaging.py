@@ -47,7 +47,8 @@ def lineage(params: Params, verdict: Verdict, decision: Decision) -> dict:
     }
 
 
-def save_model(params: Params, origin: dict, digests: dict[str, str], card: str | None = None) -> str:
+def save_model(params: Params, origin: dict, digests: dict[str, str], card: str | None = None,
+               serving: dict | None = None) -> str:
     """Copy the candidate's HF directory (safetensors only; no pickle) into the BentoML model store."""
     import shutil
 
@@ -60,7 +61,7 @@ def save_model(params: Params, origin: dict, digests: dict[str, str], card: str 
     labels = {"verdict": origin["verdict"]["verdict"], "git_commit": origin["git_commit"] or "none",
               "strategy": read_report(finetune, FinetuneReport).strategy if finetune.is_file() else "unknown"}
     with bentoml.models.create(params.package.model_name, labels=labels,
-                               metadata=store_safe({**origin, "sha256": digests})) as model:
+                               metadata=store_safe({**origin, "sha256": digests, "serving": serving or {}})) as model:
         shutil.copytree(source, model.path, dirs_exist_ok=True)
         crash_point("package:model-copied")
         if card is not None:  # finetune's card, completed by the package stage (tasks/model_card.py)
@@ -149,7 +150,32 @@ def smoke_test(params: Params, bento_tag: str, model_tag: str, texts: list[str],
         log.close()
 
 
-def offline_labels(model_dir: Path, texts: list[str], max_length: int) -> list[str]:
+def offline_labels(model_dir: Path, texts: list[str], max_length: int, precision: str = "fp32") -> list[str]:
+    """What the model predicts in this process, in the precision the service will serve it in."""
     from tasks.serving import load_model, predict
 
-    return [row["label"] for row in predict(load_model(model_dir, "offline", max_length), texts)]
+    return [row["label"] for row in predict(load_model(model_dir, "offline", max_length, precision), texts)]
+
+
+def check_serving_variants(params: Params) -> dict:
+    """The candidate in each reduced precision this machine offers, against fp32 on the whole target holdout
+    (tasks/variants.py), held to the gate's non-inferiority margin. When the check cannot run, fp32 serves (the model
+    as it was validated) and the record says why: the check only decides whether a faster variant may serve."""
+    import pandas as pd
+
+    from tasks.variants import check_variants, not_checked
+
+    path = params.paths.splits.target_holdout
+    try:
+        holdout = pd.read_parquet(path)
+        holdout = holdout[holdout["label"].astype("str").isin(params.ingest.labels)]
+    except (OSError, KeyError, ValueError) as exc:
+        return not_checked(f"no target holdout to check them on ({path}: {type(exc).__name__}: {exc})")
+    if holdout.empty:
+        return not_checked(f"no labelled rows in {path} to check them on")
+    try:
+        return check_variants(params.paths.model, holdout["text"].astype("str").tolist(),
+                              holdout["label"].astype("str").tolist(), params.ingest.labels, params.model.max_length,
+                              params.gate.non_inferiority.delta, params.evaluate.confidence, params.evaluate.seed)
+    except (OSError, ValueError, RuntimeError) as exc:  # a model the variants cannot be built from or run
+        return not_checked(f"they could not be measured ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")

@@ -108,6 +108,7 @@ class LoadedModel:
     tokenizer: object
     labels: list[str]
     max_length: int
+    precision: str = "fp32"  # what it computes in: fp32, or a checked variant (tasks/variants.py)
 
 
 class ModelRefused(RegraftError):
@@ -122,7 +123,32 @@ def recorded_digests(registry: Path, tag: str, metadata: dict) -> dict[str, str]
     return (read_record(registry)["models"].get(tag) or {}).get("sha256") or metadata.get("sha256") or {}
 
 
-def load_checked_model(folder: Path, version: str, max_length: int, expected: dict[str, str]) -> LoadedModel:
+def recorded_serving(registry: Path, tag: str, metadata: dict) -> dict:
+    """The serving precision chosen and checked for a model at packaging (tasks/variants.py), as recorded: the
+    registry record's, else the BentoML store's metadata; {} for a model packaged before variants were checked."""
+    from tasks.registry import read_record
+
+    recorded = (read_record(registry)["models"].get(tag) or {}).get("serving") or metadata.get("serving") or {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def serving_precision(recorded: dict) -> tuple[str, str]:
+    """What this host serves a model in: its checked variant where this machine runs that variant too (bf16 where
+    it measures faster here, int8 on a CPU), else fp32; with the reason. Nothing checked: fp32."""
+    from tasks.devices import choose_runtime
+
+    chosen = recorded.get("precision") or "fp32"
+    if chosen == "fp32":
+        return "fp32", recorded.get("reason") or "no reduced-precision variant was checked for this model"
+    runtime = choose_runtime()
+    here = (chosen == "bf16" and runtime.precision == "bf16") or (chosen == "int8" and runtime.device.type == "cpu")
+    if here:
+        return chosen, f"checked at packaging: {recorded.get('reason')}"
+    return "fp32", f"the checked variant {chosen} does not pay on this machine ({runtime.reason})"
+
+
+def load_checked_model(folder: Path, version: str, max_length: int, expected: dict[str, str],
+                       precision: str = "fp32") -> LoadedModel:
     """Load a model only when every file has its recorded sha256, so files changed after packaging (a swapped
     label mapping, other weights) are never served; ModelRefused names the files that differ."""
     from tasks.registry import verify_files
@@ -130,7 +156,7 @@ def load_checked_model(folder: Path, version: str, max_length: int, expected: di
     problems = verify_files(folder, expected) if expected else ["no checksums recorded"]
     if problems:
         raise ModelRefused(f"{version}: files in {folder} fail their checksum, not loaded: " + "; ".join(problems[:5]))
-    return load_model(folder, version, max_length)
+    return load_model(folder, version, max_length, precision)
 
 
 def files_state(folder: Path) -> tuple:
@@ -140,23 +166,39 @@ def files_state(folder: Path) -> tuple:
     return tuple((str(path), path.stat().st_size, path.stat().st_mtime_ns) for path in files)
 
 
-def load_model(folder: Path, version: str, max_length: int) -> LoadedModel:
-    """Load a packaged HF model directory; its label mapping is the one saved at training time."""
+def load_model(folder: Path, version: str, max_length: int, precision: str = "fp32") -> LoadedModel:
+    """Load a packaged HF model directory; its label mapping is the one saved at training time. `precision` int8:
+    its Linear layers dynamically quantized (torch's quantize_dynamic); bf16: it computes under bf16 autocast."""
     from tasks.models import load_classifier, load_tokenizer, with_companion
 
     config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
     labels = [config["id2label"][key] for key in sorted(config["id2label"], key=int)]
     # Inference only, and without touching the process's grad mode: predict_proba runs under torch.no_grad(),
     # while a global torch.set_grad_enabled(False) here broke training later in the same process (a test worker).
-    model = with_companion(load_classifier(folder, labels).eval(), folder)
-    return LoadedModel(version, model, load_tokenizer(folder), labels, max_length)
+    model = load_classifier(folder, labels).eval()
+    if precision == "int8":
+        import warnings
+
+        import torch
+
+        with warnings.catch_warnings():  # torch 2.13 announces quantized tensors' move to torchao; they work here
+            warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*deprecated", category=UserWarning)
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    return LoadedModel(version, with_companion(model, folder), load_tokenizer(folder), labels, max_length, precision)
+
+
+def predict_probabilities(loaded: LoadedModel, texts: list[str], runtime=None):
+    """(texts, classes) calibrated probabilities, computed in the model's precision (int8 runs in fp32 otherwise)."""
+    from tasks.devices import choose_runtime
+    from tasks.models import predict_proba
+
+    runtime = runtime or choose_runtime("bf16" if loaded.precision == "bf16" else "fp32")
+    return predict_proba(loaded.model, loaded.tokenizer, texts, loaded.max_length, runtime=runtime).numpy()
 
 
 def predict(loaded: LoadedModel, texts: list[str], runtime=None) -> list[dict]:
     """Label, class probabilities and model version per text."""
-    from tasks.models import predict_proba
-
-    proba = predict_proba(loaded.model, loaded.tokenizer, texts, loaded.max_length, runtime=runtime).numpy()
+    proba = predict_probabilities(loaded, texts, runtime)
     return [{"label": loaded.labels[int(row.argmax())],
              "probabilities": {label: round(float(p), 6) for label, p in zip(loaded.labels, row)},
              "model_version": loaded.version} for row in proba]

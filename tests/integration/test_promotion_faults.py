@@ -416,7 +416,7 @@ def test_a_bad_shadow_exits_2_naming_the_problem_with_the_registry_byte_identica
     shutil.copy2(project / "params.yaml", host / "params.yaml")
     write_overrides(host / "params.yaml", {"package.remote": str(project.parent / "remote")})
     joined = regraft(host, code=JOIN_AS_A_SERVING_HOST)
-    assert json.loads(joined.stdout) == {"production": a, "shadow": b, "problem": None}, joined.stderr
+    assert json.loads(joined.stdout) == {"production": a, "shadow": b, "canary": None, "problem": None}, joined.stderr
     assert read_record(host / "registry" / "registry.json")["shadow"]["tag"] == b  # what its service follows
 
     promoted = regraft(project, "promote", b, "--reason", "held up on live traffic")

@@ -153,10 +153,13 @@ SERVED_TEXTS = ["works well for my pain", "terrible headache and nausea", "no ch
 
 def offline_predictions(project: Path, tag: str) -> dict[str, dict]:
     """What the trainer's own copy of a model predicts for each of SERVED_TEXTS (no server involved)."""
-    from tasks.serving import load_model, predict
+    from tasks.serving import load_model, predict, serving_precision
 
     name, version = tag.split(":")
-    loaded = load_model(project / ".regraft" / "bentoml" / "models" / name / version, tag, 64)
+    serving = json.loads((project / "registry" / "registry.json").read_text())["models"][tag]["serving"]
+    # In the precision the serving host serves it in (the same machine here, so the same choice).
+    loaded = load_model(project / ".regraft" / "bentoml" / "models" / name / version, tag, 64,
+                        serving_precision(serving)[0])
     return dict(zip(SERVED_TEXTS, predict(loaded, SERVED_TEXTS)))
 
 

@@ -73,8 +73,16 @@ def test_package_refuses_a_candidate_without_a_pass(tmp_path, tiny_bert):
 
 def test_health_and_predictions_carry_the_model_version(served_project):
     project, url, tags = served_project
+    from tasks.serving import serving_precision
+
     health = httpx.get(f"{url}/healthz").json()
-    assert health == {"status": "ok", "model_version": tags[0], "labels": LABELS}
+    # Packaging checked each reduced precision this machine offers against fp32 on the target holdout and recorded
+    # the choice; the service serves in it where this machine runs it too.
+    serving = json.loads((project / "registry" / "registry.json").read_text())["models"][tags[0]]["serving"]
+    assert serving["precision"] in ("fp32", *serving["variants"]) and serving["rows"] > 0 and serving["reason"]
+    assert all({"agreement", "interval", "speedup", "faithful"} <= set(v) for v in serving["variants"].values())
+    assert health == {"status": "ok", "model_version": tags[0], "labels": LABELS,
+                      "precision": serving_precision(serving)[0]}
     rows = httpx.post(f"{url}/predict", json={"texts": ["works well", "terrible headache"]}).json()
     assert [r["model_version"] for r in rows] == [tags[0]] * 2
     assert all(r["label"] in LABELS and abs(sum(r["probabilities"].values()) - 1) < 1e-3 for r in rows)

@@ -261,5 +261,6 @@ def test_a_service_whose_model_fails_its_checksum_at_start_stays_unhealthy(tiny_
     config.write_text(original)
     monkeypatch.setattr(service, "HOLDER", ModelHolder())
     service.Classifier.inner()
+    # No serving precision was checked for this model (nothing recorded): fp32.
     assert ask(guard, "GET", "/healthz") == (200, {"status": "ok", "model_version": "m:1",
-                                                   "labels": ["negative", "positive"]})
+                                                   "labels": ["negative", "positive"], "precision": "fp32"})

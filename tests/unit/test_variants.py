@@ -1,0 +1,63 @@
+"""Reduced-precision serving variants (tasks/variants.py): judged against fp32 on the same texts, and chosen only
+when faithful and clearly faster."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tasks.variants import FP32, Measured, choose_variant, judge_variant
+
+pytestmark = pytest.mark.unit
+
+
+def one_hot(labels: list[int], k: int = 3) -> np.ndarray:
+    proba = np.full((len(labels), k), 0.1)
+    proba[np.arange(len(labels)), labels] = 0.8
+    return proba
+
+
+def test_a_variant_that_agrees_and_keeps_the_metric_is_faithful_and_one_that_flips_labels_is_not():
+    truth = np.array([0, 1, 2] * 100)
+    fp32 = Measured(one_hot(list(truth)), seconds=2.0)
+    same = judge_variant(fp32, Measured(one_hot(list(truth)), seconds=0.8), truth, margin=0.02, confidence=0.9)
+    assert same["faithful"] and same["agreement"] == 1.0 and same["speedup"] == 2.5 and same["interval"] == [0.0, 0.0]
+    flipped = list(truth)
+    for i in range(0, 30):  # 10% of the texts change label
+        flipped[i] = (flipped[i] + 1) % 3
+    worse = judge_variant(fp32, Measured(one_hot(flipped), seconds=0.5), truth, margin=0.02, confidence=0.9)
+    assert not worse["faithful"] and worse["agreement"] == 0.9
+    assert any("agrees with fp32 on 90.0%" in p for p in worse["problems"])
+    assert any("reaches below -0.02" in p for p in worse["problems"])
+
+
+def test_the_fastest_faithful_variant_serves_only_when_clearly_faster():
+    faithful = {"faithful": True, "problems": [], "agreement": 1.0, "macro_f1_difference": 0.0, "interval": [0.0, 0.0]}
+    assert choose_variant({"bf16": {**faithful, "speedup": 2.4}, "int8": {**faithful, "speedup": 1.6}})[0] == "bf16"
+    assert choose_variant({"bf16": {**faithful, "speedup": 1.05}}) == (FP32, "fp32: bf16 only 1.05x fp32 (< 1.1x)")
+    unfaithful = {**faithful, "faithful": False, "problems": ["agrees with fp32 on 97.0% of the texts (< 99%)"],
+                  "speedup": 3.0}
+    precision, why = choose_variant({"bf16": unfaithful, "int8": {**faithful, "speedup": 1.3}})
+    assert precision == "int8" and why.startswith("int8: 1.30x fp32 here")
+    assert choose_variant({"bf16": unfaithful}) == (FP32, "fp32: bf16 agrees with fp32 on 97.0% of the texts (< 99%)")
+    assert choose_variant({})[0] == FP32
+
+
+def test_an_int8_variant_loads_and_predicts_like_the_service(tiny_bert, tmp_path):
+    """The int8 variant as the service loads it: Linear layers quantized, probabilities per text that sum to 1."""
+    import torch
+
+    from tasks.models import load_classifier, load_tokenizer
+    from tasks.serving import load_model, predict, serving_precision
+
+    torch.manual_seed(0)
+    load_classifier(tiny_bert, ["a", "b"]).save_pretrained(tmp_path / "model")
+    load_tokenizer(tiny_bert).save_pretrained(tmp_path / "model")
+    loaded = load_model(tmp_path / "model", "m:1", 32, "int8")
+    assert loaded.precision == "int8"
+    assert any("Quantized" in type(module).__name__ or "quantized" in type(module).__module__
+               for module in loaded.model.modules())
+    rows = predict(loaded, ["works well", "no effect"])
+    assert [abs(sum(r["probabilities"].values()) - 1) < 1e-3 for r in rows] == [True, True]
+    assert serving_precision({}) == ("fp32", "no reduced-precision variant was checked for this model")
+    assert serving_precision({"precision": "int8", "reason": "int8: 1.5x"})[0] == "int8"  # a CPU runs int8
