@@ -21,10 +21,11 @@ from tasks.files import sha256_of
 from tasks.gate import promotable
 from tasks.model_card import Packaged, model_card
 from tasks.packaging import (bentoml_environment, build_bento, check_serving_variants, export_to_remote, lineage,
-                             offline_labels, save_model, smoke_test)
+                             offline_predictions, save_model, smoke_test)
 from tasks.remote import model_remote
 from tasks.registry import file_digests, register
 from tasks.serving import serving_precision
+from tasks.variants import VARIANT_MAX_BATCH_SPREAD
 from tasks.reports import Decision, EvaluateReport, FinetuneReport, PackageReport, Verdict, read_report, write_report
 
 
@@ -68,7 +69,8 @@ def main(params: Params) -> int:
     stored = Path(bentoml.models.get(model_tag).path)
     precision, _ = serving_precision(serving)  # as the smoke test's service decides from the same record
     smoke = smoke_test(params, bento_tag, model_tag, texts,
-                       lambda: offline_labels(stored, texts, params.model.max_length, precision))
+                       lambda: offline_predictions(stored, texts, params.model.max_length, precision),
+                       tie=0.0 if precision == "fp32" else VARIANT_MAX_BATCH_SPREAD)
     remote = model_remote(params)
     exported = export_to_remote(remote, model_tag, bento_tag) if remote is not None else None
     register(params.paths.registry, model_tag, {

@@ -26,11 +26,12 @@ import numpy as np
 
 VARIANT_MIN_AGREEMENT = 0.99
 VARIANT_MIN_SPEEDUP = 1.1
-# The service batches concurrent requests: a text must get the same answer whatever else is in its batch. Dynamic
-# int8 quantizes each batch's activations with one scale, so its answers move with the batch's other texts by
-# construction (measured up to 5e-5 on 16 texts here, and above 1e-4 under a server's real batches): it is measured
-# and reported, never served.
-VARIANT_MAX_BATCH_SPREAD = 1e-4
+# The service batches concurrent requests, so a text's answer must not depend on what else is in its batch beyond
+# rounding: at most a hundredth of probability (bf16 moves by up to 2e-3 here with padding and blocking, fp32 by
+# about 1e-6; the 99% agreement bounds the labels that flip). Dynamic int8 quantizes each batch's activations with
+# one scale, so its answers move with the batch's other texts by construction (0.21 on the demo's fine-tuned model
+# here): it is measured and reported, never served.
+VARIANT_MAX_BATCH_SPREAD = 0.01
 BATCH_DEPENDENT = {"int8": "dynamic int8 scales each batch's activations together, so a text's answer depends on the "
                            "other texts batched with it"}
 SOLO_TEXTS = 16

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from tasks.processes import free_port, stop_process_group, wait_until_healthy
+from tasks.variants import VARIANT_MAX_BATCH_SPREAD
 from tests.conftest import AWS, make_project, moto_s3, package, quick_project, run
 
 pytestmark = pytest.mark.integration
@@ -151,15 +152,21 @@ def test_work_pool_runs_of_two_projects_need_only_git_and_the_remote_and_leave_e
 SERVED_TEXTS = ["works well for my pain", "terrible headache and nausea", "no change at all", "review number 7"]
 
 
+def served_precision(project: Path, tag: str) -> str:
+    """The precision a host serves a model in, from its record (the same machine here, so the same choice)."""
+    from tasks.serving import serving_precision
+
+    return serving_precision(json.loads((project / "registry" / "registry.json").read_text())["models"][tag]["serving"])[0]
+
+
 def offline_predictions(project: Path, tag: str) -> dict[str, dict]:
-    """What the trainer's own copy of a model predicts for each of SERVED_TEXTS (no server involved)."""
-    from tasks.serving import load_model, predict, serving_precision
+    """What the trainer's own copy of a model predicts for each of SERVED_TEXTS (no server involved), in the
+    precision the serving host serves it in."""
+    from tasks.serving import load_model, predict
 
     name, version = tag.split(":")
-    serving = json.loads((project / "registry" / "registry.json").read_text())["models"][tag]["serving"]
-    # In the precision the serving host serves it in (the same machine here, so the same choice).
     loaded = load_model(project / ".regraft" / "bentoml" / "models" / name / version, tag, 64,
-                        serving_precision(serving)[0])
+                        served_precision(project, tag))
     return dict(zip(SERVED_TEXTS, predict(loaded, SERVED_TEXTS)))
 
 
@@ -223,6 +230,7 @@ def test_a_serving_host_with_only_the_remote_follows_the_trainers_promotions(tmp
     tags = [package(trainer, tiny_bert, seed) for seed in (1, 2)]
     run([REGRAFT, "promote", tags[0], "--reason", "first"], trainer)
     expected = {tag: offline_predictions(trainer, tag) for tag in tags}
+    precisions = {tag: served_precision(trainer, tag) for tag in tags}
 
     host = make_project(tmp_path / "host", tmp_path / "unused")
     port = free_port()
@@ -266,8 +274,11 @@ def test_a_serving_host_with_only_the_remote_follows_the_trainers_promotions(tmp
     assert len(switches) >= 3, switches  # tags[0] -> tags[1] -> tags[0] (answers from two clients may interleave)
     for text, row in served:
         offline = expected[row["model_version"]][text]
-        assert row["label"] == offline["label"], (text, row, offline)
-        assert all(abs(row["probabilities"][k] - p) < 1e-4 for k, p in offline["probabilities"].items())
+        # In fp32 the same text gets the same answer in any batch; a checked reduced-precision variant within its bound.
+        tolerance = 1e-4 if precisions[row["model_version"]] == "fp32" else VARIANT_MAX_BATCH_SPREAD
+        top, second = sorted(offline["probabilities"].values())[-2:][::-1]
+        assert row["label"] == offline["label"] or top - second < tolerance, (text, row, offline)
+        assert all(abs(row["probabilities"][k] - p) < tolerance for k, p in offline["probabilities"].items())
     record = json.loads((host / "registry" / "registry.json").read_text())
     assert record["production"] == tags[0] and [e["action"] for e in record["history"]][-2:] == ["promote", "rollback"]
     models = run([REGRAFT, "models"], host, env_update={"AWS_ENDPOINT_URL": s3_endpoint}).stdout

@@ -29,7 +29,7 @@ def test_a_variant_that_agrees_and_keeps_the_metric_is_faithful_and_one_that_fli
     assert not worse["faithful"] and worse["agreement"] == 0.9
     assert any("agrees with fp32 on 90.0%" in p for p in worse["problems"])
     assert any("reaches below -0.02" in p for p in worse["problems"])
-    moving = judge_variant(fp32, Measured(one_hot(list(truth)), seconds=0.8, batch_spread=3e-3), truth, margin=0.02,
+    moving = judge_variant(fp32, Measured(one_hot(list(truth)), seconds=0.8, batch_spread=0.03), truth, margin=0.02,
                            confidence=0.9)  # answers that move with the batch's other texts (dynamic int8)
     assert not moving["faithful"] and "with the other texts in its batch" in moving["problems"][0]
     int8 = judge_variant(fp32, Measured(one_hot(list(truth)), seconds=0.5), truth, margin=0.02, confidence=0.9,
