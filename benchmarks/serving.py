@@ -220,18 +220,14 @@ def answers(url: str, texts: list[str]) -> list[dict]:
 
 
 def checked_variant(folder: Path) -> dict:
-    """The package stage's check of the model's reduced-precision variants (tasks/variants.py) against fp32 on the
-    demo's target holdout: the record the service then serves from, as it would for a packaged model."""
+    """The package stage's check of the model's reduced-precision variants against fp32 on the demo's target holdout
+    (tasks/packaging.py): the record the service then serves from, as it would for a packaged model."""
     from tasks.config import load_params
     from tasks.ingest import ingest
-    from tasks.variants import check_variants
+    from tasks.packaging import check_serving_variants
 
     params = load_params(ROOT / "params.yaml")
-    holdout = ingest(params.ingest).splits["target_holdout"]
-    holdout = holdout[holdout["label"].astype("str").isin(params.ingest.labels)]
-    return check_variants(folder, holdout["text"].astype("str").tolist(), holdout["label"].astype("str").tolist(),
-                          params.ingest.labels, params.model.max_length, params.gate.non_inferiority.delta,
-                          params.evaluate.confidence, params.evaluate.seed)
+    return check_serving_variants(params, folder, ingest(params.ingest).splits["target_holdout"])
 
 
 def in_process_limit(folder: Path, texts: list[str], seconds: float, precision: str = "fp32") -> dict:

@@ -252,6 +252,9 @@ class Classifier:
                 if (current is None or served.production != current.version) and self.switch_to(served.production):
                     logger.info("now serving %s", served.production)
                 self.shadow_with(served.shadow)
+                if served.problem and served.problem != self.problems.get("registry"):
+                    logger.error("%s; production answers every request", served.problem)
+                self.problems["registry"] = served.problem
                 self.canary_with(served.canary, served.canary_fraction)
             except Exception:  # keep serving the current model; the next check tries again
                 logger.exception("could not switch to the registry's production model")

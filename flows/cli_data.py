@@ -98,20 +98,13 @@ def command_canary(args: argparse.Namespace, project: Path) -> int:
 
     from tasks.config import load_params
     from tasks.errors import EXIT_CHECK_FAILED
-    from tasks.promotion import ROLLED_BACK, judge_canary
-    from tasks.render import canary_change_text, shadow_markdown
-    from tasks.shadow import canary_report
+    from tasks.promotion import ROLLED_BACK, judge_canary_window
+    from tasks.render import canary_judgement_text, shadow_markdown
 
     params = load_params(project / "params.yaml")
     feedback, path = read_feedback(args.feedback, args.columns, params) if args.feedback else (None, None)
-    report = canary_report(params, feedback, str(path or ""))
-    outcome, record = judge_canary(params, report)
-    print(json.dumps({**report.model_dump(), "outcome": outcome}, indent=2) if args.json else shadow_markdown(report))
-    window = next(event for event in reversed(record["history"]) if event["action"] == "canary-window")
-    print(canary_change_text(window), file=sys.stderr if args.json else sys.stdout)
-    last = record["history"][-1]
-    if last is not window:
-        print(canary_change_text(last) if last["action"].startswith("canary") else
-              f"{last['action']}: {last['tag']} is now in production (was {last['previous']}); {record['versioning']}",
-              file=sys.stderr if args.json else sys.stdout)
-    return EXIT_CHECK_FAILED if outcome == ROLLED_BACK else EXIT_OK
+    judged = judge_canary_window(params, feedback, str(path or ""))
+    print(json.dumps({**judged.report.model_dump(), "outcome": judged.outcome}, indent=2) if args.json
+          else shadow_markdown(judged.report))
+    print(canary_judgement_text(judged.window, judged.change), file=sys.stderr if args.json else sys.stdout)
+    return EXIT_CHECK_FAILED if judged.outcome == ROLLED_BACK else EXIT_OK

@@ -93,6 +93,13 @@ def shift_watch(max_rows: int = 2000) -> dict:
     from tasks.figures import performance_history_plot
     from tasks.report import png_data_uri
 
+    from tasks.config import hermetic_checkout
+    from tasks.errors import RegraftError
+
+    if hermetic_checkout():
+        raise RegraftError("shift-watch reads the serving hosts' prediction logs, which a fresh clone does not have: "
+                           "run its deployment on a worker on a serving host, in that host's checkout "
+                           "(deploy/prefect.yaml's shift-watch: REGRAFT_SERVING_PROJECT, queue `serving`)")
     root = in_project()
     params = load_params(root / "params.yaml")
     if not read_record(params.paths.registry).get("production"):
@@ -129,25 +136,30 @@ def shift_watch(max_rows: int = 2000) -> dict:
 
 
 def judge_running_canary(params) -> str | None:
-    """Each shift-watch is a window of the running canary (none: None): judged on the texts both models predicted,
-    as `regraft canary` does; a rollback or a promotion emits its event."""
-    from tasks.promotion import PROMOTED, ROLLED_BACK, judge_canary
+    """Each shift-watch is a window of the running canary (none: None): judged as `regraft canary` does; a rollback
+    or a promotion emits its event. A window that cannot be judged (no logs yet, the canary ended meanwhile) is
+    logged and leaves the canary as it was: shift-watch's own results stand."""
+    from tasks.errors import RegraftError
+    from tasks.promotion import PROMOTED, ROLLED_BACK, judge_canary_window
     from tasks.registry import canary_of, read_record
-    from tasks.render import canary_change_text, shadow_markdown
-    from tasks.shadow import canary_report
+    from tasks.render import canary_judgement_text, shadow_markdown
 
-    if not canary_of(read_record(params.paths.registry)):
-        return None
-    report = canary_report(params)
+    try:
+        if not canary_of(read_record(params.paths.registry)):
+            return None
+        judged = judge_canary_window(params, by="shift-watch")
+    except RegraftError as exc:
+        get_run_logger().warning("the canary was not judged this window: %s", exc)
+        return f"not judged: {exc}"
+    report, tag = judged.report, judged.report.candidate
     create_markdown_artifact(key="canary-report", markdown=shadow_markdown(report),
                              description="the canary against production on the texts both predicted")
-    outcome, record = judge_canary(params, report, "shift-watch")
-    change, tag = record["history"][-1], report.candidate
-    print(canary_change_text(change) if change["action"].startswith("canary") else f"{tag} is now in production")
-    if outcome == ROLLED_BACK:
-        notify(CANARY_ROLLED_BACK, f"model.{tag}", canary_change_text(change), report.verdict, tag=tag,
-               beside=report.production_model, reason=report.reason)
-    elif outcome == PROMOTED:
-        notify(CANARY_PROMOTED, f"model.{tag}", f"{tag} promoted to production after its canary: {change['reason']}",
-               report.verdict, tag=tag, previous=change.get("previous"), reason=change["reason"])
-    return outcome
+    print(canary_judgement_text(judged.window, judged.change))
+    if judged.outcome == ROLLED_BACK:
+        notify(CANARY_ROLLED_BACK, f"model.{tag}", canary_judgement_text(judged.window, judged.change), report.verdict,
+               tag=tag, beside=report.production_model, reason=report.reason)
+    elif judged.outcome == PROMOTED:
+        notify(CANARY_PROMOTED, f"model.{tag}", f"{tag} promoted to production after its canary: "
+               f"{judged.change['reason']}", report.verdict, tag=tag, previous=judged.change.get("previous"),
+               reason=judged.change["reason"])
+    return judged.outcome

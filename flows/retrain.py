@@ -26,7 +26,7 @@ from flows.dvc_stage import run_stage, stage_progress_file
 from flows.gate_answer import file_answer
 from flows.notifications import RUN_FAILED, tell
 from flows.run_form import RetrainParameters
-from flows.run_record import publish_html_report, push_outputs, record_run, save_to_history
+from flows.run_record import check_hermetic_remote, publish_html_report, push_outputs, record_run, save_to_history
 from flows.workspace import discard, prune_failed_runs, recover_interrupted, restore, take_snapshot
 from tasks.config import Params, hermetic_checkout, load_params, project_root, write_overrides
 from tasks.errors import RegraftError, ReportError
@@ -69,6 +69,7 @@ def retrain(parameters: RetrainParameters = RetrainParameters()) -> dict:
     os.umask(PRIVATE_UMASK)
     # Refuse a bad override now, not after waiting behind another run for the lock; checked again under it.
     check_overrides_before_lock(root, parameters.as_overrides())
+    check_hermetic_remote(root)
     logger = get_run_logger()
     run_id = str(flow_run.get_id() or dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S"))
     current = load_params(root / "params.yaml")

@@ -12,16 +12,31 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from flows.dvc_stage import dvc_command, json_file, stage_environment
 from tasks.config import Params, hermetic_checkout
-from tasks.errors import DataError, InternalError
+from tasks.errors import ConfigError, DataError, InternalError
 from tasks.reports import RunRecord, write_report
+
+
+def default_remote(project_dir: Path) -> str:
+    """The project's default DVC remote ("" when none is configured)."""
+    remote = subprocess.run(dvc_command("remote", "default"), cwd=project_dir, capture_output=True, text=True)
+    return remote.stdout.strip() if remote.returncode == 0 else ""
+
+
+def check_hermetic_remote(project_dir: Path) -> None:
+    """A run whose checkout dies with it (REGRAFT_HERMETIC) must have somewhere to leave its work: refused before any
+    stage runs when the project names no default DVC remote (its data, models and, by default, its model remote and
+    registry record live there)."""
+    if hermetic_checkout() and not default_remote(project_dir):
+        raise ConfigError(f"{project_dir}: a hermetic run (REGRAFT_HERMETIC) needs the project's default DVC remote "
+                          "for its data, models and registry; none is configured (dvc remote add -d ...), and nothing "
+                          "of this run would outlive the job")
 
 
 @task(name="dvc-push", retries=2, retry_delay_seconds=5)
 def push_outputs(project_dir: Path) -> str:
     """Send data and models to the default DVC remote (transient failures retry)."""
-    remote = subprocess.run(dvc_command("remote", "default"), cwd=project_dir, capture_output=True, text=True)
-    name = remote.stdout.strip()
-    if remote.returncode != 0 or not name:
+    name = default_remote(project_dir)
+    if not name:
         get_run_logger().warning("no default DVC remote is configured; outputs were not pushed")
         return ""
     pushed = subprocess.run(dvc_command("push", "--remote", name), cwd=project_dir, env=stage_environment(),

@@ -165,24 +165,25 @@ def top_two_gap(probabilities: dict[str, float]) -> float:
     return first - second
 
 
-def check_serving_variants(params: Params) -> dict:
-    """The candidate in each reduced precision this machine offers, against fp32 on the whole target holdout
-    (tasks/variants.py), held to the gate's non-inferiority margin. When the check cannot run, fp32 serves (the model
-    as it was validated) and the record says why: the check only decides whether a faster variant may serve."""
+def check_serving_variants(params: Params, model_dir: Path | None = None, holdout=None) -> dict:
+    """The candidate (`model_dir`, default paths.model) in each reduced precision this machine offers, against fp32 on
+    the whole target holdout (`holdout`, default the split's file; tasks/variants.py), held to the gate's
+    non-inferiority margin. When the check cannot run, fp32 serves (the model as it was validated) and the record
+    says why: the check only decides whether a faster variant may serve."""
     import pandas as pd
 
     from tasks.variants import check_variants, not_checked
 
     path = params.paths.splits.target_holdout
     try:
-        holdout = pd.read_parquet(path)
+        holdout = pd.read_parquet(path) if holdout is None else holdout
         holdout = holdout[holdout["label"].astype("str").isin(params.ingest.labels)]
     except (OSError, KeyError, ValueError) as exc:
         return not_checked(f"no target holdout to check them on ({path}: {type(exc).__name__}: {exc})")
     if holdout.empty:
         return not_checked(f"no labelled rows in {path} to check them on")
     try:
-        return check_variants(params.paths.model, holdout["text"].astype("str").tolist(),
+        return check_variants(model_dir or params.paths.model, holdout["text"].astype("str").tolist(),
                               holdout["label"].astype("str").tolist(), params.ingest.labels, params.model.max_length,
                               params.gate.non_inferiority.delta, params.evaluate.confidence, params.evaluate.seed)
     except (OSError, ValueError, RuntimeError) as exc:  # a model the variants cannot be built from or run

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.config import DVC_DIR, Params
@@ -172,33 +173,59 @@ def end_canary(params: Params, tag: str | None, reason: str, by: str | None = No
 CONTINUES, ROLLED_BACK, PROMOTED = "continues", "rolled back", "promoted"
 
 
-def judge_canary(params: Params, report, by: str | None = None) -> tuple[str, dict]:
-    """Act on one window's comparison (tasks/shadow.py canary_report) of the running canary: shown worse by more
-    than monitor.max_drop, it is rolled back (production answers everything again); shown not worse, the window
-    counts, and once monitor.canary_windows have, it is promoted; otherwise it keeps running. Every judged window
-    is a history entry with its evidence. Returns what happened and the record."""
-    from tasks.shadow import NOT_WORSE, WORSE
+@dataclass(frozen=True)
+class CanaryJudgement:
+    """One judged window: what it did, the comparison, the record after it, and its history entries (the window's,
+    and the rollback or the promotion it caused, else None)."""
+
+    outcome: str
+    report: object  # tasks.reports.ShadowReport
+    record: dict
+    window: dict
+    change: dict | None
+
+
+def judge_canary_window(params: Params, feedback=None, origin: str = "", by: str | None = None) -> CanaryJudgement:
+    """One window of the running canary (`regraft canary`, each shift-watch run): the remote's record mirrored here,
+    the canary compared with production on the texts both predicted since its last window (tasks/shadow.py), and
+    acted on. Shown worse by more than monitor.max_drop: rolled back at once (production answers everything again);
+    shown not worse: the window counts, and once monitor.canary_windows have, it is promoted; otherwise it keeps
+    running. The window and a rollback are written to the record alone, so neither waits for a retrain holding the
+    project; only a promotion takes the project, as every promotion does."""
+    from tasks.registry import promote as promote_in_record
+    from tasks.shadow import NOT_WORSE, WORSE, canary_report
 
     by = by or getpass.getuser()
+    remote = model_remote(params)
+    sync_record(params.paths.registry, remote)
+    report, judged = canary_report(params, feedback, origin)
     difference = report.difference
-    gap = getattr(difference, difference.basis or "estimated", None)
+    gap = getattr(difference, difference.basis) if difference.basis else None
     evidence = {"basis": difference.basis, "rows": report.rows,
                 "agreement": report.agreement.share if report.agreement else None,
                 "macro_f1_difference": gap.macro_f1.estimate if gap else None,
                 "interval": gap.macro_f1.interval if gap else None, "max_drop": report.max_drop}
-    with project_lock(params.paths.state, f"judge the canary {report.candidate}", params.schedule.lock_timeout_seconds):
-        remote = model_remote(params)
-        record = record_canary_window(params.paths.registry, report.candidate, report.since, report.verdict,
-                                      report.reason, evidence, report.verdict == WORSE, report.verdict == NOT_WORSE,
-                                      by, remote)
-        if record["history"][-1]["action"] == "canary-rolled-back":
-            return ROLLED_BACK, record
-        canary = record.get("canary") or {}
-        if canary.get("tag") == report.candidate and canary["passed"] >= canary["windows"]:
-            reason = (f"canary: shown not worse than {canary['beside']} in {canary['passed']} judged windows "
-                      f"({report.reason})")
-            return PROMOTED, switch_production(params, report.candidate, reason, by, "promote", remote)
-        return CONTINUES, record
+    record, window_id = record_canary_window(params.paths.registry, judged.tag, judged.since, judged.until,
+                                             report.verdict, report.reason, evidence, report.verdict == WORSE,
+                                             report.verdict == NOT_WORSE, by, remote)
+    entries = [event for event in record["history"] if event.get("window") == window_id
+               or (event.get("evidence") or {}).get("window") == window_id]
+    window = next(event for event in entries if event["action"] == "canary-window")
+    rollback = next((event for event in entries if event["action"] == "canary-rolled-back"), None)
+    if rollback:
+        return CanaryJudgement(ROLLED_BACK, report, record, window, rollback)
+    canary = canary_of(record)
+    if canary and canary["tag"] == judged.tag and canary["passed"] >= canary["windows"]:
+        reason = (f"canary: shown not worse than {canary['beside']} in {canary['passed']} judged windows "
+                  f"({report.reason})")
+        with project_lock(params.paths.state, f"promote the canary {judged.tag}", params.schedule.lock_timeout_seconds):
+            finish_interrupted_promotion(params, remote)
+            check_promotable(record["models"].get(judged.tag), judged.tag)
+            record = promote_in_record(params.paths.registry, judged.tag, stored_model_dir(params, judged.tag, remote),
+                                       params.paths.champion, by, reason, remote=remote, canary_since=judged.since)
+            record["versioning"] = version_with_dvc(params)
+        return CanaryJudgement(PROMOTED, report, record, window, record["history"][-1])
+    return CanaryJudgement(CONTINUES, report, record, window, None)
 
 
 def install_champion_from_remote(params: Params) -> str | None:
@@ -237,7 +264,7 @@ def install_served_models(params: Params, remote, record: dict) -> dict:
     if not tag:
         raise RegistryError(f"{remote.url}: no production model yet; promote one with `regraft promote TAG`")
     install_checked(params, remote, record, tag, "not served")
-    shadow, canary, problem = shadow_of(record), canary_of(record), None
+    shadow, (canary, problem) = shadow_of(record), readable_canary(record)
     if shadow:
         try:
             install_checked(params, remote, record, shadow, "not shadowed")
@@ -250,6 +277,15 @@ def install_served_models(params: Params, remote, record: dict) -> dict:
             canary, problem = None, f"the canary is not loaded here (production answers everything): {exc}"
     mirror_record(params.paths.registry, record)  # only now: the service follows this file
     return {"production": tag, "shadow": shadow, "canary": canary_route(canary), "problem": problem}
+
+
+def readable_canary(record: dict) -> tuple[dict | None, str | None]:
+    """The record's canary, or None with the problem when its entry is malformed: a serving host then lets production
+    answer everything and says why, instead of failing to serve."""
+    try:
+        return canary_of(record), None
+    except RegistryError as exc:
+        return None, f"no canary served: {exc}"
 
 
 def canary_route(canary: dict | None) -> tuple[str, float] | None:
@@ -279,7 +315,7 @@ def follow_remote(params: Params, remote, served: dict, stop: threading.Event) -
             if not record or not record.get("production"):
                 continue
             wanted = {"production": record["production"], "shadow": shadow_of(record),
-                      "canary": canary_route(canary_of(record))}
+                      "canary": canary_route(readable_canary(record)[0])}
             if wanted == {key: served.get(key) for key in wanted}:
                 continue
             installed = install_served_models(params, remote, record)

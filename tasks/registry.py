@@ -177,14 +177,20 @@ def journal_file(path: Path) -> Path:
 
 
 def promote(path: Path, tag: str, model_dir: Path, champion: Path, by: str, reason: str,
-            action: str = "promote", remote=None) -> dict:
+            action: str = "promote", remote=None, canary_since: str | None = None) -> dict:
     """Make `tag` the production model: checks, then journal -> copy to `champion` -> record -> journal removed.
-    A crash at any step leaves the journal, and `finish_promotion` completes the change. Returns the record."""
+    A crash at any step leaves the journal, and `finish_promotion` completes the change. With `canary_since`: only
+    while `tag` is still the canary started then, beside the production model it was judged against. Returns the
+    record."""
     with locked_record(path, remote) as update:
         record = update.record
         entry = record["models"].get(tag)
         check_promotable(entry, tag)
         check_files(entry, model_dir, tag, "not promoted")
+        canary = canary_of(record) if canary_since else None
+        if canary_since and (not canary or (canary["tag"], canary["since"]) != (tag, canary_since)
+                             or canary["beside"] != record["production"]):
+            raise RegistryError(f"{tag}: its canary ended or production changed while it was judged; not promoted")
         previous = record["production"]
         if previous == tag:
             raise RegistryError(f"{tag} is already the production model")
@@ -214,7 +220,7 @@ def promotion(tag: str, action: str, by: str, reason: str) -> Callable[[dict], N
 def record_promotion(record: dict, tag: str, previous: str | None, action: str, by: str, reason: str,
                      at: str) -> None:
     # A shadow or canary is compared with the production model it was started beside: a new production model ends it.
-    for running, end in ((shadow_of(record), record_shadow_end), ((canary_of(record) or {}).get("tag"), record_canary_end)):
+    for running, end in ((shadow_of(record), record_shadow_end), (raw_canary_tag(record), record_canary_end)):
         if running:
             why = "promoted to production" if running == tag else f"{action} of {tag}"
             end(record, by, f"{why}: {reason}", at)
@@ -251,7 +257,7 @@ def start_shadow(path: Path, tag: str, model_dir: Path, by: str, reason: str, re
 def check_beside_production(record: dict, tag: str, rollout: str) -> None:
     """A shadow or a canary runs a candidate beside the production model: there must be one, it must not be the
     candidate, and no other shadow or canary may be running."""
-    production, shadow, canary = record["production"], record.get("shadow"), record.get("canary")
+    production, shadow, canary = record["production"], record.get("shadow"), raw_canary_tag(record)
     if not production:
         raise RegistryError(f"{tag}: there is no production model to {rollout} beside; promote one first")
     if production == tag:
@@ -260,8 +266,8 @@ def check_beside_production(record: dict, tag: str, rollout: str) -> None:
         raise RegistryError(f"{shadow['tag']} is already the shadow candidate (since {shadow['since']}); "
                             "end it first with `regraft promote --shadow-off`")
     if canary:
-        raise RegistryError(f"{canary['tag']} is already in canary (since {canary['since']}, {canary['fraction']:g} of "
-                            "the requests); one canary at a time: end it first with `regraft promote --canary-off`")
+        raise RegistryError(f"{canary} is already in canary; one canary at a time: end it first with "
+                            "`regraft promote --canary-off`")
 
 
 def shadow_started(tag: str, by: str, reason: str) -> Callable[[dict], None]:
@@ -300,14 +306,32 @@ def record_shadow_end(record: dict, by: str, reason: str, at: str) -> None:
 
 
 def canary_of(record: dict) -> dict | None:
-    """The running canary the record names ({tag, beside, fraction, since, windows, passed, ...}), or None."""
-    return record.get("canary") or None
+    """The running canary the record names ({tag, beside, fraction, since, windows, passed, ...}), or None. The
+    record comes from a file or a remote anyone with write access may have edited: a canary entry that is not one is
+    a RegistryError naming the problem, never a half-read split."""
+    canary = record.get("canary")
+    if not canary:
+        return None
+    problems = [] if isinstance(canary, dict) else ["not an object"]
+    if not problems:
+        problems += [f"{key} is not text" for key in ("tag", "beside", "since") if not isinstance(canary.get(key), str)]
+        problems += [f"{key} is not a count" for key in ("windows", "passed")
+                     if not isinstance(canary.get(key), int) or isinstance(canary.get(key), bool)]
+        try:
+            check_fraction(canary.get("fraction"))
+        except RegistryError:
+            problems.append(f"fraction {canary.get('fraction')!r} is not strictly between 0 and 1")
+    if problems:
+        raise RegistryError("the registry record's canary entry is malformed (" + "; ".join(problems) + "); end it with "
+                            "`regraft promote --canary-off` or correct the record")
+    return canary
 
 
 def check_fraction(fraction: float) -> None:
     import math
 
-    if not isinstance(fraction, (int, float)) or not math.isfinite(fraction) or not 0 < fraction < 1:
+    if (not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not math.isfinite(fraction)
+            or not 0 < fraction < 1):
         raise RegistryError(f"canary fraction {fraction!r}: the share of requests the candidate answers must lie "
                             "strictly between 0 and 1 (0.1 for a tenth)")
 
@@ -347,42 +371,48 @@ def canary_started(tag: str, fraction: float, windows: int, by: str, reason: str
     return change
 
 
-def record_canary_window(path: Path, tag: str, since: str, verdict: str, reason: str, evidence: dict, worse: bool,
-                         not_worse: bool, by: str, remote=None) -> dict:
-    """One judged window of the running canary `tag` (started at `since`): shown worse ends it (canary-rolled-back,
-    production untouched); shown not worse counts towards its windows; neither is recorded and changes nothing else.
-    Returns the record; RegistryError when the canary is no longer the one judged (another host ended it)."""
+def record_canary_window(path: Path, tag: str, since: str, until: str, verdict: str, reason: str, evidence: dict,
+                         worse: bool, not_worse: bool, by: str, remote=None) -> tuple[dict, str]:
+    """One judged window of the running canary `tag` (started at `since`), on the texts served up to `until`: shown
+    worse ends it (canary-rolled-back, production untouched); shown not worse counts towards its windows; neither is
+    recorded and changes nothing else. The next window judges only texts served after `until`, so no text counts
+    twice. Returns the record and this window's id (in its history entries); RegistryError when the canary is no
+    longer the one judged (another host ended it, or judged the same texts)."""
     import uuid
 
     at, window = now(), uuid.uuid4().hex
 
     def change(record: dict) -> None:
         canary = canary_of(record)
-        if not canary or (canary["tag"], canary["since"]) != (tag, since) or canary.get("last_window") == window:
+        if (not canary or (canary["tag"], canary["since"]) != (tag, since)
+                or any(event.get("window") == window for event in record["history"])):
             return  # ended meanwhile (by another host), or this window's write retried
-        canary["last_window"] = window
+        canary["judged_until"] = until
         if not_worse:
             canary["passed"] += 1
-        record["history"].append({"at": at, "action": "canary-window", "tag": tag, "previous": None,
+        record["history"].append({"at": at, "action": "canary-window", "tag": tag, "previous": None, "window": window,
                                   "verdict": verdict, "passed": canary["passed"], "windows": canary["windows"],
-                                  "evidence": evidence, "by": by, "reason": reason})
+                                  "texts_until": until, "evidence": evidence, "by": by, "reason": reason})
         if worse:
             record_canary_end(record, by, f"shown worse: {reason}", at, action="canary-rolled-back",
-                              evidence=evidence)
+                              evidence={**evidence, "window": window})
 
     with locked_record(path, remote) as update:
         canary = canary_of(update.record)
         if not canary or (canary["tag"], canary["since"]) != (tag, since):
             raise RegistryError(f"{tag}: the canary judged is no longer running; see `regraft models`")
+        if (canary.get("judged_until") or "") >= until:
+            raise RegistryError(f"{tag}: the texts served up to {until} were already judged (up to "
+                                f"{canary['judged_until']}); judge again when more traffic has come")
         update.apply(change)
-    return json.loads(json.dumps(update.record))
+    return json.loads(json.dumps(update.record)), window
 
 
 def stop_canary(path: Path, tag: str | None, by: str, reason: str, remote=None) -> dict:
     """End the running canary by hand without promoting it (`tag`, when given, must be it). Returns the record."""
     at = now()
     with locked_record(path, remote) as update:
-        running = (canary_of(update.record) or {}).get("tag")
+        running = raw_canary_tag(update.record)  # a malformed canary entry can be ended too
         if running is None:
             raise RegistryError("no canary is running; nothing to end")
         if tag and tag != running:
@@ -391,13 +421,24 @@ def stop_canary(path: Path, tag: str | None, by: str, reason: str, remote=None) 
     return json.loads(json.dumps(update.record))
 
 
+def raw_canary_tag(record: dict) -> str | None:
+    """The canary's tag as the record holds it, even when the rest of its entry is malformed ("?" if none is
+    readable), so a promotion or --canary-off can always end it; None when no canary runs."""
+    canary = record.get("canary")
+    if not canary:
+        return None
+    tag = canary.get("tag") if isinstance(canary, dict) else None
+    return tag if isinstance(tag, str) else "?"
+
+
 def record_canary_end(record: dict, by: str, reason: str, at: str, action: str = "canary-off",
                       evidence: dict | None = None) -> None:
-    canary = canary_of(record)
-    if canary:  # else already ended (a retried write, or another host)
+    tag = raw_canary_tag(record)
+    if tag is not None:  # else already ended (a retried write, or another host)
+        canary = record["canary"] if isinstance(record["canary"], dict) else {}
         record["canary"] = None
-        entry = {"at": at, "action": action, "tag": canary["tag"], "previous": None, "beside": canary["beside"],
-                 "passed": canary["passed"], "windows": canary["windows"], "by": by, "reason": reason}
+        entry = {"at": at, "action": action, "tag": tag, "previous": None, "beside": canary.get("beside"),
+                 "passed": canary.get("passed"), "windows": canary.get("windows"), "by": by, "reason": reason}
         record["history"].append({**entry, "evidence": evidence} if evidence else entry)
 
 

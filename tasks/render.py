@@ -298,6 +298,16 @@ def shadow_change_text(event: dict) -> str:
     return canary_change_text(event)
 
 
+def canary_judgement_text(window: dict, change: dict | None) -> str:
+    """A judged window, and the rollback or promotion it caused."""
+    lines = [canary_change_text(window)]
+    if change and change["action"] == "promote":
+        lines.append(f"promote: {change['tag']} is now in production (was {change['previous']}): {change['reason']}")
+    elif change:
+        lines.append(canary_change_text(change))
+    return "\n".join(lines)
+
+
 def canary_change_text(event: dict) -> str:
     """A canary's start, judged window or end (a history entry), for the terminal and the flows' logs."""
     action, tag = event["action"], event["tag"]

@@ -133,16 +133,17 @@ def recorded_serving(registry: Path, tag: str, metadata: dict) -> dict:
 
 
 def serving_precision(recorded: dict) -> tuple[str, str]:
-    """What this host serves a model in: its checked variant where this machine runs that variant too (bf16 where
-    it measures faster here, int8 on a CPU), else fp32; with the reason. Nothing checked: fp32."""
+    """What this host serves a model in: its checked bf16 variant where bf16 measures faster on this machine too, else
+    fp32; with the reason. Nothing checked, or a variant that is never served (int8): fp32."""
     from tasks.devices import choose_runtime
 
     chosen = recorded.get("precision") or "fp32"
     if chosen == "fp32":
         return "fp32", recorded.get("reason") or "no reduced-precision variant was checked for this model"
+    if chosen != "bf16":  # int8 (answers that depend on the batch: tasks/variants.py) or anything else: never served
+        return "fp32", f"{chosen!r} is never served (only a checked bf16 variant is)"
     runtime = choose_runtime()
-    here = (chosen == "bf16" and runtime.precision == "bf16") or (chosen == "int8" and runtime.device.type == "cpu")
-    if here:
+    if runtime.precision == "bf16":
         return chosen, f"checked at packaging: {recorded.get('reason')}"
     return "fp32", f"the checked variant {chosen} does not pay on this machine ({runtime.reason})"
 
@@ -192,7 +193,14 @@ def predict_probabilities(loaded: LoadedModel, texts: list[str], runtime=None):
     from tasks.devices import choose_runtime
     from tasks.models import predict_proba
 
-    runtime = runtime or choose_runtime("bf16" if loaded.precision == "bf16" else "fp32")
+    if runtime is None:
+        runtime = choose_runtime("bf16" if loaded.precision == "bf16" else "fp32")
+        if loaded.precision == "int8" and runtime.device.type != "cpu":  # quantized kernels run on the CPU only
+            import dataclasses
+
+            import torch
+
+            runtime = dataclasses.replace(runtime, device=torch.device("cpu"))
     return predict_proba(loaded.model, loaded.tokenizer, texts, loaded.max_length, runtime=runtime).numpy()
 
 
@@ -387,17 +395,21 @@ class ServedModels:
     shadow: str | None
     canary: str | None
     canary_fraction: float | None
+    problem: str | None = None  # a canary entry that is not one: production answers everything, and this says why
 
 
 def served_models(registry: Path) -> ServedModels:
     """The production model, shadow candidate and canary the registry names, from one read of the record."""
-    from tasks.registry import canary_of, read_record, shadow_of
+    from tasks.registry import RegistryError, canary_of, read_record, shadow_of
 
     record = read_record(registry)
     if not record.get("production"):
         raise RegraftError(f"{registry}: no production model yet; promote one with `regraft promote TAG`")
-    canary = canary_of(record) or {}
-    return ServedModels(record["production"], shadow_of(record), canary.get("tag"), canary.get("fraction"))
+    try:
+        canary, problem = canary_of(record) or {}, None
+    except RegistryError as exc:
+        canary, problem = {}, str(exc)
+    return ServedModels(record["production"], shadow_of(record), canary.get("tag"), canary.get("fraction"), problem)
 
 
 def production_tag(registry: Path) -> str:

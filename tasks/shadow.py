@@ -51,12 +51,18 @@ class HoldoutProbabilities:
     candidate: np.ndarray
 
 
+def in_window(frame: pd.DataFrame, since: str, until: str | None = None) -> pd.Series:
+    """Rows logged from `since` on (and before `until`, when given)."""
+    inside = frame["time"] >= pd.Timestamp(since)
+    return inside & (frame["time"] < pd.Timestamp(until)) if until else inside
+
+
 def join_shadow(production: pd.DataFrame, shadowed: pd.DataFrame, production_tag: str, candidate_tag: str,
-                since: str) -> tuple[pd.DataFrame, dict]:
-    """Production's rows served while the shadow ran, each beside the candidate's row with its prediction_id.
-    Production rows without one (shed, failed or still queued) are counted and left out."""
+                since: str, until: str | None = None) -> tuple[pd.DataFrame, dict]:
+    """Production's rows served while the shadow ran (from `since`, before `until`), each beside the candidate's row
+    with its prediction_id. Production rows without one (shed, failed or still queued) are counted and left out."""
     served = production[(production["model_version"] == production_tag)
-                        & (production["time"] >= pd.Timestamp(since))].drop_duplicates("prediction_id", keep="last")
+                        & in_window(production, since, until)].drop_duplicates("prediction_id", keep="last")
     candidate = shadowed[shadowed["model_version"] == candidate_tag].drop_duplicates("prediction_id", keep="last")
     joined = served.merge(candidate[["prediction_id", "label", "probabilities", "text_sha256"]], on="prediction_id",
                           suffixes=("_production", "_candidate"))
@@ -264,29 +270,46 @@ def shadow_report(params: Params, feedback: pd.DataFrame | None = None, origin: 
     return compared_report("shadow", params, record, shadow, joined, rows, feedback, origin)
 
 
-def canary_report(params: Params, feedback: pd.DataFrame | None = None, origin: str = "") -> ShadowReport:
-    """Compare the running canary with production on the served texts both predicted (each answered by one, the
-    other predicting it off the response path: the two logs together), and write reports/canary.json."""
+@dataclass(frozen=True)
+class CanaryWindow:
+    """Which canary a window judged (its tag and start) and which served texts: logged from `start` to `until`."""
+
+    tag: str
+    since: str
+    start: str
+    until: str
+
+
+def canary_report(params: Params, feedback: pd.DataFrame | None = None,
+                  origin: str = "") -> tuple[ShadowReport, CanaryWindow]:
+    """Compare the running canary with production on the texts both predicted (each answered by one, the other
+    predicting it off the response path: the two logs together) that were served since its last judged window, and
+    write reports/canary.json. Each window judges new texts only, so no text counts towards two windows."""
+    import datetime as dt
+
     from tasks.registry import canary_of, read_record
 
+    until = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")  # before reading: later lines are the next window's
     record = read_record(params.paths.registry)
     canary = canary_of(record)
     if not canary:
         raise DataError(f"{params.paths.registry}: no canary running; start one with `regraft promote TAG --canary "
                         "FRACTION`")
+    window = CanaryWindow(canary["tag"], canary["since"], canary.get("judged_until") or canary["since"], until)
     answered = logged_predictions(params.serve.prediction_log, "no prediction log yet; serve with `regraft serve`")
     logs = [answered]
     if Path(params.serve.shadow_log).is_file():  # absent until the first text predicted off the response path
         logs.append(logged_predictions(params.serve.shadow_log, ""))
     both = pd.concat(logs, ignore_index=True)
-    joined, _ = join_shadow(both, both, canary["beside"], canary["tag"], canary["since"])
-    served = answered[answered["model_version"].isin([canary["beside"], canary["tag"]])
-                      & (answered["time"] >= pd.Timestamp(canary["since"]))]["prediction_id"].nunique()
-    by_candidate = int(((answered["model_version"] == canary["tag"])
-                        & (answered["time"] >= pd.Timestamp(canary["since"]))).sum())
-    rows = {"served": int(served), "answered_by_candidate": by_candidate, "joined": len(joined),
-            "without_shadow": int(served) - len(joined)}
-    return compared_report("canary", params, record, canary, joined, rows, feedback, origin)
+    joined, _ = join_shadow(both, both, canary["beside"], canary["tag"], window.start, until)
+    window_rows = answered[answered["model_version"].isin([canary["beside"], canary["tag"]])
+                           & in_window(answered, window.start, until)]
+    rows = {"served": int(window_rows["prediction_id"].nunique()),
+            "answered_by_candidate": int((window_rows["model_version"] == canary["tag"]).sum()),
+            "joined": len(joined), "without_shadow": int(window_rows["prediction_id"].nunique()) - len(joined)}
+    report = compared_report("canary", params, record, {**canary, "since": window.start}, joined, rows, feedback,
+                             origin)
+    return report, window
 
 
 def compared_report(stage: str, params: Params, record: dict, rollout: dict, joined: pd.DataFrame, rows: dict,

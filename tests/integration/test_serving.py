@@ -334,6 +334,13 @@ def test_a_canary_answers_its_share_on_every_host_and_is_rolled_back_when_worse_
     second = run([REGRAFT, "promote", tags[1], "--canary", "0.1"], project, check=False)
     assert second.returncode == 2 and f"{worse} is already in canary" in second.stderr
     wait_until(lambda: (httpx.get(f"{url}/healthz").json().get("canary") or {}).get("model_version") == worse)
+
+    def off_path_total() -> int:
+        """Texts this server has handed to the model that did not answer them (predicted, shed or failed)."""
+        counts = httpx.get(f"{url}/healthz").json()["canary"]["off_path"]
+        return sum(c["predicted"] + c["shed"] + c["failed"] for c in counts.values())
+
+    before = off_path_total()
     expected = {text: worse if canary_share(text) < 0.5 else tags[0] for text in texts}
     assert 0 < list(expected.values()).count(worse) < len(texts)
     first = answers()
@@ -354,11 +361,7 @@ def test_a_canary_answers_its_share_on_every_host_and_is_rolled_back_when_worse_
         stop_process_group(host, grace_seconds=30)
         log.close()
 
-    def off_path_done() -> bool:
-        counts = httpx.get(f"{url}/healthz").json()["canary"]["off_path"]
-        return sum(c["predicted"] + c["shed"] + c["failed"] for c in counts.values()) >= len(texts)
-
-    wait_until(off_path_done)
+    wait_until(lambda: off_path_total() >= before + len(texts))
     judged = run([REGRAFT, "canary", "--feedback", str(feedback), "--columns", "text=text,label=label"], project,
                  check=False)
     assert judged.returncode == 1, judged.stdout + judged.stderr
@@ -371,16 +374,25 @@ def test_a_canary_answers_its_share_on_every_host_and_is_rolled_back_when_worse_
     wait_until(lambda: "canary" not in httpx.get(f"{url}/healthz").json())
     assert {row["model_version"] for row in answers().values()} == {tags[0]}
 
-    # The same weights as production, under a new tag: not worse in two windows, then production.
+    # The same weights as production, under a new tag: not worse in two windows, each on its own traffic, then
+    # production. Judged again with no new traffic, a window is refused: no text counts twice.
     same = package(project, tiny_bert, 1)
     run([REGRAFT, "promote", same, "--canary", "0.5"], project)
     wait_until(lambda: (httpx.get(f"{url}/healthz").json().get("canary") or {}).get("model_version") == same)
-    answers()
-    wait_until(off_path_done)
     for window_number in (1, 2):
+        before = off_path_total()
+        answers()
+        wait_until(lambda: off_path_total() >= before + len(texts))
         judged = run([REGRAFT, "canary", "--feedback", str(feedback), "--columns", "text=text,label=label"], project)
         assert f"canary {same}: not worse" in judged.stdout and f"{window_number} of 2 windows" in judged.stdout
+        if window_number == 1:
+            again = run([REGRAFT, "canary", "--feedback", str(feedback), "--columns", "text=text,label=label"], project,
+                        check=False)
+            assert again.returncode == 0 and "not enough evidence yet" in again.stdout, again.stdout + again.stderr
     assert f"promote: {same} is now in production (was {tags[0]})" in judged.stdout
+    history = json.loads(registry.read_text())["history"]
+    assert [e["verdict"] for e in history if e["action"] == "canary-window" and e["tag"] == same] == [
+        "not worse", "not enough evidence yet", "not worse"]
     wait_until(lambda: httpx.get(f"{url}/healthz").json()["model_version"] == same)
     run([REGRAFT, "rollback", "--reason", "back to the module's production model"], project)
     wait_until(lambda: httpx.get(f"{url}/healthz").json()["model_version"] == tags[0])

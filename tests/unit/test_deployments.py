@@ -56,8 +56,15 @@ def test_workers_get_the_commands_offline_and_telemetry_off_environment():
     for deployment in declared["deployments"]:
         env = deployment["work_pool"]["job_variables"]["env"]
         assert {k: env[k] for k in TELEMETRY_OFF} == TELEMETRY_OFF, deployment["name"]
-        # Hermetic: the project is the clone the pull steps make, not a checkout the worker names.
-        assert env["REGRAFT_HERMETIC"] == "1" and "REGRAFT_PROJECT" not in env, deployment["name"]
+        if deployment["entrypoint"].endswith(":shift_watch"):
+            # It reads the serving hosts' logs: in a serving host's checkout, from that host's queue, not a clone.
+            assert "REGRAFT_HERMETIC" not in env and env["REGRAFT_PROJECT"] == "{{ $REGRAFT_SERVING_PROJECT }}"
+            assert deployment["work_pool"]["work_queue_name"] == "serving"
+            assert deployment["pull"] == [{"prefect.deployments.steps.set_working_directory": {
+                "directory": "{{ $REGRAFT_SERVING_PROJECT }}"}}]
+        else:  # hermetic: the project is the clone the pull steps make, not a checkout the worker names
+            assert env["REGRAFT_HERMETIC"] == "1" and "REGRAFT_PROJECT" not in env, deployment["name"]
+            assert "pull" not in deployment  # the file's own: git_clone
 
 
 def test_a_work_pool_run_clones_the_repository_the_deployment_fixed_and_works_in_that_clone(monkeypatch):

@@ -245,12 +245,14 @@ def test_the_remote_is_package_remote_else_the_dvc_default_remote(tmp_path):
 
 
 def window(record_path, verdict: str, remote=None) -> dict:
-    """One judged window of the running canary, as tasks/promotion.judge_canary records it."""
+    """One judged window of the running canary, as tasks/promotion.judge_canary_window records it: the texts served
+    since the last window (up to a later time each call)."""
     from tasks.registry import canary_of, record_canary_window
 
     canary = canary_of(read_record(record_path))
-    return record_canary_window(record_path, canary["tag"], canary["since"], verdict, f"{verdict} on 300 rows",
-                                {"rows": 300}, verdict == "worse", verdict == "not worse", "shift-watch", remote)
+    until = f"{canary.get('judged_until') or canary['since']}~"  # sorts after the last window's end
+    return record_canary_window(record_path, canary["tag"], canary["since"], until, verdict, f"{verdict} on 300 rows",
+                                {"rows": 300}, verdict == "worse", verdict == "not worse", "shift-watch", remote)[0]
 
 
 def test_a_canary_counts_its_windows_and_a_worse_one_rolls_it_back_with_the_evidence(registry, tmp_path):
@@ -273,7 +275,8 @@ def test_a_canary_counts_its_windows_and_a_worse_one_rolls_it_back_with_the_evid
     assert canary_of(record) is None and record["production"] == "a" and file_digests(champion) == file_digests(models["a"])
     judged, ended = record["history"][-2:]
     assert (judged["action"], judged["verdict"], judged["passed"]) == ("canary-window", "worse", 2)
-    assert (ended["action"], ended["tag"], ended["evidence"]) == ("canary-rolled-back", "b", {"rows": 300})
+    assert (ended["action"], ended["tag"], ended["evidence"]) == ("canary-rolled-back", "b",
+                                                                  {"rows": 300, "window": judged["window"]})
     assert ended["reason"] == "shown worse: worse on 300 rows" and remote.read_record()[0] == record
     with pytest.raises(RegistryError, match="no canary is running"):
         stop_canary(record_path, None, "ana", "again", remote=remote)
@@ -291,7 +294,7 @@ def test_a_promotion_ends_the_canary_and_a_canary_ended_meanwhile_is_not_judged(
     assert (ended["action"], ended["reason"], changed["action"]) == (
         "canary-off", "promoted to production: canary: not worse in 1 window", "promote")
     with pytest.raises(RegistryError, match="the canary judged is no longer running"):
-        record_canary_window(record_path, "b", since, "worse", "late", {}, True, False, "shift-watch")
+        record_canary_window(record_path, "b", since, f"{since}~", "worse", "late", {}, True, False, "shift-watch")
     start_canary(record_path, "a", models["a"], 0.5, 1, "ana", "the old one back, by half")
     with pytest.raises(RegistryError, match="b is not the canary; a is"):
         stop_canary(record_path, "b", "ana", "x")
@@ -333,3 +336,50 @@ def test_a_shadow_is_refused_while_a_canary_runs(registry):
     start_canary(record_path, "b", models["b"], 0.1, 3, "ana", "a tenth")
     with pytest.raises(RegistryError, match="b is already in canary"):
         start_shadow(record_path, "approved", models["approved"], "ana", "both at once")
+
+
+def test_a_window_never_judges_the_same_texts_twice_and_a_promotion_needs_the_canary_it_judged(registry):
+    from tasks.registry import canary_of, record_canary_window, start_canary, stop_canary
+
+    record_path, models, champion = registry
+    promote(record_path, "a", models["a"], champion, "ana", "first")
+    start_canary(record_path, "b", models["b"], 0.5, 1, "ana", "half")
+    since = canary_of(read_record(record_path))["since"]
+    record, _ = record_canary_window(record_path, "b", since, "2999-01-01T00:00:00", "not worse", "ok", {}, False, True,
+                                     "shift-watch")
+    assert canary_of(record)["judged_until"] == "2999-01-01T00:00:00"
+    with pytest.raises(RegistryError, match="were already judged"):  # the same texts again: not a second window
+        record_canary_window(record_path, "b", since, "2999-01-01T00:00:00", "not worse", "ok", {}, False, True, "x")
+    stop_canary(record_path, "b", "ana", "ended by hand meanwhile")
+    with pytest.raises(RegistryError, match="its canary ended or production changed while it was judged"):
+        promote(record_path, "b", models["b"], champion, "shift-watch", "late", canary_since=since)
+    assert read_record(record_path)["production"] == "a"
+
+
+@pytest.mark.parametrize("canary, problem", [
+    ("b", "not an object"),
+    ({"tag": "b", "beside": "a", "since": "t", "windows": 3, "passed": 0, "fraction": "half"}, "fraction 'half'"),
+    ({"tag": "b", "beside": "a", "since": "t", "windows": 3, "passed": 0, "fraction": 1.0}, "fraction 1.0"),
+    ({"tag": 7, "beside": "a", "since": "t", "windows": 3, "passed": 0, "fraction": 0.1}, "tag is not text"),
+    ({"tag": "b", "beside": "a", "since": "t", "windows": "3", "passed": 0, "fraction": 0.1}, "windows is not a count"),
+])
+def test_a_malformed_canary_entry_is_named_never_half_served_and_can_be_ended(registry, canary, problem):
+    """The record is input from anyone with write access to it: a canary entry that is not one is refused with the
+    problem named; a serving host lets production answer everything; `--canary-off` and a promotion still end it."""
+    from tasks.registry import canary_of, record_promotion, stop_canary, write_record
+    from tasks.serving import served_models
+
+    record_path, models, champion = registry
+    promote(record_path, "a", models["a"], champion, "ana", "first")
+    record = read_record(record_path)
+    write_record(record_path, {**record, "canary": canary})
+    with pytest.raises(RegistryError, match="canary entry is malformed"):
+        canary_of(read_record(record_path))
+    served = served_models(record_path)
+    assert (served.production, served.canary, served.canary_fraction) == ("a", None, None)
+    assert problem in served.problem
+    ended = stop_canary(record_path, None, "ana", "malformed")
+    assert ended["canary"] is None and ended["history"][-1]["action"] == "canary-off"
+    damaged = {**record, "canary": canary}
+    record_promotion(damaged, "b", "a", "promote", "ana", "new model", "now")
+    assert damaged["canary"] is None and damaged["production"] == "b"

@@ -216,34 +216,44 @@ def test_the_shadow_command_prints_the_report_and_exits_by_its_verdict(tmp_path,
         assert (json.loads(shown)["verdict"] if as_json else shown.split("\n")[0].split(": ")[-1]) == verdict
 
 
-@pytest.mark.parametrize("outcome,last,event", [
+@pytest.mark.parametrize("outcome,change,event", [
     ("rolled back", {"action": "canary-rolled-back", "tag": "c:1", "beside": "p:1", "reason": "shown worse: x"},
      "regraft.canary.rolled-back"),
     ("promoted", {"action": "promote", "tag": "c:1", "previous": "p:1", "reason": "canary: not worse"},
      "regraft.canary.promoted"),
-    ("continues", {"action": "canary-window", "tag": "c:1", "verdict": "not worse", "reason": "x", "passed": 1,
-                   "windows": 3}, None),
+    ("continues", None, None),
 ])
-def test_each_shift_watch_judges_the_running_canary_and_tells_a_rollback_or_promotion(monkeypatch, outcome, last,
+def test_each_shift_watch_judges_the_running_canary_and_tells_a_rollback_or_promotion(monkeypatch, outcome, change,
                                                                                       event):
     """flows/operations.py: a shift-watch run is a window of the running canary; what the judgement did (rolled back,
-    promoted) is emitted as its event, naming the canary; a window that changes nothing emits nothing."""
+    promoted) is emitted as its event, naming the canary; a window that changes nothing emits nothing, and one that
+    cannot be judged is logged without failing the watch."""
     from types import SimpleNamespace
 
     from flows import operations
+    from tasks.errors import DataError
+    from tasks.promotion import CanaryJudgement
 
     sent, judged = [], []
     report = SimpleNamespace(candidate="c:1", production_model="p:1", verdict="worse", reason="realized ...")
+    window = {"action": "canary-window", "tag": "c:1", "verdict": "worse", "reason": "x", "passed": 1, "windows": 3}
     monkeypatch.setattr("tasks.registry.read_record", lambda path: {"canary": {"tag": "c:1"}})
-    monkeypatch.setattr("tasks.shadow.canary_report", lambda params: report)
+    monkeypatch.setattr("tasks.registry.canary_of", lambda record: record["canary"])
     monkeypatch.setattr("tasks.render.shadow_markdown", lambda report: "# canary")
-    monkeypatch.setattr("tasks.promotion.judge_canary",
-                        lambda params, report, by: judged.append(by) or (outcome, {"history": [last]}))
+    monkeypatch.setattr("tasks.promotion.judge_canary_window",
+                        lambda params, by: judged.append(by) or CanaryJudgement(outcome, report, {}, window, change))
     monkeypatch.setattr(operations, "create_markdown_artifact", lambda **kwargs: None)
     monkeypatch.setattr(operations, "notify", lambda name, subject, summary, verdict, **details:
                         sent.append((name, subject, details["tag"])))
+    monkeypatch.setattr(operations, "get_run_logger", lambda: SimpleNamespace(warning=lambda *a: sent.append(a[0])))
     params = SimpleNamespace(paths=SimpleNamespace(registry="registry.json"))
     assert operations.judge_running_canary(params) == outcome and judged == ["shift-watch"]
     assert sent == ([(event, "model.c:1", "c:1")] if event else [])
+
+    def no_logs(params, by):
+        raise DataError("no prediction log yet")
+
+    monkeypatch.setattr("tasks.promotion.judge_canary_window", no_logs)
+    assert operations.judge_running_canary(params) == "not judged: no prediction log yet"
     monkeypatch.setattr("tasks.registry.read_record", lambda path: {"canary": None})
     assert operations.judge_running_canary(params) is None  # no canary: nothing judged

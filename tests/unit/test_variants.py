@@ -50,7 +50,8 @@ def test_the_fastest_faithful_variant_serves_only_when_clearly_faster():
 
 
 def test_an_int8_variant_loads_and_predicts_like_the_service(tiny_bert, tmp_path):
-    """The int8 variant as the service loads it: Linear layers quantized, probabilities per text that sum to 1."""
+    """The int8 variant as a check measures it: Linear layers quantized, probabilities per text that sum to 1 (on the
+    CPU, where quantized kernels run, whatever else the machine has)."""
     import torch
 
     from tasks.models import load_classifier, load_tokenizer
@@ -66,4 +67,6 @@ def test_an_int8_variant_loads_and_predicts_like_the_service(tiny_bert, tmp_path
     rows = predict(loaded, ["works well", "no effect"])
     assert [abs(sum(r["probabilities"].values()) - 1) < 1e-3 for r in rows] == [True, True]
     assert serving_precision({}) == ("fp32", "no reduced-precision variant was checked for this model")
-    assert serving_precision({"precision": "int8", "reason": "int8: 1.5x"})[0] == "int8"  # a CPU runs int8
+    # int8 is never served, whatever a record says (its answers depend on the batch).
+    assert serving_precision({"precision": "int8", "reason": "int8: 1.5x"})[0] == "fp32"
+    assert serving_precision({"precision": "fp16"})[0] == "fp32"
