@@ -242,15 +242,24 @@ def shadow_of(record: dict) -> str | None:
 def start_shadow(path: Path, tag: str, model_dir: Path, by: str, reason: str, remote=None) -> dict:
     """Make `tag` the shadow candidate beside the production model, after the checks of a promotion (verdict, every
     file's sha256); it may be neither the production model nor displace a running shadow. Returns the record."""
+    return start_beside_production(path, tag, model_dir, "shadow", "not shadowed", shadow_started(tag, by, reason),
+                                   shadow_of, remote)
+
+
+def start_beside_production(path: Path, tag: str, model_dir: Path, rollout: str, consequence: str,
+                            change: Callable[[dict], None], running: Callable[[dict], str | None], remote) -> dict:
+    """Start a shadow or canary of `tag`: the checks of a promotion and check_beside_production, then `change`;
+    RegistryError when `running(record)` is not `tag` afterwards (another host changed production or started one in
+    between). Returns the record."""
     with locked_record(path, remote) as update:
         record = update.record
         entry = record["models"].get(tag)
         check_promotable(entry, tag)
-        check_files(entry, model_dir, tag, "not shadowed")
-        check_beside_production(record, tag, "shadow")
-        update.apply(shadow_started(tag, by, reason))
-    if shadow_of(update.record) != tag:  # another host changed production or the shadow in between
-        raise RegistryError(f"{tag}: the registry changed while starting the shadow; see `regraft models`")
+        check_files(entry, model_dir, tag, consequence)
+        check_beside_production(record, tag, rollout)
+        update.apply(change)
+    if running(update.record) != tag:
+        raise RegistryError(f"{tag}: the registry changed while starting the {rollout}; see `regraft models`")
     return json.loads(json.dumps(update.record))
 
 
@@ -343,16 +352,8 @@ def start_canary(path: Path, tag: str, model_dir: Path, fraction: float, windows
     check_fraction(fraction)
     if not isinstance(windows, int) or windows < 1:
         raise RegistryError(f"canary windows {windows!r}: at least 1 judged window before a full promotion")
-    with locked_record(path, remote) as update:
-        record = update.record
-        entry = record["models"].get(tag)
-        check_promotable(entry, tag)
-        check_files(entry, model_dir, tag, "not put in canary")
-        check_beside_production(record, tag, "canary")
-        update.apply(canary_started(tag, float(fraction), windows, by, reason))
-    if (canary_of(update.record) or {}).get("tag") != tag:  # another host changed production or started one
-        raise RegistryError(f"{tag}: the registry changed while starting the canary; see `regraft models`")
-    return json.loads(json.dumps(update.record))
+    return start_beside_production(path, tag, model_dir, "canary", "not put in canary",
+                                   canary_started(tag, float(fraction), windows, by, reason), raw_canary_tag, remote)
 
 
 def canary_started(tag: str, fraction: float, windows: int, by: str, reason: str) -> Callable[[dict], None]:
