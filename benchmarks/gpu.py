@@ -137,7 +137,7 @@ def main() -> None:
         peak, peak_source = (None, "not measured on the CPU") if on_cpu else peak_tflops(device)
         models = store_models(work, project / "models" / "candidate")
         port = free_port()
-        server = serve_regraft(work, models, port, shadow=False)
+        server = serve_regraft(work, models, port, False, ROOT / "params.yaml")
         try:
             url = f"http://127.0.0.1:{port}/predict"
             texts = review_texts()

@@ -6,7 +6,7 @@ one text per request, from a closed-loop load generator (each client sends its n
 last one answered) at concurrency 1, 4, 16 and 32.
 
 - regraft: `bentoml serve deploy.service:Classifier` (adaptive batching, tokenisation and batching
-  from tasks/), one worker, following a registry record that names the model as production, in the precision the
+  from tasks/), serve.workers worker processes (auto: one per core, each on its own core), following a registry record that names the model as production, in the precision the
   package stage's check chose for it (tasks/variants.py: bf16 or int8 only when faithful to fp32 on the demo's
   target holdout and clearly faster here, else fp32), run here on the same model first.
 - regraft with shadow (`--shadow`): the same, with the record also naming a shadow candidate (the same weights under
@@ -29,7 +29,7 @@ variant's agreement, macro-F1 difference and speed against fp32). With
 1.2), shadow_throughput_ratio_c16, shadow_counts (texts the candidate predicted, shed, failed) and
 shadow_responses_unchanged (the answers to the same 64 reviews, labels and probabilities, equal with and without).
 
-    python benchmarks/serving.py [--seconds 10] [--levels 1,4,16,32] [--shadow]
+    python benchmarks/serving.py [--seconds 10] [--levels 1,4,16,32] [--shadow] [--params params.yaml]
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ def store_models(work: Path, folder: Path, serving: dict) -> dict[str, dict]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def serve_regraft(work: Path, models: dict[str, dict], port: int, shadow: bool) -> subprocess.Popen:
+def serve_regraft(work: Path, models: dict[str, dict], port: int, shadow: bool, params_file: Path) -> subprocess.Popen:
     """Serve the stored model as the production model of a scratch registry record (the project's params.yaml;
     state, logs and record in `work`); with `shadow`, the record also names the shadow candidate, and this returns
     once the service has loaded it."""
@@ -190,7 +190,7 @@ def serve_regraft(work: Path, models: dict[str, dict], port: int, shadow: bool) 
     for log in (work / params.serve.shadow_log, work / "predictions.jsonl"):
         log.unlink(missing_ok=True)
     env = {**os.environ, "BENTOML_HOME": str(work / "bentoml"), "REGRAFT_PROJECT": str(work),
-           "REGRAFT_PARAMS": str(ROOT / "params.yaml"), "REGRAFT_PREDICTION_LOG": str(work / "predictions.jsonl")}
+           "REGRAFT_PARAMS": str(params_file), "REGRAFT_PREDICTION_LOG": str(work / "predictions.jsonl")}
     command = [sys.executable, "-m", "bentoml", "serve", "deploy.service:Classifier", "--host", "127.0.0.1",
                "--port", str(port)]
     server = start(command, env, f"http://127.0.0.1:{port}/healthz", work / "regraft.log")
@@ -210,6 +210,20 @@ def shadow_status(port: int) -> dict | None:
     return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).json().get("shadow")
 
 
+def shadow_counts_of_every_worker(port: int, workers: int) -> dict:
+    """Texts the shadow candidate predicted, shed and failed, summed over the service's worker processes (each
+    /healthz answer is one worker's own counts: asked until every worker has answered)."""
+    seen: dict[int, dict] = {}
+    for _ in range(50 * workers):
+        status = shadow_status(port) or {}
+        if "worker" in status:
+            seen[status["worker"]] = status
+        if len(seen) == workers:
+            break
+    return {"workers": len(seen), **{key: sum(status[key] for status in seen.values())
+                                     for key in ("predicted", "shed", "failed", "queued_batches")}}
+
+
 def answers(url: str, texts: list[str]) -> list[dict]:
     """The service's labels and probabilities for `texts`, one request per text."""
     import httpx
@@ -217,6 +231,14 @@ def answers(url: str, texts: list[str]) -> list[dict]:
     with httpx.Client(timeout=120) as http:
         return [{key: row[key] for key in ("label", "probabilities")}
                 for text in texts for row in http.post(url, json={"texts": [text]}).json()]
+
+
+def service_workers(params_file: Path) -> int:
+    """The service's worker processes under the parameters it is started with (serve.workers; auto: one per core)."""
+    from tasks.config import load_params
+    from tasks.serving import serving_workers
+
+    return serving_workers(load_params(params_file).serve)
 
 
 def checked_variant(folder: Path) -> dict:
@@ -255,11 +277,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="load per level and server")
     parser.add_argument("--levels", default="1,4,16,32", help="concurrency levels")
     parser.add_argument("--shadow", action="store_true", help="also serve with a shadow candidate and compare")
+    parser.add_argument("--params", type=Path, default=ROOT / "params.yaml",
+                        help="the service's params.yaml (to compare settings such as serve.workers)")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     texts = review_texts()
     work = Path(tempfile.mkdtemp(prefix="regraft-serving-bench-"))
     servers = ("baseline", "regraft", "regraft-shadow") if args.shadow else ("baseline", "regraft")
+    workers = service_workers(args.params)
     results: dict[str, dict] = {name: {} for name in servers}
     responses, shadow_counts = {}, None
     try:
@@ -270,7 +295,7 @@ def main() -> None:
         for name in servers:
             port = free_port()
             if name.startswith("regraft"):
-                server = serve_regraft(work, models, port, shadow=name == "regraft-shadow")
+                server = serve_regraft(work, models, port, name == "regraft-shadow", args.params)
                 url = f"http://127.0.0.1:{port}/predict"
             else:
                 script = work / "baseline_server.py"
@@ -289,7 +314,7 @@ def main() -> None:
                           f"p99 {r['p99_ms']} ms  errors {r['errors']}", flush=True)
                 if name == "regraft-shadow":
                     time.sleep(2.0)  # what is still queued for the candidate is counted, not waited for
-                    shadow_counts = shadow_status(port)
+                    shadow_counts = shadow_counts_of_every_worker(port, workers)
             finally:
                 stop_process_group(server, grace_seconds=30)
         from tasks.serving import serving_precision
@@ -314,6 +339,7 @@ def main() -> None:
         "errors": sum(r["errors"] for r in results["regraft"].values()),
         "baseline_errors": sum(r["errors"] for r in results["baseline"].values()),
         "p99_ms_c16": results["regraft"].get(16, {}).get("p99_ms"),
+        "service_workers": workers,
         "model": described,
         "levels": {str(level): {"regraft": results["regraft"][level], "baseline": results["baseline"][level]}
                    for level in levels},

@@ -358,7 +358,10 @@ class ServeConfig(StrictModel):
     max_batch_size: int = Field(ge=2, description="Adaptive batching: most texts the model sees in one forward pass.")
     max_latency_ms: int = Field(ge=1, description="Adaptive batching: longest a request may wait in the queue; "
                                 "BentoML refuses (503) what would wait longer, so a tight value sheds load.")
-    workers: int = Field(ge=1, description="Service worker processes.")
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        description="Service worker processes. auto: one per CPU core the service may use, each computing on its own "
+                    "core (processes answer more than one process's threads: measured 1.7x at 16 clients on 2 cores), "
+                    "one on a GPU. A worker's /healthz counts are its own.")
     log_texts: Literal["hash", "text"] = Field(description="Prediction log keeps each text's sha256, or the text itself "
                                                 "(needed for shift monitoring on the log).")
     prediction_log: Path = Field(description="JSON-lines log of every prediction.")

@@ -154,6 +154,7 @@ QUICK_SETTINGS = {
     "shift.null_splits": 5, "shift.bootstrap": 50, "shift.permutations": 50, "evaluate.bootstrap": 200,
     "gate.floors": [], "gate.worst_group.floor": 0.0, "gate.disparity.max_gap": 1.0, "gate.on_inconclusive": "approve",
     "gate.baselines.margin": 1.0,  # a random 2-layer model does not beat TF-IDF
+    "serve.workers": 1,  # the package stage's smoke test starts one worker, not one per core: start-up CPU
 }
 
 

@@ -236,6 +236,7 @@ def test_a_serving_host_with_only_the_remote_follows_the_trainers_promotions(tmp
     port = free_port()
     # The serving host names the remote in package.remote (no DVC needed) and reaches S3 through AWS_* variables.
     write_overrides(host / "params.yaml", {"model.max_length": 64, "serve.port": port, "serve.reload_seconds": 0.5,
+                                           "serve.workers": 1,  # /healthz is then the one worker answering
                                            "package.remote": f"s3://{BUCKET}/regraft/regraft-models"})
     assert not (host / "registry").exists() and not (host / ".regraft").exists()
     log = (tmp_path / "host-serve.log").open("w")

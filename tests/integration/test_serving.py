@@ -35,7 +35,8 @@ def served_project(tmp_path_factory, tiny_bert):
     project = make_project(base / "project", base / "remote")
     run([sys.executable, "-m", "pipelines.ingest"], project)
     port = free_port()
-    write_overrides(project / "params.yaml", {"model.max_length": 64, "serve.port": port,
+    # One worker: /healthz's shadow and canary counts are the answering worker's own.
+    write_overrides(project / "params.yaml", {"model.max_length": 64, "serve.port": port, "serve.workers": 1,
                                               "serve.max_in_flight": FLOOD_LIMIT, "serve.body_timeout_seconds": 8})
     tags = [package(project, tiny_bert, seed) for seed in (1, 2)]
     run([REGRAFT, "promote", tags[0], "--reason", "first"], project)

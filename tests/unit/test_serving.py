@@ -63,6 +63,47 @@ def test_prediction_log_keeps_the_text_or_only_its_hash(tmp_path, mode):
     assert ("text" in row) is (mode == "text") and ("text_sha256" in row) is (mode == "hash")
 
 
+def append_batches(path: str, worker: int) -> None:
+    log = PredictionLog(path, "text")
+    for batch in range(40):
+        texts = [f"worker {worker} batch {batch} text {i} " + "long review " * 40 for i in range(64)]
+        log.append(texts, [{"label": "a", "probabilities": {"a": 0.6, "b": 0.4}, "model_version": "m:1"}] * 64)
+
+
+def test_the_workers_of_a_service_append_to_one_prediction_log_without_mixing_lines(tmp_path):
+    """serve.workers processes share the prediction log: every batch (here 64 texts, about 40 KB) is one write, so
+    two processes appending at once leave only whole lines."""
+    import multiprocessing
+
+    path = tmp_path / "log.jsonl"
+    workers = [multiprocessing.get_context("spawn").Process(target=append_batches, args=(str(path), n)) for n in (1, 2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 2 * 40 * 64 and all(row["text"].startswith("worker ") for row in rows)
+
+
+def test_auto_serves_with_one_worker_per_core_each_on_its_own_threads_and_one_on_a_gpu(monkeypatch):
+    import torch
+    from pydantic import ValidationError
+
+    from tasks.serving import serving_workers, worker_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    auto = CFG.model_copy(update={"workers": "auto"})
+    assert serving_workers(auto) == 4 and worker_threads(4) == 1 and worker_threads(2) == 2
+    assert serving_workers(CFG.model_copy(update={"workers": 3})) == 3
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert serving_workers(auto) == 1
+    for bad in (0, "many", -2):
+        with pytest.raises(ValidationError, match="workers"):
+            ServeConfig(**{**CFG.model_dump(), "workers": bad})
+
+
 def test_the_shadow_queue_is_bounded_sheds_what_does_not_fit_and_counts_it(tmp_path, monkeypatch):
     """The shadow candidate never holds up a request: with its worker busy and its queue full, a served batch is
     shed at once and counted; the queued batches are predicted and logged with production's prediction ids."""
@@ -100,6 +141,35 @@ def test_the_shadow_queue_is_bounded_sheds_what_does_not_fit_and_counts_it(tmp_p
     assert "text" not in rows[0] and rows[0]["text_sha256"]
     shadow.swap(None)
     assert shadow.status() is None and shadow.submit(["later"], ["id-7"]) is False
+
+
+def test_the_shadow_candidate_starts_a_batch_only_while_production_has_nothing_to_answer(tmp_path, monkeypatch):
+    """While the worker holds requests the shadow's batches wait in the queue (shed when it is full); once production
+    is idle they are predicted."""
+    import time
+
+    from tasks import serving
+    from tasks.serving import LoadedModel, ShadowPredictor
+
+    monkeypatch.setattr(serving, "predict", lambda loaded, texts, runtime=None: [
+        {"label": "positive", "probabilities": {"negative": 0.25, "positive": 0.75}, "model_version": loaded.version}
+        for _ in texts])
+    answering = [True]
+    shadow = ShadowPredictor(PredictionLog(tmp_path / "shadow.jsonl", "hash"), capacity=2, idle=lambda: not answering[0])
+    shadow.swap(LoadedModel("cand:1", None, None, ["negative", "positive"], 64))
+    sent = [shadow.submit(["text 0"], ["id-0"])]
+    deadline = time.monotonic() + 10
+    while shadow.status()["queued_batches"] and time.monotonic() < deadline:  # the worker takes it, then waits
+        time.sleep(0.01)
+    sent += [shadow.submit([f"text {i}"], [f"id-{i}"]) for i in range(1, 4)]
+    time.sleep(0.3)
+    # The worker took the first batch and waits with it; two more wait in the queue; the fourth found it full.
+    assert sent == [True, True, True, False] and shadow.status()["predicted"] == 0 and shadow.status()["shed"] == 1
+    answering[0] = False
+    deadline = time.monotonic() + 10
+    while shadow.status()["predicted"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert shadow.status()["predicted"] == 3 and shadow.status()["shed"] == 1
 
 
 def test_a_canary_answers_its_share_of_texts_the_same_on_every_call_and_the_other_model_predicts_off_the_path(

@@ -70,3 +70,28 @@ def test_an_int8_variant_loads_and_predicts_like_the_service(tiny_bert, tmp_path
     # int8 is never served, whatever a record says (its answers depend on the batch).
     assert serving_precision({"precision": "int8", "reason": "int8: 1.5x"})[0] == "fp32"
     assert serving_precision({"precision": "fp16"})[0] == "fp32"
+
+
+def test_a_bf16_variant_keeps_its_weights_in_bf16_and_answers_exactly_as_autocast_from_fp32(tiny_bert, tmp_path):
+    """The served bf16 variant stores its Linear layers in bf16 once instead of autocast casting them on every
+    forward pass; the probabilities are the same bits as the fp32 model's under bf16 autocast (what the check of
+    the variant measured before), one text or a batch."""
+    import torch
+
+    from tasks.devices import choose_runtime
+    from tasks.models import load_classifier, load_tokenizer
+    from tasks.serving import load_model, predict_probabilities
+
+    torch.manual_seed(0)
+    load_classifier(tiny_bert, ["a", "b"]).save_pretrained(tmp_path / "model")
+    load_tokenizer(tiny_bert).save_pretrained(tmp_path / "model")
+    bf16 = load_model(tmp_path / "model", "m:1", 32, "bf16")
+    linear = [m for m in bf16.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linear and all(m.weight.dtype == torch.bfloat16 for m in linear)
+    assert all(m.weight.dtype == torch.float32 for m in bf16.model.modules() if isinstance(m, torch.nn.LayerNorm))
+    fp32 = load_model(tmp_path / "model", "m:1", 32, "fp32")
+    texts = ["works well", "no effect at all on the pain", "made me dizzy"]
+    autocast = predict_probabilities(fp32, texts, runtime=choose_runtime("bf16"))
+    assert np.array_equal(predict_probabilities(bf16, texts), autocast)
+    assert np.array_equal(predict_probabilities(bf16, texts[1:2]),
+                          predict_probabilities(fp32, texts[1:2], runtime=choose_runtime("bf16")))
