@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -47,10 +48,17 @@ HOLDER = ModelHolder()
 
 
 class Traffic:
-    """The /predict requests this worker holds (body arriving, queued or being predicted); the request guard counts
-    them on the worker's one event loop, the shadow thread only reads."""
+    """The /predict requests this worker holds (body arriving, queued or being predicted) and when it last held none;
+    the request guard counts them on the worker's one event loop, the shadow thread only reads."""
 
     in_flight = 0
+    quiet_since = 0.0
+    # Idle is no request for this long: between two batches of a busy worker there are gaps of a millisecond or two
+    # (its clients' next requests on their way), which a shadow batch of ~100 ms must not take.
+    QUIET_SECONDS = 0.02
+
+    def idle(self) -> bool:
+        return self.in_flight == 0 and time.monotonic() - self.quiet_since >= self.QUIET_SECONDS
 
 
 TRAFFIC = Traffic()
@@ -58,7 +66,7 @@ TRAFFIC = Traffic()
 # this worker holds no request, so it never takes the CPU (or Python's lock) from an answer. Its log keeps hashes
 # only: the texts, when kept, are in the prediction log, under the same prediction_id.
 SHADOW = ShadowPredictor(PredictionLog(project_root() / SETTINGS.serve.shadow_log, "hash"), SETTINGS.serve.shadow_queue,
-                         idle=lambda: TRAFFIC.in_flight == 0)
+                         idle=TRAFFIC.idle)
 Texts = predict_request_type(SETTINGS.serve)
 # The response's media type stated up front: without it BentoML derives it from the output's JSON schema, built anew
 # for every response (about a third of the event loop's time under load, measured with py-spy).
@@ -121,6 +129,8 @@ class RequestGuard:
             return await self.guarded_predict(scope, receive, send)
         finally:
             TRAFFIC.in_flight -= 1
+            if TRAFFIC.in_flight == 0:
+                TRAFFIC.quiet_since = time.monotonic()
 
     async def guarded_predict(self, scope, receive, send):
         try:

@@ -278,6 +278,16 @@ def read_embedding_shards(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
+def cast_linear_layers_to_bf16(model) -> None:
+    """Store the Linear layers' weights and biases in bf16 once. Under bf16 autocast (how a bf16 model always
+    runs) this computes exactly what autocast computes from fp32 weights, which it casts again on every forward
+    pass: about 8 ms per pass for MiniLM on 2 cores, half the time of a one-text request. Embeddings and layer
+    norms stay fp32, as under autocast."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.to(torch.bfloat16)
+
+
 def mean_pooled_embeddings(spec: str | Path, texts: list[str], max_length: int, cache_dir: Path | None = None,
                            batch_size: int = 64, max_tokens: int | None = None) -> torch.Tensor:
     """Mean-pooled last hidden states (the sentence embedding all-MiniLM-L6-v2 was trained for). Cached per text
@@ -288,6 +298,8 @@ def mean_pooled_embeddings(spec: str | Path, texts: list[str], max_length: int, 
     def embed(rows: list[str]) -> torch.Tensor:
         runtime = choose_runtime()
         encoder = load_encoder(spec).eval().to(runtime.device)
+        if runtime.precision == "bf16":
+            cast_linear_layers_to_bf16(encoder)
 
         def mean_pool(batch):
             hidden = encoder(**batch).last_hidden_state.float()
