@@ -29,7 +29,8 @@ from tasks.config import Params, load_params, project_root
 from tasks.serving import (CanaryRoute, LoadedModel, ModelHolder, ModelRefused, Prediction, PredictionLog,
                            RequestRejected, ShadowPredictor, answer_with_canary, check_content_type, files_state,
                            load_checked_model, parse_predict_request, predict_request_type, recorded_digests,
-                           recorded_serving, served_models, serving_precision, serving_workers, worker_threads)
+                           recorded_serving, served_models, serving_precision, serving_workers, split_groups,
+                           worker_threads)
 from tasks.serving import predict as predict_texts
 from tasks.serving import production_tag
 
@@ -143,7 +144,7 @@ class RequestGuard:
             return await self.reject(send, RequestRejected(
                 413, f"request body is larger than the limit of {self.cfg.max_body_bytes} bytes"))
         try:
-            parse_predict_request(body, self.cfg)
+            parse_predict_request(body, self.cfg, SETTINGS.ingest.columns.groups)
         except RequestRejected as rejected:
             return await self.reject(send, rejected)
         replayed = False
@@ -291,12 +292,15 @@ class Classifier:
     @bentoml.api(route="/predict", batchable=True, batch_dim=0, max_batch_size=SETTINGS.serve.max_batch_size,
                  max_latency_ms=SETTINGS.serve.max_latency_ms)
     def predict(self, texts: Texts) -> Predictions:
-        """Label, class probabilities and model version for each text."""
+        """Label, class probabilities and model version for each text (a text may carry its group values, which
+        the prediction log keeps for comparisons per group)."""
         loaded, canary = self.holder.current, self.canary.current
+        texts, groups = split_groups(texts)
         if canary is not None:  # the canary answers its share; each model predicts the other's texts off the path
-            return [Prediction(**result) for result in answer_with_canary(loaded, canary, texts, self.log, self.shadow)]
+            return [Prediction(**result) for result in answer_with_canary(loaded, canary, texts, self.log, self.shadow,
+                                                                          groups=groups)]
         results = predict_texts(loaded, texts)
-        ids = self.log.append(texts, results)
+        ids = self.log.append(texts, results, groups=groups)
         self.shadow.submit(texts, ids)  # never waits: the answer is production's alone
         return [Prediction(**result) for result in results]
 

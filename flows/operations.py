@@ -130,9 +130,29 @@ def shift_watch(max_rows: int = 2000) -> dict:
                estimated=drop.estimated, interval=drop.interval, validated=drop.validated)
         get_run_logger().warning("estimated %s drop %.3f: event %s emitted", drop.metric, drop.drop,
                                  PERFORMANCE_DEGRADED)
+    publish_running_shadow(params)
     outcome = judge_running_canary(params)
     return {"verdict": report.verdict, "reasons": report.reasons, "performance": performance.verdict,
             "estimated": drop.estimated, "degraded": drop.degraded, "canary": outcome}
+
+
+def publish_running_shadow(params) -> None:
+    """Each shift-watch shows the running shadow's comparison with production (none: nothing) as an artifact; a
+    shadow only reports, a person decides (`regraft promote`). One that cannot be compared yet is logged."""
+    from tasks.errors import RegraftError
+    from tasks.registry import read_record, shadow_of
+    from tasks.render import shadow_markdown
+    from tasks.shadow import shadow_report
+
+    try:
+        if not shadow_of(read_record(params.paths.registry)):
+            return
+        report = shadow_report(params)
+    except RegraftError as exc:
+        get_run_logger().warning("the shadow was not compared this window: %s", exc)
+        return
+    create_markdown_artifact(key="shadow-report", markdown=shadow_markdown(report),
+                             description="the shadow candidate against production on the texts both predicted")
 
 
 def judge_running_canary(params) -> str | None:

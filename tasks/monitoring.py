@@ -187,7 +187,8 @@ def logged_predictions(path: Path, missing: str) -> pd.DataFrame:
     """Every line of a prediction log (production's or the shadow candidate's) with the fields a comparison reads,
     each checked: the logs come from serving hosts, so a line that lacks a field or holds the wrong type is refused
     with the file and line named. Columns: LOGGED_FIELDS, `time` parsed, and `text_sha256` (logged, or computed from
-    a logged text; None when neither is there)."""
+    a logged text; None when neither is there) and `groups` (the text's group values, None where the request gave
+    none)."""
     rows = json_lines(path, missing)
     for number, row in enumerate(rows, start=1):
         wrong = [name for name, kind in LOGGED_FIELDS.items() if not isinstance(row.get(name), kind)]
@@ -195,9 +196,14 @@ def logged_predictions(path: Path, missing: str) -> pd.DataFrame:
         if not wrong and not all(isinstance(p, (int, float)) and not isinstance(p, bool)
                                  for p in probabilities.values()):
             wrong = ["probabilities"]
+        groups = row.get("groups")
+        if not wrong and groups is not None and not (
+                isinstance(groups, dict) and all(isinstance(v, str) for v in groups.values())):
+            wrong = ["groups"]
         if wrong:
             raise DataError(f"{path}:{number}: {', '.join(wrong)} missing or not of the logged type")
     frame = pd.DataFrame({name: [row[name] for row in rows] for name in LOGGED_FIELDS})
+    frame["groups"] = [row.get("groups") for row in rows]  # the request's group values, where it gave them
     frame["time"] = pd.to_datetime(frame["time"], utc=True, errors="coerce", format="ISO8601")
     if frame["time"].isna().any():
         raise DataError(f"{path}:{int(frame['time'].isna().to_numpy().argmax()) + 1}: time is not an ISO timestamp")

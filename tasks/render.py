@@ -356,6 +356,19 @@ def shadow_markdown(report: ShadowReport) -> str:
                 lines.append(f"- {basis} macro-F1, candidate minus production: {f1.estimate:+.3f} "
                              f"{interval_text(f1.interval, signed=True)} (paired, {pct}); accuracy "
                              f"{accuracy.estimate:+.3f} {interval_text(accuracy.interval, signed=True)}")
+    if report.groups:
+        lines += ["", "| group | texts | agreement | estimated macro-F1, production / candidate | "
+                      "realized macro-F1, production / candidate |", "|---|---:|---|---|---|"]
+        for column, values in report.groups.items():
+            for value, group in values.items():
+                estimated = (" / ".join(_interval(group.estimated[role].estimate["macro_f1"].estimate,
+                                                  group.estimated[role].estimate["macro_f1"].interval)
+                                        for role in ("production", "candidate"))
+                             if group.estimated else "too few texts or no holdout")
+                realized = (" / ".join(f"{group.realized[role].macro_f1:.3f}" for role in ("production", "candidate"))
+                            + f" ({group.realized['production'].rows} labelled)" if group.realized else "no labels")
+                lines.append(f"| {column} = {value} | {group.rows} | "
+                             f"{_interval(group.agreement.share, group.agreement.interval)} | {estimated} | {realized} |")
     return "\n".join(lines) + "\n"
 
 
@@ -376,6 +389,8 @@ RENDERERS: dict[str, tuple[type, Callable]] = {
     "verdict": (Verdict, verdict_markdown),
     "decision": (Decision, decision_markdown),
     "package": (PackageReport, package_markdown),
+    "shadow": (ShadowReport, shadow_markdown),
+    "canary": (ShadowReport, shadow_markdown),
 }
 
 

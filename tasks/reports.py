@@ -709,6 +709,15 @@ class ShadowDifference(OrderedPart):
     realized: MetricDifferences | None
 
 
+class GroupComparison(OrderedPart):
+    """A shadow's or canary's comparison on the texts of one group value (tasks/shadow.py `compare_by_group`)."""
+
+    rows: int
+    agreement: Agreement
+    estimated: dict[str, PerformanceEstimate] | None  # by role; from monitor.min_shadow_rows rows with a holdout
+    realized: dict[str, MeasuredPerformance] | None  # by role, on the labelled texts
+
+
 class ShadowReport(OrderedPart):
     """reports/shadow.json (`regraft shadow`): the shadow candidate against production on the texts both predicted
     (tasks/shadow.py `compare_shadow`), and the three-way verdict."""
@@ -732,6 +741,7 @@ class ShadowReport(OrderedPart):
     difference: ShadowDifference
     verdict: str
     reason: str
+    groups: dict[str, dict[str, GroupComparison]] | None = None  # group column -> value -> comparison
 
 
 # ----------------------------------------------------------------------------- the run's record

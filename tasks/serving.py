@@ -43,15 +43,44 @@ class Prediction(BaseModel):
     model_version: str = Field(description="The BentoML tag of the model that answered.")
 
 
+MAX_GROUP_VALUE_CHARS = 200
+
+
+class GroupedText(BaseModel):
+    """A text with the values of the groups it belongs to (columns of ingest.columns.groups), so comparisons of the
+    served traffic (a shadow's or canary's candidate against production) can be given per group."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(min_length=1)
+    groups: dict[str, str] = Field(description="Group column -> this text's value, e.g. {\"condition\": \"Acne\"}: "
+                                               "columns of the project's ingest.columns.groups.")
+
+
 def predict_request_type(cfg: ServeConfig):
     """The `texts` argument of POST /predict typed with the service's limits, so its OpenAPI schema states them
-    (the request guard checks them first, with a message naming the problem)."""
+    (the request guard checks them first, with a message naming the problem). Each item is a text, or a text with
+    its group values ({"text": ..., "groups": {...}})."""
     from typing import Annotated
 
     text = Annotated[str, Field(min_length=1, max_length=cfg.max_chars)]
-    return Annotated[list[text], Field(min_length=1, max_length=cfg.max_texts,
-                                       description=f"1 to {cfg.max_texts} non-empty texts of at most "
-                                                   f"{cfg.max_chars} characters")]
+    return Annotated[list[text | GroupedText], Field(
+        min_length=1, max_length=cfg.max_texts,
+        description=f"1 to {cfg.max_texts} non-empty texts of at most {cfg.max_chars} characters, each a string or "
+                    '{"text": "...", "groups": {"<group column>": "<value>"}}')]
+
+
+def split_groups(items: list) -> tuple[list[str], list[dict[str, str] | None]]:
+    """The texts of a checked /predict request and each one's group values (None where the item is a bare text)."""
+    texts, groups = [], []
+    for item in items:
+        if isinstance(item, str):
+            texts.append(item)
+            groups.append(None)
+        else:  # GroupedText (BentoML's parse) or its dict (the request guard's)
+            item = item if isinstance(item, dict) else item.model_dump()
+            texts.append(item["text"])
+            groups.append(item["groups"])
+    return texts, groups
 
 
 JSON_MEDIA_TYPE = "application/json"
@@ -68,8 +97,9 @@ def check_content_type(values: list[str]) -> None:
                                        f'{JSON_MEDIA_TYPE}: {{"texts": ["...", ...]}}')
 
 
-def parse_predict_request(body: bytes, cfg: ServeConfig) -> list[str]:
-    """The texts of a `{"texts": [...]}` body, or RequestRejected saying what is wrong and where."""
+def parse_predict_request(body: bytes, cfg: ServeConfig, group_columns: list[str] = ()) -> list[str]:
+    """The texts of a `{"texts": [...]}` body, or RequestRejected saying what is wrong and where. An item may carry
+    its group values, `{"text": "...", "groups": {column: value}}`, columns among `group_columns`."""
     if len(body) > cfg.max_body_bytes:
         raise RequestRejected(413, f"request body is {len(body)} bytes; the limit is {cfg.max_body_bytes}")
     try:
@@ -90,14 +120,40 @@ def parse_predict_request(body: bytes, cfg: ServeConfig) -> list[str]:
         raise RequestRejected(422, "texts is empty; send at least one text")
     if len(texts) > cfg.max_texts:
         raise RequestRejected(413, f"{len(texts)} texts in one request; the limit is {cfg.max_texts}")
+    texts = [check_grouped_text(item, i, group_columns) if isinstance(item, dict) else item
+             for i, item in enumerate(texts)]
     for i, text in enumerate(texts):
         if not isinstance(text, str):
-            raise RequestRejected(422, f"texts[{i}] is {type(text).__name__}, not a string")
+            raise RequestRejected(422, f"texts[{i}] is {type(text).__name__}, not a string or "
+                                       '{"text": ..., "groups": {...}}')
         if not text.strip():
             raise RequestRejected(422, f"texts[{i}] is empty")
         if len(text) > cfg.max_chars:
             raise RequestRejected(413, f"texts[{i}] has {len(text)} characters; the limit is {cfg.max_chars}")
     return texts
+
+
+def check_grouped_text(item: dict, i: int, group_columns: list[str]) -> str:
+    """The text of a `{"text": ..., "groups": {...}}` item once its groups are checked; RequestRejected otherwise."""
+    extra = sorted(set(item) - {"text", "groups"})
+    if extra or "text" not in item or "groups" not in item:
+        raise RequestRejected(422, f"texts[{i}] is an object: it needs exactly the fields text and groups"
+                                   + (f" (unknown: {extra})" if extra else ""))
+    groups = item["groups"]
+    if not isinstance(groups, dict):
+        raise RequestRejected(422, f"texts[{i}].groups must be an object of group column -> value, not "
+                                   f"{type(groups).__name__}")
+    unknown = sorted(set(groups) - set(group_columns))
+    if unknown:
+        raise RequestRejected(422, f"texts[{i}].groups names {unknown}, not group columns of this project "
+                                   f"(ingest.columns.groups: {list(group_columns) or 'none'})")
+    for column, value in groups.items():
+        if not isinstance(value, str) or not value.strip():
+            raise RequestRejected(422, f"texts[{i}].groups[{column!r}] must be a non-empty string")
+        if len(value) > MAX_GROUP_VALUE_CHARS:
+            raise RequestRejected(413, f"texts[{i}].groups[{column!r}] has {len(value)} characters; the limit is "
+                                       f"{MAX_GROUP_VALUE_CHARS}")
+    return item["text"]
 
 
 @dataclass(frozen=True)
@@ -268,12 +324,14 @@ class PredictionLog:
         self.log_texts = log_texts
         self._lock = threading.Lock()
 
-    def append(self, texts: list[str], results: list[dict], ids: list[str] | None = None) -> list[str]:
-        """Log one batch; new prediction ids unless given (a shadow's rows take production's). Returns the ids."""
+    def append(self, texts: list[str], results: list[dict], ids: list[str] | None = None,
+               groups: list[dict | None] | None = None) -> list[str]:
+        """Log one batch; new prediction ids unless given (a shadow's rows take production's), each text's group
+        values where the request gave them. Returns the ids."""
         at = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
         ids = ids or [uuid.uuid4().hex for _ in texts]
         lines = []
-        for text, result, prediction_id in zip(texts, results, ids):
+        for text, result, prediction_id, text_groups in zip(texts, results, ids, groups or [None] * len(texts)):
             row = {"time": at, "prediction_id": prediction_id, "label": result["label"],
                    "confidence": max(result["probabilities"].values()), "probabilities": result["probabilities"],
                    "model_version": result["model_version"]}
@@ -281,6 +339,8 @@ class PredictionLog:
                 row["text"] = text
             else:
                 row["text_sha256"] = text_sha256(text)
+            if text_groups:
+                row["groups"] = text_groups
             lines.append(json.dumps(row, ensure_ascii=False))
         payload = ("\n".join(lines) + "\n").encode("utf-8")
         with self._lock:
@@ -406,7 +466,7 @@ def canary_share(text: str) -> float:
 
 
 def answer_with_canary(production: LoadedModel, route: CanaryRoute, texts: list[str], log: PredictionLog,
-                       off_path: ShadowPredictor, runtime=None) -> list[dict]:
+                       off_path: ShadowPredictor, runtime=None, groups: list[dict | None] | None = None) -> list[dict]:
     """Answer each text with the canary when its share falls below the canary's fraction, else with production; log
     every answer; then queue each text for the model that did not answer it, off the response path (shed under load,
     never waited for), so both models' predictions on the same texts can be compared (tasks/shadow.py)."""
@@ -417,7 +477,7 @@ def answer_with_canary(production: LoadedModel, route: CanaryRoute, texts: list[
         if rows:
             for i, result in zip(rows, predict(model, [texts[i] for i in rows], runtime)):
                 results[i] = result
-    ids = log.append(texts, results)
+    ids = log.append(texts, results, groups=groups)
     for model, chosen in ((production, True), (route.model, False)):
         rows = [i for i, flag in enumerate(to_canary) if flag is chosen]
         if rows:

@@ -38,7 +38,8 @@ from tasks.monitoring import HOLDOUT_SPLITS, feedback_truth, logged_predictions,
 NOT_WORSE, WORSE, NOT_ENOUGH = "not worse", "worse", "not enough evidence yet"
 ROLES = ("production", "candidate")
 VERDICT_METRIC = "macro_f1"
-NO_GROUPS = ("the prediction log carries no group values (POST /predict takes texts only): no per-group comparison")
+NO_GROUPS = ("no served text carried group values (POST /predict items {\"text\": ..., \"groups\": {...}}): no "
+             "per-group comparison")
 
 
 @dataclass(frozen=True)
@@ -214,6 +215,9 @@ def compare_shadow(joined: pd.DataFrame, labels: list[str], cfg: MonitorConfig, 
             interval = difference["realized"][VERDICT_METRIC]["interval"]
     elif truth is not None:
         report["notes"].append("none of the feedback's texts is among the joined served texts")
+    report["groups"] = compare_by_group(joined, served, predicted, labelled, index, cfg, holdout, seed)
+    if report["groups"] is not None:
+        report["notes"].remove(NO_GROUPS)
     if difference["basis"] is None:
         report["verdict"] = NOT_ENOUGH
         report["reason"] = f"no label-free estimate and labels for fewer than {cfg.min_shadow_rows} of the texts"
@@ -221,6 +225,40 @@ def compare_shadow(joined: pd.DataFrame, labels: list[str], cfg: MonitorConfig, 
     report["verdict"], why = shadow_verdict(interval, rows, cfg)
     report["reason"] = f"{difference['basis']} macro-F1 difference on {rows} rows: {why}"
     return report
+
+
+def compare_by_group(joined: pd.DataFrame, served: dict[str, np.ndarray], predicted: dict[str, np.ndarray],
+                     labelled: pd.Series | None, index: dict[str, int], cfg: MonitorConfig,
+                     holdout: HoldoutProbabilities | None, seed: int) -> dict | None:
+    """Per group column and value, on the joined texts whose request gave it: rows, agreement with its Wilson
+    interval, each model's label-free estimate (from monitor.min_shadow_rows rows, with a holdout) and realized
+    metrics on the labelled ones. The verdict stays the overall one: a group's rows are fewer, its intervals wider.
+    None when no text carried group values."""
+    if "groups" not in joined or joined["groups"].isna().all():
+        return None
+    k, by_group = len(index), {}
+    values = joined["groups"].map(lambda groups: groups if isinstance(groups, dict) else {})
+    for column in sorted({column for groups in values for column in groups}):
+        of_column = values.map(lambda groups: groups.get(column))
+        for value in sorted(of_column.dropna().unique()):
+            rows = (of_column == value).to_numpy()
+            agreeing = int((predicted["production"][rows] == predicted["candidate"][rows]).sum())
+            entry = {"rows": int(rows.sum()), "agreement": {
+                "share": agreeing / int(rows.sum()), "agreeing": agreeing,
+                "interval": wilson_interval(agreeing, int(rows.sum()), cfg.confidence)},
+                "estimated": None, "realized": None}
+            if holdout is not None and rows.sum() >= cfg.min_shadow_rows:
+                entry["estimated"] = {role: estimate_performance(
+                    getattr(holdout, role), holdout.labels, served[role][rows], confidence=cfg.confidence,
+                    draws=cfg.draws, min_effective_rows=cfg.min_effective_rows, seed=seed) for role in ROLES}
+            if labelled is not None:
+                known = rows & labelled.notna().to_numpy()
+                if known.any():
+                    true = labelled[known].map(index).to_numpy()
+                    entry["realized"] = {role: measured_performance(predicted[role][known], true, k, cfg.confidence)
+                                         for role in ROLES}
+            by_group.setdefault(column, {})[str(value)] = entry
+    return by_group
 
 
 def holdout_probabilities(params: Params, record: dict, candidate: str) -> HoldoutProbabilities:
@@ -329,4 +367,17 @@ def compared_report(stage: str, params: Params, record: dict, rollout: dict, joi
         "served": rows, **compare_shadow(joined, params.ingest.labels, params.monitor, holdout=holdout, truth=truth,
                                          seed=params.shift.seed, no_estimate=no_estimate)}, f"the {stage} report")
     write_report(params.report_file(stage), report)
+    write_html_page(params, stage, report)
     return report
+
+
+def write_html_page(params: Params, stage: str, report: ShadowReport) -> Path:
+    """The comparison as a self-contained HTML page beside its JSON (reports/<stage>.html), to mail or attach."""
+    from tasks.files import write_atomically
+    from tasks.report import html_report
+
+    page = params.report_file(stage).with_suffix(".html")
+    title = f"regraft {stage}: {report.candidate} beside {report.production_model}"
+    text = html_report([(stage, report.model_dump())], {}, title, params.paths.train_log)
+    write_atomically(page, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return page

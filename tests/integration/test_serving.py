@@ -92,7 +92,9 @@ def test_health_and_predictions_carry_the_model_version(served_project):
     spec = httpx.get(f"{url}/docs.json").json()
     post = spec["paths"]["/predict"]["post"]
     texts = post["requestBody"]["content"]["application/json"]["schema"]["properties"]["texts"]
-    assert (texts["minItems"], texts["maxItems"], texts["items"]["maxLength"]) == (1, 64, 5000)
+    plain, grouped = texts["items"]["anyOf"]  # a text, or a text with its group values
+    assert (texts["minItems"], texts["maxItems"], plain["maxLength"]) == (1, 64, 5000)
+    assert spec["components"]["schemas"][grouped["$ref"].split("/")[-1]]["required"] == ["text", "groups"]
     answer = post["responses"]["200"]["content"]["application/json"]["schema"]
     assert answer == {"type": "array", "items": {"$ref": "#/components/schemas/Prediction"}}
     assert set(spec["components"]["schemas"]["Prediction"]["required"]) == {"label", "probabilities", "model_version"}
@@ -109,6 +111,8 @@ def test_health_and_predictions_carry_the_model_version(served_project):
     (json.dumps({"texts": ["a" * 5001]}).encode(), 413, "texts[0] has 5001 characters"),
     (json.dumps({"texts": ["a" * 4000] * 300}).encode(), 413, "request body is larger than the limit"),
     (b'{"texts": ' + b"[" * 200_000 + b"]" * 200_000 + b"}", 400, "nested too deeply"),
+    (json.dumps({"texts": [{"text": "a", "groups": {"drug": "x"}}]}).encode(), 422,
+     "texts[0].groups names ['drug'], not group columns of this project (ingest.columns.groups: ['condition'])"),
 ])
 def test_bad_requests_get_a_4xx_with_a_message(served_project, body, status, message):
     _, url, _ = served_project
@@ -228,7 +232,10 @@ def test_a_shadow_candidate_changes_no_answer_and_predicts_every_served_text_off
     A gave without a shadow; B predicts each served text after the answer, logged under the prediction id of A's row,
     or the text is counted as shed in /healthz. `--shadow-off` ends it, and the history keeps both steps."""
     project, url, tags = served_project
+    # Half the requests carry their texts' group values: the comparison is then also given per group.
     requests = [[f"shadow check {i}", "it helped"][: 1 + i % 2] for i in range(20)]
+    requests = [[{"text": text, "groups": {"condition": "Acne" if i % 4 < 2 else "Pain"}} for text in texts]
+                if i % 2 else texts for i, texts in enumerate(requests)]
     served_log, shadow_log = project / ".regraft" / "predictions.jsonl", project / ".regraft" / "shadow-predictions.jsonl"
 
     def answers() -> list[bytes]:
@@ -266,6 +273,11 @@ def test_a_shadow_candidate_changes_no_answer_and_predicts_every_served_text_off
     report = json.loads(compared.stdout)
     assert report["verdict"] == "not enough evidence yet" and report["difference"]["basis"] is None, report
     assert any("lineage has no md5" in note for note in report["notes"]) and report["agreement"]["agreeing"] >= 0
+    page = (project / "reports" / "shadow.html").read_text()  # the same comparison as a page to mail or attach
+    assert page.startswith("<!doctype html>") and "agreement" in page and "condition = Acne" in page
+    joined_groups = [row["groups"]["condition"] for row in served if "groups" in row and row["prediction_id"] in shadowed]
+    assert {value: group["rows"] for value, group in report["groups"]["condition"].items()} == {
+        value: joined_groups.count(value) for value in set(joined_groups)}, report["groups"]
 
     ended = run([REGRAFT, "promote", "--shadow-off", "--reason", "seen enough"], project)
     assert f"shadow-off: {tags[1]} no longer shadows production (seen enough)" in ended.stdout

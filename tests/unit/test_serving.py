@@ -33,10 +33,32 @@ BAD = [
 ]
 
 
+BAD_GROUPS = [
+    ({"text": "a", "groups": {"drug": "x"}}, 422, "texts[0].groups names ['drug'], not group columns of this project"),
+    ({"text": "a", "groups": ["acne"]}, 422, "texts[0].groups must be an object"),
+    ({"text": "a", "groups": {"condition": 3}}, 422, "texts[0].groups['condition'] must be a non-empty string"),
+    ({"text": "a", "groups": {"condition": " "}}, 422, "texts[0].groups['condition'] must be a non-empty string"),
+    ({"text": "a", "groups": {"condition": "x" * 201}}, 413, "has 201 characters; the limit is 200"),
+    ({"text": "a"}, 422, "texts[0] is an object: it needs exactly the fields text and groups"),
+    ({"text": "a", "groups": {}, "label": "b"}, 422, "(unknown: ['label'])"),
+    ({"text": 5, "groups": {}}, 422, "texts[0] is int, not a string"),
+    ({"text": "x" * 21, "groups": {}}, 413, "texts[0] has 21 characters; the limit is 20"),
+]
+
+
+@pytest.mark.parametrize("item,status,message", BAD_GROUPS, ids=[b[2][:30] for b in BAD_GROUPS])
+def test_bad_group_values_are_rejected_with_a_clear_4xx(item, status, message):
+    with pytest.raises(RequestRejected) as rejected:
+        parse_predict_request(json.dumps({"texts": [item]}).encode(), CFG.model_copy(update={"max_body_bytes": 1000}),
+                              ["condition"])
+    assert rejected.value.status == status
+    assert message in rejected.value.message
+
+
 @pytest.mark.parametrize("body,status,message", BAD, ids=[b[2][:30] for b in BAD])
 def test_bad_requests_are_rejected_with_a_clear_4xx(body, status, message):
     with pytest.raises(RequestRejected) as rejected:
-        parse_predict_request(body, CFG)
+        parse_predict_request(body, CFG, ["condition"])
     assert rejected.value.status == status
     assert message in rejected.value.message
 
@@ -46,6 +68,21 @@ def test_deeply_nested_json_is_a_400_not_a_crash():
     with pytest.raises(RequestRejected) as rejected:
         parse_predict_request(deep, CFG.model_copy(update={"max_body_bytes": 1_000_000}))
     assert rejected.value.status == 400 and "nested too deeply" in rejected.value.message
+
+
+def test_a_text_may_carry_its_group_values_and_the_log_keeps_them(tmp_path):
+    from tasks.serving import split_groups
+
+    body = {"texts": ["plain", {"text": "grouped", "groups": {"condition": "acne"}}]}
+    items = json.loads(json.dumps(body))["texts"]
+    assert parse_predict_request(json.dumps(body).encode(), CFG, ["condition"]) == ["plain", "grouped"]
+    texts, groups = split_groups(items)
+    assert texts == ["plain", "grouped"] and groups == [None, {"condition": "acne"}]
+    log = PredictionLog(tmp_path / "log.jsonl", "hash")
+    log.append(texts, [{"label": "a", "probabilities": {"a": 0.6, "b": 0.4}, "model_version": "m:1"}] * 2,
+               groups=groups)
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert "groups" not in rows[0] and rows[1]["groups"] == {"condition": "acne"}
 
 
 def test_a_good_request_gives_its_texts():

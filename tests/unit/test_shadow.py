@@ -36,11 +36,13 @@ def results(proba: np.ndarray, version: str) -> list[dict]:
              "model_version": version} for row in proba]
 
 
-def write_logs(folder, texts: list[str], production: np.ndarray, candidate: np.ndarray, shadowed: np.ndarray):
-    """Production's log of every text (with the text, as serve.log_texts: text keeps it) and the shadow log of the
-    rows `shadowed` selects, under production's prediction ids, as tasks/serving.py writes them."""
+def write_logs(folder, texts: list[str], production: np.ndarray, candidate: np.ndarray, shadowed: np.ndarray,
+               groups: list[dict | None] | None = None):
+    """Production's log of every text (with the text, as serve.log_texts: text keeps it, and the group values its
+    request gave) and the shadow log of the rows `shadowed` selects, under production's prediction ids, as
+    tasks/serving.py writes them."""
     served, shadow = PredictionLog(folder / "predictions.jsonl", "text"), PredictionLog(folder / "shadow.jsonl", "hash")
-    ids = served.append(texts, results(production, PRODUCTION))
+    ids = served.append(texts, results(production, PRODUCTION), groups=groups)
     keep = np.flatnonzero(shadowed)
     if keep.size:
         shadow.append([texts[i] for i in keep], results(candidate[keep], CANDIDATE), [ids[i] for i in keep])
@@ -49,12 +51,12 @@ def write_logs(folder, texts: list[str], production: np.ndarray, candidate: np.n
     return served.path, shadow.path
 
 
-def compared(tmp_path, production, candidate, shadowed=None, truth=None, seed=0):
+def compared(tmp_path, production, candidate, shadowed=None, truth=None, seed=0, groups=None):
     rng = np.random.default_rng(seed)
     holdout_proba, holdout_labels = calibrated(300, rng)
     texts = [f"served text {i}" for i in range(len(production))]
     shadowed = np.ones(len(texts), dtype=bool) if shadowed is None else shadowed
-    served_path, shadow_path = write_logs(tmp_path, texts, production, candidate, shadowed)
+    served_path, shadow_path = write_logs(tmp_path, texts, production, candidate, shadowed, groups)
     joined, rows = join_shadow(logged_predictions(served_path, "none"), logged_predictions(shadow_path, "none"),
                                PRODUCTION, CANDIDATE, SINCE)
     feedback = None
@@ -90,6 +92,32 @@ def test_a_candidate_shuffled_on_most_rows_is_shown_worse_by_the_labels_that_cam
     assert report["realized"]["candidate"]["accuracy"] < report["realized"]["production"]["accuracy"] - 0.2
     assert report["difference"]["realized"]["macro_f1"]["interval"][1] < -CFG.max_drop
     assert report["verdict"] == WORSE, report["reason"]
+
+
+def test_texts_served_with_group_values_are_compared_per_group_and_worse_where_the_candidate_is(tmp_path):
+    """Requests that carried group values: the report gives each value its rows, agreement and estimates (from
+    min_shadow_rows texts), and realized metrics where labels came back; the candidate shuffled on one group only
+    disagrees there. Texts without groups count overall only."""
+    rng = np.random.default_rng(4)
+    proba, truth = calibrated(600, rng)
+    groups = [{"condition": "acne"} if i < 250 else {"condition": "pain"} if i < 500 else None for i in range(600)]
+    candidate = proba.copy()
+    candidate[250:500] = rng.permutation(proba[250:500])
+    report, _ = compared(tmp_path, proba, candidate, truth=truth, groups=groups)
+    acne, pain = report["groups"]["condition"]["acne"], report["groups"]["condition"]["pain"]
+    assert acne["rows"] == 250 and pain["rows"] == 250 and set(report["groups"]) == {"condition"}
+    assert acne["agreement"]["share"] == 1.0 and pain["agreement"]["share"] < 0.6
+    assert acne["estimated"]["candidate"]["estimate"] == acne["estimated"]["production"]["estimate"]
+    assert pain["realized"]["candidate"]["accuracy"] < pain["realized"]["production"]["accuracy"] - 0.2
+    assert not any("per-group" in note for note in report["notes"])
+    markdown = shadow_markdown(ShadowReport(stage="shadow", production_model=PRODUCTION, candidate=CANDIDATE,
+                                            since=SINCE, logs={}, served={"served": 600, "joined": 600,
+                                                                          "without_shadow": 0}, **report))
+    assert "| condition = acne | 250 | 1.000" in markdown and "| condition = pain | 250 |" in markdown
+    few = compared(tmp_path / "few", proba[:150], proba[:150], groups=[{"condition": "acne"}] * 50 + [None] * 100)[0]
+    assert few["groups"]["condition"]["acne"]["estimated"] is None  # 50 texts < min_shadow_rows: no estimate
+    plain, _ = compared(tmp_path / "plain", proba, proba)
+    assert plain["groups"] is None and any("per-group" in note for note in plain["notes"])
 
 
 def test_few_joined_rows_are_not_enough_evidence_yet(tmp_path):
@@ -140,6 +168,8 @@ LINE = {"time": "2026-12-02T18:00:00.000+00:00", "prediction_id": "p1", "label":
     (json.dumps({**LINE, "probabilities": {"positive": "high"}}), "probabilities"),
     (json.dumps({**LINE, "probabilities": [0.1, 0.9]}), "probabilities"),
     (json.dumps({**LINE, "time": "yesterday"}), "time"),
+    (json.dumps({**LINE, "groups": ["acne"]}), "groups"),
+    (json.dumps({**LINE, "groups": {"condition": 3}}), "groups"),
 ])
 def test_a_malformed_log_line_is_refused_with_its_file_and_line(tmp_path, bad, problem):
     path = tmp_path / "shadow.jsonl"
@@ -257,3 +287,32 @@ def test_each_shift_watch_judges_the_running_canary_and_tells_a_rollback_or_prom
     assert operations.judge_running_canary(params) == "not judged: no prediction log yet"
     monkeypatch.setattr("tasks.registry.read_record", lambda path: {"canary": None})
     assert operations.judge_running_canary(params) is None  # no canary: nothing judged
+
+
+def test_each_shift_watch_shows_the_running_shadows_comparison_as_an_artifact(monkeypatch):
+    """flows/operations.py: with a shadow running, a shift-watch run publishes its comparison (a shadow only reports:
+    nothing is rolled back or promoted); no shadow: nothing; a comparison that cannot be made yet is logged."""
+    from types import SimpleNamespace
+
+    from flows import operations
+    from tasks.errors import DataError
+
+    published, logged = [], []
+    monkeypatch.setattr("tasks.registry.read_record", lambda path: {"shadow": {"tag": "c:1"}})
+    monkeypatch.setattr("tasks.shadow.shadow_report", lambda params: SimpleNamespace(verdict="not worse"))
+    monkeypatch.setattr("tasks.render.shadow_markdown", lambda report: f"# shadow {report.verdict}")
+    monkeypatch.setattr(operations, "create_markdown_artifact", lambda **kwargs: published.append(kwargs))
+    monkeypatch.setattr(operations, "get_run_logger", lambda: SimpleNamespace(warning=lambda *a: logged.append(a)))
+    params = SimpleNamespace(paths=SimpleNamespace(registry="registry.json"))
+    operations.publish_running_shadow(params)
+    assert [(p["key"], p["markdown"]) for p in published] == [("shadow-report", "# shadow not worse")]
+
+    def no_logs(params):
+        raise DataError("no prediction log yet")
+
+    monkeypatch.setattr("tasks.shadow.shadow_report", no_logs)
+    operations.publish_running_shadow(params)
+    assert len(published) == 1 and "no prediction log yet" in str(logged[0])
+    monkeypatch.setattr("tasks.registry.read_record", lambda path: {"shadow": None})
+    operations.publish_running_shadow(params)
+    assert len(published) == 1
