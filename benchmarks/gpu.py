@@ -109,7 +109,7 @@ def main() -> None:
     if not on_cpu and not torch.cuda.is_available():
         print("error: no CUDA device: this benchmark fine-tunes and serves on a GPU", file=sys.stderr)
         raise SystemExit(2)
-    from benchmarks.serving import closed_loop, review_texts, serve_regraft, store_models
+    from benchmarks.serving import checked_variant, closed_loop, review_texts, serve_regraft, store_models
     from tasks.config import load_params, write_overrides
     from tasks.processes import free_port, stop_process_group
     from tests.conftest import make_project, run  # the suite's scratch project and its command runner
@@ -135,7 +135,8 @@ def main() -> None:
         parameters = sum(p.numel() for p in trained.parameters())
         tokens_per_second = report["samples_per_second"] * trained_tokens_per_sample(project, params.model.max_length)
         peak, peak_source = (None, "not measured on the CPU") if on_cpu else peak_tflops(device)
-        models = store_models(work, project / "models" / "candidate")
+        # The package stage's check of the serving variants (bf16 on CUDA) decides the precision served, as in a run.
+        models = store_models(work, project / "models" / "candidate", checked_variant(project / "models" / "candidate"))
         port = free_port()
         server = serve_regraft(work, models, port, False, ROOT / "params.yaml")
         try:

@@ -176,7 +176,7 @@ def serve_regraft(work: Path, models: dict[str, dict], port: int, shadow: bool, 
     once the service has loaded it."""
     from tasks.config import load_params
 
-    params = load_params(ROOT / "params.yaml")
+    params = load_params(params_file)
     production, candidate = models["regraft-benchmark"], models["regraft-benchmark-shadow"]
     record = {"production": production["tag"], "history": [],
               "models": {entry["tag"]: {"sha256": entry["sha256"], "verdict": "PASS", "serving": entry["serving"]}

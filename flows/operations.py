@@ -130,16 +130,16 @@ def shift_watch(max_rows: int = 2000) -> dict:
                estimated=drop.estimated, interval=drop.interval, validated=drop.validated)
         get_run_logger().warning("estimated %s drop %.3f: event %s emitted", drop.metric, drop.drop,
                                  PERFORMANCE_DEGRADED)
-    publish_running_shadow(params)
     outcome = judge_running_canary(params)
+    publish_running_shadow(params)
     return {"verdict": report.verdict, "reasons": report.reasons, "performance": performance.verdict,
             "estimated": drop.estimated, "degraded": drop.degraded, "canary": outcome}
 
 
 def publish_running_shadow(params) -> None:
     """Each shift-watch shows the running shadow's comparison with production (none: nothing) as an artifact; a
-    shadow only reports, a person decides (`regraft promote`). One that cannot be compared yet is logged."""
-    from tasks.errors import RegraftError
+    shadow only reports, a person decides (`regraft promote`). It leaves reports/shadow.json as `regraft shadow`
+    (perhaps with labels) wrote it. A comparison that cannot be made is logged: it must not fail the watch."""
     from tasks.registry import read_record, shadow_of
     from tasks.render import shadow_markdown
     from tasks.shadow import shadow_report
@@ -147,8 +147,8 @@ def publish_running_shadow(params) -> None:
     try:
         if not shadow_of(read_record(params.paths.registry)):
             return
-        report = shadow_report(params)
-    except RegraftError as exc:
+        report = shadow_report(params, write=False)
+    except Exception as exc:  # informational: the watch's own results and the canary's judgement stand
         get_run_logger().warning("the shadow was not compared this window: %s", exc)
         return
     create_markdown_artifact(key="shadow-report", markdown=shadow_markdown(report),

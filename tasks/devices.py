@@ -135,8 +135,16 @@ def read_precision_cache(path: Path | None) -> dict:
 
 
 def usable_cores() -> int:
-    """The CPUs this process may run on (its affinity mask, which containers and taskset narrow)."""
-    return max(1, len(os.sched_getaffinity(0)))
+    """The CPUs this process may run on: its affinity mask (taskset, cpusets), narrowed by a cgroup v2 CPU quota
+    (a Kubernetes CPU limit: 2 CPUs of a 64-core node)."""
+    cores = max(1, len(os.sched_getaffinity(0)))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
 
 
 def gpu_count() -> int:

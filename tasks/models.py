@@ -155,11 +155,14 @@ BATCH_TOKENS = {"cpu": 2048, "cuda": 32768}
 FORWARD_OVERHEAD_TOKENS = {"cpu": 40, "cuda": 4096}
 
 
-def length_batches(lengths: list[int], batch_size: int, max_tokens: int, overhead_tokens: int = 0) -> list[list[int]]:
+def length_batches(lengths: list[int], batch_size: int, max_tokens: int,
+                   overhead_tokens: int = FORWARD_OVERHEAD_TOKENS["cpu"]) -> list[list[int]]:
     """Row indexes in ascending length, cut into batches of at most `batch_size` rows and `max_tokens` padded
     tokens (rows x the batch's longest; a row longer than the budget goes alone) where the cost, padded tokens plus
     `overhead_tokens` per batch, is least: the fewest passes for similar lengths, a cut where lengths jump (16 served
     texts of 20 to 256 tokens are not all padded to 256). Exact, by dynamic programming over the cut points."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     sorted_lengths = [lengths[i] for i in order]
     best = [0.0] + [float("inf")] * len(order)  # best[j]: least cost of the first j rows
@@ -181,7 +184,8 @@ def length_batches(lengths: list[int], batch_size: int, max_tokens: int, overhea
 
 @torch.no_grad()
 def map_batches(forward, tokenizer, texts: list[str], max_length: int, width: int, runtime,
-                batch_size: int = 64, max_tokens: int | None = None) -> torch.Tensor:
+                batch_size: int = 64, max_tokens: int | None = None,
+                overhead_tokens: int | None = None) -> torch.Tensor:
     """Apply `forward(batch) -> (rows, width)` to the texts in length-sorted, dynamically padded batches of at
     most `batch_size` rows and `max_tokens` padded tokens (default: BATCH_TOKENS for the device) under the
     runtime's autocast; rows come back in the texts' order. Inference only."""
@@ -191,7 +195,8 @@ def map_batches(forward, tokenizer, texts: list[str], max_length: int, width: in
     device = runtime.device.type if runtime.device.type in BATCH_TOKENS else "cpu"
     budget = max_tokens or BATCH_TOKENS[device]
     out = torch.empty((len(sequences), width))
-    for idx in length_batches([len(s) for s in sequences], batch_size, budget, FORWARD_OVERHEAD_TOKENS[device]):
+    overhead = FORWARD_OVERHEAD_TOKENS[device] if overhead_tokens is None else overhead_tokens
+    for idx in length_batches([len(s) for s in sequences], batch_size, budget, overhead):
         batch = {k: v.to(runtime.device) for k, v in pad_batch([sequences[i] for i in idx], tokenizer.pad_token_id).items()}
         with autocast(runtime):
             out[idx] = forward(batch).float().cpu()
@@ -206,7 +211,6 @@ def temperature(model) -> float:
     return float(getattr(model.config, TEMPERATURE_KEY, None) or 1.0)
 
 
-@torch.no_grad()
 def ready_for_inference(model, device: torch.device) -> None:
     """The model in eval mode on `device`, touching it only when it is not: both walk every module, a few
     milliseconds that a service answering one text per request pays on every request."""
@@ -216,6 +220,7 @@ def ready_for_inference(model, device: torch.device) -> None:
         model.to(device)
 
 
+@torch.no_grad()
 def predict_logits(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 64,
                    runtime=None) -> torch.Tensor:
     """Raw class scores, in length-sorted batches so padding stays small."""
@@ -277,7 +282,6 @@ def read_embedding_shards(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
     return found
 
 
-@torch.no_grad()
 def cast_linear_layers_to_bf16(model) -> None:
     """Store the Linear layers' weights and biases in bf16 once. Under bf16 autocast (how a bf16 model always
     runs) this computes exactly what autocast computes from fp32 weights, which it casts again on every forward
@@ -288,8 +292,10 @@ def cast_linear_layers_to_bf16(model) -> None:
             module.to(torch.bfloat16)
 
 
+@torch.no_grad()
 def mean_pooled_embeddings(spec: str | Path, texts: list[str], max_length: int, cache_dir: Path | None = None,
-                           batch_size: int = 64, max_tokens: int | None = None) -> torch.Tensor:
+                           batch_size: int = 64, max_tokens: int | None = None,
+                           overhead_tokens: int | None = None) -> torch.Tensor:
     """Mean-pooled last hidden states (the sentence embedding all-MiniLM-L6-v2 was trained for). Cached per text
     (by model fingerprint, max length and the text's sha256), so shift, evaluate and shift-watch embed each text
     once between them: a call embeds only the texts no earlier call did, and adds them as one new shard."""
@@ -307,7 +313,7 @@ def mean_pooled_embeddings(spec: str | Path, texts: list[str], max_length: int, 
             return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
         return map_batches(mean_pool, load_tokenizer(spec), rows, max_length, encoder.config.hidden_size, runtime,
-                           batch_size, max_tokens)
+                           batch_size, max_tokens, overhead_tokens)
 
     if cache_dir is None or not texts:
         return embed(texts)

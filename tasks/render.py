@@ -367,7 +367,8 @@ def shadow_markdown(report: ShadowReport) -> str:
                              if group.estimated else "too few texts or no holdout")
                 realized = (" / ".join(f"{group.realized[role].macro_f1:.3f}" for role in ("production", "candidate"))
                             + f" ({group.realized['production'].rows} labelled)" if group.realized else "no labels")
-                lines.append(f"| {column} = {value} | {group.rows} | "
+                cell = f"{column} = {value}".replace("|", "\\|")  # values come from clients
+                lines.append(f"| {cell} | {group.rows} | "
                              f"{_interval(group.agreement.share, group.agreement.interval)} | {estimated} | {realized} |")
     return "\n".join(lines) + "\n"
 

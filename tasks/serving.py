@@ -150,6 +150,8 @@ def check_grouped_text(item: dict, i: int, group_columns: list[str]) -> str:
     for column, value in groups.items():
         if not isinstance(value, str) or not value.strip():
             raise RequestRejected(422, f"texts[{i}].groups[{column!r}] must be a non-empty string")
+        if not value.isprintable():
+            raise RequestRejected(422, f"texts[{i}].groups[{column!r}] holds a control character (a line break?)")
         if len(value) > MAX_GROUP_VALUE_CHARS:
             raise RequestRejected(413, f"texts[{i}].groups[{column!r}] has {len(value)} characters; the limit is "
                                        f"{MAX_GROUP_VALUE_CHARS}")
@@ -206,24 +208,28 @@ def serving_precision(recorded: dict) -> tuple[str, str]:
     return "fp32", f"the checked variant {chosen} does not pay on this machine ({runtime.reason})"
 
 
+MAX_AUTO_WORKERS = 8
+
+
 def serving_workers(cfg: ServeConfig) -> int:
     """Worker processes of the service: serve.workers, or for auto one per CPU core this process may use (each
     computes on one core: threads of one process lose to Python's own work between batches and to each other, while
-    processes do not) and one on a GPU (a process owns the device)."""
+    processes do not), at most MAX_AUTO_WORKERS, and one on a GPU (a process owns the device)."""
     if cfg.workers != "auto":
         return cfg.workers
     import torch
 
     from tasks.devices import usable_cores
 
-    return 1 if torch.cuda.is_available() else usable_cores()
+    # Each worker holds its own copy of every model it serves (production, shadow, canary): a bound on memory.
+    return 1 if torch.cuda.is_available() else min(usable_cores(), MAX_AUTO_WORKERS)
 
 
 def worker_threads(workers: int) -> int:
     """torch threads for each of `workers` worker processes: the cores (or OMP_NUM_THREADS) shared between them."""
     from tasks.devices import default_threads
 
-    return default_threads(workers)
+    return max(1, default_threads() // workers)
 
 
 def load_checked_model(folder: Path, version: str, max_length: int, expected: dict[str, str],
@@ -275,6 +281,10 @@ def predict_probabilities(loaded: LoadedModel, texts: list[str], runtime=None):
     from tasks.devices import choose_runtime
     from tasks.models import predict_proba
 
+    if runtime is not None and loaded.precision == "bf16" and runtime.precision != "bf16":
+        import dataclasses  # its Linear layers are stored in bf16: it computes under bf16 autocast whatever is asked
+
+        runtime = dataclasses.replace(runtime, precision="bf16")
     if runtime is None:
         runtime = choose_runtime("bf16" if loaded.precision == "bf16" else "fp32", threads=loaded.threads)
         if loaded.precision == "int8" and runtime.device.type != "cpu":  # quantized kernels run on the CPU only

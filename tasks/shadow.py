@@ -65,9 +65,12 @@ def join_shadow(production: pd.DataFrame, shadowed: pd.DataFrame, production_tag
     served = production[(production["model_version"] == production_tag)
                         & in_window(production, since, until)].drop_duplicates("prediction_id", keep="last")
     candidate = shadowed[shadowed["model_version"] == candidate_tag].drop_duplicates("prediction_id", keep="last")
-    joined = served.merge(candidate[["prediction_id", "label", "probabilities", "text_sha256"]], on="prediction_id",
-                          suffixes=("_production", "_candidate"))
+    joined = served.merge(candidate[["prediction_id", "label", "probabilities", "text_sha256", "groups"]],
+                          on="prediction_id", suffixes=("_production", "_candidate"))
     joined["text_sha256"] = joined["text_sha256_production"].fillna(joined["text_sha256_candidate"])
+    # The group values are on the row of the model that answered (a canary's texts: the candidate's).
+    joined["groups"] = [theirs if not isinstance(ours, dict) else ours
+                        for ours, theirs in zip(joined["groups_production"], joined["groups_candidate"])]
     rows = {"served": len(served), "joined": len(joined), "without_shadow": len(served) - len(joined),
             "shadow_without_production": int((~candidate["prediction_id"].isin(served["prediction_id"])).sum())}
     return joined.reset_index(drop=True), rows
@@ -227,6 +230,10 @@ def compare_shadow(joined: pd.DataFrame, labels: list[str], cfg: MonitorConfig, 
     return report
 
 
+MAX_GROUP_VALUES = 20
+OTHER_VALUES = "(other values)"
+
+
 def compare_by_group(joined: pd.DataFrame, served: dict[str, np.ndarray], predicted: dict[str, np.ndarray],
                      labelled: pd.Series | None, index: dict[str, int], cfg: MonitorConfig,
                      holdout: HoldoutProbabilities | None, seed: int) -> dict | None:
@@ -240,8 +247,13 @@ def compare_by_group(joined: pd.DataFrame, served: dict[str, np.ndarray], predic
     values = joined["groups"].map(lambda groups: groups if isinstance(groups, dict) else {})
     for column in sorted({column for groups in values for column in groups}):
         of_column = values.map(lambda groups: groups.get(column))
-        for value in sorted(of_column.dropna().unique()):
-            rows = (of_column == value).to_numpy()
+        # Clients send the values: the most served MAX_GROUP_VALUES are shown, the rest pooled, so a report stays
+        # bounded whatever they send.
+        counts = of_column.value_counts()
+        shown = sorted(counts.index[:MAX_GROUP_VALUES])
+        pooled = of_column.notna() & ~of_column.isin(shown)
+        for value in shown + ([OTHER_VALUES] if pooled.any() else []):
+            rows = (pooled if value == OTHER_VALUES else of_column == value).to_numpy()
             agreeing = int((predicted["production"][rows] == predicted["candidate"][rows]).sum())
             entry = {"rows": int(rows.sum()), "agreement": {
                 "share": agreeing / int(rows.sum()), "agreeing": agreeing,
@@ -292,9 +304,11 @@ def holdout_probabilities(params: Params, record: dict, candidate: str) -> Holdo
     return HoldoutProbabilities(holdout["label"].astype("str").map(index).to_numpy(), **proba)
 
 
-def shadow_report(params: Params, feedback: pd.DataFrame | None = None, origin: str = "") -> ShadowReport:
+def shadow_report(params: Params, feedback: pd.DataFrame | None = None, origin: str = "",
+                  write: bool = True) -> ShadowReport:
     """Compare the running shadow candidate with production on the traffic both predicted, and write
-    reports/shadow.json. `feedback`: labelled served texts (the file given to `regraft feedback`)."""
+    reports/shadow.json and .html (unless `write` is False). `feedback`: labelled served texts (the file given to
+    `regraft feedback`)."""
     from tasks.registry import read_record
 
     record = read_record(params.paths.registry)
@@ -305,7 +319,7 @@ def shadow_report(params: Params, feedback: pd.DataFrame | None = None, origin: 
     shadowed = logged_predictions(params.serve.shadow_log, "no shadow prediction log yet; serve traffic while the "
                                   "shadow runs (`regraft serve`)")
     joined, rows = join_shadow(production, shadowed, shadow["beside"], shadow["tag"], shadow["since"])
-    return compared_report("shadow", params, record, shadow, joined, rows, feedback, origin)
+    return compared_report("shadow", params, record, shadow, joined, rows, feedback, origin, write)
 
 
 @dataclass(frozen=True)
@@ -351,9 +365,9 @@ def canary_report(params: Params, feedback: pd.DataFrame | None = None,
 
 
 def compared_report(stage: str, params: Params, record: dict, rollout: dict, joined: pd.DataFrame, rows: dict,
-                    feedback: pd.DataFrame | None, origin: str) -> ShadowReport:
+                    feedback: pd.DataFrame | None, origin: str, write: bool = True) -> ShadowReport:
     """The comparison of a shadow's or canary's candidate with production on the joined rows, written as
-    reports/<stage>.json."""
+    reports/<stage>.json and .html unless `write` is False."""
     truth = feedback_truth(feedback, params.ingest.labels, origin) if feedback is not None else None
     holdout, no_estimate = None, None
     if len(joined):
@@ -366,8 +380,9 @@ def compared_report(stage: str, params: Params, record: dict, rollout: dict, joi
         "logs": {"production": str(params.serve.prediction_log), "shadow": str(params.serve.shadow_log)},
         "served": rows, **compare_shadow(joined, params.ingest.labels, params.monitor, holdout=holdout, truth=truth,
                                          seed=params.shift.seed, no_estimate=no_estimate)}, f"the {stage} report")
-    write_report(params.report_file(stage), report)
-    write_html_page(params, stage, report)
+    if write:
+        write_report(params.report_file(stage), report)
+        write_html_page(params, stage, report)
     return report
 
 

@@ -43,6 +43,7 @@ BAD_GROUPS = [
     ({"text": "a", "groups": {}, "label": "b"}, 422, "(unknown: ['label'])"),
     ({"text": 5, "groups": {}}, 422, "texts[0] is int, not a string"),
     ({"text": "x" * 21, "groups": {}}, 413, "texts[0] has 21 characters; the limit is 20"),
+    ({"text": "a", "groups": {"condition": "acne\n| x |"}}, 422, "holds a control character"),
 ]
 
 
@@ -133,6 +134,11 @@ def test_auto_serves_with_one_worker_per_core_each_on_its_own_threads_and_one_on
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
     auto = CFG.model_copy(update={"workers": "auto"})
     assert serving_workers(auto) == 4 and worker_threads(4) == 1 and worker_threads(2) == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")  # the threads a machine's owner gives the service, shared by workers
+    assert worker_threads(4) == 2
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(64)))
+    assert serving_workers(auto) == 8  # a bound on memory: each worker holds every model it serves
     assert serving_workers(CFG.model_copy(update={"workers": 3})) == 3
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert serving_workers(auto) == 1

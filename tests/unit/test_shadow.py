@@ -299,7 +299,7 @@ def test_each_shift_watch_shows_the_running_shadows_comparison_as_an_artifact(mo
 
     published, logged = [], []
     monkeypatch.setattr("tasks.registry.read_record", lambda path: {"shadow": {"tag": "c:1"}})
-    monkeypatch.setattr("tasks.shadow.shadow_report", lambda params: SimpleNamespace(verdict="not worse"))
+    monkeypatch.setattr("tasks.shadow.shadow_report", lambda params, write: SimpleNamespace(verdict="not worse"))
     monkeypatch.setattr("tasks.render.shadow_markdown", lambda report: f"# shadow {report.verdict}")
     monkeypatch.setattr(operations, "create_markdown_artifact", lambda **kwargs: published.append(kwargs))
     monkeypatch.setattr(operations, "get_run_logger", lambda: SimpleNamespace(warning=lambda *a: logged.append(a)))
@@ -307,7 +307,7 @@ def test_each_shift_watch_shows_the_running_shadows_comparison_as_an_artifact(mo
     operations.publish_running_shadow(params)
     assert [(p["key"], p["markdown"]) for p in published] == [("shadow-report", "# shadow not worse")]
 
-    def no_logs(params):
+    def no_logs(params, write):
         raise DataError("no prediction log yet")
 
     monkeypatch.setattr("tasks.shadow.shadow_report", no_logs)
@@ -316,3 +316,26 @@ def test_each_shift_watch_shows_the_running_shadows_comparison_as_an_artifact(mo
     monkeypatch.setattr("tasks.registry.read_record", lambda path: {"shadow": None})
     operations.publish_running_shadow(params)
     assert len(published) == 1
+
+
+def test_a_canarys_own_answers_keep_their_groups_and_many_group_values_are_pooled(tmp_path):
+    """In a canary the group values are on the row of the model that answered: texts the canary answered are
+    compared in their group too. Past the 20 most served values of a column, the rest are pooled."""
+    rng = np.random.default_rng(5)
+    proba, _ = calibrated(300, rng)
+    texts = [f"canary text {i}" for i in range(300)]
+    groups = [{"condition": f"c{i % 30:02d}"} for i in range(300)]
+    answered = PredictionLog(tmp_path / "predictions.jsonl", "hash")
+    ids = answered.append(texts[:150], results(proba[:150], PRODUCTION), groups=groups[:150])
+    ids += answered.append(texts[150:], results(proba[150:], CANDIDATE), groups=groups[150:])  # the canary's share
+    off_path = PredictionLog(tmp_path / "shadow.jsonl", "hash")  # each model on the other's texts, no groups
+    off_path.append(texts[:150], results(proba[:150], CANDIDATE), ids[:150])
+    off_path.append(texts[150:], results(proba[150:], PRODUCTION), ids[150:])
+    both = pd.concat([logged_predictions(tmp_path / "predictions.jsonl", "none"),
+                      logged_predictions(tmp_path / "shadow.jsonl", "none")], ignore_index=True)
+    joined, _ = join_shadow(both, both, PRODUCTION, CANDIDATE, SINCE)
+    # Every text, either model answering it, with its group values (before: only production's answers had them).
+    assert len(joined) == 300 and joined["groups"].map(lambda g: isinstance(g, dict)).all()
+    report = compare_shadow(joined, LABELS, CFG, holdout=None)
+    by_value = report["groups"]["condition"]
+    assert len(by_value) == 21 and by_value["(other values)"]["rows"] == 300 - 20 * 10

@@ -95,3 +95,34 @@ def test_a_bf16_variant_keeps_its_weights_in_bf16_and_answers_exactly_as_autocas
     assert np.array_equal(predict_probabilities(bf16, texts), autocast)
     assert np.array_equal(predict_probabilities(bf16, texts[1:2]),
                           predict_probabilities(fp32, texts[1:2], runtime=choose_runtime("bf16")))
+
+
+def test_batches_are_cut_where_padding_would_cost_more_than_a_pass():
+    """tasks/models.py length_batches: every row once, in ascending length, within the row and token limits, at the
+    least padded tokens plus passes; eight short texts and two long ones go in two passes, not one padded to 200."""
+    import itertools
+    import random
+
+    from tasks.models import length_batches
+
+    assert length_batches([10] * 8 + [200] * 2, 64, 2048, 40) == [list(range(8)), [8, 9]]
+    assert length_batches([10] * 8 + [200] * 2, 64, 2048, 10**6) == [list(range(10))]  # passes priced above padding
+    assert length_batches([300, 5], 64, 256, 40) == [[1], [0]]  # longer than the budget: alone
+    with pytest.raises(ValueError, match="batch_size"):
+        length_batches([3, 4], 0, 2048)
+
+    def cost(batches, lengths):
+        return sum(40 + len(b) * max(lengths[i] for i in b) for b in batches)
+
+    rng = random.Random(0)
+    for _ in range(30):
+        lengths = [rng.randint(1, 60) for _ in range(rng.randint(1, 7))]
+        batches = length_batches(lengths, 3, 120, 40)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        assert all(len(b) <= 3 and (len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 120) for b in batches)
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        best = min(cost([order[a:b] for a, b in zip((0, *cuts), (*cuts, len(order)))], lengths)
+                   for n in range(len(order)) for cuts in itertools.combinations(range(1, len(order)), n)
+                   if all(b - a <= 3 and (b - a == 1 or (b - a) * lengths[order[b - 1]] <= 120)
+                          for a, b in zip((0, *cuts), (*cuts, len(order)))))
+        assert cost(batches, lengths) == best
