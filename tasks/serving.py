@@ -387,6 +387,7 @@ class ShadowPredictor:
     lock between torch calls whatever its CPU priority). Counts are per candidate version."""
 
     IDLE_POLL_SECONDS = 0.005
+    CHUNK_TEXTS = 4
 
     def __init__(self, log: PredictionLog, capacity: int, idle=lambda: True):
         self.log = log
@@ -429,16 +430,23 @@ class ShadowPredictor:
         yield_the_cpu()
         while True:
             model, texts, ids = self._queue.get()
-            while not self.idle():  # what arrives meanwhile waits in the bounded queue, or is shed when it is full
-                time.sleep(self.IDLE_POLL_SECONDS)
             try:
-                self.log.append(texts, predict(model, texts), ids)
-                self.count(model.version, "predicted", len(texts))
-            except Exception:  # a failing candidate must not stop the worker; production is not affected
-                logger.exception("the shadow candidate %s failed on a batch of %d texts", model.version, len(texts))
-                self.count(model.version, "failed", len(texts))
+                # A few texts at a time, each chunk only while production is idle: a request arriving meanwhile
+                # waits for one chunk at most (tens of ms), not for the whole batch.
+                for start in range(0, len(texts), self.CHUNK_TEXTS):
+                    while not self.idle():  # what arrives meanwhile waits in the bounded queue, or is shed
+                        time.sleep(self.IDLE_POLL_SECONDS)
+                    self.predict_chunk(model, texts[start:start + self.CHUNK_TEXTS], ids[start:start + self.CHUNK_TEXTS])
             finally:
                 self._queue.task_done()
+
+    def predict_chunk(self, model: LoadedModel, texts: list[str], ids: list[str]) -> None:
+        try:
+            self.log.append(texts, predict(model, texts), ids)
+            self.count(model.version, "predicted", len(texts))
+        except Exception:  # a failing candidate must not stop the worker; production is not affected
+            logger.exception("the shadow candidate %s failed on %d texts", model.version, len(texts))
+            self.count(model.version, "failed", len(texts))
 
     def count(self, version: str, outcome: str, texts: int) -> None:
         with self._lock:

@@ -215,6 +215,40 @@ def test_the_shadow_candidate_starts_a_batch_only_while_production_has_nothing_t
     assert shadow.status()["predicted"] == 3 and shadow.status()["shed"] == 1
 
 
+def test_the_shadow_predicts_a_batch_a_few_texts_at_a_time_each_while_production_is_idle(tmp_path, monkeypatch):
+    """A request arriving while the shadow works waits for one chunk at most: the shadow stops between chunks while
+    production answers, and goes on where it was once production is idle again."""
+    import time
+
+    from tasks import serving
+    from tasks.serving import LoadedModel, ShadowPredictor
+
+    chunks: list[int] = []
+    answering = [False]
+
+    def predict_and_get_busy(loaded, texts, runtime=None):
+        chunks.append(len(texts))
+        answering[0] = True  # a request arrives while this chunk is predicted
+        return [{"label": "positive", "probabilities": {"negative": 0.25, "positive": 0.75},
+                 "model_version": loaded.version} for _ in texts]
+
+    monkeypatch.setattr(serving, "predict", predict_and_get_busy)
+    shadow = ShadowPredictor(PredictionLog(tmp_path / "shadow.jsonl", "hash"), capacity=2, idle=lambda: not answering[0])
+    shadow.swap(LoadedModel("cand:1", None, None, ["negative", "positive"], 64))
+    assert shadow.submit([f"text {i}" for i in range(10)], [f"id-{i}" for i in range(10)])
+    time.sleep(0.3)
+    assert chunks == [ShadowPredictor.CHUNK_TEXTS] and shadow.status()["predicted"] == ShadowPredictor.CHUNK_TEXTS
+    for _ in range(2):  # production idle again, for one chunk at a time
+        answering[0] = False
+        deadline = time.monotonic() + 10
+        while not answering[0] and time.monotonic() < deadline:
+            time.sleep(0.01)
+    time.sleep(0.1)
+    assert chunks == [4, 4, 2] and shadow.status()["predicted"] == 10
+    logged = [json.loads(line)["prediction_id"] for line in (tmp_path / "shadow.jsonl").read_text().splitlines()]
+    assert logged == [f"id-{i}" for i in range(10)]
+
+
 def test_a_canary_answers_its_share_of_texts_the_same_on_every_call_and_the_other_model_predicts_off_the_path(
         tmp_path, monkeypatch):
     """Each text goes to the canary when its hash falls below the fraction: the same text to the same model at every
