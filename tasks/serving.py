@@ -281,18 +281,17 @@ def predict_probabilities(loaded: LoadedModel, texts: list[str], runtime=None):
     from tasks.devices import choose_runtime
     from tasks.models import predict_proba
 
-    if runtime is not None and loaded.precision == "bf16" and runtime.precision != "bf16":
-        import dataclasses  # its Linear layers are stored in bf16: it computes under bf16 autocast whatever is asked
+    import dataclasses
 
-        runtime = dataclasses.replace(runtime, precision="bf16")
     if runtime is None:
         runtime = choose_runtime("bf16" if loaded.precision == "bf16" else "fp32", threads=loaded.threads)
         if loaded.precision == "int8" and runtime.device.type != "cpu":  # quantized kernels run on the CPU only
-            import dataclasses
-
             import torch
 
             runtime = dataclasses.replace(runtime, device=torch.device("cpu"))
+    elif loaded.precision == "bf16" and runtime.precision != "bf16":
+        # Its Linear layers are stored in bf16: it computes under bf16 autocast whatever is asked.
+        runtime = dataclasses.replace(runtime, precision="bf16")
     return predict_proba(loaded.model, loaded.tokenizer, texts, loaded.max_length, runtime=runtime).numpy()
 
 
@@ -436,7 +435,8 @@ class ShadowPredictor:
                 for start in range(0, len(texts), self.CHUNK_TEXTS):
                     while not self.idle():  # what arrives meanwhile waits in the bounded queue, or is shed
                         time.sleep(self.IDLE_POLL_SECONDS)
-                    self.predict_chunk(model, texts[start:start + self.CHUNK_TEXTS], ids[start:start + self.CHUNK_TEXTS])
+                    chunk = slice(start, start + self.CHUNK_TEXTS)
+                    self.predict_chunk(model, texts[chunk], ids[chunk])
             finally:
                 self._queue.task_done()
 

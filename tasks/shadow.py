@@ -189,17 +189,12 @@ def compare_shadow(joined: pd.DataFrame, labels: list[str], cfg: MonitorConfig, 
     served = {role: probability_matrix(joined.set_index("prediction_id")[f"probabilities_{role}"], labels, role)
               for role in ROLES}
     predicted = {role: served[role].argmax(axis=1) for role in ROLES}
-    agreeing = int((predicted["production"] == predicted["candidate"]).sum())
-    report["agreement"] = {"share": agreeing / len(joined), "agreeing": agreeing,
-                           "interval": wilson_interval(agreeing, len(joined), cfg.confidence)}
+    report["agreement"] = agreement(predicted, cfg)
     # Rows: production's label; columns: the candidate's.
     report["confusion"] = confusion_counts(predicted["production"], predicted["candidate"], k).astype(int).tolist()
     difference, interval, rows = report["difference"], None, len(joined)
     if holdout is not None:
-        report["estimated"] = {role: estimate_performance(getattr(holdout, role), holdout.labels, served[role],
-                                                          confidence=cfg.confidence, draws=cfg.draws,
-                                                          min_effective_rows=cfg.min_effective_rows, seed=seed)
-                               for role in ROLES}
+        report["estimated"] = estimates(holdout, served, cfg, seed)
         difference["estimated"] = estimated_difference(holdout, served, cfg, seed)
         difference["basis"], interval = "estimated", difference["estimated"][VERDICT_METRIC]["interval"]
     else:
@@ -209,8 +204,7 @@ def compare_shadow(joined: pd.DataFrame, labels: list[str], cfg: MonitorConfig, 
     if labelled is not None and labelled.notna().any():
         known = labelled.notna().to_numpy()
         true = labelled[known].map(index).to_numpy()
-        report["realized"] = {role: measured_performance(predicted[role][known], true, k, cfg.confidence)
-                              for role in ROLES}
+        report["realized"] = realized(predicted, known, true, k, cfg)
         difference["realized"] = realized_difference(true, {role: predicted[role][known] for role in ROLES}, k, cfg,
                                                      seed)
         if known.sum() >= cfg.min_shadow_rows:  # labels leave no estimator's assumption: they decide
@@ -228,6 +222,24 @@ def compare_shadow(joined: pd.DataFrame, labels: list[str], cfg: MonitorConfig, 
     report["verdict"], why = shadow_verdict(interval, rows, cfg)
     report["reason"] = f"{difference['basis']} macro-F1 difference on {rows} rows: {why}"
     return report
+
+
+def agreement(predicted: dict[str, np.ndarray], cfg: MonitorConfig) -> dict:
+    """How often the two models give the same label, with its Wilson interval."""
+    rows, agreeing = len(predicted["production"]), int((predicted["production"] == predicted["candidate"]).sum())
+    return {"share": agreeing / rows, "agreeing": agreeing, "interval": wilson_interval(agreeing, rows, cfg.confidence)}
+
+
+def estimates(holdout: HoldoutProbabilities, served: dict[str, np.ndarray], cfg: MonitorConfig, seed: int) -> dict:
+    """Each model's label-free estimate on its served probabilities, learned from its holdout rows."""
+    return {role: estimate_performance(getattr(holdout, role), holdout.labels, served[role], confidence=cfg.confidence,
+                                       draws=cfg.draws, min_effective_rows=cfg.min_effective_rows, seed=seed)
+            for role in ROLES}
+
+
+def realized(predicted: dict[str, np.ndarray], known: np.ndarray, true: np.ndarray, k: int, cfg: MonitorConfig) -> dict:
+    """Each model's metrics on the `known` rows, whose labels are `true`."""
+    return {role: measured_performance(predicted[role][known], true, k, cfg.confidence) for role in ROLES}
 
 
 MAX_GROUP_VALUES = 20
@@ -254,21 +266,15 @@ def compare_by_group(joined: pd.DataFrame, served: dict[str, np.ndarray], predic
         pooled = of_column.notna() & ~of_column.isin(shown)
         for value in shown + ([OTHER_VALUES] if pooled.any() else []):
             rows = (pooled if value == OTHER_VALUES else of_column == value).to_numpy()
-            agreeing = int((predicted["production"][rows] == predicted["candidate"][rows]).sum())
-            entry = {"rows": int(rows.sum()), "agreement": {
-                "share": agreeing / int(rows.sum()), "agreeing": agreeing,
-                "interval": wilson_interval(agreeing, int(rows.sum()), cfg.confidence)},
-                "estimated": None, "realized": None}
+            in_group = {role: predicted[role][rows] for role in ROLES}
+            entry = {"rows": int(rows.sum()), "agreement": agreement(in_group, cfg), "estimated": None,
+                     "realized": None}
             if holdout is not None and rows.sum() >= cfg.min_shadow_rows:
-                entry["estimated"] = {role: estimate_performance(
-                    getattr(holdout, role), holdout.labels, served[role][rows], confidence=cfg.confidence,
-                    draws=cfg.draws, min_effective_rows=cfg.min_effective_rows, seed=seed) for role in ROLES}
+                entry["estimated"] = estimates(holdout, {role: served[role][rows] for role in ROLES}, cfg, seed)
             if labelled is not None:
                 known = rows & labelled.notna().to_numpy()
                 if known.any():
-                    true = labelled[known].map(index).to_numpy()
-                    entry["realized"] = {role: measured_performance(predicted[role][known], true, k, cfg.confidence)
-                                         for role in ROLES}
+                    entry["realized"] = realized(predicted, known, labelled[known].map(index).to_numpy(), k, cfg)
             by_group.setdefault(column, {})[str(value)] = entry
     return by_group
 
@@ -341,7 +347,8 @@ def canary_report(params: Params, feedback: pd.DataFrame | None = None,
 
     from tasks.registry import canary_of, read_record
 
-    until = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")  # before reading: later lines are the next window's
+    # Taken before reading: lines logged later are the next window's.
+    until = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
     record = read_record(params.paths.registry)
     canary = canary_of(record)
     if not canary:
