@@ -1,20 +1,26 @@
-"""A DVC remote on S3 (dvc-s3) against a local S3 API server (moto) on loopback: a work pool's run starts in an
-empty folder with only git and the remote, and everything it made is in the remotes afterwards (a fresh clone
-gets it back byte for byte); a serving host with only the code and the remote follows the trainer's promotions;
-two hosts write the remote record at once."""
+"""A DVC remote on S3 (dvc-s3) against a local S3 API server (moto) on loopback: a work pool's runs start in empty
+folders with only git and the remote, a project's event starts its own retrain only, two runs of one project take
+turns even when the first one's machine dies, and everything a run made is in the remotes afterwards (a fresh clone
+gets it back byte for byte); a serving host with only the code and the remote follows its project's promotions and
+no other's; two hosts write the remote record at once."""
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import hashlib
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from tasks.processes import free_port, stop_process_group, wait_until_healthy
@@ -33,6 +39,29 @@ GIT = ["git", "-c", "user.name=regraft", "-c", "user.email=regraft@localhost"]
 def s3_endpoint(tmp_path):
     with moto_s3(tmp_path / "moto.log", BUCKET) as url:
         yield url
+
+
+@pytest.fixture
+def team_server(tmp_path):
+    """A Prefect server as a team runs one: its own database, all its services (the one that frees expired
+    concurrency leases among them), every API call asking for the credential. Yields the settings that clients and
+    workers use; this process's Prefect client talks to it meanwhile."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    home, port, credential = tmp_path / "prefect-server", free_port(), f"team:{uuid.uuid4().hex}"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_API_AUTH_STRING=credential,
+               PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                              stdout=(home / "server.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_until_healthy(f"{api}/health", server, 180, home / "server.log")
+        with temporary_settings(updates={PREFECT_API_URL: api, PREFECT_API_AUTH_STRING: credential}):
+            yield {"PREFECT_API_URL": api, "PREFECT_API_AUTH_STRING": credential}
+    finally:
+        stop_process_group(server, grace_seconds=30)
 
 
 def hermetic_project(base: Path, name: str, tiny_bert: Path, s3_endpoint: str, prefect_env: dict) -> Path:
@@ -65,84 +94,192 @@ def start_worker(folder: Path, prefect_env: dict) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("REGRAFT_", "PREFECT_"))}
     env.update(prefect_env, TMPDIR=str(folder / "tmp"),
                PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
-    # One job at a time per worker, so two runs take both workers.
+    # One job at a time per worker, so each run takes a worker of its own.
     return subprocess.Popen([PREFECT, "worker", "start", "--pool", "regraft-process", "--limit", "1"], cwd=folder / "cwd",
                             env=env,
                             stdout=(folder / "worker.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def kill_machine(worker: subprocess.Popen) -> None:
+    """What a machine that dies does to a worker: it and everything it started (the flow run, its `dvc repro`, the
+    stage's own processes) stop at once, with no cleanup. Frozen first, so nothing starts a process meanwhile."""
+    frozen: dict[int, psutil.Process] = {}
+    while True:
+        found = [psutil.Process(worker.pid), *psutil.Process(worker.pid).children(recursive=True)]
+        new = [p for p in found if p.pid not in frozen]
+        if not new:
+            break
+        for process in new:
+            with contextlib.suppress(psutil.Error):
+                process.suspend()
+            frozen[process.pid] = process
+    for process in frozen.values():
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    worker.wait()
+
+
+def worker_of(workers: dict[int, subprocess.Popen], flow_run_id: str) -> int:
+    """Which worker's job runs this flow run (the process worker gives its job PREFECT__FLOW_RUN_ID)."""
+    for n, worker in workers.items():
+        for child in psutil.Process(worker.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if child.environ().get("PREFECT__FLOW_RUN_ID") == flow_run_id:
+                    return n
+    raise AssertionError(f"no worker runs {flow_run_id}")
+
+
+def shift_event(project: str) -> dict:
+    return {"id": str(uuid.uuid4()), "occurred": dt.datetime.now(dt.UTC).isoformat(), "event": "regraft.shift.detected",
+            "resource": {"prefect.resource.id": f"regraft.project.{project}", "prefect.resource.name": project},
+            "payload": {"project": project, "summary": "a test shift", "verdict": "severe"}}
+
+
 def test_work_pool_runs_of_two_projects_need_only_git_and_the_remote_and_leave_everything_there(
-        tmp_path, tiny_bert, s3_endpoint, prefect_env, monkeypatch):
+        tmp_path, tiny_bert, s3_endpoint, team_server, monkeypatch):
     """Two projects deployed from deploy/prefect.yaml by `prefect deploy` (each with its repository and branch fixed
-    then) on one Prefect server, two `prefect worker`s of one process pool started in empty folders: both retrains
-    at once, each cloning its project from a bare git repository and pulling and pushing through its S3 prefix.
-    Afterwards no clone is left on either worker; each project's registry record holds its own run's model only;
-    and a fresh clone gets a run back from git and the remote: its record, its dvc.lock, and the model's bytes the
-    registry recorded."""
+    then) on one Prefect server with its credential on, three `prefect worker`s of one process pool started in
+    empty folders. A shift event of project A starts A's retrain (and not B's); two retrains of B start at once:
+    one holds B's slot, the other waits for it; the holder's machine dies in its package stage; the waiter takes
+    over once the slot's lease has expired. Each run clones its project from a bare git repository and pulls and
+    pushes through its S3 prefix. Afterwards no clone is left on a live worker; each project's registry record
+    holds one complete model, its own run's; and a fresh clone gets A's run back from git and the remote: its
+    record, its dvc.lock, and the model's bytes the registry recorded."""
     import asyncio
 
     from prefect import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterId
     from prefect.deployments import run_deployment
 
-    from tasks.remote import S3Remote
+    from tasks.remote import S3Remote, download_archive
 
+    prefect_env = team_server
     for key, value in AWS.items():
         monkeypatch.setenv(key, value)
     run([PREFECT, "work-pool", "create", "regraft-process", "--type", "process", "--overwrite"], tmp_path,
         env_update=prefect_env)
     projects = ("pool-a", "pool-b")
     bare = {name: hermetic_project(tmp_path, name, tiny_bert, s3_endpoint, prefect_env) for name in projects}
-    workers = [start_worker(tmp_path / f"worker-{n}", prefect_env) for n in (1, 2)]
+    remotes = {name: S3Remote(f"s3://{BUCKET}/{name}/regraft-models", s3_endpoint) for name in projects}
+    workers = {n: start_worker(tmp_path / f"worker-{n}", prefect_env) for n in (1, 2, 3)}
+    api_url = prefect_env["PREFECT_API_URL"]
+
+    async def runs_of(client, deployment: str) -> list:
+        found = await client.read_deployment_by_name(deployment)
+        return await client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[found.id])))
+
+    async def states_of(client, ids: list) -> dict:
+        runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
+        return {str(r.id): r for r in runs}
+
+    async def started_by_the_event() -> str:
+        """A's shift event, sent again while no run of A's retrain appeared (a trigger made by `prefect deploy` a
+        moment ago may not listen yet); B's deployment gets no run from it."""
+        async with get_client() as client:
+            for _ in range(4):
+                sent = httpx.post(f"{api_url}/events", json=[shift_event("pool-a")],
+                                  auth=tuple(prefect_env["PREFECT_API_AUTH_STRING"].split(":", 1)))
+                assert sent.status_code == 204, sent.text
+                deadline = time.monotonic() + 20
+                while time.monotonic() < deadline:
+                    if started := await runs_of(client, "retrain/pool-a-retrain"):
+                        return str(started[0].id)
+                    await asyncio.sleep(2)
+        raise AssertionError("A's shift event started no retrain of A")
+
+    async def kill_the_holder_in_its_package_stage(b_runs: list[str]) -> tuple[str, str, float]:
+        """One of B's two runs holds the project (its slot, then its lease in the remote): once its package stage
+        runs, the machine of its worker dies."""
+        async with get_client() as client:
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:
+                lease, _ = remotes["pool-b"].read_object("leases/pool-b.json")
+                holder = (lease or {}).get("what", "").removeprefix("retrain run ")
+                if holder in b_runs and not lease.get("released_at"):
+                    tasks = await client.read_task_runs(
+                        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[holder])))
+                    if any(t.name.startswith("package") and t.state.is_running() for t in tasks):
+                        time.sleep(1)  # into the stage: the model saved, its Bento being built
+                        (waiter,) = set(b_runs) - {holder}
+                        kill_machine(workers.pop(worker_of(workers, holder)))
+                        return holder, waiter, time.time()
+                await asyncio.sleep(1)
+        raise AssertionError("no run of B reached its package stage")
+
+    async def final_states(ids: list[str]) -> dict:
+        async with get_client() as client:
+            while True:
+                states = {i: r.state for i, r in (await states_of(client, ids)).items()}
+                if all(state.is_final() for state in states.values()):
+                    return states
+                await asyncio.sleep(3)
+
     try:
         # The form's push=False does not keep a hermetic run's work on the worker.
-        runs = {name: run_deployment(f"retrain/{name}-retrain", parameters={"parameters": {"push": False}}, timeout=0)
-                for name in projects}
+        b_runs = [str(run_deployment("retrain/pool-b-retrain", parameters={"parameters": {"push": False}},
+                                     timeout=0).id) for _ in range(2)]
+        a_run = asyncio.run(started_by_the_event())
+        holder, waiter, killed_at = asyncio.run(kill_the_holder_in_its_package_stage(b_runs))
+        states = asyncio.run(asyncio.wait_for(final_states([a_run, waiter]), 900))
 
-        async def final_states():
+        async def logs_and_runs():
+            from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
             async with get_client() as client:
-                while True:
-                    states = {name: (await client.read_flow_run(r.id)).state for name, r in runs.items()}
-                    if all(state.is_final() for state in states.values()):
-                        return states
-                    await asyncio.sleep(3)
-
-        states = asyncio.run(asyncio.wait_for(final_states(), 900))
+                logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[waiter])))
+                stages = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[waiter])))
+                return (logs, [t.start_time.timestamp() for t in stages if t.start_time],
+                        await runs_of(client, "retrain/pool-b-retrain"),
+                        await runs_of(client, "retrain/pool-a-retrain"))
+        waiter_logs, waiter_stages, b_deployment_runs, a_deployment_runs = asyncio.run(logs_and_runs())
     finally:
-        for worker in workers:
+        for worker in workers.values():
             stop_process_group(worker, grace_seconds=30)
-    logs = "\n".join((tmp_path / f"worker-{n}" / "worker.log").read_text()[-4000:] for n in (1, 2))
+    logs = "\n".join((tmp_path / f"worker-{n}" / "worker.log").read_text()[-4000:] for n in (1, 2, 3))
     assert all(state.is_completed() for state in states.values()), (states, logs)
-    for n in (1, 2):  # each worker ran one of them
-        assert (tmp_path / f"worker-{n}" / "worker.log").read_text().count("pushed experiment run-") == 1, logs
-    for n in (1, 2):  # nothing of either run is left on a worker: the clone went with the job's folder
+    # The event started A's retrain only: B's deployment has the two runs asked for, A's the one the event made.
+    assert sorted(str(r.id) for r in b_deployment_runs) == sorted(b_runs)
+    assert [str(r.id) for r in a_deployment_runs] == [a_run]
+    # B's two runs never overlapped: the waiter waited for the slot until the holder's lease expired, then took
+    # the project's lease in the remote over from the dead run and said so.
+    said = [(log.timestamp.timestamp(), log.message) for log in waiter_logs]
+    (took_over,) = [t for t, m in said if "took over the project's lease" in m and f"retrain run {holder}" in m]
+    assert took_over > killed_at and min(started for started in waiter_stages) > killed_at, (said, killed_at)
+    live = [n for n in (1, 2, 3)
+            if "pushed experiment run-" in (tmp_path / f"worker-{n}" / "worker.log").read_text()]
+    assert len(live) == 2, logs  # A's run and B's waiter, on the two workers that lived
+    for n in live:  # nothing of either run is left on a live worker: the clone went with the job's folder
         folder = tmp_path / f"worker-{n}"
         assert list((folder / "cwd").iterdir()) == []
         assert not [p for p in (folder / "tmp").rglob("*") if p.name in ("dvc.yaml", "model.safetensors")]
 
-    for name, flow_run in runs.items():
-        # Each project's registry record in its remote holds its own run's packaged model only.
-        remote = S3Remote(f"s3://{BUCKET}/{name}/regraft-models", s3_endpoint)
-        record, _ = remote.read_record()
+    for name, flow_run in (("pool-a", a_run), ("pool-b", waiter)):
+        # Each project's registry record in its remote holds one model, its own finished run's, complete: every
+        # archive the record names is in the remote with the sha256 it recorded (the dead run published nothing).
+        record, _ = remotes[name].read_record()
         assert len(record["models"]) == 1 and [e["action"] for e in record["history"]] == ["register"], record
+        (entry,) = record["models"].values()
+        with tempfile.TemporaryDirectory() as scratch:
+            for kind in ("model", "bento"):
+                download_archive(remotes[name], entry["remote"][kind], Path(scratch))
         # The project's lease in the remote (one run at a time across workers) was held by its run and given back.
-        lease, _ = remote.read_object(f"leases/{name}.json")
-        assert lease["what"] == f"retrain run {flow_run.id}" and lease["released_at"], lease
+        lease, _ = remotes[name].read_object(f"leases/{name}.json")
+        assert lease["what"] == f"retrain run {flow_run}" and lease["released_at"], lease
 
     # A fresh clone lists the run in git and gets it back, with the data and the model from the DVC remote.
-    name, flow_run = "pool-a", runs["pool-a"]
+    name = "pool-a"
     fresh = tmp_path / "fresh"
     run(["git", "clone", "-q", bare[name].as_uri(), str(fresh)], tmp_path)
-    experiment = f"run-{str(flow_run.id)[:8]}"
+    experiment = f"run-{a_run[:8]}"
     assert experiment in run(DVC + ["exp", "list", "origin"], fresh).stdout
     run(DVC + ["exp", "pull", "origin", experiment], fresh)
     run(DVC + ["exp", "apply", experiment], fresh)
-    assert json.loads((fresh / "reports" / "run.json").read_text())["run_id"] == str(flow_run.id)
+    assert json.loads((fresh / "reports" / "run.json").read_text())["run_id"] == a_run
     assert (fresh / "reports" / "report.html").is_file()
     pulled = run(DVC + ["pull"], fresh)
     assert "failed" not in pulled.stdout.lower(), pulled.stdout
     model = fresh / "models" / "candidate" / "model.safetensors"
     assert model.is_file() and (fresh / "data").is_dir()
-    record, _ = S3Remote(f"s3://{BUCKET}/{name}/regraft-models", s3_endpoint).read_record()
+    record, _ = remotes[name].read_record()
     (entry,) = record["models"].values()
     recorded = [digest for path, digest in entry["sha256"].items() if path.endswith("model.safetensors")]
     assert recorded == [hashlib.sha256(model.read_bytes()).hexdigest()], entry["sha256"]
@@ -214,11 +351,33 @@ def wait_for_model(url: str, tag: str, timeout: float = 90) -> None:
         time.sleep(0.2)
 
 
+def another_project_with_the_same_model(base: Path, trainer: Path, tag: str, endpoint: str) -> Path:
+    """A second project whose model remote is its own prefix of the same bucket, holding the trainer's model `tag`
+    (its archives copied there and registered in its own record), ready to promote it."""
+    from tasks.config import write_overrides
+    from tasks.registry import register
+    from tasks.remote import S3Remote
+
+    other = make_project(base / "other", base / "unused")
+    url = f"s3://{BUCKET}/other/regraft-models"
+    write_overrides(other / "params.yaml", {"project.name": "other", "package.remote": url})
+    entry = json.loads((trainer / "registry" / "registry.json").read_text())["models"][tag]
+    source, destination = S3Remote(f"s3://{BUCKET}/regraft/regraft-models", endpoint), S3Remote(url, endpoint)
+    for kind in ("model", "bento"):
+        local = base / Path(entry["remote"][kind]["key"]).name
+        source.get_file(entry["remote"][kind]["key"], local)
+        destination.put_file(local, entry["remote"][kind]["key"])
+    register(other / "registry" / "registry.json", tag, {**entry, "remote": {**entry["remote"], "url": url}},
+             remote=destination)
+    return other
+
+
 def test_a_serving_host_with_only_the_remote_follows_the_trainers_promotions(tmp_path, tiny_bert, s3_endpoint,
                                                                             monkeypatch):
     """Clone A packages two models and promotes the first; clone B has the code and the S3 remote only (no
-    training, no store, no registry) and serves. A promotes the second and rolls back while B is under load:
-    B switches both times, no request fails, and every answer equals A's offline prediction for that model."""
+    training, no store, no registry) and serves. Another project on the same bucket promotes A's second model in
+    its own record: B does not move. A promotes the second and rolls back while B is under load: B switches both
+    times, no request fails, and every answer equals A's offline prediction for that model."""
     from tasks.config import write_overrides
 
     for key, value in AWS.items():
@@ -231,6 +390,7 @@ def test_a_serving_host_with_only_the_remote_follows_the_trainers_promotions(tmp
     run([REGRAFT, "promote", tags[0], "--reason", "first"], trainer)
     expected = {tag: offline_predictions(trainer, tag) for tag in tags}
     precisions = {tag: served_precision(trainer, tag) for tag in tags}
+    other = another_project_with_the_same_model(tmp_path, trainer, tags[1], s3_endpoint)
 
     host = make_project(tmp_path / "host", tmp_path / "unused")
     port = free_port()
@@ -255,6 +415,11 @@ def test_a_serving_host_with_only_the_remote_follows_the_trainers_promotions(tmp
         assert httpx.get(f"{url}/healthz").json()["model_version"] == tags[0]
         clients = steady_load(url, stop, served, failures)
         time.sleep(2)
+        # The other project's promotion is in its own record: this host follows its own project's only.
+        assert "is now in production" in run([REGRAFT, "promote", tags[1], "--reason", "theirs"], other,
+                                             env_update={"AWS_ENDPOINT_URL": s3_endpoint}).stdout
+        time.sleep(3)  # six of the host's reload periods
+        assert httpx.get(f"{url}/healthz").json()["model_version"] == tags[0]
         run([REGRAFT, "promote", tags[1], "--reason", "better"], trainer)
         wait_for_model(url, tags[1])
         time.sleep(2)
