@@ -50,20 +50,21 @@ def push_outputs(project_dir: Path) -> str:
 @task(name="record-history")
 def save_to_history(project_dir: Path, params: Params, run_id: str, stages: list[str]) -> str:
     """Keep this run as a DVC experiment (`dvc exp save`): params.yaml as the run used it, dvc.lock (the data's
-    md5), the metrics with intervals, the verdict and the plots' data. Later runs add their own; `dvc exp
-    show` lists them and `dvc metrics diff` / `dvc plots diff` compare any two. A failure here is logged,
-    never the reason a run fails."""
+    md5), the metrics with intervals, the verdict, every stage's report and the plots' data. Later runs add their
+    own; `dvc exp show` lists them, `dvc metrics diff` / `dvc plots diff` compare any two, and `dvc exp apply`
+    puts a run's reports back. A failure here is logged, never the reason a run fails."""
     logger = get_run_logger()
     head = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=project_dir, capture_output=True)
     if head.returncode != 0:
         logger.warning("run history needs a git commit in the project (commit once): this run is not recorded")
         return ""
     kept = [params.paths.metrics, params.paths.verdict, params.paths.decision, params.paths.train_log,
-            params.paths.confusion_rows, params.paths.run_record]
+            params.paths.confusion_rows, params.paths.run_record, *(params.report_file(stage) for stage in stages)]
     if hermetic_checkout():  # the page dies with this checkout otherwise; the experiment carries it to the git remote
         kept.append(params.paths.html_report)
     name = f"run-{run_id[:8]}"
-    include = [arg for path in kept if (project_dir / path).is_file() for arg in ("--include-untracked", str(path))]
+    include = [arg for path in dict.fromkeys(kept) if (project_dir / path).is_file()
+               for arg in ("--include-untracked", str(path))]
     # Only the stages this run ran are committed into the experiment's dvc.lock: a run that stopped at the gate
     # does not claim to have packaged anything.
     saved = subprocess.run(dvc_command("exp", "save", "--quiet", "--name", name, *include, *stages), cwd=project_dir,

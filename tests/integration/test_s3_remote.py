@@ -284,6 +284,13 @@ def test_work_pool_runs_of_two_projects_need_only_git_and_the_remote_and_leave_e
     recorded = [digest for path, digest in entry["sha256"].items() if path.endswith("model.safetensors")]
     assert recorded == [hashlib.sha256(model.read_bytes()).hexdigest()], entry["sha256"]
     assert "Cache and remote 's3' are in sync" in run(DVC + ["status", "--cloud"], fresh).stdout
+    # The checkout has every stage's data, model and report as the run left them; only the folders of pictures and
+    # pages (GX data docs, plots: in the HTML report and the run's artifacts) are not carried in git for every run.
+    status = run(DVC + ["status"], fresh).stdout
+    changed = {line.split(":", 1)[1].strip() for line in status.splitlines()
+               if line.strip().startswith(("deleted:", "modified:", "new:"))}
+    assert changed <= {"reports/data_docs", "reports/shift", "reports/evaluate"}, status
+    assert all((fresh / "reports" / f"{stage}.json").is_file() for stage in ("ingest", "shift", "evaluate", "package"))
 
 
 SERVED_TEXTS = ["works well for my pain", "terrible headache and nausea", "no change at all", "review number 7"]
