@@ -64,9 +64,12 @@ def why_free(lease: dict | None, now: float, where: str) -> str | None:
 
 
 def process_alive(pid, started) -> bool:
+    """Whether the lease holder's process still runs: the same PID with the same start time, and not a zombie (a
+    killed process whose parent died too stays one where nothing reaps it)."""
     try:
         process = psutil.Process(int(pid))
-        return started is None or abs(process.create_time() - float(started)) < 1.0
+        return (started is None or abs(process.create_time() - float(started)) < 1.0) \
+            and process.status() != psutil.STATUS_ZOMBIE
     except (psutil.Error, TypeError, ValueError):
         return False
 

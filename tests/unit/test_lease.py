@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 
+import psutil
 import pytest
 
 from tasks.lease import lease_name, remote_lease
@@ -56,6 +57,30 @@ def test_an_expired_lease_or_one_whose_process_is_gone_is_taken_over_and_named(t
         assert remote.read_object(lease_name("demo"))[0]["token"] == mine["token"]
     assert len(said) == 1 and "took over the project's lease" in said[0] and "retrain run other" in said[0]
     assert why in said[0]
+
+
+def test_a_holder_that_is_a_zombie_is_gone(tmp_path):
+    """A killed run whose parent was killed too stays a zombie where nothing reaps it: its PID and start time
+    still match, yet it runs nothing and renews nothing."""
+    import subprocess
+    import sys
+
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while psutil.Process(zombie.pid).status() != psutil.STATUS_ZOMBIE:  # exited, not yet waited for
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    try:
+        started = psutil.Process(zombie.pid).create_time()
+        remote = DirectoryRemote(tmp_path / "remote")
+        remote.write_object(lease_name("demo"), other_holder(host=socket.gethostname(), pid=zombie.pid,
+                                                             process_started=started), None)
+        said = []
+        with remote_lease(remote, "demo", "retrain run a", 1, said.append):
+            pass
+        assert len(said) == 1 and "its process on this machine is gone" in said[0]
+    finally:
+        zombie.wait()
 
 
 def test_the_lease_is_renewed_while_the_run_lives(tmp_path):
