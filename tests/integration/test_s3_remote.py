@@ -457,7 +457,7 @@ def test_a_serving_host_with_only_the_remote_follows_the_trainers_promotions(tmp
         before = len(served)
         assert "is now in production" in run([REGRAFT, "promote", tags[1], "--reason", "theirs"], other,
                                              env_update={"AWS_ENDPOINT_URL": s3_endpoint}).stdout
-        time.sleep(10)  # twenty of the host's reload periods, longer than its switches below take
+        time.sleep(6)  # twelve of the host's reload periods, longer than its switches below take
         assert {row["model_version"] for _, row in served[before:]} == {tags[0]}
         run([REGRAFT, "promote", tags[1], "--reason", "better"], trainer)
         wait_for_model(url, tags[1])
