@@ -33,10 +33,10 @@ def pytest_configure(config):
 # The longest test files first (measured, longest first): `make test`'s xdist workers take whole files in this
 # order, so the suite does not end waiting on one long file started last.
 LONGEST_FIRST = [
-    "tests/integration/test_s3_remote.py", "tests/integration/test_demo_end_to_end.py",
-    "tests/integration/test_operations.py", "tests/integration/test_user_files.py",
-    "tests/integration/test_run_safety.py", "tests/integration/test_retrain_flow.py", "tests/model/test_shift_power.py",
-    "tests/integration/test_serving.py", "tests/integration/test_finetune_stage.py",
+    "tests/integration/test_demo_end_to_end.py", "tests/integration/test_operations.py",
+    "tests/integration/test_user_files.py", "tests/integration/test_run_safety.py",
+    "tests/integration/test_retrain_flow.py", "tests/model/test_shift_power.py", "tests/integration/test_serving.py",
+    "tests/integration/test_s3_remote.py", "tests/integration/test_finetune_stage.py",
     "tests/integration/test_run_recovery.py", "tests/integration/test_gate_decision.py",
     "tests/integration/test_promotion_faults.py", "tests/integration/test_project_slot.py",
 ]

@@ -456,6 +456,18 @@ def started_by(api: httpx.Client, run_ids: set[str]) -> set[str]:
                             .removeprefix("automation ")) for run_id in run_ids}
 
 
+def test_a_failed_run_is_notified_once_with_its_link(ui):
+    """A run that fails (here: validate, under a stricter row minimum than the data has) tells the webhook once,
+    with the stage, the reason and the run's link. Before the shift-watch test: the retrains it cancels keep the
+    project's slot until their lease expires, a minute this test would wait."""
+    api, project, log = ui
+    failed = run_deployment_and_wait(api, "retrain", {"parameters": {
+        "overrides": ["validate.rows.train_min=100000"], "push": False}})
+    assert failed["state"]["type"] == "FAILED", log.read_text()[-3000:]
+    message = notified(api, "regraft.run.failed", failed["id"])
+    assert "failed at stage validate" in message["subject"] and "verdict: none" in message["body"]
+
+
 @NEEDS_CHROMIUM  # it promotes the model that the browser's run packaged
 def test_promote_then_shift_watch_on_degraded_traffic_starts_retrain_and_feedback_audits_it(ui):
     """serve -> watch -> retrain -> labels: the model packaged by the browser's custom run is promoted through its
@@ -551,17 +563,6 @@ def test_the_state_the_reports_and_the_prediction_log_are_the_owners_alone(ui):
     finally:
         for folder, mode in modes.items():
             os.chmod(folder, mode)
-
-
-def test_a_failed_run_is_notified_once_with_its_link(ui):
-    """A run that fails (here: validate, under a stricter row minimum than the data has) tells the webhook once,
-    with the stage, the reason and the run's link."""
-    api, project, log = ui
-    failed = run_deployment_and_wait(api, "retrain", {"parameters": {
-        "overrides": ["validate.rows.train_min=100000"], "push": False}})
-    assert failed["state"]["type"] == "FAILED", log.read_text()[-3000:]
-    message = notified(api, "regraft.run.failed", failed["id"])
-    assert "failed at stage validate" in message["subject"] and "verdict: none" in message["body"]
 
 
 def test_the_credential_cannot_make_the_server_post_elsewhere(ui):
