@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import psutil
@@ -45,6 +47,13 @@ LONGEST_FIRST = [
 def pytest_collection_modifyitems(config, items):
     rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
+
+
+def shift_event(project: str) -> dict:
+    """A `regraft.shift.detected` event of one project, as shift-watch emits it, for the server's /api/events."""
+    return {"id": str(uuid.uuid4()), "occurred": dt.datetime.now(dt.UTC).isoformat(), "event": "regraft.shift.detected",
+            "resource": {"prefect.resource.id": f"regraft.project.{project}", "prefect.resource.name": project},
+            "payload": {"project": project, "summary": "a test shift", "verdict": "severe"}}
 
 
 def run(cmd: list[str], cwd: Path, check: bool = True, env_update: dict[str, str] | None = None,

@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from tasks.processes import free_port
-from tests.conftest import QUICK_SETTINGS, make_project, processes_in
+from tests.conftest import QUICK_SETTINGS, make_project, processes_in, shift_event
 
 pytestmark = pytest.mark.integration
 REGRAFT = str(Path(sys.executable).parent / "regraft")
@@ -673,10 +673,7 @@ def test_a_second_project_joins_the_server_and_each_answers_to_its_own_events(ui
         joined.wait(timeout=60)
     # The other project's shift (its runner stopped, so its run waits, scheduled): its retrain gets a run, ours none.
     ours, theirs = run_ids(api, "retrain"), run_ids(api, "retrain", "other")
-    sent = api.post("/events", json=[{
-        "id": str(uuid.uuid4()), "occurred": dt.datetime.now(dt.UTC).isoformat(), "event": "regraft.shift.detected",
-        "resource": {"prefect.resource.id": "regraft.project.other", "prefect.resource.name": "other"},
-        "payload": {"project": "other", "summary": "a test shift", "verdict": "severe"}}])
+    sent = api.post("/events", json=[shift_event("other")])
     assert sent.status_code == 204, sent.text
     started = new_run_ids(api, "retrain", theirs, timeout=120, project="other")
     assert len(started) == 1, "the other project's trigger did not start its retrain"

@@ -7,7 +7,6 @@ no other's; two hosts write the remote record at once."""
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import hashlib
 import json
 import os
@@ -26,7 +25,7 @@ import pytest
 
 from tasks.processes import free_port, stop_process_group, wait_until_healthy
 from tasks.variants import VARIANT_MAX_BATCH_SPREAD
-from tests.conftest import AWS, make_project, moto_s3, package, quick_project, run
+from tests.conftest import AWS, make_project, moto_s3, package, quick_project, run, shift_event
 
 pytestmark = pytest.mark.integration
 REGRAFT = str(Path(sys.executable).parent / "regraft")
@@ -137,12 +136,6 @@ def worker_of(workers: dict[int, subprocess.Popen], flow_run_id: str) -> int:
                 if child.environ().get("PREFECT__FLOW_RUN_ID") == flow_run_id:
                     return n
     raise AssertionError(f"no worker runs {flow_run_id}")
-
-
-def shift_event(project: str) -> dict:
-    return {"id": str(uuid.uuid4()), "occurred": dt.datetime.now(dt.UTC).isoformat(), "event": "regraft.shift.detected",
-            "resource": {"prefect.resource.id": f"regraft.project.{project}", "prefect.resource.name": project},
-            "payload": {"project": project, "summary": "a test shift", "verdict": "severe"}}
 
 
 @pytest.mark.timeout(1800)
