@@ -104,8 +104,9 @@ def run_trainer(splits, params, epochs: int, seed: int, tuned: bool):
 
     cfg = params.train.model_copy(update={"epochs": epochs, "seed": seed})
     train, _ = build_training_data(splits, params.ingest.labels, cfg)
-    speed = {"bf16": choose_runtime().precision == "bf16", "train_sampling_strategy": "group_by_length",
-             "optim": "adamw_torch_fused"} if tuned else {}
+    # use_cpu: transformers 5 refuses bf16 without CUDA unless told the CPU is meant (it then autocasts in bf16).
+    speed = {"bf16": choose_runtime().precision == "bf16", "use_cpu": not torch.cuda.is_available(),
+             "train_sampling_strategy": "group_by_length", "optim": "adamw_torch_fused"} if tuned else {}
     tokenizer = load_tokenizer(BASE)
     model = load_classifier(BASE, params.ingest.labels)
     encoded = tokenizer(train.texts, truncation=True, max_length=params.model.max_length)
