@@ -24,7 +24,8 @@ requests per second at concurrency 16), errors (regraft's failed requests, all l
 baseline's requests per second at concurrency 16: the most any service could reach against it here),
 served_precision with served_precision_why (the variant the service chose, and why), variant_speedup (the limit in
 that precision over the fp32 limit, measured in the same run; 1.0 when fp32 serves) and variants (each checked
-variant's agreement, macro-F1 difference and speed against fp32). With
+variant's agreement, macro-F1 difference and speed against fp32), client_cpu_share_c16 (the load generator's own CPU
+at concurrency 16, as a share of the machine: it runs beside the server, which could not have that share). With
 `--shadow`: shadow_p99_ratio_c16 (regraft's p99 latency at concurrency 16 with the shadow on over off; goal at most
 1.2), shadow_throughput_ratio_c16, shadow_counts (texts the candidate predicted, shed, failed) and
 shadow_responses_unchanged (the answers to the same 64 reviews, labels and probabilities, equal with and without).
@@ -139,17 +140,21 @@ def closed_loop(url: str, texts: list[str], concurrency: int, seconds: float) ->
                         errors[0] += 1
                 i += concurrency
 
-    began = time.perf_counter()
+    began, cpu_began = time.perf_counter(), time.process_time()
     threads = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - began
+    # The load generator shares the machine with the server: its CPU, as a share of every core's time, is what the
+    # server could not have.
+    client_cpu_share = (time.process_time() - cpu_began) / (wall * (os.cpu_count() or 1))
     ms = np.asarray(latencies) * 1000
     return {"requests": len(latencies), "requests_per_second": round(len(latencies) / wall, 1),
             "p50_ms": round(float(np.percentile(ms, 50)), 1) if len(ms) else None,
-            "p99_ms": round(float(np.percentile(ms, 99)), 1) if len(ms) else None, "errors": errors[0]}
+            "p99_ms": round(float(np.percentile(ms, 99)), 1) if len(ms) else None, "errors": errors[0],
+            "client_cpu_share": round(client_cpu_share, 3)}
 
 
 def store_models(work: Path, folder: Path, serving: dict) -> dict[str, dict]:
@@ -311,7 +316,7 @@ def main() -> None:
                     results[name][level] = closed_loop(url, texts, level, args.seconds)
                     r = results[name][level]
                     print(f"{name:14s} c={level:<3d} {r['requests_per_second']:8.1f} req/s  p50 {r['p50_ms']} ms  "
-                          f"p99 {r['p99_ms']} ms  errors {r['errors']}", flush=True)
+                          f"p99 {r['p99_ms']} ms  errors {r['errors']}  load generator's CPU {r['client_cpu_share']:.0%}", flush=True)
                 if name == "regraft-shadow":
                     time.sleep(2.0)  # what is still queued for the candidate is counted, not waited for
                     shadow_counts = shadow_counts_of_every_worker(port, workers)
@@ -339,6 +344,7 @@ def main() -> None:
         "errors": sum(r["errors"] for r in results["regraft"].values()),
         "baseline_errors": sum(r["errors"] for r in results["baseline"].values()),
         "p99_ms_c16": results["regraft"].get(16, {}).get("p99_ms"),
+        "client_cpu_share_c16": results["regraft"].get(16, {}).get("client_cpu_share"),
         "service_workers": workers,
         "model": described,
         "levels": {str(level): {"regraft": results["regraft"][level], "baseline": results["baseline"][level]}

@@ -6,8 +6,8 @@ import torch
 
 from tasks.config import load_params
 from tasks.shift import (
-    Sample, TestResult, auc_and_p, bbsd_test, classifier_test, decide, group_mix_test, importance_weights,
-    label_shift_test, mlls_priors, mmd_block, mmd_permutation,
+    Sample, TestResult, auc_and_p, bbsd_test, classifier_test, decide, fit_logistic, group_mix_test,
+    importance_weights, label_shift_test, mlls_priors, mmd_block, mmd_permutation,
 )
 from tests.conftest import REPO
 
@@ -21,6 +21,28 @@ def gaussians(n, shift, seed, d=16):
     y = torch.randn(n, d, generator=g)
     y[:, 0] += shift
     return x, y
+
+
+@pytest.mark.parametrize("classes", [1, 3])
+def test_fit_logistic_is_scikit_learns_l2_logistic_regression(classes):
+    """The same minimiser as scikit-learn's (C = 1 / (2 * weight_decay * n), the bias unpenalised), for the domain
+    classifier's boolean labels (one sigmoid output) and the label-shift classifier's integer ones (softmax)."""
+    from sklearn.linear_model import LogisticRegression
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 12, generator=g, dtype=torch.float64)
+    score = x[:, 0] + 0.5 * x[:, 1] + 0.3 * torch.randn(400, generator=g, dtype=torch.float64)
+    labels = score > 0 if classes == 1 else torch.bucketize(score, torch.tensor([-0.5, 0.5]))
+    model = fit_logistic(x, labels, weight_decay=1e-2)
+    reference = LogisticRegression(C=1 / (2 * 1e-2 * len(x)), tol=1e-10, max_iter=10_000).fit(x.numpy(),
+                                                                                          labels.numpy())
+    with torch.no_grad():
+        ours = model(x)
+    theirs = torch.from_numpy(reference.decision_function(x.numpy())).reshape(len(x), -1)
+    if classes > 1:  # a softmax is defined up to a constant per row
+        ours, theirs = ours - ours.mean(1, keepdim=True), theirs - theirs.mean(1, keepdim=True)
+    assert model.weight.shape == (classes, 12)
+    assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
 
 
 @pytest.mark.parametrize("test", ["permutation", "block"])
