@@ -149,7 +149,7 @@ def closed_loop(url: str, texts: list[str], concurrency: int, seconds: float) ->
     wall = time.perf_counter() - began
     # The load generator shares the machine with the server: its CPU, as a share of every core's time, is what the
     # server could not have.
-    client_cpu_share = (time.process_time() - cpu_began) / (wall * (os.cpu_count() or 1))
+    client_cpu_share = (time.process_time() - cpu_began) / (wall * len(os.sched_getaffinity(0)))
     ms = np.asarray(latencies) * 1000
     return {"requests": len(latencies), "requests_per_second": round(len(latencies) / wall, 1),
             "p50_ms": round(float(np.percentile(ms, 50)), 1) if len(ms) else None,

@@ -1,16 +1,21 @@
-"""Dropout for training on CPU, with its random mask drawn four times cheaper than torch's.
+"""Dropout for training an encoder on a CPU, with its random mask drawn about four times cheaper than torch's.
 
 Profiled on the demo (py-spy, 2-core AMD EPYC, bf16): torch's CPU dropout took 57 of the finetune stage's 180
 seconds, more than every linear layer's forward together. The cost is the random draw, one 32- or 64-bit number per
-element (about 250 million a second here), not the multiply. This draws 64-bit words from torch's own generator and
-reads each as four 16-bit numbers: an element is dropped when its number is below round(p * 2**16), so the rate is p
-to within 1e-5, and the draw stays seeded by `torch.manual_seed` and saved by `torch.get_rng_state` (a resumed run
-still ends with the weights of an uninterrupted one). On CUDA torch's fused kernel is fast, so nothing changes there.
+element (about 250 million a second here), not the multiply. This draws 64-bit words and reads each as four 16-bit
+numbers: an element is dropped when its number is below round(p * 2**16), so the rate is p to within 1e-5 (the
+scaling uses that exact rate). Each call takes one number from torch's generator and draws its words from a generator
+seeded with it, so the global generator advances by one draw per call whatever the tensor's size, as torch's MKL
+dropout did: seeded by `torch.manual_seed`, saved by `torch.get_rng_state`, and the data-parallel ranks, whose
+batches differ in size, stay in step (a resumed run still ends with the weights of an uninterrupted one). On CUDA
+torch's fused kernel is fast, and nothing changes there.
 
-Two places drop: every `torch.nn.Dropout` module (hidden states, embeddings, LoRA's input dropout), replaced by
-`FastDropout` with the same p, and the attention probabilities, which BERT-family models drop inside their attention
-function rather than through the module: a copy of transformers' eager attention with this dropout is registered
-under ATTENTION and the model is loaded with it.
+Two places drop: every `torch.nn.Dropout` module (hidden states, embeddings, the classifier, LoRA's input dropout),
+replaced by `FastDropout` with the same p, and, in the model types whose eager attention is BERT's, the attention
+probabilities, which those models drop inside their attention function rather than through the module: a copy of that
+function with this dropout is registered under ATTENTION. Other model types keep their own eager attention (and its
+dropout). The heads trained on cached features (feature_extraction, the linear probe) keep torch's dropout: their
+tensors are small.
 """
 
 from __future__ import annotations
@@ -20,24 +25,37 @@ import math
 import torch
 
 ATTENTION = "regraft_cpu_eager"  # the attention function's name in transformers' AttentionInterface
+# Model types whose eager attention in transformers 5 is BERT's `eager_attention_forward` (the same arguments and
+# arithmetic), so the copy below replaces it exactly; ModernBERT (softmax in fp32) and DeBERTa (its own attention) are
+# not among them.
+BERT_EAGER_ATTENTION = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "albert",
+                                  "mobilebert"})
 _LEVELS = 1 << 16
 
 
+def drop_level(p: float) -> int:
+    """Of 2**16 equally likely 16-bit numbers, how many drop an element: the rate actually applied is this / 2**16."""
+    return min(max(round(p * _LEVELS), 0), _LEVELS)
+
+
 def drop_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
-    """True where an element is dropped: each with probability round(p * 2**16) / 2**16."""
+    """True where an element is dropped: each with probability drop_level(p) / 2**16."""
     n = math.prod(shape)
+    seed = int(torch.randint(0, 2**62, (1,)).item())  # the one draw from torch's generator, whatever n is
     words = torch.randint(torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max, ((n + 3) // 4,),
-                          dtype=torch.int64, device=device)
-    return words.view(torch.int16)[:n].view(shape) < round(p * _LEVELS) - _LEVELS // 2
+                          dtype=torch.int64, device=device, generator=torch.Generator(device).manual_seed(seed))
+    return words.view(torch.int16)[:n].view(shape) < drop_level(p) - _LEVELS // 2
 
 
 def fast_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """`torch.nn.functional.dropout(x, p, training)` with the cheaper mask: kept elements are scaled by 1 / (1 - p)."""
-    if not training or p == 0.0:
+    """`torch.nn.functional.dropout(x, p, training)` with the cheaper mask: kept elements are scaled by one over the
+    kept rate."""
+    level = drop_level(p)
+    if not training or level == 0:
         return x
-    if p >= 1.0:
+    if level == _LEVELS:
         return x * 0.0
-    return x.masked_fill(drop_mask(x.shape, p, x.device), 0.0) * (1.0 / (1.0 - p))
+    return x.masked_fill(drop_mask(x.shape, p, x.device), 0.0) * (_LEVELS / (_LEVELS - level))
 
 
 class FastDropout(torch.nn.Dropout):
@@ -59,10 +77,21 @@ def replace_dropout_modules(model: torch.nn.Module) -> int:
     return swapped
 
 
+def use_fast_dropout(model: torch.nn.Module) -> None:
+    """The model (a transformers model, or peft's wrapper of one) as it trains on a CPU: every Dropout module
+    swapped, and the attention function too where the model type's eager attention is BERT's and eager runs now."""
+    replace_dropout_modules(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if (getattr(config, "model_type", None) in BERT_EAGER_ATTENTION
+            and getattr(config, "_attn_implementation", None) == "eager"):
+        base.set_attn_implementation(register_attention())
+
+
 def eager_attention_fast_dropout(module, query, key, value, attention_mask, scaling=None,
                                  dropout: float = 0.0, **kwargs):
-    """transformers' eager attention for encoder models (BERT's `eager_attention_forward`), with this module's dropout
-    on the attention probabilities."""
+    """transformers' eager attention for BERT-type encoders (`eager_attention_forward`), with this module's dropout on
+    the attention probabilities."""
     if scaling is None:
         scaling = query.size(-1) ** -0.5
     weights = torch.matmul(query, key.transpose(2, 3)) * scaling
@@ -75,9 +104,9 @@ def eager_attention_fast_dropout(module, query, key, value, attention_mask, scal
 
 
 def register_attention() -> str:
-    """Make ATTENTION loadable (`attn_implementation=ATTENTION`), with eager attention's additive mask (an unknown
-    name would get SDPA's boolean one, which the addition above would read as "attend everywhere"); idempotent.
-    Called when a model is loaded for training, not at import."""
+    """Make ATTENTION usable (`set_attn_implementation(ATTENTION)`), with eager attention's additive mask: transformers
+    builds no mask at all for a name its mask registry does not know, and the padding would be attended to.
+    Idempotent; called when a model is prepared for training, not at import."""
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 

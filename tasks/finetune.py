@@ -34,7 +34,7 @@ import torch
 
 from tasks.config import ModelConfig, TrainConfig
 from tasks.devices import Runtime, autocast, choose_runtime
-from tasks.dropout import register_attention, replace_dropout_modules
+from tasks.dropout import use_fast_dropout
 from tasks.evaluate import confusion_counts, metrics_from_confusion
 from tasks.files import write_atomically
 from tasks.models import (
@@ -171,9 +171,8 @@ def finetune(base: str, labels: list[str], train: TrainingData, valid: TrainingD
     dist = init_distributed(runtime)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(base)
-    # Profiled on this project's CPU: eager attention backpropagates faster than SDPA's CPU kernel; on CPU it runs
-    # with tasks/dropout.py's cheaper dropout on the attention probabilities.
-    attention = register_attention() if runtime.device.type == "cpu" else None
+    # Profiled on this project's CPU: eager attention backpropagates faster than SDPA's CPU kernel.
+    attention = "eager" if runtime.device.type == "cpu" else None
     model = load_classifier(base, labels, attention_dropout=cfg.attention_dropout, attn_implementation=attention)
     if strategy == "feature_extraction":
         return train_head(model, tokenizer, base, labels, train, valid, cfg, model_cfg, runtime, cache_dir,
@@ -201,7 +200,7 @@ def prepare_for_training(model, strategy: str, cfg: TrainConfig, runtime: Runtim
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable()
     if runtime.device.type == "cpu":  # CUDA's fused dropout is fast; torch's CPU one is not (tasks/dropout.py)
-        replace_dropout_modules(model)
+        use_fast_dropout(model)
     model.to(runtime.device)
     if strategy == "gradual_unfreeze":
         unfreeze_for_epoch(model, 0)

@@ -15,7 +15,7 @@ import yaml
 
 from tasks.config import Params
 from tasks.errors import CheckFailed
-from tasks.files import crash_point
+from tasks.files import crash_point, keep_private
 from tasks.processes import NotHealthy, free_port, stop_process_group, wait_until_healthy
 from tasks.reports import Decision, FinetuneReport, Verdict, read_report
 
@@ -86,6 +86,9 @@ def build_bento(params: Params, model_tag: str) -> str:
     options["name"] = params.package.bento_name
     bento = bentoml.bentos.build(**options, models=[model_tag], build_ctx=".",
                                  labels={"model": model_tag.replace(":", "_")})
+    # BentoML copies the source files with their modes (0644 in a git checkout), whatever the umask: the Bento lives
+    # in the state folder, which is the owner's alone.
+    keep_private([Path(bento.path)])
     return str(bento.tag)
 
 
