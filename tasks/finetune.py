@@ -199,7 +199,7 @@ def prepare_for_training(model, strategy: str, cfg: TrainConfig, runtime: Runtim
         model = wrap_lora(model, cfg)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable()
-    if runtime.device.type == "cpu":  # CUDA's fused dropout is fast; torch's CPU one is not (tasks/dropout.py)
+    if runtime.device.type == "cpu" and cfg.cpu_dropout == "fast":  # CUDA's fused dropout is fast; torch's CPU one is not
         use_fast_dropout(model)
     model.to(runtime.device)
     if strategy == "gradual_unfreeze":

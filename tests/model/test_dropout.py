@@ -118,3 +118,15 @@ def test_training_on_a_cpu_prepares_the_model_with_it(tiny_bert, strategy):
     if strategy == "lora":
         assert any(isinstance(m, FastDropout) for name, m in model.named_modules() if "lora_dropout" in name)
     assert model.config._attn_implementation == ATTENTION
+
+
+def test_cpu_dropout_torch_keeps_torchs_dropout(tiny_bert):
+    from tasks.devices import choose_runtime
+    from tasks.finetune import prepare_for_training
+    from tests.model.test_finetune import train_config
+
+    cfg, _ = train_config(strategy="full", cpu_dropout="torch")
+    model = prepare_for_training(load_classifier(tiny_bert, LABELS, attn_implementation="eager"), "full", cfg,
+                                 choose_runtime("fp32"))
+    assert not any(isinstance(m, FastDropout) for m in model.modules())
+    assert model.config._attn_implementation == "eager"
