@@ -234,7 +234,7 @@ class TrainConfig(StrictModel):
     grad_checkpointing: bool = Field(description="Recompute activations in backward to save memory.")
     attention_dropout: float | None = Field(
         ge=0, lt=1, description="Dropout on attention probabilities while training; null keeps the model's own. "
-        "On CPU it costs about as much as the rest of the forward pass."
+        "On a CPU with train.cpu_dropout torch it costs about as much as the rest of the forward pass."
     )
     cpu_dropout: Literal["fast", "torch"] = Field(
         description="How training on a CPU drops out: fast (tasks/dropout.py: the same rate, a cheaper random draw, "

@@ -104,29 +104,22 @@ def test_the_attention_probabilities_drop_too(tiny_bert):
         assert torch.allclose(model(input_ids=ids).logits, evaluated, atol=1e-6)
 
 
-@pytest.mark.parametrize("strategy", ["full", "lora"])
-def test_training_on_a_cpu_prepares_the_model_with_it(tiny_bert, strategy):
-    """finetune's preparation swaps every Dropout, LoRA's own input dropout included, and sets the attention."""
+@pytest.mark.parametrize("strategy,cpu_dropout", [("full", "fast"), ("lora", "fast"), ("full", "torch")])
+def test_training_on_a_cpu_prepares_the_model_with_it(tiny_bert, strategy, cpu_dropout):
+    """finetune's preparation swaps every Dropout, LoRA's own input dropout included, and sets the attention;
+    train.cpu_dropout torch keeps torch's dropout and eager attention."""
     from tasks.devices import choose_runtime
     from tasks.finetune import prepare_for_training
     from tests.model.test_finetune import train_config
 
-    cfg, _ = train_config(strategy=strategy)
+    cfg, _ = train_config(strategy=strategy, cpu_dropout=cpu_dropout)
     model = prepare_for_training(load_classifier(tiny_bert, LABELS, attn_implementation="eager"), strategy, cfg,
                                  choose_runtime("fp32"))
+    if cpu_dropout == "torch":
+        assert not any(isinstance(m, FastDropout) for m in model.modules())
+        assert model.config._attn_implementation == "eager"
+        return
     assert not any(type(m) is torch.nn.Dropout for m in model.modules())
     if strategy == "lora":
         assert any(isinstance(m, FastDropout) for name, m in model.named_modules() if "lora_dropout" in name)
     assert model.config._attn_implementation == ATTENTION
-
-
-def test_cpu_dropout_torch_keeps_torchs_dropout(tiny_bert):
-    from tasks.devices import choose_runtime
-    from tasks.finetune import prepare_for_training
-    from tests.model.test_finetune import train_config
-
-    cfg, _ = train_config(strategy="full", cpu_dropout="torch")
-    model = prepare_for_training(load_classifier(tiny_bert, LABELS, attn_implementation="eager"), "full", cfg,
-                                 choose_runtime("fp32"))
-    assert not any(isinstance(m, FastDropout) for m in model.modules())
-    assert model.config._attn_implementation == "eager"
