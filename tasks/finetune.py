@@ -41,7 +41,8 @@ from tasks.models import (
     cached_tensor, load_classifier, load_tokenizer, map_batches, model_fingerprint, pad_batch, predict_proba, tokenize,
 )
 from tasks.progress import Progress
-from tasks.trainable_parts import head_modules, param_groups, unfreeze_for_epoch, wrap_lora
+from tasks.trainable_parts import (head_modules, lora_inputs_stay_in_autocast_dtype, param_groups, unfreeze_for_epoch,
+                                   wrap_lora)
 from tasks.training_data import TrainingData, class_weights, length_grouped_batches
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -197,6 +198,8 @@ def prepare_for_training(model, strategy: str, cfg: TrainConfig, runtime: Runtim
     gradual_unfreeze (before the optimiser is built, which sees only parameters that train)."""
     if strategy == "lora":
         model = wrap_lora(model, cfg)
+        if runtime.precision != "fp32":  # trained under autocast (tasks/devices.py autocast)
+            lora_inputs_stay_in_autocast_dtype(model)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable()
     if runtime.device.type == "cpu" and cfg.cpu_dropout == "fast":  # CUDA's fused dropout is fast; torch's CPU one is not

@@ -156,6 +156,40 @@ def test_lora_is_merged_and_loads_without_peft(tiny_bert, splits, base_weights, 
         assert torch.equal(value, after[key]), key
 
 
+def test_lora_under_autocast_keeps_inputs_in_its_dtype_with_bit_identical_results(tiny_bert):
+    """Without peft's fp32 round trip of each adapted input, a bf16 LoRA step gives the same logits and gradients,
+    bit for bit; without autocast the casts stay."""
+    from tasks.devices import autocast, choose_runtime
+    from tasks.finetune import prepare_for_training
+    from tasks.models import load_classifier
+
+    cfg, _ = train_config(strategy="lora")
+    ids = torch.randint(1000, 5000, (4, 24), generator=torch.Generator().manual_seed(0))
+    fp32 = prepare_for_training(load_classifier(str(tiny_bert), LABELS, attn_implementation="eager"), "lora", cfg,
+                                choose_runtime("fp32"))
+    assert all(m.cast_input_dtype_enabled for m in fp32.modules() if hasattr(m, "cast_input_dtype_enabled"))
+    runtime = choose_runtime("bf16")
+    results = []
+    for peft_casts in (False, True):
+        torch.manual_seed(0)
+        model = prepare_for_training(load_classifier(str(tiny_bert), LABELS, attn_implementation="eager"), "lora",
+                                     cfg, runtime)
+        layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+        assert layers and not any(m.cast_input_dtype_enabled for m in layers)
+        for m in layers:
+            m.cast_input_dtype_enabled = peft_casts
+        model.train()
+        torch.manual_seed(1)  # the same dropout masks in both
+        with autocast(runtime):
+            logits = model(input_ids=ids).logits
+        logits.float().square().sum().backward()
+        results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (logits, grads), (cast_logits, cast_grads) = results
+    assert logits.dtype == torch.bfloat16 and torch.equal(logits, cast_logits)
+    assert grads.keys() == cast_grads.keys() and any("lora_A" in n for n in grads)
+    assert all(torch.equal(grads[n], cast_grads[n]) for n in grads)
+
+
 def test_two_cpu_fp32_runs_give_identical_weights(tiny_bert, splits):
     first = weights(run(tiny_bert, splits, "full").model)
     second = weights(run(tiny_bert, splits, "full").model)
