@@ -156,7 +156,7 @@ def run_arm(args) -> list[dict]:
     if args.arm == "regraft":
         return [run_regraft("full", splits, params, {**shared, "seed": args.seed})]
     if args.arm in ("trainer", "tuned"):
-        return [run_trainer(splits, params, args.epochs, args.seed, args.arm == "tuned", args.precision)]
+        return [run_trainer(splits, params, args.epochs, args.seed, args.arm == "tuned", args.precision or "fp32")]
     with tempfile.TemporaryDirectory() as cache:  # feature_extraction: a cold feature cache, then the same warm
         return [{"cache": cache_state, **run_regraft("feature_extraction", splits, params, {"early_stopping_patience": 0},
                                                      cache_dir=Path(cache))} for cache_state in ("cold", "warm")]
@@ -169,7 +169,10 @@ def in_own_process(args, arm: str, seed: int, precision: str) -> list[dict]:
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"benchmark arm {arm} (seed {seed}) failed:\n{done.stderr[-4000:]}")
-    return [json.loads(line.removeprefix(ARM_ROW)) for line in done.stdout.splitlines() if line.startswith(ARM_ROW)]
+    rows = [json.loads(line.removeprefix(ARM_ROW)) for line in done.stdout.splitlines() if line.startswith(ARM_ROW)]
+    if not rows:
+        raise SystemExit(f"benchmark arm {arm} (seed {seed}) printed no result:\n{done.stdout[-2000:]}")
+    return rows
 
 
 def paired_interval(deltas: list[float]) -> list[float] | None:
@@ -191,8 +194,12 @@ def main() -> None:
     parser.add_argument("--arm", choices=["regraft", "trainer", "tuned", "feature_extraction"],
                         help="run only this side, once, in this process (what the benchmark starts for each run)")
     parser.add_argument("--seed", type=int, default=0, help="with --arm: the round's seed")
-    parser.add_argument("--precision", default="fp32", help="with --arm tuned: bf16 where regraft trains in bf16 here")
+    parser.add_argument("--precision", choices=["bf16", "fp32"],
+                        help="with --arm tuned: bf16 or not, as regraft chose in the parent (choose_runtime here would "
+                             "also give the Trainer's process regraft's allocator setting)")
     args = parser.parse_args()
+    if args.arm == "tuned" and not args.precision:
+        parser.error("--arm tuned needs --precision")
     if args.arm:
         for row in run_arm(args):
             print(ARM_ROW + json.dumps(row), flush=True)

@@ -198,12 +198,12 @@ def prepare_for_training(model, strategy: str, cfg: TrainConfig, runtime: Runtim
     gradual_unfreeze (before the optimiser is built, which sees only parameters that train)."""
     if strategy == "lora":
         model = wrap_lora(model, cfg)
-        if runtime.precision != "fp32":  # trained under autocast (tasks/devices.py autocast)
-            lora_inputs_stay_in_autocast_dtype(model)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable()
     if runtime.device.type == "cpu" and cfg.cpu_dropout == "fast":  # CUDA's fused dropout is fast; torch's CPU one is not
         use_fast_dropout(model)
+        if strategy == "lora" and runtime.precision != "fp32":  # under autocast, with a dropout that scales in fp32
+            lora_inputs_stay_in_autocast_dtype(model)
     model.to(runtime.device)
     if strategy == "gradual_unfreeze":
         unfreeze_for_epoch(model, 0)

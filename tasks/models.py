@@ -295,16 +295,16 @@ def cast_linear_layers_to_bf16(model) -> None:
 @torch.no_grad()
 def mean_pooled_embeddings(spec: str | Path, texts: list[str], max_length: int, cache_dir: Path | None = None,
                            batch_size: int = 64, max_tokens: int | None = None,
-                           overhead_tokens: int | None = None) -> torch.Tensor:
+                           overhead_tokens: int | None = None, runtime=None) -> torch.Tensor:
     """Mean-pooled last hidden states (the sentence embedding all-MiniLM-L6-v2 was trained for). Cached per text
     (by model fingerprint, max length and the text's sha256), so shift, evaluate and shift-watch embed each text
     once between them: a call embeds only the texts no earlier call did, and adds them as one new shard."""
     from tasks.devices import choose_runtime
 
     def embed(rows: list[str]) -> torch.Tensor:
-        runtime = choose_runtime()
-        encoder = load_encoder(spec).eval().to(runtime.device)
-        if runtime.precision == "bf16":
+        chosen = runtime or choose_runtime()
+        encoder = load_encoder(spec).eval().to(chosen.device)
+        if chosen.precision == "bf16":
             cast_linear_layers_to_bf16(encoder)
 
         def mean_pool(batch):
@@ -312,7 +312,7 @@ def mean_pooled_embeddings(spec: str | Path, texts: list[str], max_length: int, 
             mask = batch["attention_mask"].unsqueeze(-1).float()
             return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
-        return map_batches(mean_pool, load_tokenizer(spec), rows, max_length, encoder.config.hidden_size, runtime,
+        return map_batches(mean_pool, load_tokenizer(spec), rows, max_length, encoder.config.hidden_size, chosen,
                            batch_size, max_tokens, overhead_tokens)
 
     if cache_dir is None or not texts:

@@ -86,11 +86,11 @@ def wrap_lora(model, cfg: TrainConfig):
 
 def lora_inputs_stay_in_autocast_dtype(model) -> int:
     """Under autocast, stop peft casting each adapted layer's input to the adapter's fp32 before its dropout and
-    lora_A: autocast casts it back to bf16/fp16 for lora_A anyway, so the round trip only costs (on a 2-core CPU a
-    tenth of a LoRA step: MiniLM's 36 adapted inputs, the 1536-wide ones included, copied twice and dropped in fp32).
-    The dropout's multiply computes in fp32 either way, so the outputs and gradients are bit for bit the same
-    (tests/model/test_trainable_parts.py). Not without autocast: there the input must match the fp32 adapter.
-    How many layers it changed."""
+    lora_A: autocast casts it back to bf16 for lora_A anyway. The inputs that come from a bf16 matmul (attention.output
+    and output.dense; the others leave LayerNorm in fp32) were copied twice and dropped in fp32: a tenth of a LoRA
+    step on a 2-core CPU. With tasks/dropout.py's dropout, which scales in fp32 whatever the input's dtype, outputs
+    and gradients are bit for bit the same (tests/model/test_finetune.py); torch's CPU dropout would scale in bf16,
+    so it is used with that dropout only. How many layers it changed."""
     changed = 0
     for module in model.modules():
         if hasattr(module, "cast_input_dtype_enabled"):  # peft's LoRA layers (peft.helpers.disable_input_dtype_casting)

@@ -157,18 +157,22 @@ def test_lora_is_merged_and_loads_without_peft(tiny_bert, splits, base_weights, 
 
 
 def test_lora_under_autocast_keeps_inputs_in_its_dtype_with_bit_identical_results(tiny_bert):
-    """Without peft's fp32 round trip of each adapted input, a bf16 LoRA step gives the same logits and gradients,
-    bit for bit; without autocast the casts stay."""
-    from tasks.devices import autocast, choose_runtime
+    """On a CPU with regraft's dropout, without peft's fp32 round trip of each adapted input, a bf16 LoRA step gives
+    the same logits and gradients, bit for bit; without autocast, or with torch's dropout, the casts stay."""
+    from tasks.devices import Runtime, autocast
     from tasks.finetune import prepare_for_training
     from tasks.models import load_classifier
 
+    def cpu(precision: str) -> Runtime:
+        return Runtime(device=torch.device("cpu"), precision=precision, threads=torch.get_num_threads(), reason="test")
+
     cfg, _ = train_config(strategy="lora")
     ids = torch.randint(1000, 5000, (4, 24), generator=torch.Generator().manual_seed(0))
-    fp32 = prepare_for_training(load_classifier(str(tiny_bert), LABELS, attn_implementation="eager"), "lora", cfg,
-                                choose_runtime("fp32"))
-    assert all(m.cast_input_dtype_enabled for m in fp32.modules() if hasattr(m, "cast_input_dtype_enabled"))
-    runtime = choose_runtime("bf16")
+    for kept_casts, settings in ((cfg, cpu("fp32")), (cfg.model_copy(update={"cpu_dropout": "torch"}), cpu("bf16"))):
+        model = prepare_for_training(load_classifier(str(tiny_bert), LABELS, attn_implementation="eager"), "lora",
+                                     kept_casts, settings)
+        assert all(m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled"))
+    runtime = cpu("bf16")
     results = []
     for peft_casts in (False, True):
         torch.manual_seed(0)

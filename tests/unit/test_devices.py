@@ -4,6 +4,7 @@ memory torch frees is kept for reuse."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -92,14 +93,28 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 3)
 """
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc's")
+def transparent_huge_pages_always() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled", encoding="utf-8") as handle:
+            return "[always]" in handle.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or transparent_huge_pages_always(),
+                    reason="glibc's setting, counted in 4 KB pages")
 def test_freed_memory_is_reused_instead_of_faulted_in_again():
     """By default glibc hands a step's freed activations back to the kernel and the next step faults every page in
     again (about 100,000 pages for 400 MB); kept for reuse, next to none are."""
+    # Settings of the allocator the child would inherit from whoever runs the tests.
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", "THP_MEM_ALLOC_ENABLE")}
+
     def faults_per_step(mode: str) -> int:
         done = subprocess.run([sys.executable, "-c", ACTIVATIONS_AGAIN, mode], capture_output=True, text=True,
-                              cwd=REPO, check=True)
+                              cwd=REPO, env=env, check=True)
         return int(done.stdout.split()[-1])
 
-    assert faults_per_step("default") > 50_000
-    assert faults_per_step("keep") < 5_000
+    default = faults_per_step("default")
+    if default < 20_000:
+        pytest.skip(f"this kernel and C library fault in only {default} pages a step by default: nothing to save")
+    assert faults_per_step("keep") < default // 20
