@@ -101,20 +101,31 @@ def start_worker(folder: Path, prefect_env: dict) -> subprocess.Popen:
                             stdout=(folder / "worker.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def kill_machine(worker: subprocess.Popen, flow_run_id: str) -> None:
-    """What a machine that dies does to a worker: it and everything it started (the flow run, its `dvc repro`, the
-    stage's own processes) stop at once, with no cleanup. Frozen first, so nothing starts a process meanwhile."""
+def freeze_machine(worker: subprocess.Popen) -> list[psutil.Process]:
+    """A worker and everything it started (the flow run, its `dvc repro`, the stage's own processes) stopped where
+    they are (SIGSTOP), as if the machine froze; children started while freezing are frozen too."""
     frozen: dict[int, psutil.Process] = {}
     while True:
         found = [psutil.Process(worker.pid), *psutil.Process(worker.pid).children(recursive=True)]
         new = [p for p in found if p.pid not in frozen]
         if not new:
-            break
+            return list(frozen.values())
         for process in new:
             with contextlib.suppress(psutil.Error):
                 process.suspend()
             frozen[process.pid] = process
-    for process in frozen.values():
+
+
+def thaw(frozen: list[psutil.Process]) -> None:
+    for process in frozen:
+        with contextlib.suppress(psutil.Error):
+            process.resume()
+
+
+def kill_machine(worker: subprocess.Popen, flow_run_id: str, frozen: list[psutil.Process] | None = None) -> None:
+    """What a machine that dies does to a worker: it and everything it started stop at once, with no cleanup.
+    Frozen first (unless `frozen` says it is), so nothing starts a process meanwhile."""
+    for process in frozen if frozen is not None else freeze_machine(worker):
         with contextlib.suppress(psutil.Error):
             process.kill()
     with contextlib.suppress(ProcessLookupError):
@@ -209,11 +220,19 @@ def test_work_pool_runs_of_two_projects_need_only_git_and_the_remote_and_leave_e
                     tasks = await client.read_task_runs(
                         flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[holder])))
                     if any(t.name.startswith("package") and t.state.is_running() for t in tasks):
-                        while not (archives := uploaded_archives("pool-b")):
+                        # Looked at only while the holder's machine is frozen: the archive can then be caught in
+                        # the remote before the Bento and the record follow it (a tiny model's take well under a
+                        # second, less than one look took under load).
+                        machine = worker_of(workers, holder)
+                        while True:
+                            frozen = freeze_machine(workers[machine])
+                            if archives := uploaded_archives("pool-b"):
+                                break
+                            thaw(frozen)
                             assert time.monotonic() < deadline, "the holder never exported its model"
-                            time.sleep(0.1)
+                            time.sleep(0.05)
                         (waiter,) = set(b_runs) - {holder}
-                        kill_machine(workers.pop(worker_of(workers, holder)), holder)
+                        kill_machine(workers.pop(machine), holder, frozen)
                         killed_at = time.time()
                         record, _ = remotes["pool-b"].read_record()
                         assert not (record or {}).get("models"), f"the holder registered before it died: {record}"
