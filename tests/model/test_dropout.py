@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tasks.dropout import (
-    ATTENTION, FastDropout, drop_mask, fast_dropout, use_fast_dropout,
+    ATTENTION, FastDropout, drop_mask, eager_attention_fast_dropout, fast_dropout, use_fast_dropout,
 )
 from tasks.models import load_classifier
 
@@ -102,6 +102,28 @@ def test_the_attention_probabilities_drop_too(tiny_bert):
             if name.endswith("attention.self.dropout"):
                 module.p = 0.0
         assert torch.allclose(model(input_ids=ids).logits, evaluated, atol=1e-6)
+
+
+@pytest.mark.parametrize("p", [0.1, 1.0])
+def test_the_attention_drops_its_probabilities_as_dropout_does_with_fewer_passes(p):
+    """The attention's own arithmetic (the query scaled, the mask applied in the values' dtype, the keep rate on the
+    product) gives what dropout on the softmax probabilities gives, the same elements dropped under the same seed,
+    in value and gradient, up to rounding."""
+    torch.manual_seed(1)
+    query, key, value = (torch.randn(2, 3, 7, 8, requires_grad=True) for _ in range(3))
+    mask = torch.zeros(2, 1, 1, 7)
+    mask[0, ..., 5:] = torch.finfo(torch.float32).min  # padding
+    module = torch.nn.Module().train()
+    torch.manual_seed(5)
+    output, _ = eager_attention_fast_dropout(module, query, key, value, mask, dropout=p)
+    grads = torch.autograd.grad(output.square().sum(), (query, key, value))
+    torch.manual_seed(5)
+    probabilities = torch.softmax(query @ key.transpose(2, 3) * 8 ** -0.5 + mask, dim=-1)
+    expected = (fast_dropout(probabilities, p, training=True) @ value).transpose(1, 2)
+    expected_grads = torch.autograd.grad(expected.square().sum(), (query, key, value))
+    assert torch.allclose(output, expected, atol=1e-6)
+    assert all(torch.allclose(g, e, atol=1e-5) for g, e in zip(grads, expected_grads))
+    assert (output == 0).all() if p == 1.0 else (output != 0).any()
 
 
 @pytest.mark.parametrize("strategy,cpu_dropout", [("full", "fast"), ("lora", "fast"), ("full", "torch")])
