@@ -26,8 +26,8 @@ import torch
 
 ATTENTION = "regraft_cpu_eager"  # the attention function's name in transformers' AttentionInterface
 # Model types whose eager attention in transformers 5 is BERT's `eager_attention_forward` (the same arguments and
-# arithmetic), so the copy below replaces it exactly; ModernBERT (softmax in fp32) and DeBERTa (its own attention) are
-# not among them.
+# arithmetic), so the copy below replaces it, up to rounding; ModernBERT (softmax in fp32) and DeBERTa (its own
+# attention) are not among them.
 BERT_EAGER_ATTENTION = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "albert",
                                   "mobilebert"})
 _LEVELS = 1 << 16
@@ -47,20 +47,25 @@ def drop_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor
     return words.view(torch.int16)[:n].view(shape) < drop_level(p) - _LEVELS // 2
 
 
-def keep_scale(p: float) -> float:
-    """One over the rate at which elements are kept (p < 1 to within one level)."""
-    return _LEVELS / (_LEVELS - drop_level(p))
+def keep_scale(p: float, training: bool = True) -> float:
+    """What the kept elements are multiplied by: one over the rate at which they are kept (1 when nothing is
+    dropped, 0 when everything is)."""
+    level = drop_level(p)
+    if not training or level == 0:
+        return 1.0
+    return 0.0 if level == _LEVELS else _LEVELS / (_LEVELS - level)
 
 
-def fast_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+def fast_dropout(x: torch.Tensor, p: float, training: bool, scaled: bool = True) -> torch.Tensor:
     """`torch.nn.functional.dropout(x, p, training)` with the cheaper mask: kept elements are scaled by one over the
-    kept rate."""
+    kept rate (`scaled=False`: left as they are, for a caller that scales a smaller product by keep_scale instead)."""
     level = drop_level(p)
     if not training or level == 0:
         return x
     if level == _LEVELS:
         return x * 0.0
-    return x.masked_fill(drop_mask(x.shape, p, x.device), 0.0) * keep_scale(p)
+    dropped = x.masked_fill(drop_mask(x.shape, p, x.device), 0.0)
+    return dropped * keep_scale(p) if scaled else dropped
 
 
 class FastDropout(torch.nn.Dropout):
@@ -96,26 +101,22 @@ def use_fast_dropout(model: torch.nn.Module) -> None:
 def eager_attention_fast_dropout(module, query, key, value, attention_mask, scaling=None,
                                  dropout: float = 0.0, **kwargs):
     """transformers' eager attention for BERT-type encoders (`eager_attention_forward`), with this module's dropout on
-    the attention probabilities, and as few passes as it can over the (batch, heads, length, length) scores, the
-    largest tensors of a step (py-spy on the demo's fine-tuning: the dropout's passes over them a sixth of the
-    process): the query is scaled instead of the scores, the kept probabilities are cast to the values' dtype (what
-    the product does under autocast anyway) before the mask is applied, and the keep rate scales the product,
-    length / head size times fewer elements than the probabilities. The same arithmetic as dropout's up to rounding.
-    Returns the attention probabilities before dropout."""
+    the attention probabilities, and fewer passes over the (batch, heads, length, length) scores, a step's largest
+    tensors (py-spy on the demo's fine-tuning: the dropout's passes over them a sixth of the process): the query is
+    scaled rather than the scores, the probabilities are cast to the values' dtype (as the product does under autocast
+    anyway) before the mask, and the keep rate scales the product, which has head-size columns where the
+    probabilities have length. The same arithmetic as transformers' up to rounding. Returns the attention
+    probabilities before dropout."""
     if scaling is None:
         scaling = query.size(-1) ** -0.5
     weights = torch.matmul(query * scaling, key.transpose(2, 3))
     if attention_mask is not None:
         weights = weights + attention_mask
     weights = torch.nn.functional.softmax(weights, dim=-1)
-    level = drop_level(dropout)
-    if not module.training or level == 0:
-        output = torch.matmul(weights, value)
-    elif level == _LEVELS:
-        output = torch.matmul(weights, value) * 0.0
-    else:
-        kept = weights.to(value.dtype).masked_fill(drop_mask(weights.shape, dropout, weights.device), 0.0)
-        output = torch.matmul(kept, value) * keep_scale(dropout)
+    kept = fast_dropout(weights.to(value.dtype), dropout, module.training, scaled=False)
+    output = torch.matmul(kept, value)
+    if (scale := keep_scale(dropout, module.training)) != 1.0:
+        output = output * scale
     return output.transpose(1, 2).contiguous(), weights
 
 

@@ -105,15 +105,19 @@ def freeze_machine(worker: subprocess.Popen) -> list[psutil.Process]:
     """A worker and everything it started (the flow run, its `dvc repro`, the stage's own processes) stopped where
     they are (SIGSTOP), as if the machine froze; children started while freezing are frozen too."""
     frozen: dict[int, psutil.Process] = {}
-    while True:
-        found = [psutil.Process(worker.pid), *psutil.Process(worker.pid).children(recursive=True)]
-        new = [p for p in found if p.pid not in frozen]
-        if not new:
-            return list(frozen.values())
-        for process in new:
-            with contextlib.suppress(psutil.Error):
-                process.suspend()
-            frozen[process.pid] = process
+    try:
+        while True:
+            found = [psutil.Process(worker.pid), *psutil.Process(worker.pid).children(recursive=True)]
+            new = [p for p in found if p.pid not in frozen]
+            if not new:
+                return list(frozen.values())
+            for process in new:
+                with contextlib.suppress(psutil.Error):
+                    process.suspend()
+                frozen[process.pid] = process
+    except BaseException:
+        thaw(list(frozen.values()))  # nothing left stopped when the worker is gone
+        raise
 
 
 def thaw(frozen: list[psutil.Process]) -> None:
@@ -122,10 +126,10 @@ def thaw(frozen: list[psutil.Process]) -> None:
             process.resume()
 
 
-def kill_machine(worker: subprocess.Popen, flow_run_id: str, frozen: list[psutil.Process] | None = None) -> None:
-    """What a machine that dies does to a worker: it and everything it started stop at once, with no cleanup.
-    Frozen first (unless `frozen` says it is), so nothing starts a process meanwhile."""
-    for process in frozen if frozen is not None else freeze_machine(worker):
+def kill_machine(worker: subprocess.Popen, flow_run_id: str, frozen: list[psutil.Process]) -> None:
+    """What a machine that dies does to a worker: it and everything it started (`frozen`: stopped first by
+    freeze_machine, so nothing started a process meanwhile) stop at once, with no cleanup."""
+    for process in frozen:
         with contextlib.suppress(psutil.Error):
             process.kill()
     with contextlib.suppress(ProcessLookupError):
@@ -137,6 +141,20 @@ def kill_machine(worker: subprocess.Popen, flow_run_id: str, frozen: list[psutil
             if process.status() != psutil.STATUS_ZOMBIE and \
                     process.environ().get("PREFECT__FLOW_RUN_ID") == flow_run_id:
                 process.kill()
+
+
+def smoke_test_done(worker: subprocess.Popen, folder: Path) -> bool:
+    """Whether the package stage's smoke test has run on this worker's machine (`folder`: the worker's, with its
+    runs' clones): its server's log is in the run's state folder and no `bentoml serve` is left among the worker's
+    processes."""
+    if not any(folder.rglob("smoke/server.log")):
+        return False
+    for process in psutil.Process(worker.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            command = process.cmdline()
+            if "bentoml" in command and "serve" in command:
+                return False
+    return True
 
 
 def worker_of(workers: dict[int, subprocess.Popen], flow_run_id: str) -> int:
@@ -220,13 +238,21 @@ def test_work_pool_runs_of_two_projects_need_only_git_and_the_remote_and_leave_e
                     tasks = await client.read_task_runs(
                         flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[holder])))
                     if any(t.name.startswith("package") and t.state.is_running() for t in tasks):
-                        # Looked at only while the holder's machine is frozen: the archive can then be caught in
-                        # the remote before the Bento and the record follow it (a tiny model's take well under a
-                        # second, less than one look took under load).
                         machine = worker_of(workers, holder)
+                        # The export follows the stage's smoke test; from then on the remote is looked at only while
+                        # the holder's machine is frozen, so its archive is caught there before the Bento and the
+                        # record follow it (a tiny model's take well under a second, less than one look under load).
+                        while not smoke_test_done(workers[machine], tmp_path / f"worker-{machine}"):
+                            assert time.monotonic() < deadline, "the holder's smoke test never ended"
+                            time.sleep(0.1)
                         while True:
                             frozen = freeze_machine(workers[machine])
-                            if archives := uploaded_archives("pool-b"):
+                            try:
+                                archives = uploaded_archives("pool-b")
+                            except BaseException:
+                                thaw(frozen)  # nothing left stopped when the look fails
+                                raise
+                            if archives:
                                 break
                             thaw(frozen)
                             assert time.monotonic() < deadline, "the holder never exported its model"

@@ -104,26 +104,38 @@ def test_the_attention_probabilities_drop_too(tiny_bert):
         assert torch.allclose(model(input_ids=ids).logits, evaluated, atol=1e-6)
 
 
-@pytest.mark.parametrize("p", [0.1, 1.0])
-def test_the_attention_drops_its_probabilities_as_dropout_does_with_fewer_passes(p):
+@pytest.mark.parametrize("p,dtype", [(0.1, torch.float32), (1.0, torch.float32), (0.1, torch.bfloat16)])
+def test_the_attention_drops_its_probabilities_as_dropout_does_with_fewer_passes(p, dtype):
     """The attention's own arithmetic (the query scaled, the mask applied in the values' dtype, the keep rate on the
     product) gives what dropout on the softmax probabilities gives, the same elements dropped under the same seed,
-    in value and gradient, up to rounding."""
+    in value and gradient, up to rounding: in fp32, and under bf16 autocast as CPU training runs it (fp32 mask and
+    probabilities, bf16 values). It returns the probabilities before dropout."""
     torch.manual_seed(1)
     query, key, value = (torch.randn(2, 3, 7, 8, requires_grad=True) for _ in range(3))
     mask = torch.zeros(2, 1, 1, 7)
     mask[0, ..., 5:] = torch.finfo(torch.float32).min  # padding
+    tolerance = 1e-5 if dtype == torch.float32 else 5e-2
+
+    def run(attention):
+        torch.manual_seed(5)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            output, weights = attention()
+        return output.float(), weights, torch.autograd.grad(output.float().square().sum(), (query, key, value))
+
+    def reference():
+        weights = torch.softmax(query @ key.transpose(2, 3) * 8 ** -0.5 + mask, dim=-1)
+        return (fast_dropout(weights, p, training=True) @ value).transpose(1, 2), weights
+
     module = torch.nn.Module().train()
+    output, weights, grads = run(lambda: eager_attention_fast_dropout(module, query, key, value, mask, dropout=p))
+    expected, expected_weights, expected_grads = run(reference)
+    assert torch.allclose(weights.float(), expected_weights.float(), atol=tolerance)
+    assert torch.allclose(output, expected, atol=tolerance), (output - expected).abs().max()
+    assert all(torch.allclose(g, e, atol=tolerance * 10) for g, e in zip(grads, expected_grads))
+    # Dropped elements are where the reference's are: with p=0.1, against no dropout at all, the outputs differ.
     torch.manual_seed(5)
-    output, _ = eager_attention_fast_dropout(module, query, key, value, mask, dropout=p)
-    grads = torch.autograd.grad(output.square().sum(), (query, key, value))
-    torch.manual_seed(5)
-    probabilities = torch.softmax(query @ key.transpose(2, 3) * 8 ** -0.5 + mask, dim=-1)
-    expected = (fast_dropout(probabilities, p, training=True) @ value).transpose(1, 2)
-    expected_grads = torch.autograd.grad(expected.square().sum(), (query, key, value))
-    assert torch.allclose(output, expected, atol=1e-6)
-    assert all(torch.allclose(g, e, atol=1e-5) for g, e in zip(grads, expected_grads))
-    assert (output == 0).all() if p == 1.0 else (output != 0).any()
+    undropped, _ = eager_attention_fast_dropout(module.eval(), query, key, value, mask, dropout=p)
+    assert (output == 0).all() if p == 1.0 else not torch.allclose(output, undropped.float(), atol=tolerance)
 
 
 @pytest.mark.parametrize("strategy,cpu_dropout", [("full", "fast"), ("lora", "fast"), ("full", "torch")])
