@@ -173,11 +173,12 @@ def keep_freed_memory_for_reuse() -> bool:
     """Have glibc keep the memory torch frees instead of handing it back to the kernel: by default it returns freed
     memory at the top of its heap beyond a small threshold and serves large blocks from fresh pages, so each training
     step or batch faults in its activations again, every page zeroed by the kernel (100,000 page faults per 400 MB on
-    an idle machine). Measured on a 2-core VM (AMD EPYC), paired runs: a training step 0.89x the time, a one-epoch full fine-tune 0.94x
-    (whole process), the same weights to the bit and no more peak memory. Blocks up to 32 MB (glibc's ceiling) come
-    from the heap, and up to 2 GB of freed heap stays with the process (a long-lived process, a serving worker, keeps
-    the memory of its largest batch rather than returning it). Whether it took effect; a no-op where the C library is
-    not glibc or another allocator is preloaded (jemalloc, tcmalloc: glibc's malloc then serves nothing)."""
+    an idle machine). Measured on a 2-core VM (AMD EPYC), paired runs: a training step 0.89x the time, a one-epoch
+    full fine-tune 0.94x (whole process), the same weights to the bit and no more peak memory. Blocks up to 32 MB
+    (glibc's ceiling) come from the heap, and up to 2 GB of freed heap stays with the process (a long-lived process, a
+    serving worker, keeps the memory of its largest batch rather than returning it). Whether it took effect; a no-op
+    where the C library is not glibc or another allocator is preloaded (jemalloc, tcmalloc: glibc's malloc then serves
+    nothing)."""
     try:
         glibc = os.confstr("CS_GNU_LIBC_VERSION")
     except (ValueError, OSError):
