@@ -124,33 +124,121 @@ def mmd_test(x: torch.Tensor, y: torch.Tensor, cfg: ShiftConfig, seed: int) -> T
 # ----------------------------------------------------------------------------- classifier two-sample test
 
 
-def fit_logistic(features: torch.Tensor, labels: torch.Tensor, weight_decay: float = 1e-3,
-                 iterations: int = 100) -> torch.nn.Linear:
-    """L2-regularised logistic regression (full-batch L-BFGS): fast enough for 40k x 384 in a second."""
-    torch.manual_seed(0)
-    n_classes = int(labels.max()) + 1 if labels.dtype == torch.long else 1
-    model = torch.nn.Linear(features.shape[1], max(n_classes, 1)).double()
-    optimizer = torch.optim.LBFGS(model.parameters(), max_iter=iterations, line_search_fn="strong_wolfe")
+@dataclass
+class LogisticModels:
+    """Logistic regressions fit by `fit_logistic`, one per problem, each on features standardised with its own
+    training rows' mean and standard deviation."""
+
+    weight: torch.Tensor  # (problems, features, outputs), on standardised features
+    bias: torch.Tensor  # (problems, outputs)
+    mean: torch.Tensor  # (problems, features)
+    std: torch.Tensor  # (problems, features)
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """(problems, rows, outputs): every problem's logits for every row of `features`."""
+        with torch.no_grad():
+            return standardised_logits(features.double(), self.weight, self.bias, self.mean, self.std)
+
+
+def standardised_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor,
+                        std: torch.Tensor) -> torch.Tensor:
+    """((x - mean_b) / std_b) @ weight_b + bias_b for every problem b, as one matrix product over all problems
+    (no standardised copy of x per problem)."""
+    problems, dims, outputs = weight.shape
+    scaled = weight / std[:, :, None]
+    offset = bias - torch.einsum("bd,bdk->bk", mean / std, weight)
+    flat = x @ scaled.transpose(0, 1).reshape(dims, problems * outputs)
+    return flat.reshape(len(x), problems, outputs).transpose(0, 1) + offset[:, None, :]
+
+
+def fit_logistic(features: torch.Tensor, labels: torch.Tensor, row_weights: torch.Tensor,
+                 weight_decay: float = 1e-3, iterations: int = 100) -> LogisticModels:
+    """L2-regularised logistic regressions, one per row of `row_weights`, all on the same feature rows: problem b
+    weighs row i by row_weights[b, i] (0 leaves it out, as a cross-validation fold does; a count repeats it, as a
+    bootstrap resample does), standardises the features with its own rows' weighted mean and (unbiased) standard
+    deviation, and minimises its weighted mean log-loss + weight_decay * |W|^2. Boolean labels: one sigmoid output;
+    integer labels: a softmax over max + 1 classes.
+
+    The problems are independent, so they are solved together (`batched_lbfgs`): the 200 bootstrap refits and the
+    100 null-split folds of the shift stage were 300 small L-BFGS runs, most of its time."""
     x = features.double()
+    weights = row_weights.double()
+    problems, dims = len(weights), x.shape[1]
+    outputs = int(labels.max()) + 1 if labels.dtype == torch.long else 1
+    total = weights.sum(1, keepdim=True)
+    mean = weights @ x / total
+    variance = (weights @ (x * x) / total - mean**2).clamp(min=0) * total / (total - 1).clamp(min=1)
+    std = variance.sqrt().clamp(min=1e-6)
+    targets = labels.expand(problems, len(x))
 
-    def closure():
-        optimizer.zero_grad()
-        logits = model(x)
-        if n_classes == 1:
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], labels.double())
+    def losses(theta: torch.Tensor) -> torch.Tensor:
+        weight = theta[:, : dims * outputs].reshape(problems, dims, outputs)
+        logits = standardised_logits(x, weight, theta[:, dims * outputs:], mean, std)
+        if outputs == 1:
+            rows = torch.nn.functional.binary_cross_entropy_with_logits(logits[..., 0], targets.double(),
+                                                                        reduction="none")
         else:
-            loss = torch.nn.functional.cross_entropy(logits, labels)
-        loss = loss + weight_decay * model.weight.pow(2).sum()
-        loss.backward()
-        return loss
+            rows = torch.nn.functional.cross_entropy(logits.reshape(-1, outputs), targets.reshape(-1),
+                                                     reduction="none").reshape(problems, -1)
+        return (rows * weights).sum(1) / total[:, 0] + weight_decay * weight.pow(2).sum((1, 2))
 
-    optimizer.step(closure)
-    return model
+    theta = batched_lbfgs(losses, torch.zeros(problems, (dims + 1) * outputs, dtype=torch.float64), iterations)
+    return LogisticModels(theta[:, : dims * outputs].reshape(problems, dims, outputs), theta[:, dims * outputs:],
+                          mean, std)
 
 
-def standardise(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
-    mean, std = train.mean(0), train.std(0).clamp(min=1e-6)
-    return [(t - mean) / std for t in (train, *others)]
+def batched_lbfgs(losses: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor, iterations: int,
+                  history: int = 10, tolerance_grad: float = 1e-7, tolerance_change: float = 1e-9) -> torch.Tensor:
+    """Minimise independent smooth problems at once: row b of `theta` is problem b's parameters and losses(theta)[b]
+    its loss. L-BFGS per problem (its own curvature pairs, its own backtracking step under the Armijo condition), one
+    evaluation of every loss per trial step; a problem stops when its largest gradient or step falls below the
+    tolerances (torch.optim.LBFGS's defaults), or after `iterations` steps."""
+
+    def value_and_grad(at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        at = at.detach().requires_grad_(True)
+        values = losses(at)
+        (grad,) = torch.autograd.grad(values.sum(), at)
+        return values.detach(), grad
+
+    value, grad = value_and_grad(theta)
+    steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (s, y, 1 / s.y or 0 to skip the pair)
+    scale = torch.clamp(1.0 / grad.abs().sum(1), max=1.0)  # the first step's length, as torch's L-BFGS
+    active = grad.abs().amax(1) > tolerance_grad
+    for _ in range(iterations):
+        if not active.any():
+            break
+        direction = -grad
+        alphas = []
+        for s, y, rho in reversed(steps):
+            alpha = rho * (s * direction).sum(1)
+            direction = direction - alpha[:, None] * y
+            alphas.append(alpha)
+        direction = direction * scale[:, None]
+        for (s, y, rho), alpha in zip(steps, reversed(alphas)):
+            beta = rho * (y * direction).sum(1)
+            direction = direction + (alpha - beta)[:, None] * s
+        slope = (grad * direction).sum(1)
+        uphill = slope >= 0  # a bad curvature estimate: fall back to steepest descent
+        direction = torch.where(uphill[:, None], -grad * scale[:, None], direction)
+        slope = torch.where(uphill, (grad * direction).sum(1), slope)
+        direction = direction * active[:, None]
+        length = torch.ones_like(value)
+        for _ in range(30):
+            new_value, new_grad = value_and_grad(theta + length[:, None] * direction)
+            accepted = (new_value <= value + 1e-4 * length * slope) | ~active
+            if accepted.all():
+                break
+            length = torch.where(accepted, length, length / 2)
+        step = length[:, None] * direction
+        change = new_grad - grad
+        curvature = (step * change).sum(1)
+        useful = curvature > 1e-10
+        steps.append((step, change, torch.where(useful, 1.0 / curvature.clamp(min=1e-10), 0.0)))
+        steps = steps[-history:]
+        scale = torch.where(useful, curvature / (change * change).sum(1).clamp(min=1e-300), scale)
+        theta, value, grad = theta + step, new_value, new_grad
+        active &= (grad.abs().amax(1) > tolerance_grad) & (step.abs().amax(1) > tolerance_change)
+    return theta
 
 
 def auc_and_p(scores: np.ndarray, is_target: np.ndarray) -> tuple[float, float]:
@@ -172,13 +260,10 @@ def classifier_test(x: torch.Tensor, y: torch.Tensor, folds: int, seed: int) -> 
     for domain in (False, True):
         rows = np.flatnonzero(is_target == domain)
         fold_of[rng.permutation(rows)] = np.arange(len(rows)) % folds
-    scores = np.empty(len(features))
-    for k in range(folds):
-        train, test = fold_of != k, fold_of == k
-        ftrain, ftest = standardise(features[torch.as_tensor(train)], features[torch.as_tensor(test)])
-        model = fit_logistic(ftrain, torch.as_tensor(is_target[train]))
-        with torch.no_grad():
-            scores[test] = torch.sigmoid(model(ftest.double())[:, 0]).numpy()
+    in_training = torch.as_tensor(fold_of[None, :] != np.arange(folds)[:, None])  # (folds, rows)
+    models = fit_logistic(features, torch.as_tensor(is_target), in_training)
+    fold_scores = torch.sigmoid(models.logits(features)[..., 0]).numpy()  # every fold's model on every row
+    scores = fold_scores[fold_of, np.arange(len(features))]  # each row scored by the fold that left it out
     auc, p_value = auc_and_p(scores, is_target)
     return TestResult("classifier", auc, p_value, max(auc - 0.5, 0.0), "AUC - 0.5",
                       {"folds": folds, "auc": auc}), scores
@@ -227,10 +312,11 @@ def mlls_priors(target_probs: np.ndarray, source_prior: np.ndarray, iterations: 
 
 def label_shift_test(source_labels: np.ndarray, target_probs: np.ndarray | None, target_labels: np.ndarray | None,
                      labels: list[str], bootstrap: int, seed: int,
-                     refit: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> TestResult:
+                     refit: Callable[[np.ndarray], np.ndarray] | None = None) -> TestResult:
     """Target class priors estimated without target labels (EM on a source classifier's posteriors),
-    with bootstrap intervals (`refit(source_rows, target_rows)` refits the classifier on each resample, so the
-    interval carries the classifier's own uncertainty too); where target labels exist, a chi-squared test of the label mix against
+    with bootstrap intervals (`refit(source_resamples)` refits the classifier on each resample of the source rows, a
+    (draws, rows) array, and returns each refit's posteriors on every target row, so the interval carries the
+    classifier's own uncertainty too); where target labels exist, a chi-squared test of the label mix against
     the source's. Effect: total variation distance between source and target priors."""
     k = len(labels)
     rng = np.random.default_rng(seed)
@@ -239,12 +325,17 @@ def label_shift_test(source_labels: np.ndarray, target_probs: np.ndarray | None,
     if target_probs is None:
         return labelled_mix_test(source_labels, target_labels, k, detail)
     estimate = mlls_priors(target_probs, source_prior)
+    resamples = [(rng.integers(0, len(source_labels), len(source_labels)),
+                  rng.integers(0, len(target_probs), len(target_probs))) for _ in range(bootstrap)]
+    # Refits in chunks that keep each chunk's (draws, rows, classes) tensors to a few tens of MB.
+    chunk = max(1, 2_000_000 // (len(source_labels) + len(target_probs)))
     draws = []
-    for _ in range(bootstrap):
-        s = rng.integers(0, len(source_labels), len(source_labels))
-        t = rng.integers(0, len(target_probs), len(target_probs))
-        probs = refit(s, t) if refit is not None else target_probs[t]
-        draws.append(mlls_priors(probs, np.bincount(source_labels[s], minlength=k) / len(s)))
+    for start in range(0, bootstrap, chunk):
+        part = resamples[start:start + chunk]
+        refits = refit(np.stack([s for s, _ in part])) if refit is not None else None
+        for i, (s, t) in enumerate(part):
+            probs = refits[i][t] if refits is not None else target_probs[t]
+            draws.append(mlls_priors(probs, np.bincount(source_labels[s], minlength=k) / len(s)))
     draws = np.array(draws)
     low, high = np.percentile(draws, [2.5, 97.5], axis=0)
     detail |= {
@@ -397,9 +488,9 @@ def distribution_tests(source: Sample, target: Sample, cfg: ShiftConfig, labels:
     if source.labels is not None and (target.class_probs is not None or target.labels is not None):
         refit = None
         if target.class_probs is not None:
-            def refit(s: np.ndarray, t: np.ndarray) -> np.ndarray:
-                return source_classifier_probabilities(source.embeddings[torch.as_tensor(s)], source.labels[s],
-                                                       target.embeddings[torch.as_tensor(t)])
+            def refit(source_resamples: np.ndarray) -> np.ndarray:
+                return source_classifier_probabilities(source.embeddings, source.labels, target.embeddings,
+                                                       source_resamples)
         results.append(label_shift_test(source.labels, target.class_probs, target.labels, labels,
                                         cfg.bootstrap if with_intervals else 50, seed, refit))
     if source.probs is not None and target.probs is not None:
@@ -469,13 +560,17 @@ def detect_shift(source: Sample, target: Sample, cfg: ShiftConfig, labels: list[
 
 
 def source_classifier_probabilities(source_embeddings: torch.Tensor, source_labels: np.ndarray,
-                                    target_embeddings: torch.Tensor, weight_decay: float = 1e-2) -> np.ndarray:
-    """P(class | x) on the target from a regularised logistic regression fit on the labelled source:
-    the input of the EM label-shift estimate."""
-    ftrain, ftarget = standardise(source_embeddings, target_embeddings)
-    model = fit_logistic(ftrain, torch.tensor(source_labels, dtype=torch.long), weight_decay=weight_decay)
-    with torch.no_grad():
-        return torch.softmax(model(ftarget.double()), dim=1).numpy()
+                                    target_embeddings: torch.Tensor, resamples: np.ndarray | None = None,
+                                    weight_decay: float = 1e-2) -> np.ndarray:
+    """P(class | x) on the target from a regularised logistic regression fit on the labelled source: the input of
+    the EM label-shift estimate. (rows, classes); with `resamples` (draws, source rows) of source row indices, one
+    classifier per resample, fit together: (draws, rows, classes)."""
+    draws = np.arange(len(source_embeddings))[None, :] if resamples is None else resamples
+    counts = torch.stack([torch.bincount(torch.as_tensor(draw), minlength=len(source_embeddings)) for draw in draws])
+    models = fit_logistic(source_embeddings, torch.tensor(source_labels, dtype=torch.long), counts,
+                          weight_decay=weight_decay)
+    probs = torch.softmax(models.logits(target_embeddings), dim=-1).numpy()
+    return probs[0] if resamples is None else probs
 
 
 def build_sample(frame: pd.DataFrame, embeddings: torch.Tensor, tokenizer, groups: list[str],

@@ -24,25 +24,32 @@ def gaussians(n, shift, seed, d=16):
 
 
 @pytest.mark.parametrize("classes", [1, 3])
-def test_fit_logistic_is_scikit_learns_l2_logistic_regression(classes):
-    """The same minimiser as scikit-learn's (C = 1 / (2 * weight_decay * n), the bias unpenalised), for the domain
-    classifier's boolean labels (one sigmoid output) and the label-shift classifier's integer ones (softmax)."""
+def test_fit_logistic_fits_each_problem_as_scikit_learn_does_on_that_problems_rows(classes):
+    """Every problem gets scikit-learn's minimiser (C = 1 / (2 * weight_decay * n), the bias unpenalised) on its own
+    rows standardised with their own mean and std: all rows, a fold that leaves rows out (weight 0) and a bootstrap
+    resample that repeats them (counts), solved together; for the domain classifier's boolean labels (one sigmoid
+    output) and the label-shift classifier's integer ones (softmax)."""
     from sklearn.linear_model import LogisticRegression
 
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(400, 12, generator=g, dtype=torch.float64)
+    x = torch.randn(400, 12, generator=g, dtype=torch.float64) * torch.linspace(0.5, 3.0, 12, dtype=torch.float64) + 1
     score = x[:, 0] + 0.5 * x[:, 1] + 0.3 * torch.randn(400, generator=g, dtype=torch.float64)
-    labels = score > 0 if classes == 1 else torch.bucketize(score, torch.tensor([-0.5, 0.5]))
-    model = fit_logistic(x, labels, weight_decay=1e-2)
-    reference = LogisticRegression(C=1 / (2 * 1e-2 * len(x)), tol=1e-10, max_iter=10_000).fit(x.numpy(),
-                                                                                          labels.numpy())
-    with torch.no_grad():
-        ours = model(x)
-    theirs = torch.from_numpy(reference.decision_function(x.numpy())).reshape(len(x), -1)
-    if classes > 1:  # a softmax is defined up to a constant per row
-        ours, theirs = ours - ours.mean(1, keepdim=True), theirs - theirs.mean(1, keepdim=True)
-    assert model.weight.shape == (classes, 12)
-    assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
+    labels = score > 1 if classes == 1 else torch.bucketize(score, torch.tensor([0.5, 1.5]))
+    resample = np.random.default_rng(0).integers(0, 400, 400)
+    rows_of = [np.arange(400), np.flatnonzero(np.arange(400) % 5 != 0), resample]
+    weights = torch.stack([torch.bincount(torch.as_tensor(rows), minlength=400) for rows in rows_of])
+    models = fit_logistic(x, labels, weights, weight_decay=1e-2)
+    assert models.weight.shape == (3, 12, classes)
+    logits = models.logits(x)
+    for problem, rows in enumerate(rows_of):
+        mean, std = x[rows].mean(0), x[rows].std(0)
+        reference = LogisticRegression(C=1 / (2 * 1e-2 * len(rows)), tol=1e-10, max_iter=10_000).fit(
+            ((x[rows] - mean) / std).numpy(), labels[rows].numpy())
+        ours = logits[problem]
+        theirs = torch.from_numpy(reference.decision_function(((x - mean) / std).numpy())).reshape(len(x), -1)
+        if classes > 1:  # a softmax is defined up to a constant per row
+            ours, theirs = ours - ours.mean(1, keepdim=True), theirs - theirs.mean(1, keepdim=True)
+        assert torch.allclose(ours, theirs, atol=1e-4), (problem, (ours - theirs).abs().max())
 
 
 @pytest.mark.parametrize("test", ["permutation", "block"])
