@@ -93,7 +93,7 @@ def main(params: Params) -> int:
     splits = read_splits(params)
     base = initial_model(params)
     train, valid = build_training_data(splits, params.ingest.labels, params.train)
-    features = params.paths.cache / "features"
+    features = params.paths.cache / "embeddings"  # shared with the shift stage: the frozen encoder's outputs per text
     choice = choose_strategy(base, params.ingest.labels, train, valid, params.train, params.model,
                              len(splits["target_train"]), read_shift_report(params), params.paths.checkpoints, features,
                              world=int(os.environ.get("WORLD_SIZE", "1")))

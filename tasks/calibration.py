@@ -16,7 +16,7 @@ def fit_temperature(logits: torch.Tensor, labels: np.ndarray) -> float:
     """The temperature T that minimises the negative log-likelihood of softmax(logits / T) (Guo et al., 2017)."""
     from scipy.optimize import minimize_scalar
 
-    target = torch.as_tensor(labels, dtype=torch.long)
+    target = torch.tensor(np.asarray(labels), dtype=torch.long)  # a copy: the labels may be a read-only array
 
     def nll(log_t: float) -> float:
         return float(torch.nn.functional.cross_entropy(logits / math.exp(log_t), target))

@@ -38,7 +38,7 @@ from tasks.dropout import use_fast_dropout
 from tasks.evaluate import confusion_counts, metrics_from_confusion
 from tasks.files import write_atomically
 from tasks.models import (
-    cached_tensor, load_classifier, load_tokenizer, map_batches, model_fingerprint, pad_batch, predict_proba, tokenize,
+    load_classifier, load_tokenizer, model_fingerprint, pad_batch, pooled_embeddings, predict_proba, tokenize,
 )
 from tasks.progress import Progress
 from tasks.trainable_parts import (head_modules, lora_inputs_stay_in_autocast_dtype, param_groups, unfreeze_for_epoch,
@@ -448,25 +448,6 @@ def training_result(plan: TrainingPlan, state: TrainingState, epochs_run: int, t
 # ----------------------------------------------------------------------------- feature extraction
 
 
-@torch.no_grad()
-def encoder_features(model, tokenizer, texts: list[str], max_length: int, runtime: Runtime,
-                     batch_size: int = 64) -> torch.Tensor:
-    """The frozen encoder's [CLS] state per text: what the pooler and classifier read."""
-    model.eval().to(runtime.device)
-    return map_batches(lambda batch: model.base_model(**batch).last_hidden_state[:, 0], tokenizer, texts,
-                       max_length, model.config.hidden_size, runtime, batch_size)
-
-
-def cached_features(model, tokenizer, base: str, texts: list[str], max_length: int, runtime: Runtime,
-                    cache_dir: Path | None) -> tuple[torch.Tensor, bool]:
-    """Features from the cache when the same model has seen the same texts, else computed and stored;
-    with whether they came from the cache."""
-    digest = hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:20]
-    key = f"cls-{model_fingerprint(base)}-{max_length}-{runtime.precision}-{digest}.pt"
-    return cached_tensor(cache_dir / key if cache_dir else None,
-                         lambda: encoder_features(model, tokenizer, texts, max_length, runtime))
-
-
 def head_forward(model, features: torch.Tensor) -> torch.Tensor:
     """Pooler + dropout + classifier on cached [CLS] states: the same computation the full model does."""
     pooler = getattr(model.base_model, "pooler", None)
@@ -480,8 +461,10 @@ def train_head(model, tokenizer, base, labels, train, valid, cfg, model_cfg, run
     """The head (pooler + classifier) fitted on the frozen encoder's cached [CLS] features: feature_extraction's
     model, or LP-FT's starting point (`what` names which in the log)."""
     started = time.perf_counter()
-    features, hit = cached_features(model, tokenizer, base, train.texts, model_cfg.max_length, runtime, cache_dir)
-    valid_features, _ = cached_features(model, tokenizer, base, valid.texts, model_cfg.max_length, runtime, cache_dir)
+    # The [CLS] states of the frozen encoder, from the per-text cache the shift stage filled in the same pass as
+    # its mean embeddings (pooled_embeddings): only texts no stage has embedded are run through the encoder here.
+    both = pooled_embeddings(base, train.texts + valid.texts, model_cfg.max_length, "cls", cache_dir, runtime=runtime)
+    features, valid_features = both[: len(train.texts)], both[len(train.texts):]
     initial = [copy.deepcopy(m.state_dict()) for m in head_modules(model)]  # cross-fitting starts each fold here
     optimizer, loss_fn = head_optimiser(model, train, len(labels), cfg)
     labels_t, weights_t = torch.tensor(train.labels), torch.tensor(train.weights)
@@ -511,14 +494,14 @@ def train_head(model, tokenizer, base, labels, train, valid, cfg, model_cfg, run
         for module, kept in zip(head_modules(model), best_state, strict=True):
             module.load_state_dict(kept)
     if progress:
-        print(f"finetune: {what} ({'cached' if hit else 'computed'} features), {epochs_run} head epochs, "
+        print(f"finetune: {what}, {epochs_run} head epochs, "
               f"best validation macro-F1 {best['macro_f1']:.3f} at epoch {best['epoch']}", flush=True)
     seconds = time.perf_counter() - started
     return FinetuneResult(
         model=model, tokenizer=tokenizer, strategy="feature_extraction", reason=reason, runtime=runtime, log=log,
         metrics={"validation": best["metrics"]}, epochs_run=epochs_run, best_epoch=best["epoch"],
         resumed_from_step=None, train_seconds=seconds, samples_per_second=len(train.texts) * epochs_run / max(seconds, 1e-9),
-        extra={"features_cached": hit, "world_size": 1, "head_features": (features, valid_features),
+        extra={"world_size": 1, "head_features": (features, valid_features),
                "head_initial": initial},
     )
 

@@ -244,17 +244,6 @@ def predict_proba(model, tokenizer, texts: list[str], max_length: int, batch_siz
     return proba if companion is None else companion.pool(proba, texts)
 
 
-def cached_tensor(path: Path | None, compute: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, bool]:
-    """The tensor saved at `path` if there is one, else `compute()` saved there atomically (so a killed run
-    leaves no half-written cache entry); with whether it came from the cache. No path: computed, not saved."""
-    if path is not None and path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=True), True
-    tensor = compute()
-    if path is not None:
-        write_atomically(path, lambda tmp: torch.save(tensor, tmp))
-    return tensor, False
-
-
 def load_encoder(spec: str | Path):
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
@@ -292,38 +281,59 @@ def cast_linear_layers_to_bf16(model) -> None:
             module.to(torch.bfloat16)
 
 
+POOLINGS = ("mean", "cls")
+
+
 @torch.no_grad()
-def mean_pooled_embeddings(spec: str | Path, texts: list[str], max_length: int, cache_dir: Path | None = None,
-                           batch_size: int = 64, max_tokens: int | None = None,
-                           overhead_tokens: int | None = None, runtime=None) -> torch.Tensor:
-    """Mean-pooled last hidden states (the sentence embedding all-MiniLM-L6-v2 was trained for). Cached per text
-    (by model fingerprint, max length and the text's sha256), so shift, evaluate and shift-watch embed each text
-    once between them: a call embeds only the texts no earlier call did, and adds them as one new shard."""
+def pooled_embeddings(spec: str | Path, texts: list[str], max_length: int, pooling: str = "mean",
+                      cache_dir: Path | None = None, batch_size: int = 64, max_tokens: int | None = None,
+                      overhead_tokens: int | None = None, runtime=None) -> torch.Tensor:
+    """The encoder's last hidden states pooled per text: "mean" over the text's tokens (the sentence embedding
+    all-MiniLM-L6-v2 was trained for: shift, evaluate's frozen-encoder baseline, shift-watch) or "cls", the first
+    token's state (what the pooler and classifier read: the heads finetune fits on the frozen encoder). Cached per
+    text (by model fingerprint, max length, precision, pooling and the text's sha256), so the stages embed each text
+    once between them: a call embeds only the texts no earlier call did, and stores both poolings of them (one
+    encoder pass gives both) as one new shard each."""
     from tasks.devices import choose_runtime
 
+    chosen = runtime or choose_runtime()
+
     def embed(rows: list[str]) -> torch.Tensor:
-        chosen = runtime or choose_runtime()
+        """(rows, len(POOLINGS), hidden): every pooling of each row."""
         encoder = load_encoder(spec).eval().to(chosen.device)
         if chosen.precision == "bf16":
             cast_linear_layers_to_bf16(encoder)
+        hidden_size = encoder.config.hidden_size
 
-        def mean_pool(batch):
+        def pool(batch):
             hidden = encoder(**batch).last_hidden_state.float()
             mask = batch["attention_mask"].unsqueeze(-1).float()
-            return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+            mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+            return torch.cat([mean, hidden[:, 0]], dim=1)
 
-        return map_batches(mean_pool, load_tokenizer(spec), rows, max_length, encoder.config.hidden_size, chosen,
+        flat = map_batches(pool, load_tokenizer(spec), rows, max_length, len(POOLINGS) * hidden_size, chosen,
                            batch_size, max_tokens, overhead_tokens)
+        return flat.reshape(len(rows), len(POOLINGS), hidden_size)
 
+    which = POOLINGS.index(pooling)
     if cache_dir is None or not texts:
-        return embed(texts)
-    prefix = f"text-mean-{model_fingerprint(spec)}-{max_length}"
+        return embed(texts)[:, which]
+    prefixes = [f"text-{name}-{model_fingerprint(spec)}-{max_length}-{chosen.precision}" for name in POOLINGS]
     keys = [text_key(text) for text in texts]
-    known = read_embedding_shards(cache_dir, prefix)
+    known = read_embedding_shards(cache_dir, prefixes[which])
     missing = {key: text for key, text in zip(keys, texts) if key not in known}
     if missing:
         fresh = embed(list(missing.values()))
-        shard = Path(cache_dir) / f"{prefix}-{hashlib.sha256(''.join(missing).encode()).hexdigest()[:20]}.pt"
-        write_atomically(shard, lambda tmp: torch.save({"keys": list(missing), "embeddings": fresh}, tmp))
-        known.update(zip(missing, fresh))
+        digest = hashlib.sha256("".join(missing).encode()).hexdigest()[:20]
+        for index, prefix in enumerate(prefixes):
+            rows = fresh[:, index].contiguous()
+            write_atomically(Path(cache_dir) / f"{prefix}-{digest}.pt",
+                             lambda tmp: torch.save({"keys": list(missing), "embeddings": rows}, tmp))
+        known.update(zip(missing, fresh[:, which]))
     return torch.stack([known[key] for key in keys])
+
+
+def mean_pooled_embeddings(spec: str | Path, texts: list[str], max_length: int, cache_dir: Path | None = None,
+                           **options) -> torch.Tensor:
+    """pooled_embeddings' mean pooling: the sentence embedding."""
+    return pooled_embeddings(spec, texts, max_length, "mean", cache_dir, **options)

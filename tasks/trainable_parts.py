@@ -3,6 +3,8 @@ the head, LoRA adapters, the blocks gradual unfreezing thaws epoch by epoch, and
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from tasks.config import TrainConfig
@@ -81,7 +83,11 @@ def wrap_lora(model, cfg: TrainConfig):
 
     config = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
                         lora_dropout=cfg.lora.dropout, target_modules=list(cfg.lora.target_modules))
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing` property: a FutureWarning meant for peft,
+        # which a user of regraft can do nothing about.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def lora_inputs_stay_in_autocast_dtype(model) -> int:

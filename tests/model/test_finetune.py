@@ -62,24 +62,26 @@ def test_feature_extraction_trains_only_the_head_and_caches(tiny_bert, splits, b
     assert not changed(base_weights, after, "bert.encoder.")
     assert not changed(base_weights, after, "bert.embeddings.")
     assert changed(base_weights, after, "classifier.")
-    assert first.extra["features_cached"] is False
+    # One encoder pass stored both poolings of every train and validation text; a second run embeds nothing.
+    shards = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert [name.split("-")[1] for name in shards] == ["cls", "mean"]
     again = run(tiny_bert, splits, "feature_extraction", tmp_path)
-    assert again.extra["features_cached"] is True
-    assert len(list((tmp_path / "cache").glob("cls-*.pt"))) == 2  # train and validation features
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == shards
+    assert torch.equal(weights(again.model)["classifier.weight"], after["classifier.weight"])
 
 
 def test_head_on_cached_features_equals_full_forward(tiny_bert, splits, tmp_path):
     """The cached-feature head computes exactly what the saved model computes."""
     from tasks.devices import choose_runtime
-    from tasks.finetune import encoder_features, head_forward
-    from tasks.models import pad_batch, tokenize
+    from tasks.finetune import head_forward
+    from tasks.models import pad_batch, pooled_embeddings, tokenize
 
     result = run(tiny_bert, splits, "feature_extraction", tmp_path)
     model = result.model.eval()
     texts = splits["target_train"]["text"].tolist()[:5]
     runtime = choose_runtime("fp32")
     with torch.no_grad():
-        via_head = head_forward(model, encoder_features(model, result.tokenizer, texts, 64, runtime, batch_size=1))
+        via_head = head_forward(model, pooled_embeddings(tiny_bert, texts, 64, "cls", batch_size=1, runtime=runtime))
         direct = torch.cat([model(**pad_batch(tokenize(result.tokenizer, [t], 64), 0)).logits for t in texts])
     assert torch.allclose(via_head, direct, atol=1e-5)
 
@@ -248,41 +250,30 @@ def test_validation_metrics_are_the_evaluate_stage_metrics(labels, scores, accur
     assert metrics == {"accuracy": float(expected["accuracy"]), "macro_f1": float(expected["macro_f1"])}
 
 
-def test_cached_tensor_computes_once_and_leaves_no_temporary_files(tmp_path):
-    from tasks.models import cached_tensor
-
-    calls = []
-
-    def compute():
-        calls.append(1)
-        return torch.arange(6.0).reshape(2, 3)
-
-    path = tmp_path / "cache" / "features.pt"
-    first, first_hit = cached_tensor(path, compute)
-    again, again_hit = cached_tensor(path, compute)
-    assert (first_hit, again_hit, len(calls)) == (False, True, 1)
-    assert torch.equal(first, again)
-    assert [p.name for p in path.parent.iterdir()] == ["features.pt"]
-    assert cached_tensor(None, compute)[1] is False and len(calls) == 2
-
-
 def test_embeddings_are_cached_per_text_across_calls(tiny_bert, tmp_path):
-    """A second call with an overlapping list embeds only its new texts (one new shard); every row matches the
-    uncached embedding, in the caller's order, duplicates included; a damaged shard is embedded again."""
-    from tasks.models import mean_pooled_embeddings
+    """A second call with an overlapping list embeds only its new texts (one new shard per pooling); every row
+    matches the uncached embedding, in the caller's order, duplicates included; the [CLS] states stored beside the
+    mean embeddings are what an uncached "cls" call computes; a damaged shard is embedded again."""
+    from tasks.models import mean_pooled_embeddings, pooled_embeddings
 
     cache = tmp_path / "embeddings"
     texts = ["a good drug", "it did nothing", "terrible side effects", "works well"]
     plain = mean_pooled_embeddings(tiny_bert, texts, 32)
     first = mean_pooled_embeddings(tiny_bert, texts[:2], 32, cache)
     second = mean_pooled_embeddings(tiny_bert, [texts[3], texts[1], texts[2], texts[1]], 32, cache)
-    shards = sorted(cache.iterdir())
-    assert len(shards) == 2 and not [p for p in shards if p.name.startswith(".")]
+    mean_shards = sorted(cache.glob("text-mean-*.pt"))
+    assert len(mean_shards) == 2 and len(list(cache.iterdir())) == 4
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]
     assert torch.allclose(first, plain[:2], atol=1e-5)
     assert torch.allclose(second, plain[[3, 1, 2, 1]], atol=1e-5)
-    shards[0].write_bytes(b"not a tensor")
+    cls_shards = sorted(cache.glob("text-cls-*.pt"))
+    cached_cls = pooled_embeddings(tiny_bert, texts[::-1], 32, "cls", cache)
+    assert sorted(cache.glob("text-cls-*.pt")) == cls_shards  # nothing embedded again
+    assert torch.allclose(cached_cls, pooled_embeddings(tiny_bert, texts[::-1], 32, "cls"), atol=1e-5)
+    assert not torch.allclose(cached_cls, plain[[3, 2, 1, 0]], atol=1e-3)
+    mean_shards[0].write_bytes(b"not a tensor")
     again = mean_pooled_embeddings(tiny_bert, texts, 32, cache)
-    assert torch.allclose(again, plain, atol=1e-5) and len(list(cache.iterdir())) == 3
+    assert torch.allclose(again, plain, atol=1e-5) and len(list(cache.glob("text-mean-*.pt"))) == 3
 
 
 def test_token_budget_batches_keep_rows_and_results(tiny_bert, monkeypatch):
