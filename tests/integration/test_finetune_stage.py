@@ -50,7 +50,7 @@ def test_killed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run
     import torch
 
     saved_step = torch.load(checkpoint, weights_only=False)["step"]
-    assert saved_step >= 20 and saved_step % 5 == 0
+    assert saved_step >= 20  # the last checkpoint before the kill, at step 23 or later: not only the first
     resumed = run(STAGE, killed)
     assert f"finetune: resuming from the checkpoint at step {saved_step}" in resumed.stdout
     report = json.loads((killed / "reports" / "finetune.json").read_text())

@@ -212,7 +212,7 @@ def test_resume_after_the_best_epoch_restores_it_from_disk(tiny_bert, splits, tm
     settings = {"epochs": 3, "early_stopping_patience": 1, "checkpoint_every": 5, "learning_rate": 3e-3}
 
     def kill_in_epoch_2(row):
-        if row["step"] == 33:  # 24 steps an epoch: after epoch 1's validation and the checkpoint at step 30
+        if row["step"] == 33:  # 24 steps an epoch: after epoch 1's validation and the checkpoint 5 steps later, 29
             raise Killed
 
     with pytest.raises(Killed):
@@ -222,7 +222,7 @@ def test_resume_after_the_best_epoch_restores_it_from_disk(tiny_bert, splits, tm
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best.pt", "checkpoint.pt"]  # no temporary files
     resumed = run(tiny_bert, splits, "full", tmp_path / "killed", **settings)
     straight = run(tiny_bert, splits, "full", tmp_path / "straight", **settings)
-    assert resumed.resumed_from_step == 30
+    assert resumed.resumed_from_step == 29
     assert (resumed.best_epoch, resumed.epochs_run) == (straight.best_epoch, straight.epochs_run)
     a, b = weights(resumed.model), weights(straight.model)
     assert all(torch.equal(a[k], b[k]) for k in a)
