@@ -124,9 +124,6 @@ def validation_metrics(labels: np.ndarray, scores: torch.Tensor) -> dict[str, fl
     return {"accuracy": float(metrics["accuracy"]), "macro_f1": float(metrics["macro_f1"])}
 
 
-def score(model, tokenizer, data: TrainingData, max_length: int, runtime: Runtime) -> dict[str, float]:
-    """The model's validation metrics on `data`."""
-    return validation_metrics(data.labels, predict_proba(model, tokenizer, data.texts, max_length, runtime=runtime))
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -264,6 +261,7 @@ class TrainingState:
     kept_best: dict | None = None  # the weights of the best validation epoch seen by this process
     samples_seen: int = 0
     checkpointed_step: int = 0  # the step of the last checkpoint, saved or resumed from
+    valid_probs: dict[int, torch.Tensor] = field(default_factory=dict)  # by epoch, the epochs this process ran
 
 
 def train_layers(plan: TrainingPlan) -> FinetuneResult:
@@ -398,7 +396,10 @@ def take_optimiser_step(model, state: TrainingState) -> None:
 
 def validate_epoch(plan: TrainingPlan, state: TrainingState, epoch: int) -> None:
     """Score the epoch on the validation rows and keep its weights if it is the best so far."""
-    metrics = score(plain_model(plan.model), plan.tokenizer, plan.valid, plan.model_cfg.max_length, plan.runtime)
+    probs = predict_proba(plain_model(plan.model), plan.tokenizer, plan.valid.texts, plan.model_cfg.max_length,
+                          runtime=plan.runtime)
+    state.valid_probs[epoch + 1] = probs
+    metrics = validation_metrics(plan.valid.labels, probs)
     if metrics["macro_f1"] > state.best["macro_f1"]:
         state.best = {"macro_f1": metrics["macro_f1"], "epoch": epoch + 1, "stale": 0, "metrics": metrics}
         state.kept_best = {k: v.detach().clone() for k, v in plan.model.state_dict().items()}
@@ -437,6 +438,11 @@ def restore_best_epoch(plan: TrainingPlan, state: TrainingState) -> None:
 def training_result(plan: TrainingPlan, state: TrainingState, epochs_run: int, train_seconds: float) -> FinetuneResult:
     """The plain HF model with the run's log, best validation metrics and speed."""
     extra = {"world_size": plan.dist.world, "total_steps": plan.total_steps}
+    # The validation probabilities of the weights the model ends with (the best epoch under early stopping, else the
+    # last), when this process scored that epoch: the race reads them instead of predicting again.
+    final_epoch = state.best["epoch"] if plan.cfg.early_stopping_patience else epochs_run
+    if final_epoch in state.valid_probs:
+        extra["validation_probs"] = state.valid_probs[final_epoch]
     if plan.dist.world > 1:
         # Every replica must end with the same weights; record each rank's digest so it can be checked.
         digests: list = [None] * plan.dist.world

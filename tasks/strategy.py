@@ -140,7 +140,9 @@ def choose_strategy(base: str, labels: list[str], train, valid, cfg: TrainConfig
         started = time.perf_counter()
         arm = finetune(base, labels, train, valid, cfg, model_cfg, name, "", progress=False,
                        checkpoint_dir=checkpoints / name, stop_after_epochs=race)
-        predicted[name] = encoder_predictions(arm, valid, model_cfg.max_length)
+        probs = arm.extra.get("validation_probs")
+        predicted[name] = (probs.numpy().argmax(axis=1) if probs is not None
+                           else encoder_predictions(arm, valid, model_cfg.max_length))
         seconds[name], how[name] = time.perf_counter() - started, f"first {race} of {cfg.epochs} epochs"
         del arm  # the winner resumes from its checkpoint
 

@@ -86,6 +86,19 @@ def test_head_on_cached_features_equals_full_forward(tiny_bert, splits, tmp_path
     assert torch.allclose(via_head, direct, atol=1e-5)
 
 
+@pytest.mark.parametrize(("strategy", "patience"), [("full", 0), ("lora", 1)])
+def test_the_result_carries_the_validation_probabilities_of_the_weights_it_ends_with(tiny_bert, splits, strategy,
+                                                                                    patience):
+    """What the race reads instead of predicting the validation rows again: the last epoch's probabilities, or under
+    early stopping the best epoch's (LoRA's merged into the weights), equal to the returned model's predictions."""
+    from tasks.models import predict_proba
+
+    result = run(tiny_bert, splits, strategy, early_stopping_patience=patience, epochs=2)
+    _, valid = build_training_data(splits, LABELS, train_config(strategy=strategy)[0])
+    again = predict_proba(result.model, result.tokenizer, valid.texts, 64, runtime=result.runtime)
+    assert torch.allclose(result.extra["validation_probs"], again, atol=1e-6)
+
+
 def test_full_trains_every_layer(tiny_bert, splits, base_weights):
     after = weights(run(tiny_bert, splits, "full").model)
     for prefix in ("bert.embeddings.", "bert.encoder.layer.0.", "bert.encoder.layer.1.", "classifier."):
