@@ -253,20 +253,38 @@ def auc_and_p(scores: np.ndarray, is_target: np.ndarray) -> tuple[float, float]:
 
 def classifier_test(x: torch.Tensor, y: torch.Tensor, folds: int, seed: int) -> tuple[TestResult, np.ndarray]:
     """Domain classifier on the embeddings; out-of-fold probabilities of 'target' for every row."""
-    rng = np.random.default_rng(seed)
     features = torch.cat([x, y])
     is_target = np.r_[np.zeros(len(x), dtype=bool), np.ones(len(y), dtype=bool)]
-    fold_of = np.empty(len(features), dtype=int)
+    fold_of = fold_assignment(is_target, folds, seed)
+    scores = out_of_fold_scores(features, is_target[None], fold_of[None], folds)[0]
+    return classifier_result(scores, is_target, folds), scores
+
+
+def fold_assignment(is_target: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Each row's cross-validation fold, stratified by domain."""
+    rng = np.random.default_rng(seed)
+    fold_of = np.empty(len(is_target), dtype=int)
     for domain in (False, True):
         rows = np.flatnonzero(is_target == domain)
         fold_of[rng.permutation(rows)] = np.arange(len(rows)) % folds
-    in_training = torch.as_tensor(fold_of[None, :] != np.arange(folds)[:, None])  # (folds, rows)
-    models = fit_logistic(features, torch.as_tensor(is_target), in_training)
-    fold_scores = torch.sigmoid(models.logits(features)[..., 0]).numpy()  # every fold's model on every row
-    scores = fold_scores[fold_of, np.arange(len(features))]  # each row scored by the fold that left it out
+    return fold_of
+
+
+def out_of_fold_scores(features: torch.Tensor, is_target: np.ndarray, fold_of: np.ndarray, folds: int) -> np.ndarray:
+    """Domain classifiers for several labellings of the same rows (`is_target` and `fold_of` are (labellings, rows)),
+    every fold of every labelling fit together: (labellings, rows) probabilities of 'target', each row scored by its
+    labelling's model for the fold that left it out."""
+    labellings, rows = is_target.shape
+    in_training = fold_of[:, None, :] != np.arange(folds)[None, :, None]  # (labellings, folds, rows)
+    models = fit_logistic(features, torch.as_tensor(np.repeat(is_target, folds, axis=0)),
+                          torch.as_tensor(in_training.reshape(labellings * folds, rows)))
+    probs = torch.sigmoid(models.logits(features)[..., 0]).numpy().reshape(labellings, folds, rows)
+    return np.take_along_axis(probs, fold_of[:, None, :], axis=1)[:, 0]
+
+
+def classifier_result(scores: np.ndarray, is_target: np.ndarray, folds: int) -> TestResult:
     auc, p_value = auc_and_p(scores, is_target)
-    return TestResult("classifier", auc, p_value, max(auc - 0.5, 0.0), "AUC - 0.5",
-                      {"folds": folds, "auc": auc}), scores
+    return TestResult("classifier", auc, p_value, max(auc - 0.5, 0.0), "AUC - 0.5", {"folds": folds, "auc": auc})
 
 
 def importance_weights(source_scores: np.ndarray, n_source: int, n_target: int, clip: float = 20.0) -> np.ndarray:
@@ -479,11 +497,14 @@ def text_profile(tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray, f
 
 
 def distribution_tests(source: Sample, target: Sample, cfg: ShiftConfig, labels: list[str], seed: int,
-                       permutations: int | None = None, with_intervals: bool = True) -> tuple[list[TestResult], np.ndarray]:
-    """Every test on one pair of samples; also returns the domain classifier's out-of-fold scores."""
+                       permutations: int | None = None, with_intervals: bool = True,
+                       classifier: tuple[TestResult, np.ndarray] | None = None) -> tuple[list[TestResult], np.ndarray]:
+    """Every test on one pair of samples; also returns the domain classifier's out-of-fold scores (`classifier`: its
+    result and scores, already computed)."""
     mmd_cfg = cfg if permutations is None else cfg.model_copy(update={"permutations": max(permutations, 19)})
     results = [mmd_test(source.embeddings, target.embeddings, mmd_cfg, seed)]
-    classifier, scores = classifier_test(source.embeddings, target.embeddings, cfg.classifier_folds, seed)
+    classifier, scores = classifier or classifier_test(source.embeddings, target.embeddings, cfg.classifier_folds,
+                                                       seed)
     results.append(classifier)
     if source.labels is not None and (target.class_probs is not None or target.labels is not None):
         refit = None
@@ -516,15 +537,35 @@ def calibrate(source: Sample, cfg: ShiftConfig, labels: list[str]) -> dict[str, 
     where by construction there is no shift."""
     rng = np.random.default_rng(cfg.seed + 1)
     pool = rng.permutation(len(source))[: cfg.calibration_rows]
+    orders = [rng.permutation(pool) for _ in range(cfg.null_splits)]
+    seeds = [cfg.seed + 100 + r for r in range(cfg.null_splits)]
+    classifiers = null_classifier_tests(source.embeddings, pool, orders, cfg.classifier_folds, seeds)
     effects: dict[str, list[float]] = {}
-    for r in range(cfg.null_splits):
-        order = rng.permutation(pool)
+    for order, seed, classifier in zip(orders, seeds, classifiers, strict=True):
         half = len(order) // 2
         results, _ = distribution_tests(source.take(order[:half]), source.take(order[half:]), cfg, labels,
-                                        seed=cfg.seed + 100 + r, permutations=0, with_intervals=False)
+                                        seed=seed, permutations=0, with_intervals=False, classifier=classifier)
         for result in results:
             effects.setdefault(result.name.split(":")[0], []).append(result.effect)
     return {name: float(np.quantile(values, cfg.null_quantile)) for name, values in effects.items()}
+
+
+def null_classifier_tests(embeddings: torch.Tensor, pool: np.ndarray, orders: list[np.ndarray], folds: int,
+                          seeds: list[int]) -> list[tuple[TestResult, np.ndarray]]:
+    """classifier_test(first half of order, second half, folds, seed) for every order of the same pool of rows, all
+    fit together on the pool: the same rows, labels and folds as one call per order, with the rows in the pool's
+    order (so the same minimisers, up to rounding)."""
+    position = np.empty(int(pool.max()) + 1, dtype=int)
+    position[pool] = np.arange(len(pool))
+    is_target, fold_of = np.zeros((len(orders), len(pool)), dtype=bool), np.zeros((len(orders), len(pool)), dtype=int)
+    in_order = []
+    for r, (order, seed) in enumerate(zip(orders, seeds, strict=True)):
+        split = np.arange(len(order)) >= len(order) // 2
+        at = position[order]
+        is_target[r, at], fold_of[r, at] = split, fold_assignment(split, folds, seed)
+        in_order.append(at)
+    scores = out_of_fold_scores(embeddings[torch.as_tensor(pool)], is_target, fold_of, folds)
+    return [(classifier_result(scores[r][at], is_target[r][at], folds), scores[r][at]) for r, at in enumerate(in_order)]
 
 
 def detect_shift(source: Sample, target: Sample, cfg: ShiftConfig, labels: list[str],

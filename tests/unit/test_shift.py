@@ -69,6 +69,22 @@ def test_mmd_block_cost_is_linear():
     assert result.detail["blocks"] == 40 and result.detail["method"] == "block"
 
 
+def test_null_classifier_tests_fit_together_what_one_call_per_split_fits():
+    """The calibration's domain classifiers, every split of one pool fit at once, give each split the AUC and scores
+    that classifier_test gives it alone."""
+    from tasks.shift import null_classifier_tests
+
+    x, _ = gaussians(300, 0.0, 1)
+    rng = np.random.default_rng(0)
+    pool = rng.permutation(300)[:200]
+    orders = [rng.permutation(pool) for _ in range(4)]
+    together = null_classifier_tests(x, pool, orders, folds=5, seeds=[7, 8, 9, 10])
+    for order, seed, (result, scores) in zip(orders, [7, 8, 9, 10], together, strict=True):
+        alone, alone_scores = classifier_test(x[torch.as_tensor(order[:100])], x[torch.as_tensor(order[100:])], 5, seed)
+        assert result.statistic == pytest.approx(alone.statistic, abs=1e-9)
+        assert np.allclose(scores, alone_scores, atol=1e-6)
+
+
 def test_classifier_test_scores_every_row_out_of_fold():
     x, y = gaussians(200, 1.0, 0)
     result, scores = classifier_test(x, y, folds=5, seed=0)
