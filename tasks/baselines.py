@@ -31,18 +31,24 @@ def classifier_probabilities(path: Path, texts: dict[str, list[str]], labels: li
 def tfidf_model(max_features: int | None = None):
     """The lexical baseline: TF-IDF of word 1-2 grams + class-balanced logistic regression (unfitted)."""
     from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
 
     return make_pipeline(TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True, max_features=max_features),
-                         LogisticRegression(max_iter=2000, class_weight="balanced"))
+                         balanced_logistic_regression())
+
+
+def balanced_logistic_regression():
+    """Class-balanced L2 logistic regression (scikit-learn's default C) by Newton-CG: on the demo's 782 train rows it
+    reached the minimiser 6x (TF-IDF, 9,586 features) to 30x (the encoder's 384) faster than the default L-BFGS, and
+    closer (L-BFGS stopped at its tolerance 0.005 away in probability on the encoder's features)."""
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(solver="newton-cg", max_iter=2000, class_weight="balanced")
 
 
 def baseline_probabilities(train: pd.DataFrame, texts: dict[str, list[str]], labels: list[str], base: str,
                            max_length: int, cache: Path | None) -> dict[str, dict[str, np.ndarray]]:
     """TF-IDF + logistic regression, and the pretrained encoder frozen with a linear (logistic) head."""
-    from sklearn.linear_model import LogisticRegression
-
     from tasks.models import mean_pooled_embeddings
 
     y = train["label"].map({label: i for i, label in enumerate(labels)}).to_numpy()
@@ -53,7 +59,7 @@ def baseline_probabilities(train: pd.DataFrame, texts: dict[str, list[str]], lab
     def embed(rows: list[str]) -> np.ndarray:
         return mean_pooled_embeddings(base, rows, max_length, cache).numpy()
 
-    head = LogisticRegression(max_iter=5000, class_weight="balanced").fit(embed(train_texts), y)
+    head = balanced_logistic_regression().fit(embed(train_texts), y)
     for split, rows in texts.items():
         out["tfidf"][split] = full_proba(tfidf.predict_proba(rows), tfidf.classes_, len(labels))
         out["frozen_encoder"][split] = full_proba(head.predict_proba(embed(rows)), head.classes_, len(labels))
