@@ -57,13 +57,16 @@ _FINGERPRINTS: dict[tuple, str] = {}  # this process's fingerprints, by folder a
 
 def model_fingerprint(spec: str | Path) -> str:
     """A short hash of a model's weights and config, for cache keys and lineage. Hashing MiniLM's 90 MB takes about
-    0.3 s and a stage asks several times: within a process, a folder whose files have the same names, sizes and
-    modification times is not read again."""
+    0.3 s and a stage asks several times: within a process, a folder whose files have the same names, sizes, inodes
+    and modification and change times is not read again."""
     resolved = resolve_model(spec)
     if not isinstance(resolved, Path):
         return hashlib.sha256(resolved.encode()).hexdigest()[:16]
     files = sorted(p for p in resolved.iterdir() if p.suffix in (".json", ".safetensors", ".bin"))
-    key = (str(resolved.resolve()), *((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    # The inode and change time too: a copy that keeps sizes and modification times (cp -p, rsync -a) cannot keep them.
+    stats = [(p.name, p.stat()) for p in files]
+    key = (str(resolved.resolve()),
+           *((name, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns) for name, st in stats))
     if key not in _FINGERPRINTS:
         digest = hashlib.sha256()
         for path in files:
@@ -326,7 +329,8 @@ def pooled_embeddings(spec: str | Path, texts: list[str], max_length: int, pooli
     which = POOLINGS.index(pooling)
     if cache_dir is None or not texts:
         return embed(texts)[:, which]
-    prefixes = [f"text-{name}-{model_fingerprint(spec)}-{max_length}-{chosen.precision}" for name in POOLINGS]
+    # Precision before the length: older shards (text-mean-<model>-<length>-<digest>) and these never match each other.
+    prefixes = [f"text-{name}-{model_fingerprint(spec)}-{chosen.precision}-{max_length}" for name in POOLINGS]
     keys = [text_key(text) for text in texts]
     known = read_embedding_shards(cache_dir, prefixes[which])
     missing = {key: text for key, text in zip(keys, texts) if key not in known}

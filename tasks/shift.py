@@ -124,6 +124,10 @@ def mmd_test(x: torch.Tensor, y: torch.Tensor, cfg: ShiftConfig, seed: int) -> T
 # ----------------------------------------------------------------------------- classifier two-sample test
 
 
+# Problems x rows (x outputs) that fit_logistic's callers solve at once: float64 tensors of 16 MB each.
+CHUNK_ELEMENTS = 2_000_000
+
+
 @dataclass
 class LogisticModels:
     """Logistic regressions fit by `fit_logistic`, one per problem, each on features standardised with its own
@@ -152,19 +156,19 @@ def standardised_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 
 def fit_logistic(features: torch.Tensor, labels: torch.Tensor, row_weights: torch.Tensor,
-                 weight_decay: float = 1e-3, iterations: int = 100) -> LogisticModels:
+                 weight_decay: float = 1e-3, iterations: int = 100, classes: int | None = None) -> LogisticModels:
     """L2-regularised logistic regressions, one per row of `row_weights`, all on the same feature rows: problem b
     weighs row i by row_weights[b, i] (0 leaves it out, as a cross-validation fold does; a count repeats it, as a
     bootstrap resample does), standardises the features with its own rows' weighted mean and (unbiased) standard
     deviation, and minimises its weighted mean log-loss + weight_decay * |W|^2. Boolean labels: one sigmoid output;
-    integer labels: a softmax over max + 1 classes.
+    integer labels: a softmax over `classes` (default: max + 1; a class no row has gets a logit too).
 
     The problems are independent, so they are solved together (`batched_lbfgs`): the 200 bootstrap refits and the
     100 null-split folds of the shift stage were 300 small L-BFGS runs, most of its time."""
     x = features.double()
     weights = row_weights.double()
     problems, dims = len(weights), x.shape[1]
-    outputs = int(labels.max()) + 1 if labels.dtype == torch.long else 1
+    outputs = (classes or int(labels.max()) + 1) if labels.dtype == torch.long else 1
     total = weights.sum(1, keepdim=True)
     mean = weights @ x / total
     variance = (weights @ (x * x) / total - mean**2).clamp(min=0) * total / (total - 1).clamp(min=1)
@@ -192,7 +196,9 @@ def batched_lbfgs(losses: Callable[[torch.Tensor], torch.Tensor], theta: torch.T
     """Minimise independent smooth problems at once: row b of `theta` is problem b's parameters and losses(theta)[b]
     its loss. L-BFGS per problem (its own curvature pairs, its own backtracking step under the Armijo condition), one
     evaluation of every loss per trial step; a problem stops when its largest gradient or step falls below the
-    tolerances (torch.optim.LBFGS's defaults), or after `iterations` steps."""
+    tolerances (torch.optim.LBFGS's defaults), when 30 halvings of its step found no decrease, or after `iterations`
+    steps (then short of the tolerance: a minimiser up to it). Unlike torch's, no test of the loss's change: it stopped
+    the three-class fits of the unit test 1e-5 short in gradient."""
 
     def value_and_grad(at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         at = at.detach().requires_grad_(True)
@@ -229,15 +235,19 @@ def batched_lbfgs(losses: Callable[[torch.Tensor], torch.Tensor], theta: torch.T
             if accepted.all():
                 break
             length = torch.where(accepted, length, length / 2)
-        step = length[:, None] * direction
-        change = new_grad - grad
+        # A problem whose step never passed (its decrease below the loss's rounding) stays where it is and stops.
+        moved = accepted & active
+        step = torch.where(moved, length, 0.0)[:, None] * direction
+        change = torch.where(moved[:, None], new_grad - grad, 0.0)
         curvature = (step * change).sum(1)
         useful = curvature > 1e-10
         steps.append((step, change, torch.where(useful, 1.0 / curvature.clamp(min=1e-10), 0.0)))
         steps = steps[-history:]
         scale = torch.where(useful, curvature / (change * change).sum(1).clamp(min=1e-300), scale)
-        theta, value, grad = theta + step, new_value, new_grad
-        active &= (grad.abs().amax(1) > tolerance_grad) & (step.abs().amax(1) > tolerance_change)
+        theta = theta + step
+        value = torch.where(moved, new_value, value)
+        grad = torch.where(moved[:, None], new_grad, grad)
+        active &= moved & (grad.abs().amax(1) > tolerance_grad) & (step.abs().amax(1) > tolerance_change)
     return theta
 
 
@@ -275,11 +285,16 @@ def out_of_fold_scores(features: torch.Tensor, is_target: np.ndarray, fold_of: n
     every fold of every labelling fit together: (labellings, rows) probabilities of 'target', each row scored by its
     labelling's model for the fold that left it out."""
     labellings, rows = is_target.shape
-    in_training = fold_of[:, None, :] != np.arange(folds)[None, :, None]  # (labellings, folds, rows)
-    models = fit_logistic(features, torch.as_tensor(np.repeat(is_target, folds, axis=0)),
-                          torch.as_tensor(in_training.reshape(labellings * folds, rows)))
-    probs = torch.sigmoid(models.logits(features)[..., 0]).numpy().reshape(labellings, folds, rows)
-    return np.take_along_axis(probs, fold_of[:, None, :], axis=1)[:, 0]
+    chunk = max(1, CHUNK_ELEMENTS // (folds * rows))  # labellings fit together: tensors of a few tens of MB
+    scores = []
+    for start in range(0, labellings, chunk):
+        part, part_folds = is_target[start:start + chunk], fold_of[start:start + chunk]
+        in_training = part_folds[:, None, :] != np.arange(folds)[None, :, None]  # (labellings, folds, rows)
+        models = fit_logistic(features, torch.as_tensor(np.repeat(part, folds, axis=0)),
+                              torch.as_tensor(in_training.reshape(len(part) * folds, rows)))
+        probs = torch.sigmoid(models.logits(features)[..., 0]).numpy().reshape(len(part), folds, rows)
+        scores.append(np.take_along_axis(probs, part_folds[:, None, :], axis=1)[:, 0])
+    return np.concatenate(scores)
 
 
 def classifier_result(scores: np.ndarray, is_target: np.ndarray, folds: int) -> TestResult:
@@ -346,7 +361,7 @@ def label_shift_test(source_labels: np.ndarray, target_probs: np.ndarray | None,
     resamples = [(rng.integers(0, len(source_labels), len(source_labels)),
                   rng.integers(0, len(target_probs), len(target_probs))) for _ in range(bootstrap)]
     # Refits in chunks that keep each chunk's (draws, rows, classes) tensors to a few tens of MB.
-    chunk = max(1, 2_000_000 // (len(source_labels) + len(target_probs)))
+    chunk = max(1, CHUNK_ELEMENTS // ((len(source_labels) + len(target_probs)) * k))
     draws = []
     for start in range(0, bootstrap, chunk):
         part = resamples[start:start + chunk]
@@ -511,7 +526,7 @@ def distribution_tests(source: Sample, target: Sample, cfg: ShiftConfig, labels:
         if target.class_probs is not None:
             def refit(source_resamples: np.ndarray) -> np.ndarray:
                 return source_classifier_probabilities(source.embeddings, source.labels, target.embeddings,
-                                                       source_resamples)
+                                                       source_resamples, classes=len(labels))
         results.append(label_shift_test(source.labels, target.class_probs, target.labels, labels,
                                         cfg.bootstrap if with_intervals else 50, seed, refit))
     if source.probs is not None and target.probs is not None:
@@ -554,7 +569,7 @@ def null_classifier_tests(embeddings: torch.Tensor, pool: np.ndarray, orders: li
                           seeds: list[int]) -> list[tuple[TestResult, np.ndarray]]:
     """classifier_test(first half of order, second half, folds, seed) for every order of the same pool of rows, all
     fit together on the pool: the same rows, labels and folds as one call per order, with the rows in the pool's
-    order (so the same minimisers, up to rounding)."""
+    order (so the same minimisers, up to rounding and batched_lbfgs's tolerances)."""
     position = np.empty(int(pool.max()) + 1, dtype=int)
     position[pool] = np.arange(len(pool))
     is_target, fold_of = np.zeros((len(orders), len(pool)), dtype=bool), np.zeros((len(orders), len(pool)), dtype=int)
@@ -602,14 +617,14 @@ def detect_shift(source: Sample, target: Sample, cfg: ShiftConfig, labels: list[
 
 def source_classifier_probabilities(source_embeddings: torch.Tensor, source_labels: np.ndarray,
                                     target_embeddings: torch.Tensor, resamples: np.ndarray | None = None,
-                                    weight_decay: float = 1e-2) -> np.ndarray:
+                                    weight_decay: float = 1e-2, classes: int | None = None) -> np.ndarray:
     """P(class | x) on the target from a regularised logistic regression fit on the labelled source: the input of
     the EM label-shift estimate. (rows, classes); with `resamples` (draws, source rows) of source row indices, one
     classifier per resample, fit together: (draws, rows, classes)."""
     draws = np.arange(len(source_embeddings))[None, :] if resamples is None else resamples
     counts = torch.stack([torch.bincount(torch.as_tensor(draw), minlength=len(source_embeddings)) for draw in draws])
     models = fit_logistic(source_embeddings, torch.tensor(source_labels, dtype=torch.long), counts,
-                          weight_decay=weight_decay)
+                          weight_decay=weight_decay, classes=classes)
     probs = torch.softmax(models.logits(target_embeddings), dim=-1).numpy()
     return probs[0] if resamples is None else probs
 
@@ -652,7 +667,8 @@ def analyse_shift(source: pd.DataFrame, target: pd.DataFrame, params: Params) ->
     source_sample = build_sample(source, source_emb, tokenizer, groups, labels)
     target_sample = build_sample(target, target_emb, tokenizer, groups, labels)
     if source_sample.labels is not None:
-        target_sample.class_probs = source_classifier_probabilities(source_emb, source_sample.labels, target_emb)
+        target_sample.class_probs = source_classifier_probabilities(source_emb, source_sample.labels, target_emb,
+                                                                    classes=len(labels))
     champion = params.paths.champion
     if (champion / "config.json").is_file():
         # Black-box shift detection on the production model's outputs.

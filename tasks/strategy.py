@@ -101,10 +101,14 @@ def macro_f1_evidence(labels: np.ndarray, predicted: dict[str, np.ndarray], n_cl
 
 
 def encoder_predictions(result, valid, max_length: int) -> np.ndarray:
+    """The trained arm's labels for the validation rows: from the probabilities its last scored epoch kept, else
+    (a run resumed past that epoch) predicted again."""
     from tasks.models import predict_proba
 
-    return predict_proba(result.model, result.tokenizer, valid.texts, max_length,
-                         runtime=result.runtime).numpy().argmax(axis=1)
+    probs = result.extra.get("validation_probs")
+    if probs is None:
+        probs = predict_proba(result.model, result.tokenizer, valid.texts, max_length, runtime=result.runtime)
+    return probs.numpy().argmax(axis=1)
 
 
 def choose_strategy(base: str, labels: list[str], train, valid, cfg: TrainConfig, model_cfg: ModelConfig,
@@ -140,9 +144,7 @@ def choose_strategy(base: str, labels: list[str], train, valid, cfg: TrainConfig
         started = time.perf_counter()
         arm = finetune(base, labels, train, valid, cfg, model_cfg, name, "", progress=False,
                        checkpoint_dir=checkpoints / name, stop_after_epochs=race)
-        probs = arm.extra.get("validation_probs")
-        predicted[name] = (probs.numpy().argmax(axis=1) if probs is not None
-                           else encoder_predictions(arm, valid, model_cfg.max_length))
+        predicted[name] = encoder_predictions(arm, valid, model_cfg.max_length)
         seconds[name], how[name] = time.perf_counter() - started, f"first {race} of {cfg.epochs} epochs"
         del arm  # the winner resumes from its checkpoint
 

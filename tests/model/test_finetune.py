@@ -88,12 +88,19 @@ def test_head_on_cached_features_equals_full_forward(tiny_bert, splits, tmp_path
 
 @pytest.mark.parametrize(("strategy", "patience"), [("full", 0), ("lora", 1)])
 def test_the_result_carries_the_validation_probabilities_of_the_weights_it_ends_with(tiny_bert, splits, strategy,
-                                                                                    patience):
+                                                                                    patience, monkeypatch):
     """What the race reads instead of predicting the validation rows again: the last epoch's probabilities, or under
-    early stopping the best epoch's (LoRA's merged into the weights), equal to the returned model's predictions."""
+    early stopping the best epoch's (LoRA's merged into the weights), equal to the returned model's predictions. The
+    first epoch is made the best, so early stopping restores it rather than the last."""
+    import tasks.finetune
     from tasks.models import predict_proba
 
+    scores = iter([0.9, 0.1])
+    real = tasks.finetune.validation_metrics
+    monkeypatch.setattr(tasks.finetune, "validation_metrics",
+                        lambda labels, probs: {**real(labels, probs), "macro_f1": next(scores, 0.0)})
     result = run(tiny_bert, splits, strategy, early_stopping_patience=patience, epochs=2)
+    assert result.best_epoch == 1  # without early stopping the model is still the last epoch's
     _, valid = build_training_data(splits, LABELS, train_config(strategy=strategy)[0])
     again = predict_proba(result.model, result.tokenizer, valid.texts, 64, runtime=result.runtime)
     assert torch.allclose(result.extra["validation_probs"], again, atol=1e-6)

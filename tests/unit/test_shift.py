@@ -52,6 +52,46 @@ def test_fit_logistic_fits_each_problem_as_scikit_learn_does_on_that_problems_ro
         assert torch.allclose(ours, theirs, atol=1e-4), (problem, (ours - theirs).abs().max())
 
 
+def test_batched_lbfgs_stops_a_problem_whose_step_finds_no_decrease_where_it_was():
+    """Problem 0's gradient points nowhere its loss decreases (every halving fails): it stays put and stops, without
+    disturbing problem 1, an ordinary quadratic solved to its minimum in the same batch."""
+    from tasks.shift import batched_lbfgs
+
+    target = torch.tensor([3.0, -2.0], dtype=torch.float64)
+
+    def losses(theta):
+        stuck = theta[0].detach().pow(2).sum() + (theta[0] - theta[0].detach()).sum()  # value |t|^2, gradient 1
+        return torch.stack([stuck, (theta[1] - target).pow(2).sum()])
+
+    theta = batched_lbfgs(losses, torch.zeros(2, 2, dtype=torch.float64), iterations=50)
+    assert torch.equal(theta[0], torch.zeros(2, dtype=torch.float64))
+    assert torch.allclose(theta[1], target, atol=1e-6)
+
+
+def test_bootstrap_refits_equal_separate_fits_and_do_not_depend_on_the_chunks(monkeypatch):
+    """Each resample's classifier (row counts as weights) is the one fit on that resample's rows alone, with every
+    class given a column; the label-shift test's intervals are the same whether its refits run in one chunk or many."""
+    import tasks.shift as shift
+
+    x, y = gaussians(120, 1.0, 3)
+    labels = (x[:, 0] > 0.8).numpy().astype(int) + (x[:, 1] > 0).numpy().astype(int)  # classes 0, 1, 2
+    resamples = np.random.default_rng(1).integers(0, 120, (3, 120))
+    together = shift.source_classifier_probabilities(x, labels, y, resamples, classes=4)
+    assert together.shape == (3, 120, 4)
+    for resample, probs in zip(resamples, together, strict=True):
+        alone = shift.source_classifier_probabilities(x[torch.as_tensor(resample)], labels[resample], y, classes=4)
+        assert np.allclose(probs, alone, atol=1e-5)
+
+    def refit(source_resamples):
+        return shift.source_classifier_probabilities(x, labels, y, source_resamples, classes=3)
+
+    target_probs = shift.source_classifier_probabilities(x, labels, y, classes=3)
+    one_chunk = shift.label_shift_test(labels, target_probs, None, ["a", "b", "c"], 12, 0, refit)
+    monkeypatch.setattr(shift, "CHUNK_ELEMENTS", 5 * 240 * 3)  # five refits a chunk
+    chunked = shift.label_shift_test(labels, target_probs, None, ["a", "b", "c"], 12, 0, refit)
+    assert np.allclose(chunked.detail["estimated_interval_95"], one_chunk.detail["estimated_interval_95"], atol=1e-8)
+
+
 @pytest.mark.parametrize("test", ["permutation", "block"])
 def test_mmd_null_and_alternative(test):
     run = (lambda x, y, s: mmd_permutation(x, y, 99, s)) if test == "permutation" else \
