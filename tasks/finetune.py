@@ -473,7 +473,7 @@ def train_head(model, tokenizer, base, labels, train, valid, cfg, model_cfg, run
     model, or LP-FT's starting point (`what` names which in the log)."""
     started = time.perf_counter()
     # The [CLS] states of the frozen encoder, from the per-text cache the shift stage filled in the same pass as
-    # its mean embeddings (pooled_embeddings): only texts no stage has embedded are run through the encoder here.
+    # its mean embeddings (pooled_embeddings, at the same precision): only texts not embedded yet run here.
     both = pooled_embeddings(base, train.texts + valid.texts, model_cfg.max_length, "cls", cache_dir, runtime=runtime)
     features, valid_features = both[: len(train.texts)], both[len(train.texts):]
     initial = [copy.deepcopy(m.state_dict()) for m in head_modules(model)]  # cross-fitting starts each fold here

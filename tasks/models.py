@@ -52,7 +52,7 @@ def model_origin(spec: str | Path) -> str:
     return spec
 
 
-_FINGERPRINTS: dict[tuple, str] = {}  # this process's fingerprints, by folder and its files' names, sizes and mtimes
+_FINGERPRINTS: dict[tuple, str] = {}  # this process's fingerprints, by folder and its files' names and stat
 
 
 def model_fingerprint(spec: str | Path) -> str:

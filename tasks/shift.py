@@ -197,8 +197,8 @@ def batched_lbfgs(losses: Callable[[torch.Tensor], torch.Tensor], theta: torch.T
     its loss. L-BFGS per problem (its own curvature pairs, its own backtracking step under the Armijo condition), one
     evaluation of every loss per trial step; a problem stops when its largest gradient or step falls below the
     tolerances (torch.optim.LBFGS's defaults), when 30 halvings of its step found no decrease, or after `iterations`
-    steps (then short of the tolerance: a minimiser up to it). Unlike torch's, no test of the loss's change: it stopped
-    the three-class fits of the unit test 1e-5 short in gradient."""
+    steps (then short of the tolerances). Unlike torch's, no test of the loss's change: it stopped the unit test's
+    three-class fits with gradients still near 1e-5."""
 
     def value_and_grad(at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         at = at.detach().requires_grad_(True)
