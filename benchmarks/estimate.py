@@ -139,7 +139,7 @@ def main() -> None:
     texts = people.iloc[needed].apply(describe_person, axis=1).astype("str").tolist()
     embed_start = time.perf_counter()
     embedded = mean_pooled_embeddings(params.model.base, texts, params.model.max_length,
-                                      ROOT / params.paths.cache / "embeddings").numpy()
+                                      ROOT / params.paths.embeddings).numpy()
     embed_seconds = time.perf_counter() - embed_start
     embeddings = np.zeros((len(people), embedded.shape[1]), dtype=embedded.dtype)
     embeddings[needed] = embedded

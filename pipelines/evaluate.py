@@ -40,7 +40,7 @@ def main(params: Params) -> int:
     if has_champion:
         probas["champion"] = classifier_probabilities(champion, texts, labels, max_length, "champion (production)")
     probas.update(baseline_probabilities(train_frame(splits, params.train.data), texts, labels, params.model.base,
-                                         max_length, params.paths.cache / "embeddings"))
+                                         max_length, params.paths.embeddings))
 
     evaluated: dict[str, SplitReport] = {}
     samples: dict[BootstrapKey, np.ndarray] = {}

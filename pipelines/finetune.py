@@ -93,16 +93,15 @@ def main(params: Params) -> int:
     splits = read_splits(params)
     base = initial_model(params)
     train, valid = build_training_data(splits, params.ingest.labels, params.train)
-    features = params.paths.cache / "embeddings"  # shared with the shift stage: the frozen encoder's outputs per text
     choice = choose_strategy(base, params.ingest.labels, train, valid, params.train, params.model,
-                             len(splits["target_train"]), read_shift_report(params), params.paths.checkpoints, features,
-                             world=int(os.environ.get("WORLD_SIZE", "1")))
+                             len(splits["target_train"]), read_shift_report(params), params.paths.checkpoints,
+                             params.paths.embeddings, world=int(os.environ.get("WORLD_SIZE", "1")))
     strategy, reason = choice.strategy, choice.reason
     print(f"finetune: {strategy} ({reason}); {len(train.texts)} train rows, {len(valid.texts)} validation rows",
           flush=True)
     # After a race the winner resumes from its checkpoint; otherwise this trains from the start.
     result = choice.trained or finetune(base, params.ingest.labels, train, valid, params.train, params.model, strategy,
-                                        reason, checkpoint_dir=choice.checkpoint_dir, cache_dir=features)
+                                        reason, checkpoint_dir=choice.checkpoint_dir, cache_dir=params.paths.embeddings)
     result.reason = reason
     if int(os.environ.get("RANK", "0")) != 0:
         return 0

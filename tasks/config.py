@@ -46,6 +46,11 @@ class Paths(StrictModel):
     shift_weights: Path = Field(description="Importance weights of source rows (target/source density ratio), for evaluate.")
     shift_plots: Path = Field(description="Folder of the shift stage's PNG plots.")
     cache: Path = Field(description="Cache of embeddings and features, keyed by model and data hashes.")
+
+    @property
+    def embeddings(self) -> Path:
+        """The per-text embedding cache inside `cache` that shift, finetune, evaluate and shift-watch share."""
+        return self.cache / "embeddings"
     reports: Path = Field(description="Folder of the per-stage JSON reports (reports/<stage>.json).")
     metrics: Path = Field(description="Headline metrics of evaluate (DVC metrics: `dvc metrics show/diff`).")
     evaluation: Path = Field(description="Folder of evaluate's bootstrap table, plots and confusion rows.")

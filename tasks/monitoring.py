@@ -126,7 +126,7 @@ def served_performance(params: Params, holdouts: dict[str, pd.DataFrame], served
     texts["served"] = served["text"].astype("str").tolist()
     probas = classifier_probabilities(params.paths.champion, texts, labels, max_length, "production model")
     # Per split, in split order: evaluate embedded the same lists, so these come from the cache.
-    embedded = {name: mean_pooled_embeddings(params.model.base, rows, max_length, params.paths.cache / "embeddings")
+    embedded = {name: mean_pooled_embeddings(params.model.base, rows, max_length, params.paths.embeddings)
                 for name, rows in texts.items()}
     holdout_names = [name for name in texts if name != "served"]
     val_emb = torch.cat([embedded[name] for name in holdout_names])

@@ -659,7 +659,7 @@ def analyse_shift(source: pd.DataFrame, target: pd.DataFrame, params: Params) ->
     source = cap_rows(source.reset_index(drop=True), cfg.max_rows, cfg.seed)
     target = cap_rows(target.reset_index(drop=True), cfg.max_rows, cfg.seed)
     base, max_length = params.model.base, params.model.max_length
-    cache = params.paths.cache / "embeddings"
+    cache = params.paths.embeddings
     tokenizer = load_tokenizer(base)
     source_emb = mean_pooled_embeddings(base, source["text"].astype("str").tolist(), max_length, cache)
     target_emb = mean_pooled_embeddings(base, target["text"].astype("str").tolist(), max_length, cache)
