@@ -21,10 +21,10 @@ from tasks.errors import RegraftError
 from tasks.locking import current_holder, project_lock
 from tasks.packaging import bentoml_environment
 from tasks.registry import (RegistryError, canary_of, check_files, check_promotable, describe_interruption,
-                            empty_record, finish_promotion, install_files, journal_file, locked_record,
+                            empty_record, finish_promotion, install_files, journal_file, mirror_remote_record,
                             pending_promotion, previous_production, promote, read_record, record_canary_window,
                             shadow_of, start_canary, start_shadow, stop_canary, stop_shadow, sync_record, verify_files)
-from tasks.remote import download_archive, model_remote, scratch_folder
+from tasks.remote import CONFLICT_RETRIES, download_archive, model_remote, scratch_folder
 
 
 def stored_model_dir(params: Params, tag: str, remote=None, record: dict | None = None) -> Path:
@@ -255,10 +255,24 @@ def install_champion_from_remote(params: Params) -> str | None:
 
 
 def install_served_models(params: Params, remote, record: dict) -> dict:
-    """On a serving host: make this machine's store hold the record's production model and its shadow candidate
-    (imported from the remote, every file checked against its sha256), then mirror the record, which the service
-    follows. A production model that fails is an error (nothing mirrored); a shadow that fails is only reported in
-    `problem`, so production is served all the same. Returns {"production", "shadow", "problem"}."""
+    """On a serving host: make this machine's store hold the record's production model, its shadow candidate and
+    its canary (imported from the remote, every file checked against its sha256), then mirror the record, which the
+    service follows. A record the remote replaced while its models were installed is not mirrored (it would undo a
+    promotion made meanwhile, on this machine too): the remote's newer one is installed instead. A production model
+    that fails is an error (nothing mirrored); a shadow or canary that fails is only reported in `problem`, so
+    production is served all the same. Returns {"production", "shadow", "canary", "problem"}."""
+    for _ in range(CONFLICT_RETRIES):
+        installed, record = install_record_models(params, remote, record)
+        if mirror_remote_record(params.paths.registry, record, remote):  # only now: the service follows this file
+            return installed
+        record = remote.read_record()[0] or {}
+    raise RegistryError(f"{remote.url}: the registry record changed {CONFLICT_RETRIES} times while its models were "
+                        "installed; try again")
+
+
+def install_record_models(params: Params, remote, record: dict) -> tuple[dict, dict]:
+    """The models `record` serves, in this machine's store and checked: what install_served_models returns, and the
+    record completed with its empty fields."""
     record = {**empty_record(), **record}
     tag = record.get("production")
     if not tag:
@@ -275,8 +289,7 @@ def install_served_models(params: Params, remote, record: dict) -> dict:
             install_checked(params, remote, record, canary["tag"], "not in canary here")
         except RegraftError as exc:
             canary, problem = None, f"the canary is not loaded here (production answers everything): {exc}"
-    mirror_record(params.paths.registry, record)  # only now: the service follows this file
-    return {"production": tag, "shadow": shadow, "canary": canary_route(canary), "problem": problem}
+    return {"production": tag, "shadow": shadow, "canary": canary_route(canary), "problem": problem}, record
 
 
 def readable_canary(record: dict) -> tuple[dict | None, str | None]:
@@ -297,11 +310,6 @@ def install_checked(params: Params, remote, record: dict, tag: str, consequence:
     """A model of the record in this machine's store, its files checked against their recorded sha256."""
     folder = stored_model_dir(params, tag, remote, record)
     check_files(record["models"].get(tag) or {}, folder, tag, consequence)
-
-
-def mirror_record(path: Path, record: dict) -> None:
-    with locked_record(path) as update:
-        update.apply(lambda local: (local.clear(), local.update(record)))
 
 
 def follow_remote(params: Params, remote, served: dict, stop: threading.Event) -> None:

@@ -117,6 +117,18 @@ def locked_record(path: Path, remote=None) -> Iterator[RecordUpdate]:
         write_record(path, update.record)
 
 
+def mirror_remote_record(path: Path, record: dict, remote) -> bool:
+    """Make this machine's copy of the record `record`, read from the remote earlier, but only while the remote
+    still holds it: every writer on this machine writes the remote and then this copy under the same lock, so a
+    record read before such a write is stale and must not overwrite it. Returns whether it was written."""
+    with locked_record(path) as update:
+        current, _ = remote.read_record()
+        if {**empty_record(), **(current or {})} != {**empty_record(), **record}:
+            return False
+        update.apply(lambda local: (local.clear(), local.update(record)))
+    return True
+
+
 def sync_record(path: Path, remote) -> dict:
     """This machine's copy of the record, refreshed from the remote when there is one (and it has a record)."""
     if remote is None:

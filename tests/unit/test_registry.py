@@ -190,6 +190,25 @@ def test_a_promotion_on_one_host_reaches_another_through_a_directory_remote(regi
     assert [e["by"] for e in read_record(record_path)["history"] if e["action"] == "promote"] == ["ana", "bo"]
 
 
+def test_a_serving_host_never_mirrors_a_record_the_remote_has_replaced(registry, tmp_path):
+    """A serving host reads the remote's record, installs its models, then mirrors it; a promotion written meanwhile
+    (on this machine too: trainer and service may share a project) must not be undone by that stale copy."""
+    from tasks.registry import mirror_remote_record
+    from tasks.remote import DirectoryRemote
+
+    record_path, models, champion = registry
+    remote = DirectoryRemote(tmp_path / "shared")
+    promote(record_path, "a", models["a"], champion, "ana", "first", remote=remote)
+    read_by_the_follower, _ = remote.read_record()
+    promote(record_path, "b", models["b"], champion, "ana", "while the follower installs a", remote=remote)
+    before = record_path.read_bytes()
+    assert mirror_remote_record(record_path, read_by_the_follower, remote) is False
+    assert record_path.read_bytes() == before and read_record(record_path)["production"] == "b"
+    host = tmp_path / "host-b" / "registry.json"  # a host with no record of its own mirrors the remote's current one
+    assert mirror_remote_record(host, remote.read_record()[0], remote) is True
+    assert read_record(host) == read_record(record_path)
+
+
 def test_concurrent_writers_of_a_directory_remote_lose_no_update(tmp_path):
     import threading
 
