@@ -539,6 +539,7 @@ def test_promote_then_shift_watch_on_degraded_traffic_starts_retrain_and_feedbac
     assert realized["realized"]["accuracy"] < estimate["validated"]["accuracy"]
 
 
+@NEEDS_CHROMIUM  # the reports and the served texts it checks are those of the browser's run and of shift-watch
 def test_the_state_the_reports_and_the_prediction_log_are_the_owners_alone(ui):
     """Prefect's database (every run's parameters and logs, the key to its secret blocks), the served texts and
     the reports: another local user can read none of them. Checked by mode and, as root, by reading as `nobody`."""
