@@ -114,6 +114,8 @@ def locked_record(path: Path, remote=None) -> Iterator[RecordUpdate]:
                                                  empty=local)
             if update.changes:
                 crash_point("record:remote-written")  # the remote has the change, this machine's copy not yet
+        elif not update.changes:
+            return  # nothing changed: this machine's copy stays as it was, byte for byte
         write_record(path, update.record)
 
 

@@ -205,6 +205,7 @@ def test_a_serving_host_never_mirrors_a_record_the_remote_has_replaced(registry,
     assert mirror_remote_record(record_path, read_by_the_follower, remote) is False
     assert record_path.read_bytes() == before and read_record(record_path)["production"] == "b"
     host = tmp_path / "host-b" / "registry.json"  # a host with no record of its own mirrors the remote's current one
+    assert mirror_remote_record(host, read_by_the_follower, remote) is False and not host.exists()
     assert mirror_remote_record(host, remote.read_record()[0], remote) is True
     assert read_record(host) == read_record(record_path)
 
