@@ -258,11 +258,13 @@ def install_served_models(params: Params, remote, record: dict) -> dict:
     """On a serving host: make this machine's store hold the record's production model, its shadow candidate and
     its canary (imported from the remote, every file checked against its sha256), then mirror the record, which the
     service follows. A record the remote replaced while its models were installed is not mirrored (it would undo a
-    promotion made meanwhile, on this machine too): the remote's newer one is installed instead. A production model
-    that fails is an error (nothing mirrored); a shadow or canary that fails is only reported in `problem`, so
-    production is served all the same. Returns {"production", "shadow", "canary", "problem"}."""
+    promotion made meanwhile, on this machine too): the remote's newer one is installed instead, its models that
+    were checked already not checked again. A production model that fails is an error (nothing mirrored); a shadow
+    or canary that fails is only reported in `problem`, so production is served all the same. Returns
+    {"production", "shadow", "canary", "problem"}."""
+    checked: set[str] = set()
     for _ in range(CONFLICT_RETRIES):
-        installed, record = install_record_models(params, remote, record)
+        installed, record = install_record_models(params, remote, record, checked)
         if mirror_remote_record(params.paths.registry, record, remote):  # only now: the service follows this file
             return installed
         record = remote.read_record()[0] or {}
@@ -270,23 +272,30 @@ def install_served_models(params: Params, remote, record: dict) -> dict:
                         "installed; try again")
 
 
-def install_record_models(params: Params, remote, record: dict) -> tuple[dict, dict]:
-    """The models `record` serves, in this machine's store and checked: what install_served_models returns, and the
-    record completed with its empty fields."""
+def install_record_models(params: Params, remote, record: dict, checked: set[str]) -> tuple[dict, dict]:
+    """The models `record` serves, in this machine's store and checked (each tag not in `checked`, which gains
+    those that pass: a tag's recorded files never change): what install_served_models returns, and the record
+    completed with its empty fields."""
     record = {**empty_record(), **record}
+
+    def install(tag: str, consequence: str) -> None:
+        if tag not in checked:
+            install_checked(params, remote, record, tag, consequence)
+            checked.add(tag)
+
     tag = record.get("production")
     if not tag:
         raise RegistryError(f"{remote.url}: no production model yet; promote one with `regraft promote TAG`")
-    install_checked(params, remote, record, tag, "not served")
+    install(tag, "not served")
     shadow, (canary, problem) = shadow_of(record), readable_canary(record)
     if shadow:
         try:
-            install_checked(params, remote, record, shadow, "not shadowed")
+            install(shadow, "not shadowed")
         except RegraftError as exc:
             shadow, problem = None, f"the shadow candidate is not loaded here: {exc}"
     if canary:
         try:
-            install_checked(params, remote, record, canary["tag"], "not in canary here")
+            install(canary["tag"], "not in canary here")
         except RegraftError as exc:
             canary, problem = None, f"the canary is not loaded here (production answers everything): {exc}"
     return {"production": tag, "shadow": shadow, "canary": canary_route(canary), "problem": problem}, record

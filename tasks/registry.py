@@ -119,13 +119,19 @@ def locked_record(path: Path, remote=None) -> Iterator[RecordUpdate]:
         write_record(path, update.record)
 
 
+def same_record(one: dict | None, other: dict | None) -> bool:
+    return {**empty_record(), **(one or {})} == {**empty_record(), **(other or {})}
+
+
 def mirror_remote_record(path: Path, record: dict, remote) -> bool:
-    """Make this machine's copy of the record `record`, read from the remote earlier, but only while the remote
-    still holds it: every writer on this machine writes the remote and then this copy under the same lock, so a
-    record read before such a write is stale and must not overwrite it. Returns whether it was written."""
+    """Write `record`, read from the remote earlier, as this machine's copy, but only while the remote still holds
+    it: every writer on this machine writes the remote and then this copy under the same lock, so a record read
+    before such a write is stale and must not overwrite it. The lock is this machine's alone (a mirror never writes
+    the remote), and the remote is read while it is held: a network call that a promotion here waits for. The
+    contents are compared, not the remote's version: a sync rewrites the remote's record unchanged, with a new
+    version. Returns whether it was written."""
     with locked_record(path) as update:
-        current, _ = remote.read_record()
-        if {**empty_record(), **(current or {})} != {**empty_record(), **record}:
+        if not same_record(remote.read_record()[0], record):
             return False
         update.apply(lambda local: (local.clear(), local.update(record)))
     return True

@@ -210,6 +210,40 @@ def test_a_serving_host_never_mirrors_a_record_the_remote_has_replaced(registry,
     assert read_record(host) == read_record(record_path)
 
 
+def test_a_serving_host_installs_the_newer_record_when_the_remote_changes_while_it_installs(registry, tmp_path,
+                                                                                            monkeypatch):
+    """install_served_models: a promotion written while the host checks the models of the record it read is not
+    undone; the host installs the newer record (checking only the models it had not checked) and mirrors that. A
+    record that keeps changing is an error after a bounded number of tries, with this machine's copy untouched."""
+    from types import SimpleNamespace
+
+    import tasks.promotion as promotion
+    from tasks.remote import CONFLICT_RETRIES, DirectoryRemote
+
+    record_path, models, champion = registry
+    remote = DirectoryRemote(tmp_path / "shared")
+    promote(record_path, "a", models["a"], champion, "ana", "first", remote=remote)
+    host = tmp_path / "host" / "registry.json"
+    params = SimpleNamespace(paths=SimpleNamespace(registry=host))
+    checked = []
+
+    def check(params, remote_, record, tag, consequence):
+        checked.append(tag)
+        if len(checked) == 1:  # the trainer promotes b while the serving host checks a's files
+            promote(record_path, "b", models["b"], champion, "ana", "meanwhile", remote=remote)
+
+    monkeypatch.setattr(promotion, "install_checked", check)
+    served = promotion.install_served_models(params, remote, remote.read_record()[0])
+    assert served["production"] == "b" and checked == ["a", "b"]
+    assert read_record(host) == read_record(record_path) and read_record(host)["production"] == "b"
+
+    before = host.read_bytes()
+    monkeypatch.setattr(promotion, "mirror_remote_record", lambda *args: False)  # the remote changes every time
+    with pytest.raises(RegistryError, match=f"changed {CONFLICT_RETRIES} times"):
+        promotion.install_served_models(params, remote, remote.read_record()[0])
+    assert host.read_bytes() == before
+
+
 def test_concurrent_writers_of_a_directory_remote_lose_no_update(tmp_path):
     import threading
 
