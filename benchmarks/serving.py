@@ -14,16 +14,20 @@ last one answered) at concurrency 1, 4, 16 and 32.
 - baseline: a minimal single-threaded HTTP endpoint that calls `transformers.pipeline` on each request,
   one request at a time (what a first prototype of a model server looks like).
 
-The physical limit: after both servers stop, the same model in this process (tasks/serving.py's `predict`, the
+The physical limit: before the servers start, the same model in this process (tasks/serving.py's `predict`, the
 service's own code path, no HTTP) classifies the same reviews at batch sizes 1, 4, 16 and 64; its best texts per
-second is the most any service could answer at one text per request on this machine.
+second is the most any service could answer at one text per request on this machine. The ratios that are goals are
+paired: the service at concurrency 16 and the limit at its best batch run in turns (3 windows each of half a level's
+seconds, the service idle while the limit runs), and so do the served precision's limit and fp32's, so each ratio
+compares the same minutes of a machine whose speed drifts.
 
 Prints a table, then one JSON object last with top-level keys speedup_c16 (regraft / baseline
 requests per second at concurrency 16), errors (regraft's failed requests, all levels), limit_fraction
-(regraft's requests per second at concurrency 16 over the limit) and max_speedup_c16 (the limit over the
+(regraft's requests per second at concurrency 16 over the limit, paired; limit_fraction_unpaired: the level's own
+figure over the limit measured first) and max_speedup_c16 (the limit over the
 baseline's requests per second at concurrency 16: the most any service could reach against it here),
 served_precision with served_precision_why (the variant the service chose, and why), variant_speedup (the limit in
-that precision over the fp32 limit, measured in the same run; 1.0 when fp32 serves) and variants (each checked
+that precision over the fp32 limit, paired; 1.0 when fp32 serves) and variants (each checked
 variant's agreement, macro-F1 difference and speed against fp32), client_cpu_share_c16 (the load generator's own CPU
 at concurrency 16, as a share of the machine: it runs beside the server, which could not have that share). With
 `--shadow`: shadow_p99_ratio_c16 (regraft's p99 latency at concurrency 16 with the shadow on over off; goal at most
@@ -45,6 +49,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +62,8 @@ import numpy as np  # noqa: E402
 from tasks.processes import free_port, stop_process_group  # noqa: E402
 
 LABELS = ["negative", "neutral", "positive"]
+# Windows per rate in the paired measurements (limit_fraction, variant_speedup), each of half a level's seconds.
+PAIRED_ROUNDS = 3
 
 BASELINE_SERVER = r'''
 import json, sys
@@ -154,7 +161,7 @@ def closed_loop(url: str, texts: list[str], concurrency: int, seconds: float) ->
     return {"requests": len(latencies), "requests_per_second": round(len(latencies) / wall, 1),
             "p50_ms": round(float(np.percentile(ms, 50)), 1) if len(ms) else None,
             "p99_ms": round(float(np.percentile(ms, 99)), 1) if len(ms) else None, "errors": errors[0],
-            "client_cpu_share": round(client_cpu_share, 3)}
+            "client_cpu_share": round(client_cpu_share, 3), "seconds": round(wall, 2)}
 
 
 def store_models(work: Path, folder: Path, serving: dict) -> dict[str, dict]:
@@ -257,24 +264,49 @@ def checked_variant(folder: Path) -> dict:
     return check_serving_variants(params, folder, ingest(params.ingest).splits["target_holdout"])
 
 
-def in_process_limit(folder: Path, texts: list[str], seconds: float, precision: str = "fp32") -> dict:
-    """Texts per second of the service's predict path in this process, per batch size, and the best of them, with
-    the model in `precision` as the service loads it."""
-    from tasks.config import load_params
-    from tasks.serving import load_model, predict
+class InProcess:
+    """The service's predict path (tasks/serving.py `predict`, no HTTP) in this process, with the model in
+    `precision` as the service loads it: what the limit is measured with."""
 
-    loaded = load_model(folder, "benchmark", load_params(ROOT / "params.yaml").model.max_length, precision)
-    predict(loaded, texts[:16])  # warm-up
-    by_batch = {}
-    for size in (1, 4, 16, 64):
+    def __init__(self, folder: Path, precision: str, texts: list[str]):
+        from tasks.config import load_params
+        from tasks.serving import load_model, predict
+
+        self.predict, self.texts = predict, texts
+        self.loaded = load_model(folder, "benchmark", load_params(ROOT / "params.yaml").model.max_length, precision)
+        predict(self.loaded, texts[:16])  # warm-up
+
+    def window(self, size: int, seconds: float) -> tuple[int, float]:
+        """Texts classified in batches of `size` for `seconds`, and the seconds it took."""
         done, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
-            batch = [texts[(done + i) % len(texts)] for i in range(size)]
-            predict(loaded, batch)
+            self.predict(self.loaded, [self.texts[(done + i) % len(self.texts)] for i in range(size)])
             done += size
-        by_batch[str(size)] = round(done / (time.perf_counter() - start), 1)
+        return done, time.perf_counter() - start
+
+
+def in_process_limit(model: InProcess, seconds: float) -> dict:
+    """Texts per second of the in-process predict path per batch size, and the best of them."""
+    by_batch = {}
+    for size in (1, 4, 16, 64):
+        done, took = model.window(size, seconds)
+        by_batch[str(size)] = round(done / took, 1)
     best = max(by_batch, key=by_batch.get)
     return {"texts_per_second_by_batch": by_batch, "best_batch_size": int(best), "texts_per_second": by_batch[best]}
+
+
+def paired_rates(measures: dict[str, Callable[[float], tuple[int, float]]], seconds: float,
+                 rounds: int = PAIRED_ROUNDS) -> dict[str, float]:
+    """Each measure's rate over `rounds` windows of `seconds`, taken in turns (a, b, a, b, ...): a ratio of two rates
+    then compares the same minutes of this machine. Its speed drifts by a fifth within minutes on the shared
+    2-core machines here, so two rates measured one after the other a minute apart compare different machines."""
+    totals = {name: [0, 0.0] for name in measures}
+    for _ in range(rounds):
+        for name, measure in measures.items():
+            count, took = measure(seconds)
+            totals[name][0] += count
+            totals[name][1] += took
+    return {name: round(count / took, 1) for name, (count, took) in totals.items()}
 
 
 def main() -> None:
@@ -292,10 +324,27 @@ def main() -> None:
     workers = service_workers(args.params)
     results: dict[str, dict] = {name: {} for name in servers}
     responses, shadow_counts = {}, None
+    limit_paired, limit_paired_errors = {}, []
     try:
+        from tasks.serving import serving_precision
+
         folder, described = model_dir(work)
         serving = checked_variant(folder)
         print(f"serving precision: {serving['reason']}", flush=True)
+        served_in, why = serving_precision(serving)  # what the service chose, as it decides
+        # The limit first, while nothing else runs; the model stays loaded for the paired windows below.
+        served_model = InProcess(folder, served_in, texts)
+        limit = in_process_limit(served_model, args.seconds)
+        print(f"limit     in-process {limit['texts_per_second']:8.1f} texts/s at batch {limit['best_batch_size']} "
+              f"({limit['texts_per_second_by_batch']})", flush=True)
+        fp32_model, fp32_limit = served_model, limit
+        if served_in != "fp32":
+            fp32_model = InProcess(folder, "fp32", texts)
+            fp32_limit = in_process_limit(fp32_model, args.seconds)
+        window_seconds = args.seconds / 2
+        variant_paired = paired_rates({
+            served_in: lambda t: served_model.window(limit["best_batch_size"], t),
+            "fp32": lambda t: fp32_model.window(fp32_limit["best_batch_size"], t)}, window_seconds)
         models = store_models(work, folder, serving)
         for name in servers:
             port = free_port()
@@ -317,31 +366,42 @@ def main() -> None:
                     r = results[name][level]
                     print(f"{name:14s} c={level:<3d} {r['requests_per_second']:8.1f} req/s  p50 {r['p50_ms']} ms  "
                           f"p99 {r['p99_ms']} ms  errors {r['errors']}  load generator's CPU {r['client_cpu_share']:.0%}", flush=True)
+                if name == "regraft":
+                    # The service at concurrency 16 and the limit at its best batch, in turns, the service idle
+                    # while the limit runs: the fraction of the same minutes.
+                    def served(seconds: float) -> tuple[int, float]:
+                        r = closed_loop(url, texts, 16, seconds)
+                        limit_paired_errors.append(r["errors"])
+                        return r["requests"], r["seconds"]
+
+                    limit_paired = paired_rates({
+                        "service_c16": served,
+                        "limit": lambda t: served_model.window(limit["best_batch_size"], t)}, window_seconds)
+                    print(f"paired    c=16 {limit_paired['service_c16']:.1f} req/s, limit "
+                          f"{limit_paired['limit']:.1f} texts/s ({PAIRED_ROUNDS} windows of {window_seconds:g} s each, "
+                          f"in turns)", flush=True)
                 if name == "regraft-shadow":
                     time.sleep(2.0)  # what is still queued for the candidate is counted, not waited for
                     shadow_counts = shadow_counts_of_every_worker(port, workers)
             finally:
                 stop_process_group(server, grace_seconds=30)
-        from tasks.serving import serving_precision
-
-        served_in, why = serving_precision(serving)  # what the service chose, as it decides
-        limit = in_process_limit(folder, texts, args.seconds, served_in)
-        fp32_limit = limit if served_in == "fp32" else in_process_limit(folder, texts, args.seconds)
-        print(f"limit     in-process {limit['texts_per_second']:8.1f} texts/s at batch {limit['best_batch_size']} "
-              f"({limit['texts_per_second_by_batch']})", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     base16 = results["baseline"].get(16, {}).get("requests_per_second") or float("nan")
     ours16 = results["regraft"].get(16, {}).get("requests_per_second", float("nan"))
     summary = {
         "speedup_c16": round(ours16 / base16, 2),
-        "limit_fraction": round(ours16 / limit["texts_per_second"], 3),
+        "limit_fraction": round(limit_paired["service_c16"] / limit_paired["limit"], 3),
+        "limit_fraction_unpaired": round(ours16 / limit["texts_per_second"], 3),
+        "limit_paired": {**limit_paired, "rounds": PAIRED_ROUNDS, "window_seconds": args.seconds / 2},
         "max_speedup_c16": round(limit["texts_per_second"] / base16, 2),
         "limit": limit,
         "served_precision": served_in, "served_precision_why": why,
-        "variant_speedup": round(limit["texts_per_second"] / fp32_limit["texts_per_second"], 2),
+        "variant_speedup": round(variant_paired[served_in] / variant_paired["fp32"], 2),
+        "variant_speedup_unpaired": round(limit["texts_per_second"] / fp32_limit["texts_per_second"], 2),
+        "variant_paired": {**variant_paired, "rounds": PAIRED_ROUNDS, "window_seconds": args.seconds / 2},
         "fp32_limit": fp32_limit, "variants": serving["variants"],
-        "errors": sum(r["errors"] for r in results["regraft"].values()),
+        "errors": sum(r["errors"] for r in results["regraft"].values()) + sum(limit_paired_errors),
         "baseline_errors": sum(r["errors"] for r in results["baseline"].values()),
         "p99_ms_c16": results["regraft"].get(16, {}).get("p99_ms"),
         "client_cpu_share_c16": results["regraft"].get(16, {}).get("client_cpu_share"),
