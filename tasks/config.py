@@ -46,11 +46,6 @@ class Paths(StrictModel):
     shift_weights: Path = Field(description="Importance weights of source rows (target/source density ratio), for evaluate.")
     shift_plots: Path = Field(description="Folder of the shift stage's PNG plots.")
     cache: Path = Field(description="Cache of embeddings and features, keyed by model and data hashes.")
-
-    @property
-    def embeddings(self) -> Path:
-        """The per-text embedding cache inside `cache` that shift, finetune, evaluate and shift-watch share."""
-        return self.cache / "embeddings"
     reports: Path = Field(description="Folder of the per-stage JSON reports (reports/<stage>.json).")
     metrics: Path = Field(description="Headline metrics of evaluate (DVC metrics: `dvc metrics show/diff`).")
     evaluation: Path = Field(description="Folder of evaluate's bootstrap table, plots and confusion rows.")
@@ -64,6 +59,15 @@ class Paths(StrictModel):
     checkpoints: Path = Field(description="Finetune's resumable checkpoints (removed when the stage completes).")
     performance_history: Path = Field(description="shift-watch's performance estimates and, once labels arrive "
                                       "(`regraft feedback`), the realized performance (JSON lines).")
+    data_docs: Path = Field(description="Folder of the Great Expectations Data Docs HTML site.")
+    state: Path = Field(description="Working state that is neither data nor report (GX project, run snapshots).")
+    registry: Path = Field(description="The model registry record (stages and history of packaged models), JSON.")
+    bentoml_home: Path = Field(description="BentoML's store of models and Bentos (BENTOML_HOME).")
+
+    @property
+    def embeddings(self) -> Path:
+        """The per-text embedding cache inside `cache` that shift, finetune, evaluate and shift-watch share."""
+        return self.cache / "embeddings"
 
     @model_validator(mode="after")
     def _inside_and_apart(self) -> Paths:
@@ -84,10 +88,6 @@ class Paths(StrictModel):
                     raise ValueError(f"{name} ({path}) overlaps {other} ({guard}): a stage's output must stay apart "
                                      "from the state folder, the registry, the production model and the caches")
         return self
-    data_docs: Path = Field(description="Folder of the Great Expectations Data Docs HTML site.")
-    state: Path = Field(description="Working state that is neither data nor report (GX project, run snapshots).")
-    registry: Path = Field(description="The model registry record (stages and history of packaged models), JSON.")
-    bentoml_home: Path = Field(description="BentoML's store of models and Bentos (BENTOML_HOME).")
 
 
 class Columns(StrictModel):
