@@ -18,11 +18,13 @@ The physical limit: before the servers start, the same model in this process (ta
 service's own code path, no HTTP) classifies the same reviews at batch sizes 1, 4, 16 and 64; its best texts per
 second is the most any service could answer at one text per request on this machine. The ratios that are goals are
 paired: the service at concurrency 16 and the limit at its best batch run in turns (3 windows each of half a level's
-seconds, the service idle while the limit runs), and so do the served precision's limit and fp32's, so each ratio
-compares the same minutes of a machine whose speed drifts.
+seconds, the service idle while the limit runs; the service's requests counted at full concurrency only), and so do
+the served precision's limit and fp32's, so each ratio compares the same minutes of a machine whose speed drifts.
+max_speedup_c16 uses the limit swept first (unpaired).
 
 Prints a table, then one JSON object last with top-level keys speedup_c16 (regraft / baseline
-requests per second at concurrency 16), errors (regraft's failed requests, all levels), limit_fraction
+requests per second at concurrency 16), errors (regraft's failed requests, all levels and paired windows),
+limit_fraction
 (regraft's requests per second at concurrency 16 over the limit, paired; limit_fraction_unpaired: the level's own
 figure over the limit measured first) and max_speedup_c16 (the limit over the
 baseline's requests per second at concurrency 16: the most any service could reach against it here),
@@ -62,8 +64,10 @@ import numpy as np  # noqa: E402
 from tasks.processes import free_port, stop_process_group  # noqa: E402
 
 LABELS = ["negative", "neutral", "positive"]
-# Windows per rate in the paired measurements (limit_fraction, variant_speedup), each of half a level's seconds.
+# Windows per rate in the paired measurements (limit_fraction, variant_speedup), each of half a level's seconds;
+# the service's windows start SETTLE_SECONDS earlier, which are not counted (its clients' first batches).
 PAIRED_ROUNDS = 3
+SETTLE_SECONDS = 0.5
 
 BASELINE_SERVER = r'''
 import json, sys
@@ -121,11 +125,15 @@ def start(command: list[str], env: dict, url: str, log: Path, timeout: float = 2
     return process
 
 
-def closed_loop(url: str, texts: list[str], concurrency: int, seconds: float) -> dict:
-    """`concurrency` clients, each with one request in flight, for `seconds`; latencies of answered requests."""
+def closed_loop(url: str, texts: list[str], concurrency: int, seconds: float, settle: float = 0.0) -> dict:
+    """`concurrency` clients, each with one request in flight, for `seconds`; latencies of answered requests. With
+    `settle`: also the requests answered at full concurrency, after the first `settle` seconds and before the clients
+    stop sending (steady_requests, over steady_seconds): the ramp-up and the drain of the last requests in flight run
+    below it."""
     import httpx
 
     latencies: list[float] = []
+    answered_at: list[float] = []
     errors = [0]
     lock = threading.Lock()
     stop_at = time.perf_counter() + seconds
@@ -143,6 +151,7 @@ def closed_loop(url: str, texts: list[str], concurrency: int, seconds: float) ->
                 with lock:
                     if ok:
                         latencies.append(elapsed)
+                        answered_at.append(started + elapsed)
                     else:
                         errors[0] += 1
                 i += concurrency
@@ -161,7 +170,9 @@ def closed_loop(url: str, texts: list[str], concurrency: int, seconds: float) ->
     return {"requests": len(latencies), "requests_per_second": round(len(latencies) / wall, 1),
             "p50_ms": round(float(np.percentile(ms, 50)), 1) if len(ms) else None,
             "p99_ms": round(float(np.percentile(ms, 99)), 1) if len(ms) else None, "errors": errors[0],
-            "client_cpu_share": round(client_cpu_share, 3), "seconds": round(wall, 2)}
+            "client_cpu_share": round(client_cpu_share, 3),
+            "steady_requests": sum(began + settle <= t <= stop_at for t in answered_at),
+            "steady_seconds": round(stop_at - began - settle, 3)}
 
 
 def store_models(work: Path, folder: Path, serving: dict) -> dict[str, dict]:
@@ -306,7 +317,7 @@ def paired_rates(measures: dict[str, Callable[[float], tuple[int, float]]], seco
             count, took = measure(seconds)
             totals[name][0] += count
             totals[name][1] += took
-    return {name: round(count / took, 1) for name, (count, took) in totals.items()}
+    return {name: count / took for name, (count, took) in totals.items()}
 
 
 def main() -> None:
@@ -342,9 +353,11 @@ def main() -> None:
             fp32_model = InProcess(folder, "fp32", texts)
             fp32_limit = in_process_limit(fp32_model, args.seconds)
         window_seconds = args.seconds / 2
-        variant_paired = paired_rates({
-            served_in: lambda t: served_model.window(limit["best_batch_size"], t),
-            "fp32": lambda t: fp32_model.window(fp32_limit["best_batch_size"], t)}, window_seconds)
+        variant_paired = {"fp32": limit["texts_per_second"]}  # fp32 serves: nothing to compare
+        if served_in != "fp32":
+            variant_paired = paired_rates({
+                served_in: lambda t: served_model.window(limit["best_batch_size"], t),
+                "fp32": lambda t: fp32_model.window(fp32_limit["best_batch_size"], t)}, window_seconds)
         models = store_models(work, folder, serving)
         for name in servers:
             port = free_port()
@@ -370,9 +383,9 @@ def main() -> None:
                     # The service at concurrency 16 and the limit at its best batch, in turns, the service idle
                     # while the limit runs: the fraction of the same minutes.
                     def served(seconds: float) -> tuple[int, float]:
-                        r = closed_loop(url, texts, 16, seconds)
+                        r = closed_loop(url, texts, 16, seconds + SETTLE_SECONDS, settle=SETTLE_SECONDS)
                         limit_paired_errors.append(r["errors"])
-                        return r["requests"], r["seconds"]
+                        return r["steady_requests"], r["steady_seconds"]
 
                     limit_paired = paired_rates({
                         "service_c16": served,
@@ -393,13 +406,15 @@ def main() -> None:
         "speedup_c16": round(ours16 / base16, 2),
         "limit_fraction": round(limit_paired["service_c16"] / limit_paired["limit"], 3),
         "limit_fraction_unpaired": round(ours16 / limit["texts_per_second"], 3),
-        "limit_paired": {**limit_paired, "rounds": PAIRED_ROUNDS, "window_seconds": args.seconds / 2},
+        "limit_paired": {**{k: round(v, 1) for k, v in limit_paired.items()}, "rounds": PAIRED_ROUNDS,
+                         "window_seconds": args.seconds / 2},
         "max_speedup_c16": round(limit["texts_per_second"] / base16, 2),
         "limit": limit,
         "served_precision": served_in, "served_precision_why": why,
         "variant_speedup": round(variant_paired[served_in] / variant_paired["fp32"], 2),
         "variant_speedup_unpaired": round(limit["texts_per_second"] / fp32_limit["texts_per_second"], 2),
-        "variant_paired": {**variant_paired, "rounds": PAIRED_ROUNDS, "window_seconds": args.seconds / 2},
+        "variant_paired": {**{k: round(v, 1) for k, v in variant_paired.items()}, "rounds": PAIRED_ROUNDS,
+                           "window_seconds": args.seconds / 2},
         "fp32_limit": fp32_limit, "variants": serving["variants"],
         "errors": sum(r["errors"] for r in results["regraft"].values()) + sum(limit_paired_errors),
         "baseline_errors": sum(r["errors"] for r in results["baseline"].values()),
