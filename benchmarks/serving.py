@@ -24,10 +24,8 @@ max_speedup_c16 uses the limit swept first (unpaired).
 
 Prints a table, then one JSON object last with top-level keys speedup_c16 (regraft / baseline
 requests per second at concurrency 16), errors (regraft's failed requests, all levels and paired windows),
-limit_fraction
-(regraft's requests per second at concurrency 16 over the limit, paired; limit_fraction_unpaired: the level's own
-figure over the limit measured first) and max_speedup_c16 (the limit over the
-baseline's requests per second at concurrency 16: the most any service could reach against it here),
+limit_fraction (regraft's requests per second at concurrency 16 over the limit, paired; limit_fraction_unpaired: the
+level's own figure over the limit measured first) and max_speedup_c16 (the limit over the baseline's requests per second at concurrency 16: the most any service could reach against it here),
 served_precision with served_precision_why (the variant the service chose, and why), variant_speedup (the limit in
 that precision over the fp32 limit, paired; 1.0 when fp32 serves) and variants (each checked
 variant's agreement, macro-F1 difference and speed against fp32), client_cpu_share_c16 (the load generator's own CPU
@@ -320,6 +318,16 @@ def paired_rates(measures: dict[str, Callable[[float], tuple[int, float]]], seco
     return {name: count / took for name, (count, took) in totals.items()}
 
 
+def at_best_batch(model: InProcess, limit: dict) -> Callable[[float], tuple[int, float]]:
+    """A window of the in-process limit at the batch size where it was fastest."""
+    return lambda seconds: model.window(limit["best_batch_size"], seconds)
+
+
+def paired_summary(rates: dict[str, float], window_seconds: float) -> dict:
+    return {**{name: round(rate, 1) for name, rate in rates.items()}, "rounds": PAIRED_ROUNDS,
+            "window_seconds": window_seconds}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="load per level and server")
@@ -355,9 +363,8 @@ def main() -> None:
         window_seconds = args.seconds / 2
         variant_paired = {"fp32": limit["texts_per_second"]}  # fp32 serves: nothing to compare
         if served_in != "fp32":
-            variant_paired = paired_rates({
-                served_in: lambda t: served_model.window(limit["best_batch_size"], t),
-                "fp32": lambda t: fp32_model.window(fp32_limit["best_batch_size"], t)}, window_seconds)
+            variant_paired = paired_rates({served_in: at_best_batch(served_model, limit),
+                                           "fp32": at_best_batch(fp32_model, fp32_limit)}, window_seconds)
         models = store_models(work, folder, serving)
         for name in servers:
             port = free_port()
@@ -387,9 +394,8 @@ def main() -> None:
                         limit_paired_errors.append(r["errors"])
                         return r["steady_requests"], r["steady_seconds"]
 
-                    limit_paired = paired_rates({
-                        "service_c16": served,
-                        "limit": lambda t: served_model.window(limit["best_batch_size"], t)}, window_seconds)
+                    limit_paired = paired_rates({"service_c16": served, "limit": at_best_batch(served_model, limit)},
+                                                window_seconds)
                     print(f"paired    c=16 {limit_paired['service_c16']:.1f} req/s, limit "
                           f"{limit_paired['limit']:.1f} texts/s ({PAIRED_ROUNDS} windows of {window_seconds:g} s each, "
                           f"in turns)", flush=True)
@@ -406,15 +412,13 @@ def main() -> None:
         "speedup_c16": round(ours16 / base16, 2),
         "limit_fraction": round(limit_paired["service_c16"] / limit_paired["limit"], 3),
         "limit_fraction_unpaired": round(ours16 / limit["texts_per_second"], 3),
-        "limit_paired": {**{k: round(v, 1) for k, v in limit_paired.items()}, "rounds": PAIRED_ROUNDS,
-                         "window_seconds": args.seconds / 2},
+        "limit_paired": paired_summary(limit_paired, window_seconds),
         "max_speedup_c16": round(limit["texts_per_second"] / base16, 2),
         "limit": limit,
         "served_precision": served_in, "served_precision_why": why,
         "variant_speedup": round(variant_paired[served_in] / variant_paired["fp32"], 2),
         "variant_speedup_unpaired": round(limit["texts_per_second"] / fp32_limit["texts_per_second"], 2),
-        "variant_paired": {**{k: round(v, 1) for k, v in variant_paired.items()}, "rounds": PAIRED_ROUNDS,
-                           "window_seconds": args.seconds / 2},
+        "variant_paired": paired_summary(variant_paired, window_seconds),
         "fp32_limit": fp32_limit, "variants": serving["variants"],
         "errors": sum(r["errors"] for r in results["regraft"].values()) + sum(limit_paired_errors),
         "baseline_errors": sum(r["errors"] for r in results["baseline"].values()),
