@@ -5,7 +5,7 @@ else the bundled all-MiniLM-L6-v2 with a fresh three-class head. Both get the sa
 one text per request, from a closed-loop load generator (each client sends its next request when the
 last one answered) at concurrency 1, 4, 16 and 32.
 
-- regraft: `bentoml serve deploy.service:Classifier` (adaptive batching, tokenisation and batching
+- regraft: `bentoml serve deploy.service:Classifier` (tasks/serving.py's Batcher, tokenisation and batching
   from tasks/), serve.workers worker processes (auto: one per core, each on its own core), following a registry record that names the model as production, in the precision the
   package stage's check chose for it (tasks/variants.py: bf16 or int8 only when faithful to fp32 on the demo's
   target holdout and clearly faster here, else fp32), run here on the same model first.

@@ -8,7 +8,8 @@ stay production's. When it names a canary, the canary answers the texts whose ha
 each model predicts the other's texts off the response path (tasks/serving.py answer_with_canary). Every model is
 loaded only when each of its files has the
 sha256 recorded for it; one that fails is refused (the current model keeps serving; at start the service
-stays unhealthy) and the log says which files differ. Settings come from params.yaml (REGRAFT_PARAMS), whose
+stays unhealthy) and the log says which files differ. Each worker batches its own requests (tasks/serving.py Batcher:
+its predict thread takes every request queued the moment the model is free). Settings come from params.yaml (REGRAFT_PARAMS), whose
 relative paths are read from REGRAFT_PROJECT (default: the working directory).
 """
 
@@ -25,12 +26,14 @@ from typing import Annotated
 
 import bentoml
 from bentoml.validators import ContentType
+from starlette.responses import JSONResponse
+
 from tasks.config import Params, load_params, project_root
-from tasks.serving import (CanaryRoute, LoadedModel, ModelHolder, ModelRefused, Prediction, PredictionLog,
-                           RequestRejected, ShadowPredictor, answer_with_canary, check_content_type, files_state,
-                           load_checked_model, parse_predict_request, predict_request_type, recorded_digests,
-                           recorded_serving, served_models, serving_precision, serving_workers, split_groups,
-                           worker_threads)
+from tasks.serving import (Batcher, CanaryRoute, LoadedModel, ModelHolder, ModelRefused, Prediction, PredictionLog,
+                           QueuedTooLong, RequestRejected, ShadowPredictor, answer_with_canary, check_content_type,
+                           files_state, load_checked_model, parse_predict_request, predict_request_type,
+                           recorded_digests, recorded_serving, served_models, serving_precision, serving_workers,
+                           split_groups, worker_threads)
 from tasks.serving import predict as predict_texts
 from tasks.serving import production_tag
 
@@ -195,6 +198,8 @@ class Classifier:
         # The package stage's smoke test logs elsewhere, so its requests do not look like traffic.
         log = os.environ.get("REGRAFT_PREDICTION_LOG") or root / params.serve.prediction_log
         self.log = PredictionLog(Path(log), params.serve.log_texts)
+        # Requests wait in this worker's queue and its one predict thread takes all queued at once (tasks/serving.py).
+        self.batcher = Batcher(self.predict_batch, params.serve.max_batch_size, params.serve.max_latency_ms / 1000)
         self.refused: dict[str, tuple] = {}  # each refused model, and the state of its files then
         self.problems: dict[str, str] = {}  # why the shadow candidate or the canary is not loaded, logged once
         self.switch_to(self.pinned or production_tag(self.registry))
@@ -289,11 +294,17 @@ class Classifier:
             except Exception:  # keep serving the current model; the next check tries again
                 logger.exception("could not switch to the registry's production model")
 
-    @bentoml.api(route="/predict", batchable=True, batch_dim=0, max_batch_size=SETTINGS.serve.max_batch_size,
-                 max_latency_ms=SETTINGS.serve.max_latency_ms)
-    def predict(self, texts: Texts) -> Predictions:
+    @bentoml.api(route="/predict")
+    async def predict(self, texts: Texts) -> Predictions:
         """Label, class probabilities and model version for each text (a text may carry its group values, which
         the prediction log keeps for comparisons per group)."""
+        try:
+            return await self.batcher.submit(texts)
+        except QueuedTooLong as late:  # a response of our own: BentoML hides the message of any 5xx it raises
+            return JSONResponse({"error": str(late)}, status_code=503)
+
+    def predict_batch(self, texts: list) -> list[Prediction]:
+        """The batcher's thread: the texts of every request it took, answered in one pass of the model."""
         loaded, canary = self.holder.current, self.canary.current
         texts, groups = split_groups(texts)
         if canary is not None:  # the canary answers its share; each model predicts the other's texts off the path

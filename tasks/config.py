@@ -364,9 +364,10 @@ class ServeConfig(StrictModel):
                                "sending their body; more get HTTP 429 at once. /healthz is never limited.")
     body_timeout_seconds: float = Field(gt=0, description="A /predict body must arrive within this many seconds "
                                         "(slower: HTTP 408, and its place is freed for other requests).")
-    max_batch_size: int = Field(ge=2, description="Adaptive batching: most texts the model sees in one forward pass.")
-    max_latency_ms: int = Field(ge=1, description="Adaptive batching: longest a request may wait in the queue; "
-                                "BentoML refuses (503) what would wait longer, so a tight value sheds load.")
+    max_batch_size: int = Field(ge=2, description="Batching: most texts the model sees in one forward pass (a worker "
+                                "takes every queued request up to this many texts the moment its model is free).")
+    max_latency_ms: int = Field(ge=1, description="Batching: longest a request may wait in a worker's queue; one that "
+                                "waited longer is refused (503) when the model gets to it, so a tight value sheds load.")
     workers: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         description="Service worker processes. auto: one per CPU core the service may use, each computing on its own "
                     "core (processes answer more than one process's threads: measured 1.7x at 16 clients on 2 cores), "

@@ -323,6 +323,100 @@ class ModelHolder:
             self.unavailable = None
 
 
+class QueuedTooLong(Exception):
+    """A request that waited in a worker's queue longer than serve.max_latency_ms: refused (HTTP 503), not predicted."""
+
+
+@dataclass
+class QueuedRequest:
+    items: list
+    future: object  # an asyncio.Future of the event loop that waits for it
+    loop: object
+    queued_at: float
+
+
+class Batcher:
+    """One worker's /predict requests batched for its one predict thread. The moment the model is free, the thread
+    takes every request queued (whole requests, at most max_batch_size items unless a single request is larger), so
+    a request never waits for a batch to fill and nothing polls: under load each batch is what arrived while the
+    last one computed. (BentoML's adaptive batching, used before, held requests back while a worker's queue was short
+    of a full batch and polled every millisecond: measured 0.80 against 0.85 of the model's in-process limit with
+    that wait removed.) A request that waited longer than `max_latency_seconds` is refused with QueuedTooLong.
+    `predict_batch` maps a list of items to one answer per item; its exception reaches every request of the batch."""
+
+    def __init__(self, predict_batch, max_batch_size: int, max_latency_seconds: float):
+        self.predict_batch, self.max_batch_size, self.max_latency = predict_batch, max_batch_size, max_latency_seconds
+        self._queue: list[QueuedRequest] = []
+        self._ready = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    async def submit(self, items: list) -> list:
+        """The answers to `items`, once a batch holding them has been predicted."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        request = QueuedRequest(items, loop.create_future(), loop, time.monotonic())
+        with self._ready:
+            if self._thread is None:  # started by the first request: no thread at import
+                self._thread = threading.Thread(target=self._run, name="predict", daemon=True)
+                self._thread.start()
+            self._queue.append(request)
+            self._ready.notify()
+        return await request.future
+
+    def _take(self) -> list[QueuedRequest]:
+        """The next batch: queued requests in order, as many as fit max_batch_size items (at least one)."""
+        with self._ready:
+            while not self._queue:
+                self._ready.wait()
+            size = taken = 0
+            for request in self._queue:
+                if taken and size + len(request.items) > self.max_batch_size:
+                    break
+                size, taken = size + len(request.items), taken + 1
+            batch, self._queue = self._queue[:taken], self._queue[taken:]
+        return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = [request for request in self._take() if not request.future.cancelled()]  # gone: not predicted
+            now = time.monotonic()
+            late = [request for request in batch if now - request.queued_at > self.max_latency]
+            for request in late:
+                waited = now - request.queued_at
+                self._settle(request, error=QueuedTooLong(
+                    f"the request waited {waited * 1000:.0f} ms for the model, longer than serve.max_latency_ms "
+                    f"({self.max_latency * 1000:g} ms): the service is overloaded, try again shortly"))
+            batch = [request for request in batch if request not in late]
+            if not batch:
+                continue
+            try:
+                answers = self.predict_batch([item for request in batch for item in request.items])
+            except Exception as error:  # every request of the batch fails; the thread serves the next one
+                logger.exception("prediction failed for a batch of %d requests", len(batch))
+                for request in batch:
+                    self._settle(request, error=error)
+                continue
+            start = 0
+            for request in batch:
+                self._settle(request, answers[start:start + len(request.items)])
+                start += len(request.items)
+
+    @staticmethod
+    def _settle(request: QueuedRequest, answers: list | None = None, error: Exception | None = None) -> None:
+        """Hand the answers (or the error) to the request's event loop; a request cancelled meanwhile is skipped."""
+
+        def settle():
+            if request.future.done():
+                return
+            if error is not None:
+                request.future.set_exception(error)
+            else:
+                request.future.set_result(answers)
+
+        request.loop.call_soon_threadsafe(settle)
+
+
 class PredictionLog:
     """Appends one JSON line per prediction: time, prediction id, text or its sha256 (serve.log_texts), label,
     confidence, probabilities, model version. The file is later read as target data by shift monitoring; the
