@@ -44,7 +44,7 @@ def service_params() -> Params:
     return load_params(os.environ.get("REGRAFT_PARAMS", project_root() / "params.yaml"))
 
 
-# BentoML reads batching options when the class is defined, so the service's settings are read here.
+# BentoML reads the workers, the address and the request type when the class is defined, so the settings are read here.
 SETTINGS = service_params()
 WORKERS = serving_workers(SETTINGS.serve)
 # One per worker process: the service instance swaps models in it, /healthz reads it.

@@ -327,7 +327,7 @@ class QueuedTooLong(Exception):
     """A request that waited in a worker's queue longer than serve.max_latency_ms: refused (HTTP 503), not predicted."""
 
 
-@dataclass
+@dataclass(eq=False)
 class QueuedRequest:
     items: list
     future: object  # an asyncio.Future of the event loop that waits for it
@@ -342,13 +342,15 @@ class Batcher:
     last one computed. (BentoML's adaptive batching, used before, held requests back while a worker's queue was short
     of a full batch and polled every millisecond: measured 0.80 against 0.85 of the model's in-process limit with
     that wait removed.) A request that waited longer than `max_latency_seconds` is refused with QueuedTooLong.
-    `predict_batch` maps a list of items to one answer per item; its exception reaches every request of the batch."""
+    `predict_batch` maps a list of items to one answer per item; its exception reaches every request of the batch,
+    and the thread goes on to the next."""
 
     def __init__(self, predict_batch, max_batch_size: int, max_latency_seconds: float):
         self.predict_batch, self.max_batch_size, self.max_latency = predict_batch, max_batch_size, max_latency_seconds
         self._queue: list[QueuedRequest] = []
         self._ready = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._closed = False
 
     async def submit(self, items: list) -> list:
         """The answers to `items`, once a batch holding them has been predicted."""
@@ -357,17 +359,24 @@ class Batcher:
         loop = asyncio.get_running_loop()
         request = QueuedRequest(items, loop.create_future(), loop, time.monotonic())
         with self._ready:
-            if self._thread is None:  # started by the first request: no thread at import
+            if self._thread is None or not self._thread.is_alive():  # started by the first request: none at import
                 self._thread = threading.Thread(target=self._run, name="predict", daemon=True)
                 self._thread.start()
             self._queue.append(request)
             self._ready.notify()
         return await request.future
 
-    def _take(self) -> list[QueuedRequest]:
-        """The next batch: queued requests in order, as many as fit max_batch_size items (at least one)."""
+    def close(self) -> None:
+        """Stop the thread once the requests queued now are answered."""
         with self._ready:
-            while not self._queue:
+            self._closed = True
+            self._ready.notify()
+
+    def _take(self) -> list[QueuedRequest] | None:
+        """The next batch: queued requests in order, as many as fit max_batch_size items (at least one); None once
+        closed and drained."""
+        with self._ready:
+            while not self._queue and not self._closed:
                 self._ready.wait()
             size = taken = 0
             for request in self._queue:
@@ -375,32 +384,41 @@ class Batcher:
                     break
                 size, taken = size + len(request.items), taken + 1
             batch, self._queue = self._queue[:taken], self._queue[taken:]
-        return batch
+        return batch or None
 
     def _run(self) -> None:
-        while True:
-            batch = [request for request in self._take() if not request.future.cancelled()]  # gone: not predicted
-            now = time.monotonic()
-            late = [request for request in batch if now - request.queued_at > self.max_latency]
-            for request in late:
-                waited = now - request.queued_at
-                self._settle(request, error=QueuedTooLong(
-                    f"the request waited {waited * 1000:.0f} ms for the model, longer than serve.max_latency_ms "
-                    f"({self.max_latency * 1000:g} ms): the service is overloaded, try again shortly"))
-            batch = [request for request in batch if request not in late]
-            if not batch:
-                continue
-            try:
-                answers = self.predict_batch([item for request in batch for item in request.items])
-            except Exception as error:  # every request of the batch fails; the thread serves the next one
-                logger.exception("prediction failed for a batch of %d requests", len(batch))
-                for request in batch:
-                    self._settle(request, error=error)
-                continue
-            start = 0
+        while (batch := self._take()) is not None:
+            now, ready = time.monotonic(), []
             for request in batch:
-                self._settle(request, answers[start:start + len(request.items)])
-                start += len(request.items)
+                if request.future.cancelled():  # its client is gone: not predicted
+                    continue
+                if now - request.queued_at > self.max_latency:
+                    waited = now - request.queued_at
+                    logger.warning("refused a request that waited %.0f ms for the model (serve.max_latency_ms %g)",
+                                   waited * 1000, self.max_latency * 1000)
+                    self._settle(request, error=QueuedTooLong(
+                        f"the request waited {waited * 1000:.0f} ms for the model, longer than serve.max_latency_ms "
+                        f"({self.max_latency * 1000:g} ms): the service is overloaded, try again shortly"))
+                else:
+                    ready.append(request)
+            if ready:
+                self._answer(ready)
+
+    def _answer(self, batch: list[QueuedRequest]) -> None:
+        items = [item for request in batch for item in request.items]
+        try:
+            answers = self.predict_batch(items)
+            if len(answers) != len(items):
+                raise RuntimeError(f"the model gave {len(answers)} answers to {len(items)} texts")
+        except BaseException as error:  # every request of the batch fails; the thread serves the next one
+            logger.exception("prediction failed for a batch of %d requests", len(batch))
+            for request in batch:
+                self._settle(request, error=error if isinstance(error, Exception) else RuntimeError(repr(error)))
+            return
+        start = 0
+        for request in batch:
+            self._settle(request, answers[start:start + len(request.items)])
+            start += len(request.items)
 
     @staticmethod
     def _settle(request: QueuedRequest, answers: list | None = None, error: Exception | None = None) -> None:
@@ -414,7 +432,10 @@ class Batcher:
             else:
                 request.future.set_result(answers)
 
-        request.loop.call_soon_threadsafe(settle)
+        try:
+            request.loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # its event loop has closed (the worker is stopping): nobody waits for the answer
+            pass
 
 
 class PredictionLog:

@@ -419,32 +419,40 @@ def test_the_batcher_takes_every_queued_request_at_once_answers_each_its_own_and
 
     from tasks.serving import Batcher, QueuedTooLong
 
-    batches, release = [], threading.Event()
+    batches, started, release = [], threading.Event(), threading.Event()
 
     def predict_batch(items):
         batches.append(list(items))
-        if items == ["first"]:
-            release.wait(5)  # the model is busy with the first request while the others queue
+        if items == ["first"]:  # the model is busy with the first request while the others queue
+            started.set()
+            release.wait(10)
         if "bad" in items:
             raise ValueError("the model failed")
+        if "short" in items:
+            return []
         return [item.upper() for item in items]
 
     async def scenario():
         batcher = Batcher(predict_batch, max_batch_size=4, max_latency_seconds=60)
-        first = asyncio.ensure_future(batcher.submit(["first"]))
-        await asyncio.sleep(0.2)
-        queued = [asyncio.ensure_future(batcher.submit(items)) for items in (["a", "b"], ["c"], ["d", "e"], ["f"])]
-        await asyncio.sleep(0.2)
-        release.set()
-        answers = [await first] + [await request for request in queued]
-        failed = await asyncio.gather(batcher.submit(["bad"]), return_exceptions=True)
-        batcher.max_latency = 0.0  # from now on every request has waited too long when the model gets to it
-        late = await asyncio.gather(batcher.submit(["late"]), return_exceptions=True)
-        return answers, failed[0], late[0]
+        try:
+            first = asyncio.ensure_future(batcher.submit(["first"]))
+            await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+            queued = [asyncio.ensure_future(batcher.submit(items)) for items in (["a", "b"], ["c"], ["d", "e"], ["f"])]
+            await asyncio.sleep(0)  # each submit queues its request
+            release.set()
+            answers = await asyncio.wait_for(asyncio.gather(first, *queued), 10)
+            failed = [(await asyncio.wait_for(asyncio.gather(batcher.submit(items), return_exceptions=True), 10))[0]
+                      for items in (["bad"], ["short"])]  # one at a time: each its own batch
+            batcher.max_latency = -1.0  # from now on every request has waited too long when the model gets to it
+            late = await asyncio.wait_for(asyncio.gather(batcher.submit(["late"]), return_exceptions=True), 10)
+            return answers, failed, late[0]
+        finally:
+            batcher.close()
 
-    answers, failed, late = asyncio.run(scenario())
+    answers, (failed, short), late = asyncio.run(scenario())
     assert answers == [["FIRST"], ["A", "B"], ["C"], ["D", "E"], ["F"]]
     # The four queued requests: as many whole requests as fit 4 texts, then the rest; none waited for a batch to fill.
     assert batches[:3] == [["first"], ["a", "b", "c"], ["d", "e", "f"]]
-    assert isinstance(failed, ValueError) and batches[3] == ["bad"]  # and the thread went on to the next request
+    assert isinstance(failed, ValueError)  # and the thread went on to the next request
+    assert "gave 0 answers to 1 texts" in str(short)
     assert isinstance(late, QueuedTooLong) and "serve.max_latency_ms" in str(late) and ["late"] not in batches
