@@ -15,17 +15,23 @@ last one answered) at concurrency 1, 4, 16 and 32.
   one request at a time (what a first prototype of a model server looks like).
 
 The physical limit: before the servers start, the same model in this process (tasks/serving.py's `predict`, the
-service's own code path, no HTTP) classifies the same reviews at batch sizes 1, 4, 16 and 64; its best texts per
-second is the most any service could answer at one text per request on this machine. The ratios that are goals are
-paired: the service at concurrency 16 and the limit at its best batch run in turns (3 windows each of half a level's
-seconds, the service idle while the limit runs; the service's requests counted at full concurrency only), and so do
-the served precision's limit and fp32's, so each ratio compares the same minutes of a machine whose speed drifts.
-max_speedup_c16 uses the limit swept first (unpaired).
+service's own code path, no HTTP) classifies the same reviews at batch sizes 1, 4, 16 and 64, and so do as many
+processes as the service has workers, each on a worker's share of the cores, all at once (the service's own shape:
+two single-thread processes classify more than one process on two cores), at 1, 4, 16/workers and 64 texts each.
+The goal's limit is the fastest of these with no more texts in flight than 16 clients send (one process at batch 16
+or less; two processes at 8 each or less): the most any service could answer to 16 closed-loop clients sending one
+text per request on this machine. The ratios that are goals are paired: the service at concurrency 16 and that limit
+run in turns (3 windows each of half a level's seconds, the service idle while the limit runs; the service's requests
+counted at full concurrency only), and so do the served precision's limit and fp32's (one process, best batch), so
+each ratio compares the same minutes of a machine whose speed drifts.
 
 Prints a table, then one JSON object last with top-level keys speedup_c16 (regraft / baseline
 requests per second at concurrency 16), errors (regraft's failed requests, all levels and paired windows),
 limit_fraction (regraft's requests per second at concurrency 16 over the limit, paired; limit_fraction_unpaired: the
-level's own figure over the limit measured first) and max_speedup_c16 (the limit over the baseline's requests per second at concurrency 16: the most any service could reach against it here),
+level's own figure over the limit swept first; limit_c16: the shape and batch size that set it; limit_fraction_any_batch:
+the level's figure over the best of every sweep, batch 64 included, which 16 clients cannot fill;
+limit_in_service_shape: the service-shaped sweep) and max_speedup_c16 (the limit over the baseline's requests per
+second at concurrency 16: the most any service could reach against it here),
 served_precision with served_precision_why (the variant the service chose, and why), variant_speedup (the limit in
 that precision over the fp32 limit, paired; 1.0 when fp32 serves) and variants (each checked
 variant's agreement, macro-F1 difference and speed against fp32), client_cpu_share_c16 (the load generator's own CPU
@@ -66,6 +72,8 @@ LABELS = ["negative", "neutral", "positive"]
 # the service's windows start SETTLE_SECONDS earlier, which are not counted (its clients' first batches).
 PAIRED_ROUNDS = 3
 SETTLE_SECONDS = 0.5
+# The concurrency the goal (limit_fraction) is stated at.
+GOAL_CONCURRENCY = 16
 
 BASELINE_SERVER = r'''
 import json, sys
@@ -273,6 +281,28 @@ def checked_variant(folder: Path) -> dict:
     return check_serving_variants(params, folder, ingest(params.ingest).splits["target_holdout"])
 
 
+# One process of the service's shape for the limit: the service's predict path on `threads` torch threads, which
+# classifies batches when told on stdin ("SIZE SECONDS") and answers "TEXTS SECONDS" on stdout.
+LIMIT_WORKER = r'''
+import json, sys, time
+from pathlib import Path
+root, folder, precision, threads, texts_file, max_length = sys.argv[1:7]
+sys.path.insert(0, root)
+from tasks.serving import load_model, predict
+loaded = load_model(Path(folder), "benchmark", int(max_length), precision, int(threads))
+texts = json.loads(Path(texts_file).read_text())
+predict(loaded, texts[:16])  # warm-up
+print("ready", flush=True)
+for line in sys.stdin:
+    size, seconds = int(line.split()[0]), float(line.split()[1])
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        predict(loaded, [texts[(done + i) % len(texts)] for i in range(size)])
+        done += size
+    print(done, time.perf_counter() - start, flush=True)
+'''
+
+
 class InProcess:
     """The service's predict path (tasks/serving.py `predict`, no HTTP) in this process, with the model in
     `precision` as the service loads it: what the limit is measured with."""
@@ -294,14 +324,58 @@ class InProcess:
         return done, time.perf_counter() - start
 
 
-def in_process_limit(model: InProcess, seconds: float) -> dict:
+class WorkerProcesses:
+    """The limit in the service's own shape: one process per service worker, each on that worker's share of the
+    cores (tasks/serving.py worker_threads), all classifying at once. Two single-thread processes classify more than
+    one process on both cores (Python's own work between batches runs beside the other's matrix work), so the
+    one-process figure alone is not an upper bound for a service of several workers."""
+
+    def __init__(self, folder: Path, precision: str, texts: list[str], workers: int, work: Path):
+        from tasks.config import load_params
+        from tasks.serving import worker_threads
+
+        texts_file = work / "limit-texts.json"
+        texts_file.write_text(json.dumps(texts))
+        arguments = [str(ROOT), str(folder), precision, str(worker_threads(workers)), str(texts_file),
+                     str(load_params(ROOT / "params.yaml").model.max_length)]
+        self.processes = [subprocess.Popen([sys.executable, "-c", LIMIT_WORKER, *arguments], stdin=subprocess.PIPE,
+                                           stdout=subprocess.PIPE, text=True) for _ in range(workers)]
+        for process in self.processes:
+            if process.stdout.readline().strip() != "ready":
+                self.close()
+                raise SystemExit("a limit worker process did not start (its error is above)")
+
+    def window(self, size: int, seconds: float) -> tuple[int, float]:
+        """Texts all processes classified in batches of `size` for `seconds` at once, and the seconds it took."""
+        for process in self.processes:
+            process.stdin.write(f"{size} {seconds}\n")
+            process.stdin.flush()
+        answers = [process.stdout.readline().split() for process in self.processes]
+        return sum(int(done) for done, _ in answers), max(float(took) for _, took in answers)
+
+    def close(self) -> None:
+        for process in self.processes:
+            process.kill()
+            process.wait()
+
+
+def in_process_limit(model: InProcess | WorkerProcesses, seconds: float, sizes=(1, 4, 16, 64)) -> dict:
     """Texts per second of the in-process predict path per batch size, and the best of them."""
     by_batch = {}
-    for size in (1, 4, 16, 64):
+    for size in sizes:
         done, took = model.window(size, seconds)
         by_batch[str(size)] = round(done / took, 1)
     best = max(by_batch, key=by_batch.get)
     return {"texts_per_second_by_batch": by_batch, "best_batch_size": int(best), "texts_per_second": by_batch[best]}
+
+
+def limit_with_texts_in_flight(sweeps: dict[str, tuple[object, dict, int]], in_flight: int) -> tuple[str, int, float]:
+    """The fastest shape and batch size when at most `in_flight` texts are in the system (closed-loop clients at that
+    concurrency, one text per request): each shape (name -> model, its sweep, its processes) batches at most
+    in_flight / processes texts per process. Shape, batch size, texts per second."""
+    options = [(name, int(size), rate) for name, (_, sweep, processes) in sweeps.items()
+               for size, rate in sweep["texts_per_second_by_batch"].items() if int(size) * processes <= in_flight]
+    return max(options, key=lambda option: option[2])
 
 
 def paired_rates(measures: dict[str, Callable[[float], tuple[int, float]]], seconds: float,
@@ -318,7 +392,7 @@ def paired_rates(measures: dict[str, Callable[[float], tuple[int, float]]], seco
     return {name: count / took for name, (count, took) in totals.items()}
 
 
-def at_best_batch(model: InProcess, limit: dict) -> Callable[[float], tuple[int, float]]:
+def at_best_batch(model: InProcess | WorkerProcesses, limit: dict) -> Callable[[float], tuple[int, float]]:
     """A window of the in-process limit at the batch size where it was fastest."""
     return lambda seconds: model.window(limit["best_batch_size"], seconds)
 
@@ -344,6 +418,7 @@ def main() -> None:
     results: dict[str, dict] = {name: {} for name in servers}
     responses, shadow_counts = {}, None
     limit_paired, limit_paired_errors = {}, []
+    worker_model = None
     try:
         from tasks.serving import serving_precision
 
@@ -356,6 +431,20 @@ def main() -> None:
         limit = in_process_limit(served_model, args.seconds)
         print(f"limit     in-process {limit['texts_per_second']:8.1f} texts/s at batch {limit['best_batch_size']} "
               f"({limit['texts_per_second_by_batch']})", flush=True)
+        # The same in the service's shape: one process per worker, each on its share of the cores, at once.
+        sweeps = {"one process": (served_model, limit, 1)}
+        if workers > 1:
+            worker_model = WorkerProcesses(folder, served_in, texts, workers, work)
+            worker_sizes = sorted({1, 4, GOAL_CONCURRENCY // workers, 64})
+            sweeps[f"{workers} processes"] = (worker_model, in_process_limit(worker_model, args.seconds, worker_sizes),
+                                              workers)
+            shaped = sweeps[f"{workers} processes"][1]
+            print(f"limit     {workers} processes {shaped['texts_per_second']:6.1f} texts/s at batch "
+                  f"{shaped['best_batch_size']} each ({shaped['texts_per_second_by_batch']})", flush=True)
+        # What the goal holds the service to: the fastest shape with no more texts in flight than its clients send.
+        limit_shape, limit_batch, limit_c16 = limit_with_texts_in_flight(sweeps, GOAL_CONCURRENCY)
+        print(f"limit     with {GOAL_CONCURRENCY} texts in flight: {limit_c16:.1f} texts/s, {limit_shape} at batch "
+              f"{limit_batch}", flush=True)
         fp32_model, fp32_limit = served_model, limit
         if served_in != "fp32":
             fp32_model = InProcess(folder, "fp32", texts)
@@ -394,10 +483,12 @@ def main() -> None:
                         limit_paired_errors.append(r["errors"])
                         return r["steady_requests"], r["steady_seconds"]
 
-                    limit_paired = paired_rates({"service_c16": served, "limit": at_best_batch(served_model, limit)},
-                                                window_seconds)
+                    limit_model = sweeps[limit_shape][0]
+                    limit_paired = paired_rates({
+                        "service_c16": served,
+                        "limit": lambda seconds: limit_model.window(limit_batch, seconds)}, window_seconds)
                     print(f"paired    c=16 {limit_paired['service_c16']:.1f} req/s, limit "
-                          f"{limit_paired['limit']:.1f} texts/s ({PAIRED_ROUNDS} windows of {window_seconds:g} s each, "
+                          f"{limit_paired['limit']:.1f} texts/s in {limit_shape} ({PAIRED_ROUNDS} windows of {window_seconds:g} s each, "
                           f"in turns)", flush=True)
                 if name == "regraft-shadow":
                     time.sleep(2.0)  # what is still queued for the candidate is counted, not waited for
@@ -405,15 +496,20 @@ def main() -> None:
             finally:
                 stop_process_group(server, grace_seconds=30)
     finally:
+        if worker_model is not None:
+            worker_model.close()
         shutil.rmtree(work, ignore_errors=True)
     base16 = results["baseline"].get(16, {}).get("requests_per_second") or float("nan")
     ours16 = results["regraft"].get(16, {}).get("requests_per_second", float("nan"))
     summary = {
         "speedup_c16": round(ours16 / base16, 2),
         "limit_fraction": round(limit_paired["service_c16"] / limit_paired["limit"], 3),
-        "limit_fraction_unpaired": round(ours16 / limit["texts_per_second"], 3),
+        "limit_fraction_unpaired": round(ours16 / limit_c16, 3),
+        "limit_c16": {"shape": limit_shape, "batch_size": limit_batch, "texts_per_second": limit_c16},
+        "limit_fraction_any_batch": round(ours16 / max(sweep["texts_per_second"] for _, sweep, _ in sweeps.values()), 3),
+        "limit_in_service_shape": sweeps.get(f"{workers} processes", (None, None))[1],
         "limit_paired": paired_summary(limit_paired, window_seconds),
-        "max_speedup_c16": round(limit["texts_per_second"] / base16, 2),
+        "max_speedup_c16": round(limit_c16 / base16, 2),
         "limit": limit,
         "served_precision": served_in, "served_precision_why": why,
         "variant_speedup": round(variant_paired[served_in] / variant_paired["fp32"], 2),
