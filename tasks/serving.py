@@ -336,14 +336,16 @@ class QueuedRequest:
 
 
 class Batcher:
-    """One worker's /predict requests batched for its one predict thread. The moment the model is free, the thread
-    takes every request queued (whole requests, at most max_batch_size items unless a single request is larger), so
-    a request never waits for a batch to fill and nothing polls: under load each batch is what arrived while the
-    last one computed. (BentoML's adaptive batching, used before, held requests back while a worker's queue was short
+    """One worker's /predict requests batched for its one predict thread. When the model is free, the thread takes
+    every request queued (whole requests, at most max_batch_size items unless a single request is larger), after
+    waiting at most a quarter of the last batch's time for that batch's clients to come back; nothing polls, and a
+    request never waits for a full batch: under load each batch is what arrived while the last one computed. (BentoML's adaptive batching, used before, held requests back while a worker's queue was short
     of a full batch and polled every millisecond: measured 0.80 against 0.85 of the model's in-process limit with
     that wait removed.) A request that waited longer than `max_latency_seconds` is refused with QueuedTooLong.
     `predict_batch` maps a list of items to one answer per item; its exception reaches every request of the batch,
     and the thread goes on to the next."""
+
+    GATHER_FRACTION = 0.25
 
     def __init__(self, predict_batch, max_batch_size: int, max_latency_seconds: float):
         self.predict_batch, self.max_batch_size, self.max_latency = predict_batch, max_batch_size, max_latency_seconds
@@ -351,6 +353,7 @@ class Batcher:
         self._ready = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._last_size, self._last_seconds = 0, 0.0  # the last batch's texts and the seconds it took
 
     async def submit(self, items: list) -> list:
         """The answers to `items`, once a batch holding them has been predicted."""
@@ -378,6 +381,16 @@ class Batcher:
         with self._ready:
             while not self._queue and not self._closed:
                 self._ready.wait()
+            # The clients the last batch answered are on their way back: wait a moment for them, so one batch is not
+            # split into a small one and a large one (without it, batches of 1 and 7 alternated at 8 clients a
+            # worker, each pass paying its fixed cost, and the event loop's work for the 7 competing with the pass of
+            # 1). Only until the last batch's size is queued again, and at most GATHER_FRACTION of that batch's time:
+            # a request alone at low load is never held. Measured at 16 clients on 2 cores: 73.4, 76.4, 78.1 req/s
+            # against 68.1, 66.7, 76.7 without, in alternation.
+            deadline = time.monotonic() + self.GATHER_FRACTION * self._last_seconds
+            while (sum(len(request.items) for request in self._queue) < min(self._last_size, self.max_batch_size)
+                   and not self._closed and (remaining := deadline - time.monotonic()) > 0):
+                self._ready.wait(remaining)
             size = taken = 0
             for request in self._queue:
                 if taken and size + len(request.items) > self.max_batch_size:
@@ -406,8 +419,10 @@ class Batcher:
 
     def _answer(self, batch: list[QueuedRequest]) -> None:
         items = [item for request in batch for item in request.items]
+        started = time.monotonic()
         try:
             answers = self.predict_batch(items)
+            self._last_size, self._last_seconds = len(items), time.monotonic() - started
             if len(answers) != len(items):
                 raise RuntimeError(f"the model gave {len(answers)} answers to {len(items)} texts")
         except BaseException as error:  # every request of the batch fails; the thread serves the next one
