@@ -19,8 +19,10 @@ service's own code path, no HTTP) classifies the same reviews at batch sizes 1, 
 processes as the service has workers, each on a worker's share of the cores, all at once (the service's own shape:
 two single-thread processes classify more than one process on two cores), at 1, 4, 16/workers and 64 texts each.
 The goal's limit is the fastest of these with no more texts in flight than 16 clients send (one process at batch 16
-or less; two processes at 8 each or less): the most any service could answer to 16 closed-loop clients sending one
-text per request on this machine. The ratios that are goals are paired: the service at concurrency 16 and that limit
+or less; two processes at 8 each or less): the fastest measured way to answer 16 closed-loop clients sending one text
+per request on this machine, without HTTP. (Up to stop 48 the limit was one process at its best batch, whatever the
+batch: limit_fraction and max_speedup_c16 from before then are not comparable with these; `limit` is still that
+one-process sweep.) The ratios that are goals are paired: the service at concurrency 16 and that limit
 run in turns (3 windows each of half a level's seconds, the service idle while the limit runs; the service's requests
 counted at full concurrency only), and so do the served precision's limit and fp32's (one process, best batch), so
 each ratio compares the same minutes of a machine whose speed drifts.
@@ -28,9 +30,9 @@ each ratio compares the same minutes of a machine whose speed drifts.
 Prints a table, then one JSON object last with top-level keys speedup_c16 (regraft / baseline
 requests per second at concurrency 16), errors (regraft's failed requests, all levels and paired windows),
 limit_fraction (regraft's requests per second at concurrency 16 over the limit, paired; limit_fraction_unpaired: the
-level's own figure over the limit swept first; limit_c16: the shape and batch size that set it; limit_fraction_any_batch:
-the level's figure over the best of every sweep, batch 64 included, which 16 clients cannot fill;
-limit_in_service_shape: the service-shaped sweep) and max_speedup_c16 (the limit over the baseline's requests per
+level's own figure over the limit swept first; limit_c16: the shape and batch size that set it;
+limit_fraction_any_batch: the level's figure over the best of every sweep, batch 64 included, which 16 clients
+cannot fill; limit_in_service_shape: the service-shaped sweep) and max_speedup_c16 (the limit over the baseline's requests per
 second at concurrency 16: the most any service could reach against it here),
 served_precision with served_precision_why (the variant the service chose, and why), variant_speedup (the limit in
 that precision over the fp32 limit, paired; 1.0 when fp32 serves) and variants (each checked
@@ -281,86 +283,99 @@ def checked_variant(folder: Path) -> dict:
     return check_serving_variants(params, folder, ingest(params.ingest).splits["target_holdout"])
 
 
-# One process of the service's shape for the limit: the service's predict path on `threads` torch threads, which
-# classifies batches when told on stdin ("SIZE SECONDS") and answers "TEXTS SECONDS" on stdout.
-LIMIT_WORKER = r'''
-import json, sys, time
-from pathlib import Path
-root, folder, precision, threads, texts_file, max_length = sys.argv[1:7]
-sys.path.insert(0, root)
-from tasks.serving import load_model, predict
-loaded = load_model(Path(folder), "benchmark", int(max_length), precision, int(threads))
-texts = json.loads(Path(texts_file).read_text())
-predict(loaded, texts[:16])  # warm-up
-print("ready", flush=True)
-for line in sys.stdin:
-    size, seconds = int(line.split()[0]), float(line.split()[1])
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        predict(loaded, [texts[(done + i) % len(texts)] for i in range(size)])
-        done += size
-    print(done, time.perf_counter() - start, flush=True)
-'''
-
-
 class InProcess:
     """The service's predict path (tasks/serving.py `predict`, no HTTP) in this process, with the model in
-    `precision` as the service loads it: what the limit is measured with."""
+    `precision` as the service loads it, on `threads` torch threads (0: all cores): what the limit is measured with.
+    Its windows go through the texts from `offset` on."""
 
-    def __init__(self, folder: Path, precision: str, texts: list[str]):
+    def __init__(self, folder: Path, precision: str, texts: list[str], threads: int = 0, offset: int = 0):
         from tasks.config import load_params
         from tasks.serving import load_model, predict
 
-        self.predict, self.texts = predict, texts
-        self.loaded = load_model(folder, "benchmark", load_params(ROOT / "params.yaml").model.max_length, precision)
+        self.predict, self.texts, self.offset = predict, texts, offset
+        self.loaded = load_model(folder, "benchmark", load_params(ROOT / "params.yaml").model.max_length, precision,
+                                 threads)
         predict(self.loaded, texts[:16])  # warm-up
 
     def window(self, size: int, seconds: float) -> tuple[int, float]:
         """Texts classified in batches of `size` for `seconds`, and the seconds it took."""
         done, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
-            self.predict(self.loaded, [self.texts[(done + i) % len(self.texts)] for i in range(size)])
+            self.predict(self.loaded, [self.texts[(self.offset + done + i) % len(self.texts)] for i in range(size)])
             done += size
         return done, time.perf_counter() - start
 
 
-class WorkerProcesses:
-    """The limit in the service's own shape: one process per service worker, each on that worker's share of the
-    cores (tasks/serving.py worker_threads), all classifying at once. Two single-thread processes classify more than
-    one process on both cores (Python's own work between batches runs beside the other's matrix work), so the
-    one-process figure alone is not an upper bound for a service of several workers."""
+def limit_worker(connection, folder: Path, precision: str, texts: list[str], threads: int, offset: int) -> None:
+    """One process of the service's shape (WorkerProcesses): classifies a window when asked (size, seconds), answers
+    (texts, seconds); None ends it."""
+    model = InProcess(folder, precision, texts, threads, offset)
+    connection.send("ready")
+    while (asked := connection.recv()) is not None:
+        connection.send(model.window(*asked))
 
-    def __init__(self, folder: Path, precision: str, texts: list[str], workers: int, work: Path):
-        from tasks.config import load_params
+
+class WorkerProcesses:
+    """The limit in the service's own shape: one process per service worker, each with that worker's torch threads
+    (tasks/serving.py worker_threads; nothing pins them to cores, as nothing pins the service's), all classifying at
+    once, each from its own place in the texts. Two single-thread processes classify more than one process on two
+    cores (Python's own work between batches runs beside the other's matrix work), so the one-process figure alone is
+    not an upper bound for a service of several workers."""
+
+    def __init__(self, folder: Path, precision: str, texts: list[str], workers: int):
+        import multiprocessing
+
         from tasks.serving import worker_threads
 
-        texts_file = work / "limit-texts.json"
-        texts_file.write_text(json.dumps(texts))
-        arguments = [str(ROOT), str(folder), precision, str(worker_threads(workers)), str(texts_file),
-                     str(load_params(ROOT / "params.yaml").model.max_length)]
-        self.processes = [subprocess.Popen([sys.executable, "-c", LIMIT_WORKER, *arguments], stdin=subprocess.PIPE,
-                                           stdout=subprocess.PIPE, text=True) for _ in range(workers)]
-        for process in self.processes:
-            if process.stdout.readline().strip() != "ready":
-                self.close()
-                raise SystemExit("a limit worker process did not start (its error is above)")
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter each, as a service worker is
+        self.processes, self.connections = [], []
+        try:
+            for k in range(workers):
+                mine, theirs = context.Pipe()
+                process = context.Process(target=limit_worker, daemon=True, args=(
+                    theirs, folder, precision, texts, worker_threads(workers), k * len(texts) // workers))
+                process.start()
+                self.processes.append(process)
+                self.connections.append(mine)
+            for connection in self.connections:
+                self.receive(connection, 300)
+        except BaseException:
+            self.close()
+            raise
+
+    def receive(self, connection, seconds: float):
+        """A limit process's next answer; SystemExit when it died or went silent (its error is above)."""
+        try:
+            if connection.poll(seconds):
+                return connection.recv()
+        except EOFError:
+            pass
+        raise SystemExit("a limit process stopped answering (its error, if any, is above)")
 
     def window(self, size: int, seconds: float) -> tuple[int, float]:
-        """Texts all processes classified in batches of `size` for `seconds` at once, and the seconds it took."""
-        for process in self.processes:
-            process.stdin.write(f"{size} {seconds}\n")
-            process.stdin.flush()
-        answers = [process.stdout.readline().split() for process in self.processes]
-        return sum(int(done) for done, _ in answers), max(float(took) for _, took in answers)
+        """Texts all processes classified in batches of `size` for `seconds` at once, and the seconds that is at the
+        processes' combined rate."""
+        for connection in self.connections:
+            connection.send((size, seconds))
+        answers = [self.receive(connection, seconds + 120) for connection in self.connections]
+        rate = sum(done / took for done, took in answers)
+        return sum(done for done, _ in answers), sum(done for done, _ in answers) / rate
 
     def close(self) -> None:
+        for connection in self.connections:
+            try:
+                connection.send(None)
+            except OSError:
+                pass
         for process in self.processes:
-            process.kill()
-            process.wait()
+            process.join(10)
+            if process.is_alive():
+                process.kill()
 
 
 def in_process_limit(model: InProcess | WorkerProcesses, seconds: float, sizes=(1, 4, 16, 64)) -> dict:
-    """Texts per second of the in-process predict path per batch size, and the best of them."""
+    """Texts per second of the predict path without HTTP (one process or the service's shape) per batch size, and the
+    best of them."""
     by_batch = {}
     for size in sizes:
         done, took = model.window(size, seconds)
@@ -434,8 +449,8 @@ def main() -> None:
         # The same in the service's shape: one process per worker, each on its share of the cores, at once.
         sweeps = {"one process": (served_model, limit, 1)}
         if workers > 1:
-            worker_model = WorkerProcesses(folder, served_in, texts, workers, work)
-            worker_sizes = sorted({1, 4, GOAL_CONCURRENCY // workers, 64})
+            worker_model = WorkerProcesses(folder, served_in, texts, workers)
+            worker_sizes = sorted({1, 4, max(1, GOAL_CONCURRENCY // workers), 64})
             sweeps[f"{workers} processes"] = (worker_model, in_process_limit(worker_model, args.seconds, worker_sizes),
                                               workers)
             shaped = sweeps[f"{workers} processes"][1]
@@ -476,10 +491,10 @@ def main() -> None:
                     print(f"{name:14s} c={level:<3d} {r['requests_per_second']:8.1f} req/s  p50 {r['p50_ms']} ms  "
                           f"p99 {r['p99_ms']} ms  errors {r['errors']}  load generator's CPU {r['client_cpu_share']:.0%}", flush=True)
                 if name == "regraft":
-                    # The service at concurrency 16 and the limit at its best batch, in turns, the service idle
+                    # The service at the goal's concurrency and its limit, in turns, the service idle
                     # while the limit runs: the fraction of the same minutes.
                     def served(seconds: float) -> tuple[int, float]:
-                        r = closed_loop(url, texts, 16, seconds + SETTLE_SECONDS, settle=SETTLE_SECONDS)
+                        r = closed_loop(url, texts, GOAL_CONCURRENCY, seconds + SETTLE_SECONDS, settle=SETTLE_SECONDS)
                         limit_paired_errors.append(r["errors"])
                         return r["steady_requests"], r["steady_seconds"]
 
@@ -488,7 +503,8 @@ def main() -> None:
                         "service_c16": served,
                         "limit": lambda seconds: limit_model.window(limit_batch, seconds)}, window_seconds)
                     print(f"paired    c=16 {limit_paired['service_c16']:.1f} req/s, limit "
-                          f"{limit_paired['limit']:.1f} texts/s in {limit_shape} ({PAIRED_ROUNDS} windows of {window_seconds:g} s each, "
+                          f"{limit_paired['limit']:.1f} texts/s in {limit_shape} ({PAIRED_ROUNDS} windows of "
+                          f"{window_seconds:g} s each, "
                           f"in turns)", flush=True)
                 if name == "regraft-shadow":
                     time.sleep(2.0)  # what is still queued for the candidate is counted, not waited for
@@ -499,14 +515,15 @@ def main() -> None:
         if worker_model is not None:
             worker_model.close()
         shutil.rmtree(work, ignore_errors=True)
-    base16 = results["baseline"].get(16, {}).get("requests_per_second") or float("nan")
-    ours16 = results["regraft"].get(16, {}).get("requests_per_second", float("nan"))
+    base16 = results["baseline"].get(GOAL_CONCURRENCY, {}).get("requests_per_second") or float("nan")
+    ours16 = results["regraft"].get(GOAL_CONCURRENCY, {}).get("requests_per_second", float("nan"))
     summary = {
         "speedup_c16": round(ours16 / base16, 2),
         "limit_fraction": round(limit_paired["service_c16"] / limit_paired["limit"], 3),
         "limit_fraction_unpaired": round(ours16 / limit_c16, 3),
         "limit_c16": {"shape": limit_shape, "batch_size": limit_batch, "texts_per_second": limit_c16},
-        "limit_fraction_any_batch": round(ours16 / max(sweep["texts_per_second"] for _, sweep, _ in sweeps.values()), 3),
+        "limit_fraction_any_batch": round(ours16 / max(sweep["texts_per_second"] for _, sweep, _ in sweeps.values()),
+                                          3),
         "limit_in_service_shape": sweeps.get(f"{workers} processes", (None, None))[1],
         "limit_paired": paired_summary(limit_paired, window_seconds),
         "max_speedup_c16": round(limit_c16 / base16, 2),

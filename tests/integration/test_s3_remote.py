@@ -147,7 +147,10 @@ def smoke_test_done(worker: subprocess.Popen, folder: Path) -> bool:
     """Whether the package stage's smoke test has run on this worker's machine (`folder`: the worker's, with its
     runs' clones): its server's log is in the run's state folder and no `bentoml serve` is left among the worker's
     processes."""
-    if not any(folder.rglob("smoke/server.log")):
+    try:
+        if not any(folder.rglob("smoke/server.log")):
+            return False
+    except FileNotFoundError:  # a folder went away during the walk (BentoML's build folders come and go): not yet
         return False
     for process in psutil.Process(worker.pid).children(recursive=True):
         with contextlib.suppress(psutil.Error):
