@@ -9,8 +9,8 @@ each model predicts the other's texts off the response path (tasks/serving.py an
 loaded only when each of its files has the
 sha256 recorded for it; one that fails is refused (the current model keeps serving; at start the service
 stays unhealthy) and the log says which files differ. Each worker batches its own requests (tasks/serving.py Batcher:
-its predict thread takes every request queued the moment the model is free). Settings come from params.yaml (REGRAFT_PARAMS), whose
-relative paths are read from REGRAFT_PROJECT (default: the working directory).
+its predict thread takes the requests queued when the model is free). Settings come from params.yaml
+(REGRAFT_PARAMS), whose relative paths are read from REGRAFT_PROJECT (default: the working directory).
 """
 
 from __future__ import annotations
@@ -198,7 +198,7 @@ class Classifier:
         # The package stage's smoke test logs elsewhere, so its requests do not look like traffic.
         log = os.environ.get("REGRAFT_PREDICTION_LOG") or root / params.serve.prediction_log
         self.log = PredictionLog(Path(log), params.serve.log_texts)
-        # Requests wait in this worker's queue and its one predict thread takes all queued at once (tasks/serving.py).
+        # Requests wait in this worker's queue; its one predict thread takes them in batches (tasks/serving.py).
         self.batcher = Batcher(self.predict_batch, params.serve.max_batch_size, params.serve.max_latency_ms / 1000)
         self.refused: dict[str, tuple] = {}  # each refused model, and the state of its files then
         self.problems: dict[str, str] = {}  # why the shadow candidate or the canary is not loaded, logged once
