@@ -407,9 +407,9 @@ def paired_rates(measures: dict[str, Callable[[float], tuple[int, float]]], seco
     return {name: count / took for name, (count, took) in totals.items()}
 
 
-def at_best_batch(model: InProcess | WorkerProcesses, limit: dict) -> Callable[[float], tuple[int, float]]:
-    """A window of the in-process limit at the batch size where it was fastest."""
-    return lambda seconds: model.window(limit["best_batch_size"], seconds)
+def at_batch(model: InProcess | WorkerProcesses, size: int) -> Callable[[float], tuple[int, float]]:
+    """A window of the limit in this shape at batch size `size`."""
+    return lambda seconds: model.window(size, seconds)
 
 
 def paired_summary(rates: dict[str, float], window_seconds: float) -> dict:
@@ -467,8 +467,8 @@ def main() -> None:
         window_seconds = args.seconds / 2
         variant_paired = {"fp32": limit["texts_per_second"]}  # fp32 serves: nothing to compare
         if served_in != "fp32":
-            variant_paired = paired_rates({served_in: at_best_batch(served_model, limit),
-                                           "fp32": at_best_batch(fp32_model, fp32_limit)}, window_seconds)
+            variant_paired = paired_rates({served_in: at_batch(served_model, limit["best_batch_size"]),
+                                           "fp32": at_batch(fp32_model, fp32_limit["best_batch_size"])}, window_seconds)
         models = store_models(work, folder, serving)
         for name in servers:
             port = free_port()
@@ -498,10 +498,9 @@ def main() -> None:
                         limit_paired_errors.append(r["errors"])
                         return r["steady_requests"], r["steady_seconds"]
 
-                    limit_model = sweeps[limit_shape][0]
-                    limit_paired = paired_rates({
-                        "service_c16": served,
-                        "limit": lambda seconds: limit_model.window(limit_batch, seconds)}, window_seconds)
+                    limit_paired = paired_rates({"service_c16": served,
+                                                 "limit": at_batch(sweeps[limit_shape][0], limit_batch)},
+                                                window_seconds)
                     print(f"paired    c=16 {limit_paired['service_c16']:.1f} req/s, limit "
                           f"{limit_paired['limit']:.1f} texts/s in {limit_shape} ({PAIRED_ROUNDS} windows of "
                           f"{window_seconds:g} s each, "

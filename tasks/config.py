@@ -365,7 +365,7 @@ class ServeConfig(StrictModel):
     body_timeout_seconds: float = Field(gt=0, description="A /predict body must arrive within this many seconds "
                                         "(slower: HTTP 408, and its place is freed for other requests).")
     max_batch_size: int = Field(ge=2, description="Batching: most texts the model sees in one forward pass (a worker "
-                                "takes every queued request up to this many texts the moment its model is free).")
+                                "takes the requests queued, up to this many texts, when its model is free).")
     max_latency_ms: int = Field(ge=1, le=60_000, description="Batching: longest a request may wait in a worker's "
                                 "queue; one that waited longer is refused (503) when the model gets to it, so a tight "
                                 "value sheds load. At most 60000: BentoML answers 504 to any request older than 60 s.")

@@ -438,7 +438,8 @@ class Batcher:
         for request in batch:
             self._settle(request, answers[start:start + len(request.items)])
             start += len(request.items)
-        self._last_size, self._last_seconds, self._last_end = len(items), time.monotonic() - started, time.monotonic()
+        ended = time.monotonic()
+        self._last_size, self._last_seconds, self._last_end = len(items), ended - started, ended
 
     @staticmethod
     def _settle(request: QueuedRequest, answers: list | None = None, error: Exception | None = None) -> None:
