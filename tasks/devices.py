@@ -22,6 +22,10 @@ NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 # bf16 costs precision: on a CPU it is used only where it is clearly faster. Measured on a 2-core Xeon with
 # AVX512-BF16 and no AMX: bf16 autocast at 0.6-0.85x fp32 for MiniLM-sized blocks, training and inference alike.
 BF16_MIN_SPEEDUP = 1.25
+# fp32 Linear layers at inference go to oneDNN instead of torch's own kernel (MKL's sgemm) only where oneDNN measures
+# clearly faster: on 2 AMD EPYC cores (AVX512) 1.08-1.15x for MiniLM's layers (MKL takes a slower path on AMD CPUs).
+# Below this the two are within the measurement's noise, and torch's kernel is what the model was validated with.
+ONEDNN_MIN_SPEEDUP = 1.05
 
 
 @dataclass(frozen=True)
@@ -92,15 +96,66 @@ def measure_bf16_speedup(repeats: int = 3) -> float:
     return timed(False) / timed(True)
 
 
+def onednn_linear_available() -> bool:
+    """Whether this torch build has oneDNN's fp32 Linear kernel (torch.ops.mkldnn._linear_pointwise, what
+    torch.compile's CPU backend calls)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def measure_onednn_fp32_speedup(repeats: int = 5) -> float:
+    """torch's own fp32 Linear time (MKL's sgemm) over oneDNN's, for one transformer block's feed-forward layers
+    (MiniLM's width, 2,048 tokens), inference only, at the current thread count; the best of `repeats` each. Leaves
+    torch's random state as it found it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        x = torch.randn(2048, 384)
+        up, down = torch.nn.Linear(384, 1536), torch.nn.Linear(1536, 384)
+
+    def torch_linear(layer, rows):
+        return torch.nn.functional.linear(rows, layer.weight, layer.bias)
+
+    def onednn_linear(layer, rows):
+        return torch.ops.mkldnn._linear_pointwise(rows, layer.weight, layer.bias, "none", [], "")
+
+    def timed(linear) -> float:
+        best = float("inf")
+        with torch.no_grad():
+            for attempt in range(repeats + 1):  # the first is a warm-up
+                started = time.perf_counter()
+                linear(down, linear(up, x))
+                if attempt:
+                    best = min(best, time.perf_counter() - started)
+        return best
+
+    return timed(torch_linear) / timed(onednn_linear)
+
+
 _MEASURING = threading.Lock()
 
 
 @functools.cache
 def bf16_speedup(threads: int) -> float:
-    """How much faster bf16 autocast runs than fp32 on this CPU at `threads` threads. Measured once per machine,
-    torch version and thread count, under a file lock, and kept in precision_cache_file(): every process of the
-    machine (the package stage's offline predictions and the service that must equal them) reads the same value;
-    within a process it is remembered."""
+    """How much faster bf16 autocast runs than fp32 on this CPU at `threads` threads (measure_on_this_machine)."""
+    return measure_on_this_machine("bf16_speedup", measure_bf16_speedup, threads)
+
+
+@functools.cache
+def onednn_fp32_speedup(threads: int) -> float:
+    """How much faster oneDNN computes an fp32 Linear layer than torch's own kernel on this CPU at `threads` threads
+    (measure_on_this_machine)."""
+    return measure_on_this_machine("onednn_fp32_speedup", measure_onednn_fp32_speedup, threads)
+
+
+def measure_on_this_machine(name: str, measure, threads: int) -> float:
+    """`measure()`, measured once per machine, torch version and thread count, under a file lock, and kept under
+    `name` in precision_cache_file(): every process of the machine (the package stage's offline predictions and the
+    service that must equal them) reads the same value."""
     key = hashlib.sha256(f"{cpu_name()}|{sorted(cpu_flags())}|{torch.__version__}|{threads}".encode()).hexdigest()[:16]
     path = precision_cache_file()
     with _MEASURING, contextlib.ExitStack() as stack:
@@ -112,11 +167,12 @@ def bf16_speedup(threads: int) -> float:
             except OSError:
                 path = None  # a cache that cannot be kept costs a measurement per process, nothing else
         known = read_precision_cache(path)
-        if isinstance(known.get(key), dict) and isinstance(known[key].get("bf16_speedup"), float):
-            return known[key]["bf16_speedup"]
-        speedup = round(measure_bf16_speedup(), 3)
+        entry = known.get(key) if isinstance(known.get(key), dict) else {}
+        if isinstance(entry.get(name), float):
+            return entry[name]
+        value = round(measure(), 3)
         if path is not None:
-            known[key] = {"bf16_speedup": speedup, "cpu": cpu_name(), "torch": torch.__version__, "threads": threads}
+            known[key] = {**entry, name: value, "cpu": cpu_name(), "torch": torch.__version__, "threads": threads}
             try:
                 handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
                 with os.fdopen(handle, "w", encoding="utf-8") as out:
@@ -124,7 +180,7 @@ def bf16_speedup(threads: int) -> float:
                 os.replace(staging, path)
             except OSError:
                 pass
-        return speedup
+        return value
 
 
 def read_precision_cache(path: Path | None) -> dict:
@@ -224,6 +280,13 @@ def cpu_precision(threads: int) -> tuple[str, str]:
     chosen = "bf16" if speedup >= BF16_MIN_SPEEDUP else "fp32"
     return chosen, (f"CPU with native bf16 instructions; bf16 measured {speedup:.2f}x fp32 here at {threads} "
                     f"thread(s), so {chosen} (bf16 from {BF16_MIN_SPEEDUP}x)")
+
+
+def fp32_linears_on_onednn(runtime: Runtime) -> bool:
+    """Whether fp32 inference on this runtime computes Linear layers with oneDNN (tasks/models.py OneDnnLinear): on
+    the CPU in fp32, where this torch has the kernel and it measures at least ONEDNN_MIN_SPEEDUP times torch's own."""
+    return (runtime.device.type == "cpu" and runtime.precision == "fp32" and onednn_linear_available()
+            and onednn_fp32_speedup(runtime.threads) >= ONEDNN_MIN_SPEEDUP)
 
 
 def autocast(runtime: Runtime):

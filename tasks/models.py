@@ -292,6 +292,32 @@ def cast_linear_layers_to_bf16(model) -> None:
             module.to(torch.bfloat16)
 
 
+class OneDnnLinear(torch.nn.Linear):
+    """A Linear layer whose fp32 inference on the CPU runs on oneDNN, the kernel torch.compile's CPU backend uses,
+    instead of torch's own (MKL's sgemm): the same product, summed in another order (embeddings within 2e-6 of
+    torch's for MiniLM). Anything else (training, autocast, another dtype or device) is torch.nn.Linear unchanged."""
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        if (rows.device.type != "cpu" or rows.dtype != torch.float32 or self.weight.dtype != torch.float32
+                or torch.is_autocast_enabled("cpu")
+                or (torch.is_grad_enabled() and (rows.requires_grad or self.weight.requires_grad))):
+            return super().forward(rows)
+        return torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "none", [], "")
+
+
+def compute_fp32_linears_on_onednn(model, runtime) -> None:
+    """Have an inference model's Linear layers run on oneDNN where this machine measured it faster in fp32
+    (tasks/devices.py fp32_linears_on_onednn); elsewhere the model is left as it is. The layers keep their
+    parameters (only their class changes), so the model saves and loads as before."""
+    from tasks.devices import fp32_linears_on_onednn
+
+    if not fp32_linears_on_onednn(runtime):
+        return
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.__class__ = OneDnnLinear
+
+
 POOLINGS = ("mean", "cls")
 
 
@@ -314,6 +340,7 @@ def pooled_embeddings(spec: str | Path, texts: list[str], max_length: int, pooli
         encoder = load_encoder(spec).eval().to(chosen.device)
         if chosen.precision == "bf16":
             cast_linear_layers_to_bf16(encoder)
+        compute_fp32_linears_on_onednn(encoder, chosen)
         hidden_size = encoder.config.hidden_size
 
         def pool(batch):

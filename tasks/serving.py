@@ -254,8 +254,10 @@ def files_state(folder: Path) -> tuple:
 def load_model(folder: Path, version: str, max_length: int, precision: str = "fp32", threads: int = 0) -> LoadedModel:
     """Load a packaged HF model directory; its label mapping is the one saved at training time. `precision` int8:
     its Linear layers dynamically quantized (torch's quantize_dynamic); bf16: its Linear layers stored in bf16, computed
-    under bf16 autocast."""
-    from tasks.models import cast_linear_layers_to_bf16, load_classifier, load_tokenizer, with_companion
+    under bf16 autocast; fp32: on oneDNN where this machine measured it faster (tasks/models.py OneDnnLinear)."""
+    from tasks.devices import choose_runtime
+    from tasks.models import (cast_linear_layers_to_bf16, compute_fp32_linears_on_onednn, load_classifier,
+                              load_tokenizer, with_companion)
 
     config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
     labels = [config["id2label"][key] for key in sorted(config["id2label"], key=int)]
@@ -264,6 +266,8 @@ def load_model(folder: Path, version: str, max_length: int, precision: str = "fp
     model = load_classifier(folder, labels).eval()
     if precision == "bf16":
         cast_linear_layers_to_bf16(model)  # the same answers as autocast from fp32, without its cast on every pass
+    if precision == "fp32":
+        compute_fp32_linears_on_onednn(model, choose_runtime("fp32", threads=threads))
     if precision == "int8":
         import warnings
 

@@ -106,3 +106,71 @@ def test_large_blocks_come_from_the_heap_that_keeps_freed_memory():
 
     assert mmapped_bytes("default") >= 16 << 20
     assert mmapped_bytes("keep") < 16 << 20
+
+
+@pytest.fixture
+def measured_here(monkeypatch, tmp_path):
+    """A machine whose measurements nobody kept yet."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    devices.bf16_speedup.cache_clear()
+    devices.onednn_fp32_speedup.cache_clear()
+    yield tmp_path
+    devices.bf16_speedup.cache_clear()
+    devices.onednn_fp32_speedup.cache_clear()
+
+
+onednn = pytest.mark.skipif(not devices.onednn_linear_available(), reason="this torch has no oneDNN Linear kernel")
+
+
+@onednn
+@pytest.mark.parametrize("measured, expected", [(0.9, False), (1.04, False), (1.05, True), (1.3, True)])
+def test_fp32_linears_go_to_onednn_only_where_it_measures_faster(measured_here, monkeypatch, measured, expected):
+    monkeypatch.setattr(devices, "measure_onednn_fp32_speedup", lambda: measured)
+    assert devices.fp32_linears_on_onednn(devices.choose_runtime("fp32", threads=1)) is expected
+
+
+def test_nothing_is_measured_for_runtimes_that_do_not_compute_in_fp32_on_the_cpu(measured_here, monkeypatch):
+    import dataclasses
+
+    import torch
+
+    monkeypatch.setattr(devices, "measure_onednn_fp32_speedup", lambda: pytest.fail("measured for another runtime"))
+    fp32 = devices.choose_runtime("fp32", threads=1)
+    assert not devices.fp32_linears_on_onednn(dataclasses.replace(fp32, precision="bf16"))
+    assert not devices.fp32_linears_on_onednn(dataclasses.replace(fp32, device=torch.device("cuda", 0)))
+
+
+def test_the_machine_keeps_both_measurements_in_one_entry(measured_here, monkeypatch):
+    monkeypatch.setattr(devices, "measure_bf16_speedup", lambda: 2.0)
+    monkeypatch.setattr(devices, "measure_onednn_fp32_speedup", lambda: 1.2)
+    assert devices.bf16_speedup(1) == 2.0 and devices.onednn_fp32_speedup(1) == 1.2
+    entries = json.loads((measured_here / "regraft" / "cpu-precision.json").read_text())
+    assert [(e["bf16_speedup"], e["onednn_fp32_speedup"], e["threads"]) for e in entries.values()] == [(2.0, 1.2, 1)]
+    monkeypatch.setattr(devices, "measure_bf16_speedup", lambda: pytest.fail("measured again"))
+    monkeypatch.setattr(devices, "measure_onednn_fp32_speedup", lambda: pytest.fail("measured again"))
+    devices.bf16_speedup.cache_clear()  # another process reads the file
+    devices.onednn_fp32_speedup.cache_clear()
+    assert devices.bf16_speedup(1) == 2.0 and devices.onednn_fp32_speedup(1) == 1.2
+
+
+@onednn
+def test_a_onednn_linear_computes_torchs_product_and_leaves_training_and_autocast_to_torch():
+    import torch
+
+    from tasks.models import OneDnnLinear
+
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(384, 96)
+    swapped = torch.nn.Linear(384, 96)
+    swapped.load_state_dict(plain.state_dict())
+    swapped.__class__ = OneDnnLinear
+    rows = torch.randn(3, 17, 384)[:, ::2]  # batched and strided, as attention hands them on
+    with torch.no_grad():
+        assert torch.allclose(swapped(rows), plain(rows), atol=1e-5)
+        assert 0.05 < devices.measure_onednn_fp32_speedup(repeats=1) < 50  # measured on this CPU
+    swapped(rows).square().mean().backward()  # training: torch's own kernel, with gradients
+    plain(rows).square().mean().backward()
+    assert torch.allclose(swapped.weight.grad, plain.weight.grad, atol=1e-5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert swapped(rows).dtype == torch.bfloat16 and torch.equal(swapped(rows), plain(rows))
+    assert list(swapped.state_dict()) == ["weight", "bias"]

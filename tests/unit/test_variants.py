@@ -126,3 +126,30 @@ def test_batches_are_cut_where_padding_would_cost_more_than_a_pass():
                    if all(b - a <= 3 and (b - a == 1 or (b - a) * lengths[order[b - 1]] <= 120)
                           for a, b in zip((0, *cuts), (*cuts, len(order)))))
         assert cost(batches, lengths) == best
+
+
+def test_fp32_served_on_onednn_answers_like_torchs_own_kernel(tiny_bert, tmp_path, monkeypatch):
+    """Where this machine measured oneDNN faster, the fp32 model's Linear layers run on it: the same labels and
+    probabilities within float rounding of torch's own kernel, one text or a batch."""
+    import torch
+
+    from tasks import devices
+    from tasks.models import OneDnnLinear, load_classifier, load_tokenizer
+    from tasks.serving import load_model, predict_probabilities
+
+    if not devices.onednn_linear_available():
+        pytest.skip("this torch has no oneDNN Linear kernel")
+    torch.manual_seed(0)
+    load_classifier(tiny_bert, ["a", "b"]).save_pretrained(tmp_path / "model")
+    load_tokenizer(tiny_bert).save_pretrained(tmp_path / "model")
+    texts = ["works well", "no effect at all on the pain", "made me dizzy"]
+    monkeypatch.setattr(devices, "onednn_fp32_speedup", lambda threads: 1.0)
+    mkl = load_model(tmp_path / "model", "m:1", 32, "fp32")
+    assert not any(isinstance(m, OneDnnLinear) for m in mkl.model.modules())
+    monkeypatch.setattr(devices, "onednn_fp32_speedup", lambda threads: 1.5)
+    on_onednn = load_model(tmp_path / "model", "m:1", 32, "fp32")
+    assert any(isinstance(m, OneDnnLinear) for m in on_onednn.model.modules())
+    for rows in (texts, texts[1:2]):
+        expected = predict_probabilities(mkl, rows)
+        assert np.allclose(predict_probabilities(on_onednn, rows), expected, atol=1e-5)
+        assert np.array_equal(predict_probabilities(on_onednn, rows).argmax(1), expected.argmax(1))
