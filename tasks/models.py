@@ -307,7 +307,8 @@ class OneDnnLinear(torch.nn.Linear):
 def compute_fp32_linears_on_onednn(model, runtime) -> None:
     """Have an inference model's Linear layers run on oneDNN where this machine measured it faster in fp32
     (tasks/devices.py fp32_linears_on_onednn); elsewhere the model is left as it is. The layers keep their
-    parameters (only their class changes), so the model saves and loads as before."""
+    parameters (only their class changes), so the model saves and loads as before; torch's quantize_dynamic, which
+    finds Linear layers by their exact class, would skip them (the int8 variant loads a fresh model)."""
     from tasks.devices import fp32_linears_on_onednn
 
     if not fp32_linears_on_onednn(runtime):

@@ -131,12 +131,14 @@ onednn = pytest.mark.skipif(not cpu_only_with_onednn(), reason="fp32 on oneDNN: 
 @onednn
 @pytest.mark.parametrize("measured, expected", [(0.9, False), (1.04, False), (1.05, True), (1.3, True)])
 def test_fp32_linears_go_to_onednn_only_where_it_measures_faster(measured_here, monkeypatch, measured, expected):
+    import torch
+
     monkeypatch.setattr(devices, "measure_onednn_fp32_speedup", lambda: measured)
-    assert devices.fp32_linears_on_onednn(devices.choose_runtime("fp32", threads=1)) is expected
+    assert devices.fp32_linears_on_onednn(devices.Runtime(torch.device("cpu"), "fp32", 1, "")) is expected
     # One choice per machine: the package stage's offline predictions (all cores) and each service worker (a share)
     # take the same kernel.
     monkeypatch.setattr(devices, "measure_onednn_fp32_speedup", lambda: pytest.fail("measured again"))
-    assert devices.fp32_linears_on_onednn(devices.choose_runtime("fp32", threads=2)) is expected
+    assert devices.fp32_linears_on_onednn(devices.Runtime(torch.device("cpu"), "fp32", 2, "")) is expected
 
 
 def test_nothing_is_measured_for_runtimes_that_do_not_compute_in_fp32_on_the_cpu(measured_here, monkeypatch):
@@ -145,7 +147,7 @@ def test_nothing_is_measured_for_runtimes_that_do_not_compute_in_fp32_on_the_cpu
     import torch
 
     monkeypatch.setattr(devices, "measure_onednn_fp32_speedup", lambda: pytest.fail("measured for another runtime"))
-    fp32 = devices.choose_runtime("fp32", threads=1)
+    fp32 = devices.Runtime(torch.device("cpu"), "fp32", 1, "")
     assert not devices.fp32_linears_on_onednn(dataclasses.replace(fp32, precision="bf16"))
     assert not devices.fp32_linears_on_onednn(dataclasses.replace(fp32, device=torch.device("cuda", 0)))
 
@@ -190,3 +192,23 @@ def test_a_onednn_linear_computes_torchs_product_on_onednn_and_leaves_grad_and_a
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert swapped(rows).dtype == torch.bfloat16 and torch.equal(swapped(rows), plain(rows))
     assert list(swapped.state_dict()) == ["weight", "bias"]
+
+
+@onednn
+def test_the_onednn_measurement_runs_at_one_thread_and_reads_a_failing_kernel_as_no_speedup(monkeypatch):
+    import torch
+
+    threads = torch.get_num_threads()
+    seen = []
+    torch_linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear",
+                        lambda *args: seen.append(torch.get_num_threads()) or torch_linear(*args))
+    assert 0.05 < devices.measure_onednn_fp32_speedup(repeats=1) < 50
+    assert set(seen) == {devices.ONEDNN_MEASURED_THREADS} and torch.get_num_threads() == threads
+
+    def failing(*args):
+        raise RuntimeError("could not create a primitive")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", failing)
+    assert devices.measure_onednn_fp32_speedup(repeats=1) == 0.0
+    assert torch.get_num_threads() == threads

@@ -149,7 +149,11 @@ def test_fp32_served_on_onednn_answers_like_torchs_own_kernel(tiny_bert, tmp_pat
     monkeypatch.setattr(devices, "onednn_fp32_speedup", lambda: 1.5)
     on_onednn = load_model(tmp_path / "model", "m:1", 32, "fp32")
     assert any(isinstance(m, OneDnnLinear) for m in on_onednn.model.modules())
+    torch_linear, calls = torch.nn.functional.linear, []
     for rows in (texts, texts[1:2]):
         expected = predict_probabilities(mkl, rows)
-        assert np.allclose(predict_probabilities(on_onednn, rows), expected, atol=1e-5)
-        assert np.array_equal(predict_probabilities(on_onednn, rows).argmax(1), expected.argmax(1))
+        monkeypatch.setattr(torch.nn.functional, "linear", lambda *args: calls.append(1) or torch_linear(*args))
+        served = predict_probabilities(on_onednn, rows)
+        monkeypatch.setattr(torch.nn.functional, "linear", torch_linear)
+        assert not calls  # every Linear layer ran on oneDNN
+        assert np.allclose(served, expected, atol=1e-5) and np.array_equal(served.argmax(1), expected.argmax(1))
