@@ -15,12 +15,20 @@ from tests.conftest import REPO
 
 
 @pytest.fixture
-def native_bf16(monkeypatch, tmp_path):
-    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
+def measured_here(monkeypatch, tmp_path):
+    """A machine whose measurements nobody kept yet (a new process, as far as the measurements know)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    devices.bf16_speedup.cache_clear()  # a new process, as far as the measurement knows
+    devices.bf16_speedup.cache_clear()
+    devices.onednn_fp32_speedup.cache_clear()
     yield tmp_path
     devices.bf16_speedup.cache_clear()
+    devices.onednn_fp32_speedup.cache_clear()
+
+
+@pytest.fixture
+def native_bf16(measured_here, monkeypatch):
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
+    return measured_here
 
 
 @pytest.mark.parametrize("measured, expected", [(0.6, "fp32"), (1.2, "fp32"), (1.25, "bf16"), (3.0, "bf16")])
@@ -106,17 +114,6 @@ def test_large_blocks_come_from_the_heap_that_keeps_freed_memory():
 
     assert mmapped_bytes("default") >= 16 << 20
     assert mmapped_bytes("keep") < 16 << 20
-
-
-@pytest.fixture
-def measured_here(monkeypatch, tmp_path):
-    """A machine whose measurements nobody kept yet."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    devices.bf16_speedup.cache_clear()
-    devices.onednn_fp32_speedup.cache_clear()
-    yield tmp_path
-    devices.bf16_speedup.cache_clear()
-    devices.onednn_fp32_speedup.cache_clear()
 
 
 def cpu_only_with_onednn() -> bool:
