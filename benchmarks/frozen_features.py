@@ -1,0 +1,183 @@
+"""Benchmark: which of the frozen encoder's states a linear head should read, against TF-IDF + logistic regression,
+in one run, on the datasets of benchmarks/transfer.py.
+
+regraft's cheap encoder models read the last layer: evaluate's frozen-encoder baseline a logistic regression on its
+token mean (the sentence embedding all-MiniLM-L6-v2 was trained for), auto's feature_extraction rung a head on its
+first token. A sentence-similarity objective shapes that last layer; sentiment, authorship and income are kept
+better in the layers below it. This measures the token mean of every layer averaged over the layers (the same
+width, the same single encoder pass: `output_hidden_states` costs no extra matrix work) against the last layer's,
+and either pooled half and half with TF-IDF's probabilities (the pool auto serves), all by the same class-balanced
+logistic regression evaluate fits (tasks/baselines.py), with no scaling or tuning.
+
+The rows: up to --source source rows and --target target rows per dataset (texts deduplicated, so a review filed
+twice cannot sit on both sides of a fold). Every target row is scored out of fold (5 stratified folds, the source rows
+always in the fit, as auto's cross-fitting does), --repeats times with different folds; macro-F1 is the mean over
+the repeats, and the paired bootstrap interval of each difference (tasks/strategy.py macro_f1_evidence, the
+evidence ladder's own test) comes from the first repeat.
+
+Prints one line per dataset, then one JSON object last: per dataset each model's macro-F1 and the differences
+`layer_mean_minus_last` and `pool_layer_mean_minus_tfidf` with intervals, and the counts over the datasets
+(`layer_mean_beats_last`, `layer_mean_clearly_beats_last`: its interval above zero; the same for the pools against
+TF-IDF).
+
+    python benchmarks/frozen_features.py [--datasets demo movie-reviews ...] [--source 400] [--target 500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import transfer  # noqa: E402  (sets the offline switches and the project root on sys.path)
+
+MODELS = ["tfidf", "last", "layer_mean", "pool_last", "pool_layer_mean"]
+
+
+def domains(name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(source, target) frames with text and label columns, as benchmarks/transfer.py splits each dataset."""
+    if name in ("demo", "drug-conditions"):
+        frame = transfer.demo_frame().rename(columns={"review": "text", "rating": "label"})
+        if name == "demo":
+            later = pd.to_datetime(frame["date"], format="%B %d, %Y") >= "2015-01-01"
+        else:
+            later = frame["condition"].isin(transfer.NERVOUS_SYSTEM)
+        return frame[~later], frame[later]
+    folder = Path(tempfile.mkdtemp(prefix="frozen-features-"))
+    write = transfer.census_files if name == "census" else transfer.FILE_DATASETS[name][0]
+    write(folder)
+    return pd.read_csv(folder / "source.csv"), pd.read_csv(folder / "target.csv")
+
+
+def rows_of(frame: pd.DataFrame, n: int, seen: set[str]) -> pd.DataFrame:
+    """Up to n rows with a text and a label, none of whose texts is in `seen` (which it extends)."""
+    frame = frame.dropna(subset=["text", "label"]).astype({"text": str, "label": str})
+    frame = frame[~frame["text"].isin(seen)].drop_duplicates("text")
+    frame = frame.iloc[np.random.default_rng(0).permutation(len(frame))[:n]]
+    seen.update(frame["text"])
+    return frame
+
+
+def layer_means(base: str, texts: list[str], max_length: int, batch_size: int = 32) -> np.ndarray:
+    """(texts, layers, hidden): each layer's token mean (the embedding layer excluded), fp32, in one encoder pass."""
+    import torch
+
+    from tasks.models import load_encoder, load_tokenizer
+
+    encoder, tokenizer = load_encoder(base).eval(), load_tokenizer(base)
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[start:start + batch_size], truncation=True, max_length=max_length, padding=True,
+                              return_tensors="pt")
+            states = encoder(**batch, output_hidden_states=True).hidden_states[1:]
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            out.append(torch.stack([(h * mask).sum(1) / mask.sum(1) for h in states], 1))
+    return torch.cat(out).numpy()
+
+
+def cross_fitted(texts: list[str], y: np.ndarray, features: dict[str, np.ndarray], n_source: int, n_classes: int,
+                 seed: int) -> dict[str, np.ndarray]:
+    """Out-of-fold probabilities of every model on the target rows (the rows from n_source on)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    from tasks.baselines import balanced_logistic_regression, tfidf_model
+    from tasks.lexical import full_proba
+
+    target = np.arange(n_source, len(texts))
+    proba = {name: np.zeros((len(target), n_classes)) for name in MODELS}
+    folds = min(5, int(np.bincount(y[target], minlength=n_classes).min()))
+    for fit_target, scored in StratifiedKFold(folds, shuffle=True, random_state=seed).split(target, y[target]):
+        fit, rows = np.concatenate([np.arange(n_source), target[fit_target]]), target[scored]
+        lexical = tfidf_model().fit([texts[i] for i in fit], y[fit])
+        scored_texts = [texts[i] for i in rows]
+        proba["tfidf"][scored] = full_proba(lexical.predict_proba(scored_texts), lexical.classes_, n_classes)
+        for name, x in features.items():
+            head = balanced_logistic_regression().fit(x[fit], y[fit])
+            proba[name][scored] = full_proba(head.predict_proba(x[rows]), head.classes_, n_classes)
+    for name in features:
+        proba[f"pool_{name}"] = 0.5 * proba[name] + 0.5 * proba["tfidf"]
+    return proba
+
+
+def measure(name: str, base: str, max_length: int, n_source: int, n_target: int, repeats: int) -> dict:
+    from tasks.evaluate import confusion_counts, metrics_from_confusion
+    from tasks.strategy import macro_f1_evidence
+
+    source_frame, target_frame = domains(name)
+    seen: set[str] = set()
+    source, target = rows_of(source_frame, n_source, seen), rows_of(target_frame, n_target, seen)
+    labels = sorted(set(target["label"]))
+    source = source[source["label"].isin(labels)]
+    texts = source["text"].tolist() + target["text"].tolist()
+    y = np.array([labels.index(label) for label in [*source["label"], *target["label"]]])
+    started = time.process_time()
+    states = layer_means(base, texts, max_length)
+    features = {"last": states[:, -1], "layer_mean": states.mean(axis=1)}
+    embed_cpu = time.process_time() - started
+    y_target = y[len(source):]
+    scores: dict[str, list[float]] = {model: [] for model in MODELS}
+    first = None
+    for seed in range(repeats):
+        proba = cross_fitted(texts, y, features, len(source), len(labels), seed)
+        first = first or proba
+        for model, p in proba.items():
+            confusion = confusion_counts(y_target, p.argmax(axis=1), len(labels))
+            scores[model].append(float(metrics_from_confusion(confusion)["macro_f1"]))
+
+    def difference(model: str, reference: str) -> dict:
+        evidence = macro_f1_evidence(y_target, {m: first[m].argmax(axis=1) for m in (model, reference)}, len(labels),
+                                     reference)[model][f"minus_{reference}"]
+        return {"estimate": round(float(np.mean(scores[model]) - np.mean(scores[reference])), 4),
+                "interval_first_repeat": [round(v, 4) for v in evidence["interval"]]}
+
+    return {"dataset": name, "source_rows": len(source), "target_rows": len(target), "labels": labels,
+            "macro_f1": {model: round(float(np.mean(v)), 4) for model, v in scores.items()},
+            "layer_mean_minus_last": difference("layer_mean", "last"),
+            "pool_layer_mean_minus_tfidf": difference("pool_layer_mean", "tfidf"),
+            "pool_last_minus_tfidf": difference("pool_last", "tfidf"),
+            "embed_cpu_seconds": round(embed_cpu, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", nargs="+",
+                        default=["demo", "drug-conditions", "census", *list(transfer.FILE_DATASETS)[1:]])
+    parser.add_argument("--source", type=int, default=400, help="source rows per dataset (at most)")
+    parser.add_argument("--target", type=int, default=500, help="target rows per dataset (at most)")
+    parser.add_argument("--repeats", type=int, default=3, help="cross-fittings with different folds")
+    args = parser.parse_args()
+    from tasks.config import load_params
+
+    params = load_params(transfer.ROOT / "params.yaml")
+    results = []
+    for name in args.datasets:
+        result = measure(name, params.model.base, params.model.max_length, args.source, args.target, args.repeats)
+        results.append(result)
+        print(f"{name:17s} {result['target_rows']:4d} target rows  " + "  ".join(
+            f"{model} {score:.3f}" for model, score in result["macro_f1"].items()), flush=True)
+
+    def count(key: str, clearly: bool) -> int:
+        return sum((r[key]["interval_first_repeat"][0] > 0) if clearly else (r[key]["estimate"] > 0) for r in results)
+
+    from tasks.devices import cpu_has_native_bf16, cpu_name
+
+    print(json.dumps({"machine": {"processor": cpu_name(), "bf16": cpu_has_native_bf16(), "precision": "fp32",
+                                  "python": platform.python_version()}, "base": params.model.base,
+                      "datasets": results, "layer_mean_beats_last": count("layer_mean_minus_last", False),
+                      "layer_mean_clearly_beats_last": count("layer_mean_minus_last", True),
+                      "pool_layer_mean_beats_tfidf": count("pool_layer_mean_minus_tfidf", False),
+                      "pool_layer_mean_clearly_beats_tfidf": count("pool_layer_mean_minus_tfidf", True),
+                      "pool_last_beats_tfidf": count("pool_last_minus_tfidf", False), "of": len(results)}))
+
+
+if __name__ == "__main__":
+    main()
