@@ -3,30 +3,35 @@ in one run, on the datasets of benchmarks/transfer.py.
 
 regraft's cheap encoder models read the last layer: evaluate's frozen-encoder baseline a logistic regression on its
 token mean (the sentence embedding all-MiniLM-L6-v2 was trained for), auto's feature_extraction rung a head on its
-first token. A sentence-similarity objective shapes that last layer; sentiment, authorship and income are kept
-better in the layers below it. This measures the token mean of every layer averaged over the layers (the same
-width, the same single encoder pass: `output_hidden_states` costs no extra matrix work) against the last layer's,
-and either pooled half and half with TF-IDF's probabilities (the pool auto serves), all by the same class-balanced
-logistic regression evaluate fits (tasks/baselines.py), with no scaling or tuning.
+first token (tasks/finetune.py head_forward). A sentence-similarity objective shapes that last layer; sentiment,
+authorship and income may be kept better in the layers below it. This measures the token mean of every layer
+averaged over the layers (the embedding layer excluded; the same width, the same single encoder pass:
+`output_hidden_states` costs no extra matrix work) against the last layer's, each alone and pooled half and half
+with TF-IDF's probabilities (a fixed 50/50 pool, not auto's, whose weight and temperature are chosen on validation
+rows), all by the class-balanced logistic regression evaluate fits (tasks/baselines.py), with no scaling or tuning.
+Embedded in fp32 (regraft embeds in bf16 where that measures faster; these figures are fp32's).
 
-The rows: up to --source source rows and --target target rows per dataset (texts deduplicated, so a review filed
-twice cannot sit on both sides of a fold). Every target row is scored out of fold (5 stratified folds, the source rows
-always in the fit, as auto's cross-fitting does), --repeats times with different folds; macro-F1 is the mean over
-the repeats, and the paired bootstrap interval of each difference (tasks/strategy.py macro_f1_evidence, the
-evidence ladder's own test) comes from the first repeat.
+The rows: each dataset as benchmarks/transfer.py splits it (the demo and drug-conditions through ingest's own
+normalisation and split, params.yaml's columns and time cutoff), up to --source source rows and --target target rows
+(texts deduplicated across both, so a review filed twice cannot sit on both sides of a fold). Every target row is
+scored out of fold (5 stratified folds, the source rows always in the fit, as auto's cross-fitting does), --repeats
+times with different folds; macro-F1 is the mean over the repeats, and the paired bootstrap interval of each
+difference (tasks/strategy.py macro_f1_evidence, the evidence ladder's own test) comes from the first repeat.
 
-Prints one line per dataset, then one JSON object last: per dataset each model's macro-F1 and the differences
-`layer_mean_minus_last` and `pool_layer_mean_minus_tfidf` with intervals, and the counts over the datasets
-(`layer_mean_beats_last`, `layer_mean_clearly_beats_last`: its interval above zero; the same for the pools against
-TF-IDF).
+Prints one line per dataset, then one JSON object last: `results`, per dataset each model's macro-F1 (mean over the repeats),
+the folds, and the differences `layer_mean_minus_last`, `pool_layer_mean_minus_tfidf` and `pool_last_minus_tfidf`,
+each as `estimate` (mean over the repeats), `estimate_first_repeat` and `interval_first_repeat`; and the counts over
+the datasets: `*_beats_*` by the mean over the repeats, `*_clearly_beats_*` by the first repeat's interval lying
+above zero; `datasets` how many were measured.
 
-    python benchmarks/frozen_features.py [--datasets demo movie-reviews ...] [--source 400] [--target 500]
+    python benchmarks/frozen_features.py [--datasets demo movie-reviews ...] [--source 400] [--target 500] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -42,19 +47,26 @@ import transfer  # noqa: E402  (sets the offline switches and the project root o
 MODELS = ["tfidf", "last", "layer_mean", "pool_last", "pool_layer_mean"]
 
 
-def domains(name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(source, target) frames with text and label columns, as benchmarks/transfer.py splits each dataset."""
+def domains(name: str, ingest) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(source, target) frames with text and label columns, as benchmarks/transfer.py splits each dataset: the demo
+    and drug-conditions through ingest's normalisation (clean text) and split, with `ingest`'s (params.yaml's) columns
+    and time cutoff."""
+    from tasks.ingest import clean_text, normalise, split_domains
+
     if name in ("demo", "drug-conditions"):
-        frame = transfer.demo_frame().rename(columns={"review": "text", "rating": "label"})
-        if name == "demo":
-            later = pd.to_datetime(frame["date"], format="%B %d, %Y") >= "2015-01-01"
-        else:
-            later = frame["condition"].isin(transfer.NERVOUS_SYSTEM)
-        return frame[~later], frame[later]
-    folder = Path(tempfile.mkdtemp(prefix="frozen-features-"))
-    write = transfer.census_files if name == "census" else transfer.FILE_DATASETS[name][0]
-    write(folder)
-    return pd.read_csv(folder / "source.csv"), pd.read_csv(folder / "target.csv")
+        frame = normalise(transfer.demo_frame(), ingest.columns, "demo", ingest.time_format)
+        split = ingest.split
+        if name == "drug-conditions":
+            settings, _ = transfer.dataset_settings(name, Path("."))
+            split = split.model_copy(update={"by": "column", "column": "condition",
+                                             "source_values": settings["ingest.split.source_values"],
+                                             "target_values": settings["ingest.split.target_values"]})
+        return split_domains(frame, split, ingest.columns)
+    with tempfile.TemporaryDirectory(prefix="frozen-features-") as folder:
+        write = transfer.census_files if name == "census" else transfer.FILE_DATASETS[name][0]
+        write(Path(folder))
+        frames = [pd.read_csv(Path(folder) / f"{side}.csv") for side in ("source", "target")]
+    return tuple(frame.assign(text=frame["text"].map(clean_text)) for frame in frames)
 
 
 def rows_of(frame: pd.DataFrame, n: int, seen: set[str]) -> pd.DataFrame:
@@ -84,6 +96,14 @@ def layer_means(base: str, texts: list[str], max_length: int, batch_size: int = 
     return torch.cat(out).numpy()
 
 
+def fold_count(y_target: np.ndarray, n_classes: int) -> int:
+    """5 stratified folds, fewer when the rarest class has fewer target rows; refused below 2."""
+    folds = min(5, int(np.bincount(y_target, minlength=n_classes).min()))
+    if folds < 2:
+        raise SystemExit("a class has fewer than 2 target rows: nothing to cross-fit")
+    return folds
+
+
 def cross_fitted(texts: list[str], y: np.ndarray, features: dict[str, np.ndarray], n_source: int, n_classes: int,
                  seed: int) -> dict[str, np.ndarray]:
     """Out-of-fold probabilities of every model on the target rows (the rows from n_source on)."""
@@ -94,7 +114,7 @@ def cross_fitted(texts: list[str], y: np.ndarray, features: dict[str, np.ndarray
 
     target = np.arange(n_source, len(texts))
     proba = {name: np.zeros((len(target), n_classes)) for name in MODELS}
-    folds = min(5, int(np.bincount(y[target], minlength=n_classes).min()))
+    folds = fold_count(y[target], n_classes)
     for fit_target, scored in StratifiedKFold(folds, shuffle=True, random_state=seed).split(target, y[target]):
         fit, rows = np.concatenate([np.arange(n_source), target[fit_target]]), target[scored]
         lexical = tfidf_model().fit([texts[i] for i in fit], y[fit])
@@ -108,11 +128,11 @@ def cross_fitted(texts: list[str], y: np.ndarray, features: dict[str, np.ndarray
     return proba
 
 
-def measure(name: str, base: str, max_length: int, n_source: int, n_target: int, repeats: int) -> dict:
+def measure(name: str, params, n_source: int, n_target: int, repeats: int) -> dict:
     from tasks.evaluate import confusion_counts, metrics_from_confusion
     from tasks.strategy import macro_f1_evidence
 
-    source_frame, target_frame = domains(name)
+    source_frame, target_frame = domains(name, params.ingest)
     seen: set[str] = set()
     source, target = rows_of(source_frame, n_source, seen), rows_of(target_frame, n_target, seen)
     labels = sorted(set(target["label"]))
@@ -120,15 +140,16 @@ def measure(name: str, base: str, max_length: int, n_source: int, n_target: int,
     texts = source["text"].tolist() + target["text"].tolist()
     y = np.array([labels.index(label) for label in [*source["label"], *target["label"]]])
     started = time.process_time()
-    states = layer_means(base, texts, max_length)
+    states = layer_means(params.model.base, texts, params.model.max_length)
     features = {"last": states[:, -1], "layer_mean": states.mean(axis=1)}
     embed_cpu = time.process_time() - started
     y_target = y[len(source):]
     scores: dict[str, list[float]] = {model: [] for model in MODELS}
-    first = None
+    first: dict[str, np.ndarray] = {}
     for seed in range(repeats):
         proba = cross_fitted(texts, y, features, len(source), len(labels), seed)
-        first = first or proba
+        if seed == 0:
+            first = proba
         for model, p in proba.items():
             confusion = confusion_counts(y_target, p.argmax(axis=1), len(labels))
             scores[model].append(float(metrics_from_confusion(confusion)["macro_f1"]))
@@ -137,20 +158,21 @@ def measure(name: str, base: str, max_length: int, n_source: int, n_target: int,
         evidence = macro_f1_evidence(y_target, {m: first[m].argmax(axis=1) for m in (model, reference)}, len(labels),
                                      reference)[model][f"minus_{reference}"]
         return {"estimate": round(float(np.mean(scores[model]) - np.mean(scores[reference])), 4),
+                "estimate_first_repeat": round(evidence["estimate"], 4),
                 "interval_first_repeat": [round(v, 4) for v in evidence["interval"]]}
 
     return {"dataset": name, "source_rows": len(source), "target_rows": len(target), "labels": labels,
+            "folds": fold_count(y_target, len(labels)), "repeats": repeats,
             "macro_f1": {model: round(float(np.mean(v)), 4) for model, v in scores.items()},
             "layer_mean_minus_last": difference("layer_mean", "last"),
             "pool_layer_mean_minus_tfidf": difference("pool_layer_mean", "tfidf"),
             "pool_last_minus_tfidf": difference("pool_last", "tfidf"),
-            "embed_cpu_seconds": round(embed_cpu, 1)}
+            "embed_cpu_seconds_with_loading": round(embed_cpu, 1)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets", nargs="+",
-                        default=["demo", "drug-conditions", "census", *list(transfer.FILE_DATASETS)[1:]])
+    parser.add_argument("--datasets", nargs="+", default=transfer.DATASETS)
     parser.add_argument("--source", type=int, default=400, help="source rows per dataset (at most)")
     parser.add_argument("--target", type=int, default=500, help="target rows per dataset (at most)")
     parser.add_argument("--repeats", type=int, default=3, help="cross-fittings with different folds")
@@ -160,7 +182,7 @@ def main() -> None:
     params = load_params(transfer.ROOT / "params.yaml")
     results = []
     for name in args.datasets:
-        result = measure(name, params.model.base, params.model.max_length, args.source, args.target, args.repeats)
+        result = measure(name, params, args.source, args.target, args.repeats)
         results.append(result)
         print(f"{name:17s} {result['target_rows']:4d} target rows  " + "  ".join(
             f"{model} {score:.3f}" for model, score in result["macro_f1"].items()), flush=True)
@@ -170,13 +192,14 @@ def main() -> None:
 
     from tasks.devices import cpu_has_native_bf16, cpu_name
 
-    print(json.dumps({"machine": {"processor": cpu_name(), "bf16": cpu_has_native_bf16(), "precision": "fp32",
-                                  "python": platform.python_version()}, "base": params.model.base,
-                      "datasets": results, "layer_mean_beats_last": count("layer_mean_minus_last", False),
+    print(json.dumps({"machine": {"cpus": os.cpu_count(), "processor": cpu_name(), "bf16": cpu_has_native_bf16(),
+                                  "precision": "fp32", "python": platform.python_version()}, "base": params.model.base,
+                      "results": results, "layer_mean_beats_last": count("layer_mean_minus_last", False),
                       "layer_mean_clearly_beats_last": count("layer_mean_minus_last", True),
                       "pool_layer_mean_beats_tfidf": count("pool_layer_mean_minus_tfidf", False),
                       "pool_layer_mean_clearly_beats_tfidf": count("pool_layer_mean_minus_tfidf", True),
-                      "pool_last_beats_tfidf": count("pool_last_minus_tfidf", False), "of": len(results)}))
+                      "pool_last_beats_tfidf": count("pool_last_minus_tfidf", False),
+                      "pool_last_clearly_beats_tfidf": count("pool_last_minus_tfidf", True), "datasets": len(results)}))
 
 
 if __name__ == "__main__":
