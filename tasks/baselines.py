@@ -66,6 +66,16 @@ def baseline_probabilities(train: pd.DataFrame, texts: dict[str, list[str]], lab
     return out
 
 
+def softmax_coefficients(regression) -> tuple[np.ndarray, np.ndarray]:
+    """A fitted logistic regression's (coef, intercept) with one row per class it saw, so that the softmax of
+    x @ coef.T + intercept is its predict_proba: binary fits keep one row, and sigmoid(s) is the softmax of
+    (-s/2, s/2)."""
+    coef, intercept = regression.coef_, regression.intercept_
+    if coef.shape[0] == 1:
+        return np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
+    return coef, intercept
+
+
 def fit_companion(texts: list[str], labels: np.ndarray, weights: np.ndarray, n_classes: int) -> LexicalCompanion | None:
     """TF-IDF + class-balanced logistic regression on the candidate's train rows (target rows weighted as in
     training); None when the rows share no word pair twice (nothing lexical to learn)."""
@@ -75,8 +85,6 @@ def fit_companion(texts: list[str], labels: np.ndarray, weights: np.ndarray, n_c
     except ValueError:  # empty vocabulary, or a single class
         return None
     vectorizer, regression = model.steps[0][1], model.steps[1][1]
-    coef, intercept = regression.coef_, regression.intercept_
-    if coef.shape[0] == 1:  # binary: sigmoid(s) is the softmax of (-s/2, s/2)
-        coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
+    coef, intercept = softmax_coefficients(regression)
     return LexicalCompanion({term: int(i) for term, i in vectorizer.vocabulary_.items()}, vectorizer.idf_, coef,
                             intercept, [int(c) for c in regression.classes_], n_classes, 0.0)

@@ -224,7 +224,8 @@ class TrainConfig(StrictModel):
                             "1024: a larger step than that is one step per epoch for any dataset regraft trains on).")
     learning_rate: float = Field(gt=0, lt=1, description="Peak learning rate of the encoder (full, gradual_unfreeze, lora).")
     head_learning_rate: float = Field(gt=0, lt=1, description="Learning rate of the new classification head.")
-    head_epochs: int = Field(ge=1, le=10000, description="feature_extraction: passes over the cached features.")
+    head_epochs: int = Field(ge=1, le=10000, description="LP-FT's probe (linear_probe_first): passes over the cached [CLS] features. "
+                             "feature_extraction's head is solved, not trained by passes.")
     linear_probe_first: bool = Field(default=False, description="full, lora, gradual_unfreeze: fit the head on "
                                      "the frozen encoder's cached features first (as feature_extraction does), then "
                                      "fine-tune from that head (LP-FT), so the first steps do not distort the "

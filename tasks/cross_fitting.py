@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from tasks.config import TrainConfig
-from tasks.finetune import FinetuneResult, head_epoch, head_forward, head_optimiser
+from tasks.finetune import FinetuneResult, fit_linear_head, head_epoch, head_forward, head_optimiser
+from tasks.models import head_input
 from tasks.trainable_parts import head_modules
 from tasks.training_data import TrainingData
 
@@ -24,8 +25,9 @@ def cross_fitted_cheap(result: FinetuneResult, train: TrainingData, valid: Train
                        cfg: TrainConfig, folds: int = 5) -> dict:
     """Out-of-fold probabilities of the two cheap models on every labelled target row (train's target rows, then the
     validation rows): each fold's rows are scored by a TF-IDF + logistic regression and a frozen-encoder head fit on
-    the source rows and the other folds, the head for the full model's best number of epochs, so no score comes
-    from a model that saw the row or stopped early on it. Ten times the rows the validation split alone would
+    the source rows and the other folds (the pooler head for the full model's best number of epochs; the head on
+    the layers' mean solved, as train_head fits it), so no score comes from a model that saw the row or stopped
+    early on it. Ten times the rows the validation split alone would
     score, and free of the selection bias of the head's early stopping on the validation rows."""
     from sklearn.model_selection import StratifiedKFold
 
@@ -52,12 +54,16 @@ def cross_fitted_cheap(result: FinetuneResult, train: TrainingData, valid: Train
         out["tfidf"][scored] = full_proba(lexical.predict_proba(list(texts[rows])), lexical.classes_, n_classes)
         for module, state in zip(head_modules(model), result.extra["head_initial"], strict=True):
             module.load_state_dict(state)
-        fold_data = TrainingData(list(texts[fit]), labels[fit], weights[fit], np.full(len(fit), "target", dtype=object))
-        optimizer, loss_fn = head_optimiser(model, fold_data, n_classes, cfg)
-        generator = torch.Generator().manual_seed(cfg.seed)
-        labels_t, weights_t = torch.tensor(labels[fit]), torch.tensor(weights[fit])
-        for _ in range(epochs):
-            head_epoch(model, optimizer, loss_fn, features[fit], labels_t, weights_t, cfg, generator)
+        if head_input(model) == "layer_mean":
+            fit_linear_head(model, features[fit], labels[fit], weights[fit], n_classes)
+        else:
+            fold_data = TrainingData(list(texts[fit]), labels[fit], weights[fit],
+                                     np.full(len(fit), "target", dtype=object))
+            optimizer, loss_fn = head_optimiser(model, fold_data, n_classes, cfg)
+            generator = torch.Generator().manual_seed(cfg.seed)
+            labels_t, weights_t = torch.tensor(labels[fit]), torch.tensor(weights[fit])
+            for _ in range(epochs):
+                head_epoch(model, optimizer, loss_fn, features[fit], labels_t, weights_t, cfg, generator)
         model.eval()
         with torch.no_grad():
             out["feature_extraction"][scored] = torch.softmax(head_forward(model, features[rows]).float(), -1).numpy()

@@ -123,7 +123,9 @@ def load_trained_classifier(path: Path, labels: list[str], role: str):
     found = [saved[key] for key in sorted(saved, key=int)]
     if found != list(labels):
         raise RegraftError(f"{path}: the {role} model predicts labels {found}, not ingest.labels {list(labels)}")
-    return with_companion(load_classifier(path, labels), path)
+    model = load_classifier(path, labels)
+    check_head_input(model)
+    return with_companion(model, path)
 
 
 # The attribute a loaded classifier carries its lexical companion in (tasks/lexical.py); predict_proba pools it.
@@ -222,6 +224,49 @@ def temperature(model) -> float:
     return float(getattr(model.config, TEMPERATURE_KEY, None) or 1.0)
 
 
+# config.json key naming what a trained classifier's head reads. Absent or "pooler": the model's own pooler on the
+# first token's state (transformers' forward; what full, lora and gradual_unfreeze train). "layer_mean": the mean over
+# the encoder's layers of each layer's token mean (feature_extraction's head on the frozen encoder, tasks/finetune.py
+# train_head): the last layer of a sentence-similarity encoder keeps less of sentiment, authorship or income than the
+# layers below it (benchmarks/frozen_features.py: 6 of 6 datasets), and one pass computes every layer anyway.
+HEAD_INPUT_KEY = "regraft_head_input"
+HEAD_INPUTS = ("pooler", "layer_mean")
+
+
+def head_input(model) -> str:
+    """What the model's head reads (HEAD_INPUT_KEY); a model folder is input from someone else, so anything else is
+    refused rather than guessed."""
+    value = getattr(model.config, HEAD_INPUT_KEY, None) or "pooler"
+    if value not in HEAD_INPUTS:
+        raise RegraftError(f"the model's config.json sets {HEAD_INPUT_KEY} to {value!r}; regraft knows "
+                           f"{', '.join(HEAD_INPUTS)}")
+    return value
+
+
+def check_head_input(model) -> None:
+    """Refuse, when a trained model is loaded (before any quantization replaces its layers), a head input regraft
+    does not know, and the layers' mean for a classifier that is not one linear layer (what train_head fits)."""
+    if head_input(model) == "layer_mean" and not isinstance(getattr(model, "classifier", None), torch.nn.Linear):
+        raise RegraftError(f"the model's config.json sets {HEAD_INPUT_KEY} to 'layer_mean', which needs a linear "
+                           f"classifier; {type(model).__name__} has none")
+
+
+def layer_mean(hidden_states: tuple[torch.Tensor, ...], attention_mask: torch.Tensor) -> torch.Tensor:
+    """(rows, hidden): each layer's mean over the text's tokens (padding masked), averaged over the layers; the
+    embedding layer's output (hidden_states[0]) is not a layer and is left out."""
+    mask = attention_mask.unsqueeze(-1).to(hidden_states[-1].dtype)
+    counts = mask.sum(1).clamp(min=1)
+    return torch.stack([(states * mask).sum(1) / counts for states in hidden_states[1:]]).mean(0)
+
+
+def classifier_logits(model, batch: dict) -> torch.Tensor:
+    """A trained classifier's class scores for one tokenised batch, through the head its config names."""
+    if head_input(model) == "pooler":
+        return model(**batch).logits
+    states = model.base_model(**batch, output_hidden_states=True).hidden_states
+    return model.classifier(layer_mean(states, batch["attention_mask"]))
+
+
 def ready_for_inference(model, device: torch.device) -> None:
     """The model in eval mode on `device`, touching it only when it is not: both walk every module, a few
     milliseconds that a service answering one text per request pays on every request."""
@@ -239,7 +284,7 @@ def predict_logits(model, tokenizer, texts: list[str], max_length: int, batch_si
 
     runtime = runtime or choose_runtime()
     ready_for_inference(model, runtime.device)
-    return map_batches(lambda batch: model(**batch).logits.float(), tokenizer, texts, max_length,
+    return map_batches(lambda batch: classifier_logits(model, batch).float(), tokenizer, texts, max_length,
                        model.config.num_labels, runtime, batch_size)
 
 
@@ -318,19 +363,20 @@ def compute_fp32_linears_on_onednn(model, runtime) -> None:
             module.__class__ = OneDnnLinear
 
 
-POOLINGS = ("mean", "cls")
+POOLINGS = ("mean", "cls", "layer_mean")
 
 
 @torch.no_grad()
 def pooled_embeddings(spec: str | Path, texts: list[str], max_length: int, pooling: str = "mean",
                       cache_dir: Path | None = None, batch_size: int = 64, max_tokens: int | None = None,
                       overhead_tokens: int | None = None, runtime=None) -> torch.Tensor:
-    """The encoder's last hidden states pooled per text: "mean" over the text's tokens (the sentence embedding
-    all-MiniLM-L6-v2 was trained for: shift, evaluate's frozen-encoder baseline, shift-watch) or "cls", the first
-    token's state (what the pooler and classifier read: the heads finetune fits on the frozen encoder). Cached per
-    text (by model fingerprint, max length, precision, pooling and the text's sha256), so the stages embed each text
-    once between them: a call embeds only the texts no earlier call did, and stores both poolings of them (one
-    encoder pass gives both) as one new shard each."""
+    """The encoder's hidden states pooled per text: "mean", the last layer's mean over the text's tokens (the sentence
+    embedding all-MiniLM-L6-v2 was trained for: shift, evaluate's frozen-encoder baseline, shift-watch), "cls", the
+    last layer's first token (what the pooler reads: LP-FT's head), or "layer_mean", every layer's token mean averaged
+    over the layers (feature_extraction's head, `layer_mean`). Cached per text (by model fingerprint, max length,
+    precision, pooling and the text's sha256), so the stages embed each text once between them: a call embeds only
+    the texts no earlier call did, and stores every pooling of them (one encoder pass gives all) as one new shard
+    each."""
     from tasks.devices import choose_runtime
 
     chosen = runtime or choose_runtime()
@@ -344,10 +390,11 @@ def pooled_embeddings(spec: str | Path, texts: list[str], max_length: int, pooli
         hidden_size = encoder.config.hidden_size
 
         def pool(batch):
-            hidden = encoder(**batch).last_hidden_state.float()
+            states = encoder(**batch, output_hidden_states=True).hidden_states
+            hidden = states[-1].float()
             mask = batch["attention_mask"].unsqueeze(-1).float()
             mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-            return torch.cat([mean, hidden[:, 0]], dim=1)
+            return torch.cat([mean, hidden[:, 0], layer_mean(states, batch["attention_mask"]).float()], dim=1)
 
         flat = map_batches(pool, load_tokenizer(spec), rows, max_length, len(POOLINGS) * hidden_size, chosen,
                            batch_size, max_tokens, overhead_tokens)

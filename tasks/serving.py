@@ -256,14 +256,15 @@ def load_model(folder: Path, version: str, max_length: int, precision: str = "fp
     its Linear layers dynamically quantized (torch's quantize_dynamic); bf16: its Linear layers stored in bf16, computed
     under bf16 autocast; fp32: on oneDNN where this machine measured it faster (tasks/models.py OneDnnLinear)."""
     from tasks.devices import choose_runtime
-    from tasks.models import (cast_linear_layers_to_bf16, compute_fp32_linears_on_onednn, load_classifier,
-                              load_tokenizer, with_companion)
+    from tasks.models import (cast_linear_layers_to_bf16, check_head_input, compute_fp32_linears_on_onednn,
+                              load_classifier, load_tokenizer, with_companion)
 
     config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
     labels = [config["id2label"][key] for key in sorted(config["id2label"], key=int)]
     # Inference only, and without touching the process's grad mode: predict_proba runs under torch.no_grad(),
     # while a global torch.set_grad_enabled(False) here broke training later in the same process (a test worker).
     model = load_classifier(folder, labels).eval()
+    check_head_input(model)
     if precision == "bf16":
         cast_linear_layers_to_bf16(model)  # the same answers as autocast from fp32, without its cast on every pass
     if precision == "fp32":

@@ -62,28 +62,57 @@ def test_feature_extraction_trains_only_the_head_and_caches(tiny_bert, splits, b
     assert not changed(base_weights, after, "bert.encoder.")
     assert not changed(base_weights, after, "bert.embeddings.")
     assert changed(base_weights, after, "classifier.")
-    # One encoder pass stored both poolings of every train and validation text; a second run embeds nothing.
+    # One encoder pass stored every pooling of every train and validation text; a second run embeds nothing.
     shards = sorted(p.name for p in (tmp_path / "cache").iterdir())
-    assert [name.split("-")[1] for name in shards] == ["cls", "mean"]
+    assert [name.split("-")[1] for name in shards] == ["cls", "layer_mean", "mean"]
     again = run(tiny_bert, splits, "feature_extraction", tmp_path)
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == shards
     assert torch.equal(weights(again.model)["classifier.weight"], after["classifier.weight"])
 
 
-def test_head_on_cached_features_equals_full_forward(tiny_bert, splits, tmp_path):
-    """The cached-feature head computes exactly what the saved model computes."""
+def test_head_on_cached_features_equals_the_saved_models_forward(tiny_bert, splits, tmp_path):
+    """feature_extraction's head reads the layers' mean: the cached-feature head computes exactly what the saved
+    model, loaded back as evaluate and serving load it, computes from the texts (padded or not), and not what
+    transformers' own forward (the pooler on [CLS]) would."""
     from tasks.devices import choose_runtime
     from tasks.finetune import head_forward
-    from tasks.models import pad_batch, pooled_embeddings, tokenize
+    from tasks.models import (HEAD_INPUT_KEY, layer_mean, load_trained_classifier, pad_batch, pooled_embeddings,
+                              predict_logits, tokenize)
 
     result = run(tiny_bert, splits, "feature_extraction", tmp_path)
-    model = result.model.eval()
+    result.model.save_pretrained(tmp_path / "saved")
+    result.tokenizer.save_pretrained(tmp_path / "saved")
+    model = load_trained_classifier(tmp_path / "saved", LABELS, "candidate").eval()
+    assert getattr(model.config, HEAD_INPUT_KEY) == "layer_mean"
     texts = splits["target_train"]["text"].tolist()[:5]
     runtime = choose_runtime("fp32")
     with torch.no_grad():
-        via_head = head_forward(model, pooled_embeddings(tiny_bert, texts, 64, "cls", batch_size=1, runtime=runtime))
-        direct = torch.cat([model(**pad_batch(tokenize(result.tokenizer, [t], 64), 0)).logits for t in texts])
+        via_head = head_forward(model, pooled_embeddings(tiny_bert, texts, 64, "layer_mean", batch_size=1,
+                                                         runtime=runtime))
+        batch = pad_batch(tokenize(result.tokenizer, texts[:1], 64), 0)
+        by_hand = model.classifier(layer_mean(model.base_model(**batch, output_hidden_states=True).hidden_states,
+                                              batch["attention_mask"]))
+        pooler_forward = torch.cat([model(**pad_batch(tokenize(result.tokenizer, [t], 64), 0)).logits for t in texts])
+    direct = predict_logits(model, result.tokenizer, texts, 64, runtime=runtime)  # batched: padding masked
     assert torch.allclose(via_head, direct, atol=1e-5)
+    assert torch.allclose(by_hand, direct[:1], atol=1e-5)
+    assert not torch.allclose(pooler_forward, direct, atol=1e-3)
+
+
+def test_a_head_input_regraft_does_not_know_is_refused(tiny_bert, splits, tmp_path):
+    """A model folder is input from someone else: a config.json naming another head input is refused when the model
+    is loaded, with the key and the value in the message, not guessed at."""
+    import json
+
+    from tasks.errors import RegraftError
+    from tasks.models import HEAD_INPUT_KEY, load_trained_classifier
+
+    result = run(tiny_bert, splits, "feature_extraction", tmp_path)
+    result.model.save_pretrained(tmp_path / "saved")
+    config = tmp_path / "saved" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), HEAD_INPUT_KEY: "last_token"}))
+    with pytest.raises(RegraftError, match=f"{HEAD_INPUT_KEY}.*'last_token'"):
+        load_trained_classifier(tmp_path / "saved", LABELS, "candidate")
 
 
 @pytest.mark.parametrize(("strategy", "patience"), [("full", 0), ("lora", 1)])
@@ -113,24 +142,37 @@ def test_full_trains_every_layer(tiny_bert, splits, base_weights):
 
 
 def test_linear_probe_first_starts_fine_tuning_from_the_probed_head(tiny_bert, splits, monkeypatch):
-    """LP-FT: full and lora start from the head that feature_extraction fits on the frozen features (the same
-    logits before the first step), with the encoder (full) or its adapters (lora) trainable again."""
-    from tasks.models import predict_logits
+    """LP-FT: full and lora start from the head fitted on the frozen features (the same logits before the first
+    step), the pooler + classifier on [CLS] that fine-tuning goes on through (not feature_extraction's head on the
+    layers' mean), with the encoder (full) or its adapters (lora) trainable again."""
+    import tasks.finetune
+    from tasks.models import HEAD_INPUT_KEY, predict_logits
 
     texts = splits["target_train"]["text"].tolist()[:4]
-    probe = run(tiny_bert, splits, "feature_extraction")
-    expected = predict_logits(probe.model, probe.tokenizer, texts, 64)
-    started = {}
+    probed, started = {}, {}
+    real_train_head = tasks.finetune.train_head
+
+    def probe(model, tokenizer, *args, **kwargs):
+        before = predict_logits(model, tokenizer, texts, 64)
+        result = real_train_head(model, tokenizer, *args, **kwargs)
+        after = predict_logits(model, tokenizer, texts, 64)
+        assert not torch.allclose(before, after, atol=1e-3)  # the probe trained the head
+        probed[kwargs["what"]] = (getattr(model.config, HEAD_INPUT_KEY, None), after)
+        return result
 
     def capture(plan):
         trainable = [name for name, p in plan.model.named_parameters() if p.requires_grad]
         started[plan.strategy] = (predict_logits(plan.model, plan.tokenizer, texts, 64), trainable)
 
+    monkeypatch.setattr("tasks.finetune.train_head", probe)
     monkeypatch.setattr("tasks.finetune.train_layers", capture)
     for strategy in ("full", "lora"):
         run(tiny_bert, splits, strategy, linear_probe_first=True)
+        reads, expected = probed[f"linear probe before {strategy}"]
         logits, trainable = started[strategy]
+        assert reads is None  # the pooler on [CLS], transformers' own forward
         assert torch.allclose(logits, expected, atol=1e-5), strategy
+    assert torch.allclose(probed["linear probe before full"][1], probed["linear probe before lora"][1], atol=1e-5)
     assert any(name.startswith("bert.encoder.layer.0.") for name in started["full"][1])
     assert any("lora_" in name for name in started["lora"][1])
     assert not any("lora_" not in name and "classifier" not in name for name in started["lora"][1])
@@ -282,7 +324,7 @@ def test_embeddings_are_cached_per_text_across_calls(tiny_bert, tmp_path):
     first = mean_pooled_embeddings(tiny_bert, texts[:2], 32, cache)
     second = mean_pooled_embeddings(tiny_bert, [texts[3], texts[1], texts[2], texts[1]], 32, cache)
     mean_shards = sorted(cache.glob("text-mean-*.pt"))
-    assert len(mean_shards) == 2 and len(list(cache.iterdir())) == 4
+    assert len(mean_shards) == 2 and len(list(cache.iterdir())) == 6  # every pooling of each call's new texts
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]
     assert torch.allclose(first, plain[:2], atol=1e-5)
     assert torch.allclose(second, plain[[3, 1, 2, 1]], atol=1e-5)
@@ -483,3 +525,27 @@ def test_temperature_scaling_undoes_overconfidence():
     before = expected_calibration_error(torch.softmax(sharp, 1).numpy(), labels, 10)
     after = expected_calibration_error(torch.softmax(sharp / t, 1).numpy(), labels, 10)
     assert after < before / 2
+
+
+@pytest.mark.parametrize("classes_seen", [[0, 1, 2], [0, 2]])
+def test_the_head_on_the_layers_mean_is_the_solved_logistic_regression(classes_seen):
+    """feature_extraction's head answers with the class-balanced, row-weighted logistic regression evaluate fits
+    (its predict_proba, three classes or two), and a class no training row has gets a probability near 0."""
+    from types import SimpleNamespace
+
+    from tasks.baselines import balanced_logistic_regression
+    from tasks.finetune import fit_linear_head, head_forward
+    from tasks.models import HEAD_INPUT_KEY
+
+    rng = np.random.default_rng(0)
+    labels = rng.choice(classes_seen, size=60)
+    features = torch.as_tensor(rng.normal(size=(60, 8)) + labels[:, None], dtype=torch.float32)
+    weights = rng.choice([1.0, 2.0], size=60).astype(np.float32)
+    model = SimpleNamespace(config=SimpleNamespace(**{HEAD_INPUT_KEY: "layer_mean"}), classifier=torch.nn.Linear(8, 3),
+                            dropout=torch.nn.Identity())
+    fit_linear_head(model, features, labels, weights, 3)
+    expected = balanced_logistic_regression().fit(features.numpy(), labels, sample_weight=weights)
+    with torch.no_grad():
+        proba = torch.softmax(head_forward(model, features), -1).numpy()
+    assert np.allclose(proba[:, classes_seen], expected.predict_proba(features.numpy()), atol=1e-5)
+    assert proba[:, sorted({0, 1, 2} - set(classes_seen))].max(initial=0) < 1e-9
