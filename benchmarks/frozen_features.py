@@ -1,10 +1,11 @@
 """Benchmark: which of the frozen encoder's states a linear head should read, against TF-IDF + logistic regression,
 in one run, on the datasets of benchmarks/transfer.py.
 
-regraft's cheap encoder models read the last layer: evaluate's frozen-encoder baseline a logistic regression on its
-token mean (the sentence embedding all-MiniLM-L6-v2 was trained for), auto's feature_extraction rung a head on its
-first token (tasks/finetune.py head_forward). A sentence-similarity objective shapes that last layer; sentiment,
-authorship and income may be kept better in the layers below it. This measures the token mean of every layer
+evaluate's frozen-encoder baseline is a logistic regression on the last layer's token mean (the sentence embedding
+all-MiniLM-L6-v2 was trained for); up to stop 50 auto's feature_extraction rung read the last layer too (a head on
+its first token), and since stop 51 it reads the layers' mean this measures (tasks/finetune.py fit_linear_head). A
+sentence-similarity objective shapes that last layer; sentiment, authorship and income may be kept better in the
+layers below it. This measures the token mean of every layer
 averaged over the layers (the embedding layer excluded; the same width, the same single encoder pass:
 `output_hidden_states` costs no extra matrix work) against the last layer's, each alone and pooled half and half
 with TF-IDF's probabilities (a fixed 50/50 pool, not auto's, whose weight and temperature are chosen on validation

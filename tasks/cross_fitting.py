@@ -55,7 +55,7 @@ def cross_fitted_cheap(result: FinetuneResult, train: TrainingData, valid: Train
         for module, state in zip(head_modules(model), result.extra["head_initial"], strict=True):
             module.load_state_dict(state)
         if head_input(model) == "layer_mean":
-            fit_linear_head(model, features[fit], labels[fit], weights[fit], n_classes)
+            fit_linear_head(model, features[fit], labels[fit], weights[fit], n_classes, cfg.class_weights)
         else:
             fold_data = TrainingData(list(texts[fit]), labels[fit], weights[fit],
                                      np.full(len(fit), "target", dtype=object))

@@ -124,7 +124,7 @@ def load_trained_classifier(path: Path, labels: list[str], role: str):
     if found != list(labels):
         raise RegraftError(f"{path}: the {role} model predicts labels {found}, not ingest.labels {list(labels)}")
     model = load_classifier(path, labels)
-    check_head_input(model)
+    check_head_input(model, f"{path}: the {role} model")
     return with_companion(model, path)
 
 
@@ -234,29 +234,39 @@ HEAD_INPUTS = ("pooler", "layer_mean")
 
 
 def head_input(model) -> str:
-    """What the model's head reads (HEAD_INPUT_KEY); a model folder is input from someone else, so anything else is
-    refused rather than guessed."""
-    value = getattr(model.config, HEAD_INPUT_KEY, None) or "pooler"
-    if value not in HEAD_INPUTS:
-        raise RegraftError(f"the model's config.json sets {HEAD_INPUT_KEY} to {value!r}; regraft knows "
+    """What the model's head reads (HEAD_INPUT_KEY, absent: "pooler"); a model folder is input from someone else, so
+    anything else (another name, a number, a list, an empty string) is refused rather than guessed."""
+    value = getattr(model.config, HEAD_INPUT_KEY, None)
+    if value is None:
+        return "pooler"
+    if not isinstance(value, str) or value not in HEAD_INPUTS:
+        raise RegraftError(f"its config.json sets {HEAD_INPUT_KEY} to {value!r}; regraft knows "
                            f"{', '.join(HEAD_INPUTS)}")
     return value
 
 
-def check_head_input(model) -> None:
+def check_head_input(model, where: str) -> None:
     """Refuse, when a trained model is loaded (before any quantization replaces its layers), a head input regraft
-    does not know, and the layers' mean for a classifier that is not one linear layer (what train_head fits)."""
-    if head_input(model) == "layer_mean" and not isinstance(getattr(model, "classifier", None), torch.nn.Linear):
-        raise RegraftError(f"the model's config.json sets {HEAD_INPUT_KEY} to 'layer_mean', which needs a linear "
-                           f"classifier; {type(model).__name__} has none")
+    does not know, and the layers' mean for a classifier that is not one linear layer over the encoder's width (what
+    train_head fits); `where` names the model in the message."""
+    try:
+        reads = head_input(model)
+    except RegraftError as exc:
+        raise RegraftError(f"{where}: {exc}") from None
+    classifier = getattr(model, "classifier", None)
+    if reads == "layer_mean" and not (isinstance(classifier, torch.nn.Linear)
+                                      and classifier.in_features == getattr(model.config, "hidden_size", None)):
+        raise RegraftError(f"{where}: its config.json sets {HEAD_INPUT_KEY} to 'layer_mean', which needs a linear "
+                           f"classifier over the encoder's hidden states; {type(model).__name__}'s is not one")
 
 
 def layer_mean(hidden_states: tuple[torch.Tensor, ...], attention_mask: torch.Tensor) -> torch.Tensor:
     """(rows, hidden): each layer's mean over the text's tokens (padding masked), averaged over the layers; the
-    embedding layer's output (hidden_states[0]) is not a layer and is left out."""
-    mask = attention_mask.unsqueeze(-1).to(hidden_states[-1].dtype)
+    embedding layer's output (hidden_states[0]) is not a layer and is left out. Summed in fp32 whatever the states'
+    dtype (bf16 under bf16 inference), as the cached "mean" pooling is."""
+    mask = attention_mask.unsqueeze(-1).float()
     counts = mask.sum(1).clamp(min=1)
-    return torch.stack([(states * mask).sum(1) / counts for states in hidden_states[1:]]).mean(0)
+    return torch.stack([(states.float() * mask).sum(1) / counts for states in hidden_states[1:]]).mean(0)
 
 
 def classifier_logits(model, batch: dict) -> torch.Tensor:
@@ -264,7 +274,10 @@ def classifier_logits(model, batch: dict) -> torch.Tensor:
     if head_input(model) == "pooler":
         return model(**batch).logits
     states = model.base_model(**batch, output_hidden_states=True).hidden_states
-    return model.classifier(layer_mean(states, batch["attention_mask"]))
+    features = layer_mean(states, batch["attention_mask"])
+    if isinstance(model.classifier, torch.nn.Linear):  # bf16 weights compute in bf16 (under autocast, as before)
+        features = features.to(model.classifier.weight.dtype)
+    return model.classifier(features)
 
 
 def ready_for_inference(model, device: torch.device) -> None:
@@ -394,7 +407,7 @@ def pooled_embeddings(spec: str | Path, texts: list[str], max_length: int, pooli
             hidden = states[-1].float()
             mask = batch["attention_mask"].unsqueeze(-1).float()
             mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-            return torch.cat([mean, hidden[:, 0], layer_mean(states, batch["attention_mask"]).float()], dim=1)
+            return torch.cat([mean, hidden[:, 0], layer_mean(states, batch["attention_mask"])], dim=1)
 
         flat = map_batches(pool, load_tokenizer(spec), rows, max_length, len(POOLINGS) * hidden_size, chosen,
                            batch_size, max_tokens, overhead_tokens)

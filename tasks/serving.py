@@ -172,7 +172,8 @@ class LoadedModel:
 
 
 class ModelRefused(RegraftError):
-    """A model whose files are not the ones recorded when it was packaged: it is not served."""
+    """A model whose files are not the ones recorded when it was packaged, or that names a head regraft cannot
+    compute: it is not served."""
 
 
 def recorded_digests(registry: Path, tag: str, metadata: dict) -> dict[str, str]:
@@ -264,7 +265,10 @@ def load_model(folder: Path, version: str, max_length: int, precision: str = "fp
     # Inference only, and without touching the process's grad mode: predict_proba runs under torch.no_grad(),
     # while a global torch.set_grad_enabled(False) here broke training later in the same process (a test worker).
     model = load_classifier(folder, labels).eval()
-    check_head_input(model)
+    try:
+        check_head_input(model, f"{version}: {folder}")
+    except RegraftError as exc:
+        raise ModelRefused(str(exc)) from None
     if precision == "bf16":
         cast_linear_layers_to_bf16(model)  # the same answers as autocast from fp32, without its cast on every pass
     if precision == "fp32":

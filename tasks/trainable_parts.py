@@ -22,7 +22,9 @@ def encoder_blocks(model) -> list[torch.nn.Module]:
 
 
 def head_modules(model) -> list[torch.nn.Module]:
-    """What feature extraction trains: the pooler (if any) and the classifier."""
+    """The head on the frozen encoder: the pooler (if any) and the classifier, which LP-FT's probe trains and
+    cross-fitting restores per fold (feature_extraction solves the classifier alone: tasks/finetune.py
+    fit_linear_head)."""
     pooler = getattr(model.base_model, "pooler", None)
     return [m for m in (pooler, model.classifier) if m is not None]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -99,20 +101,46 @@ def test_head_on_cached_features_equals_the_saved_models_forward(tiny_bert, spli
     assert not torch.allclose(pooler_forward, direct, atol=1e-3)
 
 
-def test_a_head_input_regraft_does_not_know_is_refused(tiny_bert, splits, tmp_path):
-    """A model folder is input from someone else: a config.json naming another head input is refused when the model
-    is loaded, with the key and the value in the message, not guessed at."""
+@pytest.mark.parametrize("value", ["last_token", "", 0, ["layer_mean"]])
+def test_a_head_input_regraft_does_not_know_is_refused(tiny_bert, splits, tmp_path, value):
+    """A model folder is input from someone else: a config.json naming another head input (or not a name) is refused
+    when the model is loaded, by the stages and by the service (which then does not serve it), with the folder, the
+    key and the value in the message, not guessed at."""
     import json
 
     from tasks.errors import RegraftError
     from tasks.models import HEAD_INPUT_KEY, load_trained_classifier
+    from tasks.serving import ModelRefused, load_model
 
     result = run(tiny_bert, splits, "feature_extraction", tmp_path)
     result.model.save_pretrained(tmp_path / "saved")
+    result.tokenizer.save_pretrained(tmp_path / "saved")
     config = tmp_path / "saved" / "config.json"
-    config.write_text(json.dumps({**json.loads(config.read_text()), HEAD_INPUT_KEY: "last_token"}))
-    with pytest.raises(RegraftError, match=f"{HEAD_INPUT_KEY}.*'last_token'"):
+    config.write_text(json.dumps({**json.loads(config.read_text()), HEAD_INPUT_KEY: value}))
+    shown = re.escape(repr(value))
+    with pytest.raises(RegraftError, match=f"saved: the candidate model: .*{HEAD_INPUT_KEY} to {shown}"):
         load_trained_classifier(tmp_path / "saved", LABELS, "candidate")
+    with pytest.raises(ModelRefused, match=f"regraft-classifier:v1: .*{HEAD_INPUT_KEY} to {shown}"):
+        load_model(tmp_path / "saved", "regraft-classifier:v1", 64)
+
+
+def test_fine_tuning_from_a_feature_extraction_champion_starts_from_a_new_pooler_head(tiny_bert, splits, tmp_path,
+                                                                                       monkeypatch):
+    """train.init champion: a champion whose classifier was solved on the layers' mean is fine-tuned through the
+    pooler, so the classifier starts again (not from weights meant for other inputs) and the model reads the pooler
+    while it trains, as its validation and serving will."""
+    from tasks.models import HEAD_INPUT_KEY
+
+    champion = run(tiny_bert, splits, "feature_extraction", tmp_path)
+    champion.model.save_pretrained(tmp_path / "champion")
+    champion.tokenizer.save_pretrained(tmp_path / "champion")
+    solved = champion.model.classifier.weight.detach().clone()
+    started = {}
+    monkeypatch.setattr("tasks.finetune.train_layers", lambda plan: started.update(
+        reads=getattr(plan.model.config, HEAD_INPUT_KEY, None), weight=plan.model.classifier.weight.detach().clone()))
+    run(tmp_path / "champion", splits, "full")
+    assert started["reads"] is None
+    assert not torch.allclose(started["weight"], solved, atol=1e-3)
 
 
 @pytest.mark.parametrize(("strategy", "patience"), [("full", 0), ("lora", 1)])
@@ -527,10 +555,12 @@ def test_temperature_scaling_undoes_overconfidence():
     assert after < before / 2
 
 
-@pytest.mark.parametrize("classes_seen", [[0, 1, 2], [0, 2]])
-def test_the_head_on_the_layers_mean_is_the_solved_logistic_regression(classes_seen):
-    """feature_extraction's head answers with the class-balanced, row-weighted logistic regression evaluate fits
-    (its predict_proba, three classes or two), and a class no training row has gets a probability near 0."""
+@pytest.mark.parametrize(("classes_seen", "class_weights"), [([0, 1, 2], "balanced"), ([0, 2], "balanced"),
+                                                            ([0, 1, 2], "none")])
+def test_the_head_on_the_layers_mean_is_the_solved_logistic_regression(classes_seen, class_weights):
+    """feature_extraction's head answers with the row-weighted logistic regression evaluate fits, class-balanced
+    unless train.class_weights is none (its predict_proba, three classes or two), and a class no training row has
+    gets a probability of 0."""
     from types import SimpleNamespace
 
     from tasks.baselines import balanced_logistic_regression
@@ -543,9 +573,10 @@ def test_the_head_on_the_layers_mean_is_the_solved_logistic_regression(classes_s
     weights = rng.choice([1.0, 2.0], size=60).astype(np.float32)
     model = SimpleNamespace(config=SimpleNamespace(**{HEAD_INPUT_KEY: "layer_mean"}), classifier=torch.nn.Linear(8, 3),
                             dropout=torch.nn.Identity())
-    fit_linear_head(model, features, labels, weights, 3)
-    expected = balanced_logistic_regression().fit(features.numpy(), labels, sample_weight=weights)
+    fit_linear_head(model, features, labels, weights, 3, class_weights)
+    expected = balanced_logistic_regression().set_params(class_weight=None if class_weights == "none" else "balanced")
+    expected.fit(features.numpy(), labels, sample_weight=weights)
     with torch.no_grad():
         proba = torch.softmax(head_forward(model, features), -1).numpy()
     assert np.allclose(proba[:, classes_seen], expected.predict_proba(features.numpy()), atol=1e-5)
-    assert proba[:, sorted({0, 1, 2} - set(classes_seen))].max(initial=0) < 1e-9
+    assert proba[:, sorted({0, 1, 2} - set(classes_seen))].max(initial=0) == 0
