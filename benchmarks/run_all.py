@@ -114,7 +114,9 @@ def run_demo(out: Path) -> dict:
     log = out / "demo.log"
     scratch = Path(tempfile.mkdtemp(prefix="regraft-demo-"))
     try:
-        for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "pipelines", "tasks", "flows", "deploy"):
+        # requirements.lock: the Bento the package stage builds pins its packages from it (deploy/bentofile.yaml).
+        for name in ("dvc.yaml", "params.yaml", "requirements.lock", ".dvcignore", ".gitignore", "pipelines", "tasks",
+                     "flows", "deploy"):
             source = ROOT / name
             (shutil.copytree if source.is_dir() else shutil.copy2)(source, scratch / name)
         env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
