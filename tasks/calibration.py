@@ -12,6 +12,12 @@ from tasks.finetune import FinetuneResult
 from tasks.training_data import TrainingData
 
 
+# A row's loss counts at most -log(1e-12), as if its probability were clipped there (as calibrate_cross_fitted's are):
+# a class a head never saw in training scores about -1e4 (tasks/finetune.py fit_linear_head), and one such row among
+# the validation rows would otherwise drive T to its bound and flatten every probability.
+MAX_ROW_LOSS = -math.log(1e-12)
+
+
 def fit_temperature(logits: torch.Tensor, labels: np.ndarray) -> float:
     """The temperature T that minimises the negative log-likelihood of softmax(logits / T) (Guo et al., 2017)."""
     from scipy.optimize import minimize_scalar
@@ -19,7 +25,8 @@ def fit_temperature(logits: torch.Tensor, labels: np.ndarray) -> float:
     target = torch.tensor(np.asarray(labels), dtype=torch.long)  # a copy: the labels may be a read-only array
 
     def nll(log_t: float) -> float:
-        return float(torch.nn.functional.cross_entropy(logits / math.exp(log_t), target))
+        rows = torch.nn.functional.cross_entropy(logits / math.exp(log_t), target, reduction="none")
+        return float(rows.clamp(max=MAX_ROW_LOSS).mean())
 
     return float(math.exp(minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded").x))
 
@@ -53,7 +60,7 @@ def set_temperature(result: FinetuneResult, logits: torch.Tensor, labels: np.nda
 
 def calibrate_cross_fitted(result: FinetuneResult, crossed: dict, bins: int = 10) -> tuple[dict, np.ndarray]:
     """Temperature scaling of the frozen encoder's head on its out-of-fold probabilities over every labelled target
-    row (cross_fitted_cheap): ten times the validation rows, and none scored by a head that early-stopped on it. With
+    row (cross_fitted_cheap): ten times the validation rows, and none scored by a head fit on it. With
     the calibration report, the tempered out-of-fold probabilities."""
     logits = torch.log(torch.as_tensor(crossed["feature_extraction"], dtype=torch.float32).clamp_min(1e-12))
     report = set_temperature(result, logits, crossed["labels"], bins, f"temperature scaling on {crossed['folds']}-fold "

@@ -38,8 +38,8 @@ from tasks.dropout import use_fast_dropout
 from tasks.evaluate import confusion_counts, metrics_from_confusion
 from tasks.files import write_atomically
 from tasks.models import (
-    HEAD_INPUT_KEY, head_input, load_classifier, load_tokenizer, model_fingerprint, pad_batch, pooled_embeddings,
-    predict_proba, tokenize,
+    HEAD_INPUT_KEY, check_head_input, classifier_over_hidden_states, head_input, load_classifier, load_tokenizer,
+    model_fingerprint, pad_batch, pooled_embeddings, predict_proba, tokenize,
 )
 from tasks.progress import Progress
 from tasks.trainable_parts import (head_modules, lora_inputs_stay_in_autocast_dtype, param_groups, unfreeze_for_epoch,
@@ -173,10 +173,13 @@ def finetune(base: str, labels: list[str], train: TrainingData, valid: TrainingD
     # Profiled on this project's CPU: eager attention backpropagates faster than SDPA's CPU kernel.
     attention = "eager" if runtime.device.type == "cpu" else None
     model = load_classifier(base, labels, attention_dropout=cfg.attention_dropout, attn_implementation=attention)
+    check_head_input(model, f"{base}: the model training starts from")
     if head_input(model) == "layer_mean" and strategy != "feature_extraction":
         # A champion trained as feature_extraction: its classifier was solved on the layers' mean, meaningless on the
-        # pooler's output that full, lora and gradual_unfreeze train through, so it starts again as a new head would.
-        model.classifier.reset_parameters()
+        # pooler's output that full, lora and gradual_unfreeze train through, so it starts again as transformers
+        # starts a new head (normal weights at the config's initializer_range, zero bias).
+        torch.nn.init.normal_(model.classifier.weight, std=model.config.initializer_range)
+        torch.nn.init.zeros_(model.classifier.bias)
     setattr(model.config, HEAD_INPUT_KEY, None)  # what trains now reads what this strategy does (train_head sets it)
     if strategy == "feature_extraction":
         return train_head(model, tokenizer, base, labels, train, valid, cfg, model_cfg, runtime, cache_dir,
@@ -480,8 +483,9 @@ def fit_linear_head(model, features: torch.Tensor, labels: np.ndarray, weights: 
                     class_weights: str = "balanced") -> None:
     """The classifier (one linear layer on the layers' mean) set to a row-weighted L2 logistic regression on the
     features, class-balanced unless `class_weights` (train.class_weights) is "none", solved to its optimum
-    (tasks/baselines.py balanced_logistic_regression, what evaluate's frozen-encoder baseline fits). AdamW epochs from a random start, as the pooler head trains, scored
-    0.017 to 0.153 lower cross-fitted macro-F1 than the solved fit on 5 of 6 datasets (0.015 higher on one).
+    (tasks/baselines.py balanced_logistic_regression, what evaluate's frozen-encoder baseline fits). AdamW epochs
+    from a random start, as the pooler head trains, scored 0.017 to 0.153 lower cross-fitted macro-F1 than the
+    solved fit on 5 of 6 datasets (0.015 higher on one).
     A class no training row has gets a zero row and a bias of -1e4 (a probability of 0 at any temperature); rows of
     a single class, nothing to regress, give that class alone."""
     from tasks.baselines import balanced_logistic_regression, softmax_coefficients
@@ -498,7 +502,8 @@ def fit_linear_head(model, features: torch.Tensor, labels: np.ndarray, weights: 
         seen = regression.classes_
     weight, bias = torch.zeros(n_classes, coef.shape[1]), torch.full((n_classes,), -1e4)
     seen = torch.as_tensor(seen, dtype=torch.long)
-    weight[seen], bias[seen] = torch.as_tensor(coef, dtype=torch.float32), torch.as_tensor(intercept, dtype=torch.float32)
+    weight[seen] = torch.as_tensor(coef, dtype=torch.float32)
+    bias[seen] = torch.as_tensor(intercept, dtype=torch.float32)
     with torch.no_grad():
         model.classifier.weight.copy_(weight)
         model.classifier.bias.copy_(bias)
@@ -511,7 +516,7 @@ def train_head(model, tokenizer, base, labels, train, valid, cfg, model_cfg, run
     point, the pooler + classifier on the [CLS] state that fine-tuning goes on from ("pooler"); `what` names which in
     the log."""
     started = time.perf_counter()
-    if reads == "layer_mean" and not isinstance(getattr(model, "classifier", None), torch.nn.Linear):
+    if reads == "layer_mean" and not classifier_over_hidden_states(model):
         reads = "pooler"
     setattr(model.config, HEAD_INPUT_KEY, None if reads == "pooler" else reads)
     # The frozen encoder's features, from the per-text cache the shift stage filled in the same pass as its mean

@@ -90,10 +90,10 @@ def training_section(params: Params, finetune: FinetuneReport | None, before_eva
         f"- Hardware: {finetune.hardware}; precision {finetune.precision}; {finetune.threads} "
         f"threads; {finetune.processes} process(es)",
         f"- Epochs run: {finetune.epochs_run} (best validation epoch: {finetune.best_epoch})"
-        + ("; the head is a logistic regression on the mean over the encoder's layers of each layer's token mean, "
-           "solved in one fit (config.json `regraft_head_input: layer_mean`): regraft computes it, a plain "
-           "transformers pipeline would run the pooler on [CLS] instead" if finetune.strategy == "feature_extraction"
-           else ""),
+        + ("; where the classifier is one linear layer (BERT's), the head is a logistic regression on the mean over "
+           "the encoder's layers of each layer's token mean, solved in one fit (config.json `regraft_head_input: "
+           "layer_mean`): regraft computes it, a plain transformers pipeline would run the pooler on [CLS] instead"
+           if finetune.strategy == "feature_extraction" else ""),
         "- Validation (held out of target_train): "
         + (", ".join(f"{k} {v:.3f}" for k, v in finetune.validation.items()) or "-"),
         f"- Calibration ({calibration.method or 'temperature scaling'}): {calibration_text(calibration)}",

@@ -253,11 +253,17 @@ def check_head_input(model, where: str) -> None:
         reads = head_input(model)
     except RegraftError as exc:
         raise RegraftError(f"{where}: {exc}") from None
-    classifier = getattr(model, "classifier", None)
-    if reads == "layer_mean" and not (isinstance(classifier, torch.nn.Linear)
-                                      and classifier.in_features == getattr(model.config, "hidden_size", None)):
+    if reads == "layer_mean" and not classifier_over_hidden_states(model):
         raise RegraftError(f"{where}: its config.json sets {HEAD_INPUT_KEY} to 'layer_mean', which needs a linear "
                            f"classifier over the encoder's hidden states; {type(model).__name__}'s is not one")
+
+
+def classifier_over_hidden_states(model) -> bool:
+    """Whether the model's classifier is one linear layer over the encoder's width (BERT's), so it can read the
+    layers' mean; else (RoBERTa's head, say, reads a sequence) feature_extraction's head reads the pooler."""
+    classifier = getattr(model, "classifier", None)
+    width = getattr(model.config, "hidden_size", None)
+    return isinstance(classifier, torch.nn.Linear) and classifier.in_features == width
 
 
 def layer_mean(hidden_states: tuple[torch.Tensor, ...], attention_mask: torch.Tensor) -> torch.Tensor:

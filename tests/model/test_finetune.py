@@ -535,6 +535,21 @@ def test_real_minilm_full_on_a_few_dozen_rows(demo_splits, tmp_path):
     assert torch.allclose(probs.sum(dim=1), torch.ones(2), atol=1e-4)
 
 
+def test_a_row_of_a_class_the_head_never_saw_does_not_flatten_the_temperature():
+    """A validation row of a class feature_extraction's head never saw in training (its score about -1e4): the
+    temperature fitted with it stays near the one without it, instead of running to its bound."""
+    from tasks.calibration import fit_temperature
+
+    rng = np.random.default_rng(0)
+    logits = torch.tensor(rng.normal(size=(200, 3)) * 4)
+    labels = logits.argmax(1).numpy()
+    labels[:40] = rng.integers(0, 3, size=40)  # some wrong rows, so T is not at its lower bound
+    without = fit_temperature(logits, labels)
+    unseen = torch.cat([logits, torch.tensor([[2.0, 1.0, -1e4]], dtype=logits.dtype)])
+    with_row = fit_temperature(unseen, np.append(labels, 2))
+    assert abs(with_row - without) < 0.25 * without and with_row < 10
+
+
 def test_temperature_scaling_undoes_overconfidence():
     """Logits three times too sharp: the fitted temperature is about 3, and calibration error falls."""
     import numpy as np
