@@ -79,22 +79,16 @@ def rows_of(frame: pd.DataFrame, n: int, seen: set[str]) -> pd.DataFrame:
     return frame
 
 
-def layer_means(base: str, texts: list[str], max_length: int, batch_size: int = 32) -> np.ndarray:
-    """(texts, layers, hidden): each layer's token mean (the embedding layer excluded), fp32, in one encoder pass."""
-    import torch
+def frozen_features(base: str, texts: list[str], max_length: int) -> dict[str, np.ndarray]:
+    """The last layer's token mean and the layers' mean, as regraft computes them (tasks/models.py pooled_embeddings,
+    one fp32 encoder pass: the second pooling is read from a throwaway cache the first call filled)."""
+    from tasks.devices import choose_runtime
+    from tasks.models import pooled_embeddings
 
-    from tasks.models import load_encoder, load_tokenizer
-
-    encoder, tokenizer = load_encoder(base).eval(), load_tokenizer(base)
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(texts), batch_size):
-            batch = tokenizer(texts[start:start + batch_size], truncation=True, max_length=max_length, padding=True,
-                              return_tensors="pt")
-            states = encoder(**batch, output_hidden_states=True).hidden_states[1:]
-            mask = batch["attention_mask"].unsqueeze(-1).float()
-            out.append(torch.stack([(h * mask).sum(1) / mask.sum(1) for h in states], 1))
-    return torch.cat(out).numpy()
+    runtime = choose_runtime("fp32")
+    with tempfile.TemporaryDirectory(prefix="frozen-features-cache-") as cache:
+        return {name: pooled_embeddings(base, texts, max_length, pooling, Path(cache), runtime=runtime).numpy()
+                for name, pooling in (("last", "mean"), ("layer_mean", "layer_mean"))}
 
 
 def fold_count(y_target: np.ndarray, n_classes: int) -> int:
@@ -141,8 +135,7 @@ def measure(name: str, params, n_source: int, n_target: int, repeats: int) -> di
     texts = source["text"].tolist() + target["text"].tolist()
     y = np.array([labels.index(label) for label in [*source["label"], *target["label"]]])
     started = time.process_time()
-    states = layer_means(params.model.base, texts, params.model.max_length)
-    features = {"last": states[:, -1], "layer_mean": states.mean(axis=1)}
+    features = frozen_features(params.model.base, texts, params.model.max_length)
     embed_cpu = time.process_time() - started
     y_target = y[len(source):]
     scores: dict[str, list[float]] = {model: [] for model in MODELS}
