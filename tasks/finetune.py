@@ -526,38 +526,40 @@ def train_head(model, tokenizer, base, labels, train, valid, cfg, model_cfg, run
     features, valid_features = both[: len(train.texts)], both[len(train.texts):]
     initial = [copy.deepcopy(m.state_dict()) for m in head_modules(model)]  # cross-fitting starts each fold here
     if reads == "layer_mean":
-        return solved_head(model, tokenizer, labels, train, valid, features, valid_features, cfg, runtime, reason,
-                           progress, what, started, initial)
-    optimizer, loss_fn = head_optimiser(model, train, len(labels), cfg)
-    labels_t, weights_t = torch.tensor(train.labels), torch.tensor(train.weights)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    log, best, best_state, stale, step = [], {"macro_f1": -1.0, "epoch": 0, "metrics": {}}, None, 0, 0
-    model.cpu()
-    epochs_run = 0
-    for epoch in range(cfg.head_epochs):
-        t0 = time.perf_counter()
-        loss, steps, seen = head_epoch(model, optimizer, loss_fn, features, labels_t, weights_t, cfg, generator)
-        step += steps
-        log.append({"step": step, "epoch": epoch + 1, "loss": loss, "learning_rate": cfg.head_learning_rate,
-                    "samples_per_second": seen / max(time.perf_counter() - t0, 1e-9)})
-        model.eval()
-        with torch.no_grad():
-            metrics = validation_metrics(valid.labels, head_forward(model, valid_features))
-        epochs_run = epoch + 1
-        if metrics["macro_f1"] > best["macro_f1"]:
-            best, stale = {"macro_f1": metrics["macro_f1"], "epoch": epoch + 1, "metrics": metrics}, 0
-            best_state = [copy.deepcopy(m.state_dict()) for m in head_modules(model)]
-        else:
-            stale += 1
-        # The head sees many cheap epochs, so patience scales with them.
-        if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience * 5:
-            break
-    if best_state and cfg.early_stopping_patience:
-        for module, kept in zip(head_modules(model), best_state, strict=True):
-            module.load_state_dict(kept)
+        log, best, epochs_run = solved_head(model, train, valid, features, valid_features, cfg, len(labels))
+    else:
+        optimizer, loss_fn = head_optimiser(model, train, len(labels), cfg)
+        labels_t, weights_t = torch.tensor(train.labels), torch.tensor(train.weights)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        log, best, best_state, stale, step = [], {"macro_f1": -1.0, "epoch": 0, "metrics": {}}, None, 0, 0
+        model.cpu()
+        epochs_run = 0
+        for epoch in range(cfg.head_epochs):
+            t0 = time.perf_counter()
+            loss, steps, seen = head_epoch(model, optimizer, loss_fn, features, labels_t, weights_t, cfg, generator)
+            step += steps
+            log.append({"step": step, "epoch": epoch + 1, "loss": loss, "learning_rate": cfg.head_learning_rate,
+                        "samples_per_second": seen / max(time.perf_counter() - t0, 1e-9)})
+            model.eval()
+            with torch.no_grad():
+                metrics = validation_metrics(valid.labels, head_forward(model, valid_features))
+            epochs_run = epoch + 1
+            if metrics["macro_f1"] > best["macro_f1"]:
+                best, stale = {"macro_f1": metrics["macro_f1"], "epoch": epoch + 1, "metrics": metrics}, 0
+                best_state = [copy.deepcopy(m.state_dict()) for m in head_modules(model)]
+            else:
+                stale += 1
+            # The head sees many cheap epochs, so patience scales with them.
+            if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience * 5:
+                break
+        if best_state and cfg.early_stopping_patience:
+            for module, kept in zip(head_modules(model), best_state, strict=True):
+                module.load_state_dict(kept)
     if progress:
-        print(f"finetune: {what}, {epochs_run} head epochs, "
-              f"best validation macro-F1 {best['macro_f1']:.3f} at epoch {best['epoch']}", flush=True)
+        fitted = (f"a logistic regression on the layers' mean, validation macro-F1 {best['macro_f1']:.3f}"
+                  if reads == "layer_mean" else
+                  f"{epochs_run} head epochs, best validation macro-F1 {best['macro_f1']:.3f} at epoch {best['epoch']}")
+        print(f"finetune: {what}, {fitted}", flush=True)
     seconds = time.perf_counter() - started
     return FinetuneResult(
         model=model, tokenizer=tokenizer, strategy="feature_extraction", reason=reason, runtime=runtime, log=log,
@@ -568,14 +570,14 @@ def train_head(model, tokenizer, base, labels, train, valid, cfg, model_cfg, run
     )
 
 
-def solved_head(model, tokenizer, labels, train, valid, features, valid_features, cfg, runtime, reason, progress,
-                what, started, initial) -> FinetuneResult:
-    """train_head on the layers' mean: the linear classifier solved in one fit (fit_linear_head), the encoder frozen;
-    reported as one epoch."""
+def solved_head(model, train, valid, features, valid_features, cfg, n_classes: int) -> tuple[list, dict, int]:
+    """train_head's fit on the layers' mean: the linear classifier solved in one fit (fit_linear_head), the encoder
+    frozen; reported as one epoch: (log, best, epochs run) as train_head's epoch loop reports them."""
+    started = time.perf_counter()
     for p in model.parameters():
         p.requires_grad = False
     model.cpu()
-    fit_linear_head(model, features, train.labels, train.weights, len(labels), cfg.class_weights)
+    fit_linear_head(model, features, train.labels, train.weights, n_classes, cfg.class_weights)
     model.eval()
     with torch.no_grad():
         metrics = validation_metrics(valid.labels, head_forward(model, valid_features))
@@ -583,18 +585,9 @@ def solved_head(model, tokenizer, labels, train, valid, features, valid_features
         rows_loss = torch.nn.functional.cross_entropy(head_forward(model, features), torch.tensor(train.labels),
                                                       reduction="none")
         loss = float((rows_loss * weights).sum() / weights.sum())
-    if progress:
-        print(f"finetune: {what}, a logistic regression on the layers' mean, validation macro-F1 "
-              f"{metrics['macro_f1']:.3f}", flush=True)
-    seconds = time.perf_counter() - started
-    return FinetuneResult(
-        model=model, tokenizer=tokenizer, strategy="feature_extraction", reason=reason, runtime=runtime,
-        log=[{"step": 1, "epoch": 1, "loss": loss, "learning_rate": 0.0,
-              "samples_per_second": len(train.texts) / max(seconds, 1e-9)}],
-        metrics={"validation": metrics}, epochs_run=1, best_epoch=1, resumed_from_step=None, train_seconds=seconds,
-        samples_per_second=len(train.texts) / max(seconds, 1e-9),
-        extra={"world_size": 1, "head_features": (features, valid_features), "head_initial": initial},
-    )
+    log = [{"step": 1, "epoch": 1, "loss": loss, "learning_rate": 0.0,
+            "samples_per_second": len(train.texts) / max(time.perf_counter() - started, 1e-9)}]
+    return log, {"macro_f1": metrics["macro_f1"], "epoch": 1, "metrics": metrics}, 1
 
 
 def head_optimiser(model, train: TrainingData, n_classes: int, cfg: TrainConfig):
