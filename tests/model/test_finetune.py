@@ -101,6 +101,24 @@ def test_head_on_cached_features_equals_the_saved_models_forward(tiny_bert, spli
     assert not torch.allclose(pooler_forward, direct, atol=1e-3)
 
 
+def test_evaluates_frozen_encoder_baseline_reads_the_layers_mean(tiny_bert, splits, demo_splits, tmp_path):
+    """evaluate's frozen-encoder baseline is the logistic regression on the features feature_extraction's head reads
+    (the layers' mean), not on the last layer's mean: the candidate is judged against the stronger frozen model."""
+    from tasks.baselines import balanced_logistic_regression, baseline_probabilities, train_frame
+    from tasks.models import pooled_embeddings
+
+    train = train_frame(splits, "source_and_target")
+    held = {"target_holdout": demo_splits["target_holdout"]["text"].tolist()[:20]}
+    y = train["label"].map({label: i for i, label in enumerate(LABELS)}).to_numpy()
+    got = baseline_probabilities(train, held, LABELS, str(tiny_bert), 64, tmp_path)["frozen_encoder"]["target_holdout"]
+    for pooling, same in (("layer_mean", True), ("mean", False)):
+        def embed(texts: list[str]) -> np.ndarray:
+            return pooled_embeddings(str(tiny_bert), texts, 64, pooling, tmp_path).numpy()
+
+        expected = balanced_logistic_regression().fit(embed(train["text"].tolist()), y)
+        assert np.allclose(got, expected.predict_proba(embed(held["target_holdout"])), atol=1e-6) is same
+
+
 @pytest.mark.parametrize("value", ["last_token", "", 0, ["layer_mean"]])
 def test_a_head_input_regraft_does_not_know_is_refused(tiny_bert, splits, tmp_path, value):
     """A model folder is input from someone else: a config.json naming another head input (or not a name) is refused
