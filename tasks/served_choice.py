@@ -127,11 +127,14 @@ def evidence_ladder(names: list[str], scoring: dict[str, tuple], tried: dict[str
     on every cross-fitted target row, then to each adaptive encoder's pool, judged on the validation rows.
 
     The step between the two cheap models is taken when the frozen pool's macro-F1 is ahead on the cross-fitted rows:
-    both were scored on every target row out of fold, nothing costly was trained to get there, and the race already
-    names the better cheap model by that estimate (tasks/strategy.py). Asking for a clear lead there kept the weaker
-    cheap model whenever two were close: with TF-IDF kept, the frozen encoder's own logistic regression, evaluate's
-    baseline, was ahead of what was served on the target holdout of the demo at two seeds of three and of
-    drug-conditions (docs/benchmarks.md, stop 52).
+    both were scored on every target row out of fold, nothing costly was trained to get there, and the race ranks the
+    cheap models by their estimates on those rows too (the head alone there, tasks/strategy.py). The pool's weight is
+    chosen on the same rows from train.lexical_weights, which holds 1 (the lexical model alone), so the difference is
+    never below zero: the step is taken exactly when a weight below 1 scores best there, an estimate that is the best
+    of a few closely related pools and so a little optimistic; its interval is reported, not used. Asking for a clear
+    lead kept the weaker cheap model whenever two were close: with TF-IDF kept, the frozen encoder's own logistic
+    regression, evaluate's baseline, was ahead of what was served on the target holdout of the demo at two seeds of
+    three and of drug-conditions (docs/benchmarks.md, stop 52).
 
     A step to an adaptive model is taken only when the paired bootstrap interval of its macro-F1 difference lies above
     zero: it is judged on the few validation rows, after the costly fit that made it a candidate, and the point

@@ -35,6 +35,9 @@ CHEAP = ("tfidf", "feature_extraction")  # cheapest first: a tie keeps the cheap
 ADAPTIVE = ("lora", "full")
 NEGATIVE_TRANSFER = "negative transfer on this data: the pretrained encoder does not beat a lexical model"
 FROZEN_IS_ENOUGH = "negative transfer on this data: fine-tuning does not beat the frozen encoder with its head"
+# The race ranks the frozen head alone; the evidence ladder may still serve it pooled with the lexical model.
+POOLED_IS_AHEAD = ("fine-tuning does not beat the cheap models on this data, and the frozen encoder alone does not beat "
+                   "a lexical model, but pooled with it the frozen encoder is ahead on the cross-fitted target rows")
 
 
 @dataclass
@@ -184,6 +187,8 @@ def served_reason(reason: str, trained_strategy: str, served_encoder: str, serve
     if serves_lexical_alone:
         if NEGATIVE_TRANSFER not in reason:
             reason = f"{NEGATIVE_TRANSFER}: the lexical model alone is served ({served_as}); {reason}"
+    elif NEGATIVE_TRANSFER in reason:
+        reason = reason.replace(NEGATIVE_TRANSFER, f"{POOLED_IS_AHEAD}: {served_as}", 1)
     elif served_encoder != trained_strategy:
         reason = (f"{FROZEN_IS_ENOUGH} after the long fit: the frozen encoder with its head is served ({served_as}); "
                   f"{reason}")

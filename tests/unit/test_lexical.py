@@ -218,10 +218,30 @@ def test_auto_serves_the_cheap_model_ahead_and_an_adaptive_one_only_when_clearly
         assert cheap["interval"][0] < 0 < cheap["difference"]
 
 
+def test_auto_keeps_the_frozen_pool_when_an_adaptive_model_is_ahead_of_it_but_not_clearly():
+    """Full right on 16 of the 24 validation rows, the frozen pool on 12 (8 of them rows full gets wrong): ahead on the
+    estimate, not clearly, so the frozen pool, ahead of TF-IDF on the cross-fitted rows, is served."""
+    from tasks.served_choice import evidence_ladder
+
+    labels, valid_labels = ladder_rows(24)
+    rows = np.arange(len(labels))
+    frozen = np.eye(3)[np.where((rows < 200) | (rows >= 228), labels, (labels + 1) % 3)] * 0.7 + 0.1
+    weights = [{"weight": w} for w in (0.0, 1.0)]
+    scoring = {"feature_extraction": (frozen, predictions(labels, 144, last=True), labels),
+               "full": (predictions(valid_labels, 16), predictions(valid_labels, 12, last=True), valid_labels)}
+    encoder, ladder = evidence_ladder(["feature_extraction", "full"], scoring, {name: (0.0, weights) for name in scoring},
+                                      24, 3)
+    cheap, adaptive = ladder["steps"]
+    assert cheap["taken"] and adaptive["difference"] > 0 and adaptive["interval"][0] < 0 and not adaptive["taken"]
+    assert ladder["served"] == encoder == "feature_extraction"
+
+
 def test_auto_with_cross_fitted_rows_reports_the_ladder_and_serves_the_lexical_model_alone():
     texts, labels = rows(3)
     train, valid = training_data(texts, labels), training_data(texts[:12], labels[:12])
-    barely_ahead = np.eye(3)[labels[:12]] * 0.8 + 0.2 / 3  # right on the 12 validation rows: too few to be clear
+    # The frozen head right on the 12 validation rows only, TF-IDF on every row: the pool is behind on the cross-fitted
+    # rows (its best weight is 1, the lexical model alone), and so is full, right on the same 12 rows.
+    barely_ahead = np.eye(3)[labels[:12]] * 0.8 + 0.2 / 3
     crossed = {"feature_extraction": np.vstack([np.full((36, 3), 1 / 3), barely_ahead]),
                "tfidf": np.vstack([np.eye(3)[labels[12:]] * 0.7 + 0.1, np.eye(3)[labels[:12]] * 0.7 + 0.1]),
                "labels": np.concatenate([labels[12:], labels[:12]])}
@@ -236,3 +256,19 @@ def test_auto_with_cross_fitted_rows_reports_the_ladder_and_serves_the_lexical_m
     shown = ladder_text(ServedChoice.model_validate(served.report).evidence_ladder)  # the model card's and the run's line
     assert shown.startswith("Served the cheap model ahead on the cross-fitted rows, and an adaptive one only when it "
                             "clearly beats that") and "tfidf -> full on 12 rows" in shown
+
+
+@pytest.mark.parametrize("alone, encoder, says, not_says", [
+    (True, "feature_extraction", "negative transfer on this data: the pretrained encoder does not beat", None),
+    (False, "feature_extraction", "pooled with it the frozen encoder is ahead", "does not beat a lexical model ("),
+])
+def test_the_reason_says_what_is_served_when_the_race_put_the_lexical_model_first(alone, encoder, says, not_says):
+    """The race ranked TF-IDF above the frozen head (its reason: negative transfer); the ladder may still serve the
+    frozen encoder pooled with TF-IDF, and then the reason must not say the encoder loses to the lexical model."""
+    from tasks.strategy import NEGATIVE_TRANSFER, served_reason
+
+    race = f"{NEGATIVE_TRANSFER} (lora - tfidf on the validation rows -0.2 [-0.3, -0.1]): the candidate is the cheap model"
+    served_as = "TF-IDF alone" if alone else "(1 - 0.5) x the frozen encoder with its trained head + 0.5 x TF-IDF"
+    reason, cheap = served_reason(race, "feature_extraction", encoder, served_as, alone, True)
+    assert says in reason and cheap
+    assert not_says is None or (not_says not in reason and served_as in reason)
