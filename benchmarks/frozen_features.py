@@ -1,10 +1,9 @@
 """Benchmark: which of the frozen encoder's states a linear head should read, against TF-IDF + logistic regression,
 in one run, on the datasets of benchmarks/transfer.py.
 
-Until stop 51 evaluate's frozen-encoder baseline was a logistic regression on the last layer's token mean (the
-sentence embedding all-MiniLM-L6-v2 was trained for) and auto's feature_extraction rung read the last layer too (a
-head on its first token); since stop 51 the head reads the layers' mean this measures (tasks/finetune.py
-fit_linear_head), and since stop 52 the baseline does (tasks/baselines.py). A
+evaluate's frozen-encoder baseline is a logistic regression on the last layer's token mean (the sentence embedding
+all-MiniLM-L6-v2 was trained for); up to stop 50 auto's feature_extraction rung read the last layer too (a head on
+its first token), and since stop 51 it reads the layers' mean this measures (tasks/finetune.py fit_linear_head). A
 sentence-similarity objective shapes that last layer; sentiment, authorship and income may be kept better in the
 layers below it. This measures the token mean of every layer
 averaged over the layers (the embedding layer excluded; the same width, the same single encoder pass:

@@ -57,7 +57,7 @@ def main(params: Params) -> int:
         models={
             "candidate": f"fine-tuned model at {params.paths.model}",
             "champion": f"production model at {champion}" if has_champion else None,
-            "frozen_encoder": f"{params.model.base} frozen, its layers' token means averaged, logistic-regression head",
+            "frozen_encoder": f"{params.model.base} frozen, mean-pooled, logistic-regression head",
             "tfidf": "TF-IDF (1-2 grams) + logistic regression",
         },
         bootstrap=params.evaluate.bootstrap, confidence=params.evaluate.confidence, splits=evaluated,

@@ -1,5 +1,5 @@
 """The models evaluate compares: the trained classifiers' probabilities, and two baselines fit on the
-same train splits as the candidate (TF-IDF + logistic regression; the frozen pretrained encoder's layers' mean with a
+same train splits as the candidate (TF-IDF + logistic regression; the frozen pretrained encoder with a
 logistic head). Kept apart from tasks/evaluate.py, whose metrics need no model code."""
 
 from __future__ import annotations
@@ -48,11 +48,8 @@ def balanced_logistic_regression():
 
 def baseline_probabilities(train: pd.DataFrame, texts: dict[str, list[str]], labels: list[str], base: str,
                            max_length: int, cache: Path | None) -> dict[str, dict[str, np.ndarray]]:
-    """TF-IDF + logistic regression, and the pretrained encoder frozen with a linear (logistic) head on the mean of its
-    layers' token means: of the frozen features we measured, the strongest (it beat the last layer's mean, the
-    sentence embedding, on 6 of 6 datasets: benchmarks/frozen_features.py), so a candidate is judged against the best
-    that the frozen encoder gives without training, not against a weaker stand-in."""
-    from tasks.models import pooled_embeddings
+    """TF-IDF + logistic regression, and the pretrained encoder frozen with a linear (logistic) head."""
+    from tasks.models import mean_pooled_embeddings
 
     y = train["label"].map({label: i for i, label in enumerate(labels)}).to_numpy()
     train_texts = train["text"].astype("str").tolist()
@@ -60,7 +57,7 @@ def baseline_probabilities(train: pd.DataFrame, texts: dict[str, list[str]], lab
     tfidf = tfidf_model().fit(train_texts, y)
 
     def embed(rows: list[str]) -> np.ndarray:
-        return pooled_embeddings(base, rows, max_length, "layer_mean", cache).numpy()
+        return mean_pooled_embeddings(base, rows, max_length, cache).numpy()
 
     head = balanced_logistic_regression().fit(embed(train_texts), y)
     for split, rows in texts.items():

@@ -390,9 +390,9 @@ def pooled_embeddings(spec: str | Path, texts: list[str], max_length: int, pooli
                       cache_dir: Path | None = None, batch_size: int = 64, max_tokens: int | None = None,
                       overhead_tokens: int | None = None, runtime=None) -> torch.Tensor:
     """The encoder's hidden states pooled per text: "mean", the last layer's mean over the text's tokens (the sentence
-    embedding all-MiniLM-L6-v2 was trained for: shift, shift-watch), "cls", the last layer's first token (what the
-    pooler reads: LP-FT's head), or "layer_mean", every layer's token mean averaged over the layers (feature_extraction's
-    head, `layer_mean`, and evaluate's frozen-encoder baseline). Cached per text (by model fingerprint, max length,
+    embedding all-MiniLM-L6-v2 was trained for: shift, evaluate's frozen-encoder baseline, shift-watch), "cls", the
+    last layer's first token (what the pooler reads: LP-FT's head), or "layer_mean", every layer's token mean averaged
+    over the layers (feature_extraction's head, `layer_mean`). Cached per text (by model fingerprint, max length,
     precision, pooling and the text's sha256), so the stages embed each text once between them: a call embeds only
     the texts no earlier call did, and stores every pooling of them (one encoder pass gives all) as one new shard
     each."""

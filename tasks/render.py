@@ -124,9 +124,8 @@ def ladder_text(ladder: EvidenceLadder | None) -> str:
     steps = "; ".join(f"{step.below} -> {step.to} on {step.rows} rows {step.difference:+.3f} "
                       f"{interval_text(step.interval, signed=True)} {'taken' if step.taken else 'not taken'}"
                       for step in ladder.steps if step.interval[0] is not None)
-    return (f"Served the cheap model ahead on the cross-fitted rows, and an adaptive one only when it clearly beats "
-            f"that ({ladder.confidence:.0%} paired intervals of the macro-F1 gain): {ladder.served}"
-            + (f" ({steps})" if steps else ""))
+    return (f"Served the cheapest model no costlier one clearly beats ({ladder.confidence:.0%} paired intervals of "
+            f"the macro-F1 gain): {ladder.served}" + (f" ({steps})" if steps else ""))
 
 
 def calibration_text(calibration: Calibration) -> str:

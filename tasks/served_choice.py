@@ -1,6 +1,5 @@
 """What the candidate serves: each trained encoder pooled with the lexical companion at the weight with the best
-validation macro-F1, and under auto the better of the two cheap models on every cross-fitted target row, then an
-adaptive model only when it clearly beats that (the evidence ladder)."""
+validation macro-F1, and under auto the cheapest model that no costlier one clearly beats (the evidence ladder)."""
 
 from __future__ import annotations
 
@@ -49,9 +48,8 @@ def served_model(encoders_valid: dict[str, np.ndarray], train, valid, n_classes:
                  cross_fitted: dict | None = None) -> ServedModel:
     """The best served model: each trained encoder (calibrated validation probabilities, cheapest first) pooled with
     the lexical companion fit on the train rows at the weight of `grid` with the best macro-F1 (1 serves the lexical
-    model alone); then, under auto (`cross_fitted` given), the cheap model ahead on the cross-fitted rows and an
-    adaptive one only when clearly better (evidence_ladder), else the encoder whose pool scores best on the validation
-    rows (ties: the cheaper).
+    model alone); then, under auto (`cross_fitted` given), the cheapest model no costlier one clearly beats
+    (evidence_ladder), else the encoder whose pool scores best on the validation rows (ties: the cheaper).
 
     With `cross_fitted` (the frozen encoder's tempered out-of-fold probabilities, TF-IDF's and the labels of every
     target row, validation rows last), the frozen encoder's weight and temperature come from all the target rows
@@ -97,7 +95,7 @@ def served_model(encoders_valid: dict[str, np.ndarray], train, valid, n_classes:
                                                  for name in names},
               "method": "TF-IDF + logistic regression on the train rows; each encoder's w by macro-F1 (then log-loss) "
                         "on its rows (the frozen encoder's: every target row, cross-fitted), the encoder by validation "
-                        "macro-F1" + (", an adaptive model only when clearly better (evidence_ladder)" if ladder else "")}
+                        "macro-F1" + (", each costlier model only when clearly better (evidence_ladder)" if ladder else "")}
     if ladder is not None:
         report["evidence_ladder"] = ladder
     if weight == 0:
@@ -123,24 +121,12 @@ def served_model(encoders_valid: dict[str, np.ndarray], train, valid, n_classes:
 
 def evidence_ladder(names: list[str], scoring: dict[str, tuple], tried: dict[str, tuple], n_valid: int,
                     n_classes: int, confidence: float = 0.95) -> tuple[str, dict]:
-    """Under auto: climb from the lexical model alone (evaluate's TF-IDF baseline) to the frozen encoder's pool, judged
-    on every cross-fitted target row, then to each adaptive encoder's pool, judged on the validation rows.
-
-    The step between the two cheap models is taken when the frozen pool's macro-F1 is ahead on the cross-fitted rows:
-    both were scored on every target row out of fold, nothing costly was trained to get there, and the race ranks the
-    cheap models by their estimates on those rows too (the head alone there, tasks/strategy.py). The pool's weight is
-    chosen on the same rows from train.lexical_weights, which holds 1 (the lexical model alone), so the difference is
-    never below zero: the step is taken exactly when a weight below 1 scores best there, an estimate that is the best
-    of a few closely related pools and so a little optimistic; its interval is reported, not used. Asking for a clear
-    lead kept the weaker cheap model whenever two were close: with TF-IDF kept, the frozen encoder's own logistic
-    regression, evaluate's baseline, was ahead of what was served on the target holdout of the demo at two seeds of
-    three and of drug-conditions (docs/benchmarks.md, stop 52).
-
-    A step to an adaptive model is taken only when the paired bootstrap interval of its macro-F1 difference lies above
-    zero: it is judged on the few validation rows, after the costly fit that made it a candidate, and the point
-    estimate alone misled there (on 24 validation rows a fine-tuned model 0.209 ahead [-0.089, +0.476] of the cheap
-    one scored 0.191 below TF-IDF on the holdout). Returns the encoder whose pool is served (its weight is 1 when
-    "tfidf" is served) and the steps as a report."""
+    """Under auto: the cheapest model the evidence cannot tell apart from a costlier one. Climb from the lexical model
+    alone (evaluate's TF-IDF baseline) to the frozen encoder's pool, judged on every cross-fitted target row, then to
+    each adaptive encoder's pool, judged on the validation rows; a step is taken only when the paired bootstrap
+    interval of the macro-F1 difference lies above zero. The point estimate alone is not the rule: on 24 validation
+    rows a fine-tuned model 0.209 ahead [-0.089, +0.476] of the cheap one scored 0.191 below TF-IDF on the holdout.
+    Returns the encoder whose pool is served (its weight is 1 when "tfidf" is served) and the steps as a report."""
     from tasks.strategy import macro_f1_evidence
 
     def pooled(name: str) -> np.ndarray:
@@ -162,19 +148,15 @@ def evidence_ladder(names: list[str], scoring: dict[str, tuple], tried: dict[str
         evidence = macro_f1_evidence(labels, {"below": below.argmax(axis=1), "next": pooled(name)[-rows:].argmax(axis=1)},
                                      n_classes, "below", confidence=confidence)
         gap = evidence["next"]["minus_below"]
-        if name == "feature_extraction":
-            taken = gap["estimate"] > 0
-        else:
-            taken = gap["interval"][0] is not None and gap["interval"][0] > 0
+        taken = gap["interval"][0] is not None and gap["interval"][0] > 0
         steps.append({"from": served, "to": name, "rows": rows, "difference": round(gap["estimate"], 4),
                       "interval": [None if v is None else round(v, 4) for v in gap["interval"]], "taken": taken})
         if taken:
             served = name
     served_name = names[0] if served == "tfidf" else served
     return served_name, {"served": served, "confidence": confidence, "steps": steps,
-                         "rule": "the frozen encoder's pool is served over the lexical model when its macro-F1 is "
-                                 "ahead on the cross-fitted rows; an adaptive model only when its paired macro-F1 "
-                                 "difference from the model below is above zero at this confidence"}
+                         "rule": "each costlier model is served only when its paired macro-F1 difference from the "
+                                 "model below is above zero at this confidence"}
 
 
 def encoder_words(strategy: str) -> str:

@@ -37,7 +37,7 @@ NEGATIVE_TRANSFER = "negative transfer on this data: the pretrained encoder does
 FROZEN_IS_ENOUGH = "negative transfer on this data: fine-tuning does not beat the frozen encoder with its head"
 # The race ranks the frozen head alone; the evidence ladder may still serve it pooled with the lexical model.
 POOLED_IS_AHEAD = ("fine-tuning does not beat the cheap models on this data, and the frozen encoder alone does not beat "
-                   "a lexical model, but pooled with it the frozen encoder is ahead on the cross-fitted target rows")
+                   "a lexical model, but pooled with it the frozen encoder clearly is on the cross-fitted target rows")
 
 
 @dataclass

@@ -101,9 +101,10 @@ def test_head_on_cached_features_equals_the_saved_models_forward(tiny_bert, spli
     assert not torch.allclose(pooler_forward, direct, atol=1e-3)
 
 
-def test_evaluates_frozen_encoder_baseline_reads_the_layers_mean(tiny_bert, splits, demo_splits, tmp_path):
-    """evaluate's frozen-encoder baseline is the logistic regression on the features feature_extraction's head reads
-    (the layers' mean), not on the last layer's mean: the candidate is judged against the stronger frozen model."""
+def test_evaluates_frozen_encoder_baseline_reads_the_sentence_embedding(tiny_bert, splits, demo_splits, tmp_path):
+    """evaluate's frozen-encoder baseline is the logistic regression on the last layer's token mean (the encoder's
+    sentence embedding, the conventional frozen baseline), not on the layers' mean feature_extraction's head reads:
+    stop 52 measured that stronger yardstick and kept this one (docs/benchmarks.md)."""
     from tasks.baselines import balanced_logistic_regression, baseline_probabilities, train_frame
     from tasks.models import pooled_embeddings
 
@@ -111,7 +112,7 @@ def test_evaluates_frozen_encoder_baseline_reads_the_layers_mean(tiny_bert, spli
     held = {"target_holdout": demo_splits["target_holdout"]["text"].tolist()[:20]}
     y = train["label"].map({label: i for i, label in enumerate(LABELS)}).to_numpy()
     got = baseline_probabilities(train, held, LABELS, str(tiny_bert), 64, tmp_path)["frozen_encoder"]["target_holdout"]
-    for pooling, same in (("layer_mean", True), ("mean", False)):
+    for pooling, same in (("mean", True), ("layer_mean", False)):
         def embed(texts: list[str]) -> np.ndarray:
             return pooled_embeddings(str(tiny_bert), texts, 64, pooling, tmp_path).numpy()
 

@@ -20,9 +20,7 @@ LADDER = {"served": "feature_extraction", "confidence": 0.95, "steps": [
      "taken": True},
     {"from": "feature_extraction", "to": "lora", "rows": 24, "difference": 0.05, "interval": [-0.07, 0.18],
      "taken": False}],
-    "rule": "the frozen encoder's pool is served over the lexical model when its macro-F1 is ahead on the cross-fitted "
-            "rows; an adaptive model only when its paired macro-F1 difference from the model below is above zero at "
-            "this confidence"}
+    "rule": "each costlier model is served only when its paired macro-F1 difference from the model below is above zero"}
 EVIDENCE = [
     {"model": "tfidf", "how": "5-fold cross-fitted on 120 target rows", "validation_macro_f1": 0.61,
      "interval": [0.52, 0.7], "minus_tfidf": {"estimate": 0.0, "interval": [0.0, 0.0]}, "seconds": 3.2,
@@ -46,9 +44,7 @@ FINETUNE_JSON = {
                                         {"weight": 0.25, "log_loss": 0.9013, "macro_f1": 0.6431}],
                           "by_encoder": {"feature_extraction": {"validation_macro_f1": 0.6612, "weight": 0.0, "rows": 120,
                                                                 "by_weight": []}},
-                          "method": "TF-IDF + logistic regression on the train rows; each encoder's w by macro-F1 "
-                                    "(then log-loss) on its rows (the frozen encoder's: every target row, "
-                                    "cross-fitted), the encoder by validation macro-F1, an adaptive model only when "
+                          "method": "TF-IDF + logistic regression on the train rows; each costlier model only when "
                                     "clearly better (evidence_ladder)",
                           "evidence_ladder": LADDER, "served_as": SERVED_AS},
     "data_md5": {"source_train": "a" * 32, "target_train": "b" * 32, "target_holdout": "c" * 32},
