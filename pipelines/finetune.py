@@ -24,7 +24,7 @@ from tasks.lexical import LexicalCompanion, write_companion
 from tasks.model_card import model_card
 from tasks.render import calibration_text, ladder_text
 from tasks.reports import Calibration, FinetuneReport, ServedChoice, ShiftReport, read_report, write_report
-from tasks.served_choice import served_model
+from tasks.served_choice import pools_frozen_over_lexical, served_model
 from tasks.strategy import choose_strategy, served_reason
 from tasks.training_data import build_training_data
 from tasks.models import model_origin
@@ -111,7 +111,7 @@ def main(params: Params) -> int:
     lexical = ServedChoice.model_validate(served.report)
     reason, cheap = served_reason(reason, result.strategy, served.encoder, lexical.served_as,
                                   served.companion is not None and served.companion.serves_alone,
-                                  params.train.strategy == "auto")
+                                  params.train.strategy == "auto", pools_frozen_over_lexical(served))
     result, fitted, _ = encoders[served.encoder]
     result.reason = reason
     companion, calibration = served.companion, Calibration.model_validate(fitted)

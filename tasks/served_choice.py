@@ -162,6 +162,14 @@ def evidence_ladder(names: list[str], scoring: dict[str, tuple], tried: dict[str
                                  "model below is above zero at this confidence"}
 
 
+def pools_frozen_over_lexical(served: ServedModel) -> bool:
+    """Whether the evidence ladder stepped from the lexical model alone to the frozen encoder pooled with it (and a pool,
+    not either model alone, is served)."""
+    steps = (served.report.get("evidence_ladder") or {}).get("steps", [])
+    return (served.companion is not None and not served.companion.serves_alone
+            and any(step["taken"] and (step["from"], step["to"]) == ("tfidf", "feature_extraction") for step in steps))
+
+
 def encoder_words(strategy: str) -> str:
     return ("the frozen encoder with its trained head" if strategy == "feature_extraction"
             else f"the encoder ({strategy})")

@@ -36,8 +36,9 @@ ADAPTIVE = ("lora", "full")
 NEGATIVE_TRANSFER = "negative transfer on this data: the pretrained encoder does not beat a lexical model"
 FROZEN_IS_ENOUGH = "negative transfer on this data: fine-tuning does not beat the frozen encoder with its head"
 # The race ranks the frozen head alone; the evidence ladder may still serve it pooled with the lexical model.
-POOLED_IS_AHEAD = ("fine-tuning does not beat the cheap models on this data, and the frozen encoder alone does not beat "
-                   "a lexical model, but pooled with it the frozen encoder clearly is on the cross-fitted target rows")
+POOLED_IS_AHEAD = ("fine-tuning does not beat the cheap models on this data, but the frozen encoder pooled with the "
+                   "lexical model clearly beats the lexical model alone on the cross-fitted target rows")
+RACE_RANKED_LEXICAL_FIRST = "the race: the lexical model ahead of the frozen head alone"
 
 
 @dataclass
@@ -181,14 +182,18 @@ def choose_strategy(base: str, labels: list[str], train, valid, cfg: TrainConfig
 
 
 def served_reason(reason: str, trained_strategy: str, served_encoder: str, served_as: str,
-                  serves_lexical_alone: bool, auto: bool) -> tuple[str, bool]:
+                  serves_lexical_alone: bool, auto: bool, ladder_pooled_frozen: bool = False) -> tuple[str, bool]:
     """The candidate's reason once the finetune stage has chosen what to serve, and whether the evidence chose a cheap
-    model over adaptation (auto only): said plainly when the frozen encoder or the lexical model won."""
+    model over adaptation (auto only): said plainly when the frozen encoder or the lexical model won.
+    `ladder_pooled_frozen`: the evidence ladder stepped from the lexical model alone to the frozen encoder pooled with
+    it; the race's "negative transfer" (the lexical model ahead of the frozen head alone) then no longer describes
+    what is served."""
     if serves_lexical_alone:
         if NEGATIVE_TRANSFER not in reason:
             reason = f"{NEGATIVE_TRANSFER}: the lexical model alone is served ({served_as}); {reason}"
-    elif NEGATIVE_TRANSFER in reason:
-        reason = reason.replace(NEGATIVE_TRANSFER, f"{POOLED_IS_AHEAD}: {served_as}", 1)
+    elif ladder_pooled_frozen and NEGATIVE_TRANSFER in reason:
+        reason = (f"{POOLED_IS_AHEAD}: the frozen encoder's pool is served ({served_as}); "
+                  f"{reason.replace(NEGATIVE_TRANSFER, RACE_RANKED_LEXICAL_FIRST, 1)}")
     elif served_encoder != trained_strategy:
         reason = (f"{FROZEN_IS_ENOUGH} after the long fit: the frozen encoder with its head is served ({served_as}); "
                   f"{reason}")

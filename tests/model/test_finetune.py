@@ -101,7 +101,7 @@ def test_head_on_cached_features_equals_the_saved_models_forward(tiny_bert, spli
     assert not torch.allclose(pooler_forward, direct, atol=1e-3)
 
 
-def test_evaluates_frozen_encoder_baseline_reads_the_sentence_embedding(tiny_bert, splits, demo_splits, tmp_path):
+def test_the_frozen_encoder_baseline_reads_the_sentence_embedding(tiny_bert, splits, demo_splits, tmp_path):
     """evaluate's frozen-encoder baseline is the logistic regression on the last layer's token mean (the encoder's
     sentence embedding, the conventional frozen baseline), not on the layers' mean feature_extraction's head reads:
     stop 52 measured that stronger yardstick and kept this one (docs/benchmarks.md)."""

@@ -249,17 +249,40 @@ def test_auto_with_cross_fitted_rows_reports_the_ladder_and_serves_the_lexical_m
     assert shown.startswith("Served the cheapest model no costlier one clearly beats") and "tfidf -> full on 12 rows" in shown
 
 
-@pytest.mark.parametrize("alone, says, not_says", [
-    (True, "negative transfer on this data: the pretrained encoder does not beat", None),
-    (False, "pooled with it the frozen encoder clearly is", "does not beat a lexical model ("),
+@pytest.mark.parametrize("pooled_frozen, says, not_says", [
+    (True, "the frozen encoder pooled with the lexical model clearly beats", "does not beat a lexical model"),
+    # No pool served (too few validation rows, no lexical model, or a ladder without the step): the race's words stand.
+    (False, "negative transfer on this data: the pretrained encoder does not beat", None),
 ])
-def test_the_reason_says_what_is_served_when_the_race_put_the_lexical_model_first(alone, says, not_says):
-    """The race ranked TF-IDF above the frozen head (its reason: negative transfer); the ladder may still serve the
-    frozen encoder pooled with TF-IDF, and then the reason must not say the encoder loses to the lexical model."""
-    from tasks.strategy import NEGATIVE_TRANSFER, served_reason
+def test_the_reason_says_what_is_served_when_the_race_put_the_lexical_model_first(pooled_frozen, says, not_says):
+    """The race ranked TF-IDF above the frozen head alone (its reason: negative transfer); when the ladder serves the
+    frozen encoder pooled with TF-IDF, the reason must not say the encoder loses to the lexical model."""
+    from tasks.strategy import NEGATIVE_TRANSFER, POOLED_IS_AHEAD, served_reason
 
     race = f"{NEGATIVE_TRANSFER} (lora - tfidf on the validation rows -0.2 [-0.3, -0.1]): the candidate is the cheap model"
-    served_as = "TF-IDF alone" if alone else "(1 - 0.5) x the frozen encoder with its trained head + 0.5 x TF-IDF"
-    reason, cheap = served_reason(race, "feature_extraction", "feature_extraction", served_as, alone, True)
+    served_as = "(1 - 0.5) x the frozen encoder with its trained head + 0.5 x TF-IDF"
+    reason, cheap = served_reason(race, "feature_extraction", "feature_extraction", served_as, False, True, pooled_frozen)
     assert says in reason and cheap
     assert not_says is None or (not_says not in reason and served_as in reason)
+    # The run's one-line summary (pipelines/finetune.py prints the reason up to its first parenthesis).
+    assert reason.split(" (")[0] == (f"{POOLED_IS_AHEAD}: the frozen encoder's pool is served" if pooled_frozen
+                                     else NEGATIVE_TRANSFER)
+
+
+def test_the_ladders_step_to_the_frozen_pool_is_read_from_the_served_model():
+    """pools_frozen_over_lexical is true only when the ladder took the step from TF-IDF to the frozen encoder and a
+    pool (neither model alone) is served."""
+    from tasks.served_choice import pools_frozen_over_lexical, served_model
+
+    texts, labels = rows(3)
+    train, valid = training_data(texts, labels), training_data(texts[:12], labels[:12])
+    right = np.eye(3)[np.concatenate([labels[12:], labels[:12]])]
+    crossed = {"feature_extraction": right * 0.6 + 0.4 / 3, "tfidf": np.vstack([np.full((36, 3), 1 / 3), right[36:]]),
+               "labels": np.concatenate([labels[12:], labels[:12]])}
+    ahead = served_model({"feature_extraction": right[36:]}, train, valid, 3, [0.5, 1.0], crossed)
+    assert ahead.report["evidence_ladder"]["steps"][0]["taken"] and pools_frozen_over_lexical(ahead)
+    alone = served_model({"feature_extraction": right[36:]}, train, valid, 3, [0.0, 1.0], crossed)
+    assert alone.encoder == "feature_extraction" and alone.companion is None and not pools_frozen_over_lexical(alone)
+    behind = served_model({"feature_extraction": right[36:]}, train, valid, 3, [0.5, 1.0],
+                          {**crossed, "feature_extraction": crossed["tfidf"], "tfidf": crossed["feature_extraction"]})
+    assert behind.companion.serves_alone and not pools_frozen_over_lexical(behind)
