@@ -127,8 +127,9 @@ def evidence_ladder(names: list[str], scoring: dict[str, tuple], tried: dict[str
     interval of the macro-F1 difference lies above zero. The point estimate alone is not the rule: on 24 validation
     rows a fine-tuned model 0.209 ahead [-0.089, +0.476] of the cheap one scored 0.191 below TF-IDF on the holdout.
     Nor is it for the cheap step, though that one is judged on every cross-fitted target row: taken on the estimate
-    (stop 52, benchmarks/transfer.py), it served the frozen head on commons-speeches' 234 target rows, 0.126 below
-    TF-IDF on the holdout at both seeds tried, while lifting drug-conditions by 0.06-0.11 (docs/benchmarks.md).
+    (stop 52, benchmarks/transfer.py), it served the frozen head alone on commons-speeches, ahead on its 234
+    cross-fitted target rows and 0.126 below TF-IDF on the holdout at both seeds tried, while lifting drug-conditions
+    by 0.06-0.11 (docs/benchmarks.md).
     Returns the encoder whose pool is served (its weight is 1 when "tfidf" is served) and the steps as a report."""
     from tasks.strategy import macro_f1_evidence
 
