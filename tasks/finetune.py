@@ -525,36 +525,8 @@ def train_head(model, tokenizer, base, labels, train, valid, cfg, model_cfg, run
     both = pooled_embeddings(base, train.texts + valid.texts, model_cfg.max_length, pooling, cache_dir, runtime=runtime)
     features, valid_features = both[: len(train.texts)], both[len(train.texts):]
     initial = [copy.deepcopy(m.state_dict()) for m in head_modules(model)]  # cross-fitting starts each fold here
-    if reads == "layer_mean":
-        log, best, epochs_run = solved_head(model, train, valid, features, valid_features, cfg, len(labels))
-    else:
-        optimizer, loss_fn = head_optimiser(model, train, len(labels), cfg)
-        labels_t, weights_t = torch.tensor(train.labels), torch.tensor(train.weights)
-        generator = torch.Generator().manual_seed(cfg.seed)
-        log, best, best_state, stale, step = [], {"macro_f1": -1.0, "epoch": 0, "metrics": {}}, None, 0, 0
-        model.cpu()
-        epochs_run = 0
-        for epoch in range(cfg.head_epochs):
-            t0 = time.perf_counter()
-            loss, steps, seen = head_epoch(model, optimizer, loss_fn, features, labels_t, weights_t, cfg, generator)
-            step += steps
-            log.append({"step": step, "epoch": epoch + 1, "loss": loss, "learning_rate": cfg.head_learning_rate,
-                        "samples_per_second": seen / max(time.perf_counter() - t0, 1e-9)})
-            model.eval()
-            with torch.no_grad():
-                metrics = validation_metrics(valid.labels, head_forward(model, valid_features))
-            epochs_run = epoch + 1
-            if metrics["macro_f1"] > best["macro_f1"]:
-                best, stale = {"macro_f1": metrics["macro_f1"], "epoch": epoch + 1, "metrics": metrics}, 0
-                best_state = [copy.deepcopy(m.state_dict()) for m in head_modules(model)]
-            else:
-                stale += 1
-            # The head sees many cheap epochs, so patience scales with them.
-            if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience * 5:
-                break
-        if best_state and cfg.early_stopping_patience:
-            for module, kept in zip(head_modules(model), best_state, strict=True):
-                module.load_state_dict(kept)
+    fit = solved_head if reads == "layer_mean" else epoch_head
+    log, best, epochs_run = fit(model, train, valid, features, valid_features, cfg, len(labels))
     if progress:
         fitted = (f"a logistic regression on the layers' mean, validation macro-F1 {best['macro_f1']:.3f}"
                   if reads == "layer_mean" else
@@ -570,9 +542,42 @@ def train_head(model, tokenizer, base, labels, train, valid, cfg, model_cfg, run
     )
 
 
+def epoch_head(model, train, valid, features, valid_features, cfg, n_classes: int) -> tuple[list, dict, int]:
+    """train_head's fit of the pooler + classifier on the [CLS] state: `head_epochs` of AdamW with early stopping on
+    validation macro-F1, the best epoch's head kept: (log, best, epochs run)."""
+    optimizer, loss_fn = head_optimiser(model, train, n_classes, cfg)
+    labels_t, weights_t = torch.tensor(train.labels), torch.tensor(train.weights)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    log, best, best_state, stale, step = [], {"macro_f1": -1.0, "epoch": 0, "metrics": {}}, None, 0, 0
+    model.cpu()
+    epochs_run = 0
+    for epoch in range(cfg.head_epochs):
+        t0 = time.perf_counter()
+        loss, steps, seen = head_epoch(model, optimizer, loss_fn, features, labels_t, weights_t, cfg, generator)
+        step += steps
+        log.append({"step": step, "epoch": epoch + 1, "loss": loss, "learning_rate": cfg.head_learning_rate,
+                    "samples_per_second": seen / max(time.perf_counter() - t0, 1e-9)})
+        model.eval()
+        with torch.no_grad():
+            metrics = validation_metrics(valid.labels, head_forward(model, valid_features))
+        epochs_run = epoch + 1
+        if metrics["macro_f1"] > best["macro_f1"]:
+            best, stale = {"macro_f1": metrics["macro_f1"], "epoch": epoch + 1, "metrics": metrics}, 0
+            best_state = [copy.deepcopy(m.state_dict()) for m in head_modules(model)]
+        else:
+            stale += 1
+        # The head sees many cheap epochs, so patience scales with them.
+        if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience * 5:
+            break
+    if best_state and cfg.early_stopping_patience:
+        for module, kept in zip(head_modules(model), best_state, strict=True):
+            module.load_state_dict(kept)
+    return log, best, epochs_run
+
+
 def solved_head(model, train, valid, features, valid_features, cfg, n_classes: int) -> tuple[list, dict, int]:
     """train_head's fit on the layers' mean: the linear classifier solved in one fit (fit_linear_head), the encoder
-    frozen; reported as one epoch: (log, best, epochs run) as train_head's epoch loop reports them."""
+    frozen; reported as one epoch: (log, best, epochs run) as epoch_head reports them."""
     started = time.perf_counter()
     for p in model.parameters():
         p.requires_grad = False
