@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -115,6 +114,7 @@ def main() -> None:
 
     from benchmarks.transfer import adult_frame, describe_person
     from tasks.config import load_params
+    from tasks.devices import machine_summary
     from tasks.estimate import estimate_performance, validated_performance
     from tasks.evaluate import confusion_counts, metrics_from_confusion
     from tasks.models import mean_pooled_embeddings
@@ -188,7 +188,7 @@ def main() -> None:
         "methods": {m: summary(lambda r, m=m: r["methods"].get(m)) for m in {m for r in results for m in r["methods"]}},
         "inconclusive": sum(r["verdict"] == "INCONCLUSIVE" for r in results),
         "targets": results, "seconds": round(time.perf_counter() - started, 1),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": machine_summary(),
     }))
 
 

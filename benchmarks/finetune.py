@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -224,7 +223,7 @@ def main() -> None:
         return
 
     from tasks.config import load_params
-    from tasks.devices import choose_runtime
+    from tasks.devices import choose_runtime, machine_summary
 
     params = load_params(ROOT / "params.yaml")
     runtime = choose_runtime()
@@ -265,8 +264,7 @@ def main() -> None:
 
     summary = {
         "benchmark": "finetune",
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "torch": torch.__version__, "hardware": runtime.reason, "threads": runtime.threads},
+        "machine": {**machine_summary(), "hardware": runtime.reason, "threads": runtime.threads},
         "data": {"train_rows": rounds[0]["regraft"]["train_rows"], "epochs": args.epochs, "repeats": args.repeats,
                  "seeds": [params.train.seed + r for r in range(args.repeats)]},
         "regraft_full": side("regraft"),

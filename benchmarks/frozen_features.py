@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -184,10 +182,9 @@ def main() -> None:
     def count(key: str, clearly: bool) -> int:
         return sum((r[key]["interval_first_repeat"][0] > 0) if clearly else (r[key]["estimate"] > 0) for r in results)
 
-    from tasks.devices import cpu_has_native_bf16, cpu_name
+    from tasks.devices import machine_summary
 
-    print(json.dumps({"machine": {"cpus": os.cpu_count(), "processor": cpu_name(), "bf16": cpu_has_native_bf16(),
-                                  "precision": "fp32", "python": platform.python_version()}, "base": params.model.base,
+    print(json.dumps({"machine": {**machine_summary(), "precision": "fp32"}, "base": params.model.base,
                       "results": results, "layer_mean_beats_last": count("layer_mean_minus_last", False),
                       "layer_mean_clearly_beats_last": count("layer_mean_minus_last", True),
                       "pool_layer_mean_beats_tfidf": count("pool_layer_mean_minus_tfidf", False),

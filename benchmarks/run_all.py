@@ -168,8 +168,8 @@ def judged(goal: Goal, result: dict | None) -> dict:
 
 
 def table(rows: list[dict], machine: dict) -> str:
-    lines = [f"Machine: {machine['cpu']}, {machine['cores']} cores, precision {machine['precision']} "
-             f"({machine['why']})", "",
+    lines = [f"Machine: {machine['cpu']} ({machine['instructions']}), {machine['cores']} cores, precision "
+             f"{machine['precision']} ({machine['why']})", "",
              "| benchmark | figure | value | goal | met | issue |", "|---|---|---:|---|---|---|"]
     for row in rows:
         value = row["why"] if row["why"] else (f"{row['value']:.3g}" if isinstance(row["value"], float)
@@ -180,7 +180,7 @@ def table(rows: list[dict], machine: dict) -> str:
 
 
 def main() -> None:
-    from tasks.devices import choose_runtime, cpu_name
+    from tasks.devices import choose_runtime, machine_summary
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default=",".join(COMMANDS), help="comma-separated: " + ", ".join(COMMANDS))
@@ -197,7 +197,7 @@ def main() -> None:
         results[name] = run_demo(args.out) if name == "demo" else run_benchmark(name, args.out)
         print(f"  {name}: exit {results[name]['returncode']} in {results[name]['seconds']} s", flush=True)
     runtime = choose_runtime()  # what training and serving choose here: bf16 only where it measures faster
-    machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "precision": runtime.precision, "why": runtime.reason}
+    machine = {**machine_summary(), "precision": runtime.precision, "why": runtime.reason}
     rows = [judged(goal, results.get(goal.benchmark)) for goal in GOALS if goal.benchmark in chosen]
     print(table(rows, machine))
     print(json.dumps({"machine": machine, "figures": rows,

@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -418,6 +417,8 @@ def paired_summary(rates: dict[str, float], window_seconds: float) -> dict:
 
 
 def main() -> None:
+    from tasks.devices import machine_summary
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="load per level and server")
     parser.add_argument("--levels", default="1,4,16,32", help="concurrency levels")
@@ -541,7 +542,7 @@ def main() -> None:
         "levels": {str(level): {"regraft": results["regraft"][level], "baseline": results["baseline"][level]}
                    for level in levels},
         "seconds_per_level": args.seconds,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": machine_summary(),
     }
     if args.shadow:
         on, off = results["regraft-shadow"].get(16, {}), results["regraft"].get(16, {})

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -167,6 +166,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from tasks.config import load_params
+    from tasks.devices import machine_summary
     from tasks.ingest import ingest
     from tasks.models import load_tokenizer
     from tasks.shift import calibrate, classifier_test, decide, distribution_tests, mmd_test, text_profile
@@ -245,7 +245,7 @@ def main() -> None:
     at_20k = next((r for r in scaling if r["n_per_side"] == 20000), None)
     summary = {
         "benchmark": "shift",
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__},
+        "machine": machine_summary(),
         **embedding,
         "scaling": scaling,
         "reference_comparison": comparison,

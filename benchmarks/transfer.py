@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -334,7 +333,7 @@ def summary(scored: list[dict]) -> dict:
 
 
 def main() -> None:
-    from tasks.devices import cpu_has_native_bf16, cpu_name
+    from tasks.devices import machine_summary
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=DATASETS)
@@ -378,8 +377,7 @@ def main() -> None:
     print(json.dumps({
         **summary(scored), "failed": [r["dataset"] for r in results if "error" in r], "seeds": args.seeds or None,
         "overrides": extra, "results": results,
-        "machine": {"cpus": os.cpu_count(), "processor": cpu_name(), "python": platform.python_version(),
-                    "bf16": cpu_has_native_bf16()},
+        "machine": machine_summary(),
     }))
 
 

@@ -84,6 +84,19 @@ def test_the_measurement_compares_the_two_precisions_on_this_cpu_and_leaves_the_
     assert torch.equal(torch.rand(3), expected)
 
 
+@pytest.mark.parametrize("flags, expected", [
+    ({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, "AMX"),
+    ({"avx2", "avx512f", "avx512_bf16"}, "AVX512-BF16"),
+    ({"avx2", "avx512f"}, "AVX512"), ({"avx2", "fma"}, "AVX2"), ({"sse4_2"}, "other"), (set(), "other")])
+def test_benchmarks_name_the_fastest_instructions_the_cpu_has(monkeypatch, flags, expected):
+    """CPUs of one name differ (a hypervisor may show only "Intel(R) Xeon(R) Processor"): the machine every benchmark
+    states beside its figures names the instruction tier that decides its bf16 and fp32 speed."""
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset(flags))
+    summary = devices.machine_summary()
+    assert summary["instructions"] == expected
+    assert summary["cpu"] == devices.cpu_name() and summary["cores"] == devices.usable_cores()
+
+
 LARGE_BLOCK = """
 import ctypes, sys, torch
 from tasks.devices import keep_freed_memory_for_reuse
