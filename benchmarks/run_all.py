@@ -168,7 +168,7 @@ def judged(goal: Goal, result: dict | None) -> dict:
 
 
 def table(rows: list[dict], machine: dict) -> str:
-    lines = [f"Machine: {machine['cpu']} ({machine['instructions']}), {machine['cores']} cores, precision "
+    lines = [f"Machine: {machine['cpu']} ({machine['instruction_tier']}), {machine['cores']} cores, precision "
              f"{machine['precision']} ({machine['why']})", "",
              "| benchmark | figure | value | goal | met | issue |", "|---|---|---:|---|---|---|"]
     for row in rows:

@@ -60,22 +60,25 @@ def cpu_has_native_bf16() -> bool:
     return bool(cpu_flags() & set(NATIVE_BF16_FLAGS)) and torch.backends.mkldnn.is_available()
 
 
-# The instruction sets that decide how fast training and inference run here, fastest first: AMX multiplies bf16
-# tiles, AVX512-BF16 has bf16 dot products, AVX512 and AVX2 only fp32 (bf16 emulated). CPUs of one name differ
-# (a hypervisor may show only "Intel(R) Xeon(R) Processor"), so every benchmark names this beside the CPU.
+# The x86 instruction sets that decide how fast training and inference run here, fastest first, by the Linux flag
+# that shows each: AMX multiplies bf16 tiles, AVX512-BF16 has bf16 dot products, AVX512 and AVX2 only fp32 (bf16
+# emulated). CPUs of one name differ (a hypervisor may show only "Intel(R) Xeon(R) Processor"), so every benchmark
+# names the tier beside the CPU.
 CPU_INSTRUCTION_TIERS = (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX512"), ("avx2", "AVX2"))
 
 
-def cpu_instructions() -> str:
-    """The fastest of CPU_INSTRUCTION_TIERS this CPU has ("AMX", "AVX512-BF16", "AVX512", "AVX2"), or "other"."""
+def cpu_instruction_tier() -> str:
+    """The fastest of CPU_INSTRUCTION_TIERS this CPU has ("AMX", "AVX512-BF16", "AVX512", "AVX2"); "other" for an
+    x86 CPU with none of them and for any other architecture (an ARM CPU's bf16 is not told apart here)."""
     flags = cpu_flags()
     return next((name for flag, name in CPU_INSTRUCTION_TIERS if flag in flags), "other")
 
 
 def machine_summary() -> dict:
-    """What every benchmark's JSON says about the machine its figures come from."""
-    return {"cpu": cpu_name(), "instructions": cpu_instructions(), "cores": usable_cores(), "torch": torch.__version__,
-            "python": platform.python_version()}
+    """What every benchmark's JSON says about the machine its figures come from: the CPU's name and instruction tier,
+    the cores this process may use (its affinity and cgroup quota, not the host's count), torch and Python."""
+    return {"cpu": cpu_name(), "instruction_tier": cpu_instruction_tier(), "cores": usable_cores(),
+            "torch": torch.__version__, "python": platform.python_version()}
 
 
 @functools.cache

@@ -91,10 +91,14 @@ def test_the_measurement_compares_the_two_precisions_on_this_cpu_and_leaves_the_
 def test_benchmarks_name_the_fastest_instructions_the_cpu_has(monkeypatch, flags, expected):
     """CPUs of one name differ (a hypervisor may show only "Intel(R) Xeon(R) Processor"): the machine every benchmark
     states beside its figures names the instruction tier that decides its bf16 and fp32 speed."""
+    import platform
+
+    import torch
+
     monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset(flags))
-    summary = devices.machine_summary()
-    assert summary["instructions"] == expected
-    assert summary["cpu"] == devices.cpu_name() and summary["cores"] == devices.usable_cores()
+    assert devices.machine_summary() == {"cpu": devices.cpu_name(), "instruction_tier": expected,
+                                         "cores": devices.usable_cores(), "torch": torch.__version__,
+                                         "python": platform.python_version()}
 
 
 LARGE_BLOCK = """
