@@ -136,9 +136,18 @@ def closed_loop(url: str, texts: list[str], concurrency: int, seconds: float, se
     """`concurrency` clients, each with one request in flight, for `seconds`; latencies of answered requests. With
     `settle`: also the requests answered at full concurrency, after the first `settle` seconds and before the clients
     stop sending (steady_requests, over steady_seconds): the ramp-up and the drain of the last requests in flight run
-    below it."""
-    import httpx
+    below it.
 
+    The load generator shares the 2-core machine with the server it measures, so it is the standard library's
+    keep-alive `http.client` with the request bodies encoded beforehand: httpx clients took 10% of the machine's CPU at
+    concurrency 16 (about 110 requests/s), this 1.5%, and the service answered 13% more requests in the same minutes
+    (three alternating 6-s windows, Xeon with AMX)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    address = urlsplit(url)
+    bodies = [json.dumps({"texts": [text]}).encode() for text in texts]
+    headers = {"Content-Type": "application/json"}
     latencies: list[float] = []
     answered_at: list[float] = []
     errors = [0]
@@ -147,21 +156,27 @@ def closed_loop(url: str, texts: list[str], concurrency: int, seconds: float, se
 
     def client(k: int) -> None:
         i = k
-        with httpx.Client(timeout=120) as http:
-            while time.perf_counter() < stop_at:
-                started = time.perf_counter()
-                try:
-                    ok = http.post(url, json={"texts": [texts[i % len(texts)]]}).status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                elapsed = time.perf_counter() - started
-                with lock:
-                    if ok:
-                        latencies.append(elapsed)
-                        answered_at.append(started + elapsed)
-                    else:
-                        errors[0] += 1
-                i += concurrency
+        # Reconnects by itself after a server that closes the connection (HTTP/1.0, as the baseline's http.server).
+        connection = http.client.HTTPConnection(address.hostname, address.port, timeout=120)
+        while time.perf_counter() < stop_at:
+            started = time.perf_counter()
+            try:
+                connection.request("POST", address.path or "/", body=bodies[i % len(bodies)], headers=headers)
+                response = connection.getresponse()
+                response.read()
+                ok = response.status == 200
+            except (OSError, http.client.HTTPException):
+                ok = False
+                connection.close()
+            elapsed = time.perf_counter() - started
+            with lock:
+                if ok:
+                    latencies.append(elapsed)
+                    answered_at.append(started + elapsed)
+                else:
+                    errors[0] += 1
+            i += concurrency
+        connection.close()
 
     began, cpu_began = time.perf_counter(), time.process_time()
     threads = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
