@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -93,11 +94,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: the command stops at once, its cleanup runs, and it exits 143."""
+
+
+def stop_on_sigterm() -> None:
+    """A process manager, `timeout` or a stopped container ends a command with SIGTERM, which by default kills Python
+    outright: no cleanup or exit handler runs, and the temporary Prefect server `regraft run` started lived on as an
+    orphan. Raised as Terminated instead. While a flow runs, Prefect's own handler takes SIGTERM first (the run is
+    marked Crashed and its stage's process group stopped), then puts this one back and signals the process again."""
+
+    def stop(signum, frame):
+        raise Terminated
+
+    try:
+        signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # main() called from a thread other than the main one (a test harness): signals stay its own
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; expected failures print one message and exit 1, 2 or 3, anything else a traceback and 70."""
+    """Run one command; expected failures print one message and exit 1, 2 or 3, anything else a traceback and 70;
+    Ctrl-C exits 130, SIGTERM 143."""
     from tasks.errors import EXIT_INTERNAL, RegraftError
 
     args = build_parser().parse_args(argv)
+    stop_on_sigterm()
     handlers = {"run": command_run, "validate": command_validate, "shift": command_shift, "feedback": command_feedback,
                 "shadow": command_shadow, "canary": command_canary, "models": command_models, "promote": command_promote,
                 "rollback": command_promote, "serve": command_serve, "ui": command_ui}
@@ -113,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     except RegraftError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Terminated:
+        print("stopped by SIGTERM", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

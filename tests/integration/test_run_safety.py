@@ -3,6 +3,7 @@ mid-run (the stage task retries and resumes from its checkpoint), and a stale DV
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import psutil
 import pytest
 import yaml
 
+from flows.dvc_stage import stage_environment
 from tests.conftest import processes_in, quick_project, run, tree_digest
 
 pytestmark = pytest.mark.integration
@@ -185,3 +187,38 @@ def test_ctrl_c_stops_the_running_stage_and_restores_the_project(tmp_path, tiny_
     leftovers = [p.info["cmdline"] for p in processes_in(project) if p.info["cmdline"]]
     assert not leftovers, f"the interrupted run left processes behind: {leftovers}"
     assert tree_digest(project, WORKSPACE) == before
+
+
+def test_sigterm_stops_the_run_its_stage_and_its_temporary_prefect_server(tmp_path, tiny_bert):
+    """SIGTERM from a process manager (`timeout`, systemd, a stopped container) to `regraft run` on the demo's path,
+    where no Prefect API is configured and the run starts a temporary one: the run exits 143 and says so once, the
+    stage, DVC and the temporary server stop with it (the server outlived the run before: Python's default SIGTERM
+    runs no exit handler), the run's override is taken back out of params.yaml, and the project is free."""
+    project = quick_project(tmp_path, tiny_bert)
+    before = tree_digest(project, WORKSPACE)
+    env = {key: value for key, value in stage_environment().items() if not key.startswith("PREFECT_API_")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect")
+    with (tmp_path / "run.log").open("w") as log:
+        process = subprocess.Popen([REGRAFT, "run", "--no-push", "--set", "train.epochs=50"], cwd=project, env=env,
+                                   stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline, stage = time.monotonic() + 300, None
+        while stage is None and time.monotonic() < deadline and process.poll() is None:
+            stage = next((p for p in processes_in(project) if "pipelines.validate" in (p.info["cmdline"] or [])), None)
+            time.sleep(0.1)
+        assert stage is not None, "the validate stage was never seen"
+        process.send_signal(signal.SIGTERM)  # to the regraft process only
+        process.wait(timeout=120)
+        output = (tmp_path / "run.log").read_text()
+        assert process.returncode == 143, output[-3000:]
+        assert output.count("stopped by SIGTERM") == 1 and "Traceback" not in output, output[-3000:]
+        assert "Starting temporary server" in output and "Stopping temporary server" in output
+        leftovers = [p.info["cmdline"] for p in processes_in(project) if p.info["cmdline"]]
+        assert not leftovers, f"the stopped run left processes behind: {leftovers}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # whatever of the run's session is left, on a failure
+    assert tree_digest(project, WORKSPACE) == before
+    refused = run([REGRAFT, "run", "--no-push", "--set", "validate.rows.train_min=100000"], project, check=False,
+                  env_update={"PREFECT_HOME": env["PREFECT_HOME"]})
+    assert refused.returncode == 2 and "waiting for" not in refused.stdout + refused.stderr, refused.stderr
