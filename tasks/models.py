@@ -204,6 +204,8 @@ def map_batches(forward, tokenizer, texts: list[str], max_length: int, width: in
     runtime's autocast; rows come back in the texts' order. Inference only."""
     from tasks.devices import autocast
 
+    if not texts:  # transformers' tokenizer raises IndexError on an empty list
+        return torch.empty((0, width))
     sequences = tokenize(tokenizer, texts, max_length)
     device = runtime.device.type if runtime.device.type in BATCH_TOKENS else "cpu"
     budget = max_tokens or BATCH_TOKENS[device]

@@ -387,7 +387,8 @@ def test_embeddings_are_cached_per_text_across_calls(tiny_bert, tmp_path):
 
 def test_token_budget_batches_keep_rows_and_results(tiny_bert, monkeypatch):
     """Batches hold at most batch_size rows and max_tokens padded tokens (a longer row alone), in ascending
-    length; every row appears once; the embeddings equal those of one fixed batch, in the caller's order."""
+    length; every row appears once; the embeddings equal those of one fixed batch, in the caller's order; no texts
+    give no rows."""
     from tasks.models import length_batches, mean_pooled_embeddings
 
     lengths = [5, 40, 3, 12, 12, 90, 7]
@@ -405,6 +406,7 @@ def test_token_budget_batches_keep_rows_and_results(tiny_bert, monkeypatch):
     monkeypatch.setattr("tasks.models.BATCH_TOKENS", {"cpu": 8, "cuda": 8})
     small = mean_pooled_embeddings(tiny_bert, texts, 32, batch_size=64)
     assert torch.allclose(small, one_batch, atol=1e-5)
+    assert mean_pooled_embeddings(tiny_bert, [], 32).shape == (0, one_batch.shape[1])  # no texts: no rows, no error
 
 
 @pytest.mark.parametrize(
