@@ -138,14 +138,14 @@ def closed_loop(url: str, texts: list[str], concurrency: int, seconds: float, se
     stop sending (steady_requests, over steady_seconds): the ramp-up and the drain of the last requests in flight run
     below it.
 
-    The load generator shares the 2-core machine with the server it measures, so it is the standard library's
-    keep-alive `http.client` with the request bodies encoded beforehand: httpx clients took 10% of the machine's CPU at
-    concurrency 16 (about 110 requests/s), this 1.5%, and the service answered 13% more requests in the same minutes
-    (three alternating 6-s windows, Xeon with AMX)."""
+    The load generator shares the 2-core machine with the server it measures, and what it spends the server cannot
+    have: so it is the standard library's keep-alive `http.client` with the request bodies encoded beforehand, about a
+    seventh of the CPU httpx clients took (docs/benchmarks.md, stop 54)."""
     import http.client
     from urllib.parse import urlsplit
 
     address = urlsplit(url)
+    target = (address.path or "/") + (f"?{address.query}" if address.query else "")
     bodies = [json.dumps({"texts": [text]}).encode() for text in texts]
     headers = {"Content-Type": "application/json"}
     latencies: list[float] = []
@@ -161,7 +161,7 @@ def closed_loop(url: str, texts: list[str], concurrency: int, seconds: float, se
         while time.perf_counter() < stop_at:
             started = time.perf_counter()
             try:
-                connection.request("POST", address.path or "/", body=bodies[i % len(bodies)], headers=headers)
+                connection.request("POST", target, body=bodies[i % len(bodies)], headers=headers)
                 response = connection.getresponse()
                 response.read()
                 ok = response.status == 200

@@ -29,7 +29,7 @@ def regraft_version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="regraft", description="Retrain a transformer safely on new data.",
                                      epilog="Exit codes: 0 success; 1 a FAIL or rejected verdict; 2 bad input or "
-                                     "configuration; 3 the project is busy; 70 an internal error.")
+                                     "configuration; 3 the project is busy; 70 an internal error; 130 Ctrl-C, 143 SIGTERM.")
     parser.add_argument("--version", action="version", version=f"regraft {regraft_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the retraining flow (every stage of dvc.yaml) once")
@@ -95,31 +95,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, handled as Ctrl-C is: the command stops at once, its cleanup runs, and it exits 143."""
+    """SIGTERM, handled as Ctrl-C is: the command stops at once, its cleanup runs, and it exits 143 (a server command,
+    which catches KeyboardInterrupt to stop its server, exits 0)."""
 
 
-def stop_on_sigterm() -> None:
+def stop_on_sigterm():
     """A process manager, `timeout` or a stopped container ends a command with SIGTERM, which by default kills Python
     outright: no cleanup or exit handler runs, and the temporary Prefect server `regraft run` started lived on as an
-    orphan. Raised as Terminated instead. While a flow runs, Prefect's own handler takes SIGTERM first (the run is
-    marked Crashed and its stage's process group stopped), then puts this one back and signals the process again."""
+    orphan. Raised as Terminated instead. While a flow runs, Prefect's own handler takes SIGTERM first (it marks the run
+    Crashed; the stage task stops its stage's process group as the exception passes), then puts this one back and
+    signals the process again. Returns the handler it replaced, None where it could not install one."""
 
     def stop(signum, frame):
         raise Terminated
 
     try:
-        signal.signal(signal.SIGTERM, stop)
-    except ValueError:  # main() called from a thread other than the main one (a test harness): signals stay its own
-        pass
+        return signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # a caller in a thread other than the main one: signals stay as they are
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; expected failures print one message and exit 1, 2 or 3, anything else a traceback and 70;
-    Ctrl-C exits 130, SIGTERM 143."""
+    Ctrl-C exits 130, SIGTERM 143 (the server commands stop their servers and exit 0)."""
     from tasks.errors import EXIT_INTERNAL, RegraftError
 
     args = build_parser().parse_args(argv)
-    stop_on_sigterm()
+    previous = stop_on_sigterm()
     handlers = {"run": command_run, "validate": command_validate, "shift": command_shift, "feedback": command_feedback,
                 "shadow": command_shadow, "canary": command_canary, "models": command_models, "promote": command_promote,
                 "rollback": command_promote, "serve": command_serve, "ui": command_ui}
@@ -145,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         print("error: an internal error in regraft (the traceback above says where)", file=sys.stderr)
         return EXIT_INTERNAL
+    finally:
+        if previous is not None:  # an in-process caller gets its own SIGTERM handling back
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -13,15 +13,15 @@ from flows.cli_environment import api_status, ui_address_file, ui_home
 from tasks.errors import EXIT_OK
 
 
-def stop_on_signals() -> None:
-    """Ctrl-C and SIGTERM (process managers, CI) both stop a server command; a shell that started it in the
-    background leaves SIGINT ignored, which would otherwise orphan the server."""
+def stop_on_sigint() -> None:
+    """Ctrl-C stops a server command even where a shell that started it in the background left SIGINT ignored, which
+    would otherwise orphan the server. SIGTERM (process managers, CI) already raises flows/cli.py's Terminated, a
+    KeyboardInterrupt too: the server commands catch both and stop their servers."""
 
     def stop(signum, frame):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
 
 
 def command_serve(args: argparse.Namespace, project: Path) -> int:
@@ -59,7 +59,7 @@ def command_serve(args: argparse.Namespace, project: Path) -> int:
           "GET /metrics; Ctrl-C stops", flush=True)
     env = {**os.environ, **bentoml_environment(params), "REGRAFT_PROJECT": str(project)}
     command = [sys.executable, "-m", "bentoml", "serve", "deploy.service:Classifier", "--host", host, "--port", str(port)]
-    stop_on_signals()
+    stop_on_sigint()
     # Its own process group: on Ctrl-C or SIGTERM the whole server (BentoML's workers too) is stopped, and
     # nothing is left listening on the port.
     server = subprocess.Popen(command, cwd=project, env=env, start_new_session=True)
@@ -126,7 +126,7 @@ def join_server(params, webhook: str) -> int:
     if status != 200:
         raise ConfigError(f"regraft ui --join: the Prefect server at {api} answered {status} "
                           "(check PREFECT_API_AUTH_STRING)")
-    stop_on_signals()
+    stop_on_sigint()
     try:
         serve_deployments(params, webhook, f"joined the Prefect server at {api}")
     except KeyboardInterrupt:
@@ -156,7 +156,7 @@ def command_ui(args: argparse.Namespace, project: Path) -> int:
     # Fixed now, for the server's whole life: its automations send nowhere else, whoever holds the credential.
     destinations = allowed_destinations(params.notify, webhook)
 
-    stop_on_signals()
+    stop_on_sigint()
     home = ui_home(project)
     home.mkdir(parents=True, exist_ok=True)
     credential = ui_credential(home)

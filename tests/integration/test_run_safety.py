@@ -198,7 +198,7 @@ def test_sigterm_stops_the_run_its_stage_and_its_temporary_prefect_server(tmp_pa
     before = tree_digest(project, WORKSPACE)
     env = {key: value for key, value in stage_environment().items() if not key.startswith("PREFECT_API_")}
     env["PREFECT_HOME"] = str(tmp_path / "prefect")
-    with (tmp_path / "run.log").open("w") as log:
+    with (tmp_path / "run.log").open("w") as log:  # an override, to see it taken back out of params.yaml
         process = subprocess.Popen([REGRAFT, "run", "--no-push", "--set", "train.epochs=50"], cwd=project, env=env,
                                    stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -206,18 +206,23 @@ def test_sigterm_stops_the_run_its_stage_and_its_temporary_prefect_server(tmp_pa
         while stage is None and time.monotonic() < deadline and process.poll() is None:
             stage = next((p for p in processes_in(project) if "pipelines.validate" in (p.info["cmdline"] or [])), None)
             time.sleep(0.1)
-        assert stage is not None, "the validate stage was never seen"
+        assert stage is not None, "the validate stage was never seen: " + (tmp_path / "run.log").read_text()[-3000:]
         process.send_signal(signal.SIGTERM)  # to the regraft process only
         process.wait(timeout=120)
         output = (tmp_path / "run.log").read_text()
         assert process.returncode == 143, output[-3000:]
         assert output.count("stopped by SIGTERM") == 1 and "Traceback" not in output, output[-3000:]
-        assert "Starting temporary server" in output and "Stopping temporary server" in output
+        assert "Starting temporary server" in output and "Stopping temporary server" in output, output[-3000:]
         leftovers = [p.info["cmdline"] for p in processes_in(project) if p.info["cmdline"]]
         assert not leftovers, f"the stopped run left processes behind: {leftovers}"
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)  # whatever of the run's session is left, on a failure
+    finally:  # on a failure, whatever is left: the run's session (the server) and the stage's own (DVC, the stage)
+        groups = {process.pid}
+        for left in processes_in(project):
+            with contextlib.suppress(ProcessLookupError):
+                groups.add(os.getpgid(left.pid))
+        for group in groups:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGKILL)
     assert tree_digest(project, WORKSPACE) == before
     refused = run([REGRAFT, "run", "--no-push", "--set", "validate.rows.train_min=100000"], project, check=False,
                   env_update={"PREFECT_HOME": env["PREFECT_HOME"]})
