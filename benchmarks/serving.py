@@ -410,10 +410,10 @@ def limit_with_texts_in_flight(sweeps: dict[str, tuple[object, dict, int]], in_f
 def paired_rates(measures: dict[str, Callable[[float], tuple[int, float]]], seconds: float,
                  rounds: int = PAIRED_ROUNDS) -> dict[str, float]:
     """Each measure's rate over `rounds` windows of `seconds`, taken in turns, the first of each round a different
-    one (a, b, b, a, a, b, ...): a ratio of two rates then compares the same minutes of this machine. Its speed drifts by
-    a fifth within minutes on the shared 2-core machines here, so two rates measured one after the other a minute apart
-    compare different machines. In a fixed order whatever favours a round's first or second window favours the same
-    measure every time: in stop 54's comparison of two attention kernels the one that always ran second read
+    one (a, b, b, a, a, b, ...): a ratio of two rates then compares the same minutes of this machine. Its speed drifts
+    by a fifth within minutes on the shared 2-core machines here, so two rates measured one after the other a minute
+    apart compare different machines. In a fixed order whatever favours a round's first or second window favours the
+    same measure every time: in stop 54's comparison of two attention kernels the one that always ran second read
     1.06-1.16x the other, and 0.90-0.93x once the order alternated."""
     totals = {name: [0, 0.0] for name in measures}
     names = list(measures)

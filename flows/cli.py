@@ -29,7 +29,8 @@ def regraft_version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="regraft", description="Retrain a transformer safely on new data.",
                                      epilog="Exit codes: 0 success; 1 a FAIL or rejected verdict; 2 bad input or "
-                                     "configuration; 3 the project is busy; 70 an internal error; 130 Ctrl-C, 143 SIGTERM.")
+                                     "configuration; 3 the project is busy; 70 an internal error; 130 Ctrl-C, "
+                                     "143 SIGTERM.")
     parser.add_argument("--version", action="version", version=f"regraft {regraft_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the retraining flow (every stage of dvc.yaml) once")
@@ -99,7 +100,7 @@ class Terminated(KeyboardInterrupt):
     which catches KeyboardInterrupt to stop its server, exits 0)."""
 
 
-def stop_on_sigterm():
+def stop_on_sigterm() -> object:
     """A process manager, `timeout` or a stopped container ends a command with SIGTERM, which by default kills Python
     outright: no cleanup or exit handler runs, and the temporary Prefect server `regraft run` started lived on as an
     orphan. Raised as Terminated instead. While a flow runs, Prefect's own handler takes SIGTERM first (it marks the run
