@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import uuid
@@ -88,6 +89,19 @@ def processes_in(project: Path) -> list[psutil.Process]:
         if process.info["cwd"] == str(project) and process.info["status"] != psutil.STATUS_ZOMBIE:
             found.append(process)
     return found
+
+
+def kill_run_and_stages(project: Path, run_pid: int) -> None:
+    """SIGKILL at once to a `regraft run` started in a session of its own (`run_pid` leads it: the run and its
+    temporary Prefect server) and to every process group working in the project (DVC and the stage, in theirs):
+    what is left when the machine goes."""
+    groups = {run_pid}
+    for process in processes_in(project):
+        with contextlib.suppress(ProcessLookupError):
+            groups.add(os.getpgid(process.pid))
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
 
 
 def make_project(dest: Path, remote: Path) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_project, processes_in, quick_project, run, tree_digest
+from tests.conftest import kill_run_and_stages, make_project, processes_in, quick_project, run, tree_digest
 from tests.integration.test_run_safety import WORKSPACE, regraft_env, wait_for_trainer
 
 pytestmark = pytest.mark.integration
@@ -43,9 +43,7 @@ def test_a_run_lost_outright_is_put_back_by_the_next_run(tmp_path, tiny_bert, pr
                                start_new_session=True)
     try:
         wait_for_trainer(project, process)
-        # Everything dies at once, as when the machine goes: the run, DVC and the stage (its own group).
-        for group in {os.getpgid(p.pid) for p in processes_in(project)} | {process.pid}:
-            os.killpg(group, signal.SIGKILL)
+        kill_run_and_stages(project, process.pid)  # everything at once, as when the machine goes
         process.wait(timeout=60)
     finally:
         if process.poll() is None:

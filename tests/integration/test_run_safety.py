@@ -3,7 +3,6 @@ mid-run (the stage task retries and resumes from its checkpoint), and a stale DV
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -18,7 +17,7 @@ import pytest
 import yaml
 
 from flows.dvc_stage import stage_environment
-from tests.conftest import processes_in, quick_project, run, tree_digest
+from tests.conftest import kill_run_and_stages, processes_in, quick_project, run, tree_digest
 
 pytestmark = pytest.mark.integration
 REGRAFT = str(Path(sys.executable).parent / "regraft")
@@ -215,14 +214,8 @@ def test_sigterm_stops_the_run_its_stage_and_its_temporary_prefect_server(tmp_pa
         assert "Starting temporary server" in output and "Stopping temporary server" in output, output[-3000:]
         leftovers = [p.info["cmdline"] for p in processes_in(project) if p.info["cmdline"]]
         assert not leftovers, f"the stopped run left processes behind: {leftovers}"
-    finally:  # on a failure, whatever is left: the run's session (the server) and the stage's own (DVC, the stage)
-        groups = {process.pid}
-        for left in processes_in(project):
-            with contextlib.suppress(ProcessLookupError):
-                groups.add(os.getpgid(left.pid))
-        for group in groups:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(group, signal.SIGKILL)
+    finally:
+        kill_run_and_stages(project, process.pid)  # on a failure, whatever is left
     assert tree_digest(project, WORKSPACE) == before
     refused = run([REGRAFT, "run", "--no-push", "--set", "validate.rows.train_min=100000"], project, check=False,
                   env_update={"PREFECT_HOME": env["PREFECT_HOME"]})
